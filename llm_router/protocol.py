@@ -1,0 +1,276 @@
+"""The wire format: every Redis key name and every message that crosses Redis.
+
+This is the one module that knows how keys are spelled and how messages are encoded
+(the redis-py lesson: one place owns the wire format). Routers and workers import
+``Keys`` and the structs from here; nothing else builds a key string by hand.
+
+Layout (prefix ``llm:`` by default; the README documents each key for ``redis-cli``):
+
+==============================  ==========  ======  ==================================================
+key                             type        writer  content
+==============================  ==========  ======  ==================================================
+llm:worker:{wid}                hash, TTL   worker  ``WorkerInfo``: the worker's lease
+llm:catalog:{wid}               hash        worker  model id -> JSON ``CatalogEntry``
+llm:instance:{model}:{wid}      hash        worker  ``Instance``: state, url, pid, last error
+llm:devices:{wid}               string,TTL  worker  JSON ``DeviceSnapshot``
+llm:logs:{model}                stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
+llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
+llm:events                      pub/sub     worker  JSON ``Event`` on every change
+==============================  ==========  ======  ==================================================
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+import msgspec
+
+State = Literal["stopped", "starting", "running", "stopping", "failed"]
+Mode = Literal["chat", "base", "embedding"]
+CommandOp = Literal["start", "stop", "stop_all", "restart_autostart", "clear_logs"]
+LogSource = Literal["stdout", "stderr", "event"]
+
+COMMAND_GROUP = "workers"
+
+
+class Keys:
+    """Builds every key name from one prefix, so deployments can share a Redis."""
+
+    def __init__(self, prefix: str = "llm:") -> None:
+        self.prefix = prefix
+
+    def worker(self, wid: str) -> str:
+        return f"{self.prefix}worker:{wid}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}worker:*"
+
+    def worker_id_of(self, key: str) -> str:
+        return key[len(self.prefix) + len("worker:"):]
+
+    def catalog(self, wid: str) -> str:
+        return f"{self.prefix}catalog:{wid}"
+
+    def instance(self, model: str, wid: str) -> str:
+        return f"{self.prefix}instance:{model}:{wid}"
+
+    def instance_pattern(self, wid: str = "*") -> str:
+        return f"{self.prefix}instance:*:{wid}"
+
+    def devices(self, wid: str) -> str:
+        return f"{self.prefix}devices:{wid}"
+
+    def logs(self, model: str) -> str:
+        return f"{self.prefix}logs:{model}"
+
+    def logs_pattern(self) -> str:
+        return f"{self.prefix}logs:*"
+
+    def commands(self, wid: str) -> str:
+        return f"{self.prefix}commands:{wid}"
+
+    def reply(self, command_id: str) -> str:
+        return f"{self.prefix}reply:{command_id}"
+
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """The worker's lease hash; it exists only while the worker heartbeats."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_at: float
+
+
+class CatalogEntry(msgspec.Struct, kw_only=True):
+    """What a host says about a model it can run: the public part of its config."""
+
+    id: str
+    aliases: list[str] = []
+    mode: Mode = "chat"
+    owned_by: str = "llm-router"
+    created: int = 0
+    auto_start: bool = False
+    on_demand: bool = True
+    idle_ttl: float = 0.0
+    max_concurrency: int = 0
+    vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
+
+
+class Instance(msgspec.Struct, kw_only=True):
+    """One model on one host. Stored as a flat Redis hash so ``HGETALL`` reads well."""
+
+    model: str
+    worker: str
+    state: State = "stopped"
+    url: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    last_error: str = ""
+    restarts: int = 0
+    gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Published on ``llm:events``. Instance events carry the whole instance, so a router
+    updates its view without reading Redis; catalog and worker events make it re-read
+    that worker."""
+
+    kind: Literal["instance", "catalog", "worker"]
+    worker: str
+    instance: Instance | None = None
+    alive: bool = True
+
+
+class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A request to a worker, added to ``llm:commands:{wid}``."""
+
+    op: CommandOp
+    id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
+    model: str = ""
+    keep_minutes: int = 0
+    sent_at: float = msgspec.field(default_factory=time.time)
+    deadline: float = 0.0  # unix time after which the sender no longer waits; 0 = none
+
+
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The outcome of a ``Command``, pushed to ``llm:reply:{id}``."""
+
+    id: str
+    worker: str
+    ok: bool
+    message: str = ""
+    state: str = ""
+    models: list[str] = []  # started (restart_autostart) or stopped (stop_all) models
+    deleted: int = 0  # log entries removed (clear_logs)
+    log_tail: list[str] = []  # last log lines of a model that failed to start
+
+
+class GpuInfo(msgspec.Struct, kw_only=True):
+    index: int
+    name: str
+    uuid: str = ""
+    memory_total: int = 0  # MiB
+    memory_used: int = 0
+    memory_free: int = 0
+    utilization: int = 0  # percent
+
+
+class CudaInfo(msgspec.Struct, kw_only=True):
+    online: bool = False
+    error: str = ""
+    driver: str = ""
+    gpus: list[GpuInfo] = []
+
+
+class CpuInfo(msgspec.Struct, kw_only=True):
+    online: bool = True
+    cpu_count: int = 0
+    cpu_percent: float = 0.0
+    memory_total: int = 0  # MiB
+    memory_used: int = 0
+    memory_free: int = 0
+
+
+class DeviceSnapshot(msgspec.Struct, kw_only=True):
+    worker: str
+    host: str
+    ts: float
+    cuda: CudaInfo
+    cpu: CpuInfo
+
+
+class LogEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of a model's log, as stored in its stream and as sent over SSE."""
+
+    timestamp: float
+    message: str
+    host: str = ""
+    stream: LogSource = "stdout"
+
+
+# --- encoding helpers: the only place that turns structs into Redis values and back ---
+
+_encoder = msgspec.json.Encoder()
+
+
+def to_json(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode(obj)
+
+
+def from_json(data: bytes | str, kind: type[msgspec.Struct]):
+    return msgspec.json.decode(data, type=kind)
+
+
+def to_hash(obj: msgspec.Struct) -> dict[str, str]:
+    """Flatten a struct of scalars into Redis hash fields (all strings, bools as 0/1)."""
+    out: dict[str, str] = {}
+    for name, value in msgspec.structs.asdict(obj).items():
+        if isinstance(value, bool):
+            value = int(value)
+        out[name] = str(value)
+    return out
+
+
+def from_hash(data: dict, kind: type[msgspec.Struct]):
+    """Read back a hash written by ``to_hash`` (redis-py gives bytes or str)."""
+    fields = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in data.items()
+    }
+    return msgspec.convert(fields, kind, strict=False)
+
+
+def log_fields(entry: LogEntry) -> dict[str, str]:
+    """Fields of one ``XADD`` to a log stream."""
+    return {"ts": f"{entry.timestamp:.6f}", "host": entry.host, "stream": entry.stream, "msg": entry.message}
+
+
+def log_entry(fields: dict) -> LogEntry:
+    """Decode the fields of a log stream entry (bytes or str)."""
+    get = {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+           for k, v in fields.items()}
+    stream = get.get("stream", "stdout")
+    return LogEntry(
+        timestamp=float(get.get("ts", 0) or 0),
+        message=get.get("msg", ""),
+        host=get.get("host", ""),
+        stream=stream if stream in ("stdout", "stderr", "event") else "stdout",
+    )
+
+
+def command_fields(cmd: Command) -> dict[str, bytes]:
+    """A command travels as one ``data`` field holding its JSON (readable in ``XRANGE``)."""
+    return {"data": to_json(cmd)}
+
+
+def command_of(fields: dict) -> Command:
+    data = fields.get(b"data", fields.get("data"))
+    return from_json(data, Command)
+
+
+async def trim_logs(redis, keys: Keys, model: str, keep_minutes: int) -> int:
+    """Delete log entries older than ``keep_minutes`` (0 = all); return how many went.
+
+    Stream ids are millisecond timestamps, so this is ``XTRIM MINID``. Used by routers
+    (clear endpoint) and by workers (``clear_logs`` command) alike.
+    """
+    key = keys.logs(model)
+    before = await redis.xlen(key)
+    if keep_minutes <= 0:
+        if before:
+            await redis.xtrim(key, maxlen=0, approximate=False)
+    else:
+        min_id = int((time.time() - keep_minutes * 60) * 1000)
+        await redis.xtrim(key, minid=f"{min_id}-0", approximate=False)
+    after = await redis.xlen(key)
+    return max(0, before - after)
