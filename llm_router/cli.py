@@ -51,6 +51,24 @@ def serve(redis_url: str, prefix: str, host: str, port: int) -> None:
     sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port))
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Model config (TOML). Default: examples/models.toml (the demo models).")
+@click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL", default=None,
+              help="Use this Redis if it answers; otherwise a private redis-server is started.")
+@prefix_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--data-dir", default=".llm-router", show_default=True,
+              help="Where a private redis-server keeps its data.")
+def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str) -> None:
+    """Run everything on this host: Redis (if none answers), one worker, one router."""
+    from llm_router.up import run_up
+
+    cfg = _load(config_path)  # fail here, with one line, before anything starts
+    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir))
+
+
 @main.command("config-check")
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def config_check(config_path: str) -> None:

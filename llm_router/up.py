@@ -1,0 +1,125 @@
+"""``llm-router up``: the single-host, all-in-one mode.
+
+It runs the same pieces a lab runs, as separate processes: Redis (the one at the given
+URL if it answers, else a private ``redis-server`` with the shipped ``redis.conf``), one
+worker and one router. Each child gets its own process group; Ctrl-C or SIGTERM stops the
+router, then the worker (which stops its models), then Redis — nothing is left running.
+If a child dies on its own, everything is stopped and ``up`` exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis as redis_sync
+
+from llm_router.redis_server import RedisServer, free_port
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis_sync.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis_sync.RedisError, OSError, ValueError):
+        return False
+
+
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Stack:
+    """The children of ``up``, stopped in reverse order of start."""
+
+    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    redis: RedisServer | None = None
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, grace: float = 30.0) -> None:
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    print(f"llm-router up: {name} did not stop in {grace}s; killing it", file=sys.stderr)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its group
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str) -> int:
+    stack = Stack()
+    stopping = False
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if redis_url and redis_answers(redis_url):
+            print(f"llm-router up: using Redis at {redis_url}", file=sys.stderr)
+        else:
+            if redis_url:
+                print(f"llm-router up: no Redis answers at {redis_url}; starting one", file=sys.stderr)
+            wanted = urlparse(redis_url).port if redis_url else None
+            rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
+            stack.redis = RedisServer(Path(data_dir) / "redis", port=rport).start()
+            redis_url = stack.redis.url
+            print(f"llm-router up: started redis-server at {redis_url} (data in {stack.redis.data_dir})",
+                  file=sys.stderr)
+        env = {**os.environ, "LLM_ROUTER_REDIS_URL": redis_url, "LLM_ROUTER_PREFIX": prefix}
+        cli = [sys.executable, "-m", "llm_router.cli"]
+        stack.spawn("worker", [*cli, "worker", "--config", config_path], env)
+        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port)], env)
+        print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",
+              file=sys.stderr)
+        while not stopping:
+            dead = stack.dead_child()
+            if dead:
+                print(f"llm-router up: {dead}; stopping everything", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"llm-router up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        stack.stop()
+        print("llm-router up: stopped", file=sys.stderr)

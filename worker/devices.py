@@ -1,0 +1,248 @@
+"""Device metrics of one host (NVML for GPUs, psutil for CPU/RAM) and their cluster summaries.
+
+The worker calls ``DeviceProbe.snapshot()`` every few seconds (through ``asyncio.to_thread``,
+NVML calls block) and stores the result in ``llm:devices:{wid}``. The router turns the
+snapshots of all live hosts into the ``GET /api/devices/info`` body with the pure functions
+``cuda_summary``, ``cpu_summary`` and ``host_detail``.
+
+A host without the NVIDIA driver is normal (CPU-only hosts, CI): the probe must then report
+``cuda.online = False`` with the reason, never raise, and not hammer ``nvmlInit`` on every
+heartbeat.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+import msgspec
+import psutil
+
+from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
+
+MIB = 1024 * 1024
+DEFAULT_RETRY_INTERVAL = 60.0  # seconds between nvmlInit attempts after one failed
+
+
+def _text(value: Any) -> str:
+    """NVML returns ``bytes`` in older bindings and ``str`` in newer ones."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _describe(exc: BaseException) -> str:
+    """A readable reason; ``str()`` of an NVML error can itself fail without the library."""
+    try:
+        text = str(exc)
+    except Exception:  # pragma: no cover - defensive: pynvml looks the text up in the library
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class DeviceProbe:
+    """Reads this host's GPUs and CPU/RAM into a ``DeviceSnapshot``.
+
+    ``nvml`` is the NVML binding module (``pynvml`` by default, imported lazily so that a
+    missing package is reported as an offline GPU rather than an import error); tests pass a
+    stand-in module with the same function names and an ``NVMLError`` class. ``retry_interval``
+    and ``clock`` bound how often a failed ``nvmlInit`` is retried: a driver that is absent
+    stays absent, but one that is loaded later (driver install, container restart) is found
+    without restarting the worker.
+
+    Thread-safe: snapshots may be taken from several threads (``asyncio.to_thread``).
+    """
+
+    def __init__(self, nvml: ModuleType | Any | None = None, *,
+                 retry_interval: float = DEFAULT_RETRY_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._nvml = nvml
+        self._retry_interval = retry_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._initialised = False
+        self._init_error = ""
+        self._next_init_at: float | None = None  # None: never tried yet
+        self.init_attempts = 0  # for operators and tests: how often nvmlInit was tried
+
+    # --- public API ---
+
+    def snapshot(self, worker_id: str, host: str) -> DeviceSnapshot:
+        """Take one reading of every device; never raises for a device problem."""
+        with self._lock:
+            cuda = self._cuda()
+        return DeviceSnapshot(worker=worker_id, host=host, ts=time.time(), cuda=cuda, cpu=self._cpu())
+
+    def close(self) -> None:
+        """Release NVML (``nvmlShutdown``) if this probe initialised it."""
+        with self._lock:
+            if self._initialised and self._nvml is not None:
+                try:
+                    self._nvml.nvmlShutdown()
+                except Exception:
+                    pass  # shutting down: nothing useful to do with a failure
+            self._initialised = False
+            self._next_init_at = None
+
+    # --- CPU ---
+
+    @staticmethod
+    def _cpu() -> CpuInfo:
+        """``free`` is ``available`` (what a new process can get, page cache included), and
+        ``used`` is ``total - available``, so the three numbers always add up."""
+        mem = psutil.virtual_memory()
+        total = mem.total // MIB
+        free = mem.available // MIB
+        return CpuInfo(
+            online=True,
+            cpu_count=psutil.cpu_count(logical=True) or 1,
+            cpu_percent=float(psutil.cpu_percent(interval=None)),
+            memory_total=total,
+            memory_used=max(0, total - free),
+            memory_free=free,
+        )
+
+    # --- CUDA ---
+
+    def _ensure_init(self) -> bool:
+        """Initialise NVML once; after a failure, try again only every ``retry_interval``."""
+        if self._initialised:
+            return True
+        now = self._clock()
+        if self._next_init_at is not None and now < self._next_init_at:
+            return False
+        self.init_attempts += 1
+        self._next_init_at = now + self._retry_interval
+        try:
+            if self._nvml is None:
+                import pynvml  # lazily: the import succeeds without a driver, but not without the package
+
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+        except ImportError as exc:
+            self._init_error = f"NVML bindings not installed (pip install nvidia-ml-py): {exc}"
+            return False
+        except Exception as exc:
+            self._init_error = f"NVML unavailable (no NVIDIA driver or GPU?): {_describe(exc)}"
+            return False
+        self._initialised = True
+        self._init_error = ""
+        return True
+
+    def _cuda(self) -> CudaInfo:
+        if not self._ensure_init():
+            return CudaInfo(online=False, error=self._init_error)
+        nvml = self._nvml
+        try:
+            driver = _text(nvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            driver = ""  # cosmetic: the GPUs can still be read
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception as exc:
+            return CudaInfo(online=False, driver=driver, error=f"cannot count GPUs: {_describe(exc)}")
+        if count == 0:
+            return CudaInfo(online=False, driver=driver, error="NVML reports no GPU")
+
+        gpus: list[GpuInfo] = []
+        errors: list[str] = []
+        for index in range(count):
+            gpu, error = self._gpu(index)
+            gpus.append(gpu)
+            if error:
+                errors.append(f"GPU {index}: {error}")
+        # A GPU that could not be read is kept (with zero memory, so nothing is placed on it)
+        # so that list positions keep matching CUDA indices.
+        online = len(errors) < count
+        return CudaInfo(online=online, error="; ".join(errors), driver=driver, gpus=gpus)
+
+    def _gpu(self, index: int) -> tuple[GpuInfo, str]:
+        """Read one GPU; returns the info and an error text ("" when all went well)."""
+        nvml = self._nvml
+        name = ""
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = _text(nvml.nvmlDeviceGetName(handle))
+            try:
+                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            except Exception:
+                uuid = ""
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        except Exception as exc:
+            return GpuInfo(index=index, name=name), _describe(exc)
+        try:
+            utilization = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            utilization = 0  # not supported on some GPUs (e.g. MIG); memory matters more
+        return GpuInfo(
+            index=index,
+            name=name,
+            uuid=uuid,
+            memory_total=int(mem.total) // MIB,
+            memory_used=int(mem.used) // MIB,
+            memory_free=int(mem.free) // MIB,
+            utilization=utilization,
+        ), ""
+
+
+# --- cluster summaries for GET /api/devices/info (pure functions) ---
+
+
+def cuda_summary(snapshots: Iterable[DeviceSnapshot]) -> dict:
+    """The manual's ``devices.cuda``: every readable GPU of every host with NVML online,
+    memory summed in MiB, distinct names joined with ", "."""
+    online = False
+    names: list[str] = []
+    count = total = used = free = 0
+    for snap in snapshots:
+        if not snap.cuda.online:
+            continue
+        online = True
+        for gpu in snap.cuda.gpus:
+            count += 1
+            total += gpu.memory_total
+            used += gpu.memory_used
+            free += gpu.memory_free
+            if gpu.name and gpu.name not in names:
+                names.append(gpu.name)
+    return {
+        "online": online,
+        "info": {
+            "device_count": count,
+            "device_name": ", ".join(names),
+            "memory_total": total,
+            "memory_used": used,
+            "memory_free": free,
+        },
+    }
+
+
+def cpu_summary(snapshots: Iterable[DeviceSnapshot]) -> dict:
+    """The manual's ``devices.cpu``: cores and RAM (MiB) summed over the hosts; offline when
+    no host reported."""
+    online = False
+    cpus = total = used = free = 0
+    for snap in snapshots:
+        if not snap.cpu.online:
+            continue
+        online = True
+        cpus += snap.cpu.cpu_count
+        total += snap.cpu.memory_total
+        used += snap.cpu.memory_used
+        free += snap.cpu.memory_free
+    return {
+        "online": online,
+        "info": {"cpu_count": cpus, "memory_total": total, "memory_used": used, "memory_free": free},
+    }
+
+
+def host_detail(snapshot: DeviceSnapshot) -> dict:
+    """One host's entry under ``hosts`` in ``/api/devices/info``: the snapshot, per GPU."""
+    return {
+        "host": snapshot.host,
+        "ts": snapshot.ts,
+        "cuda": msgspec.to_builtins(snapshot.cuda),
+        "cpu": msgspec.to_builtins(snapshot.cpu),
+    }
