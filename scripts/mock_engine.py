@@ -1,0 +1,598 @@
+#!/usr/bin/env python3
+"""A small, fast OpenAI-compatible model server that stands in for llama-server / vLLM.
+
+It exists so that tests, the demo config and the benchmarks can run real processes speaking
+the real protocol on machines with no GPU and no weights. It behaves like a model server
+where that matters to the router and the worker: it binds its port only once "loaded", logs to
+stdout, streams SSE token by token at a configurable rate, notices when a client goes away,
+and can be told to crash, hang, ignore SIGTERM or flood its log.
+
+Deliberately standalone (stdlib + tornado + msgspec, uvloop if present): it must not import
+the project's packages, so that it measures and exercises the router from the outside.
+
+    python scripts/mock_engine.py --port 8001 --model tiny --tokens-per-second 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import msgspec
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+
+DEFAULT_RESPONSE = "This is a deterministic reply from the mock engine."
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def log(line: str) -> None:
+    """One stdout line, flushed at once: the worker tails our stdout line by line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def die(message: str) -> None:
+    """Exit like a crashing engine: a last line on stderr, then no cleanup at all."""
+    try:
+        sys.stdout.flush()
+    finally:
+        sys.stderr.write(f"fatal: {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+# --------------------------------------------------------------------------- requests
+
+class RequestError(tornado.web.HTTPError):
+    """An error answered in OpenAI's shape; raised from handlers, rendered by write_error."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(status)
+        self.message = message
+        self.kind = kind
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class GenerateRequest(msgspec.Struct):
+    """Only the fields the mock acts on; everything else in the body is skipped by msgspec."""
+
+    model: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream_options: StreamOptions | None = None
+
+
+class Message(msgspec.Struct):
+    role: str
+    content: Any = None
+
+
+class ChatRequest(GenerateRequest):
+    messages: list[Message] = msgspec.field(default_factory=list)
+
+
+class CompletionRequest(GenerateRequest):
+    prompt: Any = ""
+
+
+class EmbeddingRequest(msgspec.Struct):
+    input: Any
+    model: str | None = None
+    encoding_format: str = "float"
+
+
+def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    """Decode a request body or answer 400 the way OpenAI does."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise RequestError(400, f"Invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, f"Malformed JSON body: {exc}") from None
+
+
+def count_words(value: Any) -> int:
+    """Prompt 'tokens' are words: good enough for usage numbers, and deterministic."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        if all(isinstance(item, int) for item in value):  # a token array
+            return len(value)
+        return sum(count_words(item) for item in value)
+    if isinstance(value, dict):  # a content part such as {"type": "text", "text": ...}
+        return count_words(value.get("text"))
+    return 0
+
+
+# --------------------------------------------------------------------------- engine state
+
+@dataclass
+class Stats:
+    """Counters behind /debug/stats, so tests can see what the engine itself observed."""
+
+    requests: int = 0
+    completed_requests: int = 0
+    cancelled_requests: int = 0
+    active_streams: int = 0
+    cancelled_streams: int = 0
+    completed_streams: int = 0
+
+
+@dataclass
+class Engine:
+    """Configuration plus mutable state shared by all handlers."""
+
+    model: str
+    words: list[str]
+    max_tokens: int
+    tokens_per_second: float
+    embedding_dim: int
+    crash_after: int | None
+    crash_mid_stream: bool
+    hang_mid_stream: bool
+    fail_health: bool
+    quiet: bool
+    stats: Stats = field(default_factory=Stats)
+    next_id: int = 0
+
+    def piece(self, index: int) -> str:
+        """Token ``index`` of the reply: the response words, repeated; a token is a word."""
+        word = self.words[index % len(self.words)]
+        return word if index == 0 else " " + word
+
+    def text(self, n: int) -> str:
+        return "".join(self.piece(i) for i in range(n))
+
+    def new_id(self, prefix: str) -> str:
+        self.next_id += 1
+        return f"{prefix}-mock-{self.next_id}"
+
+    def request_completed(self) -> None:
+        """Count a served model request; --crash-after dies once the count is reached."""
+        self.stats.completed_requests += 1
+        if self.crash_after is not None and self.stats.completed_requests >= self.crash_after:
+            die(f"simulated crash after {self.stats.completed_requests} requests")
+
+    def embedding(self, item: Any) -> tuple[float, ...]:
+        """A unit vector derived from a hash of the input, rounded to float32.
+
+        Rounding to float32 here means the "float" and "base64" encodings carry exactly the
+        same numbers, as they do from OpenAI.
+        """
+        key = item.encode() if isinstance(item, str) else msgspec.json.encode(item)
+        raw = hashlib.shake_256(key).digest(4 * self.embedding_dim)
+        values = [v / 2**31 - 1.0 for v in struct.unpack(f"<{self.embedding_dim}I", raw)]
+        norm = sum(v * v for v in values) ** 0.5 or 1.0
+        packed = struct.pack(f"<{self.embedding_dim}f", *(v / norm for v in values))
+        return struct.unpack(f"<{self.embedding_dim}f", packed)
+
+
+# --------------------------------------------------------------------------- handlers
+
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON in and out, OpenAI-shaped errors, no per-request ETag hashing (we must be fast)."""
+
+    counted = False  # model requests count towards /debug/stats "requests"
+
+    @property
+    def engine(self) -> Engine:
+        return self.application.settings["engine"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Server", "mock-engine")
+
+    def compute_etag(self) -> None:
+        return None
+
+    def prepare(self) -> None:
+        if self.counted:
+            self.engine.stats.requests += 1
+
+    def send_json(self, obj: Any, status: int = 200) -> "asyncio.Future[None]":
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        return self.finish(msgspec.json.encode(obj))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, RequestError):
+            message, kind = exc.message, exc.kind
+        else:
+            message = self._reason
+            kind = "invalid_request_error" if status_code < 500 else "server_error"
+        self.send_json({"error": {"message": message, "type": kind, "code": None}}, status_code)
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        if self.engine.fail_health:
+            self.send_json({"status": "unhealthy"}, 503)
+        else:
+            self.send_json({"status": "ok"})
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        created = self.application.settings["started_at"]
+        self.send_json({"object": "list", "data": [
+            {"id": self.engine.model, "object": "model", "created": created, "owned_by": "mock-engine"},
+        ]})
+
+
+class StatsHandler(BaseHandler):
+    def get(self) -> None:
+        self.send_json(vars(self.engine.stats))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise RequestError(404, f"Unknown route: {self.request.method} {self.request.path}")
+
+
+class GenerateHandler(BaseHandler):
+    """Shared generation logic for chat and text completions, JSON or SSE.
+
+    Subclasses only say how the request is decoded and how a choice / chunk looks.
+    """
+
+    counted = True
+    request_type: type[GenerateRequest] = GenerateRequest
+    object_name = ""
+    chunk_object = ""
+    id_prefix = ""
+
+    def initialize(self) -> None:
+        self.closed = asyncio.Event()
+
+    def on_connection_close(self) -> None:
+        """Tornado sees the close when a write fails or the socket reports it."""
+        self.closed.set()
+
+    def prompt_tokens(self, req: Any) -> int:
+        raise NotImplementedError
+
+    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk_choice(self, index: int | None, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep, but wake early when the client goes away; True if it did."""
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(self.closed.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return self.closed.is_set()
+
+    async def post(self) -> None:
+        req = decode(self.request.body, self.request_type)
+        n = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        finish_reason = "length" if n is not None else "stop"
+        n = self.engine.max_tokens if n is None else n
+        if n < 0:
+            raise RequestError(400, "max_tokens must be non-negative")
+        self.model = req.model or self.engine.model
+        self.id = self.engine.new_id(self.id_prefix)
+        self.created = int(time.time())
+        prompt_tokens = self.prompt_tokens(req)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            await self.stream(n, finish_reason, usage if include_usage else None)
+            return
+        rate = self.engine.tokens_per_second
+        if await self.pause(n / rate if rate > 0 else 0):
+            self.cancelled()
+            return
+        try:
+            await self.send_json({
+                "id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [self.choice(self.engine.text(n), finish_reason)], "usage": usage,
+            })
+        except StreamClosedError:
+            self.cancelled()
+            return
+        self.engine.request_completed()
+
+    def cancelled(self, stream: bool = False) -> None:
+        """Count a request whose client went away; the access log shows nginx's 499 for it."""
+        if stream:
+            self.engine.stats.cancelled_streams += 1
+        else:
+            self.engine.stats.cancelled_requests += 1
+        self.set_status(499, "Client Closed Request")
+
+    def frame(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": choices, **extra}
+        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+    async def send_frame(self, data: bytes) -> bool:
+        """Write and flush one SSE frame; False once the client has gone away."""
+        if self.closed.is_set():
+            return False
+        self.write(data)
+        try:
+            await self.flush()
+        except StreamClosedError:
+            return False
+        return True
+
+    def frames(self, n: int, finish_reason: str, usage: dict[str, int] | None) -> Iterator[tuple[float, bytes]]:
+        """The stream as (seconds after start, frame) pairs; token ``i`` is due at (i + 1) / rate.
+
+        A generator, so a long stream costs nothing before its first byte.
+        """
+        rate = self.engine.tokens_per_second
+        first = self.chunk_choice(None, None)
+        if first:
+            yield 0.0, self.frame([first])
+        for i in range(n):
+            yield (i + 1) / rate if rate > 0 else 0.0, self.frame([self.chunk_choice(i, None)])
+        end = n / rate if rate > 0 else 0.0
+        yield end, self.frame([self.chunk_choice(None, finish_reason)])
+        if usage is not None:
+            yield end, self.frame([], usage=usage)
+        yield end, b"data: [DONE]\n\n"
+
+    async def stream(self, n: int, finish_reason: str, usage: dict[str, int] | None) -> None:
+        stats = self.engine.stats
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        stats.active_streams += 1
+        start = asyncio.get_running_loop().time()
+        sent = 0
+        try:
+            for at, data in self.frames(n, finish_reason, usage):
+                if self.engine.hang_mid_stream and sent == 2:
+                    await self.closed.wait()  # keep the connection open, send nothing, forever
+                delay = start + at - asyncio.get_running_loop().time()
+                if await self.pause(delay) or not await self.send_frame(data):
+                    self.cancelled(stream=True)
+                    return
+                sent += 1
+                if self.engine.crash_mid_stream and sent == 2:
+                    die("simulated crash in the middle of a stream")
+        finally:
+            stats.active_streams -= 1
+        stats.completed_streams += 1
+        try:
+            await self.finish()
+        except StreamClosedError:
+            return
+        self.engine.request_completed()
+
+
+class ChatHandler(GenerateHandler):
+    request_type = ChatRequest
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def prompt_tokens(self, req: ChatRequest) -> int:
+        return sum(count_words(m.content) for m in req.messages)
+
+    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk_choice(self, index: int | None, finish_reason: str | None) -> dict[str, Any]:
+        if index is not None:
+            delta: dict[str, str] = {"content": self.engine.piece(index)}
+        elif finish_reason is None:
+            delta = {"role": "assistant", "content": ""}
+        else:
+            delta = {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+class CompletionHandler(GenerateHandler):
+    request_type = CompletionRequest
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def prompt_tokens(self, req: CompletionRequest) -> int:
+        return count_words(req.prompt)
+
+    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk_choice(self, index: int | None, finish_reason: str | None) -> dict[str, Any]:
+        if index is None and finish_reason is None:
+            return {}  # text completions have no role chunk
+        text = self.engine.piece(index) if index is not None else ""
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+class EmbeddingHandler(BaseHandler):
+    counted = True
+
+    async def post(self) -> None:
+        req = decode(self.request.body, EmbeddingRequest)
+        items = self.inputs(req.input)
+        if req.encoding_format not in ("float", "base64"):
+            raise RequestError(400, "encoding_format must be 'float' or 'base64'")
+        data = []
+        for index, item in enumerate(items):
+            vector: Any = self.engine.embedding(item)
+            if req.encoding_format == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(count_words(item) for item in items)
+        try:
+            await self.send_json({"object": "list", "data": data, "model": req.model or self.engine.model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        except StreamClosedError:
+            return
+        self.engine.request_completed()
+
+    @staticmethod
+    def inputs(value: Any) -> list[Any]:
+        """OpenAI accepts a string, a token array, or a list of either."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value:
+            if all(isinstance(v, int) for v in value):
+                return [value]
+            if all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, int) for t in v))
+                   for v in value):
+                return value
+        raise RequestError(400, "'input' must be a non-empty string, token array, or list of those")
+
+
+# --------------------------------------------------------------------------- process
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """One access-log line per request, like a real server (unless --quiet)."""
+    engine: Engine = handler.application.settings["engine"]
+    if not engine.quiet:
+        req = handler.request
+        log(f"{req.method} {req.path} {handler.get_status()} {1000 * req.request_time():.2f}ms")
+
+
+def make_app(engine: Engine) -> tornado.web.Application:
+    return tornado.web.Application(
+        [
+            (r"/health", HealthHandler),
+            (r"/v1/models", ModelsHandler),
+            (r"/v1/chat/completions", ChatHandler),
+            (r"/v1/completions", CompletionHandler),
+            (r"/v1/embeddings", EmbeddingHandler),
+            (r"/debug/stats", StatsHandler),
+        ],
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        engine=engine,
+        started_at=int(time.time()),
+    )
+
+
+def chatty(rate: int, stop: threading.Event) -> None:
+    """Print ``rate`` lines per second, written in blocks so that high rates are reachable.
+
+    A thread rather than a task: a full stdout pipe then slows the log, not the serving loop.
+    """
+    start, written = time.monotonic(), 0
+    while not stop.is_set():
+        due = min(int((time.monotonic() - start) * rate) - written, max(rate // 10, 1))
+        if due > 0:
+            sys.stdout.write("".join(
+                f"chatty {i}: slot 0 | task {i} | n_past = {i % 4096} | decode ok\n"
+                for i in range(written, written + due)))
+            sys.stdout.flush()
+            written += due
+        time.sleep(0.005)
+
+
+async def serve(opts: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    if opts.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+
+    log(f"mock engine {opts.model} loading")
+    if opts.startup_delay > 0:  # like loading weights: the port is not bound yet
+        deadline = loop.time() + opts.startup_delay
+        step = min(0.25, opts.startup_delay / 4)
+        while (left := deadline - loop.time()) > 0 and not stopping.is_set():
+            done = 100 * (1 - left / opts.startup_delay)
+            log(f"loading model {opts.model} ... {done:.0f}%")
+            try:
+                await asyncio.wait_for(stopping.wait(), min(step, left))
+            except asyncio.TimeoutError:
+                pass
+
+    engine = Engine(
+        model=opts.model, words=opts.response.split() or ["mock"], max_tokens=opts.max_tokens,
+        tokens_per_second=opts.tokens_per_second, embedding_dim=opts.embedding_dim,
+        crash_after=opts.crash_after, crash_mid_stream=opts.crash_mid_stream,
+        hang_mid_stream=opts.hang_mid_stream, fail_health=opts.fail_health, quiet=opts.quiet)
+    server: HTTPServer | None = None
+    chatter = threading.Event()
+    if not stopping.is_set():
+        server = make_app(engine).listen(opts.port, opts.host)
+        log(f"mock engine {opts.model} ready; listening on http://{opts.host}:{opts.port}")
+        if opts.chatty > 0:
+            threading.Thread(target=chatty, args=(opts.chatty, chatter), daemon=True).start()
+        await stopping.wait()
+    chatter.set()
+    if server is not None:
+        server.stop()
+    log("shutting down")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Mock OpenAI-compatible model server for tests and benchmarks.")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", default="mock", help="model id reported by /v1/models")
+    p.add_argument("--startup-delay", type=float, default=0.0, metavar="S",
+                   help="seconds of 'loading' before the port is bound")
+    p.add_argument("--tokens-per-second", type=float, default=0.0, metavar="R",
+                   help="generation pace, streamed or not (0: as fast as possible)")
+    p.add_argument("--max-tokens", type=int, default=16, metavar="N",
+                   help="tokens generated when the request sets no max_tokens")
+    p.add_argument("--response", default=DEFAULT_RESPONSE, metavar="TEXT",
+                   help="reply text, repeated or truncated to the token count (a token is a word)")
+    p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
+    p.add_argument("--crash-after", type=int, default=None, metavar="N",
+                   help="exit(1) after N completed model requests")
+    p.add_argument("--crash-mid-stream", action="store_true", help="exit(1) after 2 chunks of a stream")
+    p.add_argument("--hang-mid-stream", action="store_true", help="stop sending after 2 chunks of a stream")
+    p.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops the process")
+    p.add_argument("--fail-health", action="store_true", help="/health always answers 503")
+    p.add_argument("--chatty", type=int, default=0, metavar="N", help="print N log lines per second")
+    p.add_argument("--quiet", action="store_true", help="no access-log line per request")
+    p.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    opts = p.parse_args(argv)
+    if opts.embedding_dim < 1 or opts.max_tokens < 0 or opts.tokens_per_second < 0:
+        p.error("--embedding-dim must be >= 1, --max-tokens and --tokens-per-second >= 0")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    run = asyncio.run
+    if not opts.no_uvloop:
+        try:
+            import uvloop
+            run = uvloop.run
+        except ImportError:
+            pass
+    try:
+        run(serve(opts))
+    except OSError as exc:  # typically: the port is taken
+        die(f"cannot listen on {opts.host}:{opts.port}: {exc}")
+    # Exit without interpreter teardown: open streams need no draining (a stopped engine does
+    # not drain either) and a daemon --chatty thread may still hold stdout's lock.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
