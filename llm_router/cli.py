@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from llm_router import __version__
+from llm_router import __version__, client
 from llm_router.config import ConfigError, default_config_path, load_config
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -86,6 +86,9 @@ def _load(config_path: str | None):
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+client.register(main)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class DeviceProfile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``cpu``; ``vram_mb`` is needed on each GPU. ``args``/``env`` are added for this profile
     only (e.g. ``-ngl 0`` for the CPU profile)."""
 
-    devices: list[str] = ["cpu"]
+    devices: list[str] = msgspec.field(default_factory=lambda: ["cpu"])
     vram_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     args: list[str] = []
     env: dict[str, str] = {}
@@ -92,7 +92,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: str = ""  # default: the host name
     advertise_host: str = "127.0.0.1"  # address routers use to reach this host's models
     bind_host: str = "127.0.0.1"  # what {host} expands to in commands
-    port_range: Annotated[list[int], msgspec.Meta(min_length=2, max_length=2)] = [20000, 20999]
+    port_range: Annotated[list[int], msgspec.Meta(min_length=2, max_length=2)] = msgspec.field(
+        default_factory=lambda: [20000, 20999])
     heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     devices_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
@@ -130,7 +131,8 @@ def _check(cfg: HostConfig) -> None:
         for j, p in enumerate(m.device_profiles()):
             for d in p.devices:
                 if not DEVICE.match(d):
-                    raise ConfigError(f"models[{i}].profiles[{j}].devices: {d!r} is not 'cpu', 'cuda' or 'cuda:N'")
+                    where = f"models[{i}].profiles[{j}].devices" if m.profiles else f"models[{i}].devices"
+                    raise ConfigError(f"{where}: {d!r} is not 'cpu', 'cuda' or 'cuda:N'")
         if m.health and not m.health.startswith("/"):
             raise ConfigError(f"models[{i}].health: must be a path starting with '/', got {m.health!r}")
     lo, hi = cfg.worker.port_range

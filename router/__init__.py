@@ -1,0 +1,7 @@
+"""The router: one OpenAI-compatible endpoint and the management API, stateless, on Redis.
+
+One module per concern: ``view`` (the in-memory cluster view), ``balancer`` (which instance),
+``control`` (commands to workers), ``upstream`` + ``proxy`` (OpenAI forwarding), ``logstream``
+(SSE log follow), ``manage`` (management API logic), ``responses`` (response shapes and
+errors), ``options`` (tunables), ``services`` (wiring), ``handlers`` + ``app`` (HTTP).
+"""

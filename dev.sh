@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3 + pip, nothing else): creates .venv on
+# first use, installs the project into it (again only when pyproject.toml changed), then
+#   ./dev.sh up [options]     llm-router up: Redis (private if none), a worker, a router on :8000
+#   ./dev.sh test [pytest args]   the whole test suite
+#   ./dev.sh bench [options]  the benchmark suite (scripts/bench.py)
+#   ./dev.sh <anything else>  the llm-router CLI (models, start, logs -f, ...)
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test,fast]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+cmd="${1:-help}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  up) exec .venv/bin/llm-router up "$@" ;;
+  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  bench) exec .venv/bin/python scripts/bench.py "$@" ;;
+  help) exec .venv/bin/llm-router --help ;;
+  *) exec .venv/bin/llm-router "$cmd" "$@" ;;
+esac

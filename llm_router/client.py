@@ -1,0 +1,445 @@
+"""Client commands of ``llm-router`` (``models``, ``start``, ``stop``, ``logs``, ``devices``,
+``status``): thin wrappers over the router's HTTP API, for operators and for scripts.
+
+Why the stdlib for HTTP: every call is one short request (or one SSE stream) from a
+process that lives a few seconds, so an event loop buys nothing and ``urllib`` keeps the
+command importable anywhere the package is.
+
+Exit codes are part of the interface, so scripts can branch on them:
+
+====  ===========================================================
+0     ok
+1     the operation failed (start failed, timed out, 5xx, 503 ...)
+2     usage error (click's own, or a 400 from the router)
+3     router unreachable (one line on stderr, no traceback)
+4     not found (404: unknown model)
+====  ===========================================================
+
+``--json`` prints the router's JSON as is (one document, or one per line for ``logs``).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import click
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
+POLL_INTERVAL = 0.5
+
+
+class CliError(click.ClickException):
+    """A failure worded for the operator, carrying its exit code (click prints ``Error: …``)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _exit_code_for(status: int) -> int:
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status == 400:
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _error_message(body: Any, fallback: str) -> str:
+    """The message of an ``/api`` error (``{"success": false, "message"}``) or an OpenAI one."""
+    if isinstance(body, dict):
+        if isinstance(body.get("message"), str):
+            return body["message"]
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+    return fallback
+
+
+@dataclass
+class Api:
+    """The router's HTTP API. Every failure becomes a ``CliError`` with the right exit code."""
+
+    url: str
+    api_key: str = ""
+    timeout: float = 30.0
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "llm-router-cli"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def endpoint(self, path: str, **params: Any) -> str:
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        return self.url.rstrip("/") + path + (f"?{query}" if query else "")
+
+    def _unreachable(self, exc: BaseException) -> CliError:
+        reason = getattr(exc, "reason", exc)
+        return CliError(f"cannot reach the router at {self.url}: {reason}", EXIT_UNREACHABLE)
+
+    def call(self, method: str, path: str, *, ok_statuses: tuple[int, ...] = (), **params: Any) -> tuple[int, Any]:
+        """One request; returns (status, decoded JSON). Raises ``CliError`` on an error status
+        unless it is listed in ``ok_statuses`` (``status`` reports an unhealthy router itself)."""
+        req = urllib.request.Request(self.endpoint(path, **params), method=method, headers=self._headers(),
+                                     data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = _decode(exc.read())
+            if exc.code in ok_statuses:
+                return exc.code, body
+            raise CliError(_error_message(body, f"HTTP {exc.code} {exc.reason}"), _exit_code_for(exc.code)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.call("GET", path, **params)[1]
+
+    def post(self, path: str, **params: Any) -> Any:
+        return self.call("POST", path, **params)[1]
+
+    def open_stream(self, path: str) -> tuple[http.client.HTTPResponse, socket.socket]:
+        """Open an SSE stream; also return its socket so another thread can end the read."""
+        parts = urllib.parse.urlsplit(self.url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=None)
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        try:
+            conn.connect()
+            sock = conn.sock
+            conn.request("GET", parts.path.rstrip("/") + path, headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise self._unreachable(exc) from None
+        if resp.status >= 400:
+            body = _decode(resp.read())
+            conn.close()
+            raise CliError(_error_message(body, f"HTTP {resp.status} {resp.reason}"), _exit_code_for(resp.status))
+        return resp, sock
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return json.loads(data) if data else {}
+    except ValueError:
+        return {"message": data.decode("utf-8", "replace").strip()[:200]}
+
+
+def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[str, dict]]:
+    """Parse an SSE byte-line iterator into ``(id, data)`` pairs (data decoded as JSON).
+
+    Comments (``: keep-alive``) are skipped; multi-line ``data:`` fields are joined, as the
+    SSE spec says; a frame that is not JSON is skipped rather than ending the stream."""
+    event_id, data = "", []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                try:
+                    payload = json.loads("\n".join(data))
+                except ValueError:
+                    payload = None
+                if isinstance(payload, dict):
+                    yield event_id, payload
+            data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = value
+
+
+def format_log(log: dict) -> str:
+    """``HH:MM:SS host stream message`` — the one line format of every log view."""
+    ts = time.strftime("%H:%M:%S", time.localtime(float(log.get("timestamp") or 0)))
+    return f"{ts} {log.get('host') or '-'} {log.get('stream') or 'stdout':<6} {log.get('message', '')}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _mib(value: Any) -> str:
+    return f"{int(value or 0)}"
+
+
+def _alias_path(alias: str) -> str:
+    return urllib.parse.quote(alias, safe="")
+
+
+# --- options shared by every command ---
+
+def api_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Adds ``--url`` and ``--json`` to a command and hands it an ``Api`` and the json flag."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print the router's raw JSON (for scripts).")
+    @click.option("--url", envvar="LLM_ROUTER_URL", default=DEFAULT_URL, show_default=True,
+                  help="Router base URL (also LLM_ROUTER_URL).")
+    @functools.wraps(func)
+    def wrapper(url: str, as_json: bool, **kwargs: Any) -> None:
+        api = Api(url, os.environ.get("LLM_ROUTER_API_KEY", ""))
+        func(api, as_json, **kwargs)
+
+    return wrapper
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+# --- commands ---
+
+@click.command()
+@api_command
+def models(api: Api, as_json: bool) -> None:
+    """List every model of every live host, with its status."""
+    body = api.get("/v1/models")
+    if as_json:
+        return _echo_json(body)
+    rows = []
+    for m in body.get("data", []):
+        aliases = [a for a in m.get("aliases", []) if a != m.get("id")]
+        hosts = [f"{i.get('worker')}:{i.get('state')}" for i in m.get("instances", [])]
+        rows.append([m.get("id", ""), m.get("status", "-"), m.get("mode", "-"),
+                     ",".join(aliases) or "-", " ".join(hosts) or "-"])
+    click.echo(table(["ID", "STATUS", "MODE", "ALIASES", "HOSTS"], rows))
+
+
+class LatestLog:
+    """Follows a model's log stream in a thread and keeps only the latest line, so a start
+    can show what the model is doing without polling logs. ``close()`` shuts the socket,
+    which ends the blocked read at once (no lingering thread)."""
+
+    def __init__(self, api: Api, alias: str) -> None:
+        self.line = ""
+        self._sock: socket.socket | None = None
+        self._closed = False
+        try:
+            # tail=0: the history's last line would be the previous run's
+            resp, self._sock = api.open_stream(f"/api/models/{_alias_path(alias)}/logs/stream?tail=0")
+        except CliError:
+            return  # the latest line is a nicety; the start itself still reports
+        self._thread = threading.Thread(target=self._run, args=(resp,), daemon=True)
+        self._thread.start()
+
+    def _run(self, resp: http.client.HTTPResponse) -> None:
+        try:
+            for _, event in sse_events(iter(resp.readline, b"")):
+                log = event.get("log")
+                if isinstance(log, dict) and log.get("message"):
+                    self.line = str(log["message"])
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+
+    def close(self) -> None:
+        if self._sock is not None and not self._closed:
+            self._closed = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._thread.join(2)
+
+
+@click.command()
+@api_command
+@click.argument("alias")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the model to be running.")
+def start(api: Api, as_json: bool, alias: str, timeout: float) -> None:
+    """Start a model and follow it until it is running (exit 0) or failed (exit 1)."""
+    path = f"/api/models/{_alias_path(alias)}"
+    api.post(f"{path}/start", wait="false")
+    tty = sys.stdout.isatty() and not as_json
+    latest = LatestLog(api, alias)
+    deadline = time.monotonic() + timeout
+    seen_starting, last_shown = False, ""
+    try:
+        while True:
+            model = api.get(f"{path}/info").get("model", {})
+            status = model.get("status", "")
+            seen_starting = seen_starting or status == "starting"
+            done = status in ("running", "failed") or (status == "stopped" and seen_starting)
+            # "stopped" before any "starting" only means the worker has not picked the command up yet
+            shown = "starting" if status == "stopped" and not seen_starting else status
+            if tty:
+                width = shutil.get_terminal_size((100, 20)).columns
+                text = f"{alias}: {shown}" + (f"  {latest.line}" if latest.line and not done else "")
+                click.echo("\r\x1b[2K" + text[: width - 1], nl=False)
+            elif not as_json and shown != last_shown:  # a log file gets one line per change
+                click.echo(f"{alias}: {shown}")
+            last_shown = shown
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+    finally:
+        latest.close()
+        if tty:
+            click.echo("")
+    if as_json:
+        _echo_json(model)
+    if status == "running":
+        urls = [f"{i.get('worker')} {i.get('url')}" for i in model.get("instances", []) if i.get("state") == "running"]
+        if not as_json:
+            click.echo(f"{model.get('id', alias)} is running on {', '.join(urls)}")
+        return
+    if status in ("failed", "stopped"):
+        errors = [f"{i.get('worker')}: {i['last_error']}" for i in model.get("instances", []) if i.get("last_error")]
+        raise CliError(f"{alias} failed to start" + (f" ({'; '.join(errors)})" if errors else ""))
+    raise CliError(f"{alias} is still {status or 'not running'} after {timeout:g}s")
+
+
+@click.command()
+@api_command
+@click.argument("alias")
+def stop(api: Api, as_json: bool, alias: str) -> None:
+    """Stop a model on every host."""
+    body = api.post(f"/api/models/{_alias_path(alias)}/stop")
+    if as_json:
+        return _echo_json(body)
+    click.echo(body.get("message") or f"{alias} stopped")
+
+
+@click.command()
+@api_command
+@click.argument("alias")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--tail", type=click.IntRange(min=0), default=None, help="Only the last N lines of history.")
+def logs(api: Api, as_json: bool, alias: str, follow: bool, tail: int | None) -> None:
+    """Print a model's log (history, then live lines with -f)."""
+    query = f"?tail={tail}" if tail is not None else ""  # else the router's default history
+    resp, sock = api.open_stream(f"/api/models/{_alias_path(alias)}/logs/stream{query}")
+    history: list[dict] = []
+
+    def show(event: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(event, ensure_ascii=False))
+        elif isinstance(event.get("log"), dict):
+            click.echo(format_log(event["log"]))
+
+    def show_history() -> None:  # --tail is applied here too, whatever the router sent
+        for item in history[max(0, len(history) - tail):] if tail is not None else history:
+            show(item)
+        history.clear()
+
+    try:
+        for _, event in sse_events(iter(resp.readline, b"")):
+            kind = event.get("type")
+            if kind == "historical":
+                history.append(event)
+                continue
+            show_history()
+            if kind == "error":
+                raise CliError(_error_message(event, "log stream error"))
+            if kind == "stream_end" or (kind == "historical_complete" and not follow):
+                return
+            if kind == "realtime":
+                show(event)
+        show_history()
+        if follow:
+            raise CliError("the router closed the log stream")
+    except KeyboardInterrupt:
+        return
+    finally:
+        sock.close()
+
+
+@click.command()
+@api_command
+def devices(api: Api, as_json: bool) -> None:
+    """GPU and CPU memory of every host (MiB)."""
+    body = api.get("/api/devices/info")
+    if as_json:
+        return _echo_json(body)
+    rows = []
+    for wid, host in sorted((body.get("hosts") or {}).items()):
+        name = f"{wid} ({host.get('host')})" if host.get("host") and host.get("host") != wid else wid
+        cuda = host.get("cuda") or {}
+        if cuda.get("online"):
+            for gpu in cuda.get("gpus", []):
+                rows.append([name, f"cuda:{gpu.get('index')}",
+                             f"{_mib(gpu.get('memory_used'))}/{_mib(gpu.get('memory_total'))}",
+                             f"{gpu.get('utilization', 0)}%", gpu.get("name", "")])
+                name = ""
+        else:
+            rows.append([name, "cuda", "-", "-", f"offline: {cuda.get('error') or 'no GPU'}"])
+            name = ""
+        cpu = host.get("cpu") or {}
+        rows.append([name, "cpu", f"{_mib(cpu.get('memory_used'))}/{_mib(cpu.get('memory_total'))}",
+                     f"{cpu['cpu_percent']:.0f}%" if isinstance(cpu.get("cpu_percent"), (int, float)) else "-",
+                     f"{cpu.get('cpu_count', '?')} cores"])
+    if not rows:
+        click.echo("no live hosts")
+        return
+    # NAME last: GPU names and offline reasons are long, and the last column is not padded
+    click.echo(table(["HOST", "DEVICE", "USED/TOTAL MiB", "UTIL", "NAME"], rows))
+
+
+@click.command()
+@api_command
+def status(api: Api, as_json: bool) -> None:
+    """Router health, model counts and a one-line summary per host. Exit 1 if unhealthy."""
+    code, health = api.call("GET", "/health", ok_statuses=(503,))
+    healthy = code == 200 and health.get("status") == "healthy"
+    # a degraded router still serves its last view, and a 503 on devices only means that no
+    # worker has published metrics yet: both are part of the summary, not a reason to stop
+    model_list = api.call("GET", "/v1/models", ok_statuses=(503,))[1].get("data", [])
+    hosts = api.call("GET", "/api/devices/info", ok_statuses=(503,))[1].get("hosts") or {}
+    if as_json:
+        _echo_json({"health": health, "models": model_list, "hosts": hosts})
+    else:
+        extra = ", ".join(f"{k}: {v}" for k, v in health.items()
+                          if k not in ("status", "models_count", "running_models"))
+        click.echo(f"router   {api.url}  {health.get('status', 'unknown')}" + (f" ({extra})" if extra else ""))
+        counts: dict[str, int] = {}
+        for m in model_list:
+            counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        click.echo(f"models   {len(model_list)}" + (f" ({detail})" if detail else ""))
+        click.echo(f"hosts    {len(hosts)}")
+        for wid, host in sorted(hosts.items()):
+            running = [m["id"] for m in model_list
+                       if any(i.get("worker") == wid and i.get("state") == "running" for i in m.get("instances", []))]
+            cuda, cpu = host.get("cuda") or {}, host.get("cpu") or {}
+            gpus = cuda.get("gpus", [])
+            gpu_text = (f"{len(gpus)} GPU {sum(g.get('memory_used', 0) for g in gpus)}/"
+                        f"{sum(g.get('memory_total', 0) for g in gpus)} MiB") if gpus else "no GPU"
+            if not cuda.get("online"):
+                gpu_text = "GPU offline"
+            click.echo(f"  {wid:<12} {gpu_text}  cpu {_mib(cpu.get('memory_used'))}/{_mib(cpu.get('memory_total'))} MiB"
+                       f"  running: {', '.join(running) or '-'}")
+    if not healthy:
+        raise CliError(f"router is {health.get('status', 'unhealthy')}")
+
+
+COMMANDS = [models, start, stop, logs, devices, status]
+
+
+def register(group: click.Group) -> None:
+    """Add the client commands to the ``llm-router`` group (called once by ``llm_router.cli``)."""
+    for command in COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,125 @@
+"""The router process: the route table, the Tornado application and ``main``.
+
+``main`` runs on asyncio (uvloop when installed). SIGTERM/SIGINT stop it gracefully: the
+listener closes, log streams end with ``stream_end``, in-flight requests get
+``shutdown_grace`` seconds, then Redis and the upstream pool are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from router import handlers as h
+from router.dashboard import dashboard_routes
+from router.options import RouterOptions
+from router.services import Services
+
+log = logging.getLogger("router")
+access_log = logging.getLogger("router.access")
+
+LISTEN_BACKLOG = 4096
+MAX_FDS = 65536
+ALIAS = r"([^/]+)"
+ROUTES = [
+    (r"/", h.RootHandler),
+    (r"/health", h.HealthHandler),
+    (r"/v1/models", h.ModelsHandler),
+    (rf"/v1/models/{ALIAS}", h.ModelHandler),
+    (r"/api/models/restart-autostart", h.RestartAutostartHandler),
+    (r"/api/models/stop-all", h.StopAllHandler),
+    (rf"/api/models/{ALIAS}/start", h.StartHandler),
+    (rf"/api/models/{ALIAS}/stop", h.StopHandler),
+    (rf"/api/models/{ALIAS}/info", h.ModelInfoHandler),
+    (rf"/api/models/{ALIAS}/logs/stream", h.LogStreamHandler),
+    (r"/api/logs/stats", h.LogStatsHandler),
+    (rf"/api/logs/{ALIAS}/clear", h.LogClearHandler),
+    (r"/api/devices/info", h.DevicesHandler),
+    (r"/v1/.*", h.ProxyHandler),
+]
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """One line per request: method, path, status, milliseconds (never the body, query or
+    headers, which may carry prompts and keys)."""
+    req = handler.request
+    access_log.info("%s %s %d %.1fms", req.method, req.path, handler.get_status(), 1000 * req.request_time())
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit for a log line: without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def make_app(services: Services) -> tornado.web.Application:
+    return tornado.web.Application(
+        [*[(pattern, handler, {"services": services}) for pattern, handler in ROUTES], *dashboard_routes()],
+        default_handler_class=h.NotFoundHandler, default_handler_args={"services": services},
+        log_function=log_request, compress_response=False)
+
+
+def raise_fd_limit() -> None:
+    """A proxy holds two descriptors per stream (client, engine): lift the soft limit to the
+    hard one (capped), so a thousand concurrent streams do not hit the usual default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else MAX_FDS, MAX_FDS)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+async def serve(redis_url: str, prefix: str, host: str, port: int, options: RouterOptions) -> int:
+    raise_fd_limit()
+    services = Services(redis_url, prefix, options)
+    await services.start()
+    server = HTTPServer(make_app(services), max_body_size=options.max_body_size)
+    try:
+        # A deep accept queue: a burst of new connections (a client pool filling up) must not
+        # overflow it, or dropped SYNs cost the clients a 1 s retransmit.
+        server.listen(port, host, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        await services.close()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("router listening on http://%s:%d (redis %s, prefix %r)", host, port, redact(redis_url), prefix)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()
+    await services.drain()
+    await server.close_all_connections()
+    await services.close()
+    log.info("stopped")
+    return 0
+
+
+def main(redis_url: str, prefix: str = "llm:", host: str = "127.0.0.1", port: int = 8000,
+         options: RouterOptions | None = None) -> int:
+    """Run a router until SIGTERM/SIGINT; returns the exit status."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        options = options or RouterOptions.from_env()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    return run(serve(redis_url, prefix, host, port, options))

@@ -1,0 +1,200 @@
+"""``ControlClient``: the router's side of worker commands.
+
+A command is one ``XADD`` to ``llm:commands:{wid}`` (the worker reads it through a consumer
+group, so it is not lost if the worker restarts); its outcome is one ``Reply`` the worker
+pushes to ``llm:reply:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
+connection for its duration, so it runs on the blocking client (redis.asyncio pools give each
+caller its own connection and nothing else waits behind it).
+
+Starts are single-flight per model in this process: concurrent on-demand requests and
+``/start`` calls for the same model share one command and one wait. Across routers, the
+worker serialises commands per model and makes them idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable, Sequence
+
+from redis.asyncio import Redis
+
+from llm_router.protocol import Command, Instance, Keys, Reply, command_fields, from_json
+from router.view import ClusterView
+
+log = logging.getLogger("router.control")
+
+COMMANDS_MAXLEN = 10000  # bound on each worker's command stream (approximate trim)
+ACTIVE_STATES = ("starting", "running")
+
+
+class ControlError(Exception):
+    """A command that failed or got no answer; ``log_tail`` quotes the model's last log lines."""
+
+    def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = list(log_tail)
+
+
+def describe_failure(exc: ControlError, lines: int = 20) -> str:
+    """The failure's reason, with the model's last log lines quoted when the worker sent them."""
+    if not exc.log_tail:
+        return exc.message
+    return exc.message + "\nlast log lines:\n" + "\n".join(exc.log_tail[-lines:])
+
+
+def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
+    """Where to start ``model``: pure, so placement can be tested (and grown) without I/O.
+
+    ``candidates`` are the live workers whose catalog has the model; ``instances`` are all
+    instances on live workers. Preference: a worker where the model is already starting or
+    running (the start is then a no-op that waits for it); else a worker where it did not just
+    fail; then the one with the fewest active models; then by id. Each worker places the model
+    on its own GPUs. VRAM-aware placement across hosts (free memory from the device snapshots
+    against ``CatalogEntry.vram_mb``) belongs here, as one more ranking key.
+    """
+    if not candidates:
+        return None
+    instances = list(instances)
+    mine = {i.worker: i for i in instances if i.model == model}
+    for wid in candidates:
+        if wid in mine and mine[wid].state in ACTIVE_STATES:
+            return wid
+    load = {wid: 0 for wid in candidates}
+    for inst in instances:
+        if inst.worker in load and inst.state in ACTIVE_STATES:
+            load[inst.worker] += 1
+
+    def rank(wid: str) -> tuple[bool, int, str]:
+        failed = wid in mine and mine[wid].state == "failed"
+        return failed, load[wid], wid
+
+    return min(candidates, key=rank)
+
+
+def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
+    """How a start on ``wid`` stands: ``running`` (some instance serves the model),
+    ``failed`` (the instance on ``wid`` failed, updated after ``since``: the ``updated_at`` it
+    had when the command was sent, so only the worker's clock is compared), ``gone`` (the
+    worker left) or ``""`` (still waiting)."""
+    instances = list(instances)
+    if any(i.state == "running" and i.url for i in instances):
+        return "running"
+    if wid not in set(live):
+        return "gone"
+    for inst in instances:
+        if inst.worker == wid and inst.state == "failed" and inst.updated_at > since:
+            return "failed"
+    return ""
+
+
+def merged_models(replies: Iterable[Reply]) -> list[str]:
+    """The union of the models named by several workers' replies, first seen first."""
+    seen: dict[str, None] = {}
+    for reply in replies:
+        seen.update(dict.fromkeys(reply.models))
+    return list(seen)
+
+
+class ControlClient:
+    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.keys = keys
+        self.view = view
+        self._starts: dict[str, asyncio.Task[Reply]] = {}
+
+    async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
+        """Send one command and wait at most ``timeout`` seconds for its reply."""
+        cmd.deadline = time.time() + timeout
+        await self.redis.xadd(self.keys.commands(wid), command_fields(cmd),
+                              maxlen=COMMANDS_MAXLEN, approximate=True)
+        try:
+            # The asyncio bound is a backstop should Redis stall without closing the socket.
+            async with asyncio.timeout(timeout + 5):
+                got = await self.blocking.blpop([self.keys.reply(cmd.id)], timeout=max(timeout, 0.01))
+        except TimeoutError:
+            got = None
+        if got is None:
+            raise ControlError(f"worker '{wid}' did not answer '{cmd.op}' within {timeout:g}s")
+        return from_json(got[1], Reply)
+
+    async def fan_out(self, wids: Sequence[str], make: Callable[[], Command], timeout: float) -> list[Reply]:
+        """Send a command to several workers at once; a worker that fails or does not answer
+        gives a failed ``Reply`` rather than hiding the others' answers."""
+
+        async def one(wid: str) -> Reply:
+            try:
+                return await self.send(wid, make(), timeout)
+            except ControlError as exc:
+                return Reply(id="", worker=wid, ok=False, message=exc.message)
+
+        return list(await asyncio.gather(*(one(w) for w in wids)))
+
+    # --- model lifecycle ---
+
+    async def ensure_running(self, model: str, timeout: float) -> None:
+        """Return once some instance of ``model`` runs, starting it if needed (shared start)."""
+        if not self.view.running_instances(model):
+            await self.start(model, timeout)
+
+    async def start(self, model: str, timeout: float) -> Reply:
+        """Start ``model`` and wait until it serves; concurrent callers share one start.
+
+        A caller that goes away (its request was cancelled) does not cancel the shared start."""
+        return await asyncio.shield(self.start_in_background(model, timeout))
+
+    def start_in_background(self, model: str, timeout: float) -> asyncio.Task[Reply]:
+        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
+        task = self._starts.get(model)
+        if task is None:
+            task = asyncio.create_task(self._start(model, timeout), name=f"start-{model}")
+            self._starts[model] = task
+            task.add_done_callback(lambda t: self._start_done(model, t))
+        return task
+
+    def _start_done(self, model: str, task: asyncio.Task) -> None:
+        if self._starts.get(model) is task:
+            del self._starts[model]
+        if not task.cancelled() and isinstance(task.exception(), ControlError):
+            log.warning("start of %s failed: %s", model, task.exception())
+
+    async def _start(self, model: str, timeout: float) -> Reply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        view = self.view
+        wid = choose_worker(model, view.catalog_workers(model), view.all_instances())
+        if wid is None:
+            raise ControlError(f"no live worker can run model '{model}'")
+        before = next((i.updated_at for i in view.instances(model) if i.worker == wid), -1.0)
+        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        if not reply.ok:
+            raise ControlError(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
+        # The reply and this router's view of the instance travel separately; wait for both.
+        outcome = await view.wait_until(
+            lambda: start_outcome(view.instances(model), wid, view.workers(), before),
+            deadline - loop.time())
+        if outcome == "running":
+            return reply
+        if outcome == "failed":
+            inst = next((i for i in view.instances(model) if i.worker == wid), None)
+            raise ControlError(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
+                               reply.log_tail)
+        if outcome == "gone":
+            raise ControlError(f"worker '{wid}' left while starting '{model}'")
+        raise ControlError(f"model '{model}' did not become ready within {timeout:g}s")
+
+    async def stop(self, model: str, timeout: float) -> list[Reply]:
+        """Stop ``model`` everywhere: every live worker that can run it is asked (idempotent
+        on the worker), so a start this router has not seen yet is stopped too."""
+        wids = sorted(set(self.view.catalog_workers(model)) |
+                      {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
+
+    async def stop_all(self, timeout: float) -> list[Reply]:
+        return await self.fan_out(sorted(self.view.workers()), lambda: Command(op="stop_all"), timeout)
+
+    async def restart_autostart(self, timeout: float) -> list[Reply]:
+        return await self.fan_out(sorted(self.view.workers()), lambda: Command(op="restart_autostart"), timeout)

@@ -1,0 +1,216 @@
+"""HTTP handlers: parse, call a service, write. Everything shared lives in ``BaseHandler``:
+JSON replies, error bodies in the caller's shape, and cancellation when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Iterable
+
+import msgspec
+import tornado.web
+from redis.exceptions import RedisError
+from tornado.iostream import StreamClosedError
+
+from router.logstream import parse_last_id, parse_tail
+from router.manage import parse_flag
+from router.proxy import ProxyRequest
+from router.responses import ApiError, as_api_error, encode, error_body
+from router.services import Services
+
+JSON = "application/json"
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    services: Services
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self._work: asyncio.Task | None = None
+        self._client_gone = False
+
+    # --- replies ---
+
+    def compute_etag(self) -> None:
+        return None  # live state: nothing here may be served from a cache
+
+    def reply(self, body: msgspec.Struct, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON)
+        self.finish(encode(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors in the caller's shape: OpenAI's on ``/v1/*`` (SDKs raise the matching
+        exception), ``{"success": false, "message"}`` elsewhere."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        err = as_api_error(status_code, exc)
+        self.set_status(err.status)
+        self.set_header("Content-Type", JSON)
+        self.finish(encode(error_body(err, self.request.path.startswith("/v1/"))))
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, (ApiError, tornado.web.HTTPError, RedisError)):
+            return  # expected outcomes: the request log line (status) says enough
+        super().log_exception(typ, value, tb)
+
+    # --- streaming and cancellation ---
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """Write and flush at once: streamed bytes must not wait in a buffer. ``last`` bytes
+        finish the response (sent with a Content-Length when nothing was sent before)."""
+        if last:
+            await self.finish(data)
+        else:
+            self.write(data)
+            await self.flush()
+
+    async def run_cancellable(self, work: Awaitable[None]) -> None:
+        """Run ``work`` as a task that is cancelled the moment the client disconnects, so an
+        upstream request or a log follow never outlives its client."""
+        self._work = asyncio.ensure_future(work)
+        self.services.requests.add(self._work)
+        try:
+            await self._work
+        except (asyncio.CancelledError, StreamClosedError):
+            if self._client_gone or self.request.connection.stream.closed():  # type: ignore[attr-defined]
+                return  # nobody to answer
+            if not self.services.shutdown.is_set():
+                raise
+            # cut short by a shutdown that outlasted its grace period
+            if self._headers_written:
+                self.abort()
+            else:
+                raise ApiError(503, "the router is shutting down", "shutting_down") from None
+        finally:
+            self.services.requests.discard(self._work)
+            self._work = None
+
+    def abort(self) -> None:
+        """Drop the connection: the client must see that the answer it got is incomplete."""
+        self.request.connection.close()  # type: ignore[attr-defined]
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._work is not None:
+            self._work.cancel()
+
+
+class RootHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.server_info())
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.health())
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.model_list())
+
+
+class ModelHandler(BaseHandler):
+    """``GET /v1/models/{id}`` (OpenAI's retrieve)."""
+
+    def get(self, name: str) -> None:
+        self.reply(self.services.manager.model(name))
+
+
+class StartHandler(BaseHandler):
+    async def post(self, alias: str) -> None:
+        wait = parse_flag("wait", self.get_query_argument("wait", None), True)
+        status, body = await self.services.manager.start(alias, wait)
+        self.reply(body, status)
+
+
+class StopHandler(BaseHandler):
+    async def post(self, alias: str) -> None:
+        self.reply(await self.services.manager.stop(alias))
+
+
+class StopAllHandler(BaseHandler):
+    async def post(self) -> None:
+        self.reply(await self.services.manager.stop_all())
+
+
+class RestartAutostartHandler(BaseHandler):
+    async def post(self) -> None:
+        self.reply(await self.services.manager.restart_autostart())
+
+
+class ModelInfoHandler(BaseHandler):
+    def get(self, alias: str) -> None:
+        self.reply(self.services.manager.model_info(alias))
+
+
+class LogStatsHandler(BaseHandler):
+    async def get(self) -> None:
+        self.reply(await self.services.manager.log_stats())
+
+
+class LogClearHandler(BaseHandler):
+    async def post(self, alias: str) -> None:
+        keep = self.get_query_argument("keep_minutes", None)
+        self.reply(await self.services.manager.clear_logs(alias, keep))
+
+
+class DevicesHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.devices())
+
+
+class LogStreamHandler(BaseHandler):
+    async def get(self, alias: str) -> None:
+        options = self.services.options
+        tail = parse_tail(self.get_query_argument("tail", None), options.log_tail_default, options.log_tail_max)
+        last_id = parse_last_id(self.request.headers.get("Last-Event-ID")
+                                or self.get_query_argument("last_event_id", None))
+        model = await self.services.manager.log_model(alias)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        await self.run_cancellable(self.services.logs.stream(model, self.send, tail=tail, last_id=last_id))
+
+
+@tornado.web.stream_request_body
+class ProxyHandler(BaseHandler):
+    """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.proxy``).
+
+    The body is streamed in so that an oversized one is refused with 413 from its
+    Content-Length, before it is read."""
+
+    def prepare(self) -> None:
+        self._received_at = time.monotonic()
+        self._chunks: list[bytes] = []
+        length = self.request.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) > self.services.options.max_body_size:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of "
+                                f"{self.services.options.max_body_size} bytes", "body_too_large")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    async def _forward(self, *_: str) -> None:
+        req = ProxyRequest(method=self.request.method or "GET", path=self.request.path,
+                           query=self.request.query, headers=list(self.request.headers.get_all()),
+                           body=b"".join(self._chunks), received_at=self._received_at)
+        self._chunks = []
+        await self.run_cancellable(self.services.proxy.forward(req, self))
+
+    get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
+
+    # --- the proxy's Sink ---
+
+    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        self.set_status(status)
+        self.clear_header("Content-Type")
+        for name, value in headers:
+            self.add_header(name, value)
+
+
+class NotFoundHandler(BaseHandler):
+    """Any route not in the table, any method: 404 in the caller's shape."""
+
+    def prepare(self) -> None:
+        raise ApiError(404, f"no route {self.request.method} {self.request.path}", "route_not_found")

@@ -1,0 +1,57 @@
+"""The router's tunables, in one typed struct.
+
+``llm-router serve`` passes only the Redis URL, prefix, host and port; everything else has a
+default here and can be overridden per deployment with ``LLM_ROUTER_<FIELD>`` environment
+variables (``LLM_ROUTER_FIRST_BYTE_TIMEOUT=900``), so timeouts can be tuned without a code
+change and tests can shorten them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Mapping
+
+import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+ENV_PREFIX = "LLM_ROUTER_"
+
+
+class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
+    # OpenAI forwarding. Separate timeouts: a long prompt may take minutes before its first
+    # token, but a stream that goes silent for minutes afterwards is stuck.
+    connect_timeout: Seconds = 5.0
+    first_byte_timeout: Seconds = 600.0
+    idle_timeout: Seconds = 300.0
+    upstream_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    max_body_size: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    # Control plane.
+    start_timeout: Seconds = 300.0  # on-demand and /start wait at most this long for "running"
+    stop_timeout: Seconds = 120.0  # stop, stop-all, restart-autostart replies
+    resync_interval: Seconds = 2.0  # full re-read of the cluster view
+    # Every lease gone at once looks like Redis restarted empty: keep the view this long.
+    empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # Log streaming (SSE).
+    keepalive_interval: Seconds = 15.0
+    log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt
+    log_tail_default: Annotated[int, msgspec.Meta(ge=0)] = 200
+    log_tail_max: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # Shutdown: how long open streams get to say stream_end and finish.
+    shutdown_grace: Seconds = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> "RouterOptions":
+        """Defaults, then ``LLM_ROUTER_<FIELD>`` variables, then explicit ``overrides``.
+
+        A bad value raises ``ValueError`` naming the variable (not a traceback deep in msgspec).
+        """
+        values: dict[str, object] = {}
+        for name in cls.__struct_fields__:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"router option: {exc} (environment variables {ENV_PREFIX}<FIELD>)") from None

@@ -1,0 +1,218 @@
+"""OpenAI forwarding: ``/v1/*`` requests to a running instance of the model they name.
+
+Per request: decode only ``model`` and ``stream`` (msgspec, or the form part of a multipart
+upload), resolve alias -> model, check the route fits the model's mode, make sure an instance
+runs (start on demand, shared), pick one (least outstanding requests) and relay the exchange
+chunk by chunk, body bytes untouched both ways. All of it reads the in-memory cluster view: a
+request for a running model costs no Redis round trip.
+
+Failure policy, from what users of other routers hit:
+
+- connection refused / dropped before answering: try another instance, else 502 at once;
+- no first byte within the first-byte timeout: 504;
+- the engine dies or stalls mid-stream: the client keeps the bytes so far and the stream ends
+  cleanly, with an SSE ``error`` event when it ended without ``[DONE]`` (never a hang);
+- the client goes away: the upstream request is closed at once (the engine stops generating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Iterable, Protocol
+
+import aiohttp
+import msgspec
+from tornado.httputil import HTTPHeaders, parse_body_arguments
+
+from llm_router.protocol import Instance, Mode
+from router.balancer import Balancer
+from router.control import ControlClient, ControlError, describe_failure
+from router.options import RouterOptions
+from router.responses import ApiError, OpenAIError, OpenAIErrorBody, encode
+from router.upstream import (
+    ConnectFailed, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout, forward_headers, response_headers,
+)
+from router.view import ClusterView
+
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings"})
+# Uploads (audio transcription...) name their model in a form part. Only multipart counts:
+# JSON posted as ``application/x-www-form-urlencoded`` (``curl -d``) is still JSON.
+FORM_TYPE = "multipart/form-data"
+
+
+class Sniff(msgspec.Struct):
+    """The only fields of a request body the router reads; everything else passes untouched."""
+
+    model: str | None = None
+    stream: bool | None = None
+
+
+_sniff_decoder = msgspec.json.Decoder(Sniff)
+
+
+def sniff(body: bytes, content_type: str = "") -> Sniff:
+    """``model``/``stream`` of a JSON body or of a form (multipart uploads such as audio)."""
+    if content_type.split(";", 1)[0].strip().lower() == FORM_TYPE:
+        args: dict[str, list[bytes]] = {}
+        parse_body_arguments(content_type, body, args, {}, HTTPHeaders())
+        model = args.get("model", [b""])[0].decode("utf-8", "replace").strip()
+        return Sniff(model=model or None)
+    if not body.strip():
+        return Sniff()
+    try:
+        return _sniff_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request body: {exc}", "invalid_request") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def mode_error(path: str, mode: Mode, name: str) -> str | None:
+    """Why ``path`` cannot be served by a model of ``mode`` (``None`` if it can)."""
+    path = path.rstrip("/")
+    if mode == "embedding" and path in GENERATION_ROUTES:
+        return f"model '{name}' is an embedding model; it cannot serve {path}"
+    if mode != "embedding" and path in EMBEDDING_ROUTES:
+        return f"model '{name}' is a {mode} model; it cannot serve {path}"
+    return None
+
+
+def upstream_url(instance: Instance, path: str, query: str) -> str:
+    return instance.url.rstrip("/") + path + (f"?{query}" if query else "")
+
+
+def stream_error_event(message: str) -> bytes:
+    """The SSE event an interrupted stream ends with, in OpenAI's error shape."""
+    return b"data: " + encode(OpenAIError(OpenAIErrorBody(message, "upstream_error", "stream_interrupted"))) + b"\n\n"
+
+
+class Sink(Protocol):
+    """Where the answer goes (the HTTP handler)."""
+
+    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None: ...
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """Relay bytes at once; ``last``: they end the answer."""
+
+    def abort(self) -> None:
+        """Drop the connection: the body sent so far is known to be incomplete."""
+
+
+class ProxyRequest(msgspec.Struct, kw_only=True):
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    received_at: float  # time.monotonic() when the request arrived
+
+    @property
+    def content_type(self) -> str:
+        return next((v for k, v in self.headers if k.lower() == "content-type"), "")
+
+
+class Proxy:
+    def __init__(self, view: ClusterView, control: ControlClient, balancer: Balancer, upstream: Upstream,
+                 options: RouterOptions) -> None:
+        self.view = view
+        self.control = control
+        self.balancer = balancer
+        self.upstream = upstream
+        self.options = options
+
+    async def forward(self, req: ProxyRequest, sink: Sink) -> None:
+        name = sniff(req.body, req.content_type).model
+        if not name:
+            raise ApiError(400, "you must provide a model parameter", "missing_model")
+        model = self.view.resolve(name)
+        entry = self.view.catalog_entry(model) if model else None
+        if model is None or entry is None:
+            raise ApiError(404, f"The model '{name}' does not exist", "model_not_found")
+        if reason := mode_error(req.path, entry.mode, name):
+            raise ApiError(400, reason, "model_mode_mismatch")
+        if not self.view.running_instances(model):
+            if not entry.on_demand:
+                raise ApiError(503, f"model '{name}' is not running", "model_not_running")
+            try:
+                await self.control.ensure_running(model, self.options.start_timeout)
+            except ControlError as exc:
+                raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
+                               "model_start_failed") from None
+        await self._relay(model, name, req, sink)
+
+    async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink) -> None:
+        """Send to the least busy instance; on a connection failure, the next one."""
+        refused: set[str] = set()
+        failures: list[str] = []
+        while (inst := self.balancer.pick(self.view.running_instances(model), refused)) is not None:
+            try:
+                await self._exchange(inst, req, sink)
+                return
+            except ConnectFailed as exc:
+                refused.add(inst.url)
+                failures.append(str(exc))
+        if failures:
+            raise ApiError(502, f"no instance of model '{name}' could be reached: " + "; ".join(failures),
+                           "upstream_unreachable")
+        raise ApiError(503, f"model '{name}' is not running", "model_not_running")
+
+    async def _exchange(self, inst: Instance, req: ProxyRequest, sink: Sink) -> None:
+        """One upstream exchange. Raises ``ConnectFailed`` only while nothing was sent to the
+        client (so the caller may retry elsewhere); a failure after that ends the answer here."""
+        overhead_ms = (time.monotonic() - req.received_at) * 1000  # router time before going upstream
+        with self.balancer.track(inst.url):
+            resp, chunk = await self._first_chunk(inst, req)
+            complete = False
+            try:
+                headers = response_headers(resp.headers.items())
+                headers += [("X-Accel-Buffering", "no"), ("X-Router-Worker", inst.worker),
+                            ("X-Router-Overhead-Ms", f"{overhead_ms:.2f}")]
+                sink.begin(resp.status, headers)
+                recent = b""
+                try:
+                    while chunk:
+                        # All of a small answer is often in the first read: then send it as one
+                        # sized body (one write) instead of chunked frames and a terminator.
+                        last = resp.content.is_eof()
+                        await sink.send(chunk, last)
+                        if last:
+                            break
+                        recent = (recent + chunk)[-32:]
+                        chunk = await self.upstream.read(resp, timeout=self.options.idle_timeout)
+                    complete = True
+                except UpstreamError as exc:
+                    await self._end_interrupted(sink, resp.content_type, recent, exc)
+            finally:
+                if complete:
+                    resp.release()
+                else:
+                    resp.close()  # the engine sees the connection close and stops generating
+
+    async def _first_chunk(self, inst: Instance, req: ProxyRequest) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send the request and read the first body bytes, together within the first-byte timeout."""
+        deadline = asyncio.get_running_loop().time() + self.options.first_byte_timeout
+        url = upstream_url(inst, req.path, req.query)
+        try:
+            resp = await self.upstream.open(req.method, url, forward_headers(req.headers), req.body, deadline)
+            try:
+                return resp, await self.upstream.read(resp, deadline=deadline)
+            except BaseException:
+                resp.close()
+                raise
+        except UpstreamTimeout as exc:
+            raise ApiError(504, str(exc), "upstream_timeout") from None
+        except UpstreamBroken as exc:
+            raise ConnectFailed(str(exc)) from None  # nothing reached the client yet: retryable
+
+    @staticmethod
+    async def _end_interrupted(sink: Sink, content_type: str, recent: bytes, exc: UpstreamError) -> None:
+        """The engine broke off or stalled after the answer began: end an event stream cleanly
+        with an error event (unless it already said ``[DONE]``); cut any other body short so
+        the client sees it is incomplete instead of taking a truncated JSON for a whole one."""
+        if content_type == "text/event-stream":
+            if b"[DONE]" not in recent:
+                await sink.send(stream_error_event(str(exc)))
+        else:
+            sink.abort()

@@ -1,0 +1,189 @@
+"""Response shapes of the HTTP API (the manual's contract) and the one error type services raise.
+
+Services raise ``ApiError``; the base handler turns it (and any other failure) into the body
+the caller expects: the OpenAI error shape on ``/v1/*`` so SDKs raise the right exception,
+``{"success": false, "message": ...}`` on everything else.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import msgspec
+from redis.exceptions import RedisError
+
+# --- errors ---
+
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """A failure with its HTTP status and a message meant for the caller.
+
+    ``code`` is the machine-readable OpenAI ``error.code`` (``model_not_found``...)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def redis_unavailable(exc: BaseException) -> ApiError:
+    return ApiError(503, f"Redis is unreachable ({type(exc).__name__}: {exc}); "
+                         "running models are still served, control actions are not", "redis_unavailable")
+
+
+def as_api_error(status: int, exc: BaseException | None) -> ApiError:
+    """Whatever went wrong, as an ``ApiError`` (internal errors say little on purpose)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RedisError):
+        return redis_unavailable(exc)
+    reason = getattr(exc, "reason", None) or getattr(exc, "log_message", None)
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "error"
+    return ApiError(status, reason)
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class OpenAIError(msgspec.Struct):
+    error: OpenAIErrorBody
+
+
+class Failure(msgspec.Struct, kw_only=True):
+    success: bool = False
+    message: str
+
+
+def error_body(err: ApiError, openai_shape: bool) -> msgspec.Struct:
+    if openai_shape:
+        kind = OPENAI_ERROR_TYPES.get(err.status, "internal_error" if err.status >= 500 else "invalid_request_error")
+        return OpenAIError(OpenAIErrorBody(err.message, kind, err.code))
+    return Failure(message=err.message)
+
+
+# --- success shapes (the manual's fields first; multi-host detail beside them) ---
+
+
+class ServerInfo(msgspec.Struct):
+    message: str
+    version: str
+    models_url: str = "/v1/models"
+
+
+class Health(msgspec.Struct):
+    status: str  # "healthy"; "degraded" while Redis is unreachable (the router still forwards)
+    models_count: int
+    running_models: int
+    workers: int
+    redis: str  # "ok" | "unreachable"
+
+
+class InstanceRef(msgspec.Struct):
+    worker: str
+    state: str
+    url: str
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """An item of ``GET /v1/models`` (OpenAI's model object plus our status)."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    aliases: list[str]
+    status: str
+    mode: str
+    instances: list[InstanceRef]
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class InstanceDetail(msgspec.Struct):
+    worker: str
+    state: str
+    url: str
+    pid: int
+    started_at: float
+    updated_at: float
+    last_error: str
+    restarts: int
+    gpus: str
+
+
+class ModelDetail(msgspec.Struct):
+    id: str
+    aliases: list[str]
+    mode: str
+    status: str
+    owned_by: str
+    created: int
+    auto_start: bool
+    on_demand: bool
+    idle_ttl: float
+    max_concurrency: int
+    workers: list[str]  # live workers whose catalog has it
+    instances: list[InstanceDetail]
+
+
+class Ok(msgspec.Struct, kw_only=True):
+    """Base of the ``/api`` success bodies: ``"success": true`` first, as in the manual."""
+
+    success: bool = True
+
+
+class ModelInfo(Ok, kw_only=True):
+    model: ModelDetail
+
+
+class Done(Ok, kw_only=True):
+    message: str
+
+
+class Restarted(Ok, kw_only=True):
+    message: str
+    started_models: list[str]
+
+
+class LogStats(msgspec.Struct):
+    total_models: int
+    total_log_entries: int
+    models_with_logs: int
+
+
+class LogStatsResult(Ok, kw_only=True):
+    stats: LogStats
+
+
+class DevicesResult(Ok, kw_only=True):
+    devices: dict
+    hosts: dict
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: object) -> bytes:
+    return _encoder.encode(obj)

@@ -1,0 +1,65 @@
+"""The router's service objects, wired in one place; handlers only call these.
+
+Two Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
+request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
+command replies, the ``llm:events`` subscription), with no socket timeout and no silent
+reconnect, so the view notices a lost subscription and resyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from llm_router.protocol import Keys
+from router.balancer import Balancer
+from router.control import ControlClient
+from router.logstream import LogStreamer
+from router.manage import Manager
+from router.options import RouterOptions
+from router.proxy import Proxy
+from router.upstream import Upstream
+from router.view import ClusterView
+
+
+class Services:
+    def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
+        self.options = options or RouterOptions()
+        self.keys = Keys(prefix)
+        self.redis = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=2,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
+        self.blocking = Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2,
+                                       socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.shutdown = asyncio.Event()
+        self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
+                                resync_interval=self.options.resync_interval,
+                                empty_grace=self.options.empty_grace)
+        self.balancer = Balancer()
+        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view)
+        self.upstream = Upstream(self.options)
+        self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options)
+        self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
+        self.logs = LogStreamer(self.redis, self.keys, self.options, self.shutdown)
+        self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def drain(self) -> None:
+        """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
+        ``shutdown_grace`` seconds to finish, then are cancelled (closing their upstreams)."""
+        self.shutdown.set()
+        if self.requests:
+            _, late = await asyncio.wait(set(self.requests), timeout=self.options.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.view.close()
+        await self.upstream.close()
+        await self.redis.aclose()
+        await self.blocking.aclose()

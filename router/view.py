@@ -1,0 +1,402 @@
+"""``ClusterView``: what this router knows about the cluster, in memory, for the hot path.
+
+Routers are stateless: the view is rebuilt from Redis (a full resync at start, every
+``resync_interval`` and after every pub/sub reconnect) and kept current between resyncs by the
+``llm:events`` channel. Instance events carry the whole ``Instance`` and are applied with no
+Redis read; catalog and worker events make the view re-read that one worker.
+
+Only live workers (their lease key exists) take part in routing. When Redis cannot be
+reached, the view is *kept as it was*: nothing is evicted because the control plane is away
+(a whole cluster dropping its models at once is a top complaint about other routers). For the
+same reason, when every lease vanishes at once (Redis restarted empty or was flushed, far
+likelier than every host dying together) the view is kept for ``empty_grace`` seconds while
+the workers publish themselves again.
+Lookups are plain dict reads; ``wait_until`` lets callers await a condition instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable, TypeVar
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llm_router.protocol import (
+    CatalogEntry, DeviceSnapshot, Event, Instance, Keys, State, WorkerInfo, from_hash, from_json,
+)
+
+log = logging.getLogger("router.view")
+T = TypeVar("T")
+
+# When several instances disagree, the model's status is the most useful one to show.
+STATUS_ORDER: tuple[State, ...] = ("running", "starting", "stopping", "failed", "stopped")
+
+
+def model_status(instances: Iterable[Instance]) -> State:
+    """``running`` if any instance runs, else the first of starting/stopping/failed seen."""
+    states = {i.state for i in instances}
+    return next((s for s in STATUS_ORDER if s in states), "stopped")
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """Everything one full read of Redis found (only live workers and what they own)."""
+
+    workers: dict[str, WorkerInfo] = {}
+    catalogs: dict[str, dict[str, CatalogEntry]] = {}
+    devices: dict[str, DeviceSnapshot] = {}
+    instances: list[Instance] = []
+    read_at: float = 0.0  # unix time the read began
+
+
+class ClusterView:
+    def __init__(self, redis: Redis, keys: Keys, *, pubsub_redis: Redis | None = None,
+                 resync_interval: float = 2.0, empty_grace: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``redis`` serves short reads; ``pubsub_redis`` (no socket timeout) holds the
+        subscription, which sits idle for as long as nothing changes."""
+        self.redis = redis
+        self.pubsub_redis = pubsub_redis or redis
+        self.keys = keys
+        self.resync_interval = resync_interval
+        self.empty_grace = empty_grace
+        self._clock = clock
+        self._emptied_at: float | None = None  # when a read first found no lease at all
+        self.redis_ok = False  # set by the first successful read
+        self._workers: dict[str, WorkerInfo] = {}
+        self._catalogs: dict[str, dict[str, CatalogEntry]] = {}
+        self._devices: dict[str, DeviceSnapshot] = {}
+        self._instances: dict[str, dict[str, Instance]] = {}  # model -> worker -> instance
+        self._models: dict[str, CatalogEntry] = {}  # union over live workers, aliases merged
+        self._names: dict[str, str] = {}  # id or alias -> model id
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lookups (hot path: dict reads only) ---
+
+    def resolve(self, name: str) -> str | None:
+        """The model id a request name (id or alias) means, among live workers' catalogs."""
+        return self._names.get(name)
+
+    def catalog_entry(self, model: str) -> CatalogEntry | None:
+        return self._models.get(model)
+
+    def models(self) -> list[CatalogEntry]:
+        return list(self._models.values())
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        return dict(self._workers)
+
+    def devices(self) -> dict[str, DeviceSnapshot]:
+        return dict(self._devices)
+
+    def instances(self, model: str) -> list[Instance]:
+        """Instances of a model on live workers, in worker order."""
+        by_worker = self._instances.get(model, {})
+        return [by_worker[w] for w in sorted(by_worker) if w in self._workers]
+
+    def running_instances(self, model: str) -> list[Instance]:
+        return [i for i in self.instances(model) if i.state == "running" and i.url]
+
+    def status(self, model: str) -> State:
+        return model_status(self.instances(model))
+
+    def catalog_workers(self, model: str) -> list[str]:
+        """Live workers whose catalog has the model."""
+        return [w for w in sorted(self._catalogs) if model in self._catalogs[w] and w in self._workers]
+
+    def all_instances(self) -> list[Instance]:
+        return [i for model in self._instances for i in self.instances(model)]
+
+    # --- waiting for changes ---
+
+    async def wait_until(self, predicate: Callable[[], T], timeout: float) -> T:
+        """Await until ``predicate()`` is truthy (checked after every update); return its last value.
+
+        Returns the falsy value when ``timeout`` passes first, so callers decide what a
+        timeout means."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            value = predicate()
+            remaining = deadline - loop.time()
+            if value or remaining <= 0:
+                return value
+            changed = self._changed
+            try:
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- applying updates (no I/O: unit-testable) ---
+
+    def apply_event(self, event: Event) -> str | None:
+        """Apply one ``llm:events`` message; return a worker id the caller should re-read.
+
+        Instance events are applied as carried. A worker that announces its end leaves at
+        once; any other worker or catalog event (or an instance of a worker not yet known)
+        asks for that worker to be re-read."""
+        if event.kind == "instance" and event.instance is not None:
+            self._put_instance(event.instance)
+            self._notify()
+            return None if event.instance.worker in self._workers else event.instance.worker
+        if event.kind == "worker" and not event.alive:
+            self.drop_worker(event.worker)
+            return None
+        return event.worker
+
+    def apply_snapshot(self, snap: Snapshot) -> None:
+        """Replace the view with a full read of every worker (unless every lease just vanished)."""
+        if self._all_leases_just_vanished(snap):
+            return
+        old = self._instances
+        self._workers = dict(snap.workers)
+        self._catalogs = dict(snap.catalogs)
+        self._devices = dict(snap.devices)
+        self._instances = {}
+        self._merge_instances(snap, [i for by_w in old.values() for i in by_w.values()])
+
+    def apply_worker(self, wid: str, snap: Snapshot) -> None:
+        """Replace what the view knows of one worker with a read of just that worker."""
+        if wid not in snap.workers:
+            self.drop_worker(wid)
+            return
+        old = [by_w[wid] for by_w in self._instances.values() if wid in by_w]
+        self._forget_instances(wid)
+        self._workers[wid] = snap.workers[wid]
+        self._catalogs[wid] = snap.catalogs.get(wid, {})
+        if wid in snap.devices:
+            self._devices[wid] = snap.devices[wid]
+        self._merge_instances(snap, old)
+
+    def _merge_instances(self, snap: Snapshot, old: list[Instance]) -> None:
+        """Take the instances read, except where an event that raced the read left the view
+        something newer: an instance updated after the one read, or after the read began."""
+        for inst in snap.instances:
+            self._put_instance(inst)
+        for inst in old:
+            read = self._instances.get(inst.model, {}).get(inst.worker)
+            newer = inst.updated_at > read.updated_at if read else inst.updated_at > snap.read_at
+            if newer and inst.worker in snap.workers:
+                self._put_instance(inst)
+        self._rebuild_models()
+        self._notify()
+
+    def _all_leases_just_vanished(self, snap: Snapshot) -> bool:
+        if snap.workers or not self._workers:
+            self._emptied_at = None
+            return False
+        now = self._clock()
+        if self._emptied_at is None:
+            self._emptied_at = now
+            log.warning("every worker lease vanished at once (Redis restarted or flushed?): keeping the "
+                        "cluster view for %gs while workers publish again", self.empty_grace)
+        return now - self._emptied_at < self.empty_grace
+
+    def drop_worker(self, wid: str) -> None:
+        """A worker whose lease is gone leaves routing, with everything it owned."""
+        if wid not in self._workers and wid not in self._catalogs:
+            return
+        self._workers.pop(wid, None)
+        self._catalogs.pop(wid, None)
+        self._devices.pop(wid, None)
+        self._forget_instances(wid)
+        self._rebuild_models()
+        self._notify()
+
+    def _put_instance(self, inst: Instance) -> None:
+        self._instances.setdefault(inst.model, {})[inst.worker] = inst
+
+    def _forget_instances(self, wid: str) -> None:
+        for by_worker in self._instances.values():
+            by_worker.pop(wid, None)
+
+    def _rebuild_models(self) -> None:
+        """The union of live catalogs: one entry per id, aliases merged; first name wins."""
+        models: dict[str, CatalogEntry] = {}
+        for wid in sorted(self._catalogs):
+            if wid not in self._workers:
+                continue
+            for model_id, entry in self._catalogs[wid].items():
+                seen = models.get(model_id)
+                if seen is None:
+                    models[model_id] = entry
+                elif missing := [a for a in entry.aliases if a not in seen.aliases]:
+                    models[model_id] = msgspec.structs.replace(seen, aliases=[*seen.aliases, *missing])
+        names: dict[str, str] = {}
+        for model_id, entry in models.items():
+            names.setdefault(model_id, model_id)
+        for model_id, entry in models.items():
+            for alias in entry.aliases:
+                names.setdefault(alias, model_id)
+        self._models, self._names = models, names
+
+    # --- reading Redis ---
+
+    async def read_all(self) -> Snapshot:
+        """One full read: every live lease, its catalog and devices, every instance."""
+        read_at = time.time()
+        wids = [self.keys.worker_id_of(_text(k))
+                async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)]
+        inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(), count=1000)]
+        return await self._read(wids, inst_keys, read_at)
+
+    async def read_worker(self, wid: str) -> Snapshot:
+        read_at = time.time()
+        inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(wid), count=1000)]
+        return await self._read([wid], inst_keys, read_at)
+
+    async def _read(self, wids: list[str], inst_keys: list, read_at: float) -> Snapshot:
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.hgetall(self.keys.worker(wid))
+            pipe.hgetall(self.keys.catalog(wid))
+            pipe.get(self.keys.devices(wid))
+        for key in inst_keys:
+            pipe.hgetall(key)
+        results = await pipe.execute()
+        snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], read_at=read_at)
+        for n, wid in enumerate(wids):
+            lease, catalog, devices = results[3 * n: 3 * n + 3]
+            if not lease:
+                continue  # expired between SCAN and HGETALL
+            info = _decode(lambda: from_hash(lease, WorkerInfo), f"lease of worker {wid}")
+            if info is None:
+                continue
+            snap.workers[wid] = info
+            snap.catalogs[wid] = {}
+            for model_id, spec in catalog.items():
+                entry = _decode(lambda: from_json(spec, CatalogEntry), f"catalog entry {_text(model_id)} of {wid}")
+                if entry is not None:
+                    snap.catalogs[wid][entry.id] = entry
+            if devices:
+                dev = _decode(lambda: from_json(devices, DeviceSnapshot), f"devices of {wid}")
+                if dev is not None:
+                    snap.devices[wid] = dev
+        for key, data in zip(inst_keys, results[3 * len(wids):]):
+            if data:
+                inst = _decode(lambda: from_hash(data, Instance), f"instance {_text(key)}")
+                if inst is not None and inst.worker in snap.workers:
+                    snap.instances.append(inst)
+        return snap
+
+    async def resync(self) -> None:
+        self.apply_snapshot(await self.read_all())
+
+    async def refresh_worker(self, wid: str) -> None:
+        self.apply_worker(wid, await self.read_worker(wid))
+
+    # --- background upkeep ---
+
+    async def start(self) -> None:
+        """First resync (best effort: a router may start before Redis), then the upkeep tasks."""
+        try:
+            await self.resync()
+            self._mark(True)
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+        self._tasks = [asyncio.create_task(self._resync_loop(), name="view-resync"),
+                       asyncio.create_task(self._event_loop(), name="view-events")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def _mark(self, ok: bool, exc: BaseException | None = None) -> None:
+        """Log the transitions only: one line when Redis goes away, one when it is back."""
+        if ok and not self.redis_ok:
+            log.info("redis reachable: cluster view synced (%d workers, %d models)",
+                     len(self._workers), len(self._models))
+        elif not ok and (self.redis_ok or not self._tasks):
+            log.warning("redis unreachable (%s: %s): keeping the last cluster view, retrying",
+                        type(exc).__name__, exc)
+        self.redis_ok = ok
+
+    async def _resync_loop(self) -> None:
+        backoff = Backoff(self.resync_interval)
+        while True:
+            await asyncio.sleep(backoff.delay if not self.redis_ok else self.resync_interval)
+            try:
+                await self.resync()
+                self._mark(True)
+                backoff.reset()
+            except (RedisError, OSError) as exc:
+                self._mark(False, exc)
+                backoff.grow()
+            except Exception:  # a bug must not freeze the view: say so and keep going
+                log.exception("cluster view resync failed")
+
+    async def _event_loop(self) -> None:
+        """Follow ``llm:events``; after each (re)subscribe, resync so nothing between is missed."""
+        backoff = Backoff(self.resync_interval)
+        while True:
+            pubsub = self.pubsub_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.events())
+                await self.resync()
+                self._mark(True)
+                backoff.reset()
+                async for message in pubsub.listen():
+                    await self._on_message(message["data"])
+            except (RedisError, OSError) as exc:
+                self._mark(False, exc)
+            except Exception:  # a bug must not end the subscription for good
+                log.exception("cluster view event handling failed")
+            finally:
+                await _quietly(pubsub.aclose())
+            await asyncio.sleep(backoff.delay)
+            backoff.grow()
+
+    async def _on_message(self, data: bytes) -> None:
+        try:
+            event = from_json(data, Event)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring malformed event %r: %s", data[:200], exc)
+            return
+        wid = self.apply_event(event)
+        if wid is not None:
+            await self.refresh_worker(wid)
+
+
+class Backoff:
+    """Retry delays: 0.1 s doubling up to ``cap``."""
+
+    def __init__(self, cap: float, first: float = 0.1) -> None:
+        self.cap, self.first = cap, first
+        self.delay = first
+
+    def grow(self) -> None:
+        self.delay = min(self.cap, self.delay * 2)
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode(parse: Callable[[], T], what: str) -> T | None:
+    """Decode one value; a malformed one is logged and skipped, never fatal to the view."""
+    try:
+        return parse()
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+        log.warning("skipping malformed %s: %s", what, exc)
+        return None
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except (RedisError, OSError):
+        pass

@@ -1,0 +1,42 @@
+"""``scripts/bench.py --smoke``: every section of the benchmark runs end to end, without errors.
+
+A few requests per section against a real Redis, worker, two routers and mock engines. Speed
+is *not* asserted here (benchmarks measure it, docs/BENCHMARKS.md reports it): only that the
+harness works, prints every section and that nothing failed. The session fixture checks that
+the bench left no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation"]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    table = proc.stdout
+    for section in SECTIONS:
+        assert any(line.startswith(section + " ") for line in table.splitlines()), f"no {section!r} row:\n{table}"
+    for column in ("direct", "router", "target"):
+        assert column in table.splitlines()[1] or column in table, table
+
+    result = json.loads(out.read_text())
+    assert result["errors"] == 0, table
+    rows = {(r["section"], r["metric"]): r for r in result["rows"]}
+    assert {r["section"] for r in result["rows"]} >= set(SECTIONS)
+    for row in result["rows"]:
+        assert all(n == 0 for n in row["errors"].values()), (row, table)
+    # every router-side figure was measured (a number, not NaN), not just printed
+    for key in [("chat c=1", "latency p50"), ("stream", "TTFT p50 (c=1)"), ("50 streams", "router RSS peak"),
+                ("logs", "lines/s into Redis"), ("logs", "print -> SSE p50"), ("propagation", "worker write -> B p50")]:
+        value = rows[key]["values"]["router"]
+        assert value == value and value > 0, (key, rows[key])
+    assert rows[("50 streams", "max open at once")]["values"]["router"] == 50

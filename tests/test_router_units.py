@@ -1,0 +1,308 @@
+"""The router's pure logic, without HTTP or Redis: balancing, the cluster view, placement,
+request sniffing, mode checks, parameter validation, error shapes, options."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from llm_router.protocol import CatalogEntry, Event, Instance, Reply, WorkerInfo
+from router.app import redact
+from router.balancer import Balancer, least_outstanding
+from router.control import ControlError, choose_worker, describe_failure, merged_models, start_outcome
+from router.logstream import LogEvent, parse_last_id, parse_tail, sse
+from router.manage import clear_message, parse_flag, parse_keep_minutes
+from router.options import RouterOptions
+from router.proxy import mode_error, sniff, stream_error_event
+from router.responses import ApiError, as_api_error, encode, error_body
+from router.view import ClusterView, Snapshot, model_status
+
+
+def inst(model: str, worker: str, state: str = "running", url: str | None = None, updated_at: float = 1.0,
+         **kw) -> Instance:
+    if url is None:
+        url = f"http://{worker}:{abs(hash(model)) % 1000 + 20000}" if state == "running" else ""
+    return Instance(model=model, worker=worker, state=state, url=url,  # type: ignore[arg-type]
+                    updated_at=updated_at, **kw)
+
+
+def lease(wid: str) -> WorkerInfo:
+    return WorkerInfo(id=wid, host=wid, pid=1, version="t", started_at=0, heartbeat_at=0)
+
+
+def snapshot(catalogs: dict[str, list[CatalogEntry]], instances: list[Instance] = (), read_at: float = 0.0) -> Snapshot:
+    return Snapshot(workers={w: lease(w) for w in catalogs},
+                    catalogs={w: {e.id: e for e in entries} for w, entries in catalogs.items()},
+                    instances=list(instances), read_at=read_at)
+
+
+CHAT = CatalogEntry(id="chat", aliases=["chat", "gpt-3.5-turbo"], mode="chat")
+EMBED = CatalogEntry(id="embed", aliases=["embed", "ada"], mode="embedding")
+
+
+# --------------------------------------------------------------------------- balancer
+
+
+def test_least_outstanding_prefers_the_idlest_and_rotates_among_ties() -> None:
+    urls = ["a", "b", "c"]
+    assert least_outstanding(urls, {"a": 2, "b": 1, "c": 1}, 0) == "b"
+    assert least_outstanding(urls, {"a": 2, "b": 1, "c": 1}, 1) == "c"
+    assert least_outstanding(urls, {}, 5) == "c"
+    assert least_outstanding([], {}, 0) is None
+
+
+def test_balancer_counts_outstanding_requests_and_skips_excluded() -> None:
+    b = Balancer()
+    a, c = inst("m", "w1", url="http://a"), inst("m", "w2", url="http://c")
+    with b.track("http://a"):
+        assert b.outstanding("http://a") == 1
+        assert [b.pick([a, c]).url for _ in range(3)] == ["http://c"] * 3  # a is busy
+        assert b.pick([a, c], exclude={"http://c"}).url == "http://a"
+    assert b.outstanding("http://a") == 0
+    assert b.pick([a], exclude={"http://a"}) is None
+    assert {b.pick([a, c]).url for _ in range(4)} == {"http://a", "http://c"}  # idle: round-robin
+
+
+def test_balancer_forgets_urls_with_nothing_outstanding() -> None:
+    b = Balancer()
+    with pytest.raises(RuntimeError):
+        with b.track("u"):
+            raise RuntimeError("request failed")
+    assert b._outstanding == {}  # an instance that went away leaves no counter behind
+
+
+# --------------------------------------------------------------------------- cluster view
+
+
+def test_view_resolves_ids_and_aliases_of_live_workers_only() -> None:
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [inst("chat", "w1")]))
+    assert view.resolve("gpt-3.5-turbo") == "chat" and view.resolve("chat") == "chat"
+    assert view.resolve("ada") == "embed" and view.resolve("nope") is None
+    assert [i.worker for i in view.running_instances("chat")] == ["w1"]
+    view.drop_worker("w1")
+    assert view.resolve("chat") is None and view.running_instances("chat") == [] and view.models() == []
+
+
+def test_view_merges_one_model_served_by_two_hosts() -> None:
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    other = CatalogEntry(id="chat", aliases=["chat", "chatgpt"], mode="chat")
+    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [other]}, [inst("chat", "w1"), inst("chat", "w2")]))
+    assert [m.id for m in view.models()] == ["chat"]
+    assert view.catalog_entry("chat").aliases == ["chat", "gpt-3.5-turbo", "chatgpt"]
+    assert view.resolve("chatgpt") == "chat"
+    assert {i.worker for i in view.running_instances("chat")} == {"w1", "w2"}
+    assert view.catalog_workers("chat") == ["w1", "w2"]
+
+
+def test_view_applies_instance_events_without_reading_redis() -> None:
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped")]))
+    assert view.status("chat") == "stopped"
+    assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running"))) is None
+    assert view.status("chat") == "running"
+    # unknown worker: applied, and the caller is asked to read that worker
+    assert view.apply_event(Event(kind="instance", worker="w9", instance=inst("chat", "w9"))) == "w9"
+    assert view.apply_event(Event(kind="catalog", worker="w1")) == "w1"
+    assert view.apply_event(Event(kind="worker", worker="w1", alive=False)) is None
+    assert view.resolve("chat") is None
+
+
+def test_view_keeps_an_event_newer_than_a_racing_resync() -> None:
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", updated_at=1.0)]))
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", updated_at=2.0)))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", updated_at=1.0)]))
+    assert view.status("chat") == "running"
+    # an instance the read did not see yet, announced after the read began, is kept too
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("embed", "w1", updated_at=10.0)))
+    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], read_at=9.0))
+    assert view.status("embed") == "running"
+    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], read_at=11.0))
+    assert view.status("embed") == "stopped"
+
+
+def test_view_worker_read_replaces_only_that_worker() -> None:
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1"), inst("chat", "w2")]))
+    view.apply_worker("w2", snapshot({"w2": [CHAT]}, [inst("chat", "w2", "stopped", updated_at=2.0)]))
+    assert [i.state for i in view.instances("chat")] == ["running", "stopped"]
+    view.apply_worker("w2", Snapshot())  # lease gone
+    assert view.workers().keys() == {"w1"}
+
+
+def test_view_keeps_its_state_a_while_when_every_lease_vanishes_at_once() -> None:
+    now = [100.0]
+    view = ClusterView(None, None, empty_grace=5, clock=lambda: now[0])  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [EMBED]}, [inst("chat", "w1")]))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}))  # one host gone: it leaves at once
+    assert view.resolve("embed") is None
+    view.apply_snapshot(Snapshot())  # Redis restarted empty: kept...
+    now[0] += 4
+    view.apply_snapshot(Snapshot())
+    assert view.running_instances("chat")
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1")]))  # ...and the worker is back
+    view.apply_snapshot(Snapshot())
+    now[0] += 5.1
+    assert view.resolve("chat") == "chat"
+    view.apply_snapshot(Snapshot())  # still nothing after the grace: the cluster is really gone
+    assert view.resolve("chat") is None
+
+
+def test_model_status_prefers_running_then_starting() -> None:
+    assert model_status([]) == "stopped"
+    assert model_status([inst("m", "a", "failed"), inst("m", "b", "starting")]) == "starting"
+    assert model_status([inst("m", "a", "failed"), inst("m", "b", "running")]) == "running"
+    assert model_status([inst("m", "a", "failed"), inst("m", "b", "stopped")]) == "failed"
+
+
+def test_wait_until_wakes_on_an_update_not_by_polling() -> None:
+    async def scenario() -> tuple[bool, float, list]:
+        view = ClusterView(None, None)  # type: ignore[arg-type]
+        view.apply_snapshot(snapshot({"w1": [CHAT]}))
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, view.apply_event,
+                        Event(kind="instance", worker="w1", instance=inst("chat", "w1")))
+        started = loop.time()
+        found = await view.wait_until(lambda: view.running_instances("chat"), timeout=5)
+        waited = loop.time() - started
+        missing = await view.wait_until(lambda: view.running_instances("nope"), timeout=0.05)
+        return bool(found), waited, missing
+
+    found, waited, missing = asyncio.run(scenario())
+    assert found and waited < 1.0 and missing == []
+
+
+# --------------------------------------------------------------------------- placement and control
+
+
+def test_choose_worker_prefers_where_it_runs_then_healthy_then_least_loaded() -> None:
+    assert choose_worker("m", [], []) is None
+    assert choose_worker("m", ["a", "b"], [inst("m", "b", "starting")]) == "b"
+    assert choose_worker("m", ["a", "b"], [inst("m", "a", "failed")]) == "b"
+    assert choose_worker("m", ["a", "b"], [inst("x", "a"), inst("y", "a"), inst("z", "b")]) == "b"
+    assert choose_worker("m", ["b", "a"], []) == "a"  # ties: by id, deterministic
+
+
+def test_start_outcome() -> None:
+    assert start_outcome([inst("m", "b")], "a", ["a", "b"], 0) == "running"
+    assert start_outcome([inst("m", "a", "starting")], "a", ["a"], 0) == ""
+    assert start_outcome([inst("m", "a", "failed", updated_at=5)], "a", ["a"], 5) == ""  # the old failure
+    assert start_outcome([inst("m", "a", "failed", updated_at=6)], "a", ["a"], 5) == "failed"
+    assert start_outcome([], "a", ["b"], 0) == "gone"
+
+
+def test_replies_are_merged_and_failures_quote_the_log() -> None:
+    replies = [Reply(id="1", worker="a", ok=True, models=["x", "y"]),
+               Reply(id="2", worker="b", ok=True, models=["y", "z"])]
+    assert merged_models(replies) == ["x", "y", "z"]
+    text = describe_failure(ControlError("health check timed out", ["line 1", "Traceback: boom"]))
+    assert text.startswith("health check timed out") and text.endswith("line 1\nTraceback: boom")
+    assert describe_failure(ControlError("plain")) == "plain"
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def test_sniff_reads_model_and_stream_only() -> None:
+    got = sniff(b'{"messages": [{"role": "user", "content": "x"}], "model": "m", "stream": true, "n": 1}')
+    assert (got.model, got.stream) == ("m", True)
+    assert sniff(b"").model is None
+    assert sniff(b'{"model": "m"}', "application/x-www-form-urlencoded").model == "m"  # curl -d
+    bad_bodies = [(b'{"model": ', "invalid_json"), (b'{"model": 3}', "invalid_request"), (b"[1]", "invalid_request")]
+    for bad, code in bad_bodies:
+        with pytest.raises(ApiError) as err:
+            sniff(bad)
+        assert err.value.status == 400 and err.value.code == code
+
+
+def test_sniff_finds_the_model_part_of_a_multipart_upload() -> None:
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            b"Content-Type: audio/wav\r\n\r\nRIFF....\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n")
+    assert sniff(body, "multipart/form-data; boundary=XyZ").model == "whisper-1"
+
+
+def test_mode_mismatch() -> None:
+    assert mode_error("/v1/chat/completions", "embedding", "e") is not None
+    assert mode_error("/v1/completions/", "embedding", "e") is not None
+    assert mode_error("/v1/embeddings", "chat", "c") is not None
+    assert mode_error("/v1/embeddings", "base", "b") is not None
+    assert mode_error("/v1/embeddings", "embedding", "e") is None
+    assert mode_error("/v1/chat/completions", "base", "b") is None
+    assert mode_error("/v1/audio/transcriptions", "chat", "c") is None
+
+
+@pytest.mark.parametrize("raw,expected", [(None, 200), ("", 200), ("0", 0), ("10000", 10000)])
+def test_tail_parameter(raw, expected) -> None:
+    assert parse_tail(raw, 200, 10000) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "abc", "10001", "1.5"])
+def test_tail_parameter_rejects(raw) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_tail(raw, 200, 10000)
+    assert err.value.status == 400 and "tail" in err.value.message
+
+
+def test_last_event_id_and_flags() -> None:
+    assert parse_last_id("1700000000000-3") == "1700000000000-3" and parse_last_id(None) is None
+    with pytest.raises(ApiError):
+        parse_last_id("yesterday")
+    assert parse_flag("wait", None, True) is True and parse_flag("wait", "false", True) is False
+    with pytest.raises(ApiError):
+        parse_flag("wait", "maybe", True)
+
+
+@pytest.mark.parametrize("raw,expected", [(None, 0), ("", 0), ("0", 0), ("60", 60)])
+def test_keep_minutes(raw, expected) -> None:
+    assert parse_keep_minutes(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "abc", "1.5", " 5"])
+def test_keep_minutes_rejects_with_the_parameter_named(raw) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_keep_minutes(raw)
+    assert err.value.status == 400 and "keep_minutes" in err.value.message
+
+
+def test_clear_message_follows_the_manual() -> None:
+    assert clear_message("gpt", 60, 100) == "模型 'gpt' 已清理 60 分钟前的日志，删除 100 条"
+    assert clear_message("gpt", 0, 7) == "模型 'gpt' 已清空全部日志，删除 7 条"
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def test_error_shapes() -> None:
+    err = ApiError(404, "The model 'x' does not exist", "model_not_found")
+    assert msgspec.json.decode(encode(error_body(err, True))) == {
+        "error": {"message": "The model 'x' does not exist", "type": "not_found_error", "code": "model_not_found"}}
+    assert msgspec.json.decode(encode(error_body(err, False))) == {"success": False,
+                                                                   "message": "The model 'x' does not exist"}
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    assert as_api_error(500, RedisConnectionError("refused")).status == 503
+    assert as_api_error(500, ValueError("secret detail")).message == "Internal Server Error"
+
+
+def test_sse_frames() -> None:
+    assert sse(LogEvent("historical_complete")) == b'data: {"type":"historical_complete"}\n\n'
+    assert sse(LogEvent("stream_end", message="bye"), "1-0").startswith(b"id: 1-0\ndata: ")
+    frame = stream_error_event("engine died")
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    assert msgspec.json.decode(frame[6:])["error"]["message"] == "engine died"
+
+
+def test_options_from_env() -> None:
+    opts = RouterOptions.from_env({"LLM_ROUTER_IDLE_TIMEOUT": "1.5", "LLM_ROUTER_LOG_TAIL_MAX": "50",
+                                   "UNRELATED": "x"})
+    assert opts.idle_timeout == 1.5 and opts.log_tail_max == 50 and opts.connect_timeout == 5.0
+    with pytest.raises(ValueError, match="idle_timeout"):
+        RouterOptions.from_env({"LLM_ROUTER_IDLE_TIMEOUT": "-1"})
+
+
+def test_redis_password_is_not_logged() -> None:
+    assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

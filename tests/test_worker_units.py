@@ -1,0 +1,290 @@
+"""The worker's parts that need no worker process: placement decisions, line splitting, and
+the log pipe's behaviour when Redis goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import redis.asyncio as aredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
+from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Keys, log_entry
+from llm_router.redis_server import RedisServer, free_port
+from worker.logpipe import MAX_LINE, LogPipe, pump
+from worker.placement import NoFit, Placer, choose_port, choose_profile
+from worker.process import exit_reason
+
+# --- choose_profile: pure, over stand-in snapshots ---
+
+
+def snapshot(*free_mib: int, online: bool = True, error: str = "") -> DeviceSnapshot:
+    gpus = [GpuInfo(index=i, name="GPU", memory_total=24000, memory_free=f, memory_used=24000 - f)
+            for i, f in enumerate(free_mib)]
+    return DeviceSnapshot(worker="w", host="h", ts=0.0, cuda=CudaInfo(online=online, error=error, gpus=gpus),
+                          cpu=CpuInfo(cpu_count=8, memory_total=64000, memory_free=32000))
+
+
+def gpu_model(*profiles: DeviceProfile) -> ModelConfig:
+    return ModelConfig(id="m", command=["x"], profiles=list(profiles))
+
+
+GPU0 = DeviceProfile(devices=["cuda:0"], vram_mb=8000)
+ANY_GPU = DeviceProfile(devices=["cuda"], vram_mb=8000)
+TWO_GPUS = DeviceProfile(devices=["cuda:0", "cuda:1"], vram_mb=8000)
+CPU = DeviceProfile(devices=["cpu"], args=["-ngl", "0"])
+
+
+def test_first_fitting_profile_wins():
+    model = gpu_model(GPU0, CPU)
+    assert choose_profile(model, snapshot(10000)) == (GPU0, [0])
+    assert choose_profile(model, snapshot(7000)) == (CPU, [])
+
+
+def test_any_gpu_takes_the_one_with_most_free_memory():
+    assert choose_profile(gpu_model(ANY_GPU), snapshot(9000, 20000, 12000)) == (ANY_GPU, [1])
+    two_any = DeviceProfile(devices=["cuda", "cuda"], vram_mb=8000)
+    assert choose_profile(gpu_model(two_any), snapshot(9000, 20000, 12000)) == (two_any, [1, 2])
+
+
+def test_every_listed_gpu_needs_the_memory():
+    assert choose_profile(gpu_model(TWO_GPUS), snapshot(9000, 9000)) == (TWO_GPUS, [0, 1])
+    with pytest.raises(NoFit, match=r"cuda:1 has 7000 MiB free, 8000 MiB needed"):
+        choose_profile(gpu_model(TWO_GPUS), snapshot(9000, 7000))
+    with pytest.raises(NoFit, match=r"cuda:1 does not exist on this host"):
+        choose_profile(gpu_model(TWO_GPUS), snapshot(9000))
+
+
+def test_reserved_memory_is_not_free():
+    model = gpu_model(GPU0, CPU)
+    assert choose_profile(model, snapshot(10000), reserved={0: 4000}) == (CPU, [])
+    assert choose_profile(model, snapshot(10000), reserved={1: 4000}) == (GPU0, [0])
+
+
+def test_without_gpu_information_only_cpu_fits():
+    model = gpu_model(GPU0, CPU)
+    assert choose_profile(model, None) == (CPU, [])
+    assert choose_profile(model, snapshot(online=False, error="no driver")) == (CPU, [])
+    with pytest.raises(NoFit) as info:
+        choose_profile(gpu_model(GPU0, ANY_GPU), snapshot(online=False, error="NVML unavailable"))
+    assert str(info.value) == ("no device profile fits this host now: profile 1 [cuda:0]: no GPU (NVML unavailable); "
+                               "profile 2 [cuda]: no GPU (NVML unavailable)")
+
+
+def test_cpu_always_fits_and_shorthand_devices_work():
+    assert choose_profile(ModelConfig(id="m", command=["x"]), None)[1] == []
+    shorthand = ModelConfig(id="m", command=["x"], devices=["cuda:1"], vram_mb=100)
+    profile, gpus = choose_profile(shorthand, snapshot(50, 200))
+    assert profile.devices == ["cuda:1"] and gpus == [1]
+
+
+def test_choose_port():
+    free = {20001, 20003}.__contains__
+    assert choose_port(0, [20000, 20005], set(), free) == 20001
+    assert choose_port(0, [20000, 20005], {20001}, free) == 20003  # held by a model still loading
+    assert choose_port(20003, [20000, 20005], set(), free) == 20003
+    with pytest.raises(NoFit, match="port 20002 is already in use"):
+        choose_port(20002, [20000, 20005], set(), free)
+    with pytest.raises(NoFit, match=r"no free port in worker.port_range \[20004, 20005\]"):
+        choose_port(0, [20004, 20005], set(), free)
+
+
+def test_placer_reserves_vram_until_settled():
+    async def scenario():
+        async def read() -> DeviceSnapshot:
+            return snapshot(10000)
+
+        placer = Placer(WorkerSettings(port_range=[20000, 20010]), read, is_free=lambda host, port: True)
+        a = await placer.place(ModelConfig(id="a", command=["x"], profiles=[GPU0, CPU]))
+        b = await placer.place(ModelConfig(id="b", command=["x"], profiles=[GPU0, CPU]))
+        assert (a.gpus, a.port) == ([0], 20000)
+        assert (b.gpus, b.port) == ([], 20001)  # a's 8000 MiB are promised: b goes to the CPU
+        placer.settle("a")  # loaded: the readings now include its memory
+        placer.release("b")
+        c = await placer.place(ModelConfig(id="c", command=["x"], profiles=[GPU0, CPU]))
+        assert (c.gpus, c.port) == ([0], 20001)
+
+    asyncio.run(scenario())
+
+
+def test_exit_reason():
+    assert exit_reason(0) == "exited with code 0"
+    assert exit_reason(3) == "exited with code 3"
+    assert exit_reason(-9) == "killed by SIGKILL"
+
+
+# --- pump: lines out of a byte stream ---
+
+
+def pumped(*chunks: bytes) -> list[str]:
+    async def run() -> list[str]:
+        reader = asyncio.StreamReader()
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        lines: list[str] = []
+        await pump(reader, lines.append)
+        return lines
+
+    return asyncio.run(run())
+
+
+def test_pump_splits_lines_across_chunks():
+    assert pumped(b"one\ntw", b"o\r\nthree\n\nlast without newline") == ["one", "two", "three", "",
+                                                                        "last without newline"]
+
+
+def test_pump_survives_bad_bytes_and_huge_lines():
+    assert pumped(b"caf\xc3\xa9 \xff\n") == ["caf\u00e9 \ufffd"]
+    lines = pumped(b"x" * (MAX_LINE * 2 + 10) + b"\nafter\n")
+    assert [len(line) for line in lines] == [MAX_LINE, MAX_LINE, 10, 5]
+
+
+# --- LogPipe against a Redis that goes away ---
+
+
+def test_log_append_script_writes_the_fields_of_log_fields(redis_url):
+    from llm_router.protocol import LOG_APPEND_SCRIPT, LogEntry, log_append_args, log_fields
+
+    entries = [LogEntry(timestamp=1700000000.25, message="hello", host="w1", stream="stderr"),
+               LogEntry(timestamp=1700000001.5, message="", host="w1", stream="event")]
+
+    async def scenario() -> list[dict]:
+        client = aredis.Redis.from_url(redis_url, decode_responses=True)
+        script = client.register_script(LOG_APPEND_SCRIPT)
+        assert await script(keys=["llm:logs:x"], args=log_append_args(100, "w1", entries)) == 2
+        rows = [fields for _, fields in await client.xrange("llm:logs:x")]
+        await client.aclose()
+        return rows
+
+    assert asyncio.run(scenario()) == [log_fields(e) for e in entries]
+
+
+async def xlen(client: aredis.Redis, key: str) -> int:
+    try:
+        return await client.xlen(key)
+    except redis.exceptions.ConnectionError:  # a pooled connection from before the restart
+        return 0
+
+
+def test_log_pipe_buffers_through_an_outage_and_reports_drops(tmp_path):
+    port = free_port()
+    server = RedisServer(tmp_path / "redis", port=port, extra=["--appendonly", "no", "--save", ""])
+    keys = Keys()
+
+    async def scenario() -> None:
+        client = aredis.Redis.from_url(server.url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        pipe = LogPipe(client, keys, host="w1", maxlen=10000, buffer_lines=100)
+        pipe.start()
+        for i in range(10):
+            pipe.write("m", "stdout", f"before {i}")
+        while await client.xlen(keys.logs("m")) < 10:
+            await asyncio.sleep(0.01)
+
+        server.kill()
+        for i in range(150):  # 50 more than the buffer holds while Redis is away
+            pipe.write("m", "stderr", f"during {i}")
+        await asyncio.sleep(0.3)  # the flusher fails and backs off
+        assert pipe.pending == 100
+
+        server.start()
+        key = keys.logs("m")  # a fresh, empty Redis
+        while await xlen(client, key) < 101:
+            await asyncio.sleep(0.02)
+        entries = [log_entry(fields) for _, fields in await client.xrange(key)]
+        assert [e.message for e in entries[:100]] == [f"during {i}" for i in range(50, 150)]
+        assert entries[100].stream == "event"
+        assert entries[100].message == "50 log lines dropped while Redis was unreachable"
+        assert all(e.host == "w1" for e in entries)
+        await pipe.close()
+        await client.aclose()
+
+    server.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+# --- ModelProcess: the state machine, in process, against real engines ---
+
+
+def supervise(redis_url: str, tmp_path, scenario, **fields) -> None:
+    """Run ``scenario(mp, states)`` with a ModelProcess for a mock engine; ``states`` records
+    every published state."""
+    from conftest import MOCK_ENGINE
+    from worker.process import HostContext, ModelProcess
+
+    async def main() -> None:
+        client = aredis.Redis.from_url(redis_url)
+        settings = WorkerSettings(port_range=[41000, 41100])
+        logs = LogPipe(client, Keys(), host="w", maxlen=1000, buffer_lines=1000)
+        host = HostContext(worker_id=f"unit-{tmp_path.name}", settings=settings, config_dir=str(tmp_path),
+                           logs=logs, placer=Placer(settings, lambda: asyncio.sleep(0)))
+        cfg = ModelConfig(id="m", command=["{python}", str(MOCK_ENGINE), "--port", "{port}", "--quiet"],
+                          stop_grace=1.0, startup_timeout=10.0, **fields)
+        states: list[str] = []
+        mp = ModelProcess(cfg, host, lambda inst: states.append(inst.state))
+        try:
+            await scenario(mp, states)
+        finally:
+            await mp.ensure_stopped()
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_process_states_of_a_start_and_a_stop(redis_url, tmp_path):
+    async def scenario(mp, states):
+        inst = await mp.ensure_running()
+        assert inst.state == "running" and inst.pid and inst.url
+        assert [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]] == ["starting", "running"]
+        assert (await mp.ensure_running()).pid == inst.pid  # no second start
+        assert (await mp.ensure_stopped()).state == "stopped"
+        assert states[-2:] == ["stopping", "stopped"]
+
+    supervise(redis_url, tmp_path, scenario)
+
+
+def test_process_start_while_stopping_waits_then_starts(redis_url, tmp_path):
+    async def scenario(mp, states):
+        first = await mp.ensure_running()
+        stop = asyncio.create_task(mp.ensure_stopped())
+        while mp.state != "stopping":
+            await asyncio.sleep(0)
+        second = await mp.ensure_running()
+        assert (await stop).state in ("stopped", "running")
+        assert second.state == "running" and second.pid != first.pid
+
+    supervise(redis_url, tmp_path, scenario)
+
+
+def test_process_stop_cancels_a_pending_restart(redis_url, tmp_path):
+    async def scenario(mp, states):
+        pid = (await mp.ensure_running()).pid
+        os.kill(pid, signal.SIGKILL)
+        while mp.state != "failed":
+            await asyncio.sleep(0.01)
+        assert mp.log_tail(1) == ["restarting in 1s (restart = 'always')"]
+        assert (await mp.ensure_stopped()).state == "stopped"
+        await asyncio.sleep(1.3)  # past the restart's back-off: nothing may happen
+        assert mp.state == "stopped" and mp.instance.restarts == 0
+
+    supervise(redis_url, tmp_path, scenario, restart="always")
+
+
+def test_process_gives_up_after_max_restarts(redis_url, tmp_path):
+    async def scenario(mp, states):
+        pid = (await mp.ensure_running()).pid
+        os.kill(pid, signal.SIGTERM)  # a clean exit (code 0) counts for restart = "always"
+        while mp.state != "failed":
+            await asyncio.sleep(0.01)
+        assert mp.instance.last_error == "exited with code 0"
+        assert mp.log_tail(1) == ["not restarting: 0 restarts within 300s (max_restarts = 0)"]
+
+    supervise(redis_url, tmp_path, scenario, restart="always", max_restarts=0)

@@ -1,0 +1,336 @@
+"""The worker agent of one host: wires supervisors, logs, devices and commands to Redis.
+
+The logic lives elsewhere (``ModelProcess``: the state machine; ``LogPipe``: log shipping;
+``placement``: where a model runs; ``commands``: the command stream; ``orphans``: leftovers of
+a previous run). This module only connects them and owns the worker's own keys:
+
+- the lease ``llm:worker:{wid}`` (heartbeat, with a TTL), the catalog, the instance hashes and
+  the events on ``llm:events``, all written by one publisher task in order, so an old state can
+  never overwrite a newer one;
+- the device snapshot ``llm:devices:{wid}``.
+
+Redis may vanish at any time: every loop logs one line, backs off, and the whole state is
+published again when Redis answers (it may have restarted empty). Model processes keep running
+meanwhile. ``main`` runs it until SIGTERM/SIGINT, then stops every model: no orphans, ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from llm_router import __version__
+from llm_router.config import HostConfig
+from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, to_hash, to_json
+from worker.commands import CommandIntake, Operations
+from worker.devices import DeviceProbe
+from worker.logpipe import LogPipe
+from worker.orphans import WorkerIdInUse, reap_orphans
+from worker.placement import Placer
+from worker.process import HostContext, ModelProcess
+from worker.retry import REDIS_ERRORS, RedisLink
+
+log = logging.getLogger("llm_router.worker")
+
+SHUTDOWN_TIMEOUT = 3.0  # for each last Redis step of a shutdown (Redis may be gone)
+
+
+class WorkerAgent:
+    """One host's agent. ``run(stop)`` serves until ``stop`` is set, then shuts down cleanly."""
+
+    def __init__(self, cfg: HostConfig, redis_url: str, prefix: str = "llm:",
+                 probe: DeviceProbe | None = None) -> None:
+        self.cfg = cfg
+        self.settings = cfg.worker
+        self.wid = cfg.worker_id
+        self.keys = Keys(prefix)
+        self.hostname = socket.gethostname()
+        # No retries inside redis-py: our loops retry with their own back-off and log once.
+        self.redis = aredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                           retry=Retry(NoBackoff(), 0))
+        self.probe = probe or DeviceProbe()
+        self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
+                               started_at=time.time(), heartbeat_at=time.time())
+        self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
+                            buffer_lines=self.settings.log_buffer)
+        config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
+        host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
+                           placer=Placer(self.settings, self.snapshot))
+        self.models = {m.id: ModelProcess(m, host, self._instance_changed) for m in cfg.models}
+        self.operations = Operations(self.wid, cfg, self.models, self.redis, self.keys)
+        self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
+                                    before_reply=self.changes_published)
+        self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
+        self._queued = 0  # instance changes so far
+        self._done = 0  # the last change known to be in Redis
+        self._progress = asyncio.Condition()
+        self._resync = True  # publish everything (first run, or Redis may have lost it)
+        self._wake = asyncio.Event()
+        self._published = asyncio.Event()  # the first full publish went through
+
+    async def snapshot(self) -> DeviceSnapshot:
+        """A device reading now (NVML blocks: it runs in a thread)."""
+        return await asyncio.to_thread(self.probe.snapshot, self.wid, self.hostname)
+
+    # --- life cycle ---
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("worker %s starting (pid %d, %d models, redis %s)", self.wid, os.getpid(), len(self.models),
+                 _safe_url(self.redis))
+        try:
+            await self._reap_orphans()
+        except WorkerIdInUse:
+            await self.redis.aclose()
+            self.probe.close()
+            raise
+        self.logs.start()
+        loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
+            ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices)]]
+        intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
+        autostart = [asyncio.create_task(mp.ensure_running()) for mp in self.models.values() if mp.model.auto_start]
+        try:
+            await stop.wait()
+        finally:
+            await self._shutdown(intake, loops, autostart)
+
+    async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
+        """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
+        log.info("worker %s shutting down", self.wid)
+        await _cancel([intake])
+        await self._stop_models()
+        await _wait(autostart, SHUTDOWN_TIMEOUT)
+        await self.intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
+        await _cancel(loops)
+        await self._publish_goodbye()
+        await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
+        await self.redis.aclose()
+        self.probe.close()
+        log.info("worker %s stopped", self.wid)
+
+    async def _stop_models(self) -> None:
+        """Stop all models for good, in parallel (commands still in flight cannot start them
+        again); if that hangs (it should not), SIGKILL their process groups."""
+        limit = max((m.stop_grace for m in self.cfg.models), default=0.0) + SHUTDOWN_TIMEOUT
+        stops = [asyncio.create_task(mp.close()) for mp in self.models.values()]
+        if await _wait(stops, limit):
+            log.error("models still stopping after %gs: killing their process groups", limit)
+            for mp in self.models.values():
+                mp.kill()
+
+    async def _reap_orphans(self) -> None:
+        """End model processes left by a previous run of this worker id (see ``orphans``)."""
+        grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
+        for orphan in await asyncio.to_thread(reap_orphans, self.wid, grace):
+            how = "killed (SIGKILL)" if orphan.killed else "stopped"
+            log.warning("%s orphan pid %d (model %s) left by a previous run: %s", how, orphan.pid,
+                        orphan.model or "?", orphan.cmdline)
+            if orphan.model in self.models:
+                self.logs.write(orphan.model, "event",
+                                f"{how} orphan process {orphan.pid} left by a previous run of worker {self.wid}")
+
+    # --- publishing: one task writes the worker's keys, in order ---
+
+    def _instance_changed(self, inst: Instance) -> None:
+        self._queued += 1
+        self._changes.append((self._queued, inst))
+        self._wake.set()
+
+    async def changes_published(self, timeout: float = 5.0) -> None:
+        """Wait until every instance change made so far is in Redis, so that a reply is never
+        ahead of the state it reports (bounded: Redis may be away)."""
+        target = self._queued
+        async with self._progress:
+            try:
+                await asyncio.wait_for(self._progress.wait_for(lambda: self._done >= target), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _advance(self, done: int) -> None:
+        async with self._progress:
+            self._done = max(self._done, done)
+            self._progress.notify_all()
+
+    def _request_resync(self) -> None:
+        self._resync = True
+        self._wake.set()
+
+    async def _publisher(self) -> None:
+        link = RedisLink("publish")
+        while True:
+            if not (self._resync or self._changes):
+                await self._wake.wait()
+            self._wake.clear()
+            try:
+                if self._resync:
+                    self._resync = False
+                    self._changes.clear()  # the full publish below carries the current states
+                    covered = self._queued
+                    await self._publish_all()
+                    self._published.set()
+                    await self._advance(covered)
+                while self._changes:
+                    number, inst = self._changes[0]
+                    await self._publish_instance(inst)
+                    self._changes.popleft()
+                    await self._advance(number)
+            except REDIS_ERRORS as exc:
+                link.failed(exc)
+                self._request_resync()  # whatever was lost is re-sent in full
+                await link.pause()
+                continue
+            link.ok()
+
+    async def _publish_all(self) -> None:
+        """Lease, catalog, every instance and the events saying so, in one transaction."""
+        self.info.heartbeat_at = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._lease_ops(pipe)
+            catalog = self.keys.catalog(self.wid)
+            pipe.delete(catalog)
+            if self.cfg.models:
+                pipe.hset(catalog, mapping={m.id: to_json(m.catalog_entry()) for m in self.cfg.models})
+            for mp in self.models.values():
+                self._instance_ops(pipe, mp.instance)
+            pipe.publish(self.keys.events(), to_json(Event(kind="worker", worker=self.wid)))
+            pipe.publish(self.keys.events(), to_json(Event(kind="catalog", worker=self.wid)))
+            await pipe.execute()
+        log.info("published lease, catalog and %d instances", len(self.models))
+
+    async def _publish_instance(self, inst: Instance) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._instance_ops(pipe, inst)
+            await pipe.execute()
+
+    def _instance_ops(self, pipe, inst: Instance) -> None:
+        pipe.hset(self.keys.instance(inst.model, self.wid), mapping=to_hash(inst))
+        pipe.publish(self.keys.events(), to_json(Event(kind="instance", worker=self.wid, instance=inst)))
+
+    def _lease_ops(self, pipe) -> None:
+        key = self.keys.worker(self.wid)
+        pipe.hset(key, mapping=to_hash(self.info))
+        pipe.pexpire(key, int(self.settings.lease_ttl * 1000))
+
+    async def _publish_goodbye(self) -> None:
+        """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for mp in self.models.values():
+                    self._instance_ops(pipe, mp.instance)
+                pipe.delete(self.keys.worker(self.wid), self.keys.devices(self.wid))
+                pipe.publish(self.keys.events(), to_json(Event(kind="worker", worker=self.wid, alive=False)))
+                await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
+        except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
+                        exc, self.settings.lease_ttl)
+
+    # --- periodic loops ---
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease. A lease that had vanished (expired, Redis restarted or flushed)
+        means Redis may have lost everything else too: publish it all again."""
+        await self._published.wait()
+        link = RedisLink("heartbeat")
+        while True:
+            self.info.heartbeat_at = time.time()
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    self._lease_ops(pipe)
+                    added, _ = await pipe.execute()
+            except REDIS_ERRORS as exc:
+                link.failed(exc)
+                await link.pause()
+                continue
+            if link.ok() or added:
+                self._request_resync()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _devices(self) -> None:
+        link = RedisLink("devices")
+        interval = self.settings.devices_interval
+        while True:
+            snap = await self.snapshot()
+            try:
+                await self.redis.set(self.keys.devices(self.wid), to_json(snap), px=int(3 * interval * 1000))
+                link.ok()
+            except REDIS_ERRORS as exc:
+                link.failed(exc)
+            await asyncio.sleep(interval)
+
+
+async def _wait(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
+    """Wait up to ``timeout`` for ``tasks``; return those still running."""
+    if not tasks:
+        return set()
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    return pending
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await _wait(tasks, SHUTDOWN_TIMEOUT)
+
+
+async def _forever(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+    """Run a loop; if it dies of a bug, log the traceback and start it again a second later."""
+    while True:
+        try:
+            await loop_fn()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s loop failed; restarting it", name)
+            await asyncio.sleep(1.0)
+
+
+def _safe_url(client: aredis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+
+
+def main(cfg: HostConfig, redis_url: str, prefix: str = "llm:") -> int:
+    """Run the worker agent until SIGTERM or SIGINT; 0 after a clean shutdown."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s worker: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(_serve(cfg, redis_url, prefix))
+
+
+async def _serve(cfg: HostConfig, redis_url: str, prefix: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
+    try:
+        agent = WorkerAgent(cfg, redis_url, prefix)
+        await agent.run(stop)
+    except (ValueError, WorkerIdInUse) as exc:  # a malformed Redis URL, a taken worker id
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+def _on_signal(sig: int, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        log.info("%s received: already shutting down", signal.Signals(sig).name)
+    else:
+        log.info("%s received: shutting down", signal.Signals(sig).name)
+        stop.set()

@@ -1,0 +1,154 @@
+"""Where a model runs on this host: which device profile, which GPUs, which port.
+
+``choose_profile`` and ``choose_port`` are pure decisions (state in, decision out) so they are
+tested without GPUs or sockets. ``Placer`` is the small stateful part around them: it takes a
+fresh device reading and remembers what this worker already promised to models that are still
+loading, so two models starting at once are not both placed on the same free gigabytes.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Mapping
+
+from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
+from llm_router.protocol import DeviceSnapshot
+
+
+class NoFit(Exception):
+    """The model cannot be placed on this host now; the message says why, for the operator."""
+
+
+def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
+                   reserved: Mapping[int, int] | None = None) -> tuple[DeviceProfile, list[int]]:
+    """The first of ``model``'s device profiles that fits, and the GPU indices it gets.
+
+    A GPU fits when its free memory (from ``snapshot``, minus ``reserved`` MiB per GPU index)
+    is at least the profile's ``vram_mb``. ``cuda:N`` needs that GPU; ``cuda`` takes the
+    fitting GPU with the most free memory not already taken by the profile; ``cpu`` always
+    fits. Without GPU information (no snapshot, NVML offline) only CPU profiles fit.
+    Raises ``NoFit`` naming each profile and why it did not fit.
+    """
+    free, no_gpu_reason = _free_vram(snapshot, reserved or {})
+    reasons = []
+    for n, profile in enumerate(model.device_profiles(), 1):
+        gpus, why = _fit(profile, free, no_gpu_reason)
+        if why is None:
+            return profile, gpus
+        reasons.append(f"profile {n} [{', '.join(profile.devices)}]: {why}")
+    raise NoFit("no device profile fits this host now: " + "; ".join(reasons))
+
+
+def _free_vram(snapshot: DeviceSnapshot | None, reserved: Mapping[int, int]) -> tuple[dict[int, int], str]:
+    """Usable MiB per GPU index, or ({}, why there are none)."""
+    if snapshot is None:
+        return {}, "no device information"
+    if not snapshot.cuda.online:
+        return {}, snapshot.cuda.error or "CUDA is offline on this host"
+    return {g.index: g.memory_free - reserved.get(g.index, 0) for g in snapshot.cuda.gpus}, ""
+
+
+def _fit(profile: DeviceProfile, free: dict[int, int], no_gpu_reason: str) -> tuple[list[int], str | None]:
+    need = profile.vram_mb
+    chosen: list[int] = []
+    for device in profile.devices:
+        if device == "cpu":
+            continue
+        if not free:
+            return [], f"no GPU ({no_gpu_reason})"
+        if device == "cuda":
+            candidates = [i for i in sorted(free, key=lambda i: -free[i]) if i not in chosen]
+            if not candidates or free[candidates[0]] < need:
+                most = max((free[i] for i in candidates), default=0)
+                return [], f"no GPU has {need} MiB free (the most is {most} MiB)"
+            chosen.append(candidates[0])
+            continue
+        index = int(device.split(":", 1)[1])
+        if index in chosen:
+            continue
+        if index not in free:
+            return [], f"{device} does not exist on this host"
+        if free[index] < need:
+            return [], f"{device} has {free[index]} MiB free, {need} MiB needed"
+        chosen.append(index)
+    return chosen, None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (tested by binding it, as engines do)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(fixed: int, port_range: Iterable[int], taken: set[int],
+                is_free: Callable[[int], bool]) -> int:
+    """``fixed`` if it is free, else the first free port of ``port_range`` (``[low, high]``)
+    that no other model of this worker holds (``taken``: an engine still loading may not
+    have bound its port yet). Raises ``NoFit``."""
+    if fixed:
+        if fixed in taken or not is_free(fixed):
+            raise NoFit(f"port {fixed} is already in use")
+        return fixed
+    low, high = port_range
+    for port in range(low, high + 1):
+        if port not in taken and is_free(port):
+            return port
+    raise NoFit(f"no free port in worker.port_range [{low}, {high}]")
+
+
+@dataclass
+class Placement:
+    profile: DeviceProfile
+    gpus: list[int]
+    port: int
+
+    @property
+    def vram_mb(self) -> int:
+        return self.profile.vram_mb if self.gpus else 0
+
+
+class Placer:
+    """Places models of one worker and keeps its promises (ports, VRAM) until released.
+
+    ``snapshot`` reads this host's devices now. A model's VRAM counts as reserved from
+    ``place`` until ``settle`` (it is loaded: device readings show its memory from then on);
+    its port from ``place`` until ``release``.
+    """
+
+    def __init__(self, settings: WorkerSettings, snapshot: Callable[[], Awaitable[DeviceSnapshot | None]],
+                 is_free: Callable[[str, int], bool] = port_is_free) -> None:
+        self.settings = settings
+        self.snapshot = snapshot
+        self.is_free = is_free
+        self._held: dict[str, Placement] = {}
+        self._loading: set[str] = set()
+
+    async def place(self, model: ModelConfig) -> Placement:
+        needs_gpu = any(d != "cpu" for p in model.device_profiles() for d in p.devices)
+        snapshot = await self.snapshot() if needs_gpu else None
+        self.release(model.id)
+        reserved: dict[int, int] = {}
+        for other in self._loading:
+            held = self._held[other]
+            for gpu in held.gpus:
+                reserved[gpu] = reserved.get(gpu, 0) + held.vram_mb
+        profile, gpus = choose_profile(model, snapshot, reserved)
+        port = choose_port(model.port, self.settings.port_range, {p.port for p in self._held.values()},
+                           lambda port: self.is_free(self.settings.bind_host, port))
+        placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port)
+        self._loading.add(model.id)
+        return placement
+
+    def settle(self, model_id: str) -> None:
+        self._loading.discard(model_id)
+
+    def release(self, model_id: str) -> None:
+        self._loading.discard(model_id)
+        self._held.pop(model_id, None)
