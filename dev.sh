@@ -12,8 +12,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test,fast]'
+  echo "dev.sh: installing llm-router and its dependencies into .venv (log: .venv/install.log)" >&2
+  if ! .venv/bin/python -m pip install -e '.[test,fast]' \
+       >.venv/install.log 2>&1; then
+    tail -n 30 .venv/install.log >&2
+    echo "dev.sh: installation failed (full log: .venv/install.log)" >&2
+    exit 1
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

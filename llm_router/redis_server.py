@@ -49,7 +49,7 @@ class RedisServer:
 
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
                  conf: str | os.PathLike | None = SHIPPED_CONF, extra: list[str] | None = None) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening its log
         self.host = host
         self.port = port or free_port(host)
         self.conf = conf
