@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
 
 import click
 
-from llm_router import __version__, client
+from llm_router import __version__, client, presets
 from llm_router.config import ConfigError, default_config_path, load_config
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -15,6 +17,38 @@ redis_option = click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL
                             show_default=True, help="Redis URL (also LLM_ROUTER_REDIS_URL).")
 prefix_option = click.option("--prefix", envvar="LLM_ROUTER_PREFIX", default="llm:", show_default=True,
                              help="Namespace of every Redis key.")
+
+
+def security_options(command):
+    """API-key options shared by ``serve`` and ``up`` (see docs/security.md)."""
+    for option in reversed([
+        click.option("--api-keys-file", envvar="LLM_ROUTER_API_KEYS_FILE", type=click.Path(dir_okay=False),
+                     help="Client keys, one per line (plain or sha256:<hex>); also LLM_ROUTER_API_KEYS=k1,k2."),
+        click.option("--admin-keys-file", envvar="LLM_ROUTER_ADMIN_KEYS_FILE", type=click.Path(dir_okay=False),
+                     help="Admin keys (start/stop, log clear); also LLM_ROUTER_ADMIN_KEYS=k1,k2."),
+        click.option("--read-access", type=click.Choice(["client", "public"]), envvar="LLM_ROUTER_READ_ACCESS",
+                     default="client", show_default=True,
+                     help="With keys on: whether read-only routes (/, /v1/models, /api/... GETs) need a key."),
+        click.option("--insecure", is_flag=True,
+                     help="Allow a router on a non-loopback address without keys (anyone reaching it may use it)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _access(host: str, api_keys_file: str | None, admin_keys_file: str | None, read_access: str, insecure: bool):
+    """The router's access policy, or exit 2 with one line (bad key file; open on a network)."""
+    from router.auth import AccessPolicy, KeyFileError, KeyRing, startup_refusal
+
+    try:
+        ring = KeyRing.load(api_keys_file, admin_keys_file)
+    except KeyFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if refusal := startup_refusal(host, ring, insecure):
+        click.echo(f"error: {refusal}", err=True)
+        sys.exit(2)
+    return AccessPolicy(ring, read_access)  # type: ignore[arg-type]
 
 
 @click.group()
@@ -44,11 +78,15 @@ def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str 
 @prefix_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(redis_url: str, prefix: str, host: str, port: int) -> None:
+@security_options
+def serve(redis_url: str, prefix: str, host: str, port: int, api_keys_file: str | None,
+          admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
     """Run a router: the HTTP API, proxying to the models every worker publishes."""
     from router.app import main as router_main
 
-    sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port))
+    access = _access(host, api_keys_file, admin_keys_file, read_access, insecure)
+    sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port, access=access,
+                         insecure=insecure))
 
 
 @main.command()
@@ -61,22 +99,49 @@ def serve(redis_url: str, prefix: str, host: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", default=".llm-router", show_default=True,
               help="Where a private redis-server keeps its data.")
-def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str) -> None:
+@security_options
+def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str,
+       api_keys_file: str | None, admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
     """Run everything on this host: Redis (if none answers), one worker, one router."""
     from llm_router.up import run_up
 
     cfg = _load(config_path)  # fail here, with one line, before anything starts
-    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir))
+    _access(host, api_keys_file, admin_keys_file, read_access, insecure)
+    serve_args = ["--read-access", read_access, *(["--insecure"] if insecure else [])]
+    for flag, path in (("--api-keys-file", api_keys_file), ("--admin-keys-file", admin_keys_file)):
+        if path:
+            serve_args += [flag, os.path.abspath(path)]
+    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args))
 
 
-@main.command("config-check")
-@click.argument("config_path", type=click.Path(dir_okay=False))
-def config_check(config_path: str) -> None:
-    """Validate a model config file and list its models."""
-    cfg = _load(config_path)
-    for m in cfg.models:
-        click.echo(f"{m.id:24} {m.mode:10} {', '.join(m.aliases)}")
-    click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+@main.group("config")
+def config_group() -> None:
+    """Model config files: check one before a worker loads it (or reloads it on SIGHUP)."""
+
+
+@config_group.command("check")
+@click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def config_check(config_paths: tuple[str, ...]) -> None:
+    """Validate config files; list each model with its engine and resolved command.
+
+    A bad file is one line on stderr and exit status 2. Warnings (valid, but probably not
+    what was meant) go to stderr too."""
+    for config_path in config_paths:
+        cfg = _load(config_path)
+        for m in cfg.models:
+            click.echo(f"{m.id:24} {m.engine:10} {m.mode:10} {', '.join(m.aliases)}")
+            click.echo(f"    {_show_argv(m.command)}")
+            for warning in presets.warnings(m):
+                click.echo(f"warning: {warning}", err=True)
+        click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+
+
+main.add_command(config_check, "config-check")  # the first spelling, kept for scripts
+
+
+def _show_argv(argv: list[str]) -> str:
+    """An argv as a shell line, placeholders such as ``{port}`` left unquoted for reading."""
+    return " ".join(a if re.fullmatch(r"[\w@%+=:,./{}-]+", a) else shlex.quote(a) for a in argv)
 
 
 def _load(config_path: str | None):

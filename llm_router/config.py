@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from llm_router.presets import Engine, apply_preset
 from llm_router.protocol import CatalogEntry, Mode
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -40,7 +41,12 @@ class DeviceProfile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(pattern=MODEL_ID)]
-    command: Annotated[list[str], msgspec.Meta(min_length=1)]
+    # ``engine`` other than "command": ``model_path`` + the preset give command, health, timeouts
+    # and mode (see ``presets``); fields written in the file override the preset.
+    engine: Engine = "command"
+    command: list[str] = []  # required when engine = "command"; after parse_config, always set
+    model_path: str = ""  # GGUF file (llama.cpp), Hub id or folder (vllm, sglang, tei)
+    engine_args: list[str] = []  # appended to the command (preset or explicit)
     aliases: list[str] = []
     mode: Mode = "chat"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = auto-assigned from port_range
@@ -58,6 +64,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     restart_window: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     owned_by: str = "llm-router"
     created: int = 0
+    api_key: str = ""  # the engine's own key, if its server wants one: routers send it as Bearer
     devices: list[str] = []  # shorthand for one profile
     vram_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     profiles: list[DeviceProfile] = []  # ordered fallbacks; the first that fits is used
@@ -85,6 +92,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             max_concurrency=self.max_concurrency,
             vram_mb=[p.vram_mb if any(d.startswith("cuda") for d in p.devices) else 0
                      for p in self.device_profiles()],
+            devices=[list(p.devices) for p in self.device_profiles()],
         )
 
 
@@ -99,6 +107,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     devices_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     log_maxlen: Annotated[int, msgspec.Meta(ge=100)] = 10000
     log_buffer: Annotated[int, msgspec.Meta(ge=100)] = 100000  # lines held while Redis is away
+    watch_config: bool = False  # reload the file when it changes (as on SIGHUP); polled every 2 s
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -142,7 +151,9 @@ def _check(cfg: HostConfig) -> None:
 
 def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:
     try:
-        cfg = msgspec.toml.decode(text, type=HostConfig)
+        raw = msgspec.toml.decode(text)
+        cfg = msgspec.convert(raw, HostConfig)
+        cfg.models = [_complete(i, m, raw["models"][i]) for i, m in enumerate(cfg.models)]
         _check(cfg)
     except (msgspec.ValidationError, msgspec.DecodeError, ConfigError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -150,6 +161,14 @@ def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     cfg.path = source
     return cfg
+
+
+def _complete(i: int, model: ModelConfig, written: dict) -> ModelConfig:
+    """The entry with its engine preset applied; the keys ``written`` in the file win."""
+    try:
+        return apply_preset(model, given=written.keys())
+    except ValueError as exc:
+        raise ConfigError(f"models[{i}].{exc}") from None
 
 
 def load_config(path: str | os.PathLike) -> HostConfig:

@@ -17,6 +17,7 @@ llm:logs:{model}                stream      worker  fields ts, host, stream, msg
 llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
 llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
+llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
 ==============================  ==========  ======  ==================================================
 """
 
@@ -78,6 +79,9 @@ class Keys:
     def events(self) -> str:
         return f"{self.prefix}events"
 
+    def used(self, model: str) -> str:
+        return f"{self.prefix}used:{model}"
+
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
@@ -103,6 +107,7 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     idle_ttl: float = 0.0
     max_concurrency: int = 0
     vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
+    devices: list[list[str]] = []  # per device profile, in order: its devices (cpu, cuda, cuda:N)
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -118,6 +123,8 @@ class Instance(msgspec.Struct, kw_only=True):
     last_error: str = ""
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
+    vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
+    api_key: str = ""  # the engine's own key (model config); routers send it upstream, the API never shows it
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -153,6 +160,7 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     models: list[str] = []  # started (restart_autostart) or stopped (stop_all) models
     deleted: int = 0  # log entries removed (clear_logs)
     log_tail: list[str] = []  # last log lines of a model that failed to start
+    no_room: bool = False  # a start failed because no device profile fits this host now
 
 
 class GpuInfo(msgspec.Struct, kw_only=True):
@@ -187,6 +195,50 @@ class DeviceSnapshot(msgspec.Struct, kw_only=True):
     ts: float
     cuda: CudaInfo
     cpu: CpuInfo
+
+
+class RouterUsage(msgspec.Struct, kw_only=True):
+    """One router's use of one model, a field ``router:{rid}`` of ``llm:used:{model}``.
+
+    ``at`` is when the router last wrote it (it rewrites it every second while requests are in
+    flight): readers ignore entries older than ``USAGE_STALE`` s, so a dead router cannot pin
+    a model."""
+
+    inflight: int = 0  # requests queued or being served by this router now
+    last_used: float = 0.0  # unix time of this router's last request start or end
+    at: float = 0.0
+
+
+USAGE_STALE = 10.0  # seconds after which a router's usage entry no longer counts
+USED_LAST = "last_used"  # field of ``llm:used:{model}``: unix time of the latest use anywhere
+USED_ROUTER = "router:"  # prefix of the per-router fields of ``llm:used:{model}``
+
+
+class ModelUsage(msgspec.Struct, kw_only=True):
+    """``llm:used:{model}`` read back: when it was last used and how many requests are in
+    flight now across live routers."""
+
+    last_used: float = 0.0
+    inflight: int = 0
+
+
+def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
+    """Decode ``HGETALL llm:used:{model}`` (bytes or str), dropping stale router entries and
+    the in-flight count of router ``exclude`` (a router knows its own better)."""
+    out = ModelUsage()
+    for k, v in fields.items():
+        k = k.decode() if isinstance(k, bytes) else k
+        if k == USED_LAST:
+            out.last_used = max(out.last_used, float(v))
+        elif k.startswith(USED_ROUTER):
+            try:
+                entry = from_json(v, RouterUsage)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            out.last_used = max(out.last_used, entry.last_used)
+            if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
+                out.inflight += entry.inflight
+    return out
 
 
 class LogEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -294,7 +346,20 @@ async def trim_logs(redis, keys: Keys, model: str, keep_minutes: int) -> int:
         if before:
             await redis.xtrim(key, maxlen=0, approximate=False)
     else:
-        min_id = int((time.time() - keep_minutes * 60) * 1000)
+        min_id = max(0, int((time.time() - keep_minutes * 60) * 1000))  # more than all: keep all
         await redis.xtrim(key, minid=f"{min_id}-0", approximate=False)
     after = await redis.xlen(key)
     return max(0, before - after)
+
+
+async def read_usage(redis, keys: Keys, models, now: float, exclude: str = "") -> dict[str, ModelUsage]:
+    """``llm:used:{model}`` of each model, decoded (stale router entries dropped), in one
+    round trip. Used by workers (idle unload) and routers (eviction) alike."""
+    models = list(models)
+    if not models:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for m in models:
+            pipe.hgetall(keys.used(m))
+        rows = await pipe.execute()
+    return {m: usage_of(row, now, exclude) for m, row in zip(models, rows)}

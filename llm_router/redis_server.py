@@ -89,7 +89,7 @@ class RedisServer:
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with ACL users
         except OSError:
             return False
 

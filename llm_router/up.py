@@ -81,7 +81,8 @@ class Stack:
             self.redis.stop()
 
 
-def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str) -> int:
+def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str,
+           serve_args: list[str] | None = None) -> int:
     stack = Stack()
     stopping = False
 
@@ -106,7 +107,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
         env = {**os.environ, "LLM_ROUTER_REDIS_URL": redis_url, "LLM_ROUTER_PREFIX": prefix}
         cli = [sys.executable, "-m", "llm_router.cli"]
         stack.spawn("worker", [*cli, "worker", "--config", config_path], env)
-        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port)], env)
+        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])], env)
         print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",
               file=sys.stderr)
         while not stopping:

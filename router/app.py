@@ -18,6 +18,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from router import handlers as h
+from router.auth import AccessPolicy, startup_refusal
 from router.dashboard import dashboard_routes
 from router.options import RouterOptions
 from router.services import Services
@@ -42,13 +43,19 @@ ROUTES = [
     (r"/api/logs/stats", h.LogStatsHandler),
     (rf"/api/logs/{ALIAS}/clear", h.LogClearHandler),
     (r"/api/devices/info", h.DevicesHandler),
+    (r"/openapi.json", h.OpenApiHandler),
+    (r"/debug/stats", h.DebugStatsHandler),
+    (r"/metrics", h.MetricsHandler),
     (r"/v1/.*", h.ProxyHandler),
 ]
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """One line per request: method, path, status, milliseconds (never the body, query or
-    headers, which may carry prompts and keys)."""
+    headers, which may carry prompts and keys). Forwarded ``/v1`` requests are left to the
+    batched access log (router/accesslog.py), which has more to say at a fraction of the cost."""
+    if isinstance(handler, h.ProxyHandler):
+        return
     req = handler.request
     access_log.info("%s %s %d %.1fms", req.method, req.path, handler.get_status(), 1000 * req.request_time())
 
@@ -62,11 +69,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
-def make_app(services: Services) -> tornado.web.Application:
+def make_app(services: Services, access: AccessPolicy | None = None) -> tornado.web.Application:
     return tornado.web.Application(
         [*[(pattern, handler, {"services": services}) for pattern, handler in ROUTES], *dashboard_routes()],
         default_handler_class=h.NotFoundHandler, default_handler_args={"services": services},
-        log_function=log_request, compress_response=False)
+        log_function=log_request, compress_response=False, access=access or AccessPolicy())
 
 
 def raise_fd_limit() -> None:
@@ -78,11 +85,15 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-async def serve(redis_url: str, prefix: str, host: str, port: int, options: RouterOptions) -> int:
+async def serve(redis_url: str, prefix: str, host: str, port: int, options: RouterOptions,
+                access: AccessPolicy | None = None) -> int:
     raise_fd_limit()
     services = Services(redis_url, prefix, options)
     await services.start()
-    server = HTTPServer(make_app(services), max_body_size=options.max_body_size)
+    # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection.
+    server = HTTPServer(make_app(services, access), max_body_size=options.max_body_size,
+                        max_header_size=options.max_header_size, idle_connection_timeout=options.header_timeout,
+                        body_timeout=options.body_timeout)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.
@@ -107,8 +118,8 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
 
 
 def main(redis_url: str, prefix: str = "llm:", host: str = "127.0.0.1", port: int = 8000,
-         options: RouterOptions | None = None) -> int:
-    """Run a router until SIGTERM/SIGINT; returns the exit status."""
+         options: RouterOptions | None = None, access: AccessPolicy | None = None, insecure: bool = False) -> int:
+    """Run a router until SIGTERM/SIGINT; returns the exit status (2: refused to start)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -116,10 +127,17 @@ def main(redis_url: str, prefix: str = "llm:", host: str = "127.0.0.1", port: in
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    access = access or AccessPolicy()
+    if refusal := startup_refusal(host, access.ring, insecure):
+        print(f"llm-router serve: {refusal}", file=sys.stderr)
+        return 2
+    if access.ring.enabled:
+        log.info("API keys on: %d client, %d admin; read-only routes %s", len(access.ring.client),
+                 len(access.ring.admin), "public" if access.read_access == "public" else "need a client key")
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    return run(serve(redis_url, prefix, host, port, options))
+    return run(serve(redis_url, prefix, host, port, options, access))

@@ -16,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from redis.asyncio import Redis
 
-from llm_router.protocol import Command, Instance, Keys, Reply, command_fields, from_json
+from llm_router.protocol import (
+    CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, command_fields, from_json, read_usage,
+)
+from router.placement import no_room_message, plan_eviction, rank_hosts
+from router.usage import UsageReporter
 from router.view import ClusterView
 
 log = logging.getLogger("router.control")
@@ -45,33 +49,29 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
     return exc.message + "\nlast log lines:\n" + "\n".join(exc.log_tail[-lines:])
 
 
-def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
-    """Where to start ``model``: pure, so placement can be tested (and grown) without I/O.
+def start_order(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
+                instances: Iterable[Instance]) -> tuple[list[str], dict[str, str]]:
+    """Where to try starting ``model``, best first, and why the other hosts have no room.
 
-    ``candidates`` are the live workers whose catalog has the model; ``instances`` are all
-    instances on live workers. Preference: a worker where the model is already starting or
-    running (the start is then a no-op that waits for it); else a worker where it did not just
-    fail; then the one with the fewest active models; then by id. Each worker places the model
-    on its own GPUs. VRAM-aware placement across hosts (free memory from the device snapshots
-    against ``CatalogEntry.vram_mb``) belongs here, as one more ranking key.
-    """
-    if not candidates:
-        return None
+    ``entries``: the model's catalog entry per live candidate worker; ``instances``: all
+    instances on live workers. A worker where the model is already starting or running comes
+    alone (the start is then a no-op that waits for it); else the hosts where its VRAM fits,
+    ranked by ``router.placement.rank_hosts``."""
     instances = list(instances)
-    mine = {i.worker: i for i in instances if i.model == model}
-    for wid in candidates:
-        if wid in mine and mine[wid].state in ACTIVE_STATES:
-            return wid
-    load = {wid: 0 for wid in candidates}
     for inst in instances:
-        if inst.worker in load and inst.state in ACTIVE_STATES:
-            load[inst.worker] += 1
+        if inst.model == model and inst.worker in entries and inst.state in ACTIVE_STATES:
+            return [inst.worker], {}
+    return rank_hosts(model, entries, snapshots, instances)
 
-    def rank(wid: str) -> tuple[bool, int, str]:
-        failed = wid in mine and mine[wid].state == "failed"
-        return failed, load[wid], wid
 
-    return min(candidates, key=rank)
+def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
+    """``start_order`` for models without GPU needs: the first candidate to try, if any."""
+    order, _ = start_order(model, {w: CatalogEntry(id=model) for w in candidates}, {}, instances)
+    return order[0] if order else None
+
+
+class NoRoom(ControlError):
+    """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
@@ -99,11 +99,13 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 
 
 class ControlClient:
-    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView) -> None:
+    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
+                 usage: UsageReporter | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
         self.view = view
+        self.usage = usage  # this router's own requests in flight (for eviction)
         self._starts: dict[str, asyncio.Task[Reply]] = {}
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
@@ -162,20 +164,57 @@ class ControlClient:
             log.warning("start of %s failed: %s", model, task.exception())
 
     async def _start(self, model: str, timeout: float) -> Reply:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """Try the hosts where the model fits in order (a host whose worker finds no room after
+        all, because another router placed something there first, passes to the next); when it
+        fits nowhere, stop idle models on one host to make room (``plan_eviction``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
         view = self.view
-        wid = choose_worker(model, view.catalog_workers(model), view.all_instances())
-        if wid is None:
+        entries = view.catalog_entries(model)
+        if not entries:
             raise ControlError(f"no live worker can run model '{model}'")
+        order, reasons = start_order(model, entries, view.devices(), view.all_instances())
+        for wid in order:
+            try:
+                return await self._start_on(wid, model, deadline)
+            except NoRoom as exc:
+                reasons[wid] = exc.message
+        instances = view.all_instances()
+        usage = await self._usage({i.model for i in instances if i.worker in entries and i.state == "running"})
+        plan = plan_eviction(model, entries, view.devices(), instances, usage)
+        if plan is None:
+            raise ControlError(no_room_message(model, reasons))
+        log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
+        replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
+                                         for m in plan.victims))
+        if not all(r.ok for r in replies):
+            raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': "
+                               + "; ".join(r.message for r in replies if not r.ok))
+        return await self._start_on(plan.worker, model, deadline)
+
+    async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
+        """Use of ``models`` across routers, with this router's own requests counted exactly."""
+        if self.usage is None:
+            return await read_usage(self.redis, self.keys, models, time.time())
+        usage = await read_usage(self.redis, self.keys, models, time.time(), exclude=self.usage.router_id)
+        for m, u in usage.items():
+            u.inflight += self.usage.inflight(m)
+        return usage
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.01, deadline - asyncio.get_running_loop().time())
+
+    async def _start_on(self, wid: str, model: str, deadline: float) -> Reply:
+        view = self.view
+        timeout = self._left(deadline)
         before = next((i.updated_at for i in view.instances(model) if i.worker == wid), -1.0)
         reply = await self.send(wid, Command(op="start", model=model), timeout)
         if not reply.ok:
-            raise ControlError(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
+            error = NoRoom if reply.no_room else ControlError
+            raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
-            lambda: start_outcome(view.instances(model), wid, view.workers(), before),
-            deadline - loop.time())
+            lambda: start_outcome(view.instances(model), wid, view.workers(), before), self._left(deadline))
         if outcome == "running":
             return reply
         if outcome == "failed":

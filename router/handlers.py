@@ -12,8 +12,14 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
+from router.accesslog import CLIENT_GONE, RequestRecord
+from router.auth import COOKIE, AccessPolicy
+from router.debug import debug_stats
+from router.limits_http import check_forward_path, check_json_depth, check_query
 from router.logstream import parse_last_id, parse_tail
 from router.manage import parse_flag
+from router.metrics import CONTENT_TYPE
+from router.openapi import document_bytes
 from router.proxy import ProxyRequest
 from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
@@ -21,13 +27,40 @@ from router.services import Services
 JSON = "application/json"
 
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
+    """Bodies are streamed in (``stream_request_body``) so that ``prepare`` (the key, the query,
+    the announced size) runs before a byte of the body is read: an anonymous or oversized
+    request costs the router no memory. ``/api`` routes read no body: it is dropped as it comes."""
+
     services: Services
+    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (as in router/openapi.py)
 
     def initialize(self, services: Services) -> None:
         self.services = services
         self._work: asyncio.Task | None = None
         self._client_gone = False
+
+    # --- checks before the body ---
+
+    def prepare(self) -> None:
+        access: AccessPolicy = self.settings.get("access") or AccessPolicy()
+        req = self.request
+        access.check(req.method or "GET", req.path, req.headers.get("Authorization"), self.get_cookie(COOKIE))
+        self.check_request()
+
+    def check_request(self) -> None:
+        check_query(self.request.query_arguments, self.QUERY)
+        self.check_length(self.services.options.max_api_body_size)
+
+    def check_length(self, limit: int) -> None:
+        length = self.request.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                           "body_too_large")
+
+    def data_received(self, chunk: bytes) -> None:
+        pass  # an /api route takes no body
 
     # --- replies ---
 
@@ -45,6 +78,8 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         err = as_api_error(status_code, exc)
         self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
         self.set_header("Content-Type", JSON)
         self.finish(encode(error_body(err, self.request.path.startswith("/v1/"))))
 
@@ -65,24 +100,29 @@ class BaseHandler(tornado.web.RequestHandler):
             await self.flush()
 
     async def run_cancellable(self, work: Awaitable[None]) -> None:
-        """Run ``work`` as a task that is cancelled the moment the client disconnects, so an
-        upstream request or a log follow never outlives its client."""
-        self._work = asyncio.ensure_future(work)
-        self.services.requests.add(self._work)
+        """Run ``work`` in this request's own task, which is cancelled the moment the client
+        disconnects (``on_connection_close``), so an upstream request or a log follow never
+        outlives its client. No second task per request: the handler's task is the one cancelled."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._work = task
+        self.services.requests.add(task)
         try:
-            await self._work
+            await work
         except (asyncio.CancelledError, StreamClosedError):
             if self._client_gone or self.request.connection.stream.closed():  # type: ignore[attr-defined]
+                task.uncancel()
                 return  # nobody to answer
             if not self.services.shutdown.is_set():
                 raise
+            task.uncancel()
             # cut short by a shutdown that outlasted its grace period
             if self._headers_written:
                 self.abort()
             else:
                 raise ApiError(503, "the router is shutting down", "shutting_down") from None
         finally:
-            self.services.requests.discard(self._work)
+            self.services.requests.discard(task)
             self._work = None
 
     def abort(self) -> None:
@@ -118,6 +158,8 @@ class ModelHandler(BaseHandler):
 
 
 class StartHandler(BaseHandler):
+    QUERY = ("wait",)
+
     async def post(self, alias: str) -> None:
         wait = parse_flag("wait", self.get_query_argument("wait", None), True)
         status, body = await self.services.manager.start(alias, wait)
@@ -150,6 +192,8 @@ class LogStatsHandler(BaseHandler):
 
 
 class LogClearHandler(BaseHandler):
+    QUERY = ("keep_minutes",)
+
     async def post(self, alias: str) -> None:
         keep = self.get_query_argument("keep_minutes", None)
         self.reply(await self.services.manager.clear_logs(alias, keep))
@@ -161,6 +205,8 @@ class DevicesHandler(BaseHandler):
 
 
 class LogStreamHandler(BaseHandler):
+    QUERY = ("tail", "last_event_id")
+
     async def get(self, alias: str) -> None:
         options = self.services.options
         tail = parse_tail(self.get_query_argument("tail", None), options.log_tail_default, options.log_tail_max)
@@ -173,20 +219,21 @@ class LogStreamHandler(BaseHandler):
         await self.run_cancellable(self.services.logs.stream(model, self.send, tail=tail, last_id=last_id))
 
 
-@tornado.web.stream_request_body
 class ProxyHandler(BaseHandler):
     """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.proxy``).
 
-    The body is streamed in so that an oversized one is refused with 413 from its
-    Content-Length, before it is read."""
+    The query string is the engine's business and passes as is; the path must be plain
+    (``check_forward_path``) and the body within ``max_body_size`` and ``max_json_depth``."""
 
     def prepare(self) -> None:
         self._received_at = time.monotonic()
+        self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
         self._chunks: list[bytes] = []
-        length = self.request.headers.get("Content-Length", "0")
-        if length.isdigit() and int(length) > self.services.options.max_body_size:
-            raise ApiError(413, f"request body of {length} bytes is over the limit of "
-                                f"{self.services.options.max_body_size} bytes", "body_too_large")
+        super().prepare()
+
+    def check_request(self) -> None:
+        check_forward_path(self.request.path)
+        self.check_length(self.services.options.max_body_size)
 
     def data_received(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -196,7 +243,9 @@ class ProxyHandler(BaseHandler):
                            query=self.request.query, headers=list(self.request.headers.get_all()),
                            body=b"".join(self._chunks), received_at=self._received_at)
         self._chunks = []
-        await self.run_cancellable(self.services.proxy.forward(req, self))
+        if not req.content_type.lower().startswith("multipart/"):
+            check_json_depth(req.body, self.services.options.max_json_depth)
+        await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
 
     get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
 
@@ -207,6 +256,36 @@ class ProxyHandler(BaseHandler):
         self.clear_header("Content-Type")
         for name, value in headers:
             self.add_header(name, value)
+
+    def on_finish(self) -> None:
+        """Access log and metrics, once the answer is over (also after an error reply)."""
+        if (rec := getattr(self, "_record", None)) is not None:
+            self.services.finished(rec, CLIENT_GONE if self._client_gone else self.get_status())
+
+
+class MetricsHandler(BaseHandler):
+    """``GET /metrics``: Prometheus text format (router/metrics.py, docs/metrics.md)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.services.metrics.render())
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", JSON)
+        self.finish(document_bytes())
+
+
+class DebugStatsHandler(BaseHandler):
+    """``GET /debug/stats``: the router's tasks, descriptors and memory (leak checks). Off
+    unless ``LLM_ROUTER_DEBUG_ENDPOINTS=1``; an admin route when keys are on."""
+
+    def get(self) -> None:
+        if not self.services.options.debug_endpoints:
+            raise ApiError(404, "no route GET /debug/stats (off: set LLM_ROUTER_DEBUG_ENDPOINTS=1)",
+                           "route_not_found")
+        self.reply(debug_stats())
 
 
 class NotFoundHandler(BaseHandler):

@@ -31,6 +31,12 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.
     empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # Limits: requests beyond a model's max_concurrency wait in a queue of at most queue_limit
+    # (per model, per router) for at most queue_timeout, else 429 with Retry-After.
+    queue_limit: Annotated[int, msgspec.Meta(ge=0)] = 100
+    queue_timeout: Seconds = 60.0
+    # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
+    usage_interval: Seconds = 1.0
     # Log streaming (SSE).
     keepalive_interval: Seconds = 15.0
     log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt
@@ -38,6 +44,18 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     log_tail_max: Annotated[int, msgspec.Meta(ge=1)] = 10000
     # Shutdown: how long open streams get to say stream_end and finish.
     shutdown_grace: Seconds = 5.0
+    # Hostile clients (router/limits_http.py). header_timeout: a connection must deliver a
+    # request's headers (or its next one, when kept alive) within this long (slowloris);
+    # body_timeout: the whole body within this long.
+    header_timeout: Seconds = 60.0
+    body_timeout: Seconds = 300.0
+    max_header_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024
+    max_api_body_size: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # /api routes take no real body
+    max_json_depth: Annotated[int, msgspec.Meta(ge=1)] = 128  # of forwarded JSON bodies
+    # /debug/stats (tasks, fds, RSS: for leak tests and operators); admin key when keys are on.
+    debug_endpoints: bool = False
+    # One JSON line per forwarded request on stderr (router/accesslog.py), written in batches.
+    access_log: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> "RouterOptions":

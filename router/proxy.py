@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Iterable, Protocol
+from contextlib import asynccontextmanager, nullcontext
+from typing import AsyncIterator, Iterable, Protocol
 
-import aiohttp
 import msgspec
-from tornado.httputil import HTTPHeaders, parse_body_arguments
+from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
 
 from llm_router.protocol import Instance, Mode
 from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
+from router.limits import Limits
 from router.options import RouterOptions
 from router.responses import ApiError, OpenAIError, OpenAIErrorBody, encode
+from router.accesslog import RequestRecord
+from router.metrics import RouterMetrics
 from router.upstream import (
-    ConnectFailed, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout, forward_headers, response_headers,
+    ConnectFailed, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout, forward_headers,
 )
+from router.usage import UsageReporter
 from router.view import ClusterView
 
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -56,7 +60,10 @@ def sniff(body: bytes, content_type: str = "") -> Sniff:
     """``model``/``stream`` of a JSON body or of a form (multipart uploads such as audio)."""
     if content_type.split(";", 1)[0].strip().lower() == FORM_TYPE:
         args: dict[str, list[bytes]] = {}
-        parse_body_arguments(content_type, body, args, {}, HTTPHeaders())
+        try:
+            parse_body_arguments(content_type, body, args, {}, HTTPHeaders())
+        except HTTPInputError as exc:  # no boundary, a broken part...
+            raise ApiError(400, f"invalid multipart body: {exc}", "invalid_request") from None
         model = args.get("model", [b""])[0].decode("utf-8", "replace").strip()
         return Sniff(model=model or None)
     if not body.strip():
@@ -79,8 +86,9 @@ def mode_error(path: str, mode: Mode, name: str) -> str | None:
     return None
 
 
-def upstream_url(instance: Instance, path: str, query: str) -> str:
-    return instance.url.rstrip("/") + path + (f"?{query}" if query else "")
+def upstream_target(path: str, query: str) -> str:
+    """The request target sent to the engine (appended to the instance URL's path)."""
+    return path + (f"?{query}" if query else "")
 
 
 def stream_error_event(message: str) -> bytes:
@@ -115,14 +123,20 @@ class ProxyRequest(msgspec.Struct, kw_only=True):
 
 class Proxy:
     def __init__(self, view: ClusterView, control: ControlClient, balancer: Balancer, upstream: Upstream,
-                 options: RouterOptions) -> None:
+                 options: RouterOptions, metrics: RouterMetrics | None = None,
+                 usage: UsageReporter | None = None) -> None:
+        self.metrics = metrics or RouterMetrics()
+        self.usage = usage  # reports use of each model (idle unload, eviction)
+        self.limits = Limits(options.queue_limit, options.queue_timeout)
         self.view = view
         self.control = control
         self.balancer = balancer
         self.upstream = upstream
         self.options = options
 
-    async def forward(self, req: ProxyRequest, sink: Sink) -> None:
+    async def forward(self, req: ProxyRequest, sink: Sink, rec: RequestRecord | None = None) -> None:
+        """Relay ``req``; ``rec`` collects what happened (access log, metrics)."""
+        rec = rec or RequestRecord(req.method, req.path, req.received_at)
         name = sniff(req.body, req.content_type).model
         if not name:
             raise ApiError(400, "you must provide a model parameter", "missing_model")
@@ -130,6 +144,7 @@ class Proxy:
         entry = self.view.catalog_entry(model) if model else None
         if model is None or entry is None:
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found")
+        rec.model = model
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
         if not self.view.running_instances(model):
@@ -140,68 +155,83 @@ class Proxy:
             except ControlError as exc:
                 raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
                                "model_start_failed") from None
-        await self._relay(model, name, req, sink)
+        self.metrics.started(model)
+        try:
+            async with self._admitted(model, entry.max_concurrency):
+                await self._relay(model, name, req, sink, rec)
+        finally:
+            self.metrics.ended(model)
 
-    async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink) -> None:
+    @asynccontextmanager
+    async def _admitted(self, model: str, max_concurrency: int) -> AsyncIterator[None]:
+        """Count the request as use of ``model`` and hold a concurrency slot (queued or 429)."""
+        with self.usage.track(model) if self.usage else nullcontext():
+            capacity = max_concurrency * len(self.view.running_instances(model))
+            async with self.limits.admit(model, capacity):
+                yield
+
+    async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the least busy instance; on a connection failure, the next one."""
         refused: set[str] = set()
         failures: list[str] = []
         while (inst := self.balancer.pick(self.view.running_instances(model), refused)) is not None:
             try:
-                await self._exchange(inst, req, sink)
+                await self._exchange(inst, req, sink, rec)
                 return
             except ConnectFailed as exc:
                 refused.add(inst.url)
                 failures.append(str(exc))
+                rec.retries, rec.error = len(failures), "connect"
         if failures:
             raise ApiError(502, f"no instance of model '{name}' could be reached: " + "; ".join(failures),
                            "upstream_unreachable")
         raise ApiError(503, f"model '{name}' is not running", "model_not_running")
 
-    async def _exchange(self, inst: Instance, req: ProxyRequest, sink: Sink) -> None:
+    async def _exchange(self, inst: Instance, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """One upstream exchange. Raises ``ConnectFailed`` only while nothing was sent to the
         client (so the caller may retry elsewhere); a failure after that ends the answer here."""
         overhead_ms = (time.monotonic() - req.received_at) * 1000  # router time before going upstream
         with self.balancer.track(inst.url):
-            resp, chunk = await self._first_chunk(inst, req)
+            resp, chunk = await self._first_chunk(inst, req, rec)
+            rec.worker, rec.streamed, rec.error = inst.worker, resp.content_type == "text/event-stream", ""
             complete = False
             try:
-                headers = response_headers(resp.headers.items())
-                headers += [("X-Accel-Buffering", "no"), ("X-Router-Worker", inst.worker),
+                headers = resp.headers + [("X-Accel-Buffering", "no"), ("X-Router-Worker", inst.worker),
                             ("X-Router-Overhead-Ms", f"{overhead_ms:.2f}")]
                 sink.begin(resp.status, headers)
-                recent = b""
                 try:
                     while chunk:
                         # All of a small answer is often in the first read: then send it as one
                         # sized body (one write) instead of chunked frames and a terminator.
-                        last = resp.content.is_eof()
+                        last = resp.at_eof
+                        rec.chunk(chunk)
                         await sink.send(chunk, last)
                         if last:
                             break
-                        recent = (recent + chunk)[-32:]
-                        chunk = await self.upstream.read(resp, timeout=self.options.idle_timeout)
+                        chunk = await resp.read(timeout=self.options.idle_timeout)
                     complete = True
                 except UpstreamError as exc:
-                    await self._end_interrupted(sink, resp.content_type, recent, exc)
+                    rec.error = "timeout" if isinstance(exc, UpstreamTimeout) else "broken"
+                    await self._end_interrupted(sink, resp.content_type, rec.recent(64), exc)
             finally:
                 if complete:
                     resp.release()
                 else:
                     resp.close()  # the engine sees the connection close and stops generating
 
-    async def _first_chunk(self, inst: Instance, req: ProxyRequest) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _first_chunk(self, inst: Instance, req: ProxyRequest, rec: RequestRecord) -> tuple[Response, bytes]:
         """Send the request and read the first body bytes, together within the first-byte timeout."""
         deadline = asyncio.get_running_loop().time() + self.options.first_byte_timeout
-        url = upstream_url(inst, req.path, req.query)
         try:
-            resp = await self.upstream.open(req.method, url, forward_headers(req.headers), req.body, deadline)
+            resp = await self.upstream.open(req.method, inst.url, upstream_target(req.path, req.query),
+                                            forward_headers(req.headers, inst.api_key), req.body, deadline)
             try:
-                return resp, await self.upstream.read(resp, deadline=deadline)
+                return resp, await resp.read(deadline=deadline)
             except BaseException:
                 resp.close()
                 raise
         except UpstreamTimeout as exc:
+            rec.worker, rec.error = inst.worker, "timeout"
             raise ApiError(504, str(exc), "upstream_timeout") from None
         except UpstreamBroken as exc:
             raise ConnectFailed(str(exc)) from None  # nothing reached the client yet: retryable

@@ -19,6 +19,7 @@ OPENAI_ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "internal_error",
     502: "upstream_error",
     503: "service_unavailable",
@@ -31,11 +32,13 @@ class ApiError(Exception):
 
     ``code`` is the machine-readable OpenAI ``error.code`` (``model_not_found``...)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.headers = headers or {}  # extra response headers (``Retry-After`` of a 429)
 
 
 def redis_unavailable(exc: BaseException) -> ApiError:

@@ -9,19 +9,24 @@ reconnect, so the view notices a lost subscription and resyncs.
 from __future__ import annotations
 
 import asyncio
+import uuid
+import time
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from llm_router.protocol import Keys
+from router.accesslog import AccessLog, RequestRecord, usage_of
 from router.balancer import Balancer
 from router.control import ControlClient
 from router.logstream import LogStreamer
 from router.manage import Manager
+from router.metrics import RouterMetrics
 from router.options import RouterOptions
 from router.proxy import Proxy
 from router.upstream import Upstream
+from router.usage import UsageReporter
 from router.view import ClusterView
 
 
@@ -38,15 +43,28 @@ class Services:
                                 resync_interval=self.options.resync_interval,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer()
-        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view)
+        self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
+                                   interval=self.options.usage_interval)
+        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage)
         self.upstream = Upstream(self.options)
-        self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options)
+        self.metrics = RouterMetrics(self.view)
+        self.access_log = AccessLog(self.options.access_log)
+        self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
+                           usage=self.usage)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
         self.logs = LogStreamer(self.redis, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
+    def finished(self, rec: RequestRecord, status: int) -> None:
+        """A forwarded request is over: count it and log it (the usage is parsed once, for both)."""
+        ended_at = time.monotonic()
+        usage = usage_of(rec, status)
+        self.metrics.observe(rec, status, ended_at, usage)
+        self.access_log.add(rec, status, ended_at, usage)
+
     async def start(self) -> None:
         await self.view.start()
+        self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -59,7 +77,11 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
+        if task := getattr(self, "_usage_task", None):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self.view.close()
         await self.upstream.close()
+        self.access_log.flush()
         await self.redis.aclose()
         await self.blocking.aclose()

@@ -1,31 +1,77 @@
-"""HTTP to the model servers: one pooled aiohttp session and the exchange's three timeouts.
+"""The engine hop: a lean, pooled, keep-alive HTTP/1.1 client on an asyncio ``Protocol``.
 
-Timeouts are separate because they guard different things: ``connect`` (a dead or unreachable
-host, fail over quickly), ``first byte`` (from sending the request to the first body bytes: a
-long prompt may legitimately take minutes), ``idle`` (between two chunks once the answer
-flows: a stream that goes silent is stuck). aiohttp's own ``sock_read`` cannot tell the first
-two apart, so reads are bounded here with ``asyncio.timeout``.
+Why not aiohttp: on the hot path its request machinery (request/response objects, header
+multidicts, a timer context per read) cost the router ~14 % of its CPU per proxied request.
+This client does only what the relay needs: write one request (one ``send``), parse the
+response head, hand body bytes over as they arrive (Content-Length, chunked or until-close
+framing, de-chunked), and put the connection back in the pool only after a complete response.
 
-Failures are classified for the proxy: ``ConnectFailed`` (nothing reached the engine: try
-another instance), ``UpstreamTimeout`` (504), ``UpstreamBroken`` (the engine went away
-mid-answer).
+* Timeouts: connect (new connections only), first byte and idle, all on **one** timer per
+  exchange (``loop.call_at``, re-armed only when the deadline moves past it).
+* Cancellation: ``close()`` (the proxy calls it on any exit but a complete answer, including a
+  cancelled task) closes the connection, so the engine sees the client leave and stops.
+* A pooled connection the engine closed just as it was reused is retried once on a fresh one.
+* Back-pressure: reading from the engine pauses while unread body bytes pile up (slow client).
+
+Header filtering lives here, in exactly two functions — ``forward_headers`` (client -> engine)
+and ``keep_response_header`` (engine -> client). Add any outgoing/incoming header policy
+(hop-by-hop stripping, an upstream API key...) there and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 from typing import Iterable
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from router.options import RouterOptions
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP layers recompute.
+# --------------------------------------------------------------------------- header policy
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those this client computes itself (Host, framing).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "expect",
 })
-RESPONSE_SKIP = HOP_BY_HOP | {"date", "server"}
+# Engine response headers relayed to the client; every other one is dropped (the router frames
+# the answer itself, and copying each header costs CPU on every request).
+RESPONSE_HEADERS = frozenset({
+    "content-type", "content-encoding", "content-disposition", "cache-control", "retry-after",
+    "www-authenticate", "location", "x-request-id",
+})
+RESPONSE_HEADER_PREFIXES = ("openai-", "x-ratelimit-")
+
+
+# Client credentials for the router itself: never passed on to an engine.
+CLIENT_CREDENTIALS = frozenset({"authorization", "cookie", "x-api-key"})
+
+
+def forward_headers(headers: Iterable[tuple[str, str]], api_key: str = "") -> list[tuple[str, str]]:
+    """Client -> engine: end-to-end request headers as the client sent them, minus hop-by-hop
+    ones (those RFC 9110 lists and those the client's ``Connection`` header names) and minus
+    the client's credentials (its key is for the router: an engine, or whoever runs one, must
+    never see it). With the model's ``api_key`` the engine gets ``Authorization: Bearer
+    <api_key>``. The one place for outgoing header policy."""
+    headers = list(headers)
+    drop = HOP_BY_HOP | CLIENT_CREDENTIALS
+    for k, v in headers:
+        if k.lower() == "connection":
+            drop = drop | {t.strip().lower() for t in v.split(",")}
+    out = [(k, v) for k, v in headers if k.lower() not in drop]
+    if api_key:
+        out.append(("Authorization", f"Bearer {api_key}"))
+    return out
+
+
+def keep_response_header(name: str) -> bool:
+    """Engine -> client: whether a response header (``name`` lower-case) is relayed. The one
+    place for incoming header policy."""
+    return name in RESPONSE_HEADERS or name.startswith(RESPONSE_HEADER_PREFIXES)
+
+
+# --------------------------------------------------------------------------- errors
 
 
 class UpstreamError(Exception):
@@ -44,73 +90,450 @@ class UpstreamBroken(UpstreamError):
     """The engine's answer stopped before its end (crash, reset)."""
 
 
-def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """End-to-end request headers, as the client sent them (Authorization included: engines
-    may check their own key)."""
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+class _Dropped(ConnectFailed):
+    """The connection closed before a response head: on a reused connection, retried once."""
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers if k.lower() not in RESPONSE_SKIP]
+# --------------------------------------------------------------------------- the response
+
+HEAD, FIXED, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, UNTIL_CLOSE, DONE = range(8)
+PAUSE_AT = 256 * 1024  # unread body bytes at which reading from the engine pauses
+MAX_HEAD = 64 * 1024
+
+
+class Response:
+    """One engine response: the head, then body bytes as they arrive (``read``)."""
+
+    __slots__ = ("conn", "loop", "head_only", "status", "headers", "content_type", "close_after", "state",
+                 "remaining", "buf", "chunks", "buffered", "error", "waiter", "expiry", "timer", "timer_when",
+                 "timeout_what", "paused", "finished")
+
+    def __init__(self, conn: "Connection", head_only: bool) -> None:
+        self.conn = conn
+        self.loop = conn.loop
+        self.head_only = head_only  # a HEAD request: no body whatever the headers say
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []  # the relayed ones (``keep_response_header``)
+        self.content_type = ""
+        self.close_after = False
+        self.state = HEAD
+        self.remaining = 0
+        self.buf = b""  # received, not yet parsed
+        self.chunks: list[bytes] = []  # body bytes parsed, not yet read
+        self.buffered = 0
+        self.error: UpstreamError | None = None
+        self.waiter: asyncio.Future | None = None
+        self.expiry = 0.0  # loop time by which the awaited bytes must come
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
+        self.timeout_what = "first-byte"
+        self.paused = False
+        self.finished = False  # released or closed
+
+    # --- the proxy's side ---
+
+    @property
+    def at_eof(self) -> bool:
+        """Everything the engine sent has been read and the body is complete."""
+        return self.state == DONE and not self.chunks
+
+    async def read(self, *, deadline: float | None = None, timeout: float | None = None) -> bytes:
+        """The next body bytes as they arrive (``b""`` at the end), bounded by a loop-time
+        ``deadline`` (first byte) or an idle ``timeout``."""
+        if not self.chunks and self.state != DONE and self.error is None:
+            if deadline is not None:
+                self.expiry, self.timeout_what = deadline, "first-byte"
+            else:
+                self.expiry, self.timeout_what = self.loop.time() + (timeout or 0.0), "idle"
+            await self._wait()
+        if self.chunks:
+            data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            self.chunks = []
+            self.buffered = 0
+            if self.paused:
+                self.paused = False
+                self.conn.resume()
+            return data
+        if self.error is not None:
+            raise self.error
+        return b""
+
+    def release(self) -> None:
+        """The exchange is over: a connection whose response is complete goes back to the
+        pool, any other is closed."""
+        if self.finished:
+            return
+        if self.state == DONE and not self.close_after and not self.buf:
+            self._end()
+            self.conn.reusable()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection (the engine sees the request abandoned)."""
+        if not self.finished:
+            self._end()
+            self.conn.close()
+
+    # --- the connection's side ---
+
+    def _end(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.conn.resp = None
+
+    async def _wait(self) -> None:
+        fut = self.waiter = self.loop.create_future()
+        if self.timer is None or self.expiry < self.timer_when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_when = self.expiry
+            self.timer = self.loop.call_at(self.expiry, self._on_timer)
+        try:
+            await fut
+        finally:
+            self.waiter = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.waiter is None or self.waiter.done():
+            return  # nobody waits: the next wait arms the timer again
+        if self.expiry > self.timer_when:  # the deadline moved on since this timer was armed
+            self.timer_when = self.expiry
+            self.timer = self.loop.call_at(self.expiry, self._on_timer)
+            return
+        what = self.timeout_what
+        self.waiter.set_exception(UpstreamTimeout(
+            f"no answer from the engine within the first-byte timeout" if self.state == HEAD
+            else f"the engine sent nothing within the {what} timeout"))
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def fail(self, error: UpstreamError) -> None:
+        if self.state != DONE and self.error is None:
+            self.error = error
+            self._wake()
+
+    def lost(self, exc: Exception | None) -> None:
+        if self.state == UNTIL_CLOSE:
+            self.state = DONE
+            self._wake()
+        elif self.state == HEAD:
+            self.fail(_Dropped(f"the engine closed the connection before answering ({exc or 'eof'})"))
+        else:
+            self.fail(UpstreamBroken(f"the engine's answer broke off ({exc or 'connection closed'})"))
+
+    def feed(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        try:
+            progressed = self._parse()
+        except (ValueError, IndexError) as exc:
+            self.fail(UpstreamBroken(f"malformed response from the engine: {exc}"))
+            self.conn.close()
+            return
+        if progressed:
+            self._wake()
+        if self.buffered > PAUSE_AT and not self.paused:
+            self.paused = True
+            self.conn.pause()
+
+    def _body(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+
+    def _parse(self) -> bool:
+        """Consume ``buf``; True when there is news for the reader (head, body, end)."""
+        news = False
+        while True:
+            buf, st = self.buf, self.state
+            if st == HEAD:
+                i = buf.find(b"\r\n\r\n")
+                if i < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise ValueError("response head too large")
+                    return news
+                self.buf = buf[i + 4:]
+                if self._head(buf[:i]):
+                    news = True
+            elif st == FIXED or st == CHUNK_DATA:
+                if not buf:
+                    return news
+                n = len(buf)
+                if n <= self.remaining:
+                    self._body(buf)
+                    self.buf = b""
+                else:
+                    self._body(buf[:self.remaining])
+                    self.buf = buf[self.remaining:]
+                    n = self.remaining
+                self.remaining -= n
+                news = True
+                if self.remaining:
+                    return news
+                self.state = DONE if st == FIXED else CHUNK_END
+            elif st == CHUNK_SIZE:
+                i = buf.find(b"\r\n")
+                if i < 0:
+                    return news
+                size = int(buf[:i].split(b";", 1)[0], 16)
+                self.buf = buf[i + 2:]
+                self.state, self.remaining = (TRAILER, 0) if size == 0 else (CHUNK_DATA, size)
+            elif st == CHUNK_END:
+                if len(buf) < 2:
+                    return news
+                self.buf = buf[2:]
+                self.state = CHUNK_SIZE
+            elif st == TRAILER:
+                i = buf.find(b"\r\n")
+                if i < 0:
+                    return news
+                self.buf = buf[i + 2:]
+                if i == 0:
+                    self.state = DONE
+                    return True
+            elif st == UNTIL_CLOSE:
+                if buf:
+                    self._body(buf)
+                    self.buf = b""
+                    news = True
+                return news
+            else:  # DONE: anything more is a protocol error; the connection is not reused
+                if buf:
+                    self.close_after = True
+                return news
+
+    def _head(self, raw: bytes) -> bool:
+        """Parse a response head; False for a 1xx interim one (the real head follows)."""
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        if 100 <= status < 200:
+            return False
+        length: int | None = None
+        chunked = False
+        keep = self.headers
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            value = value.strip()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+            elif name == "connection":
+                self.close_after = value.lower() == "close"
+            elif keep_response_header(name):
+                if name == "content-type":
+                    self.content_type = value.split(";", 1)[0].strip().lower()
+                keep.append((name.title(), value))
+        self.status = status
+        if self.head_only or status in (204, 304):
+            self.state = DONE
+        elif chunked:
+            self.state = CHUNK_SIZE
+        elif length is not None:
+            self.state, self.remaining = (FIXED, length) if length else (DONE, 0)
+        else:
+            self.state, self.close_after = UNTIL_CLOSE, True
+        return True
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to an engine; one exchange at a time."""
+
+    def __init__(self, pool: "Upstream", key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.resp: Response | None = None
+        self.closed = False
+        self.reused = False  # it served a complete exchange before
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pool.open_conns.add(self)
+        drop_unacked_after(transport, self.pool.options.connect_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.open_conns.discard(self)
+        if self.resp is not None:
+            self.resp.lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.resp is not None:
+            self.resp.feed(data)
+        else:
+            self.close()  # bytes nobody asked for: the connection is out of step
+
+    def eof_received(self) -> bool:
+        return False  # close; ``connection_lost`` ends an until-close body
+
+    def send(self, data: bytes, head_only: bool) -> Response:
+        self.resp = resp = Response(self, head_only)
+        self.transport.write(data)  # type: ignore[union-attr]
+        return resp
+
+    def pause(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def reusable(self) -> None:
+        self.reused = True
+        self.pool.put(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+
+
+def drop_unacked_after(transport: asyncio.BaseTransport, seconds: float) -> None:
+    """Have the kernel abort the connection when data it sent stays unacknowledged for
+    ``seconds`` (Linux ``TCP_USER_TIMEOUT``). Why: a request written to a pooled connection of a
+    host that has dropped off the network (cable, switch, partition) is otherwise retransmitted
+    for ~15 minutes and the exchange hangs until the first-byte timeout; with it the connection
+    fails like a refused one and the request goes to another instance. An engine that is merely
+    slow still acknowledges at once (its kernel does), so long prompts are not affected."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is not None and option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        except OSError:
+            pass
+
+
+class Endpoint:
+    """An engine base URL, parsed once."""
+
+    __slots__ = ("key", "host_header", "base_path")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme or "http"
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ConnectFailed(f"unsupported engine URL {url!r}")
+        port = parts.port or (443 if scheme == "https" else 80)
+        self.key = (scheme, parts.hostname, port)
+        self.host_header = parts.netloc.rsplit("@", 1)[-1]
+        self.base_path = parts.path.rstrip("/")
+
+
+def encode_request(method: str, target: str, host: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    head = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    head += [f"{k}: {v}\r\n" for k, v in headers]
+    if body or method in ("POST", "PUT", "PATCH"):
+        head.append(f"Content-Length: {len(body)}\r\n")
+    head.append("\r\n")
+    return "".join(head).encode("latin-1") + body
 
 
 class Upstream:
-    """The router's one client session to every engine (keep-alive, large pool)."""
+    """The router's one client to every engine: a pool of keep-alive connections per engine."""
+
+    KEEPALIVE = 4.0  # shorter than uvicorn's 5 s: a pooled connection is not reused as the engine closes it
 
     def __init__(self, options: RouterOptions) -> None:
         self.options = options
-        self._session: aiohttp.ClientSession | None = None
+        self.idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self.open_conns: set[Connection] = set()
+        self.endpoints: dict[str, Endpoint] = {}
+        self.max_idle = options.upstream_connections  # per engine
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # Keep-alive shorter than uvicorn's 5 s default, so a pooled connection is not
-            # reused just as the engine closes it.
-            connector = aiohttp.TCPConnector(limit=self.options.upstream_connections, limit_per_host=0,
-                                             keepalive_timeout=4.0, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                # Bytes are relayed as they come: never ask for an encoding the client did not.
-                skip_auto_headers=("Accept-Encoding", "Content-Type", "User-Agent"),
-                timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None,
-                                              sock_connect=self.options.connect_timeout))
-        return self._session
+    def endpoint(self, url: str) -> Endpoint:
+        ep = self.endpoints.get(url)
+        if ep is None:
+            if len(self.endpoints) > 4096:
+                self.endpoints.clear()
+            ep = self.endpoints[url] = Endpoint(url)
+        return ep
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
-                   deadline: float) -> aiohttp.ClientResponse:
-        """Send the request; return once the response headers are in (by ``deadline``, a
-        loop time). A pooled connection the engine closed at the same moment is retried once."""
-        for attempt in (1, 2):
+    async def open(self, method: str, base_url: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                   deadline: float) -> Response:
+        """Send the request to ``base_url`` + ``target``; return once the response head is in
+        (by ``deadline``, a loop time). Raises ``ConnectFailed``, ``UpstreamTimeout``."""
+        ep = self.endpoint(base_url)
+        data = encode_request(method, ep.base_path + target, ep.host_header, headers, body)
+        conn = self.take(ep.key)
+        if conn is None:
+            conn = await self.connect(ep.key, deadline)
+        resp = conn.send(data, method == "HEAD")
+        try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    return await self.session.request(method, url, headers=headers, data=body or None,
-                                                      allow_redirects=False)
-            except TimeoutError:
-                raise UpstreamTimeout(f"no answer from {url} within the first-byte timeout") from None
-            except aiohttp.ServerDisconnectedError as exc:
-                if attempt == 2:
-                    raise ConnectFailed(f"{url} closed the connection: {exc}") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, aiohttp.ClientOSError) as exc:
-                raise ConnectFailed(f"cannot reach {url}: {exc}") from None
-            except aiohttp.ClientError as exc:
-                raise ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from None
-        raise AssertionError("unreachable")
+                await self.head(resp, deadline)
+            except _Dropped:
+                if not conn.reused:
+                    raise
+                resp.close()  # a stale pooled connection: once more on a fresh one
+                resp = (await self.connect(ep.key, deadline)).send(data, method == "HEAD")
+                await self.head(resp, deadline)
+        except BaseException:
+            resp.close()
+            raise
+        return resp
 
     @staticmethod
-    async def read(resp: aiohttp.ClientResponse, *, deadline: float | None = None,
-                   timeout: float | None = None) -> bytes:
-        """The next chunk as it arrives (``b""`` at the end), bounded by a loop-time
-        ``deadline`` (first byte) or a ``timeout`` (idle)."""
+    async def head(resp: Response, deadline: float) -> None:
+        if resp.state == HEAD and resp.error is None:
+            resp.expiry = deadline
+            await resp._wait()
+        if resp.state == HEAD and resp.error is not None:
+            raise resp.error
+
+    async def connect(self, key: tuple[str, str, int], deadline: float) -> Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        limit = min(self.options.connect_timeout, max(deadline - loop.time(), 0.0))
         try:
-            async with (asyncio.timeout_at(deadline) if deadline is not None else asyncio.timeout(timeout)):
-                return await resp.content.readany()
+            async with asyncio.timeout(limit):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self, key), host, port,
+                    ssl=ssl.create_default_context() if scheme == "https" else None)
         except TimeoutError:
-            raise UpstreamTimeout("the engine sent nothing within the "
-                                  + ("first-byte" if deadline is not None else "idle") + " timeout") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamBroken(f"the engine's answer broke off: {type(exc).__name__}: {exc}") from None
+            raise ConnectFailed(f"cannot reach {host}:{port}: connect timeout") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+        return conn
+
+    def take(self, key: tuple[str, str, int]) -> Connection | None:
+        conns = self.idle.get(key)
+        if not conns:
+            return None
+        stale = asyncio.get_running_loop().time() - self.KEEPALIVE
+        while conns:
+            conn = conns.pop()  # the most recently used: the least likely to be closed
+            if not conn.closed and conn.idle_since > stale:
+                return conn
+            conn.close()
+        return None
+
+    def put(self, conn: Connection) -> None:
+        conns = self.idle.setdefault(conn.key, [])
+        now = conn.loop.time()
+        # the oldest are at the front: drop those past keep-alive (take() only sees the newest)
+        while conns and (conns[0].closed or conns[0].idle_since < now - self.KEEPALIVE):
+            conns.pop(0).close()
+        if len(conns) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = now
+        conns.append(conn)
+
+    async def close(self) -> None:
+        for conn in list(self.open_conns):
+            conn.close()
+        self.idle.clear()
+        await asyncio.sleep(0)  # let the transports close

@@ -108,6 +108,10 @@ class ClusterView:
         """Live workers whose catalog has the model."""
         return [w for w in sorted(self._catalogs) if model in self._catalogs[w] and w in self._workers]
 
+    def catalog_entries(self, model: str) -> dict[str, CatalogEntry]:
+        """The model's catalog entry per live worker that has it (hosts may differ: devices)."""
+        return {w: self._catalogs[w][model] for w in self.catalog_workers(model)}
+
     def all_instances(self) -> list[Instance]:
         return [i for model in self._instances for i in self.instances(model)]
 

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import redis as redis_sync
@@ -132,14 +132,18 @@ class Router:
 
 
 def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None = None,
-                 prefix: str | None = None, timeout: float = 20) -> Router:
-    """``llm-router serve`` on a free port; returns once ``/health`` answers."""
-    port = free_port()
+                 prefix: str | None = None, timeout: float = 20, host: str = "127.0.0.1",
+                 wrap: Callable[[list[str]], list[str]] = list) -> Router:
+    """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
+    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace)."""
+    port = free_port()  # in a namespace the port is surely free too: nothing else binds there
     argv = [sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url, "--port", str(port)]
+    if host != "127.0.0.1":
+        argv += ["--host", host]
     if prefix:
         argv += ["--prefix", prefix]
-    proc = procs.start(argv, name="router", env={**ROUTER_ENV, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    proc = procs.start(wrap(argv), name="router", env={**ROUTER_ENV, **(env or {})})
+    url = f"http://{host}:{port}"
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -154,12 +158,13 @@ def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None
 
 
 def start_worker(procs: Processes, redis_url: str, config: Path, wid: str,
-                 prefix: str | None = None) -> subprocess.Popen:
+                 prefix: str | None = None, wrap: Callable[[list[str]], list[str]] = list,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config), "--redis", redis_url,
             "--worker-id", wid]
     if prefix:
         argv += ["--prefix", prefix]
-    return procs.start(argv, name=f"worker-{wid}")
+    return procs.start(wrap(argv), name=f"worker-{wid}", env=env)
 
 
 def wait_models(router: Router, count: int, timeout: float = 20) -> list[dict]:

@@ -85,7 +85,7 @@ def test_example_config_is_valid():
     ('[[models]]\nid = "a"\ncommand = ["x"]\ncolour = "red"\n', "unknown field `colour` - at `$.models[0]`"),
     ('[[models]]\nid = "a"\ncommand = ["x"]\nport = "80"\n', "Expected `int`, got `str` - at `$.models[0].port`"),
     ('[worker]\nheartbeat_interval = -1\n', "`$.worker.heartbeat_interval`"),
-    ('[[models]]\nid = "a"\n', "missing required field `command` - at `$.models[0]`"),
+    ('[[models]]\nid = "a"\n', 'models[0].command: required when engine is "command"'),
     ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b"]\n[[models]]\nid = "b"\ncommand = ["x"]\n',
      "models[1].aliases: 'b' is already used by model 'a'"),
     ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b c"]\n', "models[0].aliases: 'b c' is not a valid alias"),
@@ -110,7 +110,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_config_check_cli(tmp_path):
-    ok = run_cli("config-check", str(write(tmp_path, GOOD)))
+    ok = run_cli("config", "check", str(write(tmp_path, GOOD)))
     assert ok.returncode == 0, ok.stderr
     assert "qwen-7b" in ok.stdout and "ok (2 models)" in ok.stdout
 

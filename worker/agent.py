@@ -32,14 +32,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_router import __version__
-from llm_router.config import HostConfig
+from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, to_hash, to_json
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
+from worker.idle import IdleReaper
 from worker.logpipe import LogPipe
 from worker.orphans import WorkerIdInUse, reap_orphans
 from worker.placement import Placer
 from worker.process import HostContext, ModelProcess
+from worker.reload import ReloadTrigger, apply_plan, plan_reload
 from worker.retry import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("llm_router.worker")
@@ -66,10 +68,14 @@ class WorkerAgent:
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer)
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
-        host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
-                           placer=Placer(self.settings, self.snapshot))
-        self.models = {m.id: ModelProcess(m, host, self._instance_changed) for m in cfg.models}
+        self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
+                                placer=Placer(self.settings, self.snapshot))
+        self.models = {m.id: self._supervise(m) for m in cfg.models}
+        self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
+        self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
+        self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, cfg, self.models, self.redis, self.keys)
+        self.idle = IdleReaper(self.redis, self.keys, self.models)
         self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
                                     before_reply=self.changes_published)
         self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
@@ -97,13 +103,16 @@ class WorkerAgent:
             raise
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
-            ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices)]]
+            ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
+            ("idle", self.idle.run)]]
         intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
+        reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
         autostart = [asyncio.create_task(mp.ensure_running()) for mp in self.models.values() if mp.model.auto_start]
         try:
             await stop.wait()
         finally:
-            await self._shutdown(intake, loops, autostart)
+            await _cancel([reloads])  # from here on, no reload adds or starts a model
+            await self._shutdown(intake, loops, [*autostart, *self._starts])
 
     async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
@@ -139,6 +148,39 @@ class WorkerAgent:
             if orphan.model in self.models:
                 self.logs.write(orphan.model, "event",
                                 f"{how} orphan process {orphan.pid} left by a previous run of worker {self.wid}")
+
+    # --- config reload (see worker.reload) ---
+
+    def _supervise(self, model: ModelConfig) -> ModelProcess:
+        return ModelProcess(model, self.host, self._instance_changed)
+
+    async def _reloads(self) -> None:
+        while True:
+            await self.reload_trigger.wait()
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Apply the config file as it is now: models added, removed, restarted or updated in
+        place; unchanged ones untouched. A bad file is one logged line and changes nothing."""
+        try:
+            new = await asyncio.to_thread(load_config, self.cfg.path)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the config in force: %s", exc)
+            return
+        new.worker.id = self.settings.id  # a --worker-id override stays
+        if new.worker != self.settings:
+            log.warning("[worker] settings changed in %s: they apply when the worker restarts", new.path)
+        new.worker = self.settings
+        plan = plan_reload(self.cfg.models, new.models)
+        log.info("config reloaded from %s: %s", new.path, plan.summary())
+        to_start = await apply_plan(plan, self.models, self._supervise)
+        self.cfg = self.operations.cfg = new
+        self._withdrawn.update(plan.removed)
+        self._request_resync()  # the new catalog, every instance, the removed ones deleted
+        for mp in to_start:
+            task = asyncio.create_task(mp.ensure_running(), name=f"reload start {mp.model.id}")
+            self._starts.add(task)
+            task.add_done_callback(self._starts.discard)
 
     # --- publishing: one task writes the worker's keys, in order ---
 
@@ -199,6 +241,9 @@ class WorkerAgent:
             self._lease_ops(pipe)
             catalog = self.keys.catalog(self.wid)
             pipe.delete(catalog)
+            withdrawn = self._withdrawn - self.models.keys()
+            for model_id in withdrawn:
+                pipe.delete(self.keys.instance(model_id, self.wid))
             if self.cfg.models:
                 pipe.hset(catalog, mapping={m.id: to_json(m.catalog_entry()) for m in self.cfg.models})
             for mp in self.models.values():
@@ -206,6 +251,7 @@ class WorkerAgent:
             pipe.publish(self.keys.events(), to_json(Event(kind="worker", worker=self.wid)))
             pipe.publish(self.keys.events(), to_json(Event(kind="catalog", worker=self.wid)))
             await pipe.execute()
+        self._withdrawn -= withdrawn
         log.info("published lease, catalog and %d instances", len(self.models))
 
     async def _publish_instance(self, inst: Instance) -> None:
@@ -321,6 +367,7 @@ async def _serve(cfg: HostConfig, redis_url: str, prefix: str) -> int:
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     try:
         agent = WorkerAgent(cfg, redis_url, prefix)
+        loop.add_signal_handler(signal.SIGHUP, agent.reload_trigger.request)
         await agent.run(stop)
     except (ValueError, WorkerIdInUse) as exc:  # a malformed Redis URL, a taken worker id
         log.error("cannot start: %s", exc)

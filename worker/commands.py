@@ -23,6 +23,7 @@ import redis.exceptions
 
 from llm_router.config import HostConfig
 from llm_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
+from worker.placement import NO_ROOM
 from worker.process import ModelProcess
 from worker.retry import REDIS_ERRORS, RedisLink
 
@@ -62,7 +63,8 @@ class Operations:
         if inst.state == "running":
             return self._reply(cmd, True, f"model '{inst.model}' is running at {inst.url}", state=inst.state)
         return self._reply(cmd, False, inst.last_error or f"model '{inst.model}' is {inst.state}",
-                           state=inst.state, log_tail=mp.log_tail(TAIL_IN_REPLY))
+                           state=inst.state, log_tail=mp.log_tail(TAIL_IN_REPLY),
+                           no_room=inst.last_error.startswith(NO_ROOM))
 
     async def _op_stop(self, cmd: Command) -> Reply:
         mp = self._find(cmd.model)

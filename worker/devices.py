@@ -12,6 +12,8 @@ heartbeat.
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 import time
 from types import ModuleType
@@ -24,6 +26,9 @@ from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
 
 MIB = 1024 * 1024
 DEFAULT_RETRY_INTERVAL = 60.0  # seconds between nvmlInit attempts after one failed
+# Testing hook: the module to use instead of ``pynvml`` (``tests.fake_nvml``: stand-in GPUs
+# from ``LLM_ROUTER_FAKE_GPUS``), so end-to-end tests run real workers on machines without GPUs.
+NVML_MODULE_ENV = "LLM_ROUTER_NVML_MODULE"
 
 
 def _text(value: Any) -> str:
@@ -117,9 +122,8 @@ class DeviceProbe:
         self._next_init_at = now + self._retry_interval
         try:
             if self._nvml is None:
-                import pynvml  # lazily: the import succeeds without a driver, but not without the package
-
-                self._nvml = pynvml
+                # lazily: the import succeeds without a driver, but not without the package
+                self._nvml = importlib.import_module(os.environ.get(NVML_MODULE_ENV) or "pynvml")
             self._nvml.nvmlInit()
         except ImportError as exc:
             self._init_error = f"NVML bindings not installed (pip install nvidia-ml-py): {exc}"

@@ -20,33 +20,70 @@ class NoFit(Exception):
     """The model cannot be placed on this host now; the message says why, for the operator."""
 
 
+NO_ROOM = "no device profile fits this host now"  # how a start that lost on VRAM fails
+
+
+@dataclass(frozen=True)
+class Held:
+    """VRAM promised to one model: ``vram_mb`` MiB on each of ``gpus``. ``loading``: its
+    process may not show that memory in NVML yet (it is starting)."""
+
+    gpus: tuple[int, ...]
+    vram_mb: int
+    loading: bool
+
+
 def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
-                   reserved: Mapping[int, int] | None = None) -> tuple[DeviceProfile, list[int]]:
+                   reserved: Mapping[int, int] | None = None,
+                   held: Iterable[Held] = ()) -> tuple[DeviceProfile, list[int]]:
     """The first of ``model``'s device profiles that fits, and the GPU indices it gets.
 
-    A GPU fits when its free memory (from ``snapshot``, minus ``reserved`` MiB per GPU index)
-    is at least the profile's ``vram_mb``. ``cuda:N`` needs that GPU; ``cuda`` takes the
-    fitting GPU with the most free memory not already taken by the profile; ``cpu`` always
-    fits. Without GPU information (no snapshot, NVML offline) only CPU profiles fit.
-    Raises ``NoFit`` naming each profile and why it did not fit.
+    A GPU fits when its free memory (``free_vram``: the snapshot minus ``reserved`` MiB per GPU
+    index and minus what ``held`` promises) is at least the profile's ``vram_mb``. ``cuda:N``
+    needs that GPU; ``cuda`` takes the fitting GPU with the most free memory not already taken
+    by the profile; ``cpu`` always fits. Without GPU information (no snapshot, NVML offline)
+    only CPU profiles fit. Raises ``NoFit`` naming each profile and why it did not fit.
     """
-    free, no_gpu_reason = _free_vram(snapshot, reserved or {})
+    free, no_gpu_reason = free_vram(snapshot, held, reserved or {})
+    return fit_profiles(model.device_profiles(), free, no_gpu_reason)
+
+
+def fit_profiles(profiles: Iterable[DeviceProfile], free: Mapping[int, int],
+                 no_gpu_reason: str = "no device information") -> tuple[DeviceProfile, list[int]]:
+    """The first profile that fits ``free`` (MiB per GPU index) and its GPUs; else ``NoFit``.
+    Shared by the worker (its live reading) and routers (the published snapshots)."""
     reasons = []
-    for n, profile in enumerate(model.device_profiles(), 1):
-        gpus, why = _fit(profile, free, no_gpu_reason)
+    for n, profile in enumerate(profiles, 1):
+        gpus, why = _fit(profile, dict(free), no_gpu_reason)
         if why is None:
             return profile, gpus
         reasons.append(f"profile {n} [{', '.join(profile.devices)}]: {why}")
-    raise NoFit("no device profile fits this host now: " + "; ".join(reasons))
+    raise NoFit(f"{NO_ROOM}: " + "; ".join(reasons))
 
 
-def _free_vram(snapshot: DeviceSnapshot | None, reserved: Mapping[int, int]) -> tuple[dict[int, int], str]:
-    """Usable MiB per GPU index, or ({}, why there are none)."""
+def free_vram(snapshot: DeviceSnapshot | None, held: Iterable[Held] = (),
+              reserved: Mapping[int, int] | None = None) -> tuple[dict[int, int], str]:
+    """Usable MiB per GPU index, or ({}, why there are none).
+
+    Per GPU: ``min(NVML free - loading promises - reserved, total - all promises)``. NVML is the
+    truth for everything it sees (other users, a model using more than it declared); a model
+    still loading may not show its memory yet, so its promise is subtracted from NVML's free;
+    and the declared VRAM of every placed model is a floor on what it holds, so a model whose
+    memory NVML never shows (stand-in GPUs, MIG, containers) is still counted.
+    """
     if snapshot is None:
         return {}, "no device information"
     if not snapshot.cuda.online:
         return {}, snapshot.cuda.error or "CUDA is offline on this host"
-    return {g.index: g.memory_free - reserved.get(g.index, 0) for g in snapshot.cuda.gpus}, ""
+    loading: dict[int, int] = dict(reserved or {})
+    promised: dict[int, int] = {}
+    for h in held:
+        for gpu in h.gpus:
+            promised[gpu] = promised.get(gpu, 0) + h.vram_mb
+            if h.loading:
+                loading[gpu] = loading.get(gpu, 0) + h.vram_mb
+    return {g.index: min(g.memory_free - loading.get(g.index, 0), g.memory_total - promised.get(g.index, 0))
+            for g in snapshot.cuda.gpus}, ""
 
 
 def _fit(profile: DeviceProfile, free: dict[int, int], no_gpu_reason: str) -> tuple[list[int], str | None]:
@@ -117,9 +154,11 @@ class Placement:
 class Placer:
     """Places models of one worker and keeps its promises (ports, VRAM) until released.
 
-    ``snapshot`` reads this host's devices now. A model's VRAM counts as reserved from
-    ``place`` until ``settle`` (it is loaded: device readings show its memory from then on);
-    its port from ``place`` until ``release``.
+    ``snapshot`` reads this host's devices now. A model's VRAM and port are promised from
+    ``place`` until ``release``; until ``settle`` (it is loaded) its VRAM is also subtracted
+    from NVML's free memory, which may not show it yet (see ``free_vram``). ``place`` has no
+    await between reading the promises and recording its own, so concurrent starts on one
+    host are decided one after the other: a host never overcommits its own GPUs.
     """
 
     def __init__(self, settings: WorkerSettings, snapshot: Callable[[], Awaitable[DeviceSnapshot | None]],
@@ -134,17 +173,16 @@ class Placer:
         needs_gpu = any(d != "cpu" for p in model.device_profiles() for d in p.devices)
         snapshot = await self.snapshot() if needs_gpu else None
         self.release(model.id)
-        reserved: dict[int, int] = {}
-        for other in self._loading:
-            held = self._held[other]
-            for gpu in held.gpus:
-                reserved[gpu] = reserved.get(gpu, 0) + held.vram_mb
-        profile, gpus = choose_profile(model, snapshot, reserved)
+        profile, gpus = choose_profile(model, snapshot, held=self.held())
         port = choose_port(model.port, self.settings.port_range, {p.port for p in self._held.values()},
                            lambda port: self.is_free(self.settings.bind_host, port))
         placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port)
         self._loading.add(model.id)
         return placement
+
+    def held(self) -> list[Held]:
+        """What this worker has promised now: every placed model's VRAM (see ``free_vram``)."""
+        return [Held(tuple(p.gpus), p.vram_mb, m in self._loading) for m, p in self._held.items()]
 
     def settle(self, model_id: str) -> None:
         self._loading.discard(model_id)

@@ -102,7 +102,8 @@ class ModelProcess:
         self.model = model
         self.host = host
         self._on_change = on_change
-        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=time.time())
+        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=time.time(),
+                                  api_key=model.api_key)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._run: _Run | None = None
         self._start_task: asyncio.Task | None = None
@@ -193,7 +194,7 @@ class ModelProcess:
             self._schedule_restart(clean_exit=False)
 
     async def _start_once(self, cancel: asyncio.Future) -> None:
-        self._set(state="starting", last_error="", url="", pid=0, gpus="", started_at=0.0)
+        self._set(state="starting", last_error="", url="", pid=0, gpus="", vram_mb=0, started_at=0.0)
         try:
             placement = await self.host.placer.place(self.model)
         except NoFit as exc:
@@ -240,7 +241,7 @@ class ModelProcess:
                      asyncio.create_task(pump(proc.stderr, partial(self._line, "stderr")))]
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
-        self._set(pid=proc.pid, gpus=gpus)
+        self._set(pid=proc.pid, gpus=gpus, vram_mb=placement.vram_mb)
         return run
 
     async def _await_healthy(self, run: _Run, cancel: asyncio.Future) -> str | None:

@@ -61,8 +61,35 @@ function hostOf(url) {
   try { return new URL(url).host; } catch { return url || ""; }
 }
 
-async function api(method, path) {
-  const resp = await fetch(path, {method, headers: {Accept: "application/json"}, cache: "no-store"});
+// API key (when the router has keys on): kept in a cookie so that EventSource (log streams),
+// which cannot send headers, carries it too; the router honours the cookie for GET/HEAD only,
+// so fetch() sends it as a Bearer header as well (POSTs need that). Asked for on a 401.
+const KEY_COOKIE = "llm_router_key";
+let askingKey = null;
+
+function storedKey() {
+  const m = document.cookie.match(new RegExp(`(?:^|; )${KEY_COOKIE}=([^;]*)`));
+  return m ? m[1] : "";
+}
+
+function askKey() {
+  askingKey = askingKey || new Promise((resolve) => {
+    const key = (window.prompt("This router needs an API key:") || "").trim();
+    if (key) {
+      const secure = location.protocol === "https:" ? "; Secure" : "";
+      document.cookie = `${KEY_COOKIE}=${key}; path=/; SameSite=Strict${secure}`;
+    }
+    resolve(Boolean(key));
+  }).finally(() => { setTimeout(() => { askingKey = null; }, 0); });
+  return askingKey;
+}
+
+async function api(method, path, retried = false) {
+  const headers = {Accept: "application/json"};
+  const key = storedKey();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const resp = await fetch(path, {method, headers, cache: "no-store"});
+  if (resp.status === 401 && !retried && await askKey()) return api(method, path, true);
   let body = {};
   try { body = await resp.json(); } catch { /* empty or non-JSON body */ }
   if (!resp.ok) {

@@ -1,0 +1,87 @@
+"""Checks on hostile input that need no state: forwarded paths, query parameters, JSON depth.
+
+Pure functions raising ``ApiError`` (400), called by the handlers before any work is done.
+
+- ``check_forward_path``: only ``/v1/...`` is forwarded, and only a path that every HTTP
+  stack reads the same way. The engine URL is ``instance.url + path``; a ``..`` segment (plain
+  or percent-encoded), an empty segment, a backslash or an encoded slash could be normalised
+  by the HTTP client or the engine into a path outside ``/v1`` (``/v1/../admin``), and an
+  ``@`` or a scheme right after the host would name another host. The request target itself
+  is always origin-form here: Tornado routes by path, so an absolute URL target
+  (``GET http://evil/v1/x``) never reaches the proxy route.
+- ``check_query``: every query parameter of an ``/api`` route is known to the route, given
+  once, and printable; anything else is a 400 naming the parameter (a typo such as
+  ``?keep_minute=5`` would otherwise silently clear all logs).
+- ``json_depth``: engines parse the body the router forwards; a body nested thousands deep
+  costs them (and some parsers) dearly, so the proxy refuses it before it leaves the router.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+from router.responses import ApiError
+
+SEGMENT = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+$")
+FORBIDDEN_ESCAPES = re.compile(r"%(?:2[eEfF]|5[cC]|00)")  # '.', '/', '\', NUL
+_ESCAPED = re.compile(rb"\\.", re.S)
+_STRING = re.compile(rb'"[^"]*"')
+OPENERS = frozenset(b"[{")
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def check_forward_path(path: str) -> None:
+    """Raise 400 unless ``path`` is a plain ``/v1/...`` path (see the module docstring)."""
+    if not path.startswith("/v1/"):
+        raise ApiError(400, "only /v1/ paths are forwarded", "invalid_path")
+    segments = path[1:].split("/")
+    if path.endswith("/"):
+        segments.pop()  # one trailing slash is harmless (and some clients add it)
+    for seg in segments:
+        if seg in ("", ".", "..") or not SEGMENT.match(seg) or FORBIDDEN_ESCAPES.search(seg):
+            raise ApiError(400, f"invalid path segment {seg!r}: no empty, '.' or '..' segments, "
+                                "no encoded '.', '/' or '\\', printable ASCII only", "invalid_path")
+
+
+def check_query(arguments: Mapping[str, list[bytes]], allowed: Iterable[str]) -> None:
+    """Raise 400 naming the first unknown, repeated or unprintable query parameter."""
+    allowed = set(allowed)
+    for name, values in arguments.items():
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(400, f"unknown query parameter {name!r} (this route takes: {known})",
+                           "invalid_parameter")
+        if len(values) > 1:
+            raise ApiError(400, f"query parameter {name!r} given {len(values)} times", "invalid_parameter")
+        try:
+            text = values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"query parameter {name!r} is not UTF-8", "invalid_parameter") from None
+        if not text.isprintable():
+            raise ApiError(400, f"query parameter {name!r} holds control characters", "invalid_parameter")
+
+
+def json_depth(body: bytes, limit: int) -> int:
+    """The nesting depth of the JSON text ``body``, counting no further than ``limit + 1``.
+
+    Strings are blanked out first (escapes, then quoted runs), so brackets inside them do not
+    count; what is left is a short run of brackets, walked once."""
+    brackets = _STRING.sub(b"", _ESCAPED.sub(b"", body)).translate(None, _NOT_BRACKET)
+    depth = deepest = 0
+    for c in brackets:
+        if c in OPENERS:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        else:
+            depth -= 1
+    return deepest
+
+
+def check_json_depth(body: bytes, limit: int) -> None:
+    if body.count(b"[") + body.count(b"{") > limit:  # else it cannot be deeper: no scan
+        if (depth := json_depth(body, limit)) > limit:
+            raise ApiError(400, f"request body is nested deeper than {limit} levels ({depth}+)", "json_too_deep")

@@ -1,0 +1,149 @@
+"""Prometheus metrics of a router: ``GET /metrics`` (text exposition format).
+
+Two kinds:
+
+* **request metrics**, updated on the hot path (``RouterMetrics.observe``, once per forwarded
+  request, from the ``RequestRecord`` the proxy filled): requests by model/route/status,
+  upstream errors and retries, latency and time-to-first-byte histograms, in-flight gauge.
+  Labelled children are cached per label tuple, so a request costs a dict lookup and a few
+  locked adds, not prometheus-client's ``labels()`` parsing.
+* **cluster metrics**, computed at scrape time from the ``ClusterView`` the router already
+  holds (``ClusterCollector``): instances by state, restarts, workers, device memory per
+  host/GPU. No worker needs an HTTP port for them; every router shows the same cluster.
+
+Label cardinality stays bounded: ``model`` is a catalog id (or ``""`` when the request named
+no known model), ``route`` one of ``ROUTES`` or ``other``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from router.accesslog import RequestRecord, Usage
+from router.view import ClusterView
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech", "/v1/images/generations",
+    "/v1/rerank", "/v1/score",
+})
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFB_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+
+
+def route_label(path: str) -> str:
+    path = path.rstrip("/")
+    return path if path in ROUTES else "other"
+
+
+class RouterMetrics:
+    """The router's registry and its request metrics."""
+
+    def __init__(self, view: ClusterView | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llm_router_requests", "Forwarded /v1 requests, by final status "
+                                "(499: the client left first)", ["model", "route", "status"], registry=r)
+        self.errors = Counter("llm_router_upstream_errors", "Upstream failures (connect, timeout, broken)",
+                              ["model", "kind"], registry=r)
+        self.retries = Counter("llm_router_upstream_retries", "Requests sent to another instance after a "
+                               "connection failure", ["model"], registry=r)
+        self.latency = Histogram("llm_router_request_duration_seconds", "Arrival to the end of the answer",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llm_router_time_to_first_token_seconds", "Streamed requests: arrival to the "
+                              "first body bytes relayed (the first SSE frame)", ["model"], buckets=TTFB_BUCKETS,
+                              registry=r)
+        self.tokens = Counter("llm_router_tokens", "Tokens the engines reported in usage",
+                              ["model", "kind"], registry=r)
+        self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
+                               registry=r)
+        self._children: dict[tuple, object] = {}
+        if view is not None:
+            r.register(ClusterCollector(view))
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def started(self, model: str) -> None:
+        self._child(self.in_flight, model).inc()
+
+    def ended(self, model: str) -> None:
+        self._child(self.in_flight, model).dec()
+
+    def observe(self, rec: RequestRecord, status: int, ended_at: float, usage: Usage | None) -> None:
+        """One forwarded request is over (``ended_at``: time.monotonic())."""
+        model = rec.model
+        self._child(self.requests, model, route_label(rec.path), str(status)).inc()
+        if not model:
+            return  # refused before a model was known: counted, nothing to time
+        self._child(self.latency, model).observe(ended_at - rec.received_at)
+        if rec.streamed and rec.first_byte_at:
+            self._child(self.ttft, model).observe(rec.first_byte_at - rec.received_at)
+        if rec.retries:
+            self._child(self.retries, model).inc(rec.retries)
+        if rec.error:
+            self._child(self.errors, model, rec.error).inc()
+        if usage is not None:
+            if usage.prompt_tokens:
+                self._child(self.tokens, model, "prompt").inc(usage.prompt_tokens)
+            if usage.completion_tokens:
+                self._child(self.tokens, model, "completion").inc(usage.completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ClusterCollector:
+    """Gauges computed at scrape time from the cluster view (workers, instances, devices)."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+
+    def describe(self) -> list[Metric]:
+        return []  # computed per scrape: nothing to check for duplicates up front
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.view
+        workers = GaugeMetricFamily("llm_router_worker_up", "Workers with a live lease (1)", labels=["worker", "host"])
+        for wid, info in sorted(view.workers().items()):
+            workers.add_metric([wid, info.host], 1)
+        yield workers
+
+        by_state: dict[tuple[str, str, str], int] = {}
+        restarts = GaugeMetricFamily("llm_router_instance_restarts", "Restarts of an instance after a crash "
+                                     "(as its worker counts them)", labels=["model", "worker"])
+        for inst in view.all_instances():
+            key = (inst.model, inst.worker, inst.state)
+            by_state[key] = by_state.get(key, 0) + 1
+            restarts.add_metric([inst.model, inst.worker], inst.restarts)
+        instances = GaugeMetricFamily("llm_router_instances", "Engine instances by state",
+                                      labels=["model", "worker", "state"])
+        for (model, wid, state), n in sorted(by_state.items()):
+            instances.add_metric([model, wid, state], n)
+        yield instances
+        yield restarts
+
+        labels = ["worker", "host", "gpu", "name"]
+        total = GaugeMetricFamily("llm_router_gpu_memory_total_bytes", "GPU memory, total", labels=labels)
+        used = GaugeMetricFamily("llm_router_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
+        util = GaugeMetricFamily("llm_router_gpu_utilization_ratio", "GPU utilisation (0-1)", labels=labels)
+        host_mem = GaugeMetricFamily("llm_router_host_memory_used_bytes", "Host RAM in use",
+                                     labels=["worker", "host"])
+        mib = 1024 * 1024
+        for wid, snap in sorted(view.devices().items()):
+            host_mem.add_metric([wid, snap.host], snap.cpu.memory_used * mib)
+            for gpu in snap.cuda.gpus:
+                lv = [wid, snap.host, str(gpu.index), gpu.name]
+                total.add_metric(lv, gpu.memory_total * mib)
+                used.add_metric(lv, gpu.memory_used * mib)
+                util.add_metric(lv, gpu.utilization / 100)
+        yield from (total, used, util, host_mem)

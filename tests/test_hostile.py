@@ -1,0 +1,259 @@
+"""Hostile clients and hostile engines against a real router process.
+
+Every test ends the same way: the router still answers ``/health`` and nothing leaked (its
+open descriptors and asyncio tasks, read from ``/debug/stats``, are back to their baseline;
+RSS within bounds). Engines are ``RawEngine``: a few lines of raw sockets that can answer
+properly, send garbage, or hang mid-stream, and that record the request heads they get.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from conftest import wait_for
+from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_routable
+from llm_router.protocol import CatalogEntry
+
+CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
+OK_BODY = b'{"id":"x","object":"chat.completion","choices":[]}'
+DEBUG_ENV = {"LLM_ROUTER_DEBUG_ENDPOINTS": "1", "LLM_ROUTER_MAX_BODY_SIZE": "100000",
+             "LLM_ROUTER_HEADER_TIMEOUT": "1", "LLM_ROUTER_IDLE_TIMEOUT": "1", "LLM_ROUTER_MAX_JSON_DEPTH": "32"}
+
+
+@dataclass
+class RawEngine:
+    """An HTTP "engine" on raw sockets. ``mode``: ``ok`` (a JSON answer), ``garbage`` (bytes
+    that are no HTTP, then close), ``hang`` (an SSE head and one event, then silence until the
+    router hangs up). ``heads`` holds every request head received; ``closed`` counts
+    connections the router closed."""
+
+    mode: str = "ok"
+    heads: list[bytes] = field(default_factory=list)
+    closed: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.heads.append(head)
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                body += conn.recv(65536)
+            if self.mode == "ok":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY))
+            elif self.mode == "garbage":
+                conn.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n\x16\x03\x01")
+            elif self.mode == "hang":
+                event = b'data: {"choices": ["tok"]}\n\n'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                             b"\r\n%x\r\n%s\r\n" % (len(event), event))
+                conn.settimeout(30)
+                try:
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+            self.closed += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def engine():
+    eng = RawEngine()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def router(procs, redis_url, rds, engine):
+    fake = FakeWorker(rds, "w-hostile")
+    fake.publish(CHAT)
+    fake.instance("chat", "running", engine.url)
+    r = start_router(procs, redis_url, env=DEBUG_ENV)
+    wait_routable(r, "chat")
+    return r
+
+
+def stats(router) -> dict:
+    return get_json(f"{router.url}/debug/stats")
+
+
+def settled(router) -> dict:
+    """Descriptors and tasks once the router is idle (baseline)."""
+    request("GET", f"{router.url}/health")
+    return stats(router)
+
+
+def assert_no_leak(router, baseline: dict) -> None:
+    """/health answers; fds and tasks fall back to the baseline (a little slack for the pools)."""
+    assert request("GET", f"{router.url}/health").status == 200
+    wait_for(lambda: (s := stats(router))["fds"] <= baseline["fds"] + 4 and s["tasks"] <= baseline["tasks"] + 1,
+             timeout=15, interval=0.1, message=f"fds/tasks back to {baseline}")
+    assert stats(router)["rss_mb"] < baseline["rss_mb"] + 100
+
+
+def raw(router, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, return all the router answers until it closes (or the timeout)."""
+    port = int(router.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+                if b"\r\n\r\n" in got and b"Connection: close" not in data and len(got) > 12:
+                    break
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return got
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+BAD_REQUESTS = [
+    # (method, path, body, extra headers, status, openai shape)
+    ("POST", "/v1/chat/completions", b"{not json", {}, 400, True),
+    ("POST", "/v1/chat/completions", b'{"model": 5}', {}, 400, True),
+    ("POST", "/v1/chat/completions", b"[1, 2]", {}, 400, True),
+    ("POST", "/v1/chat/completions", b"", {}, 400, True),
+    ("POST", "/v1/chat/completions", b'{"model": "chat"}', {"Content-Type": "multipart/form-data"}, 400, True),
+    ("POST", "/v1/chat/completions", b'{"model": "nope"}', {}, 404, True),
+    ("POST", "/v1/chat/completions", '{"model": "ch\\u0000at\\u202e\U0001f600"}'.encode(), {}, 404, True),
+    ("POST", "/v1/chat/completions", b'{"model": "chat", "x": ' + b"[" * 100 + b"]" * 100 + b"}", {}, 400, True),
+    ("POST", "/v1/chat/completions", b'{"model": "chat", "x": "' + b"a" * 200_000 + b'"}', {}, 413, True),
+    ("POST", "/api/models/chat/start", b"x" * 100_000, {}, 413, False),
+    ("POST", "/v1/../api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
+    ("POST", "/v1/%2e%2e/api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
+    ("POST", "/v1//chat/completions", b'{"model": "chat"}', {}, 400, True),
+    ("POST", "/v1/chat%2fcompletions", b'{"model": "chat"}', {}, 400, True),
+    ("GET", "/v1/models/%C3%A9%00", None, {}, 404, True),
+    ("GET", "/api/models/%E2%80%AE%F0%9F%98%80/info", None, {}, 404, False),
+    ("DELETE", "/api/models/stop-all", None, {}, 405, False),
+    ("PUT", "/health", None, {}, 405, False),
+    ("GET", "/api/logs/stats?foo=1", None, {}, 400, False),
+    ("POST", "/api/models/chat/start?wait=1&wait=0", None, {}, 400, False),
+    ("GET", "/api/models/chat/logs/stream?tail=abc", None, {}, 400, False),
+    ("GET", "/api/models/chat/logs/stream?tail=%01", None, {}, 400, False),
+    ("GET", "/nowhere", None, {}, 404, False),
+]
+
+
+def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(router, engine) -> None:
+    baseline = settled(router)
+    for method, path, body, headers, status, openai in BAD_REQUESTS:
+        resp = request(method, router.url + path, body, headers=headers)
+        assert resp.status == status, (method, path, resp.status, resp.body[:200])
+        if openai:
+            assert set(resp.json()["error"]) >= {"message", "type", "code"}, (path, resp.body)
+        else:
+            assert resp.json()["success"] is False and resp.json()["message"], (path, resp.body)
+    assert "'foo'" in request("GET", f"{router.url}/api/logs/stats?foo=1").json()["message"]
+    # Raw request targets no HTTP client library would send.
+    assert status_of(raw(router, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n")) == 404
+    assert status_of(raw(router, b"GET /v1/models/\x01\x7f HTTP/1.1\r\nHost: x\r\n\r\n")) in (0, 400, 404)
+    assert status_of(raw(router, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")) in (0, 400, 431)
+    assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) in (0, 400)
+    assert request("POST", f"{router.url}/api/logs/chat/clear?keep_minutes=99999999999").status == 200  # keeps all
+    assert engine.heads == []  # none of it was forwarded
+    ok = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
+    assert ok.status == 200 and ok.body == OK_BODY
+    assert_no_leak(router, baseline)
+
+
+def test_slow_clients_neither_block_others_nor_stay_forever(router) -> None:
+    baseline = settled(router)
+    port = int(router.url.rsplit(":", 1)[1])
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    started = time.monotonic()
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    for i in range(len(head) - 1):  # trickle the heads byte by byte ...
+        for s in slow:
+            try:
+                s.send(head[i:i + 1])
+            except OSError:
+                pass
+        if i % 8 == 0:  # ... while other clients are served normally
+            assert request("GET", f"{router.url}/health", timeout=5).status == 200
+        time.sleep(0.01)
+
+    def cut(s: socket.socket) -> bool:
+        s.settimeout(10)
+        try:
+            return s.recv(1024) == b""
+        except socket.timeout:
+            return False
+        except OSError:  # reset: closed as well
+            return True
+    assert all(cut(s) for s in slow)  # the header timeout (1 s here) closed them
+    assert time.monotonic() - started < 30
+    for s in slow:
+        s.close()
+    assert_no_leak(router, baseline)
+
+
+def test_a_thousand_connections_opened_and_dropped(router) -> None:
+    baseline = settled(router)
+    port = int(router.url.rsplit(":", 1)[1])
+    for batch in range(10):
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        for i, s in enumerate(socks):
+            if i % 3 == 1:
+                s.send(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"mo")
+            elif i % 3 == 2:
+                s.send(b"GET /api/models/chat/logs/stream HTTP/1.1\r\n\r\n")
+            s.close()
+    assert_no_leak(router, baseline)
+
+
+def test_garbage_from_the_engine_is_a_502(router, engine) -> None:
+    baseline = settled(router)
+    engine.mode = "garbage"
+    for _ in range(3):
+        resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
+        assert resp.status == 502, resp.body
+        assert resp.json()["error"]["type"] == "upstream_error"
+    assert_no_leak(router, baseline)
+
+
+def test_engine_hanging_mid_stream_ends_the_stream_and_its_connection(router, engine) -> None:
+    baseline = settled(router)
+    engine.mode = "hang"
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", body=chat_body("chat", stream=True))
+    events = stream.events_until(lambda ev: "error" in str(ev.get("data")))
+    stream.close()
+    assert events[0]["data"] == {"choices": ["tok"]}
+    assert events[-1]["data"]["error"]["code"] == "stream_interrupted"  # after the 1 s idle timeout
+    wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    assert_no_leak(router, baseline)

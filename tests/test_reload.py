@@ -1,0 +1,104 @@
+"""Config reload: the plan (pure), then a real worker reloading on SIGHUP and on file change."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import wait_for
+from llm_router.config import parse_config
+from llm_router.protocol import CatalogEntry, from_json
+from test_worker import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
+from worker.reload import plan_reload
+
+BASE = """
+[[models]]
+id = "keep"
+command = ["x"]
+
+[[models]]
+id = "gone"
+command = ["x"]
+
+[[models]]
+id = "llama"
+engine = "llama.cpp"
+model_path = "/m.gguf"
+
+[[models]]
+id = "big"
+engine = "vllm"
+model_path = "org/big"
+"""
+
+
+def test_plan_sorts_models_by_what_a_change_means_for_their_process():
+    old = parse_config(BASE).models
+    new = parse_config(BASE.replace('id = "gone"\ncommand = ["x"]', 'id = "new"\ncommand = ["x"]')
+                       .replace('model_path = "/m.gguf"', 'model_path = "/m.gguf"\naliases = ["l"]\nidle_ttl = 60')
+                       .replace('model_path = "org/big"', 'model_path = "org/big"\naliases = ["b"]')).models
+    plan = plan_reload(old, new)
+    assert [m.id for m in plan.added] == ["new"]
+    assert plan.removed == ["gone"]
+    assert plan.unchanged == ["keep"]
+    # llama-server ignores the request's model name: a new alias needs no restart ...
+    assert [m.id for m in plan.updated] == ["llama"]
+    # ... but vLLM is launched with every alias as a served name: it must restart.
+    assert [m.id for m in plan.restarted] == ["big"]
+    assert plan.summary() == "added new; removed gone; restarted big; updated llama"
+    env_change = parse_config(BASE.replace('id = "keep"\ncommand = ["x"]', 'id = "keep"\ncommand = ["x"]\n'
+                                                                           'env = { A = "1" }')).models
+    assert [m.id for m in plan_reload(old, env_change).restarted] == ["keep"]
+
+
+def catalog(rds, wid: str) -> dict[str, CatalogEntry]:
+    return {k: from_json(v, CatalogEntry) for k, v in rds.hgetall(KEYS.catalog(wid)).items()}
+
+
+def test_sighup_applies_the_new_file_and_leaves_unchanged_models_alone(worker, rds):
+    keep, changed, gone = (model(m, auto_start=True) for m in ("keep", "changed", "gone"))
+    live = model("live", auto_start=True, aliases=["old-name"])
+    worker.start([keep, changed, gone, live])
+    pids = {m: worker.wait_state(m, "running").pid for m in ("keep", "changed", "gone", "live")}
+
+    # A bad file: one line in the worker's log, the config in force stays.
+    worker.config.write_text(worker.config.read_text() + "\n[[models]]\nid = 'x'\nport = 'eighty'\n")
+    os.kill(worker.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "config reload failed" in worker.log(), message="the reload error in the log")
+    failures = [line for line in worker.log().splitlines() if "config reload failed" in line]
+    assert len(failures) == 1 and "$.models[4].port" in failures[0]
+    assert set(catalog(rds, worker.wid)) == {"keep", "changed", "gone", "live"}
+
+    pubsub = rds.pubsub()
+    pubsub.subscribe(KEYS.events())
+    wait_for(lambda: pubsub.get_message(timeout=0.1), message="the subscription")
+    worker.write_config([keep, {**changed, "command": [*changed["command"], "--max-tokens", "5"]},
+                         {**live, "aliases": ["new-name"], "idle_ttl": 600.0}, model("added")])
+    os.kill(worker.proc.pid, signal.SIGHUP)
+    events(pubsub, lambda e: e.kind == "catalog" and e.worker == worker.wid)
+    pubsub.close()
+
+    wait_for(lambda: set(catalog(rds, worker.wid)) == {"keep", "changed", "live", "added"},
+             message="the new catalog")
+    entries = catalog(rds, worker.wid)
+    assert entries["live"].aliases == ["live", "new-name"] and entries["live"].idle_ttl == 600.0
+    wait_for(lambda: not rds.exists(KEYS.instance("gone", worker.wid)), message="gone's instance withdrawn")
+    assert not alive(pids["gone"])
+    restarted = worker.wait_state("changed", "running")
+    assert restarted.pid != pids["changed"] and not alive(pids["changed"])
+    assert worker.instance("added").state == "stopped"  # no auto_start: listed, not started
+    for same in ("keep", "live"):  # untouched, and an alias change needs no restart
+        inst = worker.instance(same)
+        assert inst.state == "running" and inst.pid == pids[same] and alive(pids[same])
+    assert worker.command("start", "added").ok  # the new model can be started
+    assert worker.command("start", "gone").message == "unknown model 'gone'"
+    assert worker.proc.poll() is None
+
+
+def test_watch_config_reloads_when_the_file_changes(worker, rds):
+    worker.start([model("first")], watch_config=True)
+    wait_for(lambda: set(catalog(rds, worker.wid)) == {"first"}, message="the first catalog")
+    worker.write_config([model("first"), model("second")], watch_config=True)
+    wait_for(lambda: set(catalog(rds, worker.wid)) == {"first", "second"}, timeout=15,
+             message="the catalog after the file changed")
+

@@ -1,0 +1,49 @@
+"""The OpenAPI document stays in step with the route table and the handlers' query parameters."""
+
+from __future__ import annotations
+
+import re
+
+import tornado.web
+
+from helpers import get_json, start_router
+from router.app import ROUTES
+from router.handlers import ProxyHandler
+from router.openapi import DOCUMENT
+
+METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+
+
+def concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "some-alias", path)
+
+
+def implemented(handler: type) -> set[str]:
+    return {m for m in METHODS if getattr(handler, m) is not getattr(tornado.web.RequestHandler, m)}
+
+
+def handler_for(path: str) -> type:
+    for pattern, handler in ROUTES:
+        if re.fullmatch(pattern, concrete(path)):
+            return handler
+    raise AssertionError(f"documented path {path} has no route")
+
+
+def test_every_route_is_documented_and_every_documented_path_is_routed() -> None:
+    paths = DOCUMENT["paths"]
+    for pattern, handler in ROUTES:
+        assert any(re.fullmatch(pattern, concrete(p)) for p in paths), f"route {pattern} is not in router/openapi.py"
+    for path, operations in paths.items():
+        handler = handler_for(path)
+        if handler is not ProxyHandler:  # the proxy takes any method; the document names the main ones
+            assert set(operations) == implemented(handler), path
+        for method, op in operations.items():
+            query = {p["name"] for p in op["parameters"] if p["in"] == "query"}
+            expected = set() if handler is ProxyHandler else set(handler.QUERY)
+            assert query == expected, (method, path)
+
+
+def test_the_document_is_served(procs, redis_url) -> None:
+    router = start_router(procs, redis_url)
+    doc = get_json(f"{router.url}/openapi.json")
+    assert doc["openapi"].startswith("3.") and doc["paths"].keys() == DOCUMENT["paths"].keys()

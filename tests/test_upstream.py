@@ -1,0 +1,240 @@
+"""The engine-hop HTTP client (router/upstream.py) against a scripted in-process server:
+framing, pooling, timeouts, cancellation, the stale-connection retry, and the header policy."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import pytest
+
+from router.options import RouterOptions
+from router.upstream import (
+    ConnectFailed, Upstream, UpstreamBroken, UpstreamTimeout, forward_headers, keep_response_header,
+)
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nServer: x\r\n" + extra + \
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+class Server:
+    """A listener whose connections run ``script``; counts connections and sees them close."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> "Server":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer)
+            await reader.read()  # until the client closes
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+
+
+def client(**options: float) -> Upstream:
+    return Upstream(RouterOptions(**options))  # type: ignore[arg-type]
+
+
+async def fetch(up: Upstream, url: str, timeout: float = 5.0, method: str = "POST") -> tuple[int, bytes, object]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    resp = await up.open(method, url, "/v1/x?a=1", [("X-Test", "1")], b'{"m":1}', deadline)
+    parts = []
+    while chunk := await resp.read(deadline=deadline):
+        parts.append(chunk)
+    resp.release()
+    return resp.status, b"".join(parts), resp
+
+
+def test_sized_answers_reuse_one_pooled_connection() -> None:
+    requests: list[bytes] = []
+
+    async def script(reader, writer) -> None:
+        while True:
+            requests.append(await read_request(reader))
+            writer.write(ok(b'{"ok":true}'))
+
+    async def main() -> None:
+        async with Server(script) as srv:
+            up = client()
+            for _ in range(3):
+                status, body, resp = await fetch(up, srv.url)
+                assert (status, body) == (200, b'{"ok":true}')
+            assert srv.connections == 1
+            assert resp.headers == [("Content-Type", "application/json")]  # Server/Content-Length dropped
+            first = requests[0]
+            assert first.startswith(b"POST /v1/x?a=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+            assert b"X-Test: 1\r\n" in first and b"Content-Length: 7\r\n" in first and first.endswith(b'{"m":1}')
+            await up.close()
+    run(main())
+
+
+def test_chunked_stream_arrives_chunk_by_chunk() -> None:
+    go_on = None
+
+    async def script(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"7\r\ndata: 1\r\n")
+        await go_on.wait()
+        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
+
+    async def main() -> None:
+        nonlocal go_on
+        go_on = asyncio.Event()
+        async with Server(script) as srv:
+            up = client()
+            deadline = asyncio.get_running_loop().time() + 5
+            resp = await up.open("POST", srv.url, "/s", [], b"{}", deadline)
+            assert resp.content_type == "text/event-stream"
+            assert await resp.read(deadline=deadline) == b"data: 1"  # before the rest was even written
+            assert not resp.at_eof
+            go_on.set()
+            assert await resp.read(timeout=5) == b"data: 2"
+            assert await resp.read(timeout=5) == b"" and resp.at_eof
+            resp.release()
+            assert len(up.idle[resp.conn.key]) == 1  # complete: back in the pool
+            await up.close()
+    run(main())
+
+
+def test_first_byte_and_idle_timeouts() -> None:
+    async def silent(reader, writer) -> None:
+        await read_request(reader)
+
+    async def stalls(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+
+    async def main() -> None:
+        up = client()
+        async with Server(silent) as srv:
+            with pytest.raises(UpstreamTimeout, match="first-byte"):
+                await up.open("POST", srv.url, "/", [], b"", asyncio.get_running_loop().time() + 0.2)
+            await asyncio.wait_for(srv.closed.wait(), 2)  # the abandoned request's connection closed
+        async with Server(stalls) as srv:
+            resp = await up.open("POST", srv.url, "/", [], b"", asyncio.get_running_loop().time() + 5)
+            assert await resp.read(timeout=0.2) == b"abc"
+            with pytest.raises(UpstreamTimeout, match="idle"):
+                await resp.read(timeout=0.2)
+            resp.close()
+            await asyncio.wait_for(srv.closed.wait(), 2)
+    run(main())
+
+
+def test_cancel_mid_stream_closes_the_connection() -> None:
+    async def endless(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()  # raises once the client closed
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        async with Server(endless) as srv:
+            up = client()
+            resp = await up.open("POST", srv.url, "/", [], b"", asyncio.get_running_loop().time() + 5)
+            reader = asyncio.ensure_future(resp.read(timeout=5))
+            await reader
+            task = asyncio.ensure_future(resp.read(timeout=5))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            resp.close()
+            await asyncio.wait_for(srv.closed.wait(), 2)
+            assert not up.idle.get(resp.conn.key)
+    run(main())
+
+
+def test_refused_broken_and_stale_connections() -> None:
+    async def once_then_close(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(ok(b"1"))  # keep-alive by the headers, but the engine closes right after
+        await writer.drain()
+        writer.close()
+
+    async def breaks(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.transport.abort()
+
+    async def main() -> None:
+        up = client()
+        async with Server(once_then_close) as srv:
+            assert (await fetch(up, srv.url))[:2] == (200, b"1")
+            await asyncio.sleep(0.05)  # the engine's close reaches the pooled connection... or not
+            assert (await fetch(up, srv.url))[:2] == (200, b"1")  # stale or not: answered
+            assert srv.connections == 2
+        async with Server(breaks) as srv:
+            resp = await up.open("POST", srv.url, "/", [], b"", asyncio.get_running_loop().time() + 5)
+            assert await resp.read(timeout=5) == b"partial"
+            with pytest.raises(UpstreamBroken):
+                await resp.read(timeout=5)
+            resp.release()  # incomplete: closed, not pooled
+            assert not up.idle.get(resp.conn.key)
+        with pytest.raises(ConnectFailed, match="cannot reach"):
+            await up.open("POST", srv.url, "/", [], b"", asyncio.get_running_loop().time() + 5)  # closed now
+        await up.close()
+    run(main())
+
+
+def test_head_and_until_close_bodies() -> None:
+    async def head(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")  # no body follows a HEAD answer
+
+    async def until_close(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        up = client()
+        async with Server(head) as srv:
+            status, body, _ = await fetch(up, srv.url, method="HEAD")
+            assert (status, body) == (200, b"")
+        async with Server(until_close) as srv:
+            assert (await fetch(up, srv.url))[:2] == (200, b"all of it")
+        await up.close()
+    run(main())
+
+
+def test_header_policy() -> None:
+    sent = [("Host", "router"), ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Content-Length", "5"),
+            ("Authorization", "Bearer client"), ("Content-Type", "application/json"), ("Transfer-Encoding", "x")]
+    assert forward_headers(sent) == [("Content-Type", "application/json")]  # the client's key is the router's
+    assert forward_headers(sent, "engine-key") == [("Content-Type", "application/json"),
+                                                   ("Authorization", "Bearer engine-key")]
+    assert keep_response_header("content-type") and keep_response_header("x-ratelimit-remaining-tokens")
+    assert not keep_response_header("server") and not keep_response_header("set-cookie")

@@ -1,0 +1,77 @@
+"""Idle unload: a model unused for longer than its ``idle_ttl`` is stopped by its own worker.
+
+Why the worker and not a router: the worker is the single writer of its host and owns the
+model's config (``idle_ttl``); one reaper per host decides once, while N routers would race to
+stop the same model. Routers report use in ``llm:used:{model}`` (``router.usage``); the
+worker reads it for its running models every ``interval`` and stops those ``idle_models``
+names. A model with a request in flight (on any live router) is never stopped; when Redis
+cannot be read, nothing is stopped (unknown use is not idleness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Iterable, Mapping
+
+import redis.asyncio as aredis
+
+from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
+from worker.process import ModelProcess
+from worker.retry import REDIS_ERRORS, RedisLink
+
+log = logging.getLogger("llm_router.worker")
+
+
+def idle_models(now: float, running: Iterable[tuple[Instance, float]],
+                usage: Mapping[str, ModelUsage]) -> list[str]:
+    """The models to stop now: ``running`` pairs (instance, idle_ttl) whose ttl is set, with
+    no request in flight, last used (or started, if later) at least ``idle_ttl`` seconds ago.
+    A model missing from ``usage`` is kept (its use is unknown)."""
+    out = []
+    for inst, ttl in running:
+        use = usage.get(inst.model)
+        if ttl <= 0 or use is None or use.inflight > 0:
+            continue
+        if now - max(use.last_used, inst.started_at) >= ttl:
+            out.append(inst.model)
+    return out
+
+
+class IdleReaper:
+    def __init__(self, redis: aredis.Redis, keys: Keys, models: Mapping[str, ModelProcess],
+                 interval: float = 1.0) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.models = models
+        ttls = [mp.model.idle_ttl for mp in models.values() if mp.model.idle_ttl > 0]
+        self.interval = min([interval, *(t / 2 for t in ttls)])
+
+    async def run(self) -> None:
+        if not any(mp.model.idle_ttl > 0 for mp in self.models.values()):
+            return  # nothing on this host ever unloads
+        link = RedisLink("idle")
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.reap()
+                link.ok()
+            except REDIS_ERRORS as exc:
+                link.failed(exc)
+
+    async def reap(self) -> list[str]:
+        """Stop the idle models once; return their ids."""
+        running = [(mp.instance, mp.model.idle_ttl) for mp in self.models.values()
+                   if mp.state == "running" and mp.model.idle_ttl > 0]
+        if not running:
+            return []
+        now = time.time()
+        usage = await read_usage(self.redis, self.keys, [inst.model for inst, _ in running], now)
+        idle = idle_models(now, running, usage)
+        for model in idle:
+            why = f"unused for {self.models[model].model.idle_ttl:g}s (idle_ttl): stopping"
+            log.info("%s: %s", model, why)
+            self.models[model].host.logs.write(model, "event", why)
+        await asyncio.gather(*(self.models[m].ensure_stopped() for m in idle))
+        return idle
