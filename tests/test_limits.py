@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from helpers import SseStream, chat_body, model_block, request, start_router, start_worker, write_config
+from helpers import SseStream, chat_body, model_block, request, start_router, start_worker, wait_models, write_config
 
 
 def test_one_at_a_time_then_one_queued_then_429(procs, redis_url, tmp_path):
@@ -13,6 +13,7 @@ def test_one_at_a_time_then_one_queued_then_429(procs, redis_url, tmp_path):
                        model_block("slow", max_concurrency=1, engine_args=["--tokens-per-second", "10"]))
     start_worker(procs, redis_url, cfg, f"w-{uuid.uuid4().hex[:8]}")
     router = start_router(procs, redis_url, env={"LLM_ROUTER_QUEUE_LIMIT": "1"})
+    wait_models(router, 1)  # the worker has published its catalog
     assert request("POST", f"{router.url}/api/models/slow/start", timeout=30).status == 200
 
     first = SseStream(f"{router.url}/v1/chat/completions", method="POST",

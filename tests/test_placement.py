@@ -16,7 +16,8 @@ import psutil
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
 from helpers import (
-    SseStream, chat_body, get_json, model_block, request, start_router, start_worker, wait_status, write_config,
+    SseStream, chat_body, get_json, model_block, request, start_router, start_worker, wait_models, wait_status,
+    write_config,
 )
 from llm_router.protocol import Keys, usage_of
 
@@ -144,6 +145,7 @@ def test_idle_ttl_unloads_an_unused_model_and_not_a_used_one(procs, redis_url, r
                        model_block("used", idle_ttl=1.5, engine_args=SLOW))
     start_worker(procs, redis_url, cfg, wid)
     router = start_router(procs, redis_url)
+    wait_models(router, 2)  # the worker has published its catalog
     for m in ("unused", "used"):
         assert request("POST", f"{router.url}/api/models/{m}/start", timeout=30).status == 200
     stream = open_stream(router, "used")
