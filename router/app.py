@@ -15,13 +15,13 @@ import sys
 from urllib.parse import urlsplit, urlunsplit
 
 import tornado.web
-from tornado.httpserver import HTTPServer
 
 from router import handlers as h
 from router.auth import AccessPolicy, startup_refusal
 from router.dashboard import dashboard_routes
 from router.options import RouterOptions
 from router.services import Services
+from router.slowbody import BodyTimeoutServer
 
 log = logging.getLogger("router")
 access_log = logging.getLogger("router.access")
@@ -90,10 +90,11 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     raise_fd_limit()
     services = Services(redis_url, prefix, options)
     await services.start()
-    # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection.
-    server = HTTPServer(make_app(services, access), max_body_size=options.max_body_size,
-                        max_header_size=options.max_header_size, idle_connection_timeout=options.header_timeout,
-                        body_timeout=options.body_timeout)
+    # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection;
+    # body_timeout a slow body, on one shared timer instead of Tornado's per request (router/slowbody.py).
+    server = BodyTimeoutServer(make_app(services, access), max_body_size=options.max_body_size,
+                               max_header_size=options.max_header_size,
+                               idle_connection_timeout=options.header_timeout, body_timeout=options.body_timeout)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.

@@ -176,6 +176,11 @@ class AccessPolicy:
         self.ring = ring or KeyRing()
         self.read_access = read_access
 
+    @property
+    def enabled(self) -> bool:
+        """Keys are on. Without keys the handler skips the check, cookie parsing included."""
+        return self.ring.enabled
+
     def check(self, method: str, path: str, authorization: str | None, cookie: str | None) -> None:
         """Raise 401 (no or unknown key) or 403 (a client key on an admin route)."""
         if not self.ring.enabled:

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
 from router.accesslog import CLIENT_GONE, RequestRecord
-from router.auth import COOKIE, AccessPolicy
+from router.auth import COOKIE, SAFE_METHODS, AccessPolicy
 from router.debug import debug_stats
 from router.limits_http import check_forward_path, check_json_depth, check_query
 from router.logstream import parse_last_id, parse_tail
@@ -44,9 +44,14 @@ class BaseHandler(tornado.web.RequestHandler):
     # --- checks before the body ---
 
     def prepare(self) -> None:
-        access: AccessPolicy = self.settings.get("access") or AccessPolicy()
-        req = self.request
-        access.check(req.method or "GET", req.path, req.headers.get("Authorization"), self.get_cookie(COOKIE))
+        access: AccessPolicy | None = self.settings.get("access")
+        if access is not None and access.enabled:  # no keys: no work at all
+            req = self.request
+            method = req.method or "GET"
+            authorization = req.headers.get("Authorization")
+            # the cookie counts only without a header and on a safe method: parse it only then
+            cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
+            access.check(method, req.path, authorization, cookie)
         self.check_request()
 
     def check_request(self) -> None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager, nullcontext
-from typing import AsyncIterator, Iterable, Protocol
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import Iterable, Protocol
 
 import msgspec
 from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
@@ -44,6 +44,7 @@ EMBEDDING_ROUTES = frozenset({"/v1/embeddings"})
 # Uploads (audio transcription...) name their model in a form part. Only multipart counts:
 # JSON posted as ``application/x-www-form-urlencoded`` (``curl -d``) is still JSON.
 FORM_TYPE = "multipart/form-data"
+_NOOP = nullcontext()  # reusable, as a sync and an async context manager
 
 
 class Sniff(msgspec.Struct):
@@ -157,18 +158,19 @@ class Proxy:
                                "model_start_failed") from None
         self.metrics.started(model)
         try:
-            async with self._admitted(model, entry.max_concurrency):
-                await self._relay(model, name, req, sink, rec)
+            # Counted as use of the model (idle unload, eviction) while queued or served.
+            with self.usage.track(model) if self.usage else _NOOP:
+                async with self._slot(model, entry.max_concurrency):
+                    await self._relay(model, name, req, sink, rec)
         finally:
             self.metrics.ended(model)
 
-    @asynccontextmanager
-    async def _admitted(self, model: str, max_concurrency: int) -> AsyncIterator[None]:
-        """Count the request as use of ``model`` and hold a concurrency slot (queued or 429)."""
-        with self.usage.track(model) if self.usage else nullcontext():
-            capacity = max_concurrency * len(self.view.running_instances(model))
-            async with self.limits.admit(model, capacity):
-                yield
+    def _slot(self, model: str, max_concurrency: int) -> AbstractAsyncContextManager[None]:
+        """A concurrency slot of ``model`` (queued or 429); without ``max_concurrency``, a
+        shared no-op: no limiter machinery on the hot path."""
+        if max_concurrency <= 0:
+            return _NOOP
+        return self.limits.admit(model, max_concurrency * len(self.view.running_instances(model)))
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the least busy instance; on a connection failure, the next one."""

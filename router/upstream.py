@@ -10,7 +10,10 @@ framing, de-chunked), and put the connection back in the pool only after a compl
   exchange (``loop.call_at``, re-armed only when the deadline moves past it).
 * Cancellation: ``close()`` (the proxy calls it on any exit but a complete answer, including a
   cancelled task) closes the connection, so the engine sees the client leave and stops.
-* A pooled connection the engine closed just as it was reused is retried once on a fresh one.
+* A pooled connection the engine closed just as it was reused (EOF or reset before the response
+  head) is retried once on a fresh one. One that failed otherwise (the kernel gave up on
+  unacknowledged data: the host is off the network) is not: the proxy moves on to another
+  instance at once instead of spending a second connect timeout on the same dead host.
 * Back-pressure: reading from the engine pauses while unread body bytes pile up (slow client).
 
 Header filtering lives here, in exactly two functions — ``forward_headers`` (client -> engine)
@@ -91,7 +94,15 @@ class UpstreamBroken(UpstreamError):
 
 
 class _Dropped(ConnectFailed):
-    """The connection closed before a response head: on a reused connection, retried once."""
+    """The engine closed the connection (EOF, reset) before a response head: on a reused
+    connection, retried once on a fresh one."""
+
+
+def closed_by_peer(exc: Exception | None) -> bool:
+    """A connection loss that shows the engine end closed it (EOF, reset, broken pipe), as
+    an engine does with a keep-alive connection it has timed out; not a timeout (``ETIMEDOUT``
+    from ``TCP_USER_TIMEOUT``: nothing answers at all) or an unreachable host."""
+    return exc is None or isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
 
 
 # --------------------------------------------------------------------------- the response
@@ -223,7 +234,10 @@ class Response:
             self.state = DONE
             self._wake()
         elif self.state == HEAD:
-            self.fail(_Dropped(f"the engine closed the connection before answering ({exc or 'eof'})"))
+            if closed_by_peer(exc):
+                self.fail(_Dropped(f"the engine closed the connection before answering ({exc or 'eof'})"))
+            else:
+                self.fail(ConnectFailed(f"the engine's host stopped answering ({exc})"))
         else:
             self.fail(UpstreamBroken(f"the engine's answer broke off ({exc or 'connection closed'})"))
 
