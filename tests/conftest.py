@@ -2,6 +2,11 @@
 
 Every process a test starts inherits ``LLM_ROUTER_TEST_SESSION``; at the end of the
 session any process still carrying it is a leak: it is killed and the session fails.
+
+The session Redis runs with the shipped ACL users (``examples/redis-users.acl``, ``default``
+off): ``redis_url`` is the admin's URL (the test's own view, as an operator's), ``role_url``
+turns it into a worker's or router's (``helpers.start_worker``/``start_router`` do so), and a
+command a role is denied (``ACL LOG``) fails the test that caused it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import pytest
@@ -61,21 +68,92 @@ def no_orphans_at_end():
         pytest.fail(f"processes left behind by the test session: {desc}")
 
 
+ACL_FILE = ROOT / "examples" / "redis-users.acl"
+ROLES = ("admin", "worker", "router")
+REDIS_PASSWORDS = {role: uuid.uuid4().hex for role in ROLES}
+
+
+def acl_text(passwords: dict[str, str] = REDIS_PASSWORDS) -> str:
+    """The shipped ACL file with each ``>CHANGE-ME-<role>`` replaced by the role's password:
+    the suite runs with exactly the users operators deploy, never a list of its own."""
+    text = ACL_FILE.read_text()
+    for role, password in passwords.items():
+        assert f">CHANGE-ME-{role}" in text, f"{ACL_FILE} has no user {role!r}"
+        text = text.replace(f">CHANGE-ME-{role}", f">{password}")
+    return text
+
+
+def with_user(url: str, role: str) -> str:
+    """``url`` logged in as ``role`` of the session's ACL users."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}:{REDIS_PASSWORDS[role]}@{parts.hostname}:{parts.port}"))
+
+
+def role_url(url: str, role: str) -> str:
+    """The least-privileged URL for a process of ``role`` ("worker", "router") given the URL a
+    test holds: the session Redis's admin URL becomes the role's; any other (a test's private
+    Redis without ACL users, or a URL already naming a user) is returned as it is."""
+    parts = urlsplit(url)
+    if parts.username == "admin" and parts.password == REDIS_PASSWORDS["admin"]:
+        return with_user(url, role)
+    return url
+
+
+@dataclass(frozen=True)
+class RedisUrls:
+    """The session Redis as each role logs in to it."""
+
+    admin: str
+    worker: str
+    router: str
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), extra=["--appendonly", "no"])
+    """The session's Redis, with the shipped ACL users (``default`` off)."""
+    tmp = tmp_path_factory.mktemp("redis")
+    (tmp / "users.acl").write_text(acl_text())
+    server = RedisServer(tmp / "data", extra=["--appendonly", "no", "--aclfile", str(tmp / "users.acl")])
     server.start()
     yield server
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_urls(redis_server: RedisServer) -> RedisUrls:
+    return RedisUrls(**{role: with_user(redis_server.url, role) for role in ROLES})
+
+
+@pytest.fixture(autouse=True)
+def no_acl_denials(request):
+    """Fail a test during which the session Redis refused a command to a role (``ACL LOG``):
+    a permission missing from ``examples/redis-users.acl`` fails loudly here instead of
+    degrading a feature quietly. Autouse, so it is torn down after ``procs`` has stopped the
+    test's processes (their last commands count too). Tests that provoke denials on purpose
+    reset the log themselves."""
+    if "redis_server" not in request.fixturenames:
+        yield
+        return
+    admin = redis_sync.Redis.from_url(request.getfixturevalue("redis_urls").admin, decode_responses=True)
+    admin.execute_command("ACL", "LOG", "RESET")
+    yield
+    denied = admin.execute_command("ACL", "LOG")
+    admin.execute_command("ACL", "LOG", "RESET")
+    admin.close()
+    if denied:
+        what = sorted({(e["username"], e["reason"], e["object"]) for e in denied})
+        pytest.fail(f"the session Redis denied (user, reason, command/key): {what}: "
+                    f"a role lacks a permission in {ACL_FILE.relative_to(ROOT)}")
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The session's Redis, emptied before each test."""
-    client = redis_sync.Redis.from_url(redis_server.url)
+def redis_url(redis_urls: RedisUrls) -> str:
+    """The session's Redis as its admin (the test's own assertions and set-up), emptied before
+    each test. Processes get their role's URL from it through ``role_url``."""
+    client = redis_sync.Redis.from_url(redis_urls.admin)
     client.flushall()
     client.close()
-    return redis_server.url
+    return redis_urls.admin
 
 
 @pytest.fixture

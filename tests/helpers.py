@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import redis as redis_sync
 
-from conftest import MOCK_ENGINE, Processes, wait_for
+from conftest import MOCK_ENGINE, Processes, role_url, wait_for
 from llm_router.protocol import CatalogEntry, Event, Instance, Keys, WorkerInfo, to_hash, to_json
 from llm_router.redis_server import free_port
 
@@ -131,13 +131,21 @@ class Router:
     proc: subprocess.Popen
 
 
+def process_url(redis_url: str, role: str, prefix: str | None = None) -> str:
+    """The URL a ``role`` process gets: its ACL user's, unless it runs under another key
+    ``prefix``, which the shipped users (``~llm:*``, ``&llm:events``) do not cover, by design:
+    a deployment with its own prefix writes its own patterns; the test keeps the admin's URL."""
+    return redis_url if prefix else role_url(redis_url, role)
+
+
 def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None = None,
                  prefix: str | None = None, timeout: float = 20, host: str = "127.0.0.1",
                  wrap: Callable[[list[str]], list[str]] = list) -> Router:
     """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
     ``wrap`` turns the argv into the one to run (e.g. inside a network namespace)."""
     port = free_port()  # in a namespace the port is surely free too: nothing else binds there
-    argv = [sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url, "--port", str(port)]
+    argv = [sys.executable, "-m", "llm_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
+            "--port", str(port)]
     if host != "127.0.0.1":
         argv += ["--host", host]
     if prefix:
@@ -160,8 +168,8 @@ def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None
 def start_worker(procs: Processes, redis_url: str, config: Path, wid: str,
                  prefix: str | None = None, wrap: Callable[[list[str]], list[str]] = list,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config), "--redis", redis_url,
-            "--worker-id", wid]
+    argv = [sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
+            "--redis", process_url(redis_url, "worker", prefix), "--worker-id", wid]
     if prefix:
         argv += ["--prefix", prefix]
     return procs.start(wrap(argv), name=f"worker-{wid}", env=env)

@@ -32,7 +32,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
-from conftest import ROOT, MOCK_ENGINE, wait_for
+from conftest import ROOT, MOCK_ENGINE, role_url, wait_for
 from llm_router import client
 from llm_router.client import format_log, sse_events
 from llm_router.redis_server import free_port
@@ -433,8 +433,8 @@ def start_stack(procs, redis_url: str, tmp_path: Path, toml: str = STACK_TOML) -
     config.write_text(toml % {"engine": MOCK_ENGINE, "port": engines, "port_end": engines + 19})
     port = free_port()
     procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
-                 "--redis", redis_url, "--worker-id", WORKER], name="worker")
-    router = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url,
+                 "--redis", role_url(redis_url, "worker"), "--worker-id", WORKER], name="worker")
+    router = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", role_url(redis_url, "router"),
                           "--port", str(port)], name="router")
     url = f"http://127.0.0.1:{port}"
 

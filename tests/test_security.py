@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, role_url, wait_for
 from helpers import FakeWorker, chat_body, request, start_router, wait_routable
 from llm_router.protocol import CatalogEntry, Keys, command_of
 from llm_router.redis_server import free_port
@@ -173,8 +173,8 @@ def test_non_loopback_without_keys_refuses_to_start(command, tmp_path) -> None:
 
 def test_insecure_flag_lets_it_start(procs, redis_url) -> None:
     port = free_port()
-    proc = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url, "--host", "0.0.0.0",
-                        "--port", str(port), "--insecure"], name="router-insecure")
+    proc = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", role_url(redis_url, "router"),
+                        "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure")
 
     def up() -> bool:
         assert proc.poll() is None, procs.log(proc)

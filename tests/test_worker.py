@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import MOCK_ENGINE, wait_for
+from conftest import MOCK_ENGINE, role_url, wait_for
 from llm_router.protocol import (CatalogEntry, Command, DeviceSnapshot, Event, Instance, Keys, Reply,
                                  command_fields, from_hash, from_json, log_entry)
 from llm_router.redis_server import RedisServer, free_port
@@ -74,7 +74,8 @@ class Worker:
         if models is not None or self.config is None:
             self.write_config(models or [], **settings)
         self.proc = self.procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(self.config),
-                                      "--redis", self.redis_url, "--worker-id", self.wid], name="worker")
+                                      "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
+                                     name="worker")
         if wait:
             wait_for(lambda: self.rds.exists(KEYS.worker(self.wid)) or self.proc.poll() is not None,
                      message="the worker's lease")
