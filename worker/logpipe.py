@@ -25,8 +25,6 @@ log = logging.getLogger("llm_router.worker")
 
 READ_SIZE = 1 << 16
 MAX_LINE = 1 << 16  # longer "lines" (a binary blob, a progress bar without newline) are split
-FLUSH_LINES = 500  # ship at once when this many lines wait ...
-FLUSH_INTERVAL = 0.02  # ... else at most this long after the first one
 MAX_BATCH = 2000  # lines per round trip: keeps each script call short for Redis' other clients
 
 
@@ -123,8 +121,10 @@ class LogPipe:
     async def _run(self) -> None:
         while not (self._closing and not self._queue):
             await self._wake.wait()
-            if len(self._queue) < FLUSH_LINES and not self._closing:
-                await asyncio.sleep(FLUSH_INTERVAL)  # let a batch build up
+            # No timer to let a batch build up: a lone line goes out at once (print -> Redis
+            # in about a round trip), and under load batches form by themselves from the
+            # lines queued while the previous batch was in flight.
+            await asyncio.sleep(0)  # one loop turn: lines read in the same turn ship together
             self._wake.clear()
             try:
                 await self._flush()
