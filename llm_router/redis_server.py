@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from llm_router.lifeline import die_with_parent
+
 SHIPPED_CONF = Path(__file__).resolve().parent.parent / "redis.conf"
 
 
@@ -72,7 +74,8 @@ class RedisServer:
         argv += ["--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
                  "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent(signal.SIGTERM))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import redis as redis_sync
 
+from llm_router.lifeline import die_with_parent
 from llm_router.redis_server import RedisServer, free_port
 
 
@@ -54,7 +55,8 @@ class Stack:
     redis: RedisServer | None = None
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
         self.children.append((name, proc))
         return proc
 

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import redis as redis_sync
 
+from llm_router.lifeline import die_with_parent
 from llm_router.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +176,8 @@ class Processes:
               cwd: str | os.PathLike | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True)
+                                env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))  # even if pytest is killed
         proc.log_path = log.name  # type: ignore[attr-defined]
         log.close()
         self.procs.append(proc)

@@ -1,0 +1,33 @@
+"""Children that cannot outlive their parent: no orphans even when the parent is SIGKILLed.
+
+``Popen(..., preexec_fn=die_with_parent(signal.SIGTERM))`` asks the Linux kernel
+(``prctl(PR_SET_PDEATHSIG)``) to signal the child when the process that started it dies,
+however it dies. ``llm-router up`` uses it for its Redis, worker and router (a worker that gets
+SIGTERM still stops its own models), the test fixtures for everything they start. Elsewhere
+than Linux it does nothing, and cleanup falls back to the parent's own shutdown path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return arm
