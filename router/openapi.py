@@ -94,7 +94,9 @@ PATHS: Json = {
                                                         data={"type": "array", "items": MODEL_CARD}), openai=True)},
     "/v1/models/{alias}": {"get": _op("one model (OpenAI retrieve)", MODEL_CARD, 404, params=[_alias()],
                                       openai=True)},
-    "/v1/chat/completions": {"post": _op("chat completion, forwarded to an engine (SSE when stream)",
+    "/v1/chat/completions": {"post": _op("chat completion, forwarded to an engine (SSE when stream; while an "
+                                         "on-demand start loads the model, a streamed request gets SSE "
+                                         "comments, and a failure is a data: {error} event ending the stream)",
                                          {"type": "object"}, 400, 404, 413, 502, 503, 504, openai=True,
                                          body=CHAT)},
     "/v1/completions": {"post": _op("completion, forwarded to an engine", {"type": "object"}, 400, 404, 413, 502,

@@ -27,6 +27,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     max_body_size: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     # Control plane.
     start_timeout: Seconds = 300.0  # on-demand and /start wait at most this long for "running"
+    # A streamed request waiting for its model to load gets an SSE comment this often, so that
+    # clients, proxies and load balancers do not cut the idle connection (router/loading.py).
+    loading_keepalive: Seconds = 5.0
     stop_timeout: Seconds = 120.0  # stop, stop-all, restart-autostart replies
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.

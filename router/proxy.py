@@ -29,8 +29,9 @@ from llm_router.protocol import Instance, Mode
 from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
 from router.limits import Limits
+from router.loading import LoadingStream, sse_data
 from router.options import RouterOptions
-from router.responses import ApiError, OpenAIError, OpenAIErrorBody, encode
+from router.responses import ApiError, OpenAIError, OpenAIErrorBody
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
@@ -94,7 +95,7 @@ def upstream_target(path: str, query: str) -> str:
 
 def stream_error_event(message: str) -> bytes:
     """The SSE event an interrupted stream ends with, in OpenAI's error shape."""
-    return b"data: " + encode(OpenAIError(OpenAIErrorBody(message, "upstream_error", "stream_interrupted"))) + b"\n\n"
+    return sse_data(OpenAIError(OpenAIErrorBody(message, "upstream_error", "stream_interrupted")))
 
 
 class Sink(Protocol):
@@ -138,7 +139,8 @@ class Proxy:
     async def forward(self, req: ProxyRequest, sink: Sink, rec: RequestRecord | None = None) -> None:
         """Relay ``req``; ``rec`` collects what happened (access log, metrics)."""
         rec = rec or RequestRecord(req.method, req.path, req.received_at)
-        name = sniff(req.body, req.content_type).model
+        sniffed = sniff(req.body, req.content_type)
+        name = sniffed.model
         if not name:
             raise ApiError(400, "you must provide a model parameter", "missing_model")
         model = self.view.resolve(name)
@@ -151,16 +153,47 @@ class Proxy:
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise ApiError(503, f"model '{name}' is not running", "model_not_running")
-            try:
-                await self.control.ensure_running(model, self.options.start_timeout)
-            except ControlError as exc:
-                raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
-                               "model_start_failed") from None
+            if sniffed.stream:
+                await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec)
+                return
+            await self._ensure_running(model, name)
+        await self._serve(model, name, entry.max_concurrency, req, sink, rec)
+
+    async def _ensure_running(self, model: str, name: str) -> None:
+        """Start ``model`` on demand (shared with other requests) and wait until it runs."""
+        try:
+            await self.control.ensure_running(model, self.options.start_timeout)
+        except ControlError as exc:
+            raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
+                           "model_start_failed") from None
+
+    async def _load_streamed(self, model: str, name: str, max_concurrency: int, req: ProxyRequest,
+                             stream: LoadingStream, rec: RequestRecord) -> None:
+        """A streamed request for a model that must start first: the SSE head and a comment at
+        once, a comment every ``loading_keepalive`` seconds while it loads (router/loading.py),
+        then the engine's stream; any failure from then on is an error event ending the stream.
+        A client that leaves cancels only its own wait: the start goes on for others."""
+        await stream.open(name)
+        start = asyncio.ensure_future(self._ensure_running(model, name))
+        try:
+            while not (await asyncio.wait({start}, timeout=self.options.loading_keepalive))[0]:
+                await stream.keepalive(name)
+            start.result()
+            await self._serve(model, name, max_concurrency, req, stream, rec)
+            await stream.end()
+        except ApiError as exc:
+            await stream.fail(exc)
+        finally:
+            start.cancel()  # a no-op once done; else only this request's wait (the start is shielded)
+
+    async def _serve(self, model: str, name: str, max_concurrency: int, req: ProxyRequest, sink: Sink,
+                     rec: RequestRecord) -> None:
+        """Relay to a running instance, within the model's concurrency limit."""
         self.metrics.started(model)
         try:
             # Counted as use of the model (idle unload, eviction) while queued or served.
             with self.usage.track(model) if self.usage else _NOOP:
-                async with self._slot(model, entry.max_concurrency):
+                async with self._slot(model, max_concurrency):
                     await self._relay(model, name, req, sink, rec)
         finally:
             self.metrics.ended(model)
