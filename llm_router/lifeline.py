@@ -15,6 +15,8 @@ import signal
 import sys
 from typing import Callable
 
+import psutil
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -31,3 +33,22 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
             os.kill(os.getpid(), sig)
 
     return arm
+
+
+def processes_with_env(name: str, value: str) -> list[psutil.Process]:
+    """Every process (but this one) whose environment has ``name=value``.
+
+    Environment markers survive process groups, re-parenting and ``exec``: a worker finds the
+    model processes of its previous run by them, and the tests and the bench find anything
+    they started, wherever it ended up."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(name) == value:
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone, a zombie, or another user's process
+            continue
+    return found

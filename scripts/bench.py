@@ -56,6 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llm_router.lifeline import processes_with_env  # noqa: E402
 from llm_router.redis_server import RedisServer, free_port  # noqa: E402
 
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
@@ -512,15 +513,11 @@ class Procs:
         for phase in ([p for p in self.procs if p[0] != "redis"], last):
             self._stop(phase, grace)
         # Engines live in process groups of their own: anything still carrying our token goes.
-        me = os.getpid()
-        for p in psutil.process_iter(["pid"]):
-            if p.pid == me:
-                continue
+        for p in processes_with_env(SESSION_ENV, self.token):
             try:
-                if p.environ().get(SESSION_ENV) == self.token:
-                    p.kill()
-            except (psutil.Error, OSError):
-                continue
+                p.kill()
+            except psutil.Error:
+                pass
 
     @staticmethod
     def _stop(procs: list[tuple[str, subprocess.Popen]], grace: float) -> None:

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import redis as redis_sync
 
-from llm_router.lifeline import die_with_parent
+from llm_router.lifeline import die_with_parent, processes_with_env
 from llm_router.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,17 +37,7 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
 def _leaked_processes() -> list[psutil.Process]:
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get("LLM_ROUTER_TEST_SESSION") == SESSION_TOKEN:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
+    return processes_with_env("LLM_ROUTER_TEST_SESSION", SESSION_TOKEN)
 
 
 @pytest.fixture(scope="session", autouse=True)

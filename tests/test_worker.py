@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from conftest import MOCK_ENGINE, role_url, wait_for
+from llm_router.lifeline import processes_with_env
 from llm_router.protocol import (CatalogEntry, Command, DeviceSnapshot, Event, Instance, Keys, Reply,
                                  command_fields, from_hash, from_json, log_entry)
 from llm_router.redis_server import RedisServer, free_port
@@ -137,14 +138,7 @@ def alive(pid: int) -> bool:
 
 
 def processes_of(wid: str) -> list[int]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.environ().get(WORKER_ENV) == wid and not is_gone(proc):
-                found.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
+    return [proc.pid for proc in processes_with_env(WORKER_ENV, wid) if not is_gone(proc)]
 
 
 def events(pubsub, until, timeout: float = 10) -> list[Event]:

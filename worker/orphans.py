@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from llm_router.lifeline import processes_with_env
+
 WORKER_ENV = "LLM_ROUTER_WORKER"
 WORKER_PID_ENV = "LLM_ROUTER_WORKER_PID"
 MODEL_ENV = "LLM_ROUTER_MODEL"
@@ -39,17 +41,7 @@ class Orphan:
 
 def find_orphans(worker_id: str) -> list[psutil.Process]:
     """Processes (other than this one) whose environment names ``worker_id``."""
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get(WORKER_ENV) == worker_id:
-                found.append(proc)
-        except (psutil.Error, OSError):  # gone, a zombie, or another user's process
-            continue
-    return found
+    return processes_with_env(WORKER_ENV, worker_id)
 
 
 def reap_orphans(worker_id: str, grace: float) -> list[Orphan]:
