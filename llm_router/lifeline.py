@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 from typing import Callable
 
@@ -52,3 +53,28 @@ def processes_with_env(name: str, value: str) -> list[psutil.Process]:
         except (psutil.Error, OSError):  # gone, a zombie, or another user's process
             continue
     return found
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0,
+               reap: float | None = 5.0) -> bool:
+    """Stop a child started with ``start_new_session=True``: ``sig`` to the process itself (as an
+    operator would, so it can shut down its own children), ``grace`` seconds to exit, then
+    SIGKILL to whatever is left of its process group. True if it exited within the grace."""
+    in_time = True
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            in_time = False
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(reap)
+    except subprocess.TimeoutExpired:
+        pass
+    return in_time

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import redis as redis_sync
 
-from llm_router.lifeline import die_with_parent
+from llm_router.lifeline import die_with_parent, stop_group
 from llm_router.redis_server import RedisServer, free_port
 
 
@@ -68,17 +68,8 @@ class Stack:
 
     def stop(self, grace: float = 30.0) -> None:
         for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    print(f"llm-router up: {name} did not stop in {grace}s; killing it", file=sys.stderr)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its group
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            if not stop_group(proc, signal.SIGTERM, grace, reap=None):
+                print(f"llm-router up: {name} did not stop in {grace}s; killed it", file=sys.stderr)
         if self.redis is not None:
             self.redis.stop()
 

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import redis as redis_sync
 
-from llm_router.lifeline import die_with_parent, processes_with_env
+from llm_router.lifeline import die_with_parent, processes_with_env, stop_group
 from llm_router.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,20 +178,7 @@ class Processes:
 
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         """Signal the process itself (as an operator would), then make sure its group is gone."""
-        if proc.poll() is None:
-            try:
-                proc.send_signal(sig)
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(proc, sig, timeout)
         return proc.returncode
 
     def stop_all(self) -> None:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -472,6 +474,16 @@ def test_real_stack_start_models_logs_stop(procs, redis_url: str, tmp_path: Path
     assert lines and all(ln[2] == ":" and ln.split()[1] == WORKER for ln in lines), lines
     assert "stdout" in {ln.split()[2] for ln in lines}
 
+    # The host's device snapshot lives a few of the config's 0.5 s intervals: on a loaded
+    # machine it may be between two writes, and `status`/`devices` then list no host.
+    def host_listed() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/api/devices/info", timeout=5) as resp:
+                return WORKER in json.loads(resp.read()).get("hosts", {})
+        except urllib.error.HTTPError:  # 503 while no host has a snapshot
+            return False
+
+    wait_for(host_listed, timeout=10, message="the host's device snapshot")
     result = run_cli("status", "--url", url)
     assert result.exit_code == 0, result.output
     assert "healthy" in result.output.splitlines()[0]
