@@ -6,6 +6,8 @@ not touch it), models started on demand by the first request that needs them.
 
 from __future__ import annotations
 
+import os
+
 import openai
 import pytest
 
@@ -21,7 +23,7 @@ def client(tmp_path_factory) -> openai.OpenAI:
     procs = Processes(tmp)
     try:
         config = write_config(tmp / "models.toml", *DEMO_MODELS, model_block("manual", on_demand=False))
-        start_worker(procs, server.url, config, "w1")
+        start_worker(procs, server.url, config, f"w{os.getpid()}")
         router = start_router(procs, server.url)
         wait_models(router, 3)
         with openai.OpenAI(base_url=f"{router.url}/v1", api_key="sk-test", max_retries=0, timeout=30) as c:

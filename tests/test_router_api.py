@@ -3,6 +3,7 @@ running mock engines, one Redis. Shapes, messages and status codes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,9 @@ from helpers import (
     wait_models, wait_status, write_config,
 )
 from llm_router.protocol import Keys, LogEntry, log_fields
+
+# Worker ids are per host: a concurrent suite's worker with the same id would refuse ours.
+W1 = f"w{os.getpid()}"
 
 KEYS = Keys()
 
@@ -53,9 +57,9 @@ class Cluster:
 
 
 def cluster(procs, redis_url: str, tmp_path: Path, *models: str, routers: int = 1) -> Cluster:
-    """A worker ``w1`` with ``models`` and ``routers`` routers, once the models are listed."""
+    """A worker ``W1`` with ``models`` and ``routers`` routers, once the models are listed."""
     config = write_config(tmp_path / "models.toml", *(models or DEMO_MODELS))
-    worker = start_worker(procs, redis_url, config, "w1")
+    worker = start_worker(procs, redis_url, config, W1)
     started = [start_router(procs, redis_url) for _ in range(routers)]
     for router in started:
         wait_models(router, len(models or DEMO_MODELS))
@@ -74,7 +78,7 @@ def test_root_health_and_model_list_shapes(procs, redis_url, tmp_path) -> None:
     chat = next(m for m in listing["data"] if m["id"] == "demo-chat")
     assert chat == {"id": "demo-chat", "object": "model", "created": 0, "owned_by": "llm-router",
                     "aliases": ["demo-chat", "gpt-3.5-turbo", "chatgpt"], "status": "stopped", "mode": "chat",
-                    "instances": [{"worker": "w1", "state": "stopped", "url": ""}]}
+                    "instances": [{"worker": W1, "state": "stopped", "url": ""}]}
     assert get_json(f"{router.url}/v1/models/chatgpt")["id"] == "demo-chat"
     assert request("GET", f"{router.url}/v1/models/nope").json()["error"]["type"] == "not_found_error"
 
@@ -87,7 +91,7 @@ def test_start_info_stop(procs, redis_url, tmp_path) -> None:
     info = get_json(f"{router.url}/api/models/gpt-3.5-turbo/info")
     assert info["success"] is True and info["model"]["id"] == "demo-chat" and info["model"]["status"] == "running"
     (inst,) = info["model"]["instances"]
-    assert inst["worker"] == "w1" and inst["state"] == "running" and inst["pid"] > 0
+    assert inst["worker"] == W1 and inst["state"] == "running" and inst["pid"] > 0
     assert inst["url"].startswith("http://127.0.0.1:") and inst["started_at"] > 0 and inst["last_error"] == ""
     assert len(c.engines("demo-chat")) == 1
     assert get_json(f"{router.url}/health")["running_models"] == 1
@@ -151,7 +155,7 @@ def test_concurrent_requests_for_a_stopped_model_start_it_once(procs, redis_url,
         t.join(30)
     assert statuses == [200] * 8
     assert len(c.engines("lazy-chat")) == 1
-    assert rds.xlen(KEYS.commands("w1")) == 1  # one start command: the router's starts are shared
+    assert rds.xlen(KEYS.commands(W1)) == 1  # one start command: the router's starts are shared
     info = get_json(f"{router.url}/api/models/lazy/info")["model"]
     assert len(info["instances"]) == 1 and info["instances"][0]["restarts"] == 0
 
@@ -202,7 +206,7 @@ def test_devices_info(procs, redis_url, tmp_path) -> None:
     assert set(cpu["info"]) == {"cpu_count", "memory_total", "memory_used", "memory_free"}
     assert set(body["devices"]["cuda"]["info"]) == {"device_count", "device_name", "memory_total", "memory_used",
                                                     "memory_free"}
-    assert list(body["hosts"]) == ["w1"] and body["hosts"]["w1"]["cpu"]["memory_total"] > 0
+    assert list(body["hosts"]) == [W1] and body["hosts"][W1]["cpu"]["memory_total"] > 0
 
 
 def test_log_stats_and_clear(procs, redis_url, rds, tmp_path) -> None:
@@ -245,7 +249,7 @@ def test_log_stream_follows_a_real_model(procs, redis_url, tmp_path) -> None:
     assert request("POST", f"{router.url}/api/models/chatgpt/start").status == 200
     stream = SseStream(f"{router.url}/api/models/chatgpt/logs/stream")
     history = stream.events_until(lambda ev: ev["data"]["type"] == "historical_complete")
-    assert len(history) > 1 and all(ev["data"]["log"]["host"] == "w1" for ev in history[:-1])
+    assert len(history) > 1 and all(ev["data"]["log"]["host"] == W1 for ev in history[:-1])
     assert request("POST", f"{router.url}/api/models/chatgpt/stop").status == 200
     live = stream.event()
     stream.close()
