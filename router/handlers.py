@@ -16,11 +16,10 @@ from router.accesslog import CLIENT_GONE, RequestRecord
 from router.auth import COOKIE, SAFE_METHODS, AccessPolicy
 from router.debug import debug_stats
 from router.limits_http import check_forward_path, check_json_depth, check_query
-from router.logstream import parse_last_id, parse_tail
-from router.manage import parse_flag
 from router.metrics import CONTENT_TYPE
 from router.openapi import document_bytes
 from router.proxy import ProxyRequest
+from router.query import RouteParams, route_params
 from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
 
@@ -34,7 +33,7 @@ class BaseHandler(tornado.web.RequestHandler):
     request costs the router no memory. ``/api`` routes read no body: it is dropped as it comes."""
 
     services: Services
-    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (as in router/openapi.py)
+    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (names of router/query.py's RouteParams)
 
     def initialize(self, services: Services) -> None:
         self.services = services
@@ -57,6 +56,15 @@ class BaseHandler(tornado.web.RequestHandler):
     def check_request(self) -> None:
         check_query(self.request.query_arguments, self.QUERY)
         self.check_length(self.services.options.max_api_body_size)
+
+    @property
+    def params(self) -> RouteParams:
+        return route_params(self.services.options)
+
+    @property
+    def query_args(self) -> dict[str, list[bytes]]:
+        """The query as sent: ``get_query_argument`` strips whitespace (see router/query.py)."""
+        return self.request.query_arguments
 
     def check_length(self, limit: int) -> None:
         length = self.request.headers.get("Content-Length", "0")
@@ -166,7 +174,7 @@ class StartHandler(BaseHandler):
     QUERY = ("wait",)
 
     async def post(self, alias: str) -> None:
-        wait = parse_flag("wait", self.get_query_argument("wait", None), True)
+        wait = self.params.wait.parse(self.query_args)
         status, body = await self.services.manager.start(alias, wait)
         self.reply(body, status)
 
@@ -200,8 +208,8 @@ class LogClearHandler(BaseHandler):
     QUERY = ("keep_minutes",)
 
     async def post(self, alias: str) -> None:
-        keep = self.get_query_argument("keep_minutes", None)
-        self.reply(await self.services.manager.clear_logs(alias, keep))
+        keep_minutes = self.params.keep_minutes.parse(self.query_args)
+        self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
 
 
 class DevicesHandler(BaseHandler):
@@ -213,10 +221,9 @@ class LogStreamHandler(BaseHandler):
     QUERY = ("tail", "last_event_id")
 
     async def get(self, alias: str) -> None:
-        options = self.services.options
-        tail = parse_tail(self.get_query_argument("tail", None), options.log_tail_default, options.log_tail_max)
-        last_id = parse_last_id(self.request.headers.get("Last-Event-ID")
-                                or self.get_query_argument("last_event_id", None))
+        params = self.params
+        tail = params.tail.parse(self.query_args)
+        last_id = params.last_event_id.parse(self.query_args, self.request.headers.get("Last-Event-ID"))
         model = await self.services.manager.log_model(alias)
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
@@ -279,7 +286,7 @@ class MetricsHandler(BaseHandler):
 class OpenApiHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Content-Type", JSON)
-        self.finish(document_bytes())
+        self.finish(document_bytes(self.services.options))
 
 
 class DebugStatsHandler(BaseHandler):

@@ -14,7 +14,6 @@ when nothing else did for ``keepalive_interval`` (proxies close silent connectio
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Awaitable, Callable, Literal
 
 import msgspec
@@ -23,9 +22,7 @@ from redis.exceptions import RedisError
 
 from llm_router.protocol import Keys, LogEntry, log_entry
 from router.options import RouterOptions
-from router.responses import ApiError
 
-STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 KEEPALIVE = b": keep-alive\n\n"
 EventType = Literal["historical", "historical_complete", "realtime", "stream_end", "error"]
 Send = Callable[[bytes], Awaitable[None]]
@@ -50,24 +47,6 @@ def sse(event: LogEvent, event_id: str | None = None) -> bytes:
 def entry_events(kind: EventType, entries: list[tuple[bytes, dict]]) -> bytes:
     """Stream entries as SSE events, each with its stream id as ``id:``."""
     return b"".join(sse(LogEvent(kind, log_entry(fields)), _id(entry_id)) for entry_id, fields in entries)
-
-
-def parse_tail(raw: str | None, default: int, maximum: int) -> int:
-    """``?tail=N``: how many past entries to send first (0..maximum)."""
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or int(raw) > maximum:
-        raise ApiError(400, f"tail must be an integer between 0 and {maximum}, got {raw!r}")
-    return int(raw)
-
-
-def parse_last_id(raw: str | None) -> str | None:
-    """``Last-Event-ID`` / ``?last_event_id=``: a stream id (``1700000000000-0``)."""
-    if not raw:
-        return None
-    if not STREAM_ID.match(raw):
-        raise ApiError(400, f"last_event_id must be a stream id like 1700000000000-0, got {raw!r}")
-    return raw
 
 
 class LogStreamer:

@@ -7,6 +7,7 @@ for word, with the alias as the caller gave it.
 
 from __future__ import annotations
 
+import msgspec
 from redis.asyncio import Redis
 
 from llm_router import __version__
@@ -19,29 +20,6 @@ from router.responses import (
 )
 from router.view import ClusterView
 from worker.devices import cpu_summary, cuda_summary, host_detail
-
-FALSE_WORDS = {"false", "0", "no", "off"}
-TRUE_WORDS = {"true", "1", "yes", "on", ""}
-
-
-def parse_keep_minutes(raw: str | None) -> int:
-    """``?keep_minutes=N``: minutes of recent logs to keep, 0 (the default) clears all."""
-    if raw is None or raw == "":
-        return 0
-    if not raw.isdigit():
-        raise ApiError(400, f"keep_minutes must be a non-negative integer (0 clears all), got {raw!r}")
-    return int(raw)
-
-
-def parse_flag(name: str, raw: str | None, default: bool) -> bool:
-    if raw is None:
-        return default
-    if raw.lower() in FALSE_WORDS:
-        return False
-    if raw.lower() in TRUE_WORDS:
-        return True
-    raise ApiError(400, f"{name} must be true or false, got {raw!r}")
-
 
 def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
     if keep_minutes:
@@ -123,8 +101,8 @@ class Manager:
         if not snaps:
             raise ApiError(503, "no live worker has published device metrics", "devices_unavailable")
         ordered = [snaps[w] for w in sorted(snaps)]
-        return DevicesResult(devices={"cuda": cuda_summary(ordered), "cpu": cpu_summary(ordered)},
-                             hosts={w: host_detail(snaps[w]) for w in sorted(snaps)})
+        return msgspec.convert({"devices": {"cuda": cuda_summary(ordered), "cpu": cpu_summary(ordered)},
+                                "hosts": {w: host_detail(snaps[w]) for w in sorted(snaps)}}, DevicesResult)
 
     # --- actions ---
 
@@ -169,8 +147,7 @@ class Manager:
         counts = await pipe.execute() if models else []
         return LogStatsResult(stats=LogStats(len(models), sum(counts), sum(1 for c in counts if c)))
 
-    async def clear_logs(self, alias: str, keep_raw: str | None) -> Done:
-        keep_minutes = parse_keep_minutes(keep_raw)
+    async def clear_logs(self, alias: str, keep_minutes: int) -> Done:
         model = await self.log_model(alias)
         deleted = await trim_logs(self.redis, self.keys, model, keep_minutes)
         return Done(message=clear_message(alias, keep_minutes, deleted))

@@ -1,9 +1,15 @@
-"""The OpenAPI 3 document of the router's own API, served at ``/openapi.json``.
+"""The OpenAPI 3.1 document of the router's own API, served at ``/openapi.json``.
 
-Hand-written data (the API is small and its contract comes from the manual, not from code);
-``tests/test_security_api.py`` keeps it in step with ``router.app.ROUTES`` and with each
-handler's ``QUERY`` (every route documented and vice versa, query parameters identical), and
-``tests/test_fuzz.py`` fuzzes a live router from it with schemathesis.
+Generated, not hand-written, wherever the code has the truth: response bodies are the msgspec
+structs the handlers encode (``router/responses.py``: ``msgspec.json.schema_components``), and
+query parameters are the ``router/query.py`` declarations the handlers parse, with this
+router's defaults and limits. What is left by hand is the route list, each route's summary and
+status codes, and the request bodies of the forwarded OpenAI operations (the router does not
+parse those beyond ``model``; the engine does).
+
+``tests/test_security_api.py`` keeps it in step with ``router.app.ROUTES`` and each handler's
+``QUERY``; ``tests/test_fuzz.py`` runs schemathesis against a live router from it and checks
+every answer against the documented status codes and response schemas.
 
 ``/v1/*`` is documented by its three main OpenAI operations; the router forwards any other
 ``/v1/...`` path as well (see ``router.proxy``), its body untouched.
@@ -17,34 +23,111 @@ from typing import Any
 import msgspec
 
 from llm_router import __version__
+from router.debug import DebugStats
+from router.logstream import LogEvent
+from router.options import RouterOptions
+from router.query import route_params
+from router.responses import (
+    DevicesResult, Done, Failure, Health, LogStatsResult, ModelCard, ModelInfo, ModelList, OpenAIError, Restarted,
+    ServerInfo,
+)
 
 Json = dict[str, Any]
+REF = "#/components/schemas/{name}"
+RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Done, Restarted, LogStatsResult, DevicesResult,
+             DebugStats, LogEvent, Failure, OpenAIError)
 
 
-def _obj(required: tuple[str, ...] = (), **props: Json) -> Json:
-    schema: Json = {"type": "object", "properties": props}
-    if required:
-        schema["required"] = list(required)
-    return schema
+# --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
 
 
-STR, INT, NUM, BOOL = ({"type": t} for t in ("string", "integer", "number", "boolean"))
-FAILURE = _obj(("success", "message"), success=BOOL, message=STR)
-OPENAI_ERROR = _obj(("error",), error=_obj(("message", "type"), message=STR, type=STR, code={"type": "string",
-                                                                                            "nullable": True}))
-DONE = _obj(("success", "message"), success=BOOL, message=STR)
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    max_tokens: int | None = None
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str
+    stream: bool = False
+    max_tokens: int | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[str]
+
+
+REQUESTS = (ChatRequest, CompletionRequest, EmbeddingRequest)
+
+
+def _always_present(components: Json) -> Json:
+    """msgspec lists a field with a default as optional, which is right for a request body; in
+    a response every field is encoded unless its struct omits defaults, so say it is there."""
+    for cls in _structs(RESPONSES):
+        if not cls.__struct_config__.omit_defaults:
+            schema = components[cls.__name__]
+            schema["required"] = list(schema.get("properties", {}))
+    return components
+
+
+def _structs(types: tuple[type, ...]) -> set[type]:
+    """Every struct reachable from ``types`` (their fields, recursively)."""
+    found: set[type] = set()
+
+    def walk(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in found:
+                return
+            found.add(info.cls)
+            for field in info.fields:
+                walk(field.type)
+        for attr in ("item_type", "key_type", "value_type"):
+            if (inner := getattr(info, attr, None)) is not None:
+                walk(inner)
+        for inner in getattr(info, "types", ()):
+            walk(inner)
+
+    for info in msgspec.inspect.multi_type_info(types):
+        walk(info)
+    return found
+
+
+def _ref(cls: type) -> Json:
+    return {"$ref": REF.format(name=cls.__name__)}
+
+
+CAUSES = {400: "bad request or parameter (unknown, repeated, empty or invalid query parameter, ...)",
+          401: "missing or invalid API key (keys on)", 403: "admin key needed (keys on)",
+          404: "unknown model or route", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
+          502: "engine unreachable", 503: "model not running / start failed / Redis unreachable", 504: "engine timeout"}
 
 
 def _json(schema: Json, description: str) -> Json:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*codes: int, openai: bool = False) -> Json:
-    shape = OPENAI_ERROR if openai else FAILURE
-    words = {400: "bad request or parameter", 401: "missing or invalid API key", 403: "admin key needed",
-             404: "unknown model or route", 405: "method not allowed", 413: "body too large",
-             502: "engine unreachable", 503: "model not running / Redis unreachable", 504: "engine timeout"}
-    return {str(c): _json(shape, words[c]) for c in codes}
+def _op(summary: str, ok: Json, *errors: int, params: list[Json] | None = None, admin: bool = False,
+        public: bool = False, openai: bool = False, body: type | None = None, ok_type: str = "application/json",
+        also: Json | None = None) -> Json:
+    """One operation: 200 with ``ok`` (a schema), then errors in the route's shape. Every route
+    may answer 400 (query parameters are checked on all of them) and, unless public, 401."""
+    failure = _ref(OpenAIError if openai else Failure)
+    codes = sorted({400, *(() if public else (401,)), *((403,) if admin else ()), *errors})
+    responses: Json = {"200": {"description": "ok", "content": {ok_type: {"schema": ok}}}, **(also or {})}
+    responses.update({str(c): _json(failure, CAUSES[c]) for c in codes})
+    op: Json = {"summary": summary, "parameters": params or [], "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    op["security"] = [] if public else [{"bearer": []}] if admin else [{"bearer": []}, {"cookie": []}]
+    return op
 
 
 def _alias() -> Json:
@@ -52,92 +135,83 @@ def _alias() -> Json:
             "description": "a model id or alias"}
 
 
-def _query(name: str, schema: Json, description: str) -> Json:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+FORWARDED = {"type": "object", "description": "the engine's answer, as it sent it"}
+FORWARDED_DESCRIPTION = (" (the engine's status and body; with \"stream\": true, server-sent events. While an "
+                         "on-demand start loads the model, a streamed request gets SSE comments, and a failure is "
+                         "a data: {\"error\": ...} event ending the stream)")
 
 
-def _op(summary: str, ok: Json, *errors: int, params: list[Json] | None = None, admin: bool = False,
-        openai: bool = False, body: Json | None = None, ok_type: str = "application/json") -> Json:
-    op: Json = {"summary": summary, "parameters": params or [],
-                "responses": {"200": {"description": "ok", "content": {ok_type: {"schema": ok}}},
-                              **_errors(401, *((403,) if admin else ()), *errors, openai=openai)}}
-    if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    op["security"] = [{"bearer": []}, {"cookie": []}] if not admin else [{"bearer": []}]
-    return op
+def paths(options: RouterOptions) -> Json:
+    q = route_params(options)
+    forwarded = (400, 404, 413, 429, 502, 503, 504)
+    stream_ok = {"200": {"description": "ok" + FORWARDED_DESCRIPTION,
+                         "content": {"application/json": {"schema": FORWARDED},
+                                     "text/event-stream": {"schema": {"type": "string"}}}}}
+    return {
+        "/": {"get": _op("server info", _ref(ServerInfo))},
+        "/health": {"get": _op("health: model counts, live workers, Redis (always public)", _ref(Health),
+                               public=True)},
+        "/openapi.json": {"get": _op("this document (always public)", {"type": "object"}, public=True)},
+        "/debug/stats": {"get": _op("tasks, descriptors and memory of the router (404 unless "
+                                    "LLM_ROUTER_DEBUG_ENDPOINTS=1)", _ref(DebugStats), 404, admin=True)},
+        "/metrics": {"get": _op("Prometheus metrics (docs/metrics.md)", {"type": "string"}, ok_type="text/plain")},
+        "/v1/models": {"get": _op("OpenAI model list", _ref(ModelList), openai=True)},
+        "/v1/models/{alias}": {"get": _op("one model (OpenAI retrieve)", _ref(ModelCard), 404, params=[_alias()],
+                                          openai=True)},
+        "/v1/chat/completions": {"post": _op("chat completion, forwarded to an engine", FORWARDED, *forwarded,
+                                             openai=True, body=ChatRequest, also=stream_ok)},
+        "/v1/completions": {"post": _op("completion, forwarded to an engine", FORWARDED, *forwarded, openai=True,
+                                        body=CompletionRequest, also=stream_ok)},
+        "/v1/embeddings": {"post": _op("embeddings, forwarded to an engine", FORWARDED, *forwarded,
+                                       openai=True, body=EmbeddingRequest)},
+        "/api/models/restart-autostart": {"post": _op("stop every model, then start every auto_start model",
+                                                      _ref(Restarted), 503, admin=True)},
+        "/api/models/stop-all": {"post": _op("stop every model on every host", _ref(Done), 503, admin=True)},
+        "/api/models/{alias}/start": {"post": _op(
+            "start a model and wait until it serves", _ref(Done), 404, 503, admin=True,
+            params=[_alias(), q.wait.openapi()],
+            also={"202": _json(_ref(Done), "wait=false: the start has begun, the model is not running yet")})},
+        "/api/models/{alias}/stop": {"post": _op("stop a model on every host", _ref(Done), 404, 503,
+                                                 params=[_alias()], admin=True)},
+        "/api/models/{alias}/info": {"get": _op("one model in detail, with each instance", _ref(ModelInfo), 404,
+                                                params=[_alias()])},
+        "/api/models/{alias}/logs/stream": {"get": _op(
+            "the model's log as server-sent events: historical entries, historical_complete, then realtime "
+            "entries; each data: is a LogEvent, each entry event carries its stream id as id:",
+            {"type": "string"}, 404, 503, params=[_alias(), q.tail.openapi(), q.last_event_id.openapi()],
+            ok_type="text/event-stream")},
+        "/api/logs/stats": {"get": _op("log entries per model, summed", _ref(LogStatsResult), 503)},
+        "/api/logs/{alias}/clear": {"post": _op("delete a model's log entries older than keep_minutes",
+                                                _ref(Done), 404, 503, params=[_alias(), q.keep_minutes.openapi()],
+                                                admin=True)},
+        "/api/devices/info": {"get": _op("devices of every host: the cluster total, then per host",
+                                         _ref(DevicesResult), 503)},
+    }
 
 
-MESSAGES = {"type": "array", "items": _obj(("role", "content"), role=STR, content=STR)}
-CHAT = _obj(("model", "messages"), model=STR, messages=MESSAGES, stream=BOOL, max_tokens=INT)
-COMPLETION = _obj(("model", "prompt"), model=STR, prompt=STR, stream=BOOL, max_tokens=INT)
-EMBEDDING = _obj(("model", "input"), model=STR, input=STR)
-MODEL_CARD = _obj(("id", "object", "created", "owned_by"), id=STR, object=STR, created=INT, owned_by=STR,
-                  aliases={"type": "array", "items": STR}, status=STR, mode=STR)
-START_PARAMS = [_query("wait", {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]},
-                       "wait until the model runs (default true)")]
-LOG_STREAM_PARAMS = [
-    _query("tail", {"type": "integer", "minimum": 0}, "history entries sent first"),
-    _query("last_event_id", STR, "resume after this entry id (as the Last-Event-ID header)"),
-]
-CLEAR_PARAMS = [_query("keep_minutes", {"type": "integer", "minimum": 0}, "minutes of logs to keep (0: all)")]
-
-PATHS: Json = {
-    "/": {"get": _op("server info", _obj(("message", "version"), message=STR, version=STR, models_url=STR))},
-    "/health": {"get": {**_op("health (always public)", _obj(("status",), status=STR, models_count=INT,
-                                                               running_models=INT)), "security": []}},
-    "/openapi.json": {"get": {**_op("this document (always public)", {"type": "object"}), "security": []}},
-    "/debug/stats": {"get": _op("tasks, descriptors and memory of the router (off unless "
-                                "LLM_ROUTER_DEBUG_ENDPOINTS=1)", _obj(tasks=INT, fds=INT, rss_mb=NUM), 404,
-                                admin=True)},
-    "/metrics": {"get": _op("Prometheus metrics (docs/metrics.md)", STR, ok_type="text/plain")},
-    "/v1/models": {"get": _op("OpenAI model list", _obj(("object", "data"), object=STR,
-                                                        data={"type": "array", "items": MODEL_CARD}), openai=True)},
-    "/v1/models/{alias}": {"get": _op("one model (OpenAI retrieve)", MODEL_CARD, 404, params=[_alias()],
-                                      openai=True)},
-    "/v1/chat/completions": {"post": _op("chat completion, forwarded to an engine (SSE when stream; while an "
-                                         "on-demand start loads the model, a streamed request gets SSE "
-                                         "comments, and a failure is a data: {error} event ending the stream)",
-                                         {"type": "object"}, 400, 404, 413, 502, 503, 504, openai=True,
-                                         body=CHAT)},
-    "/v1/completions": {"post": _op("completion, forwarded to an engine", {"type": "object"}, 400, 404, 413, 502,
-                                    503, 504, openai=True, body=COMPLETION)},
-    "/v1/embeddings": {"post": _op("embeddings, forwarded to an engine", {"type": "object"}, 400, 404, 413, 502,
-                                   503, 504, openai=True, body=EMBEDDING)},
-    "/api/models/restart-autostart": {"post": _op("stop all, start every auto_start model", DONE, 503,
-                                                  admin=True)},
-    "/api/models/stop-all": {"post": _op("stop every running model", DONE, 503, admin=True)},
-    "/api/models/{alias}/start": {"post": _op("start a model", DONE, 400, 404, 503, params=[_alias(), *START_PARAMS],
-                                              admin=True)},
-    "/api/models/{alias}/stop": {"post": _op("stop a model", DONE, 404, 503, params=[_alias()], admin=True)},
-    "/api/models/{alias}/info": {"get": _op("one model in detail", _obj(("success", "model"), success=BOOL,
-                                                                         model={"type": "object"}), 404,
-                                            params=[_alias()])},
-    "/api/models/{alias}/logs/stream": {"get": _op("the model's log as server-sent events", STR, 400, 404,
-                                                   params=[_alias(), *LOG_STREAM_PARAMS],
-                                                   ok_type="text/event-stream")},
-    "/api/logs/stats": {"get": _op("log statistics", _obj(("success", "stats"), success=BOOL,
-                                                         stats={"type": "object"}))},
-    "/api/logs/{alias}/clear": {"post": _op("trim a model's log", DONE, 400, 404, params=[_alias(), *CLEAR_PARAMS],
-                                            admin=True)},
-    "/api/devices/info": {"get": _op("devices of every host", _obj(("success", "devices"), success=BOOL,
-                                                                   devices={"type": "object"}))},
-}
-
-DOCUMENT: Json = {
-    "openapi": "3.0.3",
-    "info": {"title": "llm-router", "version": __version__,
-             "description": "One OpenAI-compatible endpoint and one control plane for a lab's model servers. "
-                            "Errors: OpenAI's shape on /v1, {success: false, message} on /api. Keys: see "
-                            "docs/security.md (off on a loopback-only router)."},
-    "paths": PATHS,
-    "components": {"securitySchemes": {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "a client or admin API key"},
-        "cookie": {"type": "apiKey", "in": "cookie", "name": "llm_router_key",
-                   "description": "the same key as a cookie, GET/HEAD only (the dashboard's EventSource)"},
-    }},
-}
+def document(options: RouterOptions) -> Json:
+    _, responses = msgspec.json.schema_components(RESPONSES, ref_template=REF)
+    _, requests = msgspec.json.schema_components(REQUESTS, ref_template=REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-router", "version": __version__,
+                 "description": "One OpenAI-compatible endpoint and one control plane for a lab's model servers. "
+                                "Errors: OpenAI's shape on /v1, {success: false, message} on /api. Query "
+                                "parameters are optional: absent, a parameter takes its default; present, it "
+                                "must be valid (empty or blank is a 400). Keys: docs/security.md (off on a "
+                                "loopback-only router). Reference: docs/api.md."},
+        "paths": paths(options),
+        "components": {
+            "schemas": {**_always_present(responses), **requests},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "a client or admin API key"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "llm_router_key",
+                           "description": "the same key as a cookie, GET/HEAD only (the dashboard's EventSource)"},
+            },
+        },
+    }
 
 
 @functools.cache
-def document_bytes() -> bytes:
-    return msgspec.json.encode(DOCUMENT)
+def document_bytes(options: RouterOptions) -> bytes:
+    return msgspec.json.encode(document(options))

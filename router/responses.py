@@ -12,6 +12,8 @@ from http import HTTPStatus
 import msgspec
 from redis.exceptions import RedisError
 
+from llm_router.protocol import CpuInfo, CudaInfo
+
 # --- errors ---
 
 OPENAI_ERROR_TYPES = {
@@ -180,9 +182,50 @@ class LogStatsResult(Ok, kw_only=True):
     stats: LogStats
 
 
+class GpuTotals(msgspec.Struct):
+    device_count: int
+    device_name: str  # distinct GPU names, joined with ", "
+    memory_total: int  # MiB, summed over every GPU of every host
+    memory_used: int
+    memory_free: int
+
+
+class CudaSummary(msgspec.Struct):
+    online: bool  # some host has NVML online
+    info: GpuTotals
+
+
+class CpuTotals(msgspec.Struct):
+    cpu_count: int
+    memory_total: int  # MiB, summed over the hosts
+    memory_used: int
+    memory_free: int
+
+
+class CpuSummary(msgspec.Struct):
+    online: bool
+    info: CpuTotals
+
+
+class DeviceSummary(msgspec.Struct):
+    """The manual's ``devices``: the cluster's total, as if it were one machine."""
+
+    cuda: CudaSummary
+    cpu: CpuSummary
+
+
+class HostDevices(msgspec.Struct):
+    """One host's device snapshot, per GPU (as its worker published it)."""
+
+    host: str
+    ts: float
+    cuda: CudaInfo
+    cpu: CpuInfo
+
+
 class DevicesResult(Ok, kw_only=True):
-    devices: dict
-    hosts: dict
+    devices: DeviceSummary
+    hosts: dict[str, HostDevices]  # by worker id
 
 
 _encoder = msgspec.json.Encoder()

@@ -1,5 +1,5 @@
 """The router's pure logic, without HTTP or Redis: balancing, the cluster view, placement,
-request sniffing, mode checks, parameter validation, error shapes, options."""
+request sniffing, mode checks, error shapes, options (query parameters: tests/test_params.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from llm_router.protocol import CatalogEntry, Event, Instance, Reply, WorkerInfo
 from router.app import redact
 from router.balancer import Balancer, least_outstanding
 from router.control import ControlError, choose_worker, describe_failure, merged_models, start_outcome
-from router.logstream import LogEvent, parse_last_id, parse_tail, sse
-from router.manage import clear_message, parse_flag, parse_keep_minutes
+from router.logstream import LogEvent, sse
+from router.manage import clear_message
 from router.options import RouterOptions
 from router.proxy import mode_error, sniff, stream_error_event
 from router.responses import ApiError, as_api_error, encode, error_body
@@ -233,39 +233,6 @@ def test_mode_mismatch() -> None:
     assert mode_error("/v1/embeddings", "embedding", "e") is None
     assert mode_error("/v1/chat/completions", "base", "b") is None
     assert mode_error("/v1/audio/transcriptions", "chat", "c") is None
-
-
-@pytest.mark.parametrize("raw,expected", [(None, 200), ("", 200), ("0", 0), ("10000", 10000)])
-def test_tail_parameter(raw, expected) -> None:
-    assert parse_tail(raw, 200, 10000) == expected
-
-
-@pytest.mark.parametrize("raw", ["-1", "abc", "10001", "1.5"])
-def test_tail_parameter_rejects(raw) -> None:
-    with pytest.raises(ApiError) as err:
-        parse_tail(raw, 200, 10000)
-    assert err.value.status == 400 and "tail" in err.value.message
-
-
-def test_last_event_id_and_flags() -> None:
-    assert parse_last_id("1700000000000-3") == "1700000000000-3" and parse_last_id(None) is None
-    with pytest.raises(ApiError):
-        parse_last_id("yesterday")
-    assert parse_flag("wait", None, True) is True and parse_flag("wait", "false", True) is False
-    with pytest.raises(ApiError):
-        parse_flag("wait", "maybe", True)
-
-
-@pytest.mark.parametrize("raw,expected", [(None, 0), ("", 0), ("0", 0), ("60", 60)])
-def test_keep_minutes(raw, expected) -> None:
-    assert parse_keep_minutes(raw) == expected
-
-
-@pytest.mark.parametrize("raw", ["-1", "abc", "1.5", " 5"])
-def test_keep_minutes_rejects_with_the_parameter_named(raw) -> None:
-    with pytest.raises(ApiError) as err:
-        parse_keep_minutes(raw)
-    assert err.value.status == 400 and "keep_minutes" in err.value.message
 
 
 def test_clear_message_follows_the_manual() -> None:

@@ -9,8 +9,10 @@ import tornado.web
 from helpers import get_json, start_router
 from router.app import ROUTES
 from router.handlers import ProxyHandler
-from router.openapi import DOCUMENT
+from router.openapi import document
+from router.options import RouterOptions
 
+DOCUMENT = document(RouterOptions())
 METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
 
 
