@@ -136,6 +136,14 @@ def _alias() -> Json:
 
 
 FORWARDED = {"type": "object", "description": "the engine's answer, as it sent it"}
+
+
+def _sse_event(data: Json) -> Json:
+    """One server-sent event (OpenAPI 3.1 reads the schema of ``text/event-stream`` as that of
+    each event): its ``data`` text, optional ``event`` and ``id``."""
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"},
+                           "retry": {"type": "integer"}}}
 FORWARDED_DESCRIPTION = (" (the engine's status and body; with \"stream\": true, server-sent events. While an "
                          "on-demand start loads the model, a streamed request gets SSE comments, and a failure is "
                          "a data: {\"error\": ...} event ending the stream)")
@@ -146,7 +154,7 @@ def paths(options: RouterOptions) -> Json:
     forwarded = (400, 404, 413, 429, 502, 503, 504)
     stream_ok = {"200": {"description": "ok" + FORWARDED_DESCRIPTION,
                          "content": {"application/json": {"schema": FORWARDED},
-                                     "text/event-stream": {"schema": {"type": "string"}}}}}
+                                     "text/event-stream": {"schema": _sse_event({"type": "string"})}}}}
     return {
         "/": {"get": _op("server info", _ref(ServerInfo))},
         "/health": {"get": _op("health: model counts, live workers, Redis (always public)", _ref(Health),
@@ -178,7 +186,8 @@ def paths(options: RouterOptions) -> Json:
         "/api/models/{alias}/logs/stream": {"get": _op(
             "the model's log as server-sent events: historical entries, historical_complete, then realtime "
             "entries; each data: is a LogEvent, each entry event carries its stream id as id:",
-            {"type": "string"}, 404, 503, params=[_alias(), q.tail.openapi(), q.last_event_id.openapi()],
+            _sse_event({"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(LogEvent)}),
+            404, 503, params=[_alias(), q.tail.openapi(), q.last_event_id.openapi()],
             ok_type="text/event-stream")},
         "/api/logs/stats": {"get": _op("log entries per model, summed", _ref(LogStatsResult), 503)},
         "/api/logs/{alias}/clear": {"post": _op("delete a model's log entries older than keep_minutes",

@@ -49,3 +49,21 @@ def test_the_document_is_served(procs, redis_url) -> None:
     router = start_router(procs, redis_url)
     doc = get_json(f"{router.url}/openapi.json")
     assert doc["openapi"].startswith("3.") and doc["paths"].keys() == DOCUMENT["paths"].keys()
+
+
+def test_json_answers_are_described_by_the_structs_the_handlers_encode() -> None:
+    """No placeholder such as ``{"type": "object"}``: every JSON body of the router's own routes
+    (all but /openapi.json and the forwarded /v1 operations) is a generated component."""
+    schemas = DOCUMENT["components"]["schemas"]
+    for path, operations in DOCUMENT["paths"].items():
+        if path == "/openapi.json" or handler_for(path) is ProxyHandler:
+            continue
+        for method, op in operations.items():
+            for status, response in op["responses"].items():
+                schema = response["content"].get("application/json", {}).get("schema")
+                if schema is not None:
+                    name = schema["$ref"].rsplit("/", 1)[1]
+                    assert schemas[name]["type"] == "object" and schemas[name]["properties"], (method, path, status)
+    devices = schemas["DeviceSummary"]["properties"]
+    assert devices["cuda"]["$ref"].endswith("/CudaSummary") and schemas["GpuTotals"]["required"] == [
+        "device_count", "device_name", "memory_total", "memory_used", "memory_free"]
