@@ -54,8 +54,8 @@ class Param:
             return None
         text = values[0].decode("utf-8", "replace")
         if not text.strip():
-            raise invalid(f"query parameter {self.name!r} is empty: give a value or leave the parameter out "
-                          f"(absent means: {self.absent})")
+            raise invalid(f"query parameter {self.name!r} is empty: give a value, or leave the parameter out "
+                          f"for its default: {self.absent}")
         return text
 
     def schema(self) -> Json:
@@ -146,16 +146,16 @@ class RouteParams:
 def route_params(options: RouterOptions) -> RouteParams:
     return RouteParams(
         wait=Flag(name="wait", default=True, description="wait until the model runs",
-                  absent="true: answer 200 once the model runs (503 if it fails to start); false answers "
+                  absent="true, answer 200 once the model runs, 503 if it fails to start; false answers "
                          "202 at once while it starts"),
         tail=Count(name="tail", default=options.log_tail_default, maximum=options.log_tail_max,
-                   description="how many past log entries to send before the live ones (0: none)",
-                   absent=f"the last {options.log_tail_default} entries (LLM_ROUTER_LOG_TAIL_DEFAULT)"),
+                   description="how many past log entries to send before the live ones, 0 for none",
+                   absent=f"the last {options.log_tail_default} entries, LLM_ROUTER_LOG_TAIL_DEFAULT"),
         last_event_id=StreamId(name="last_event_id", header="Last-Event-ID",
                                description="resume right after this entry id (the SSE id: of the last event "
                                            "received), with no history; the Last-Event-ID header wins over it",
                                absent="history first (tail), then live entries"),
         keep_minutes=Count(name="keep_minutes", default=0,
-                           description="minutes of recent log entries to keep; older ones are deleted (0: all go)",
-                           absent="0, every entry of the model's log is deleted (the manual's default)"),
+                           description="minutes of recent log entries to keep; older ones are deleted, 0 deletes all",
+                           absent="0, every entry of the model's log is deleted, as the manual says"),
     )
