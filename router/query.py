@@ -114,10 +114,9 @@ class StreamId(Param):
     header: str
 
     def parse(self, args: Args, header_value: str | None) -> str | None:
-        if header_value is not None:
-            return self.check(header_value, f"the {self.header} header")
         text = self.raw(args)
-        return None if text is None else self.check(text, self.name)
+        from_query = None if text is None else self.check(text, self.name)  # checked even when the header wins
+        return from_query if header_value is None else self.check(header_value, f"the {self.header} header")
 
     def check(self, text: str, source: str) -> str:
         match = STREAM_ID.fullmatch(text)

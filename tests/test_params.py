@@ -81,6 +81,7 @@ def test_stream_ids_are_checked_before_redis_sees_them(value) -> None:
     refused(lambda: PARAMS.last_event_id.parse(args(last_event_id=value), None), "last_event_id")
     refused(lambda: PARAMS.last_event_id.parse({}, value), "Last-Event-ID")
     refused(lambda: PARAMS.last_event_id.parse({}, ""), "Last-Event-ID")  # a blank header too
+    refused(lambda: PARAMS.last_event_id.parse(args(last_event_id=value), "1-0"), "last_event_id")  # header or not
 
 
 def test_the_openapi_parameters_say_they_are_optional_and_what_absence_means() -> None:
