@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,17 +21,30 @@ from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_r
 from llm_router.protocol import CatalogEntry
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
+GOOD = CatalogEntry(id="good", aliases=[], mode="chat", on_demand=False)
 OK_BODY = b'{"id":"x","object":"chat.completion","choices":[]}'
 DEBUG_ENV = {"LLM_ROUTER_DEBUG_ENDPOINTS": "1", "LLM_ROUTER_MAX_BODY_SIZE": "100000",
              "LLM_ROUTER_HEADER_TIMEOUT": "1", "LLM_ROUTER_IDLE_TIMEOUT": "1", "LLM_ROUTER_MAX_JSON_DEPTH": "32"}
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+# Answers that never end a line: what they start with, then what they repeat (up to ENDLESS_CAP).
+ENDLESS = {
+    "digits": (CHUNKED_HEAD, b"1" * 65536),  # a chunk-size line of digits without end
+    "headers": (b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n"),  # a head without end
+    "trailer": (CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(b"data: {}\n\n"), b"data: {}\n\n"),
+                b"X" * 65536),  # a trailer line without end, after one event
+}
+ENDLESS_CAP = 16 * 1024 * 1024  # enough to show the old quadratic parser stuck, not to hurt the machine
 
 
 @dataclass
 class RawEngine:
     """An HTTP "engine" on raw sockets. ``mode``: ``ok`` (a JSON answer), ``garbage`` (bytes
     that are no HTTP, then close), ``hang`` (an SSE head and one event, then silence until the
-    router hangs up). ``heads`` holds every request head received; ``closed`` counts
-    connections the router closed."""
+    router hangs up), or one of ``ENDLESS`` (a line that never ends, sent until the router
+    hangs up). ``heads`` holds every request head received; ``closed`` counts connections the
+    router closed."""
 
     mode: str = "ok"
     heads: list[bytes] = field(default_factory=list)
@@ -70,6 +84,17 @@ class RawEngine:
                              b"Content-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY))
             elif self.mode == "garbage":
                 conn.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n\x16\x03\x01")
+            elif self.mode in ENDLESS:
+                start, filler = ENDLESS[self.mode]
+                try:
+                    conn.sendall(start)
+                    for _ in range(ENDLESS_CAP // len(filler)):
+                        conn.sendall(filler)
+                    conn.settimeout(30)
+                    while conn.recv(65536):  # the cap: hold the connection until the router hangs up
+                        pass
+                except OSError:
+                    pass
             elif self.mode == "hang":
                 event = b'data: {"choices": ["tok"]}\n\n'
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
@@ -94,12 +119,22 @@ def engine():
 
 
 @pytest.fixture
-def router(procs, redis_url, rds, engine):
+def spare():
+    """A well-behaved engine of another model ("good"), served by the same router."""
+    eng = RawEngine()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def router(procs, redis_url, rds, engine, spare):
     fake = FakeWorker(rds, "w-hostile")
-    fake.publish(CHAT)
+    fake.publish(CHAT, GOOD)
     fake.instance("chat", "running", engine.url)
+    fake.instance("good", "running", spare.url)
     r = start_router(procs, redis_url, env=DEBUG_ENV)
     wait_routable(r, "chat")
+    wait_routable(r, "good")
     return r
 
 
@@ -255,5 +290,42 @@ def test_engine_hanging_mid_stream_ends_the_stream_and_its_connection(router, en
     stream.close()
     assert events[0]["data"] == {"choices": ["tok"]}
     assert events[-1]["data"]["error"]["code"] == "stream_interrupted"  # after the 1 s idle timeout
+    wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    assert_no_leak(router, baseline)
+
+
+@pytest.mark.parametrize("mode", ["digits", "headers"])
+def test_an_endless_line_from_the_engine_is_a_fast_502_and_blocks_nobody(router, engine, spare, mode) -> None:
+    """A head or chunk-size line that never ends: the parser's bound ends the exchange with a
+    502 (before that fix: the buffer grew with quadratic copying, the event loop stalled and the
+    request hung until the first-byte timeout), the engine connection is closed, and the other
+    model is served meanwhile."""
+    baseline = settled(router)
+    engine.mode = mode
+    with ThreadPoolExecutor(1) as pool:
+        hostile = pool.submit(request, "POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
+        wait_for(lambda: engine.heads, message="the hostile engine to get the request")
+        good = request("POST", f"{router.url}/v1/chat/completions", chat_body("good"))
+        assert good.status == 200 and good.body == OK_BODY
+        resp = hostile.result()
+    assert resp.status == 502, resp.body[:300]
+    error = resp.json()["error"]
+    assert error["type"] == "upstream_error" and "malformed response" in error["message"], error
+    wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    assert request("POST", f"{router.url}/v1/chat/completions", chat_body("good")).status == 200
+    assert_no_leak(router, baseline)
+
+
+def test_an_endless_trailer_ends_the_stream_with_an_error_event(router, engine) -> None:
+    """After the answer began, a bound broken (a trailer line without end) ends the stream the
+    way an engine that broke off does: an error event, and the engine connection closed."""
+    baseline = settled(router)
+    engine.mode = "trailer"
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", body=chat_body("chat", stream=True))
+    events = stream.events_until(lambda ev: "error" in str(ev.get("data")))
+    stream.close()
+    assert events[0]["data"] == {}
+    assert events[-1]["data"]["error"]["code"] == "stream_interrupted", events
+    assert "trailer" in events[-1]["data"]["error"]["message"]  # the bound, not the (1 s) idle timeout
     wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
     assert_no_leak(router, baseline)
