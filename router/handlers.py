@@ -4,6 +4,7 @@ JSON replies, error bodies in the caller's shape, and cancellation when the clie
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Awaitable, Iterable
 
@@ -25,6 +26,7 @@ from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
 
 JSON = "application/json"
+log = logging.getLogger("router")
 
 
 @tornado.web.stream_request_body
@@ -97,12 +99,37 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def send(self, data: bytes, last: bool = False) -> None:
         """Write and flush at once: streamed bytes must not wait in a buffer. ``last`` bytes
-        finish the response (sent with a Content-Length when nothing was sent before)."""
+        finish the response (sent with a Content-Length when nothing was sent before).
+
+        A write the client does not take within ``write_timeout`` (it stopped reading and the
+        socket buffers are full) ends the request: the connection is closed and
+        ``StreamClosedError`` raised, as when the client leaves, so the caller's engine request
+        and concurrency slot go at once. The timer is armed only for a write that did not
+        complete at once: a client that keeps up costs nothing."""
         if last:
-            await self.finish(data)
+            written = self.finish(data)
         else:
             self.write(data)
-            await self.flush()
+            written = self.flush()
+        if not written.done():
+            timeout = self.services.options.write_timeout
+            if not (await asyncio.wait((written,), timeout=timeout))[0]:
+                self.write_timed_out(timeout)
+                raise StreamClosedError()
+        await written
+
+    def write_timed_out(self, timeout: float) -> None:
+        """The client took none of a write for ``timeout`` seconds: cut it off, log, count."""
+        model = self.metrics_model()
+        log.warning("client %s stopped reading %s %s (model %r): nothing taken for %gs, request ended",
+                    self.request.remote_ip, self.request.method, self.request.path, model, timeout)
+        self.services.metrics.abort(model, "write_timeout")
+        self._client_gone = True
+        self.abort()
+
+    def metrics_model(self) -> str:
+        """The ``model`` label of this request's metrics (``""``: not a model request)."""
+        return ""
 
     async def run_cancellable(self, work: Awaitable[None]) -> None:
         """Run ``work`` in this request's own task, which is cancelled the moment the client
@@ -261,6 +288,10 @@ class ProxyHandler(BaseHandler):
         self.clear_header("Content-Type")
         for name, value in headers:
             self.add_header(name, value)
+
+    def metrics_model(self) -> str:
+        rec = getattr(self, "_record", None)
+        return rec.model if rec is not None else ""
 
     def on_finish(self) -> None:
         """Access log and metrics, once the answer is over (also after an error reply)."""

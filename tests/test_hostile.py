@@ -8,6 +8,7 @@ properly, send garbage, or hang mid-stream, and that record the request heads th
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import wait_for
-from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_routable
+from helpers import (
+    FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
+)
 from llm_router.protocol import CatalogEntry
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
@@ -329,3 +332,42 @@ def test_an_endless_trailer_ends_the_stream_with_an_error_event(router, engine) 
     assert "trailer" in events[-1]["data"]["error"]["message"]  # the bound, not the (1 s) idle timeout
     wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
     assert_no_leak(router, baseline)
+
+
+def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs, redis_url, rds, mock_engine) -> None:
+    """A streamed request whose client never reads (a small receive buffer, nothing read): the
+    write deadline ends it, so the model's only concurrency slot goes to the next request
+    (before: held for as long as the socket stayed open; the next one got 429 after the queue
+    timeout), the engine sees its stream cancelled, and /metrics counts it."""
+    _, engine_url = mock_engine("--max-tokens", "10000000", "--quiet")  # unpaced: as fast as it can
+    wait_engine(engine_url)
+    fake = FakeWorker(rds, "w-stall")
+    fake.publish(CatalogEntry(id="chat", aliases=[], mode="chat", on_demand=False, max_concurrency=1))
+    fake.instance("chat", "running", engine_url)
+    router = start_router(procs, redis_url, env={**DEBUG_ENV, "LLM_ROUTER_WRITE_TIMEOUT": "1",
+                                                 "LLM_ROUTER_QUEUE_TIMEOUT": "20"})
+    wait_routable(router, "chat")
+    baseline = settled(router)
+    port = int(router.url.rsplit(":", 1)[1])
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", port))
+    body = json.dumps(chat_body("chat", stream=True)).encode()
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # ... and never reads
+    try:
+        wait_for(lambda: engine_stats(engine_url)["requests"] == 1, message="the stalled stream to reach the engine")
+        nxt = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat", max_tokens=2), timeout=30)
+        assert nxt.status == 200, nxt.body  # the slot was freed (max_concurrency = 1)
+        wait_for(lambda: engine_stats(engine_url)["cancelled_streams"] == 1, message="the engine to see the cancel")
+        metrics = request("GET", f"{router.url}/metrics").body.decode()
+        assert 'llm_router_requests_aborted_total{model="chat",reason="write_timeout"} 1.0' in metrics
+        stalled.settimeout(10)
+        with pytest.raises((ConnectionResetError, socket.timeout)):  # closed by the router: EOF after
+            while stalled.recv(65536):  # the bytes buffered so far, or a reset
+                pass
+            raise ConnectionResetError
+    finally:
+        stalled.close()
+    assert_no_leak(router, baseline)
+
