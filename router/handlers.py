@@ -16,7 +16,7 @@ from tornado.iostream import StreamClosedError
 from router.accesslog import CLIENT_GONE, RequestRecord
 from router.auth import COOKIE, SAFE_METHODS, AccessPolicy
 from router.debug import debug_stats
-from router.limits_http import check_forward_path, check_json_depth, check_query
+from router.limits_http import check_forward_path, check_query
 from router.logstream import parse_last_id, parse_tail
 from router.manage import parse_flag
 from router.metrics import CONTENT_TYPE
@@ -255,7 +255,8 @@ class ProxyHandler(BaseHandler):
     """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.proxy``).
 
     The query string is the engine's business and passes as is; the path must be plain
-    (``check_forward_path``) and the body within ``max_body_size`` and ``max_json_depth``."""
+    (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
+    (``router.proxy.sniff``, where the body kind is decided once)."""
 
     def prepare(self) -> None:
         self._received_at = time.monotonic()
@@ -275,8 +276,6 @@ class ProxyHandler(BaseHandler):
                            query=self.request.query, headers=list(self.request.headers.get_all()),
                            body=b"".join(self._chunks), received_at=self._received_at)
         self._chunks = []
-        if not req.content_type.lower().startswith("multipart/"):
-            check_json_depth(req.body, self.services.options.max_json_depth)
         await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
 
     get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]

@@ -22,6 +22,8 @@ from helpers import (
     FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
 )
 from llm_router.protocol import CatalogEntry
+from router.proxy import sniff
+from router.responses import ApiError
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
 GOOD = CatalogEntry(id="good", aliases=[], mode="chat", on_demand=False)
@@ -179,6 +181,11 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
+DEEP_200 = b'{"model": "chat", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
+DEEP_20000 = b'{"model": "chat", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+BODY_LABELS = ["application/json", "multipart/mixed; boundary=x", "Multipart/Related", "text/plain",
+               "application/x-www-form-urlencoded", "application/octet-stream", ""]
+
 BAD_REQUESTS = [
     # (method, path, body, extra headers, status, openai shape)
     ("POST", "/v1/chat/completions", b"{not json", {}, 400, True),
@@ -190,6 +197,9 @@ BAD_REQUESTS = [
     ("POST", "/v1/chat/completions", '{"model": "ch\\u0000at\\u202e\U0001f600"}'.encode(), {}, 404, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": ' + b"[" * 100 + b"]" * 100 + b"}", {}, 400, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": "' + b"a" * 200_000 + b'"}', {}, 413, True),
+    # Too deep under any label but a form: the body is read as JSON, so it is checked as JSON.
+    *[("POST", "/v1/chat/completions", DEEP_200, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
+    *[("POST", "/v1/chat/completions", DEEP_20000, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
     ("POST", "/api/models/chat/start", b"x" * 100_000, {}, 413, False),
     ("POST", "/v1/../api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
     ("POST", "/v1/%2e%2e/api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
@@ -214,6 +224,8 @@ def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(rout
         assert resp.status == status, (method, path, resp.status, resp.body[:200])
         if openai:
             assert set(resp.json()["error"]) >= {"message", "type", "code"}, (path, resp.body)
+            if body in (DEEP_200, DEEP_20000):
+                assert resp.json()["error"]["code"] == "json_too_deep", (headers, resp.body)
         else:
             assert resp.json()["success"] is False and resp.json()["message"], (path, resp.body)
     assert "'foo'" in request("GET", f"{router.url}/api/logs/stats?foo=1").json()["message"]
@@ -371,3 +383,14 @@ def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs
         stalled.close()
     assert_no_leak(router, baseline)
 
+
+def test_json_deeper_than_the_decoder_goes_is_a_400_even_without_the_depth_check() -> None:
+    """With ``max_json_depth`` off (or set past what msgspec decodes), a very deep body is a
+    400 in the right shape, not msgspec's RecursionError as a 500."""
+    with pytest.raises(ApiError) as err:
+        sniff(DEEP_20000, "multipart/mixed", max_depth=0)
+    assert (err.value.status, err.value.code) == (400, "json_too_deep")
+    with pytest.raises(ApiError) as err:
+        sniff(DEEP_200, "multipart/mixed; boundary=x", max_depth=128)
+    assert err.value.code == "json_too_deep"
+    assert sniff(DEEP_200, "multipart/mixed", max_depth=256).model == "chat"
