@@ -18,6 +18,7 @@ Failure policy, from what users of other routers hit:
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Iterable, Protocol
@@ -36,7 +37,8 @@ from router.responses import ApiError, OpenAIError, OpenAIErrorBody
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
-    ConnectFailed, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout, forward_headers,
+    ConnectFailed, InvalidHeader, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout,
+    forward_headers,
 )
 from router.usage import UsageReporter
 from router.view import ClusterView
@@ -104,9 +106,18 @@ def mode_error(path: str, mode: Mode, name: str) -> str | None:
     return None
 
 
+_BAD_QUERY = re.compile(r"[\x00-\x20\x7f]")
+
+
 def upstream_target(path: str, query: str) -> str:
-    """The request target sent to the engine (appended to the instance URL's path)."""
-    return path + (f"?{query}" if query else "")
+    """The request target sent to the engine (appended to the instance URL's path). The query
+    passes as the client sent it, but never a space or a control character, which would end
+    the request line sent to the engine (the path is plain already: ``check_forward_path``)."""
+    if not query:
+        return path
+    if _BAD_QUERY.search(query):
+        raise ApiError(400, "the query string has spaces or control characters", "invalid_request")
+    return f"{path}?{query}"
 
 
 def stream_error_event(message: str) -> bytes:
@@ -274,8 +285,12 @@ class Proxy:
         """Send the request and read the first body bytes, together within the first-byte timeout."""
         deadline = asyncio.get_running_loop().time() + self.options.first_byte_timeout
         try:
+            headers = forward_headers(req.headers, inst.api_key)
+        except InvalidHeader as exc:
+            raise ApiError(400, str(exc), "invalid_header") from None
+        try:
             resp = await self.upstream.open(req.method, inst.url, upstream_target(req.path, req.query),
-                                            forward_headers(req.headers, inst.api_key), req.body, deadline)
+                                            headers, req.body, deadline)
             try:
                 return resp, await resp.read(deadline=deadline)
             except BaseException:

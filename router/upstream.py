@@ -27,6 +27,7 @@ and ``keep_response_header`` (engine -> client). Add any outgoing/incoming heade
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from typing import Iterable
@@ -55,12 +56,28 @@ RESPONSE_HEADER_PREFIXES = ("openai-", "x-ratelimit-")
 CLIENT_CREDENTIALS = frozenset({"authorization", "cookie", "x-api-key"})
 
 
+# What may go on the wire (RFC 9110 5.1, 5.5): a field name is a token; a field value is
+# visible ASCII, space, tab or obs-text (latin-1 bytes 0x80-0xFF): no CR, LF, NUL or other
+# control character, which could end the line and smuggle a header or a request to the engine.
+_FIELD_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
+class InvalidHeader(ValueError):
+    """A header that cannot be forwarded as it is (no request is sent)."""
+
+
 def forward_headers(headers: Iterable[tuple[str, str]], api_key: str = "") -> list[tuple[str, str]]:
     """Client -> engine: end-to-end request headers as the client sent them, minus hop-by-hop
     ones (those RFC 9110 lists and those the client's ``Connection`` header names) and minus
     the client's credentials (its key is for the router: an engine, or whoever runs one, must
     never see it). With the model's ``api_key`` the engine gets ``Authorization: Bearer
-    <api_key>``. The one place for outgoing header policy."""
+    <api_key>``. The one place for outgoing header policy.
+
+    The bytes are checked here as well, whatever the HTTP server in front already checked
+    (Tornado before 6.5 let a bare CR or a NUL through): a name that is no token or a value
+    with a control character raises ``InvalidHeader`` instead of reaching the engine. Two
+    regex passes over the joined names and values, not two per header (hot path)."""
     headers = list(headers)
     drop = HOP_BY_HOP | CLIENT_CREDENTIALS
     for k, v in headers:
@@ -69,6 +86,11 @@ def forward_headers(headers: Iterable[tuple[str, str]], api_key: str = "") -> li
     out = [(k, v) for k, v in headers if k.lower() not in drop]
     if api_key:
         out.append(("Authorization", f"Bearer {api_key}"))
+    if out and (not _FIELD_NAMES.fullmatch("".join(k for k, _ in out)) or not all(k for k, _ in out)
+                or _BAD_VALUE.search("".join(v for _, v in out))):
+        bad = next(k for k, v in out if not _FIELD_NAMES.fullmatch(k) or _BAD_VALUE.search(v))
+        raise InvalidHeader(f"header {bad[:64]!r} has characters that cannot be forwarded "
+                            "(a field name must be a token; a value must have no control characters)")
     return out
 
 

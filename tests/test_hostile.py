@@ -235,6 +235,12 @@ def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(rout
     assert status_of(raw(router, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")) in (0, 400, 431)
     assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) in (0, 400)
+    chat = json.dumps(chat_body("chat")).encode()
+    for evil in (b"X-Evil: a\rInjected: 1", b"X-Evil: a\x00b", b"X Evil: 1", b"X-Evil: a\x1bb"):
+        assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + evil + b"\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400), evil
+    assert status_of(raw(router, b"POST /v1/chat/completions?a=\x01 HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400)
     assert request("POST", f"{router.url}/api/logs/chat/clear?keep_minutes=99999999999").status == 200  # keeps all
     assert engine.heads == []  # none of it was forwarded
     ok = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
