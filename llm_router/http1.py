@@ -193,8 +193,7 @@ class ResponseParser:
                 empty = i == pos
                 pos = i + 2  # trailer fields are not relayed: skipped
                 if empty:
-                    self.state = DONE
-                    return pos, True
+                    self.state, news = DONE, True
             else:  # DONE: anything more is out of step; the connection is not reused
                 if pos < end:
                     self.close_after = True
