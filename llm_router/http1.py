@@ -138,29 +138,17 @@ class ResponseParser:
                     return pos, news
                 self.state = DONE if st == FIXED else CHUNK_END
             elif st == HEAD:
-                i = buf.find(b"\r\n\r\n", pos + self._scan)
+                i = self._find(buf, pos, b"\r\n\r\n", MAX_HEAD, "response head")
                 if i < 0:
-                    if end - pos > MAX_HEAD:
-                        raise ProtocolError(f"response head over {MAX_HEAD} bytes")
-                    self._scan = max(end - pos - 3, 0)
                     return pos, news
-                if i - pos > MAX_HEAD:
-                    raise ProtocolError(f"response head over {MAX_HEAD} bytes")
-                self._scan = 0
                 head = bytes(buf[pos:i])
                 pos = i + 4
                 if self._head(head):
                     news = True
             elif st == CHUNK_SIZE:
-                i = buf.find(b"\r\n", pos + self._scan)
+                i = self._find(buf, pos, b"\r\n", MAX_CHUNK_LINE, "chunk-size line")
                 if i < 0:
-                    if end - pos > MAX_CHUNK_LINE:
-                        raise ProtocolError(f"chunk-size line over {MAX_CHUNK_LINE} bytes")
-                    self._scan = max(end - pos - 1, 0)
                     return pos, news
-                if i - pos > MAX_CHUNK_LINE:
-                    raise ProtocolError(f"chunk-size line over {MAX_CHUNK_LINE} bytes")
-                self._scan = 0
                 m = _CHUNK_LINE.fullmatch(buf, pos, i)
                 if m is None:
                     raise ProtocolError(f"malformed chunk-size line {bytes(buf[pos:min(i, pos + 40)])!r}")
@@ -180,16 +168,10 @@ class ResponseParser:
                 pos += 2
                 self.state = CHUNK_SIZE
             elif st == TRAILER:
-                i = buf.find(b"\r\n", pos + self._scan)
+                i = self._find(buf, pos, b"\r\n", MAX_TRAILERS, "trailer section", self._section)
                 if i < 0:
-                    if self._section + end - pos > MAX_TRAILERS:
-                        raise ProtocolError(f"trailer section over {MAX_TRAILERS} bytes")
-                    self._scan = max(end - pos - 1, 0)
                     return pos, news
-                self._scan = 0
                 self._section += i + 2 - pos
-                if self._section > MAX_TRAILERS:
-                    raise ProtocolError(f"trailer section over {MAX_TRAILERS} bytes")
                 empty = i == pos
                 pos = i + 2  # trailer fields are not relayed: skipped
                 if empty:
@@ -198,6 +180,21 @@ class ResponseParser:
                 if pos < end:
                     self.close_after = True
                 return end, news
+
+    def _find(self, buf: bytes | bytearray, pos: int, delim: bytes, limit: int, what: str, used: int = 0) -> int:
+        """Where ``delim`` ends the element that starts at ``pos``, or -1 while it is incomplete;
+        ``ProtocolError`` once the element (with ``used`` bytes before it) is over ``limit``.
+        The search resumes where the last one stopped (``_scan``): no byte is scanned twice."""
+        i = buf.find(delim, pos + self._scan)
+        if i < 0:
+            if used + len(buf) - pos > limit:
+                raise ProtocolError(f"{what} over {limit} bytes")
+            self._scan = max(len(buf) - pos - len(delim) + 1, 0)
+            return -1
+        if used + i - pos > limit:
+            raise ProtocolError(f"{what} over {limit} bytes")
+        self._scan = 0
+        return i
 
     def _head(self, raw: bytes) -> bool:
         """Read one response head; False for a 1xx interim one (the final head follows)."""
