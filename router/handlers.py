@@ -119,9 +119,9 @@ class BaseHandler(tornado.web.RequestHandler):
         await written
 
     def write_timed_out(self, timeout: float) -> None:
-        """The client took none of a write for ``timeout`` seconds: cut it off, log, count."""
+        """The client did not take a write within ``timeout`` seconds: cut it off, log, count."""
         model = self.metrics_model()
-        log.warning("client %s stopped reading %s %s (model %r): nothing taken for %gs, request ended",
+        log.warning("client %s stopped reading %s %s (model %r): a write not taken within %gs, request ended",
                     self.request.remote_ip, self.request.method, self.request.path, model, timeout)
         self.services.metrics.abort(model, "write_timeout")
         self._client_gone = True
