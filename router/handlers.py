@@ -4,6 +4,7 @@ JSON replies, error bodies in the caller's shape, and cancellation when the clie
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Awaitable, Iterable
 
@@ -15,7 +16,7 @@ from tornado.iostream import StreamClosedError
 from router.accesslog import CLIENT_GONE, RequestRecord
 from router.auth import COOKIE, SAFE_METHODS, AccessPolicy
 from router.debug import debug_stats
-from router.limits_http import check_forward_path, check_json_depth, check_query
+from router.limits_http import check_forward_path, check_query
 from router.metrics import CONTENT_TYPE
 from router.openapi import document_bytes
 from router.proxy import ProxyRequest
@@ -24,6 +25,7 @@ from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
 
 JSON = "application/json"
+log = logging.getLogger("router")
 
 
 @tornado.web.stream_request_body
@@ -105,12 +107,37 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def send(self, data: bytes, last: bool = False) -> None:
         """Write and flush at once: streamed bytes must not wait in a buffer. ``last`` bytes
-        finish the response (sent with a Content-Length when nothing was sent before)."""
+        finish the response (sent with a Content-Length when nothing was sent before).
+
+        A write the client does not take within ``write_timeout`` (it stopped reading and the
+        socket buffers are full) ends the request: the connection is closed and
+        ``StreamClosedError`` raised, as when the client leaves, so the caller's engine request
+        and concurrency slot go at once. The timer is armed only for a write that did not
+        complete at once: a client that keeps up costs nothing."""
         if last:
-            await self.finish(data)
+            written = self.finish(data)
         else:
             self.write(data)
-            await self.flush()
+            written = self.flush()
+        if not written.done():
+            timeout = self.services.options.write_timeout
+            if not (await asyncio.wait((written,), timeout=timeout))[0]:
+                self.write_timed_out(timeout)
+                raise StreamClosedError()
+        await written
+
+    def write_timed_out(self, timeout: float) -> None:
+        """The client did not take a write within ``timeout`` seconds: cut it off, log, count."""
+        model = self.metrics_model()
+        log.warning("client %s stopped reading %s %s (model %r): a write not taken within %gs, request ended",
+                    self.request.remote_ip, self.request.method, self.request.path, model, timeout)
+        self.services.metrics.abort(model, "write_timeout")
+        self._client_gone = True
+        self.abort()
+
+    def metrics_model(self) -> str:
+        """The ``model`` label of this request's metrics (``""``: not a model request)."""
+        return ""
 
     async def run_cancellable(self, work: Awaitable[None]) -> None:
         """Run ``work`` in this request's own task, which is cancelled the moment the client
@@ -235,7 +262,8 @@ class ProxyHandler(BaseHandler):
     """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.proxy``).
 
     The query string is the engine's business and passes as is; the path must be plain
-    (``check_forward_path``) and the body within ``max_body_size`` and ``max_json_depth``."""
+    (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
+    (``router.proxy.sniff``, where the body kind is decided once)."""
 
     def prepare(self) -> None:
         self._received_at = time.monotonic()
@@ -255,8 +283,6 @@ class ProxyHandler(BaseHandler):
                            query=self.request.query, headers=list(self.request.headers.get_all()),
                            body=b"".join(self._chunks), received_at=self._received_at)
         self._chunks = []
-        if not req.content_type.lower().startswith("multipart/"):
-            check_json_depth(req.body, self.services.options.max_json_depth)
         await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
 
     get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
@@ -268,6 +294,10 @@ class ProxyHandler(BaseHandler):
         self.clear_header("Content-Type")
         for name, value in headers:
             self.add_header(name, value)
+
+    def metrics_model(self) -> str:
+        rec = getattr(self, "_record", None)
+        return rec.model if rec is not None else ""
 
     def on_finish(self) -> None:
         """Access log and metrics, once the answer is over (also after an error reply)."""

@@ -60,6 +60,9 @@ class RouterMetrics:
                               registry=r)
         self.tokens = Counter("llm_router_tokens", "Tokens the engines reported in usage",
                               ["model", "kind"], registry=r)
+        self.aborted = Counter("llm_router_requests_aborted", "Requests the router ended before their answer "
+                               "did, by reason (write_timeout: the client stopped reading)", ["model", "reason"],
+                               registry=r)
         self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
                                registry=r)
         self._children: dict[tuple, object] = {}
@@ -78,6 +81,10 @@ class RouterMetrics:
 
     def ended(self, model: str) -> None:
         self._child(self.in_flight, model).dec()
+
+    def abort(self, model: str, reason: str) -> None:
+        """The router ended a request early (``reason``: ``write_timeout``)."""
+        self._child(self.aborted, model, reason).inc()
 
     def observe(self, rec: RequestRecord, status: int, ended_at: float, usage: Usage | None) -> None:
         """One forwarded request is over (``ended_at``: time.monotonic())."""

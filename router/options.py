@@ -52,6 +52,11 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # body_timeout: the whole body within this long.
     header_timeout: Seconds = 60.0
     body_timeout: Seconds = 300.0
+    # write_timeout: a write to a client (a flush of a streamed answer, the end of any answer)
+    # that the client does not take within this long ends its request: the client stopped
+    # reading and would otherwise hold an engine request and a concurrency slot (nginx's
+    # send_timeout, 60 s). Counted in llm_router_requests_aborted_total{reason="write_timeout"}.
+    write_timeout: Seconds = 60.0
     max_header_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024
     max_api_body_size: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # /api routes take no real body
     max_json_depth: Annotated[int, msgspec.Meta(ge=1)] = 128  # of forwarded JSON bodies

@@ -18,6 +18,7 @@ Failure policy, from what users of other routers hit:
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Iterable, Protocol
@@ -29,21 +30,23 @@ from llm_router.protocol import Instance, Mode
 from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
 from router.limits import Limits
+from router.limits_http import check_json_depth
 from router.loading import LoadingStream, sse_data
 from router.options import RouterOptions
 from router.responses import ApiError, OpenAIError, OpenAIErrorBody
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
-    ConnectFailed, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout, forward_headers,
+    ConnectFailed, InvalidHeader, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout,
+    forward_headers,
 )
 from router.usage import UsageReporter
 from router.view import ClusterView
 
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 EMBEDDING_ROUTES = frozenset({"/v1/embeddings"})
-# Uploads (audio transcription...) name their model in a form part. Only multipart counts:
-# JSON posted as ``application/x-www-form-urlencoded`` (``curl -d``) is still JSON.
+# Uploads (audio transcription...) name their model in a form part. Only multipart/form-data
+# counts: JSON posted as ``application/x-www-form-urlencoded`` (``curl -d``) is still JSON.
 FORM_TYPE = "multipart/form-data"
 _NOOP = nullcontext()  # reusable, as a sync and an async context manager
 
@@ -58,9 +61,20 @@ class Sniff(msgspec.Struct):
 _sniff_decoder = msgspec.json.Decoder(Sniff)
 
 
-def sniff(body: bytes, content_type: str = "") -> Sniff:
-    """``model``/``stream`` of a JSON body or of a form (multipart uploads such as audio)."""
-    if content_type.split(";", 1)[0].strip().lower() == FORM_TYPE:
+def is_form(content_type: str) -> bool:
+    """The body kind, decided once per request from the media type: a form
+    (``multipart/form-data``, uploads such as audio) or JSON — everything else, whatever its
+    ``Content-Type`` says (``multipart/mixed``, ``text/plain``, none), since the router reads
+    it as JSON and OpenAI-compatible engines parse it as JSON. So no label can carry a body past
+    the JSON checks."""
+    return content_type.split(";", 1)[0].strip().lower() == FORM_TYPE
+
+
+def sniff(body: bytes, content_type: str = "", max_depth: int = 0) -> Sniff:
+    """``model``/``stream`` of a JSON body or of a form (multipart uploads such as audio). A
+    JSON body nested deeper than ``max_depth`` (when set) is refused before it is decoded
+    (400): engines parse what the router forwards, and deep nesting costs them dearly."""
+    if is_form(content_type):
         args: dict[str, list[bytes]] = {}
         try:
             parse_body_arguments(content_type, body, args, {}, HTTPHeaders())
@@ -68,10 +82,14 @@ def sniff(body: bytes, content_type: str = "") -> Sniff:
             raise ApiError(400, f"invalid multipart body: {exc}", "invalid_request") from None
         model = args.get("model", [b""])[0].decode("utf-8", "replace").strip()
         return Sniff(model=model or None)
+    if max_depth:
+        check_json_depth(body, max_depth)
     if not body.strip():
         return Sniff()
     try:
         return _sniff_decoder.decode(body)
+    except RecursionError:  # deeper than msgspec goes (only with max_depth off or set very high)
+        raise ApiError(400, "request body is nested too deeply", "json_too_deep") from None
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request body: {exc}", "invalid_request") from None
     except msgspec.DecodeError as exc:
@@ -88,9 +106,18 @@ def mode_error(path: str, mode: Mode, name: str) -> str | None:
     return None
 
 
+_BAD_QUERY = re.compile(r"[\x00-\x20\x7f]")
+
+
 def upstream_target(path: str, query: str) -> str:
-    """The request target sent to the engine (appended to the instance URL's path)."""
-    return path + (f"?{query}" if query else "")
+    """The request target sent to the engine (appended to the instance URL's path). The query
+    passes as the client sent it, but never a space or a control character, which would end
+    the request line sent to the engine (the path is plain already: ``check_forward_path``)."""
+    if not query:
+        return path
+    if _BAD_QUERY.search(query):
+        raise ApiError(400, "the query string has spaces or control characters", "invalid_request")
+    return f"{path}?{query}"
 
 
 def stream_error_event(message: str) -> bytes:
@@ -139,7 +166,7 @@ class Proxy:
     async def forward(self, req: ProxyRequest, sink: Sink, rec: RequestRecord | None = None) -> None:
         """Relay ``req``; ``rec`` collects what happened (access log, metrics)."""
         rec = rec or RequestRecord(req.method, req.path, req.received_at)
-        sniffed = sniff(req.body, req.content_type)
+        sniffed = sniff(req.body, req.content_type, self.options.max_json_depth)
         name = sniffed.model
         if not name:
             raise ApiError(400, "you must provide a model parameter", "missing_model")
@@ -258,8 +285,12 @@ class Proxy:
         """Send the request and read the first body bytes, together within the first-byte timeout."""
         deadline = asyncio.get_running_loop().time() + self.options.first_byte_timeout
         try:
+            headers = forward_headers(req.headers, inst.api_key)
+        except InvalidHeader as exc:
+            raise ApiError(400, str(exc), "invalid_header") from None
+        try:
             resp = await self.upstream.open(req.method, inst.url, upstream_target(req.path, req.query),
-                                            forward_headers(req.headers, inst.api_key), req.body, deadline)
+                                            headers, req.body, deadline)
             try:
                 return resp, await resp.read(deadline=deadline)
             except BaseException:

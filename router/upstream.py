@@ -3,8 +3,9 @@
 Why not aiohttp: on the hot path its request machinery (request/response objects, header
 multidicts, a timer context per read) cost the router ~14 % of its CPU per proxied request.
 This client does only what the relay needs: write one request (one ``send``), parse the
-response head, hand body bytes over as they arrive (Content-Length, chunked or until-close
-framing, de-chunked), and put the connection back in the pool only after a complete response.
+response (``ResponseParser``, llm_router/http1.py: Content-Length, chunked or until-close
+framing, de-chunked, every parser state bounded), hand body bytes over as they arrive, and put
+the connection back in the pool only after a complete response.
 
 * Timeouts: connect (new connections only), first byte and idle, all on **one** timer per
   exchange (``loop.call_at``, re-armed only when the deadline moves past it).
@@ -15,6 +16,8 @@ framing, de-chunked), and put the connection back in the pool only after a compl
   unacknowledged data: the host is off the network) is not: the proxy moves on to another
   instance at once instead of spending a second connect timeout on the same dead host.
 * Back-pressure: reading from the engine pauses while unread body bytes pile up (slow client).
+* A response that breaks framing or a parser limit fails the exchange (``UpstreamBroken``: a 502
+  before the answer began) and closes the connection.
 
 Header filtering lives here, in exactly two functions — ``forward_headers`` (client -> engine)
 and ``keep_response_header`` (engine -> client). Add any outgoing/incoming header policy
@@ -24,11 +27,13 @@ and ``keep_response_header`` (engine -> client). Add any outgoing/incoming heade
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from llm_router.http1 import DONE, HEAD, ProtocolError, ResponseParser
 from router.options import RouterOptions
 
 # --------------------------------------------------------------------------- header policy
@@ -51,12 +56,28 @@ RESPONSE_HEADER_PREFIXES = ("openai-", "x-ratelimit-")
 CLIENT_CREDENTIALS = frozenset({"authorization", "cookie", "x-api-key"})
 
 
+# What may go on the wire (RFC 9110 5.1, 5.5): a field name is a token; a field value is
+# visible ASCII, space, tab or obs-text (latin-1 bytes 0x80-0xFF): no CR, LF, NUL or other
+# control character, which could end the line and smuggle a header or a request to the engine.
+_FIELD_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
+class InvalidHeader(ValueError):
+    """A header that cannot be forwarded as it is (no request is sent)."""
+
+
 def forward_headers(headers: Iterable[tuple[str, str]], api_key: str = "") -> list[tuple[str, str]]:
     """Client -> engine: end-to-end request headers as the client sent them, minus hop-by-hop
     ones (those RFC 9110 lists and those the client's ``Connection`` header names) and minus
     the client's credentials (its key is for the router: an engine, or whoever runs one, must
     never see it). With the model's ``api_key`` the engine gets ``Authorization: Bearer
-    <api_key>``. The one place for outgoing header policy."""
+    <api_key>``. The one place for outgoing header policy.
+
+    The bytes are checked here as well, whatever the HTTP server in front already checked
+    (Tornado before 6.5 let a bare CR or a NUL through): a name that is no token or a value
+    with a control character raises ``InvalidHeader`` instead of reaching the engine. Two
+    regex passes over the joined names and values, not two per header (hot path)."""
     headers = list(headers)
     drop = HOP_BY_HOP | CLIENT_CREDENTIALS
     for k, v in headers:
@@ -65,6 +86,11 @@ def forward_headers(headers: Iterable[tuple[str, str]], api_key: str = "") -> li
     out = [(k, v) for k, v in headers if k.lower() not in drop]
     if api_key:
         out.append(("Authorization", f"Bearer {api_key}"))
+    if out and (not _FIELD_NAMES.fullmatch("".join(k for k, _ in out)) or not all(k for k, _ in out)
+                or _BAD_VALUE.search("".join(v for _, v in out))):
+        bad = next(k for k, v in out if not _FIELD_NAMES.fullmatch(k) or _BAD_VALUE.search(v))
+        raise InvalidHeader(f"header {bad[:64]!r} has characters that cannot be forwarded "
+                            "(a field name must be a token; a value must have no control characters)")
     return out
 
 
@@ -107,31 +133,24 @@ def closed_by_peer(exc: Exception | None) -> bool:
 
 # --------------------------------------------------------------------------- the response
 
-HEAD, FIXED, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, UNTIL_CLOSE, DONE = range(8)
 PAUSE_AT = 256 * 1024  # unread body bytes at which reading from the engine pauses
-MAX_HEAD = 64 * 1024
 
 
 class Response:
-    """One engine response: the head, then body bytes as they arrive (``read``)."""
+    """One engine response: the head, then body bytes as they arrive (``read``). Framing and
+    its limits are ``ResponseParser``'s (llm_router/http1.py); this adds the waiting, the
+    timeouts and back-pressure."""
 
-    __slots__ = ("conn", "loop", "head_only", "status", "headers", "content_type", "close_after", "state",
-                 "remaining", "buf", "chunks", "buffered", "error", "waiter", "expiry", "timer", "timer_when",
-                 "timeout_what", "paused", "finished")
+    __slots__ = ("conn", "loop", "parser", "status", "headers", "content_type", "error", "waiter", "expiry",
+                 "timer", "timer_when", "timeout_what", "paused", "finished")
 
     def __init__(self, conn: "Connection", head_only: bool) -> None:
         self.conn = conn
         self.loop = conn.loop
-        self.head_only = head_only  # a HEAD request: no body whatever the headers say
+        self.parser = ResponseParser(head_only)
         self.status = 0
         self.headers: list[tuple[str, str]] = []  # the relayed ones (``keep_response_header``)
         self.content_type = ""
-        self.close_after = False
-        self.state = HEAD
-        self.remaining = 0
-        self.buf = b""  # received, not yet parsed
-        self.chunks: list[bytes] = []  # body bytes parsed, not yet read
-        self.buffered = 0
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future | None = None
         self.expiry = 0.0  # loop time by which the awaited bytes must come
@@ -144,23 +163,26 @@ class Response:
     # --- the proxy's side ---
 
     @property
+    def state(self) -> int:
+        return self.parser.state
+
+    @property
     def at_eof(self) -> bool:
         """Everything the engine sent has been read and the body is complete."""
-        return self.state == DONE and not self.chunks
+        return self.parser.state == DONE and not self.parser.body
 
     async def read(self, *, deadline: float | None = None, timeout: float | None = None) -> bytes:
         """The next body bytes as they arrive (``b""`` at the end), bounded by a loop-time
         ``deadline`` (first byte) or an idle ``timeout``."""
-        if not self.chunks and self.state != DONE and self.error is None:
+        parser = self.parser
+        if not parser.body and parser.state != DONE and self.error is None:
             if deadline is not None:
                 self.expiry, self.timeout_what = deadline, "first-byte"
             else:
                 self.expiry, self.timeout_what = self.loop.time() + (timeout or 0.0), "idle"
             await self._wait()
-        if self.chunks:
-            data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-            self.chunks = []
-            self.buffered = 0
+        if parser.body:
+            data = parser.take()
             if self.paused:
                 self.paused = False
                 self.conn.resume()
@@ -174,7 +196,7 @@ class Response:
         pool, any other is closed."""
         if self.finished:
             return
-        if self.state == DONE and not self.close_after and not self.buf:
+        if self.parser.state == DONE and not self.parser.close_after:
             self._end()
             self.conn.reusable()
         else:
@@ -217,7 +239,7 @@ class Response:
             return
         what = self.timeout_what
         self.waiter.set_exception(UpstreamTimeout(
-            f"no answer from the engine within the first-byte timeout" if self.state == HEAD
+            f"no answer from the engine within the first-byte timeout" if self.parser.state == HEAD
             else f"the engine sent nothing within the {what} timeout"))
 
     def _wake(self) -> None:
@@ -225,15 +247,15 @@ class Response:
             self.waiter.set_result(None)
 
     def fail(self, error: UpstreamError) -> None:
-        if self.state != DONE and self.error is None:
+        if self.parser.state != DONE and self.error is None:
             self.error = error
             self._wake()
 
     def lost(self, exc: Exception | None) -> None:
-        if self.state == UNTIL_CLOSE:
-            self.state = DONE
+        state = self.parser.state
+        if self.parser.closed():
             self._wake()
-        elif self.state == HEAD:
+        elif state == HEAD:
             if closed_by_peer(exc):
                 self.fail(_Dropped(f"the engine closed the connection before answering ({exc or 'eof'})"))
             else:
@@ -242,117 +264,34 @@ class Response:
             self.fail(UpstreamBroken(f"the engine's answer broke off ({exc or 'connection closed'})"))
 
     def feed(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
+        parser = self.parser
+        head = parser.state == HEAD
         try:
-            progressed = self._parse()
-        except (ValueError, IndexError) as exc:
+            news = parser.feed(data)
+        except ProtocolError as exc:  # what was parsed before the fault is still read first
+            if head and parser.state != HEAD:
+                self._head()
             self.fail(UpstreamBroken(f"malformed response from the engine: {exc}"))
             self.conn.close()
             return
-        if progressed:
+        if head and parser.state != HEAD:
+            self._head()
+        if news:
             self._wake()
-        if self.buffered > PAUSE_AT and not self.paused:
+        if parser.buffered > PAUSE_AT and not self.paused:
             self.paused = True
             self.conn.pause()
 
-    def _body(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.buffered += len(data)
-
-    def _parse(self) -> bool:
-        """Consume ``buf``; True when there is news for the reader (head, body, end)."""
-        news = False
-        while True:
-            buf, st = self.buf, self.state
-            if st == HEAD:
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ValueError("response head too large")
-                    return news
-                self.buf = buf[i + 4:]
-                if self._head(buf[:i]):
-                    news = True
-            elif st == FIXED or st == CHUNK_DATA:
-                if not buf:
-                    return news
-                n = len(buf)
-                if n <= self.remaining:
-                    self._body(buf)
-                    self.buf = b""
-                else:
-                    self._body(buf[:self.remaining])
-                    self.buf = buf[self.remaining:]
-                    n = self.remaining
-                self.remaining -= n
-                news = True
-                if self.remaining:
-                    return news
-                self.state = DONE if st == FIXED else CHUNK_END
-            elif st == CHUNK_SIZE:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    return news
-                size = int(buf[:i].split(b";", 1)[0], 16)
-                self.buf = buf[i + 2:]
-                self.state, self.remaining = (TRAILER, 0) if size == 0 else (CHUNK_DATA, size)
-            elif st == CHUNK_END:
-                if len(buf) < 2:
-                    return news
-                self.buf = buf[2:]
-                self.state = CHUNK_SIZE
-            elif st == TRAILER:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    return news
-                self.buf = buf[i + 2:]
-                if i == 0:
-                    self.state = DONE
-                    return True
-            elif st == UNTIL_CLOSE:
-                if buf:
-                    self._body(buf)
-                    self.buf = b""
-                    news = True
-                return news
-            else:  # DONE: anything more is a protocol error; the connection is not reused
-                if buf:
-                    self.close_after = True
-                return news
-
-    def _head(self, raw: bytes) -> bool:
-        """Parse a response head; False for a 1xx interim one (the real head follows)."""
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        if 100 <= status < 200:
-            return False
-        length: int | None = None
-        chunked = False
+    def _head(self) -> None:
+        """The final head is in: keep what is relayed."""
+        parser = self.parser
+        self.status = parser.status
         keep = self.headers
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            value = value.strip()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-            elif name == "connection":
-                self.close_after = value.lower() == "close"
-            elif keep_response_header(name):
+        for name, value in parser.headers:
+            if keep_response_header(name):
                 if name == "content-type":
                     self.content_type = value.split(";", 1)[0].strip().lower()
                 keep.append((name.title(), value))
-        self.status = status
-        if self.head_only or status in (204, 304):
-            self.state = DONE
-        elif chunked:
-            self.state = CHUNK_SIZE
-        elif length is not None:
-            self.state, self.remaining = (FIXED, length) if length else (DONE, 0)
-        else:
-            self.state, self.close_after = UNTIL_CLOSE, True
-        return True
 
 
 # --------------------------------------------------------------------------- connections

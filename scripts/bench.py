@@ -56,6 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llm_router.http1 import ResponseParser  # noqa: E402
 from llm_router.lifeline import processes_with_env  # noqa: E402
 from llm_router.redis_server import RedisServer, free_port  # noqa: E402
 
@@ -76,14 +77,11 @@ SLOW_RATE = 5.0
 
 # =========================================================================== HTTP client
 
-HEAD, FIXED, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, UNTIL_CLOSE = range(7)
-
-
 class Response:
     """One HTTP response as the client saw it, with the timing of every SSE frame."""
 
     __slots__ = ("sse", "keep_body", "on_frame", "status", "headers", "body", "nbytes", "frames", "times",
-                 "token_times", "done_seen", "sse_buf", "t_sent", "t_end", "state", "remaining", "close")
+                 "token_times", "done_seen", "sse_buf", "t_sent", "t_end")
 
     def __init__(self, sse: bool = False, keep_body: bool = False,
                  on_frame: Callable[[bytes, float], None] | None = None) -> None:
@@ -101,9 +99,6 @@ class Response:
         self.sse_buf = b""
         self.t_sent = 0.0
         self.t_end = 0.0
-        self.state = HEAD
-        self.remaining = 0
-        self.close = False
 
     def feed(self, data: bytes, t: float) -> None:
         self.nbytes += len(data)
@@ -135,11 +130,12 @@ class Response:
 
 
 class HttpConn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection; one request at a time (no pipelining)."""
+    """One keep-alive HTTP/1.1 connection; one request at a time (no pipelining). Responses are
+    read by the router's own parser (llm_router/http1.py)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buf = b""
+        self.parser = ResponseParser()
         self.resp: Response | None = None
         self.fut: asyncio.Future | None = None
         self.closed = False
@@ -155,10 +151,9 @@ class HttpConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        resp = self.resp
-        if resp is not None:
-            if resp.state == UNTIL_CLOSE:
-                self._finish(now())
+        if self.resp is not None:
+            if self.parser.closed():
+                self._deliver(now())
             else:
                 self._fail(ConnectionError(f"connection closed mid-response ({exc or 'eof'})"))
 
@@ -171,6 +166,7 @@ class HttpConn(asyncio.Protocol):
         if self.closed:
             raise ConnectionError("connection is closed")
         self.resp = resp
+        self.parser = ResponseParser(head_only=raw.startswith(b"HEAD "))
         self.fut = fut = asyncio.get_running_loop().create_future()
         resp.t_sent = now()
         self.transport.write(raw)  # type: ignore[union-attr]
@@ -180,12 +176,26 @@ class HttpConn(asyncio.Protocol):
         t = now()
         if self.resp is None:
             return  # bytes after a response we gave up on
-        self.buf = self.buf + data if self.buf else data
         try:
-            self._parse(t)
+            self.parser.feed(data)
         except Exception as exc:  # a malformed response: an error for this request
             self._fail(exc)
             self.close()
+            return
+        self._deliver(t)
+
+    def _deliver(self, t: float) -> None:
+        """Hand what the parser has to the response; finish it once complete."""
+        resp, parser = self.resp, self.parser
+        assert resp is not None
+        if parser.status and not resp.status:
+            resp.status = parser.status
+            if resp.keep_body:
+                resp.headers = dict(parser.headers)
+        if parser.body:
+            resp.feed(parser.take(), t)
+        if parser.done:
+            self._finish(t)
 
     def _fail(self, exc: Exception) -> None:
         fut, self.resp, self.fut = self.fut, None, None
@@ -197,89 +207,10 @@ class HttpConn(asyncio.Protocol):
         self.resp = self.fut = None
         assert resp is not None and fut is not None
         resp.t_end = t
-        if resp.close:
+        if self.parser.close_after:
             self.close()
         if not fut.done():
             fut.set_result(resp)
-
-    def _parse(self, t: float) -> None:
-        r = self.resp
-        while r is not None:
-            buf = self.buf
-            st = r.state
-            if st == HEAD:
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
-                    return
-                lines = buf[:i].split(b"\r\n")
-                self.buf = buf[i + 4:]
-                r.status = int(lines[0].split(b" ", 2)[1])
-                length, chunked = None, False
-                for line in lines[1:]:
-                    k, _, v = line.partition(b":")
-                    k = k.strip().lower()
-                    v = v.strip()
-                    if k == b"content-length":
-                        length = int(v)
-                    elif k == b"transfer-encoding":
-                        chunked = b"chunked" in v.lower()
-                    elif k == b"connection":
-                        r.close = v.lower() == b"close"
-                    if r.keep_body:
-                        r.headers[k.decode("latin-1")] = v.decode("latin-1")
-                if 100 <= r.status < 200:
-                    continue  # 100 Continue: the real head follows
-                if chunked:
-                    r.state = CHUNK_SIZE
-                elif length is not None:
-                    r.state, r.remaining = FIXED, length
-                    if length == 0:
-                        self._finish(t)
-                        return
-                else:
-                    r.state = UNTIL_CLOSE
-                    r.close = True
-            elif st == FIXED or st == CHUNK_DATA:
-                if not buf:
-                    return
-                n = min(len(buf), r.remaining)
-                r.feed(buf[:n], t)
-                self.buf = buf[n:]
-                r.remaining -= n
-                if r.remaining:
-                    return
-                if st == FIXED:
-                    self._finish(t)
-                    return
-                r.state = CHUNK_END
-            elif st == CHUNK_SIZE:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    return
-                size = int(buf[:i].split(b";", 1)[0], 16)
-                self.buf = buf[i + 2:]
-                if size == 0:
-                    r.state = TRAILER
-                else:
-                    r.state, r.remaining = CHUNK_DATA, size
-            elif st == CHUNK_END:
-                if len(buf) < 2:
-                    return
-                self.buf = buf[2:]
-                r.state = CHUNK_SIZE
-            elif st == TRAILER:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    return
-                self.buf = buf[i + 2:]
-                if i == 0:
-                    self._finish(t)
-                    return
-            else:  # UNTIL_CLOSE
-                if buf:
-                    r.feed(buf, t)
-                    self.buf = b""
-                return
 
 
 @dataclass

@@ -8,29 +8,48 @@ properly, send garbage, or hang mid-stream, and that record the request heads th
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
 
 from conftest import wait_for
-from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_routable
+from helpers import (
+    FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
+)
 from llm_router.protocol import CatalogEntry
+from router.proxy import sniff
+from router.responses import ApiError
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
+GOOD = CatalogEntry(id="good", aliases=[], mode="chat", on_demand=False)
 OK_BODY = b'{"id":"x","object":"chat.completion","choices":[]}'
 DEBUG_ENV = {"LLM_ROUTER_DEBUG_ENDPOINTS": "1", "LLM_ROUTER_MAX_BODY_SIZE": "100000",
              "LLM_ROUTER_HEADER_TIMEOUT": "1", "LLM_ROUTER_IDLE_TIMEOUT": "1", "LLM_ROUTER_MAX_JSON_DEPTH": "32"}
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+# Answers that never end a line: what they start with, then what they repeat (up to ENDLESS_CAP).
+ENDLESS = {
+    "digits": (CHUNKED_HEAD, b"1" * 65536),  # a chunk-size line of digits without end
+    "headers": (b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n"),  # a head without end
+    "trailer": (CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(b"data: {}\n\n"), b"data: {}\n\n"),
+                b"X" * 65536),  # a trailer line without end, after one event
+}
+ENDLESS_CAP = 16 * 1024 * 1024  # enough to show the old quadratic parser stuck, not to hurt the machine
 
 
 @dataclass
 class RawEngine:
     """An HTTP "engine" on raw sockets. ``mode``: ``ok`` (a JSON answer), ``garbage`` (bytes
     that are no HTTP, then close), ``hang`` (an SSE head and one event, then silence until the
-    router hangs up). ``heads`` holds every request head received; ``closed`` counts
-    connections the router closed."""
+    router hangs up), or one of ``ENDLESS`` (a line that never ends, sent until the router
+    hangs up). ``heads`` holds every request head received; ``closed`` counts connections the
+    router closed."""
 
     mode: str = "ok"
     heads: list[bytes] = field(default_factory=list)
@@ -70,6 +89,17 @@ class RawEngine:
                              b"Content-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY))
             elif self.mode == "garbage":
                 conn.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n\x16\x03\x01")
+            elif self.mode in ENDLESS:
+                start, filler = ENDLESS[self.mode]
+                try:
+                    conn.sendall(start)
+                    for _ in range(ENDLESS_CAP // len(filler)):
+                        conn.sendall(filler)
+                    conn.settimeout(30)
+                    while conn.recv(65536):  # the cap: hold the connection until the router hangs up
+                        pass
+                except OSError:
+                    pass
             elif self.mode == "hang":
                 event = b'data: {"choices": ["tok"]}\n\n'
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
@@ -94,12 +124,22 @@ def engine():
 
 
 @pytest.fixture
-def router(procs, redis_url, rds, engine):
+def spare():
+    """A well-behaved engine of another model ("good"), served by the same router."""
+    eng = RawEngine()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def router(procs, redis_url, rds, engine, spare):
     fake = FakeWorker(rds, "w-hostile")
-    fake.publish(CHAT)
+    fake.publish(CHAT, GOOD)
     fake.instance("chat", "running", engine.url)
+    fake.instance("good", "running", spare.url)
     r = start_router(procs, redis_url, env=DEBUG_ENV)
     wait_routable(r, "chat")
+    wait_routable(r, "good")
     return r
 
 
@@ -141,6 +181,11 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
+DEEP_200 = b'{"model": "chat", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
+DEEP_20000 = b'{"model": "chat", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+BODY_LABELS = ["application/json", "multipart/mixed; boundary=x", "Multipart/Related", "text/plain",
+               "application/x-www-form-urlencoded", "application/octet-stream", ""]
+
 BAD_REQUESTS = [
     # (method, path, body, extra headers, status, openai shape)
     ("POST", "/v1/chat/completions", b"{not json", {}, 400, True),
@@ -152,6 +197,9 @@ BAD_REQUESTS = [
     ("POST", "/v1/chat/completions", '{"model": "ch\\u0000at\\u202e\U0001f600"}'.encode(), {}, 404, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": ' + b"[" * 100 + b"]" * 100 + b"}", {}, 400, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": "' + b"a" * 200_000 + b'"}', {}, 413, True),
+    # Too deep under any label but a form: the body is read as JSON, so it is checked as JSON.
+    *[("POST", "/v1/chat/completions", DEEP_200, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
+    *[("POST", "/v1/chat/completions", DEEP_20000, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
     ("POST", "/api/models/chat/start", b"x" * 100_000, {}, 413, False),
     ("POST", "/v1/../api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
     ("POST", "/v1/%2e%2e/api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
@@ -176,6 +224,8 @@ def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(rout
         assert resp.status == status, (method, path, resp.status, resp.body[:200])
         if openai:
             assert set(resp.json()["error"]) >= {"message", "type", "code"}, (path, resp.body)
+            if body in (DEEP_200, DEEP_20000):
+                assert resp.json()["error"]["code"] == "json_too_deep", (headers, resp.body)
         else:
             assert resp.json()["success"] is False and resp.json()["message"], (path, resp.body)
     assert "'foo'" in request("GET", f"{router.url}/api/logs/stats?foo=1").json()["message"]
@@ -185,6 +235,12 @@ def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(rout
     assert status_of(raw(router, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")) in (0, 400, 431)
     assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) in (0, 400)
+    chat = json.dumps(chat_body("chat")).encode()
+    for evil in (b"X-Evil: a\rInjected: 1", b"X-Evil: a\x00b", b"X Evil: 1", b"X-Evil: a\x1bb"):
+        assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + evil + b"\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400), evil
+    assert status_of(raw(router, b"POST /v1/chat/completions?a=\x01 HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400)
     assert request("POST", f"{router.url}/api/logs/chat/clear?keep_minutes=99999999999").status == 200  # keeps all
     assert engine.heads == []  # none of it was forwarded
     ok = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
@@ -257,3 +313,90 @@ def test_engine_hanging_mid_stream_ends_the_stream_and_its_connection(router, en
     assert events[-1]["data"]["error"]["code"] == "stream_interrupted"  # after the 1 s idle timeout
     wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
     assert_no_leak(router, baseline)
+
+
+@pytest.mark.parametrize("mode", ["digits", "headers"])
+def test_an_endless_line_from_the_engine_is_a_fast_502_and_blocks_nobody(router, engine, spare, mode) -> None:
+    """A head or chunk-size line that never ends: the parser's bound ends the exchange with a
+    502 (before that fix: the buffer grew with quadratic copying, the event loop stalled and the
+    request hung until the first-byte timeout), the engine connection is closed, and the other
+    model is served meanwhile."""
+    baseline = settled(router)
+    engine.mode = mode
+    with ThreadPoolExecutor(1) as pool:
+        hostile = pool.submit(request, "POST", f"{router.url}/v1/chat/completions", chat_body("chat"))
+        wait_for(lambda: engine.heads, message="the hostile engine to get the request")
+        good = request("POST", f"{router.url}/v1/chat/completions", chat_body("good"))
+        assert good.status == 200 and good.body == OK_BODY
+        resp = hostile.result()
+    assert resp.status == 502, resp.body[:300]
+    error = resp.json()["error"]
+    assert error["type"] == "upstream_error" and "malformed response" in error["message"], error
+    wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    assert request("POST", f"{router.url}/v1/chat/completions", chat_body("good")).status == 200
+    assert_no_leak(router, baseline)
+
+
+def test_an_endless_trailer_ends_the_stream_with_an_error_event(router, engine) -> None:
+    """After the answer began, a bound broken (a trailer line without end) ends the stream the
+    way an engine that broke off does: an error event, and the engine connection closed."""
+    baseline = settled(router)
+    engine.mode = "trailer"
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", body=chat_body("chat", stream=True))
+    events = stream.events_until(lambda ev: "error" in str(ev.get("data")))
+    stream.close()
+    assert events[0]["data"] == {}
+    assert events[-1]["data"]["error"]["code"] == "stream_interrupted", events
+    assert "trailer" in events[-1]["data"]["error"]["message"]  # the bound, not the (1 s) idle timeout
+    wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    assert_no_leak(router, baseline)
+
+
+def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs, redis_url, rds, mock_engine) -> None:
+    """A streamed request whose client never reads (a small receive buffer, nothing read): the
+    write deadline ends it, so the model's only concurrency slot goes to the next request
+    (before: held for as long as the socket stayed open; the next one got 429 after the queue
+    timeout), the engine sees its stream cancelled, and /metrics counts it."""
+    _, engine_url = mock_engine("--max-tokens", "10000000", "--quiet")  # unpaced: as fast as it can
+    wait_engine(engine_url)
+    fake = FakeWorker(rds, "w-stall")
+    fake.publish(CatalogEntry(id="chat", aliases=[], mode="chat", on_demand=False, max_concurrency=1))
+    fake.instance("chat", "running", engine_url)
+    router = start_router(procs, redis_url, env={**DEBUG_ENV, "LLM_ROUTER_WRITE_TIMEOUT": "1",
+                                                 "LLM_ROUTER_QUEUE_TIMEOUT": "20"})
+    wait_routable(router, "chat")
+    baseline = settled(router)
+    port = int(router.url.rsplit(":", 1)[1])
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", port))
+    body = json.dumps(chat_body("chat", stream=True)).encode()
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # ... and never reads
+    try:
+        wait_for(lambda: engine_stats(engine_url)["requests"] == 1, message="the stalled stream to reach the engine")
+        nxt = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat", max_tokens=2), timeout=30)
+        assert nxt.status == 200, nxt.body  # the slot was freed (max_concurrency = 1)
+        wait_for(lambda: engine_stats(engine_url)["cancelled_streams"] == 1, message="the engine to see the cancel")
+        metrics = request("GET", f"{router.url}/metrics").body.decode()
+        assert 'llm_router_requests_aborted_total{model="chat",reason="write_timeout"} 1.0' in metrics
+        stalled.settimeout(10)
+        with pytest.raises((ConnectionResetError, socket.timeout)):  # closed by the router: EOF after
+            while stalled.recv(65536):  # the bytes buffered so far, or a reset
+                pass
+            raise ConnectionResetError
+    finally:
+        stalled.close()
+    assert_no_leak(router, baseline)
+
+
+def test_json_deeper_than_the_decoder_goes_is_a_400_even_without_the_depth_check() -> None:
+    """With ``max_json_depth`` off (or set past what msgspec decodes), a very deep body is a
+    400 in the right shape, not msgspec's RecursionError as a 500."""
+    with pytest.raises(ApiError) as err:
+        sniff(DEEP_20000, "multipart/mixed", max_depth=0)
+    assert (err.value.status, err.value.code) == (400, "json_too_deep")
+    with pytest.raises(ApiError) as err:
+        sniff(DEEP_200, "multipart/mixed; boundary=x", max_depth=128)
+    assert err.value.code == "json_too_deep"
+    assert sniff(DEEP_200, "multipart/mixed", max_depth=256).model == "chat"

@@ -9,8 +9,10 @@ from typing import Awaitable, Callable
 import pytest
 
 from router.options import RouterOptions
+from router.proxy import upstream_target
+from router.responses import ApiError
 from router.upstream import (
-    ConnectFailed, Upstream, UpstreamBroken, UpstreamTimeout, forward_headers, keep_response_header,
+    ConnectFailed, InvalidHeader, Upstream, UpstreamBroken, UpstreamTimeout, forward_headers, keep_response_header,
 )
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -238,3 +240,29 @@ def test_header_policy() -> None:
                                                    ("Authorization", "Bearer engine-key")]
     assert keep_response_header("content-type") and keep_response_header("x-ratelimit-remaining-tokens")
     assert not keep_response_header("server") and not keep_response_header("set-cookie")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("X-Evil", "a\rInjected: 1"), ("X-Evil", "a\nInjected: 1"), ("X-Evil", "a\r\nInjected: 1"),
+    ("X-Evil", "a\x00b"), ("X-Evil", "a\x7fb"), ("X-Evil", "a\x1bb"), ("X-Evil", "\u0100"),
+    ("X Evil", "1"), ("X-Evil:", "1"), ("", "1"), ("X-\u00e9", "1"), ("X-Evil\r\nInjected", "1"),
+])
+def test_headers_that_could_break_the_line_are_never_forwarded(name: str, value: str) -> None:
+    """Whatever the server in front let through (Tornado before 6.5 let a bare CR or a NUL
+    pass), forward_headers refuses what could end a line towards the engine."""
+    with pytest.raises(InvalidHeader):
+        forward_headers([("Content-Type", "application/json"), (name, value)])
+
+
+def test_header_values_the_rfc_allows_pass() -> None:
+    sent = [("X-Tab", "a\tb"), ("X-Latin", "caf\u00e9"), ("X-Sym", "!#$%&'*+-.^_`|~ \"(),/:;<=>?@[\\]{}")]
+    assert forward_headers(sent) == sent
+    with pytest.raises(InvalidHeader):
+        forward_headers(sent, api_key="key\r\nX-Injected: 1")  # the model's key is checked too
+
+
+def test_a_query_that_could_break_the_request_line_is_refused() -> None:
+    assert upstream_target("/v1/x", "a=1&b=%20") == "/v1/x?a=1&b=%20"
+    for query in ("a=1 HTTP/1.1\r\nX: y", "a=\x00", "a=\x7f", "a=\tb"):
+        with pytest.raises(ApiError):
+            upstream_target("/v1/x", query)
