@@ -122,3 +122,27 @@ def test_wheel_up_serves_the_demo_with_its_redis_locked_down(procs, wheel_venv: 
     proc, url = start_up(procs, wheel_venv, workdir, port)  # the same data directory again
     assert json.loads((rdir / "passwords.json").read_text()) == passwords
     assert procs.stop(proc) == 0
+
+
+def test_up_never_prints_the_password_of_the_redis_it_is_given(procs, redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--redis", redis_url, "--port", str(port),
+                        "--data-dir", str(tmp_path / "data")], name="up-given")
+    wait_for(lambda: "serving http://" in procs.log(proc) or proc.poll() is not None, timeout=60,
+             message="up serving")
+    assert procs.stop(proc) == 0, procs.log(proc)
+    output = procs.log(proc)
+    password = redis_url.split("@")[0].rsplit(":", 1)[1]
+    assert password not in output and "using Redis at redis://admin:***@" in output, output
+    assert not (tmp_path / "data").exists()  # a Redis that answers is used as it is: no private one
+
+
+def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
+    from llm_router.redis_server import RedisServer
+    from llm_router.shipped import MissingFile, shipped
+
+    assert shipped("redis.conf").read_text().count("maxmemory 512mb") == 1
+    with pytest.raises(MissingFile, match="nothing.conf is missing"):
+        shipped("nothing.conf")
+    with pytest.raises(RuntimeError, match="not found"):
+        RedisServer(tmp_path, conf=tmp_path / "missing.conf").start()
