@@ -21,8 +21,11 @@ Words, not substrings: ``--max-tokens`` and ``--tokenizer`` are not secrets.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from llm_router.config import ModelConfig
 
 MASK = "***"
 SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credential", "credentials"})
@@ -77,7 +80,7 @@ class Redactor:
         self.secrets = sorted({s for s in secrets if len(s) >= MIN_SCRUB}, key=len, reverse=True)
 
     @classmethod
-    def for_model(cls, model) -> "Redactor":
+    def for_model(cls, model: ModelConfig) -> "Redactor":
         """The secrets of a ``ModelConfig``: secret flags of its command and of every device
         profile's args, its ``api_key``, secret-looking ``env`` values (model and profiles)."""
         profiles = model.device_profiles()
