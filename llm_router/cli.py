@@ -11,6 +11,7 @@ import click
 
 from llm_router import __version__, client, presets
 from llm_router.config import ConfigError, default_config_path, load_config
+from llm_router.redact import redact_argv
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 redis_option = click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL", default=DEFAULT_REDIS,
@@ -130,7 +131,7 @@ def config_check(config_paths: tuple[str, ...]) -> None:
         cfg = _load(config_path)
         for m in cfg.models:
             click.echo(f"{m.id:24} {m.engine:10} {m.mode:10} {', '.join(m.aliases)}")
-            click.echo(f"    {_show_argv(m.command)}")
+            click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
             for warning in presets.warnings(m):
                 click.echo(f"warning: {warning}", err=True)
         click.echo(f"{config_path}: ok ({len(cfg.models)} models)")

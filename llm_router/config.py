@@ -193,5 +193,8 @@ def expand_command(model: ModelConfig, profile: DeviceProfile, *, port: int, hos
 
 
 def default_config_path() -> Path:
-    """``examples/models.toml`` of this checkout: what ``llm-router up`` serves by default."""
-    return Path(__file__).resolve().parent.parent / "examples" / "models.toml"
+    """The demo config (``examples/models.toml``, shipped with the package): what ``llm-router
+    up`` serves by default. Raises ``shipped.MissingFile`` on a broken installation."""
+    from llm_router.shipped import DEMO_CONFIG, shipped
+
+    return shipped(DEMO_CONFIG)

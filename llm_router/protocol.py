@@ -125,6 +125,10 @@ class Instance(msgspec.Struct, kw_only=True):
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
     api_key: str = ""  # the engine's own key (model config); routers send it upstream, the API never shows it
+    # The writer's count of changes to this record (+1 each; from 0 again when the worker
+    # restarts, which a router's next resync settles). Routers order an event against a read
+    # by it, never by ``updated_at``: that is the worker's clock, not theirs.
+    seq: int = 0
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):

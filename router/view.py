@@ -49,7 +49,7 @@ class Snapshot(msgspec.Struct, kw_only=True):
     catalogs: dict[str, dict[str, CatalogEntry]] = {}
     devices: dict[str, DeviceSnapshot] = {}
     instances: list[Instance] = []
-    read_at: float = 0.0  # unix time the read began
+    began: int = 0  # how many instance events the view had applied when the read began
 
 
 class ClusterView:
@@ -70,6 +70,11 @@ class ClusterView:
         self._catalogs: dict[str, dict[str, CatalogEntry]] = {}
         self._devices: dict[str, DeviceSnapshot] = {}
         self._instances: dict[str, dict[str, Instance]] = {}  # model -> worker -> instance
+        # Instance events are ordered against reads on this router's own count, never by a
+        # timestamp: ``updated_at`` is another host's clock (and anyone who can write the hash
+        # chooses it). ``_arrived``: (model, worker) -> the count when its last event came.
+        self._events = 0
+        self._arrived: dict[tuple[str, str], int] = {}
         self._models: dict[str, CatalogEntry] = {}  # union over live workers, aliases merged
         self._names: dict[str, str] = {}  # id or alias -> model id
         self._changed = asyncio.Event()
@@ -149,6 +154,8 @@ class ClusterView:
         once; any other worker or catalog event (or an instance of a worker not yet known)
         asks for that worker to be re-read."""
         if event.kind == "instance" and event.instance is not None:
+            self._events += 1
+            self._arrived[(event.instance.model, event.instance.worker)] = self._events
             self._put_instance(event.instance)
             self._notify()
             return None if event.instance.worker in self._workers else event.instance.worker
@@ -182,15 +189,18 @@ class ClusterView:
         self._merge_instances(snap, old)
 
     def _merge_instances(self, snap: Snapshot, old: list[Instance]) -> None:
-        """Take the instances read, except where an event that raced the read left the view
-        something newer: an instance updated after the one read, or after the read began."""
+        """Take the instances read, except where an event that came after the read began left
+        the view something newer: a later ``seq`` of the same record, or a record the read
+        could not see yet. Anything else the read did not find is gone (its key was deleted)."""
         for inst in snap.instances:
             self._put_instance(inst)
         for inst in old:
+            if self._arrived.get((inst.model, inst.worker), 0) <= snap.began or inst.worker not in snap.workers:
+                continue
             read = self._instances.get(inst.model, {}).get(inst.worker)
-            newer = inst.updated_at > read.updated_at if read else inst.updated_at > snap.read_at
-            if newer and inst.worker in snap.workers:
+            if read is None or inst.seq > read.seq:
                 self._put_instance(inst)
+        self._arrived = {k: n for k, n in self._arrived.items() if k[1] in self._instances.get(k[0], {})}
         self._rebuild_models()
         self._notify()
 
@@ -247,18 +257,18 @@ class ClusterView:
 
     async def read_all(self) -> Snapshot:
         """One full read: every live lease, its catalog and devices, every instance."""
-        read_at = time.time()
+        began = self._events
         wids = [self.keys.worker_id_of(_text(k))
                 async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)]
         inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(), count=1000)]
-        return await self._read(wids, inst_keys, read_at)
+        return await self._read(wids, inst_keys, began)
 
     async def read_worker(self, wid: str) -> Snapshot:
-        read_at = time.time()
+        began = self._events
         inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(wid), count=1000)]
-        return await self._read([wid], inst_keys, read_at)
+        return await self._read([wid], inst_keys, began)
 
-    async def _read(self, wids: list[str], inst_keys: list, read_at: float) -> Snapshot:
+    async def _read(self, wids: list[str], inst_keys: list, began: int) -> Snapshot:
         pipe = self.redis.pipeline(transaction=False)
         for wid in wids:
             pipe.hgetall(self.keys.worker(wid))
@@ -267,7 +277,7 @@ class ClusterView:
         for key in inst_keys:
             pipe.hgetall(key)
         results = await pipe.execute()
-        snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], read_at=read_at)
+        snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], began=began)
         for n, wid in enumerate(wids):
             lease, catalog, devices = results[3 * n: 3 * n + 3]
             if not lease:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -28,6 +28,7 @@ import redis as redis_sync
 
 from llm_router.lifeline import die_with_parent, processes_with_env, stop_group
 from llm_router.redis_server import RedisServer, free_port
+from llm_router.redis_users import ROLES, acl_text, with_user as url_with_user
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
@@ -60,24 +61,12 @@ def no_orphans_at_end():
 
 
 ACL_FILE = ROOT / "examples" / "redis-users.acl"
-ROLES = ("admin", "worker", "router")
 REDIS_PASSWORDS = {role: uuid.uuid4().hex for role in ROLES}
-
-
-def acl_text(passwords: dict[str, str] = REDIS_PASSWORDS) -> str:
-    """The shipped ACL file with each ``>CHANGE-ME-<role>`` replaced by the role's password:
-    the suite runs with exactly the users operators deploy, never a list of its own."""
-    text = ACL_FILE.read_text()
-    for role, password in passwords.items():
-        assert f">CHANGE-ME-{role}" in text, f"{ACL_FILE} has no user {role!r}"
-        text = text.replace(f">CHANGE-ME-{role}", f">{password}")
-    return text
 
 
 def with_user(url: str, role: str) -> str:
     """``url`` logged in as ``role`` of the session's ACL users."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{role}:{REDIS_PASSWORDS[role]}@{parts.hostname}:{parts.port}"))
+    return url_with_user(url, role, REDIS_PASSWORDS[role])
 
 
 def role_url(url: str, role: str) -> str:
@@ -101,9 +90,10 @@ class RedisUrls:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
-    """The session's Redis, with the shipped ACL users (``default`` off)."""
+    """The session's Redis, with the shipped ACL users (``default`` off): the suite runs with
+    exactly the users operators deploy (and ``up`` runs), never a list of its own."""
     tmp = tmp_path_factory.mktemp("redis")
-    (tmp / "users.acl").write_text(acl_text())
+    (tmp / "users.acl").write_text(acl_text(REDIS_PASSWORDS))
     server = RedisServer(tmp / "data", extra=["--appendonly", "no", "--aclfile", str(tmp / "users.acl")])
     server.start()
     yield server

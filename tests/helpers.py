@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from http.client import HTTPConnection, HTTPMessage
+import itertools
 import json
 import os
 import subprocess
@@ -235,6 +236,7 @@ class FakeWorker:
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.prefix)
+        self.seq = itertools.count(1)  # as a worker counts its writes of an instance (routers order by it)
 
     def publish(self, *models: CatalogEntry, instances: Iterable[Instance] = ()) -> None:
         now = time.time()
@@ -250,7 +252,7 @@ class FakeWorker:
     def instance(self, model: str, state: str = "running", url: str = "", **fields: Any) -> Instance:
         """Write one instance hash and announce it on ``llm:events`` (as the worker does)."""
         inst = Instance(model=model, worker=self.wid, state=state, url=url,  # type: ignore[arg-type]
-                        updated_at=time.time(), **fields)
+                        updated_at=time.time(), **{"seq": next(self.seq), **fields})
         self.rds.hset(self.keys.instance(model, self.wid), mapping=to_hash(inst))
         self.rds.publish(self.keys.events(), to_json(Event(kind="instance", worker=self.wid, instance=inst)))
         return inst

@@ -4,6 +4,7 @@ request sniffing, mode checks, error shapes, options (query parameters: tests/te
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import pytest
@@ -32,10 +33,11 @@ def lease(wid: str) -> WorkerInfo:
     return WorkerInfo(id=wid, host=wid, pid=1, version="t", started_at=0, heartbeat_at=0)
 
 
-def snapshot(catalogs: dict[str, list[CatalogEntry]], instances: list[Instance] = (), read_at: float = 0.0) -> Snapshot:
+def snapshot(catalogs: dict[str, list[CatalogEntry]], instances: list[Instance] = (), began: int = 0) -> Snapshot:
+    """A read of Redis; ``began``: how many instance events the view had applied when it began."""
     return Snapshot(workers={w: lease(w) for w in catalogs},
                     catalogs={w: {e.id: e for e in entries} for w, entries in catalogs.items()},
-                    instances=list(instances), read_at=read_at)
+                    instances=list(instances), began=began)
 
 
 CHAT = CatalogEntry(id="chat", aliases=["chat", "gpt-3.5-turbo"], mode="chat")
@@ -112,16 +114,30 @@ def test_view_applies_instance_events_without_reading_redis() -> None:
 
 def test_view_keeps_an_event_newer_than_a_racing_resync() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", updated_at=1.0)]))
-    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", updated_at=2.0)))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", updated_at=1.0)]))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)]))
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", seq=2)))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)], began=0))
     assert view.status("chat") == "running"
     # an instance the read did not see yet, announced after the read began, is kept too
-    view.apply_event(Event(kind="instance", worker="w1", instance=inst("embed", "w1", updated_at=10.0)))
-    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], read_at=9.0))
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("embed", "w1", seq=1)))
+    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], began=1))
     assert view.status("embed") == "running"
-    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], read_at=11.0))
+    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], began=2))
     assert view.status("embed") == "stopped"
+
+
+def test_view_orders_by_the_writers_seq_never_by_its_clock() -> None:
+    """``updated_at`` is the worker's clock: a record stamped in the future (a forged one, or
+    a host whose clock runs ahead) neither outlives its key nor outranks a later record."""
+    view = ClusterView(None, None)  # type: ignore[arg-type]
+    future = time.time() + 3600
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", updated_at=future, seq=1)))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [], began=1))  # a read after the event: the key is gone
+    assert view.status("chat") == "stopped" and view.running_instances("chat") == []
+    # an event that raced a read but is older than what the read found loses, whatever its clock says
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", updated_at=future, seq=4)))
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped", updated_at=1.0, seq=5)], began=1))
+    assert view.status("chat") == "stopped"
 
 
 def test_view_worker_read_replaces_only_that_worker() -> None:
@@ -137,7 +153,7 @@ def test_view_keeps_its_state_a_while_when_every_lease_vanishes_at_once() -> Non
     now = [100.0]
     view = ClusterView(None, None, empty_grace=5, clock=lambda: now[0])  # type: ignore[arg-type]
     view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [EMBED]}, [inst("chat", "w1")]))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}))  # one host gone: it leaves at once
+    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1")]))  # one host gone: it leaves at once
     assert view.resolve("embed") is None
     view.apply_snapshot(Snapshot())  # Redis restarted empty: kept...
     now[0] += 4

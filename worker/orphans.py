@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import psutil
 
 from llm_router.lifeline import processes_with_env
+from llm_router.redact import redact_argv
 
 WORKER_ENV = "LLM_ROUTER_WORKER"
 WORKER_PID_ENV = "LLM_ROUTER_WORKER_PID"
@@ -57,7 +58,8 @@ def reap_orphans(worker_id: str, grace: float) -> list[Orphan]:
             if owner:
                 raise WorkerIdInUse(f"worker id {worker_id!r} is in use by a running worker on this host "
                                     f"(pid {owner}); give this one another id (--worker-id)")
-            orphans[proc.pid] = Orphan(pid=proc.pid, model=env.get(MODEL_ENV, ""), cmdline=" ".join(proc.cmdline()))
+            orphans[proc.pid] = Orphan(pid=proc.pid, model=env.get(MODEL_ENV, ""),
+                                       cmdline=" ".join(redact_argv(proc.cmdline())))  # it is logged
         except (psutil.Error, OSError):
             continue
     _signal_all(procs, signal.SIGTERM)

@@ -24,6 +24,8 @@ import msgspec
 
 from llm_router.config import ModelConfig, WorkerSettings, expand_command
 from llm_router.protocol import Instance, LogSource
+from llm_router.redact import Redactor, redact_argv
+from worker.engine_env import engine_env
 from worker.logpipe import LogPipe, pump
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer
@@ -105,6 +107,7 @@ class ModelProcess:
         self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=time.time(),
                                   api_key=model.api_key)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._redact = Redactor.for_model(model)  # renewed at each spawn: a reload may change the model
         self._run: _Run | None = None
         self._start_task: asyncio.Task | None = None
         self._stop_task: asyncio.Task | None = None
@@ -225,12 +228,14 @@ class ModelProcess:
         argv = expand_command(self.model, placement.profile, port=placement.port, host=settings.bind_host,
                               config_dir=self.host.config_dir)
         gpus = ",".join(map(str, placement.gpus))
-        env = {**os.environ, **self.model.env, **placement.profile.env,
-               "CUDA_VISIBLE_DEVICES": gpus, WORKER_ENV: self.host.worker_id,
-               WORKER_PID_ENV: str(os.getpid()), MODEL_ENV: self.model.id}
+        env = engine_env(os.environ, self.model.env, placement.profile.env, {"CUDA_VISIBLE_DEVICES": gpus},
+                         markers={WORKER_ENV: self.host.worker_id, WORKER_PID_ENV: str(os.getpid()),
+                                  MODEL_ENV: self.model.id})
         if placement.gpus:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's = ours
-        self._event(f"starting: {shlex.join(argv)}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""))
+        self._redact = Redactor.for_model(self.model)
+        shown = shlex.join(redact_argv(argv))
+        self._event(f"starting: {shown}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""))
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env, cwd=str(Path(self.host.config_dir, self.model.cwd)),
@@ -338,14 +343,17 @@ class ModelProcess:
     # --- bookkeeping ---
 
     def _set(self, **changes) -> None:
-        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time())
+        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time(),
+                                                 seq=self._instance.seq + 1)
         self._on_change(self.instance)
 
     def _fail(self, reason: str) -> None:
+        reason = self._redact.scrub(reason)
         self._set(state="failed", last_error=reason, pid=0, url="")
         self._event(reason)
 
     def _event(self, message: str) -> None:
+        message = self._redact.scrub(message)
         log.info("%s: %s", self.model.id, message)
         self._emit("event", message)
 
@@ -353,6 +361,7 @@ class ModelProcess:
         self._emit(stream, text)
 
     def _emit(self, stream: LogSource, text: str) -> None:
+        text = self._redact.scrub(text)
         self._tail.append(text)
         self.host.logs.write(self.model.id, stream, text)
 

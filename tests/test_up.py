@@ -1,0 +1,148 @@
+"""``llm-router up`` as a user gets it: built as a wheel, installed into a fresh venv, run from
+an empty directory, nothing of the checkout in reach.
+
+It must find what it ships (``redis.conf``, the demo config and its mock engine, the ACL
+users) as package data, serve the demo models, and run its private Redis locked down:
+data directory 0700, ``default`` user off, the worker and the router logging in as their own
+users, passwords generated once, kept 0600 in the data directory, reused by the next ``up``
+and never printed.
+
+The venv holds only the wheel; its dependencies come from this test's own environment
+through a ``.pth`` line (no network, no index), which adds a directory to ``sys.path``
+without running the checkout's editable-install hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+
+from conftest import ROOT, Processes, wait_for
+from helpers import chat_body, get_json, request
+from llm_router.redis_server import free_port
+
+SOURCES = ("pyproject.toml", "README.md", "llm_router", "router", "worker", "redis.conf", "examples", "scripts")
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    """A fresh venv with the project installed from its wheel (built from a copy of the
+    sources, so the build leaves nothing in the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in SOURCES:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)], check=True, timeout=240)
+    (wheel,) = (tmp / "dist").glob("llm_router-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+                   check=True, timeout=120)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    where = subprocess.run([str(python), "-c", "import llm_router, router, worker; print(llm_router.__file__)"],
+                           check=True, capture_output=True, text=True, cwd=tmp).stdout
+    assert where.startswith(site), where  # the wheel's code, not the checkout's
+    return venv
+
+
+def start_up(procs: Processes, venv: Path, workdir: Path, port: int):
+    proc = procs.start([str(venv / "bin" / "llm-router"), "up", "--port", str(port)], name="up", cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        assert proc.poll() is None, procs.log(proc)
+        try:
+            return request("GET", f"{url}/health", timeout=1).status == 200 and \
+                len(get_json(f"{url}/v1/models")["data"]) == 2
+        except OSError:
+            return False
+
+    wait_for(serving, timeout=60, interval=0.1, message="up serving the demo models")
+    return proc, url
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_wheel_up_serves_the_demo_with_its_redis_locked_down(procs, wheel_venv: Path, tmp_path: Path) -> None:
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    port = free_port()
+    proc, url = start_up(procs, wheel_venv, workdir, port)
+
+    assert {m["id"] for m in get_json(f"{url}/v1/models")["data"]} == {"demo-chat", "demo-embed"}
+    chat = request("POST", f"{url}/v1/chat/completions", chat_body("gpt-3.5-turbo"), timeout=60)
+    assert chat.status == 200, chat.body  # the shipped mock engine, started on demand
+
+    data = workdir / ".llm-router"
+    rdir = data / "redis"
+    assert mode(data) == mode(rdir) == 0o700
+    for name in ("passwords.json", "users.acl", "admin.url", "worker.url", "router.url"):
+        assert mode(rdir / name) == 0o600, name
+    passwords = json.loads((rdir / "passwords.json").read_text())
+    assert not any(pw in (rdir / "users.acl").read_text() for pw in passwords.values())
+
+    admin = redis_sync.Redis.from_url((rdir / "admin.url").read_text().strip(), decode_responses=True)
+    try:
+        assert admin.config_get("maxmemory")["maxmemory"] == str(512 * 1024 * 1024)  # the shipped redis.conf
+        assert admin.config_get("appendonly")["appendonly"] == "yes"
+        users = {entry["user"] for entry in admin.client_list()}
+        assert {"worker", "router"} <= users and "default" not in users
+        rport = admin.connection_pool.connection_kwargs["port"]
+    finally:
+        admin.close()
+    with socket.create_connection(("127.0.0.1", rport), timeout=5) as s:  # anyone else: no way in
+        s.sendall(b"SET llm:worker:forged 1\r\n")
+        assert s.recv(100).startswith(b"-NOAUTH")
+
+    assert procs.stop(proc) == 0
+    output = procs.log(proc)
+    assert not [role for role, pw in passwords.items() if pw in output], "a password was printed"
+    assert "admin.url" in output  # ... but it says where the operator finds them
+
+    proc, url = start_up(procs, wheel_venv, workdir, port)  # the same data directory again
+    assert json.loads((rdir / "passwords.json").read_text()) == passwords
+    assert procs.stop(proc) == 0
+
+
+def test_up_never_prints_the_password_of_the_redis_it_is_given(procs, redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--redis", redis_url, "--port", str(port),
+                        "--data-dir", str(tmp_path / "data")], name="up-given")
+    wait_for(lambda: "serving http://" in procs.log(proc) or proc.poll() is not None, timeout=60,
+             message="up serving")
+    assert procs.stop(proc) == 0, procs.log(proc)
+    output = procs.log(proc)
+    password = redis_url.split("@")[0].rsplit(":", 1)[1]
+    assert password not in output and "using Redis at redis://admin:***@" in output, output
+    assert not (tmp_path / "data").exists()  # a Redis that answers is used as it is: no private one
+
+
+def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
+    from llm_router.redis_server import RedisServer
+    from llm_router.shipped import MissingFile, shipped
+
+    assert shipped("redis.conf").read_text().count("maxmemory 512mb") == 1
+    with pytest.raises(MissingFile, match="nothing.conf is missing"):
+        shipped("nothing.conf")
+    with pytest.raises(RuntimeError, match="not found"):
+        RedisServer(tmp_path, conf=tmp_path / "missing.conf").start()
