@@ -29,9 +29,9 @@ from llm_router.protocol import Instance, Mode
 from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
 from router.limits import Limits
-from router.loading import LoadingStream, sse_data
+from router.loading import LoadingStream, error_event
 from router.options import RouterOptions
-from router.responses import ApiError, OpenAIError, OpenAIErrorBody
+from router.responses import ApiError
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
@@ -95,7 +95,7 @@ def upstream_target(path: str, query: str) -> str:
 
 def stream_error_event(message: str) -> bytes:
     """The SSE event an interrupted stream ends with, in OpenAI's error shape."""
-    return sse_data(OpenAIError(OpenAIErrorBody(message, "upstream_error", "stream_interrupted")))
+    return error_event(ApiError(502, message, "stream_interrupted"))
 
 
 class Sink(Protocol):

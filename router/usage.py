@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.backoff import RedisLink
 from llm_router.protocol import USED_LAST, USED_ROUTER, Keys, RouterUsage, to_json
 
 log = logging.getLogger("router.usage")
@@ -42,7 +43,7 @@ class UsageReporter:
         self._reported: dict[str, int] = {}  # in-flight count last written, per model
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._failing = False
+        self._link = RedisLink("usage reporting", log=log)  # one log line per outage; retried every interval
 
     def inflight(self, model: str) -> int:
         return self._inflight.get(model, 0)
@@ -89,11 +90,9 @@ class UsageReporter:
                     pipe.expire(self.keys.used(m), USED_TTL)
                 await pipe.execute()
         except RedisError as exc:
-            if not self._failing:
-                log.warning("cannot report model use (redis: %s); retrying every %gs", exc, self.interval)
-            self._failing = True
+            self._link.failed(exc)
             return
-        self._failing = False
+        self._link.ok()
         self._dirty -= models
         self._reported.update(counts)
         for m, n in counts.items():

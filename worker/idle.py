@@ -17,9 +17,9 @@ from typing import Iterable, Mapping
 
 import redis.asyncio as aredis
 
+from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
 from worker.process import ModelProcess
-from worker.retry import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("llm_router.worker")
 
