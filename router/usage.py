@@ -76,9 +76,16 @@ class UsageReporter:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write the models that changed (and those busy: their entry must stay fresh).
+
+        What is written is taken, and ``_dirty`` emptied, before the await: a request that
+        starts or ends while the write is on the wire marks its model dirty again and the
+        next flush writes it. (Emptying after the await lost that change: Redis kept saying
+        ``inflight=1`` until the entry went stale, holding off idle unload and eviction.)"""
         models = self._dirty | {m for m, n in self._inflight.items() if n}
         if not models:
             return
+        self._dirty = set()
         now = self.clock()
         counts = {m: self._inflight.get(m, 0) for m in models}
         try:
@@ -90,11 +97,11 @@ class UsageReporter:
                     pipe.expire(self.keys.used(m), USED_TTL)
                 await pipe.execute()
         except RedisError as exc:
+            self._dirty |= models  # not written: try again next time
             self._link.failed(exc)
             return
         self._link.ok()
-        self._dirty -= models
         self._reported.update(counts)
-        for m, n in counts.items():
-            if not n:
+        for m in counts:
+            if not self._inflight.get(m):  # idle now (a request may have begun during the write)
                 self._inflight.pop(m, None)
