@@ -160,12 +160,17 @@ class Proxy:
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
 
     async def _ensure_running(self, model: str, name: str) -> None:
-        """Start ``model`` on demand (shared with other requests) and wait until it runs."""
+        """Start ``model`` on demand (shared with other requests) and wait until it runs.
+        The wait counts in the in-flight gauge (docs/metrics.md): the client is connected
+        and waiting on this router, minutes long for a cold vLLM."""
+        self.metrics.started(model)
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
             raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
                            "model_start_failed") from None
+        finally:
+            self.metrics.ended(model)
 
     async def _load_streamed(self, model: str, name: str, max_concurrency: int, req: ProxyRequest,
                              stream: LoadingStream, rec: RequestRecord) -> None:
