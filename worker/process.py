@@ -27,6 +27,7 @@ from llm_router.protocol import Instance, LogSource
 from worker.logpipe import LogPipe, pump
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer
+from worker.states import check_transition
 
 log = logging.getLogger("llm_router.worker")
 
@@ -338,6 +339,7 @@ class ModelProcess:
     # --- bookkeeping ---
 
     def _set(self, **changes) -> None:
+        check_transition(self._instance.state, changes.get("state"))
         self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time())
         self._on_change(self.instance)
 
