@@ -33,9 +33,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import click
+
+from llm_router.sse import sse_events
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
@@ -141,32 +143,19 @@ def _decode(data: bytes) -> Any:
         return {"message": data.decode("utf-8", "replace").strip()[:200]}
 
 
-def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[str, dict]]:
-    """Parse an SSE byte-line iterator into ``(id, data)`` pairs (data decoded as JSON).
-
-    Comments (``: keep-alive``) are skipped; multi-line ``data:`` fields are joined, as the
-    SSE spec says; a frame that is not JSON is skipped rather than ending the stream."""
-    event_id, data = "", []
-    for raw in lines:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                try:
-                    payload = json.loads("\n".join(data))
-                except ValueError:
-                    payload = None
-                if isinstance(payload, dict):
-                    yield event_id, payload
-            data = []
+def json_events(lines: Iterable[bytes]) -> Iterator[tuple[str, dict]]:
+    """``(last event id, data)`` for every event of a stream whose data is a JSON object
+    (parsed by ``llm_router.sse``); comments are skipped, and a frame that is not JSON is
+    skipped rather than ending the stream."""
+    last_id = ""
+    for event in sse_events(lines):
+        last_id = last_id if event.id is None else event.id
+        try:
+            payload = event.json()
+        except ValueError:
             continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "data":
-            data.append(value)
-        elif field == "id":
-            event_id = value
+        if isinstance(payload, dict):
+            yield last_id, payload
 
 
 def format_log(log: dict) -> str:
@@ -247,7 +236,7 @@ class LatestLog:
 
     def _run(self, resp: http.client.HTTPResponse) -> None:
         try:
-            for _, event in sse_events(iter(resp.readline, b"")):
+            for _, event in json_events(iter(resp.readline, b"")):
                 log = event.get("log")
                 if isinstance(log, dict) and log.get("message"):
                     self.line = str(log["message"])
@@ -347,7 +336,7 @@ def logs(api: Api, as_json: bool, alias: str, follow: bool, tail: int | None) ->
         history.clear()
 
     try:
-        for _, event in sse_events(iter(resp.readline, b"")):
+        for _, event in json_events(iter(resp.readline, b"")):
             kind = event.get("type")
             if kind == "historical":
                 history.append(event)

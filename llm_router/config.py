@@ -157,8 +157,6 @@ def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:
         _check(cfg)
     except (msgspec.ValidationError, msgspec.DecodeError, ConfigError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    except ValueError as exc:  # tomllib's own errors
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     cfg.path = source
     return cfg
 

@@ -13,13 +13,13 @@ from redis.asyncio import Redis
 from llm_router import __version__
 from llm_router.protocol import CatalogEntry, Keys, Reply, trim_logs
 from router.control import ControlClient, ControlError, describe_failure, merged_models
+from router.devices import cpu_summary, cuda_summary, host_detail
 from router.options import RouterOptions
 from router.responses import (
     ApiError, DevicesResult, Done, Health, InstanceDetail, InstanceRef, LogStats, LogStatsResult, ModelCard,
     ModelDetail, ModelInfo, ModelList, Restarted, ServerInfo,
 )
 from router.view import ClusterView
-from worker.devices import cpu_summary, cuda_summary, host_detail
 
 def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
     if keep_minutes:

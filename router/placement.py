@@ -5,7 +5,7 @@ Pure decisions over the cluster view (state in, decision out), tested without I/
 - ``host_free``: a host's free VRAM per GPU as the router sees it: its published device
   snapshot (``llm:devices:{wid}``) minus what the instances on it hold (``Instance.gpus`` and
   ``Instance.vram_mb``, written by the worker from the moment it places a model), with the same
-  rule the worker uses (``worker.placement.free_vram``);
+  rule the worker uses (``llm_router.vram.free_vram``);
 - ``rank_hosts``: the hosts where some device profile of the model fits, best first;
 - ``plan_eviction``: when it fits nowhere, the fewest least-recently-used idle models to stop
   on one host so that it fits there.
@@ -23,7 +23,7 @@ import msgspec
 
 from llm_router.config import DeviceProfile
 from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage
-from worker.placement import Held, NoFit, fit_profiles, free_vram
+from llm_router.vram import Held, NoRoom, fit_profiles, free_vram
 
 HOLDING = ("starting", "running", "stopping")  # states whose VRAM is taken
 
@@ -64,7 +64,7 @@ def _fit(wid: str, entry: CatalogEntry, snapshot: DeviceSnapshot | None,
     profiles = profiles_of(entry)
     try:
         profile, gpus = fit_profiles(profiles, *host_free(snapshot, instances))
-    except NoFit as exc:
+    except NoRoom as exc:
         return str(exc)
     return Fit(worker=wid, profile=profiles.index(profile), gpus=gpus)
 

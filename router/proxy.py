@@ -31,9 +31,9 @@ from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
 from router.limits import Limits
 from router.limits_http import check_json_depth
-from router.loading import LoadingStream, sse_data
+from router.loading import LoadingStream, error_event
 from router.options import RouterOptions
-from router.responses import ApiError, OpenAIError, OpenAIErrorBody
+from router.responses import ApiError
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
@@ -122,7 +122,7 @@ def upstream_target(path: str, query: str) -> str:
 
 def stream_error_event(message: str) -> bytes:
     """The SSE event an interrupted stream ends with, in OpenAI's error shape."""
-    return sse_data(OpenAIError(OpenAIErrorBody(message, "upstream_error", "stream_interrupted")))
+    return error_event(ApiError(502, message, "stream_interrupted"))
 
 
 class Sink(Protocol):
@@ -187,12 +187,17 @@ class Proxy:
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
 
     async def _ensure_running(self, model: str, name: str) -> None:
-        """Start ``model`` on demand (shared with other requests) and wait until it runs."""
+        """Start ``model`` on demand (shared with other requests) and wait until it runs.
+        The wait counts in the in-flight gauge (docs/metrics.md): the client is connected
+        and waiting on this router, minutes long for a cold vLLM."""
+        self.metrics.started(model)
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
             raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
                            "model_start_failed") from None
+        finally:
+            self.metrics.ended(model)
 
     async def _load_streamed(self, model: str, name: str, max_concurrency: int, req: ProxyRequest,
                              stream: LoadingStream, rec: RequestRecord) -> None:

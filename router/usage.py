@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.backoff import RedisLink
 from llm_router.protocol import USED_LAST, USED_ROUTER, Keys, RouterUsage, to_json
 
 log = logging.getLogger("router.usage")
@@ -42,7 +43,7 @@ class UsageReporter:
         self._reported: dict[str, int] = {}  # in-flight count last written, per model
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._failing = False
+        self._link = RedisLink("usage reporting", log=log)  # one log line per outage; retried every interval
 
     def inflight(self, model: str) -> int:
         return self._inflight.get(model, 0)
@@ -75,9 +76,16 @@ class UsageReporter:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write the models that changed (and those busy: their entry must stay fresh).
+
+        What is written is taken, and ``_dirty`` emptied, before the await: a request that
+        starts or ends while the write is on the wire marks its model dirty again and the
+        next flush writes it. (Emptying after the await lost that change: Redis kept saying
+        ``inflight=1`` until the entry went stale, holding off idle unload and eviction.)"""
         models = self._dirty | {m for m, n in self._inflight.items() if n}
         if not models:
             return
+        self._dirty = set()
         now = self.clock()
         counts = {m: self._inflight.get(m, 0) for m in models}
         try:
@@ -89,13 +97,11 @@ class UsageReporter:
                     pipe.expire(self.keys.used(m), USED_TTL)
                 await pipe.execute()
         except RedisError as exc:
-            if not self._failing:
-                log.warning("cannot report model use (redis: %s); retrying every %gs", exc, self.interval)
-            self._failing = True
+            self._dirty |= models  # not written: try again next time
+            self._link.failed(exc)
             return
-        self._failing = False
-        self._dirty -= models
+        self._link.ok()
         self._reported.update(counts)
-        for m, n in counts.items():
-            if not n:
+        for m in counts:
+            if not self._inflight.get(m):  # idle now (a request may have begun during the write)
                 self._inflight.pop(m, None)

@@ -25,6 +25,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.backoff import Backoff
 from llm_router.protocol import (
     CatalogEntry, DeviceSnapshot, Event, Instance, Keys, State, WorkerInfo, from_hash, from_json,
 )
@@ -368,8 +369,7 @@ class ClusterView:
                 log.exception("cluster view event handling failed")
             finally:
                 await _quietly(pubsub.aclose())
-            await asyncio.sleep(backoff.delay)
-            backoff.grow()
+            await backoff.sleep()
 
     async def _on_message(self, data: bytes) -> None:
         try:
@@ -380,20 +380,6 @@ class ClusterView:
         wid = self.apply_event(event)
         if wid is not None:
             await self.refresh_worker(wid)
-
-
-class Backoff:
-    """Retry delays: 0.1 s doubling up to ``cap``."""
-
-    def __init__(self, cap: float, first: float = 0.1) -> None:
-        self.cap, self.first = cap, first
-        self.delay = first
-
-    def grow(self) -> None:
-        self.delay = min(self.cap, self.delay * 2)
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 def _text(value: bytes | str) -> str:

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from llm_router.http1 import ResponseParser  # noqa: E402
 from llm_router.lifeline import processes_with_env  # noqa: E402
 from llm_router.redis_server import RedisServer, free_port  # noqa: E402
+from llm_router.sse import SseParser  # noqa: E402
 
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
 SESSION_ENV = "LLM_ROUTER_BENCH_SESSION"
@@ -80,12 +81,11 @@ SLOW_RATE = 5.0
 class Response:
     """One HTTP response as the client saw it, with the timing of every SSE frame."""
 
-    __slots__ = ("sse", "keep_body", "on_frame", "status", "headers", "body", "nbytes", "frames", "times",
-                 "token_times", "done_seen", "sse_buf", "t_sent", "t_end")
+    __slots__ = ("keep_body", "on_frame", "status", "headers", "body", "nbytes", "frames", "times",
+                 "token_times", "done_seen", "parser", "t_sent", "t_end")
 
     def __init__(self, sse: bool = False, keep_body: bool = False,
-                 on_frame: Callable[[bytes, float], None] | None = None) -> None:
-        self.sse = sse
+                 on_frame: Callable[[str, float], None] | None = None) -> None:
         self.keep_body = keep_body
         self.on_frame = on_frame
         self.status = 0
@@ -96,7 +96,7 @@ class Response:
         self.times: list[float] = []  # arrival of each SSE frame
         self.token_times: list[float] = []  # arrival of each frame carrying generated text
         self.done_seen = False
-        self.sse_buf = b""
+        self.parser = SseParser() if sse else None
         self.t_sent = 0.0
         self.t_end = 0.0
 
@@ -104,22 +104,18 @@ class Response:
         self.nbytes += len(data)
         if self.keep_body:
             self.body += data
-        if not self.sse:
+        if self.parser is None:
             return
-        buf = self.sse_buf + data if self.sse_buf else data
-        start = 0
-        while (i := buf.find(b"\n\n", start)) >= 0:
-            frame = buf[start:i]
-            start = i + 2
+        for event in self.parser.feed(data):
+            frame = event.data or ""
             self.frames += 1
             self.times.append(t)
-            if b'"content":"' in frame and b'"content":""' not in frame or b'"text":"' in frame:
+            if '"content":"' in frame and '"content":""' not in frame or '"text":"' in frame:
                 self.token_times.append(t)
-            elif b"[DONE]" in frame:
+            elif frame == "[DONE]":
                 self.done_seen = True
             if self.on_frame is not None:
                 self.on_frame(frame, t)
-        self.sse_buf = buf[start:]
 
     @property
     def ttft(self) -> float:
@@ -878,14 +874,14 @@ class Bench:
         from the response reaching us to that line arriving on the router's log SSE."""
         token = uuid.uuid4().hex[:8]
         seen: dict[int, float] = {}
-        marker = f"/bench-probe-{token}-".encode()
+        marker = f"/bench-probe-{token}-"
 
-        def on_frame(frame: bytes, t: float) -> None:
+        def on_frame(frame: str, t: float) -> None:
             i = frame.find(marker)
             if i >= 0:
                 j = i + len(marker)
                 k = j
-                while k < len(frame) and frame[k:k + 1].isdigit():
+                while k < len(frame) and frame[k].isdigit():
                     k += 1
                 seen.setdefault(int(frame[j:k]), t)
 

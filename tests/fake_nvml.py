@@ -68,6 +68,6 @@ def fake_gpu_env(*free_mib: int) -> dict[str, str]:
     """The environment of a worker whose GPUs have ``free_mib`` MiB each, all free.
 
     Nothing else uses them: as the readings never show what placed models use, only their
-    declared VRAM counts (``worker.placement.free_vram``: ``total - promised``)."""
+    declared VRAM counts (``llm_router.vram.free_vram``: ``total - promised``)."""
     gpus = [{"name": "NVIDIA H100", "memory_total": f, "memory_used": 0} for f in free_mib]
     return {"LLM_ROUTER_NVML_MODULE": "tests.fake_nvml", FAKE_GPUS_ENV: json.dumps(gpus)}

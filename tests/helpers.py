@@ -28,6 +28,7 @@ import redis as redis_sync
 from conftest import MOCK_ENGINE, Processes, role_url, wait_for
 from llm_router.protocol import CatalogEntry, Event, Instance, Keys, WorkerInfo, to_hash, to_json
 from llm_router.redis_server import free_port
+from llm_router.sse import SseEvent, SseParser
 
 ROUTER_ENV = {"LLM_ROUTER_RESYNC_INTERVAL": "0.5"}
 
@@ -81,29 +82,29 @@ class SseStream:
         self.resp = self.conn.getresponse()
         self.status = self.resp.status
         self.headers = self.resp.headers
+        self._parser = SseParser()
+        self._ready: list[SseEvent] = []
 
     def event(self) -> dict[str, Any]:
-        """The next event: ``{"id", "data" (decoded JSON or raw text), "comment"}``; ``{}`` at the end."""
-        event: dict[str, Any] = {}
-        while True:
+        """The next event: ``{"id", "data" (decoded JSON or raw text), "comment"}`` (the keys the
+        block had; a comment-only block is an event too); ``{}`` at the end."""
+        while not self._ready:
             line = self.resp.readline()
             if not line:
-                return event
-            line = line.rstrip(b"\r\n").decode()
-            if not line:
-                if event:
-                    return event
-                continue
-            if line.startswith(":"):
-                event["comment"] = line[1:].strip()
-            elif line.startswith("id: "):
-                event["id"] = line[4:]
-            elif line.startswith("data: "):
-                raw = line[6:]
-                try:
-                    event["data"] = json.loads(raw)
-                except ValueError:
-                    event["data"] = raw
+                return {}
+            self._ready.extend(self._parser.feed(line))
+        ev = self._ready.pop(0)
+        event: dict[str, Any] = {}
+        if ev.comment is not None:
+            event["comment"] = ev.comment
+        if ev.id is not None:
+            event["id"] = ev.id
+        if ev.data is not None:
+            try:
+                event["data"] = ev.json()
+            except ValueError:
+                event["data"] = ev.data
+        return event
 
     def events_until(self, predicate, limit: int = 10000) -> list[dict[str, Any]]:
         """Read events until one satisfies ``predicate`` (included) or the stream ends."""

@@ -36,7 +36,7 @@ from tornado.netutil import bind_sockets
 
 from conftest import ROOT, MOCK_ENGINE, role_url, wait_for
 from llm_router import client
-from llm_router.client import format_log, sse_events
+from llm_router.client import format_log, json_events
 from llm_router.redis_server import free_port
 
 
@@ -217,7 +217,7 @@ def fake_api():
 def test_sse_parser_skips_comments_and_joins_multiline_data() -> None:
     frames = [b": keep-alive\n", b"\n", b"id: 5-0\n", b'data: {"type":\n', b'data: "x"}\n', b"\n",
               b"data: not json\n", b"\n", b'data: {"type": "y"}\r\n', b"\r\n"]
-    assert list(sse_events(iter(frames))) == [("5-0", {"type": "x"}), ("5-0", {"type": "y"})]
+    assert list(json_events(iter(frames))) == [("5-0", {"type": "x"}), ("5-0", {"type": "y"})]
 
 
 def test_models_table_is_aligned_and_lists_hosts(fake_api) -> None:

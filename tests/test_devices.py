@@ -8,7 +8,8 @@ import types
 import msgspec
 
 from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, from_json, to_json
-from worker.devices import DeviceProbe, cpu_summary, cuda_summary, host_detail
+from router.devices import cpu_summary, cuda_summary, host_detail
+from worker.devices import DeviceProbe
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -4,6 +4,7 @@ error event. Real router, worker and mock engine (``--startup-delay 2``, keep-al
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -11,12 +12,14 @@ from dataclasses import dataclass
 import openai
 import pytest
 
+from conftest import wait_for
 from helpers import (
     Router, SseStream, chat_body, model_block, request, start_router, start_worker, wait_models, wait_status,
     write_config,
 )
 
 LAZY = model_block("lazy", engine_args=["--startup-delay", "2"])
+SLOW = model_block("slow", engine_args=["--startup-delay", "120"])  # loads for as long as a test needs
 BROKEN = model_block("broken", restart="no", command=[sys.executable, "-c", "import sys; sys.exit('no GPU here')"])
 
 
@@ -30,10 +33,10 @@ class Cluster:
 
 @pytest.fixture
 def cluster(procs, redis_url, tmp_path) -> Cluster:
-    config = write_config(tmp_path / "models.toml", LAZY, BROKEN)
+    config = write_config(tmp_path / "models.toml", LAZY, BROKEN, SLOW)
     start_worker(procs, redis_url, config, f"w-{uuid.uuid4().hex[:8]}")
     router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "0.5"})
-    wait_models(router, 2)
+    wait_models(router, 3)
     return Cluster(router)
 
 
@@ -109,3 +112,22 @@ def test_client_that_leaves_during_the_load_does_not_stop_the_start(cluster: Clu
     wait_status(cluster.router, "lazy", "running", timeout=20)
     resp = request("POST", cluster.url("/v1/chat/completions"), chat_body("lazy", stream=True, max_tokens=1))
     assert resp.status == 200 and b": loading" not in resp.body and resp.body.endswith(b"data: [DONE]\n\n")
+
+
+def in_flight(cluster: Cluster, model: str) -> float:
+    text = request("GET", cluster.url("/metrics")).body.decode()
+    found = re.search(rf'^llm_router_requests_in_flight{{model="{model}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_request_waiting_for_its_model_to_start_is_in_flight(cluster: Cluster) -> None:
+    """The in-flight gauge counts the on-demand start wait (docs/metrics.md says why)."""
+    stream = SseStream(cluster.url("/v1/chat/completions"), method="POST", body=chat_body("slow", stream=True),
+                       timeout=30)
+    try:
+        assert stream.event() == {"comment": "loading model 'slow'"}  # waiting for the start
+        wait_for(lambda: in_flight(cluster, "slow") == 1, message="the waiting request in the gauge")
+    finally:
+        stream.close()
+    wait_for(lambda: in_flight(cluster, "slow") == 0, message="the gauge once the client left")
+    assert request("POST", cluster.url("/api/models/slow/stop"), timeout=30).status == 200

@@ -10,12 +10,12 @@ from llm_router.protocol import (
     USED_LAST, CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Instance, ModelUsage, RouterUsage, to_json,
     usage_of,
 )
+from llm_router.vram import Held, free_vram
 from router.control import start_order
 from router.limits import Limits
 from router.placement import Eviction, host_free, no_room_message, plan_eviction, profiles_of, rank_hosts
 from router.responses import ApiError
 from worker.idle import idle_models
-from worker.placement import Held, free_vram
 
 
 def snap(wid: str, *free_mib: int, total: int = 24000) -> DeviceSnapshot:

@@ -9,6 +9,7 @@ from conftest import wait_for
 from llm_router.config import parse_config
 from llm_router.protocol import CatalogEntry, from_json
 from test_worker import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
+from worker.idle import poll_interval
 from worker.reload import plan_reload
 
 BASE = """
@@ -102,3 +103,24 @@ def test_watch_config_reloads_when_the_file_changes(worker, rds):
     wait_for(lambda: set(catalog(rds, worker.wid)) == {"first", "second"}, timeout=15,
              message="the catalog after the file changed")
 
+
+
+def test_idle_ttl_added_by_a_reload_unloads_the_model(worker):
+    """The host had no idle_ttl at start (the idle reaper used to return for good then); a
+    reload sets one: the model, which no router uses, is stopped once it has been idle that long."""
+    worker.start([model("lazy", auto_start=True)])
+    pid = worker.wait_state("lazy", "running").pid
+    worker.write_config([model("lazy", auto_start=True, idle_ttl=0.5)])
+    os.kill(worker.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in worker.log(), message="the reload")
+    worker.wait_state("lazy", "stopped", timeout=15)
+    assert "lazy: unused for 0.5s (idle_ttl): stopping" in worker.log()
+    assert not alive(pid)
+
+
+def test_the_reaper_polls_at_half_the_shortest_idle_ttl_in_force():
+    """Read again every round (``IdleReaper.interval``), so a reload's idle_ttl applies."""
+    assert poll_interval([]) == 1.0  # nothing unloads: a cheap round a second, reload-ready
+    assert poll_interval([0.0, 600.0]) == 1.0
+    assert poll_interval([0.0, 0.6, 1.0]) == 0.3
+    assert poll_interval([0.6], cap=0.2) == 0.2

@@ -275,7 +275,8 @@ def test_sse_frames() -> None:
     assert sse(LogEvent("stream_end", message="bye"), "1-0").startswith(b"id: 1-0\ndata: ")
     frame = stream_error_event("engine died")
     assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
-    assert msgspec.json.decode(frame[6:])["error"]["message"] == "engine died"
+    assert msgspec.json.decode(frame[6:]) == {"error": {"message": "engine died", "type": "upstream_error",
+                                                        "code": "stream_interrupted"}}
 
 
 def test_options_from_env() -> None:

@@ -17,6 +17,7 @@ from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
 from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Keys, log_entry
 from llm_router.redis_server import RedisServer, free_port
 from worker.logpipe import MAX_LINE, LogPipe, pump
+from llm_router.vram import NoRoom
 from worker.placement import NoFit, Placer, choose_port, choose_profile
 from worker.process import exit_reason
 
@@ -108,6 +109,26 @@ def test_placer_reserves_vram_until_settled():
         placer.release("b")
         c = await placer.place(ModelConfig(id="c", command=["x"], profiles=[GPU0, CPU]))
         assert (c.gpus, c.port) == ([0], 20001)
+
+    asyncio.run(scenario())
+
+
+def test_placer_says_typed_whether_a_start_lost_on_vram():
+    """``no_room`` in a start's reply comes from the exception's type, not from its wording:
+    VRAM is ``NoRoom`` (another host may have room), a taken port is only ``NoFit``."""
+    async def scenario():
+        async def read() -> DeviceSnapshot:
+            return snapshot(4000)
+
+        placer = Placer(WorkerSettings(port_range=[20000, 20010]), read, is_free=lambda host, port: port != 20005)
+        with pytest.raises(NoRoom, match="cuda:0 has 4000 MiB free, 8000 MiB needed"):
+            await placer.place(ModelConfig(id="big", command=["x"], profiles=[GPU0]))
+        assert placer.lost_on_vram("big")
+        with pytest.raises(NoFit) as port_taken:
+            await placer.place(ModelConfig(id="fixed", command=["x"], port=20005, profiles=[CPU]))
+        assert not isinstance(port_taken.value, NoRoom) and not placer.lost_on_vram("fixed")
+        await placer.place(ModelConfig(id="big", command=["x"], profiles=[GPU0, CPU]))
+        assert not placer.lost_on_vram("big")  # its last placement succeeded
 
     asyncio.run(scenario())
 

@@ -32,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_router import __version__
+from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, to_hash, to_json
 from worker.commands import CommandIntake, Operations
@@ -42,7 +43,6 @@ from worker.orphans import WorkerIdInUse, reap_orphans
 from worker.placement import Placer
 from worker.process import HostContext, ModelProcess
 from worker.reload import ReloadTrigger, apply_plan, plan_reload
-from worker.retry import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("llm_router.worker")
 
@@ -74,7 +74,7 @@ class WorkerAgent:
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
-        self.operations = Operations(self.wid, cfg, self.models, self.redis, self.keys)
+        self.operations = Operations(self.wid, self.models, self.redis, self.keys)
         self.idle = IdleReaper(self.redis, self.keys, self.models)
         self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
                                     before_reply=self.changes_published)
@@ -174,7 +174,7 @@ class WorkerAgent:
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
-        self.cfg = self.operations.cfg = new
+        self.cfg = new
         self._withdrawn.update(plan.removed)
         self._request_resync()  # the new catalog, every instance, the removed ones deleted
         for mp in to_start:

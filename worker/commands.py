@@ -21,11 +21,9 @@ import msgspec
 import redis.asyncio as aredis
 import redis.exceptions
 
-from llm_router.config import HostConfig
+from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
-from worker.placement import NO_ROOM
 from worker.process import ModelProcess
-from worker.retry import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("llm_router.worker")
 
@@ -36,11 +34,9 @@ TAIL_IN_REPLY = 20  # log lines quoted in the reply of a failed start
 class Operations:
     """Runs one ``Command`` against this worker's models and says how it went."""
 
-    def __init__(self, worker_id: str, cfg: HostConfig, models: dict[str, ModelProcess],
-                 redis: aredis.Redis, keys: Keys) -> None:
+    def __init__(self, worker_id: str, models: dict[str, ModelProcess], redis: aredis.Redis, keys: Keys) -> None:
         self.worker_id = worker_id
-        self.cfg = cfg
-        self.models = models
+        self.models = models  # the agent's own dict: a reload changes it in place
         self.redis = redis
         self.keys = keys
 
@@ -52,8 +48,9 @@ class Operations:
         return Reply(id=cmd.id, worker=self.worker_id, ok=ok, message=message, **fields)
 
     def _find(self, name: str) -> ModelProcess | None:
-        model = self.cfg.model(name)
-        return self.models.get(model.id) if model else None
+        """The supervisor of the model ``name`` (id or alias) names. Read from the supervisors,
+        not from a copy of the config, so a reload cannot leave two versions to disagree."""
+        return next((mp for mp in self.models.values() if name in mp.model.names), None)
 
     async def _op_start(self, cmd: Command) -> Reply:
         mp = self._find(cmd.model)
@@ -64,7 +61,7 @@ class Operations:
             return self._reply(cmd, True, f"model '{inst.model}' is running at {inst.url}", state=inst.state)
         return self._reply(cmd, False, inst.last_error or f"model '{inst.model}' is {inst.state}",
                            state=inst.state, log_tail=mp.log_tail(TAIL_IN_REPLY),
-                           no_room=inst.last_error.startswith(NO_ROOM))
+                           no_room=mp.host.placer.lost_on_vram(mp.model.id))
 
     async def _op_stop(self, cmd: Command) -> Reply:
         mp = self._find(cmd.model)

@@ -1,9 +1,8 @@
-"""Device metrics of one host (NVML for GPUs, psutil for CPU/RAM) and their cluster summaries.
+"""Device metrics of one host (NVML for GPUs, psutil for CPU/RAM).
 
 The worker calls ``DeviceProbe.snapshot()`` every few seconds (through ``asyncio.to_thread``,
-NVML calls block) and stores the result in ``llm:devices:{wid}``. The router turns the
-snapshots of all live hosts into the ``GET /api/devices/info`` body with the pure functions
-``cuda_summary``, ``cpu_summary`` and ``host_detail``.
+NVML calls block) and stores the result in ``llm:devices:{wid}``. Routers summarise the
+snapshots of all live hosts in ``router.devices``.
 
 A host without the NVIDIA driver is normal (CPU-only hosts, CI): the probe must then report
 ``cuda.online = False`` with the reason, never raise, and not hammer ``nvmlInit`` on every
@@ -17,9 +16,8 @@ import os
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-import msgspec
 import psutil
 
 from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
@@ -189,64 +187,3 @@ class DeviceProbe:
             memory_free=int(mem.free) // MIB,
             utilization=utilization,
         ), ""
-
-
-# --- cluster summaries for GET /api/devices/info (pure functions) ---
-
-
-def cuda_summary(snapshots: Iterable[DeviceSnapshot]) -> dict:
-    """The manual's ``devices.cuda``: every readable GPU of every host with NVML online,
-    memory summed in MiB, distinct names joined with ", "."""
-    online = False
-    names: list[str] = []
-    count = total = used = free = 0
-    for snap in snapshots:
-        if not snap.cuda.online:
-            continue
-        online = True
-        for gpu in snap.cuda.gpus:
-            count += 1
-            total += gpu.memory_total
-            used += gpu.memory_used
-            free += gpu.memory_free
-            if gpu.name and gpu.name not in names:
-                names.append(gpu.name)
-    return {
-        "online": online,
-        "info": {
-            "device_count": count,
-            "device_name": ", ".join(names),
-            "memory_total": total,
-            "memory_used": used,
-            "memory_free": free,
-        },
-    }
-
-
-def cpu_summary(snapshots: Iterable[DeviceSnapshot]) -> dict:
-    """The manual's ``devices.cpu``: cores and RAM (MiB) summed over the hosts; offline when
-    no host reported."""
-    online = False
-    cpus = total = used = free = 0
-    for snap in snapshots:
-        if not snap.cpu.online:
-            continue
-        online = True
-        cpus += snap.cpu.cpu_count
-        total += snap.cpu.memory_total
-        used += snap.cpu.memory_used
-        free += snap.cpu.memory_free
-    return {
-        "online": online,
-        "info": {"cpu_count": cpus, "memory_total": total, "memory_used": used, "memory_free": free},
-    }
-
-
-def host_detail(snapshot: DeviceSnapshot) -> dict:
-    """One host's entry under ``hosts`` in ``/api/devices/info``: the snapshot, per GPU."""
-    return {
-        "host": snapshot.host,
-        "ts": snapshot.ts,
-        "cuda": msgspec.to_builtins(snapshot.cuda),
-        "cpu": msgspec.to_builtins(snapshot.cpu),
-    }

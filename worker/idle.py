@@ -3,8 +3,9 @@
 Why the worker and not a router: the worker is the single writer of its host and owns the
 model's config (``idle_ttl``); one reaper per host decides once, while N routers would race to
 stop the same model. Routers report use in ``llm:used:{model}`` (``router.usage``); the
-worker reads it for its running models every ``interval`` and stops those ``idle_models``
-names. A model with a request in flight (on any live router) is never stopped; when Redis
+worker reads it for its running models every ``poll_interval`` and stops those ``idle_models``
+names, by each model's ``idle_ttl`` as it is now (a config reload may add, change or remove
+it). A model with a request in flight (on any live router) is never stopped; when Redis
 cannot be read, nothing is stopped (unknown use is not idleness).
 """
 
@@ -17,9 +18,9 @@ from typing import Iterable, Mapping
 
 import redis.asyncio as aredis
 
+from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
 from worker.process import ModelProcess
-from worker.retry import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("llm_router.worker")
 
@@ -39,21 +40,32 @@ def idle_models(now: float, running: Iterable[tuple[Instance, float]],
     return out
 
 
+def poll_interval(ttls: Iterable[float], cap: float = 1.0) -> float:
+    """How long the reaper sleeps between rounds: half the shortest ``idle_ttl`` set, so a
+    model is stopped at most half its ttl late, and at most ``cap``."""
+    return min([cap, *(t / 2 for t in ttls if t > 0)])
+
+
 class IdleReaper:
+    """Stops this host's idle models. It runs whatever the config said at start, and reads
+    the ``idle_ttl`` of every model again each round: a reload may set one on a host that had
+    none, or change it (``models`` is the agent's own dict, which a reload updates in place).
+    A round without any ``idle_ttl`` set costs nothing (no Redis call)."""
+
     def __init__(self, redis: aredis.Redis, keys: Keys, models: Mapping[str, ModelProcess],
                  interval: float = 1.0) -> None:
         self.redis = redis
         self.keys = keys
         self.models = models
-        ttls = [mp.model.idle_ttl for mp in models.values() if mp.model.idle_ttl > 0]
-        self.interval = min([interval, *(t / 2 for t in ttls)])
+        self.max_interval = interval
+
+    def interval(self) -> float:
+        return poll_interval((mp.model.idle_ttl for mp in self.models.values()), self.max_interval)
 
     async def run(self) -> None:
-        if not any(mp.model.idle_ttl > 0 for mp in self.models.values()):
-            return  # nothing on this host ever unloads
         link = RedisLink("idle")
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval())
             try:
                 await self.reap()
                 link.ok()

@@ -18,8 +18,8 @@ from typing import Callable
 import redis.asyncio as aredis
 import redis.exceptions
 
+from llm_router.backoff import RedisLink
 from llm_router.protocol import LOG_APPEND_SCRIPT, Keys, LogEntry, LogSource, log_append_args
-from worker.retry import RedisLink
 
 log = logging.getLogger("llm_router.worker")
 

@@ -4,6 +4,8 @@
 tested without GPUs or sockets. ``Placer`` is the small stateful part around them: it takes a
 fresh device reading and remembers what this worker already promised to models that are still
 loading, so two models starting at once are not both placed on the same free gigabytes.
+The VRAM rule itself (``free_vram``, ``fit_profiles``) is shared with routers:
+``llm_router.vram``.
 """
 
 from __future__ import annotations
@@ -14,23 +16,7 @@ from typing import Awaitable, Callable, Iterable, Mapping
 
 from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
 from llm_router.protocol import DeviceSnapshot
-
-
-class NoFit(Exception):
-    """The model cannot be placed on this host now; the message says why, for the operator."""
-
-
-NO_ROOM = "no device profile fits this host now"  # how a start that lost on VRAM fails
-
-
-@dataclass(frozen=True)
-class Held:
-    """VRAM promised to one model: ``vram_mb`` MiB on each of ``gpus``. ``loading``: its
-    process may not show that memory in NVML yet (it is starting)."""
-
-    gpus: tuple[int, ...]
-    vram_mb: int
-    loading: bool
+from llm_router.vram import Held, NoFit, NoRoom, fit_profiles, free_vram
 
 
 def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
@@ -42,74 +28,10 @@ def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
     index and minus what ``held`` promises) is at least the profile's ``vram_mb``. ``cuda:N``
     needs that GPU; ``cuda`` takes the fitting GPU with the most free memory not already taken
     by the profile; ``cpu`` always fits. Without GPU information (no snapshot, NVML offline)
-    only CPU profiles fit. Raises ``NoFit`` naming each profile and why it did not fit.
+    only CPU profiles fit. Raises ``NoRoom`` naming each profile and why it did not fit.
     """
     free, no_gpu_reason = free_vram(snapshot, held, reserved or {})
     return fit_profiles(model.device_profiles(), free, no_gpu_reason)
-
-
-def fit_profiles(profiles: Iterable[DeviceProfile], free: Mapping[int, int],
-                 no_gpu_reason: str = "no device information") -> tuple[DeviceProfile, list[int]]:
-    """The first profile that fits ``free`` (MiB per GPU index) and its GPUs; else ``NoFit``.
-    Shared by the worker (its live reading) and routers (the published snapshots)."""
-    reasons = []
-    for n, profile in enumerate(profiles, 1):
-        gpus, why = _fit(profile, dict(free), no_gpu_reason)
-        if why is None:
-            return profile, gpus
-        reasons.append(f"profile {n} [{', '.join(profile.devices)}]: {why}")
-    raise NoFit(f"{NO_ROOM}: " + "; ".join(reasons))
-
-
-def free_vram(snapshot: DeviceSnapshot | None, held: Iterable[Held] = (),
-              reserved: Mapping[int, int] | None = None) -> tuple[dict[int, int], str]:
-    """Usable MiB per GPU index, or ({}, why there are none).
-
-    Per GPU: ``min(NVML free - loading promises - reserved, total - all promises)``. NVML is the
-    truth for everything it sees (other users, a model using more than it declared); a model
-    still loading may not show its memory yet, so its promise is subtracted from NVML's free;
-    and the declared VRAM of every placed model is a floor on what it holds, so a model whose
-    memory NVML never shows (stand-in GPUs, MIG, containers) is still counted.
-    """
-    if snapshot is None:
-        return {}, "no device information"
-    if not snapshot.cuda.online:
-        return {}, snapshot.cuda.error or "CUDA is offline on this host"
-    loading: dict[int, int] = dict(reserved or {})
-    promised: dict[int, int] = {}
-    for h in held:
-        for gpu in h.gpus:
-            promised[gpu] = promised.get(gpu, 0) + h.vram_mb
-            if h.loading:
-                loading[gpu] = loading.get(gpu, 0) + h.vram_mb
-    return {g.index: min(g.memory_free - loading.get(g.index, 0), g.memory_total - promised.get(g.index, 0))
-            for g in snapshot.cuda.gpus}, ""
-
-
-def _fit(profile: DeviceProfile, free: dict[int, int], no_gpu_reason: str) -> tuple[list[int], str | None]:
-    need = profile.vram_mb
-    chosen: list[int] = []
-    for device in profile.devices:
-        if device == "cpu":
-            continue
-        if not free:
-            return [], f"no GPU ({no_gpu_reason})"
-        if device == "cuda":
-            candidates = [i for i in sorted(free, key=lambda i: -free[i]) if i not in chosen]
-            if not candidates or free[candidates[0]] < need:
-                most = max((free[i] for i in candidates), default=0)
-                return [], f"no GPU has {need} MiB free (the most is {most} MiB)"
-            chosen.append(candidates[0])
-            continue
-        index = int(device.split(":", 1)[1])
-        if index in chosen:
-            continue
-        if index not in free:
-            return [], f"{device} does not exist on this host"
-        if free[index] < need:
-            return [], f"{device} has {free[index]} MiB free, {need} MiB needed"
-        chosen.append(index)
-    return chosen, None
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -159,6 +81,10 @@ class Placer:
     from NVML's free memory, which may not show it yet (see ``free_vram``). ``place`` has no
     await between reading the promises and recording its own, so concurrent starts on one
     host are decided one after the other: a host never overcommits its own GPUs.
+
+    ``lost_on_vram(model)`` says whether that model's last ``place`` failed for want of VRAM
+    (``NoRoom``), which the start's reply reports as ``no_room`` (a typed fact, not a reading
+    of the error message).
     """
 
     def __init__(self, settings: WorkerSettings, snapshot: Callable[[], Awaitable[DeviceSnapshot | None]],
@@ -168,12 +94,18 @@ class Placer:
         self.is_free = is_free
         self._held: dict[str, Placement] = {}
         self._loading: set[str] = set()
+        self._no_room: set[str] = set()
 
     async def place(self, model: ModelConfig) -> Placement:
         needs_gpu = any(d != "cpu" for p in model.device_profiles() for d in p.devices)
         snapshot = await self.snapshot() if needs_gpu else None
         self.release(model.id)
-        profile, gpus = choose_profile(model, snapshot, held=self.held())
+        self._no_room.discard(model.id)
+        try:
+            profile, gpus = choose_profile(model, snapshot, held=self.held())
+        except NoRoom:
+            self._no_room.add(model.id)
+            raise
         port = choose_port(model.port, self.settings.port_range, {p.port for p in self._held.values()},
                            lambda port: self.is_free(self.settings.bind_host, port))
         placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port)
@@ -183,6 +115,9 @@ class Placer:
     def held(self) -> list[Held]:
         """What this worker has promised now: every placed model's VRAM (see ``free_vram``)."""
         return [Held(tuple(p.gpus), p.vram_mb, m in self._loading) for m, p in self._held.items()]
+
+    def lost_on_vram(self, model_id: str) -> bool:
+        return model_id in self._no_room
 
     def settle(self, model_id: str) -> None:
         self._loading.discard(model_id)

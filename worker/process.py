@@ -29,6 +29,7 @@ from worker.engine_env import engine_env
 from worker.logpipe import LogPipe, pump
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer
+from worker.states import check_transition
 
 log = logging.getLogger("llm_router.worker")
 
@@ -343,6 +344,7 @@ class ModelProcess:
     # --- bookkeeping ---
 
     def _set(self, **changes) -> None:
+        check_transition(self._instance.state, changes.get("state"))
         self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time(),
                                                  seq=self._instance.seq + 1)
         self._on_change(self.instance)
