@@ -172,16 +172,19 @@ class Subscriber:
         self.end = event
         self._ready.set()
 
-    async def next(self) -> Batch | None:
-        """The next queued batch; None once lagged or ended (and the queue is empty)."""
+    async def take(self) -> list[Batch]:
+        """Every queued batch, waiting for one; [] once lagged or ended (and the queue is
+        empty). All at once: a client that fell behind sends what piled up in one write, so a
+        busy router spends less per line exactly when it has the least time."""
         while not self.batches:
             if self.lagged or self.end is not None:
-                return None
+                return []
             self._ready.clear()
             await self._ready.wait()
-        batch = self.batches.popleft()
-        self.size -= len(batch.data)
-        return batch
+        batches = list(self.batches)
+        self.batches.clear()
+        self.size = 0
+        return batches
 
 
 class LogFeed:

@@ -54,10 +54,13 @@ def parse_last_id(raw: str | None) -> str | None:
 
 
 class LogStreamer:
-    def __init__(self, redis: Redis, keys: Keys, options: RouterOptions, shutdown: asyncio.Event) -> None:
-        self.redis = redis  # the log pool: never the control plane's connections
+    def __init__(self, pages: Redis, readers: Redis, keys: Keys, options: RouterOptions,
+                 shutdown: asyncio.Event) -> None:
+        """``pages``: the pool for history and catch-up reads; ``readers``: for the feeds'
+        blocking reads. Neither is the control plane's."""
+        self.redis = pages
         self.options = options
-        self.hub = LogHub(redis, keys, options, shutdown)
+        self.hub = LogHub(readers, keys, options, shutdown)
 
     async def stream(self, model: str, send: Send, *, tail: int, last_id: str | None) -> None:
         """Relay ``model``'s log to ``send`` until the client leaves (the caller cancels this)
@@ -95,10 +98,11 @@ class LogStreamer:
                 position = max(position, target)
                 continue
             try:
-                while (batch := await sub.next()) is not None:
-                    if data := batch.after(position):
+                while batches := await sub.take():
+                    data = b"".join(b.after(position) for b in batches)
+                    position = max([position, *(b.last for b in batches if b.last)])
+                    if data:
                         await send(data)
-                    position = max(position, batch.last or position)
             finally:
                 feed.leave(sub)
             if sub.end is not None:

@@ -1,12 +1,13 @@
 """The router's service objects, wired in one place; handlers only call these.
 
-Three Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
+Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
 command replies, the ``llm:events`` subscription), with no socket timeout and no silent
-reconnect, so the view notices a lost subscription and resyncs; ``logs`` for log viewers
-(one ``XREAD BLOCK`` per watched model, history pages). Each pool is bounded and a caller
-waits for a free connection rather than failing; the control plane's pools never serve a log
-read, so no number of log viewers can starve ``/health``, ``start`` or on-demand starts.
+reconnect, so the view notices a lost subscription and resyncs; for log viewers,
+``log_pages`` (history and catch-up pages) and ``log_readers`` (one ``XREAD BLOCK`` per
+watched model). ``redis`` and the log pools are bounded and a caller waits for a free
+connection rather than failing; the control plane's pools never serve a log read, so no
+number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class Services:
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
                            usage=self.usage)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
-        self.log_redis = pooled(redis_url, self.options.log_connections, wait=30.0)
-        self.logs = LogStreamer(self.log_redis, self.keys, self.options, self.shutdown)
+        self.log_pages = pooled(redis_url, self.options.log_connections, wait=30.0)
+        self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)
+        self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
     def finished(self, rec: RequestRecord, status: int) -> None:
@@ -96,6 +98,7 @@ class Services:
         await self.upstream.close()
         self.access_log.flush()
         await self.logs.close()
-        await self.log_redis.aclose()
+        await self.log_pages.aclose()
+        await self.log_readers.aclose()
         await self.redis.aclose()
         await self.blocking.aclose()
