@@ -45,6 +45,17 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt
     log_tail_default: Annotated[int, msgspec.Meta(ge=0)] = 200
     log_tail_max: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # Log viewers (router/logfanout.py): Redis reads of logs (history, catch-up, the live XREAD)
+    # take at most log_page_size entries (fewer for long lines: ~256 KiB a page), each page
+    # flushed to the client before the next is read; a viewer's queue of live entries (and
+    # history kept to avoid a second read) holds at most log_viewer_buffer bytes. Pools, each
+    # bounded, none waiting behind another: redis_connections for the control plane,
+    # log_connections for history pages, log_readers for the live reads (one per watched model).
+    log_page_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    log_viewer_buffer: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    redis_connections: Annotated[int, msgspec.Meta(ge=4)] = 100
+    log_connections: Annotated[int, msgspec.Meta(ge=1)] = 8
+    log_readers: Annotated[int, msgspec.Meta(ge=1)] = 64
     # Shutdown: how long open streams get to say stream_end and finish.
     shutdown_grace: Seconds = 5.0
     # Hostile clients (router/limits_http.py). header_timeout: a connection must deliver a

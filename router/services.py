@@ -1,9 +1,13 @@
 """The router's service objects, wired in one place; handlers only call these.
 
-Two Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
+Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
 command replies, the ``llm:events`` subscription), with no socket timeout and no silent
-reconnect, so the view notices a lost subscription and resyncs.
+reconnect, so the view notices a lost subscription and resyncs; for log viewers,
+``log_pages`` (history and catch-up pages) and ``log_readers`` (one ``XREAD BLOCK`` per
+watched model). ``redis`` and the log pools are bounded and a caller waits for a free
+connection rather than failing; the control plane's pools never serve a log read, so no
+number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import uuid
 import time
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -30,12 +34,20 @@ from router.usage import UsageReporter
 from router.view import ClusterView
 
 
+def pooled(redis_url: str, size: int, wait: float) -> Redis:
+    """A client on a pool of at most ``size`` connections, where a caller
+    waits up to ``wait`` s for a free one (then ``ConnectionError``) instead of failing at once."""
+    pool = BlockingConnectionPool.from_url(redis_url, max_connections=size, timeout=wait, socket_timeout=10,
+                                           socket_connect_timeout=2,
+                                           retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
+    return Redis.from_pool(pool)
+
+
 class Services:
     def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
-        self.redis = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=2,
-                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
+        self.redis = pooled(redis_url, self.options.redis_connections, wait=5.0)
         self.blocking = Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2,
                                        socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
@@ -52,7 +64,9 @@ class Services:
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
                            usage=self.usage)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
-        self.logs = LogStreamer(self.redis, self.keys, self.options, self.shutdown)
+        self.log_pages = pooled(redis_url, self.options.log_connections, wait=30.0)
+        self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)
+        self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
     def finished(self, rec: RequestRecord, status: int) -> None:
@@ -83,5 +97,8 @@ class Services:
         await self.view.close()
         await self.upstream.close()
         self.access_log.flush()
+        await self.logs.close()
+        await self.log_pages.aclose()
+        await self.log_readers.aclose()
         await self.redis.aclose()
         await self.blocking.aclose()

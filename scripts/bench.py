@@ -61,6 +61,8 @@ from llm_router.lifeline import processes_with_env  # noqa: E402
 from llm_router.redis_server import RedisServer, free_port  # noqa: E402
 from llm_router.sse import SseParser  # noqa: E402
 
+import bench_viewers  # noqa: E402  (scripts/, this file's directory)
+
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
 SESSION_ENV = "LLM_ROUTER_BENCH_SESSION"
 now = time.perf_counter
@@ -1102,13 +1104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-key", metavar="KEY", help="Bearer key for the --compare proxy")
     p.add_argument("--engine-port", type=int, default=0, metavar="PORT",
                    help="port of the fast mock engine, so a --compare proxy can be configured for it")
-    p.add_argument("--only", metavar="SECTIONS", default="chat,stream,streams,logs,propagation",
-                   help="comma-separated subset of: chat,stream,streams,logs,propagation")
+    p.add_argument("--only", metavar="SECTIONS", default="chat,stream,streams,logs,propagation,viewers",
+                   help="comma-separated subset of: chat,stream,streams,logs,propagation,viewers")
     p.add_argument("--rounds", type=int, help="ABAB rounds per load")
     p.add_argument("--duration", type=float, help="measured seconds per round")
     p.add_argument("--concurrency", default="1,32,256", help="non-streamed concurrency levels")
     p.add_argument("--streams", type=int, help="concurrent streams in the many-streams test (default 1000)")
     p.add_argument("--log-rate", type=int, default=100_000, help="lines/s the chatty engine prints")
+    p.add_argument("--viewers", type=int, help="concurrent log viewers in the viewers section (default 5000)")
     p.add_argument("--profile", metavar="FILE",
                    help="after the sections, py-spy router A under the chat c=32 load (.svg flame graph, "
                         ".json speedscope, else py-spy's raw collapsed stacks); use --only '' to profile alone")
@@ -1124,13 +1127,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.only = set(opts.only.split(",")) - {""}
     if opts.smoke:
         preset = dict(rounds=1, duration=0.25, warmup=0.05, prime=0.1, streams=50, stream_tokens=2, gap_tokens=5,
-                      gap_duration=0.3, ramp=0.2, prop_cycles=1, log_window=0.5, log_probes=5)
+                      gap_duration=0.3, ramp=0.2, prop_cycles=1, log_window=0.5, log_probes=5,
+                      viewers=50, viewer_samples=20, viewer_starts=1)
     elif opts.quick:
         preset = dict(rounds=2, duration=1.0, warmup=0.2, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
-                      gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30)
+                      gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30,
+                      viewers=5000, viewer_samples=200, viewer_starts=2)
     else:
         preset = dict(rounds=4, duration=2.0, warmup=0.3, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
-                      gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100)
+                      gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100,
+                      viewers=5000, viewer_samples=300, viewer_starts=3)
     for k, v in preset.items():
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)
@@ -1176,6 +1182,8 @@ async def amain(opts: argparse.Namespace, procs: Procs, work: Path) -> dict[str,
         await bench.logs()
     if "propagation" in opts.only:
         await bench.propagation()
+    if "viewers" in opts.only:
+        await bench_viewers.run(bench, sys.modules[__name__])  # scripts/bench_viewers.py
     if opts.profile:
         await bench.profile(opts.profile, opts.profile_seconds)
     procs.check_alive()

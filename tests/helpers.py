@@ -15,6 +15,7 @@ from http.client import HTTPConnection, HTTPMessage
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -73,9 +74,14 @@ class SseStream:
     """An open streaming response, read line by line (SSE events or raw chunks)."""
 
     def __init__(self, url: str, *, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None,
-                 timeout: float = 15) -> None:
+                 timeout: float = 15, recv_buffer: int = 0) -> None:
         parts = urlsplit(url)
         self.conn = HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        if recv_buffer:  # a small receive window (set before connecting): a slow reader's socket fills fast
+            self.conn.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+            self.conn.sock.settimeout(timeout)
+            self.conn.sock.connect((parts.hostname, parts.port))
         data = None if body is None else json.dumps(body).encode()
         self.conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=data,
                           headers={"Content-Type": "application/json", **(headers or {})})
