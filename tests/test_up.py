@@ -47,7 +47,9 @@ def wheel_venv(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)], check=True, timeout=240)
+    # Offline: the build backend is the one installed here (the test extras), no index is asked.
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"),
+                    str(src)], check=True, timeout=240)
     (wheel,) = (tmp / "dist").glob("llm_router-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
