@@ -148,3 +148,12 @@ def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path)
         shipped("nothing.conf")
     with pytest.raises(RuntimeError, match="not found"):
         RedisServer(tmp_path, conf=tmp_path / "missing.conf").start()
+
+
+def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
+    from llm_router.redis_users import ROLES, acl_text
+
+    passwords = {role: f"pw-{role}-0123456789" for role in ROLES}
+    text = acl_text(passwords, prefix="lab:")
+    assert "user default off" in text and not [pw for pw in passwords.values() if pw in text]
+    assert "~lab:*" in text and "&lab:events" in text and "llm:" not in text
