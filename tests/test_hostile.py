@@ -381,10 +381,11 @@ def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs
         metrics = request("GET", f"{router.url}/metrics").body.decode()
         assert 'llm_router_requests_aborted_total{model="chat",reason="write_timeout"} 1.0' in metrics
         stalled.settimeout(10)
-        with pytest.raises((ConnectionResetError, socket.timeout)):  # closed by the router: EOF after
-            while stalled.recv(65536):  # the bytes buffered so far, or a reset
+        try:  # closed by the router: EOF after the bytes buffered so far, or a reset
+            while stalled.recv(65536):
                 pass
-            raise ConnectionResetError
+        except ConnectionResetError:
+            pass
     finally:
         stalled.close()
     assert_no_leak(router, baseline)
