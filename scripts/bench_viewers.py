@@ -36,7 +36,8 @@ from llm_router.protocol import Keys, LogEntry, log_fields
 
 WAVE = 250  # viewers connecting at once
 LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/options.py)
-PROBE_HZ = 2.0
+PROBE_HZ = 1.0  # log lines/s written to the viewers' stream while the control plane is measured
+WINDOW = 15.0  # s: the most one control-plane figure is sampled for
 MARK = b"bench-viewer-probe-"
 now = time.perf_counter
 
@@ -108,12 +109,14 @@ class Viewers:
 
 
 async def latencies(kit: ModuleType, router: Any, method: str, path: str, samples: int) -> list[float]:
-    """``samples`` sequential requests on one keep-alive connection; seconds each (non-200: NaN)."""
+    """Up to ``samples`` sequential requests on one keep-alive connection, for at most
+    ``WINDOW`` s; seconds each (non-200: NaN)."""
     conn = await router.connect()
     raw = router.raw(method, path)
-    out = []
+    out: list[float] = []
+    end = now() + WINDOW
     try:
-        for _ in range(samples):
+        while len(out) < samples and now() < end:
             t = now()
             resp = await asyncio.wait_for(conn.request(raw, kit.Response()), 60)
             out.append(now() - t if resp.status == 200 else float("nan"))
