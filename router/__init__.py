@@ -2,6 +2,7 @@
 
 One module per concern: ``view`` (the in-memory cluster view), ``balancer`` (which instance),
 ``control`` (commands to workers), ``upstream`` + ``proxy`` (OpenAI forwarding), ``logstream``
-(SSE log follow), ``manage`` (management API logic), ``responses`` (response shapes and
-errors), ``options`` (tunables), ``services`` (wiring), ``handlers`` + ``app`` (HTTP).
+(SSE log follow) + ``logfanout`` (one reader per watched model, fanned out to its viewers),
+``manage`` (management API logic), ``responses`` (response shapes and errors), ``options``
+(tunables), ``services`` (wiring), ``handlers`` + ``app`` (HTTP).
 """
