@@ -22,11 +22,12 @@ import redis as redis_sync
 
 from llm_router.lifeline import die_with_parent, stop_group
 from llm_router.redis_server import RedisServer, free_port
+from llm_router.redis_url import describe, parse_sentinel_url, sync_client
 
 
 def redis_answers(url: str) -> bool:
     try:
-        client = redis_sync.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = sync_client(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())
         finally:
@@ -87,8 +88,10 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if redis_url and redis_answers(redis_url):
-            print(f"llm-router up: using Redis at {redis_url}", file=sys.stderr)
+            print(f"llm-router up: using Redis at {describe(redis_url)}", file=sys.stderr)
         else:
+            if redis_url and parse_sentinel_url(redis_url):  # a lab's HA Redis: never replace it by a private one
+                raise RuntimeError(f"no Redis master answers through the Sentinels of {describe(redis_url)}")
             if redis_url:
                 print(f"llm-router up: no Redis answers at {redis_url}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None

@@ -12,11 +12,11 @@ import asyncio
 import uuid
 import time
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from llm_router.protocol import Keys
+from llm_router.redis_url import async_client
 from router.accesslog import AccessLog, RequestRecord, usage_of
 from router.balancer import Balancer
 from router.control import ControlClient
@@ -34,10 +34,10 @@ class Services:
     def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
-        self.redis = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=2,
-                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
-        self.blocking = Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2,
-                                       socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.redis = async_client(redis_url, socket_timeout=10, socket_connect_timeout=2,
+                                  retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
+        self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
+                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
         self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
                                 resync_interval=self.options.resync_interval,
