@@ -9,6 +9,7 @@ their own password, workers and routers as ``worker`` / ``router`` through a
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ import psutil
 import redis as redis_sync
 
 from conftest import REDIS_PASSWORDS, acl_text, wait_for
-from llm_router.redis_server import RedisServer
+from llm_router.redis_server import SHIPPED_CONF, RedisServer
 
 SERVICE = "llm"
 DOWN_AFTER_MS = 1000
@@ -60,7 +61,11 @@ class SentinelBed:
         return self
 
     def _node(self, name: str, *extra: str) -> RedisServer:
-        node = RedisServer(self.root / name, extra=[
+        # Sentinel rewrites a reconfigured node's config file (CONFIG REWRITE): each node gets
+        # its own copy of the shipped file, which must never be touched.
+        conf = self.root / f"{name}.conf"
+        shutil.copyfile(SHIPPED_CONF, conf)
+        node = RedisServer(self.root / name, conf=conf, extra=[
             "--appendonly", "no", "--aclfile", str(self.root / "users.acl"),
             "--masteruser", "replica", "--masterauth", PASSWORDS["replica"], *extra])
         self.nodes.append(node)
