@@ -163,7 +163,7 @@ class RedisNodes:
 
     master: str
     replicas: list[str]
-    via: str  # "sentinel 10.0.0.5:26379 (service llm)" or "direct"
+    via: str  # "sentinel 10.0.0.5:26379, service llm" or "direct"
 
 
 def redis_nodes(url: str, timeout: float = 2.0) -> RedisNodes:
@@ -192,4 +192,4 @@ def redis_nodes(url: str, timeout: float = 2.0) -> RedisNodes:
         for client in manager.sentinels:
             client.close()
     return RedisNodes(master=f"{host}:{port}", replicas=replicas,
-                      via=f"sentinel {asked['host']}:{asked['port']} (service {spec.service})")
+                      via=f"sentinel {asked['host']}:{asked['port']}, service {spec.service}")

@@ -106,7 +106,7 @@ def test_up_on_sentinel_and_status_shows_the_master(clean: SentinelBed, procs: P
     assert out.returncode == 0, out.stderr
     replica = next(n for n in clean.nodes if n is not master)
     assert f"master 127.0.0.1:{master.port}  replicas: 127.0.0.1:{replica.port}" in out.stdout
-    assert "via sentinel" in out.stdout
+    assert "(sentinel 127.0.0.1:" in out.stdout
     procs.stop(up)
     assert up.returncode == 0
 
