@@ -147,14 +147,12 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
 def describe(url: str) -> str:
     """``url`` without its passwords, for log lines and error messages."""
     parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{hosts}" if user else f"***@{hosts}"
-    query = "&".join(("sentinel_password=***" if q.startswith("sentinel_password=") else q)
-                     for q in parts.query.split("&") if q)
-    return parts._replace(netloc=netloc, query=query).geturl()
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    query = [("sentinel_password=***" if q.startswith("sentinel_password=") else q) for q in parts.query.split("&")]
+    if ":" not in userinfo and "&".join(query) == parts.query:
+        return url
+    netloc = f"{userinfo.partition(':')[0]}:***@{hosts}" if ":" in userinfo else parts.netloc
+    return parts._replace(netloc=netloc, query="&".join(query)).geturl()
 
 
 @dataclass(frozen=True)

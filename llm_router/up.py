@@ -93,7 +93,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             if redis_url and parse_sentinel_url(redis_url):  # a lab's HA Redis: never replace it by a private one
                 raise RuntimeError(f"no Redis master answers through the Sentinels of {describe(redis_url)}")
             if redis_url:
-                print(f"llm-router up: no Redis answers at {redis_url}; starting one", file=sys.stderr)
+                print(f"llm-router up: no Redis answers at {describe(redis_url)}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None
             rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
             stack.redis = RedisServer(Path(data_dir) / "redis", port=rport).start()

@@ -12,9 +12,9 @@ import logging
 import resource
 import signal
 import sys
-from urllib.parse import urlsplit, urlunsplit
-
 import tornado.web
+
+from llm_router.redis_url import describe as redact  # a Redis URL fit for a log line
 
 from router import handlers as h
 from router.auth import AccessPolicy, startup_refusal
@@ -58,15 +58,6 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         return
     req = handler.request
     access_log.info("%s %s %d %.1fms", req.method, req.path, handler.get_status(), 1000 * req.request_time())
-
-
-def redact(url: str) -> str:
-    """A Redis URL fit for a log line: without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
 def make_app(services: Services, access: AccessPolicy | None = None) -> tornado.web.Application:

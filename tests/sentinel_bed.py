@@ -1,7 +1,7 @@
 """A Sentinel deployment on 127.0.0.1 for tests: a master, a replica, three Sentinels.
 
 Real ``redis-server`` processes (the Sentinels are the same binary with ``--sentinel``), with
-the shipped ACL users (``examples/redis-users.acl``): the replica logs in to its master as
+the shipped ACL users (``examples/redis-users.acl`` and ``redis-sentinel-users.acl``): the replica logs in to its master as
 ``replica``, the Sentinels log in to the data nodes as ``sentinel`` and to each other with
 their own password, workers and routers as ``worker`` / ``router`` through a
 ``redis+sentinel://`` URL. Timings are small so that a fail-over takes a few seconds.
@@ -18,9 +18,10 @@ from pathlib import Path
 import psutil
 import redis as redis_sync
 
-from conftest import REDIS_PASSWORDS, acl_text, wait_for
+from conftest import REDIS_PASSWORDS, ROOT, acl_text, wait_for
 from llm_router.redis_server import SHIPPED_CONF, RedisServer
 
+HA_ACL_FILE = ROOT / "examples" / "redis-sentinel-users.acl"
 SERVICE = "llm"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
@@ -46,7 +47,10 @@ class SentinelBed:
     sentinels: list[RedisServer] = field(default_factory=list)
 
     def start(self) -> "SentinelBed":
-        (self.root / "users.acl").write_text(acl_text(PASSWORDS))
+        ha_users = HA_ACL_FILE.read_text()  # appended to the shipped users on every data node
+        for role in ("replica", "sentinel"):
+            ha_users = ha_users.replace(f">CHANGE-ME-{role}", f">{PASSWORDS[role]}")
+        (self.root / "users.acl").write_text(acl_text() + ha_users)
         master = self._node("node0")
         master.start()
         replica = self._node("node1", "--replicaof", "127.0.0.1", str(master.port))

@@ -303,6 +303,7 @@ class WorkerAgent:
                 continue
             if link.ok() or added:
                 self._request_resync()
+                self.logs.check_tail()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _devices(self) -> None:
