@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
 
     with Load([r.url for r in routers], "talker") as load:
         wait_for(lambda: load.ok > 20, timeout=20, message="requests flowing")
+        inflight = ThreadPoolExecutor(1).submit(request, "POST", f"{routers[0].url}/api/models/spare/start",
+                                                timeout=60)  # a command caught by the fail-over
         killed_at = time.time()
         old.kill()
         new = wait_new_master(bed, old)
@@ -190,6 +193,10 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
         # when each process had its first command answered by the new master, by its own log
         back = {name: _logged_at(procs.log(proc), RECONNECTED[name.split()[0]], killed_at)
                 for name, proc in [("worker", worker), ("router A", routers[0].proc), ("router B", routers[1].proc)]}
+        # the command in flight was answered (done, or a clear error): never a silent hang
+        caught = inflight.result(timeout=30)
+        assert caught.status == 200 or (caught.status == 503 and "Redis is unreachable" in caught.json()["message"]), \
+            (caught.status, caught.body)
         # a start sent after the fail-over works
         resp = request("POST", f"{routers[1].url}/api/models/spare/start", timeout=60)
         assert resp.status == 200, resp.body
@@ -220,7 +227,8 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
         **{f"{name}: first command answered by the new master": t for name, t in back.items()},
     }
     if os.environ.get("LLM_ROUTER_SENTINEL_TIMELINE"):
-        print(f"\nfail-over timeline ({load.ok} requests ok, 0 failed):")
+        print(f"\nfail-over timeline ({load.ok} requests ok, 0 failed; start in flight: {caught.status} "
+              f"{caught.body[:160]!r}):")
         for what, at in sorted(timeline.items(), key=lambda kv: kv[1]):
             print(f"  {at - killed_at:7.3f} s  {what}")
     # everyone was back before the worker's lease (5 s, renewed every 0.5 s) could run out
