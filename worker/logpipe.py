@@ -70,7 +70,9 @@ class LogPipe:
     a batch that fails goes back to the head of the queue and is retried with back-off (a
     batch cut off mid-way by a dropped connection may be written twice). While Redis is away
     the queue holds at most ``buffer_lines`` lines; older ones are dropped and, once lines
-    flow again, one "event" line per model says how many were lost.
+    flow again, one "event" line per model says how many were lost. Lines Redis acknowledged
+    and then lost (a Sentinel fail-over before they were replicated) are shipped again once
+    Redis answers after an outage (``check_tail``, ``worker.replay``).
     """
 
     def __init__(self, redis: aredis.Redis, keys: Keys, host: str, *, maxlen: int,
