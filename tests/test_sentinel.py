@@ -25,11 +25,12 @@ import redis as redis_sync
 from conftest import Processes, role_url, wait_for
 from helpers import DEMO_MODELS, chat_body, get_json, model_block, request, start_router, start_worker, \
     wait_routable, write_config
-from llm_router.protocol import Keys
+from llm_router.protocol import Keys, LogEntry
 from llm_router.redis_server import free_port
-from llm_router.redis_url import async_client, describe, parse_sentinel_url, sync_client
+from llm_router.redis_url import async_client, describe, parse_sentinel_url, redis_nodes, sync_client
 from sentinel_bed import SentinelBed, wait_new_master
 from worker.logpipe import LogPipe
+from worker.replay import missing_lines
 
 # What workers and routers send (writes and reads); none of it may run on a returning old master.
 OUR_COMMANDS = ("hset", "pexpire", "expire", "set", "del", "xadd", "evalsha", "eval", "lpush", "xack",
@@ -311,3 +312,17 @@ def test_log_lines_a_new_master_lacks_are_shipped_again(redis_url: str, rds) -> 
 
     asyncio.run(scenario())
     assert [fields["msg"] for _, fields in rds.xrange(key)] == [f"line {i}" for i in range(11)]
+
+
+def test_status_names_a_plain_redis_as_master(redis_server, redis_url: str) -> None:
+    nodes = redis_nodes(redis_url)
+    assert (nodes.master, nodes.replicas, nodes.via) == (f"127.0.0.1:{redis_server.port}", [], "direct")
+
+
+def test_missing_lines_only_from_what_the_stream_end_shows() -> None:
+    kept = [LogEntry(timestamp=1000.0 + i, message=f"l{i}", host="w1", stream="stdout") for i in range(6)]
+    assert missing_lines(kept, []) == []  # a Redis that came back empty: nothing to align with
+    present = [kept[5], kept[3], kept[2]]  # newest first, as XREVRANGE reads; l4 lost in between
+    assert [e.message for e in missing_lines(kept, present)] == ["l4"]  # l0, l1: older than what was read
+    twice = [kept[5], kept[5]]  # the same line written twice (a retried batch) counts once each
+    assert missing_lines(kept + [kept[5]], twice) == []
