@@ -389,9 +389,13 @@ def devices(api: Api, as_json: bool) -> None:
 
 
 @click.command()
+@click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL", default=None,
+              help="Also show which Redis node is master (asks the Sentinels of a redis+sentinel:// URL).")
 @api_command
-def status(api: Api, as_json: bool) -> None:
-    """Router health, model counts and a one-line summary per host. Exit 1 if unhealthy."""
+def status(api: Api, as_json: bool, redis_url: str | None) -> None:
+    """Router health, model counts and a one-line summary per host; with ``--redis``, the Redis
+    master and replicas. Exit 1 if unhealthy or Redis has no master."""
+    redis_line, redis_info = _redis_status(redis_url) if redis_url else (None, None)
     code, health = api.call("GET", "/health", ok_statuses=(503,))
     healthy = code == 200 and health.get("status") == "healthy"
     # a degraded router still serves its last view, and a 503 on devices only means that no
@@ -399,11 +403,14 @@ def status(api: Api, as_json: bool) -> None:
     model_list = api.call("GET", "/v1/models", ok_statuses=(503,))[1].get("data", [])
     hosts = api.call("GET", "/api/devices/info", ok_statuses=(503,))[1].get("hosts") or {}
     if as_json:
-        _echo_json({"health": health, "models": model_list, "hosts": hosts})
+        _echo_json({"health": health, "models": model_list, "hosts": hosts,
+                    **({"redis": redis_info} if redis_url else {})})
     else:
         extra = ", ".join(f"{k}: {v}" for k, v in health.items()
                           if k not in ("status", "models_count", "running_models"))
         click.echo(f"router   {api.url}  {health.get('status', 'unknown')}" + (f" ({extra})" if extra else ""))
+        if redis_line:
+            click.echo(redis_line)
         counts: dict[str, int] = {}
         for m in model_list:
             counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
@@ -423,6 +430,23 @@ def status(api: Api, as_json: bool) -> None:
                        f"  running: {', '.join(running) or '-'}")
     if not healthy:
         raise CliError(f"router is {health.get('status', 'unhealthy')}")
+    if redis_info is not None and "error" in redis_info:
+        raise CliError(f"redis: {redis_info['error']}")
+
+
+def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
+    """The ``redis`` line of ``status`` and its JSON: which node is master, asked now."""
+    import redis
+
+    from llm_router.redis_url import describe, redis_nodes
+
+    try:
+        nodes = redis_nodes(url)
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return f"redis    {describe(url)}  no master: {exc}", {"url": describe(url), "error": str(exc)}
+    replicas = ", ".join(nodes.replicas) or "none"
+    return (f"redis    master {nodes.master}  replicas: {replicas}  ({nodes.via})",
+            {"url": describe(url), "master": nodes.master, "replicas": nodes.replicas, "via": nodes.via})
 
 
 COMMANDS = [models, start, stop, logs, devices, status]

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Iterable
-from urllib.parse import urlsplit, urlunsplit
+
+from llm_router.redis_url import describe as redact_url  # noqa: F401  (the one URL redaction, Sentinel forms too)
 
 if TYPE_CHECKING:
     from llm_router.config import ModelConfig
@@ -94,11 +95,3 @@ class Redactor:
                 text = text.replace(secret, MASK)
         return text
 
-
-def redact_url(url: str) -> str:
-    """A URL fit for a log line: without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))

@@ -28,12 +28,13 @@ import redis as redis_sync
 from llm_router.lifeline import die_with_parent, stop_group
 from llm_router.redact import redact_url
 from llm_router.redis_server import RedisServer, free_port
+from llm_router.redis_url import parse_sentinel_url, sync_client
 from llm_router.redis_users import PrivateUsers
 
 
 def redis_answers(url: str) -> bool:
     try:
-        client = redis_sync.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = sync_client(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())
         finally:
@@ -111,6 +112,8 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             print(f"llm-router up: using Redis at {redact_url(redis_url)}", file=sys.stderr)
             worker_url = router_url = redis_url
         else:
+            if redis_url and parse_sentinel_url(redis_url):  # a lab's HA Redis: never replace it by a private one
+                raise RuntimeError(f"no Redis master answers through the Sentinels of {redact_url(redis_url)}")
             if redis_url:
                 print(f"llm-router up: no Redis answers at {redact_url(redis_url)}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None

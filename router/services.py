@@ -16,11 +16,12 @@ import asyncio
 import uuid
 import time
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from llm_router.protocol import Keys
+from llm_router.redis_url import async_client, pooled_client
 from router.accesslog import AccessLog, RequestRecord, usage_of
 from router.balancer import Balancer
 from router.control import ControlClient
@@ -37,10 +38,8 @@ from router.view import ClusterView
 def pooled(redis_url: str, size: int, wait: float) -> Redis:
     """A client on a pool of at most ``size`` connections, where a caller
     waits up to ``wait`` s for a free one (then ``ConnectionError``) instead of failing at once."""
-    pool = BlockingConnectionPool.from_url(redis_url, max_connections=size, timeout=wait, socket_timeout=10,
-                                           socket_connect_timeout=2,
-                                           retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
-    return Redis.from_pool(pool)
+    return pooled_client(redis_url, size, wait, socket_timeout=10, socket_connect_timeout=2,
+                         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
 
 class Services:
@@ -48,8 +47,8 @@ class Services:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
         self.redis = pooled(redis_url, self.options.redis_connections, wait=5.0)
-        self.blocking = Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2,
-                                       socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
+                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
         self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
                                 resync_interval=self.options.resync_interval,

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from llm_router.http1 import ResponseParser  # noqa: E402
 from llm_router.lifeline import processes_with_env  # noqa: E402
 from llm_router.redis_server import RedisServer, free_port  # noqa: E402
+from llm_router.redis_url import async_client  # noqa: E402
 from llm_router.sse import SseParser  # noqa: E402
 
 import bench_viewers  # noqa: E402  (scripts/, this file's directory)
@@ -843,9 +844,7 @@ class Bench:
         self.rows.append(Row("logs", "print -> SSE p50", {"router": pct(delays, 0.5)}, "ms", errors={"router": errors}))
         self.rows.append(Row("logs", "print -> SSE p99", {"router": pct(delays, 0.99)}, "ms"))
 
-        import redis.asyncio as aredis
-
-        rds = aredis.Redis.from_url(self.cluster.redis.url)  # type: ignore[union-attr]
+        rds = async_client(self.cluster.redis.url)  # type: ignore[union-attr]
         key = f"llm:logs:{CHATTY}"
         try:
             self.say(f"log pipeline: throughput (an engine printing {o.log_rate:,} lines/s) ...")
@@ -916,12 +915,10 @@ class Bench:
     async def propagation(self) -> None:
         if len(self.cluster.routers) < 2:
             return
-        import redis.asyncio as aredis
-
         o = self.opts
         self.say(f"state propagation: {o.prop_cycles} start/stop cycles via router A, watched on router B ...")
         a, b = self.cluster.routers
-        rds = aredis.Redis.from_url(self.cluster.redis.url)  # type: ignore[union-attr]
+        rds = async_client(self.cluster.redis.url)  # type: ignore[union-attr]
         pubsub = rds.pubsub()
         await pubsub.subscribe("llm:events")
         events: list[tuple[float, dict]] = []  # (wall time received, instance)

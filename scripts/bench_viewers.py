@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 
 from llm_router.protocol import Keys, LogEntry, log_fields
+from llm_router.redis_url import async_client
 
 WAVE = 250  # viewers connecting at once
 LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/options.py)
@@ -190,7 +191,7 @@ async def run(bench: Any, kit: ModuleType) -> None:
 
     bench.say(f"{n:,} log viewers on router A: connecting ...")
     viewers = Viewers(kit, cluster.routers[0], f"/api/models/{model}/logs/stream")
-    redis = aredis.Redis.from_url(cluster.redis.url)
+    redis = async_client(cluster.redis.url)
     try:
         ramp_s = await viewers.open(n)
         connected = len(viewers.connect_s)

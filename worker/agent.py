@@ -35,6 +35,7 @@ from llm_router import __version__
 from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, to_hash, to_json
+from llm_router.redis_url import async_client
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
 from worker.idle import IdleReaper
@@ -60,8 +61,8 @@ class WorkerAgent:
         self.keys = Keys(prefix)
         self.hostname = socket.gethostname()
         # No retries inside redis-py: our loops retry with their own back-off and log once.
-        self.redis = aredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
-                                           retry=Retry(NoBackoff(), 0))
+        self.redis = async_client(redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                  retry=Retry(NoBackoff(), 0))
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
@@ -287,7 +288,9 @@ class WorkerAgent:
         """Renew the lease. A lease that had vanished (expired, Redis restarted or flushed)
         means Redis may have lost everything else too: publish it all again."""
         await self._published.wait()
-        link = RedisLink("heartbeat")
+        # Retry at least every heartbeat: a lease must be renewed on a new master (Sentinel
+        # fail-over) as soon as one answers, not after a back-off grown during the switch.
+        link = RedisLink("heartbeat", max_delay=self.settings.heartbeat_interval)
         while True:
             self.info.heartbeat_at = time.time()
             try:
@@ -300,6 +303,7 @@ class WorkerAgent:
                 continue
             if link.ok() or added:
                 self._request_resync()
+                self.logs.check_tail()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _devices(self) -> None:
@@ -343,6 +347,8 @@ async def _forever(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
 
 
 def _safe_url(client: aredis.Redis) -> str:
+    if service := getattr(client.connection_pool, "service_name", None):
+        return f"via sentinel, master {service}"
     kw = client.connection_pool.connection_kwargs
     return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
 

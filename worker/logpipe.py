@@ -20,6 +20,7 @@ import redis.exceptions
 
 from llm_router.backoff import RedisLink
 from llm_router.protocol import LOG_APPEND_SCRIPT, Keys, LogEntry, LogSource, log_append_args
+from worker.replay import ShippedTail
 
 log = logging.getLogger("llm_router.worker")
 
@@ -69,7 +70,9 @@ class LogPipe:
     a batch that fails goes back to the head of the queue and is retried with back-off (a
     batch cut off mid-way by a dropped connection may be written twice). While Redis is away
     the queue holds at most ``buffer_lines`` lines; older ones are dropped and, once lines
-    flow again, one "event" line per model says how many were lost.
+    flow again, one "event" line per model says how many were lost. Lines Redis acknowledged
+    and then lost (a Sentinel fail-over before they were replicated) are shipped again once
+    Redis answers after an outage (``check_tail``, ``worker.replay``).
     """
 
     def __init__(self, redis: aredis.Redis, keys: Keys, host: str, *, maxlen: int,
@@ -87,6 +90,8 @@ class LogPipe:
         self._link = RedisLink("logs")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._tail = ShippedTail()  # to re-ship what a new master lacks (worker.replay)
+        self._check_tail = False
 
     def write(self, model: str, stream: LogSource, message: str) -> None:
         """Queue one line of ``model``'s log, stamped now."""
@@ -95,6 +100,12 @@ class LogPipe:
             self._dropped[old_model] = self._dropped.get(old_model, 0) + 1
         self._queue.append((model, LogEntry(timestamp=time.time(), message=message, host=self.host,
                                             stream=stream)))
+        self._wake.set()
+
+    def check_tail(self) -> None:
+        """Redis was away (a fail-over, a restart): before shipping more, ship again the
+        last lines it acknowledged but lost."""
+        self._check_tail = True
         self._wake.set()
 
     @property
@@ -127,8 +138,12 @@ class LogPipe:
             await asyncio.sleep(0)  # one loop turn: lines read in the same turn ship together
             self._wake.clear()
             try:
+                if self._check_tail:
+                    self._requeue(await self._tail.lost(self.redis, self.keys, self.host))
+                    self._check_tail = False
                 await self._flush()
             except (redis.exceptions.RedisError, OSError) as exc:  # down, or refusing (OOM)
+                self._check_tail = True
                 self._link.failed(exc)
                 self._wake.set()  # the lines are still queued
                 await self._link.pause()
@@ -151,6 +166,7 @@ class LogPipe:
                     await self._script(keys=[self.keys.logs(model)],
                                        args=log_append_args(self.maxlen, self.host, entries))
                     self.shipped += len(entries)
+                    self._tail.add(model, entries)
                     unsent.pop(0)
             except BaseException:
                 self._requeue(unsent)
