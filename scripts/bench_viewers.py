@@ -178,7 +178,6 @@ async def run(bench: Any, kit: ModuleType) -> None:
     cluster = bench.cluster
     if not cluster.routers:
         return
-    import redis.asyncio as aredis
 
     wanted = bench.opts.viewers
     n = fd_room(wanted)
