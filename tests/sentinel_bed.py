@@ -19,7 +19,8 @@ import psutil
 import redis as redis_sync
 
 from conftest import REDIS_PASSWORDS, ROOT, acl_text, wait_for
-from llm_router.redis_server import SHIPPED_CONF, RedisServer
+from llm_router.redis_server import RedisServer
+from llm_router.shipped import REDIS_CONF, shipped
 
 HA_ACL_FILE = ROOT / "examples" / "redis-sentinel-users.acl"
 SERVICE = "llm"
@@ -50,7 +51,7 @@ class SentinelBed:
         ha_users = HA_ACL_FILE.read_text()  # appended to the shipped users on every data node
         for role in ("replica", "sentinel"):
             ha_users = ha_users.replace(f">CHANGE-ME-{role}", f">{PASSWORDS[role]}")
-        (self.root / "users.acl").write_text(acl_text() + ha_users)
+        (self.root / "users.acl").write_text(acl_text(REDIS_PASSWORDS) + ha_users)
         master = self._node("node0")
         master.start()
         replica = self._node("node1", "--replicaof", "127.0.0.1", str(master.port))
@@ -68,7 +69,7 @@ class SentinelBed:
         # Sentinel rewrites a reconfigured node's config file (CONFIG REWRITE): each node gets
         # its own copy of the shipped file, which must never be touched.
         conf = self.root / f"{name}.conf"
-        shutil.copyfile(SHIPPED_CONF, conf)
+        shutil.copyfile(shipped(REDIS_CONF), conf)
         node = RedisServer(self.root / name, conf=conf, extra=[
             "--appendonly", "no", "--aclfile", str(self.root / "users.acl"),
             "--masteruser", "replica", "--masterauth", PASSWORDS["replica"], *extra])
