@@ -297,38 +297,46 @@ def log_fields(entry: LogEntry) -> dict[str, str]:
 # Appends many lines of one spool file to one log stream in one round trip, and records how
 # far that file is shipped in the same atomic step, so a batch is in the stream exactly once
 # even when a worker dies between sending it and hearing the answer: the next worker sends
-# it again and the script sees the position is already past it. Why a script at all: one
-# ``XADD`` per line through a redis-py pipeline tops out near 45,000 lines/s (its per-command
-# packing and per-reply parsing dominate), below what one chatty engine prints; this carries
-# 2 arguments per line and answers once per batch.
+# it again and the script sees the position is already past it. Why a script, and why the
+# lines travel as one argument: one ``XADD`` per line through a redis-py pipeline tops out
+# near 45,000 lines/s, and even one argument per line costs redis-py more time packing it
+# than Redis takes to append it; splitting the batch is cheap in Lua.
 # KEYS[1] = the stream, KEYS[2] = the position key (``Keys.log_position``); ARGV = maxlen,
-# host, stream, file id, first offset, last offset, then ts and msg for each line (see
-# ``log_ship_args``). Returns -1 when appended, else the position already recorded for this
-# file (> first offset): nothing was written, the caller resumes from there.
+# host, stream, file id, first offset, last offset, ts, then the lines joined by "\n" (see
+# ``log_ship_args``); with ts = "" each line is "<ts> <msg>" (event lines carry their own
+# time). Returns -1 when appended, else the position already recorded for this file
+# (> first offset): nothing was written, the caller resumes from there.
 LOG_SHIP_SCRIPT = """
 local pos = redis.call('GET', KEYS[2])
 if pos then
   local id, off = string.match(pos, '^(.+):(%d+)$')
   if id == ARGV[4] and tonumber(off) > tonumber(ARGV[5]) then return tonumber(off) end
 end
-local key, maxlen, host, stream = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-for i = 7, #ARGV, 2 do
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*',
-             'ts', ARGV[i], 'host', host, 'stream', stream, 'msg', ARGV[i + 1])
+local key, maxlen, host, stream, ts, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[7], ARGV[8]
+local at = 1
+while true do
+  local nl = string.find(blob, '\\n', at, true)
+  local line = string.sub(blob, at, (nl or 0) - 1)
+  local t, msg = ts, line
+  if ts == '' then
+    local sp = string.find(line, ' ', 1, true) or (#line + 1)
+    t, msg = string.sub(line, 1, sp - 1), string.sub(line, sp + 1)
+  end
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'ts', t, 'host', host, 'stream', stream, 'msg', msg)
+  if not nl then break end
+  at = nl + 1
 end
 redis.call('SET', KEYS[2], ARGV[4] .. ':' .. ARGV[6], 'EX', 604800)
 return -1
 """
 
 
-def log_ship_args(maxlen: int, host: str, stream: LogSource, file_id: str, first: int, last: int,
-                  lines: list[tuple[str, bytes | str]]) -> list[str | int | bytes]:
-    """ARGV of ``LOG_SHIP_SCRIPT``: ``lines`` are (ts, msg) of one spool file, bytes
-    ``[first, last)`` of it."""
-    args: list[str | int | bytes] = [maxlen, host, stream, file_id, first, last]
-    for ts, msg in lines:
-        args += (ts, msg)
-    return args
+def log_ship_args(maxlen: int, host: str, stream: LogSource, file_id: str, first: int, last: int, ts: str,
+                  lines: list[bytes]) -> list[str | int | bytes]:
+    """ARGV of ``LOG_SHIP_SCRIPT``: ``lines`` (at least one, none containing "\n") are bytes
+    ``[first, last)`` of one spool file, all stamped ``ts`` (or, with ts = "", each line is
+    ``"<ts> <msg>"``)."""
+    return [maxlen, host, stream, file_id, first, last, ts, b"\n".join(lines)]
 
 
 def log_entry(fields: dict) -> LogEntry:

@@ -72,7 +72,7 @@ class SpoolFile:
         self.path = directory / f"{stream}.log"
         self.pos_path = directory / f"{stream}.pos"
         self.fid, self.shipped = self._load_position()
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o640)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)  # RDWR: fallocate needs it
         size = os.fstat(self.fd).st_size
         if self.shipped > size:  # the file was replaced behind our back: start it over
             self.fid, self.shipped = _new_id(), 0
@@ -120,7 +120,7 @@ class SpoolFile:
         os.unlink(self.path)
         self.fid, self.shipped, self.read, self.freed = _new_id(), 0, 0, 0
         self.save_position()
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o640)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)  # RDWR: fallocate needs it
 
     def read_chunk(self, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` new bytes ending at a line end (or the whole unterminated rest when
