@@ -216,22 +216,26 @@ def test_log_pipe_loses_nothing_through_an_outage_and_a_restart(tmp_path):
 
 
 def test_log_ship_script_skips_a_batch_already_shipped(redis_url):
-    from llm_router.protocol import LOG_SHIP_SCRIPT, log_ship_args
+    from llm_router.protocol import LOG_SHIP_SCRIPT, log_fields, log_ship_args
 
     async def scenario() -> list:
         client = aredis.Redis.from_url(redis_url)
         script = client.register_script(LOG_SHIP_SCRIPT)
         keys = ["llm:logs:x", "llm:logpos:w:x:stdout"]
-        batch = [("1700000000.250000", b"a"), ("1700000000.250000", b"b")]
-        results = [await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 4, batch)),
-                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 4, batch)),  # again
-                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f2", 0, 4, batch))]  # new file
-        results.append(await client.xlen("llm:logs:x"))
+        batch = [b"a", b""]
+        ts = "1700000000.250000"
+        results = [await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 3, ts, batch)),
+                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 3, ts, batch)),  # again
+                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f2", 0, 3, ts, batch)),  # new file
+                   await script(keys=keys, args=log_ship_args(100, "w", "event", "f3", 0, 9, "", [b"17.5 up x"]))]
+        results.append([log_fields(log_entry(f)) for _, f in await client.xrange("llm:logs:x")])
         results.append(await client.get("llm:logpos:w:x:stdout"))
         await client.aclose()
         return results
 
-    assert asyncio.run(scenario()) == [-1, 4, -1, 4, b"f2:4"]
+    row = {"ts": "1700000000.250000", "host": "w", "stream": "stdout"}
+    assert asyncio.run(scenario()) == [-1, 3, -1, -1, [{**row, "msg": "a"}, {**row, "msg": ""}] * 2 + [
+        {"ts": "17.500000", "host": "w", "stream": "event", "msg": "up x"}], b"f3:9"]
 
 
 def test_log_pipe_keeps_its_spool_within_bounds_and_counts_drops(tmp_path):
