@@ -78,8 +78,8 @@ class Worker:
                                       "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
                                      name="worker", stop_signal=signal.SIGINT)
         if wait:
-            wait_for(lambda: self.rds.exists(KEYS.worker(self.wid)) or self.proc.poll() is not None,
-                     message="the worker's lease")
+            wait_for(lambda: self.rds.hget(KEYS.worker(self.wid), "pid") == str(self.proc.pid)
+                     or self.proc.poll() is not None, message="the worker's lease")  # not a dead one's
             assert self.proc.poll() is None, self.procs.log(self.proc)
         return self.proc
 
