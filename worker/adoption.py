@@ -98,6 +98,25 @@ def matches(found: FoundEngine, model: ModelConfig, settings: WorkerSettings, co
     return "" if spec.hash == found.spec_hash else "its command, env, cwd or devices differ from the config"
 
 
+def foreign_engine_on(port: int, pgid: int) -> int:
+    """The pid of another model process (any worker's: it carries ``LLM_ROUTER_WORKER``) that
+    listens on ``port`` and is not in process group ``pgid``, else 0. Two workers on one host
+    may pick the same free port at once; the loser's health check is then answered by the
+    winner's engine. Blocking: run it in a thread."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return 0
+    for conn in conns:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                if os.getpgid(conn.pid) != pgid and WORKER_ENV in psutil.Process(conn.pid).environ():
+                    return conn.pid
+            except (psutil.Error, OSError):
+                continue
+    return 0
+
+
 async def wait_exit(pid: int) -> None:
     """Return when ``pid`` (not our child) has exited: a pidfd wakes us at once on Linux;
     elsewhere psutil is asked every ``POLL_EXIT`` s."""

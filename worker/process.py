@@ -23,7 +23,8 @@ import msgspec
 
 from llm_router.config import ModelConfig, WorkerSettings
 from llm_router.protocol import Instance, LogSource
-from worker.adoption import PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, wait_exit
+from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
+                             wait_exit)
 from worker.logpipe import LogPipe
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer, port_is_free
@@ -254,6 +255,9 @@ class ModelProcess:
                 await self._stop(run, reason=STOP_CANCELLED)
                 return
             why = await self._await_healthy(run, cancel)
+            if why is None and not self.model.port:
+                other = await asyncio.to_thread(foreign_engine_on, placement.port, run.pid)
+                why = f"port {placement.port} is served by another engine (pid {other})" if other else None
             if why is None:
                 self.host.placer.settle(self.model.id)
                 self._set(state="running", url=run.url, started_at=time.time())
@@ -269,10 +273,10 @@ class ModelProcess:
             self._event(f"{why}: port {run.placement.port} was taken meanwhile; trying another port")
 
     def _lost_its_port(self, run: _Run) -> bool:
-        """Whether an engine that exited during start-up lost an auto-assigned port to another
-        process (two workers on one host may pick the same free port at once)."""
-        return (not self.model.port and run.exited.done()
-                and not port_is_free(self.host.settings.bind_host, run.placement.port))
+        """Whether an engine whose start failed (it exited, or another engine answered for it)
+        lost an auto-assigned port to another process: two workers on one host may pick the
+        same free port at once. Asked once ours is gone, so a port still taken is not ours."""
+        return not self.model.port and not port_is_free(self.host.settings.bind_host, run.placement.port)
 
     async def _spawn(self, placement: Placement) -> _Run:
         settings = self.host.settings
