@@ -106,7 +106,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     devices_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     log_maxlen: Annotated[int, msgspec.Meta(ge=100)] = 10000
-    log_buffer: Annotated[int, msgspec.Meta(ge=100)] = 100000  # lines held while Redis is away
+    log_buffer: Annotated[int, msgspec.Meta(ge=100)] = 100000  # lines read ahead of shipping (the rest wait on disk)
     watch_config: bool = False  # reload the file when it changes (as on SIGHUP); polled every 2 s
     # Where the worker keeps its log spool and lock: "" = $LLM_ROUTER_STATE_DIR, else
     # ~/.local/state/llm-router; the worker id is appended either way.

@@ -8,11 +8,13 @@ where the test freezes Redis (SIGSTOP) to make an outage.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import redis as redis_sync
@@ -270,3 +272,28 @@ def test_an_auto_start_model_whose_start_fails_is_retried(worker, tmp_path):
     inst = worker.wait_state("m1", "running", timeout=15)
     assert inst.restarts == 1 and flag.exists()
     assert any(m.startswith("restarting in 1s") for m in worker.messages("m1", "event"))
+
+
+def test_up_ctrl_c_still_stops_the_models_it_started(procs, tmp_path):
+    wid = f"up-{uuid.uuid4().hex[:8]}"
+    low = free_port()
+    config = tmp_path / "models.toml"
+    config.write_text(f'[worker]\nid = "{wid}"\nport_range = [{low}, {low + 20}]\n\n[[models]]\nid = "m1"\n'
+                      f'command = {json.dumps(model("m1")["command"])}\nauto_start = true\nstop_grace = 1.0\n')
+    port = free_port()
+    up = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--config", str(config), "--port", str(port),
+                      "--data-dir", str(tmp_path / "data")], name="up", stop_signal=signal.SIGINT)
+
+    def running() -> bool:
+        assert up.poll() is None, procs.log(up)
+        try:
+            listed = get_json(f"http://127.0.0.1:{port}/v1/models")["data"]
+        except (OSError, AssertionError):
+            return False
+        return any(m["id"] == "m1" and m["status"] == "running" for m in listed)
+
+    wait_for(running, timeout=60, interval=0.2, message="up serving m1")
+    engines = processes_of(wid)
+    assert len(engines) == 1
+    assert procs.stop(up, signal.SIGINT) == 0
+    assert not any(alive(pid) for pid in engines)
