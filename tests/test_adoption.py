@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import redis as redis_sync
 
 from conftest import MOCK_ENGINE, ROOT, wait_for
@@ -47,10 +48,18 @@ server.serve_forever()
 '''
 
 
-def private_redis(tmp_path: Path) -> tuple[RedisServer, redis_sync.Redis]:
+@pytest.fixture
+def own_redis(procs, tmp_path):
+    """A private redis-server the test may freeze (SIGSTOP); the test's processes are stopped
+    before it goes, so that workers still reach it while they stop."""
     server = RedisServer(tmp_path / "own-redis", port=free_port(), extra=["--appendonly", "no", "--save", ""])
     server.start()
-    return server, redis_sync.Redis.from_url(server.url, decode_responses=True)
+    rds = redis_sync.Redis.from_url(server.url, decode_responses=True)
+    yield server, rds
+    server.proc.send_signal(signal.SIGCONT)
+    procs.stop_all()
+    rds.close()
+    server.stop()
 
 
 def spool_bytes(state: Path, model_id: str) -> int:
@@ -173,78 +182,62 @@ def test_stop_models_command_stops_what_a_worker_left_running(worker, procs):
 # --- logs: nothing lost, nothing twice ---
 
 
-def test_every_line_arrives_once_across_kill_9_and_a_30s_redis_outage(procs, tmp_path):
+def test_every_line_arrives_once_across_kill_9_and_a_30s_redis_outage(procs, tmp_path, own_redis):
     count, rate = 8000, 200.0
     engine = tmp_path / "counting_engine.py"
     engine.write_text(COUNTING_ENGINE)
-    server, rds = private_redis(tmp_path)
-    try:
-        worker = Worker(procs, rds, server.url, tmp_path)
-        worker.start([{"id": "counter", "command": ["{python}", str(engine), "{port}", str(count), str(rate)],
-                       "auto_start": True, "startup_timeout": 10.0, "stop_grace": 1.0, "restart": "no"}])
-        pid = worker.wait_state("counter", "running").pid
-        wait_for(lambda: rds.xlen(KEYS.logs("counter")) > 200, message="lines flowing")
+    server, rds = own_redis
+    worker = Worker(procs, rds, server.url, tmp_path)
+    worker.start([{"id": "counter", "command": ["{python}", str(engine), "{port}", str(count), str(rate)],
+                   "auto_start": True, "startup_timeout": 10.0, "stop_grace": 1.0, "restart": "no"}])
+    pid = worker.wait_state("counter", "running").pid
+    wait_for(lambda: rds.xlen(KEYS.logs("counter")) > 200, message="lines flowing")
 
-        server.proc.send_signal(signal.SIGSTOP)  # Redis frozen: batches in flight hang, maybe land later
-        frozen = time.monotonic()
-        time.sleep(2)
-        procs.stop(worker.proc, signal.SIGKILL)  # the worker dies during the outage
-        worker.start(wait=False)  # ... and its successor starts while Redis is still frozen
-        time.sleep(max(0.0, 30 - (time.monotonic() - frozen)))
-        server.proc.send_signal(signal.SIGCONT)
+    server.proc.send_signal(signal.SIGSTOP)  # Redis frozen: batches in flight hang, maybe land later
+    frozen = time.monotonic()
+    time.sleep(2)
+    procs.stop(worker.proc, signal.SIGKILL)  # the worker dies during the outage
+    worker.start(wait=False)  # ... and its successor starts while Redis is still frozen
+    time.sleep(max(0.0, 30 - (time.monotonic() - frozen)))
+    server.proc.send_signal(signal.SIGCONT)
 
-        def lines() -> list[str]:
-            return [e.message for e in worker.logs("counter") if e.stream == "stdout"]
+    def lines() -> list[str]:
+        return [e.message for e in worker.logs("counter") if e.stream == "stdout"]
 
-        wait_for(lambda: "done" in lines(), timeout=count / rate + 30, interval=0.5, message="the last line")
-        assert worker.instance("counter").pid == pid  # adopted, not restarted
-        got = lines()
-        assert got == [f"line {i}" for i in range(count)] + ["done"], \
-            f"{len(got)} lines; first wrong at {next(i for i, m in enumerate(got) if m != f'line {i}')}"
-    finally:
-        if server.proc:
-            server.proc.send_signal(signal.SIGCONT)
-        procs.stop_all()
-        rds.close()
-        server.stop()
+    wait_for(lambda: "done" in lines(), timeout=count / rate + 30, interval=0.5, message="the last line")
+    assert worker.instance("counter").pid == pid  # adopted, not restarted
+    got = lines()
+    assert got == [f"line {i}" for i in range(count)] + ["done"], \
+        f"{len(got)} lines; first wrong at {next(i for i, m in enumerate(got) if m != f'line {i}')}"
 
 
-def test_the_spool_bound_holds_and_drops_are_published(procs, tmp_path):
+def test_the_spool_bound_holds_and_drops_are_published(procs, tmp_path, own_redis):
     state = tmp_path / "state"
-    server, rds = private_redis(tmp_path)
-    try:
-        router = start_router(procs, server.url)
-        worker = Worker(procs, rds, server.url, tmp_path)
-        worker.start([model("chatty", "--chatty", "20000", auto_start=True)], log_spool_mb=1,
-                     state_dir=str(state))
-        worker.wait_state("chatty", "running")
-        server.proc.send_signal(signal.SIGSTOP)
-        biggest = 0
-        try:
-            for _ in range(40):  # 4 s of a chatty engine against a frozen Redis: several MiB printed
-                biggest = max(biggest, spool_bytes(state, "chatty"))
-                time.sleep(0.1)
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        assert 0 < biggest <= 1 << 20, biggest
+    server, rds = own_redis
+    router = start_router(procs, server.url)
+    worker = Worker(procs, rds, server.url, tmp_path)
+    worker.start([model("chatty", "--chatty", "20000", auto_start=True)], log_spool_mb=1,
+                 state_dir=str(state))
+    worker.wait_state("chatty", "running")
+    server.proc.send_signal(signal.SIGSTOP)
+    biggest = 0
+    for _ in range(40):  # 4 s of a chatty engine against a frozen Redis: several MiB printed
+        biggest = max(biggest, spool_bytes(state, "chatty"))
+        time.sleep(0.1)
+    server.proc.send_signal(signal.SIGCONT)
+    assert 0 < biggest <= 1 << 20, biggest
 
-        dropped = wait_for(lambda: int(rds.hget(KEYS.worker(worker.wid), "log_lines_dropped") or 0),
-                           timeout=15, message="the drops in the worker's lease")
-        assert dropped > 0
+    dropped = wait_for(lambda: int(rds.hget(KEYS.worker(worker.wid), "log_lines_dropped") or 0),
+                       timeout=15, message="the drops in the worker's lease")
+    assert dropped > 0
 
-        def exported() -> float:  # the router reads leases at its next resync
-            metrics = request("GET", f"{router.url}/metrics").body.decode()
-            return sum(float(m.rsplit(" ", 1)[1]) for m in metrics.splitlines()
-                       if m.startswith("llm_router_worker_log_lines_dropped{") and f'worker="{worker.wid}"' in m)
+    def exported() -> float:  # the router reads leases at its next resync
+        metrics = request("GET", f"{router.url}/metrics").body.decode()
+        return sum(float(m.rsplit(" ", 1)[1]) for m in metrics.splitlines()
+                   if m.startswith("llm_router_worker_log_lines_dropped{") and f'worker="{worker.wid}"' in m)
 
-        wait_for(lambda: exported() > 0, message="the drops in the router's /metrics")
-        assert "log lines dropped: the spool of chatty is over its bound (log_spool_mb = 1)" in worker.log()
-    finally:
-        if server.proc:
-            server.proc.send_signal(signal.SIGCONT)
-        procs.stop_all()
-        rds.close()
-        server.stop()
+    wait_for(lambda: exported() > 0, message="the drops in the router's /metrics")
+    assert "log lines dropped: the spool of chatty is over its bound (log_spool_mb = 1)" in worker.log()
 
 
 # --- desired state through start-up failures ---

@@ -65,7 +65,7 @@ class _Run:
         self.watcher: asyncio.Task | None = None
 
     async def wait(self) -> int:
-        """The exit code (-N: killed by signal N); an adopted engine's is unknown: -1."""
+        """The exit code (-N: killed by signal N); an adopted engine's is unknown: ``UNKNOWN_EXIT``."""
         await wait_exit(self.pid)
         if self.proc is not None:
             return self.proc.wait()  # it has exited: this only reaps it
@@ -92,9 +92,12 @@ class ModelProcess:
     =========  ===========================  ==============================  =============================
 
     A start goes: pick a port and a device profile (``Placer``), spawn the command in its own
-    process group with stdout/stderr piped into the log, then probe ``GET {health}`` every
-    0.1 s until it answers 200 (→ running), the process exits, or ``startup_timeout`` passes
-    (→ failed; the process group is stopped). Concurrent ``ensure_running`` calls share one
+    session with stdout/stderr written into the model's spool files (``worker.spool``: the
+    engine outlives the worker), then probe ``GET {health}`` every 0.1 s until it answers 200
+    (→ running), the process exits, or ``startup_timeout`` passes (→ failed; the process group
+    is stopped). An auto-assigned port lost to another process meanwhile (two workers on one
+    host) is retried on another port. ``adopt()`` takes over an engine a previous worker left
+    running instead (``worker.adoption``); ``detach()`` lets go of it for the next one. Concurrent ``ensure_running`` calls share one
     start. Both calls return a copy of the ``Instance``; a start that did not reach running
     says why in ``last_error`` (and ``log_tail()`` has the model's last lines).
 
