@@ -117,8 +117,10 @@ class LogPipe:
         return self.spool(model).engine_output()
 
     def seal(self, model: str) -> None:
-        """``model``'s engine exited: ship its unterminated last line too."""
+        """``model``'s engine exited: ship its unterminated last line too, and read what it
+        wrote now, so its last lines are in the model's tail before its exit is reported."""
         self.spool(model).seal()
+        self._read_all()
         self._wake.set()
 
     @property
