@@ -65,13 +65,22 @@ def main() -> None:
 @redis_option
 @prefix_option
 @click.option("--worker-id", default=None, help="Override the worker id (default: config or host name).")
-def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None) -> None:
-    """Run the worker agent of this host: launch, supervise and publish model processes."""
-    from worker.agent import main as worker_main
+@click.option("--stop-models", is_flag=True,
+              help="Do not run: stop the models a worker of this id left running (after SIGTERM or a crash).")
+def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None, stop_models: bool) -> None:
+    """Run the worker agent of this host: launch, supervise and publish model processes.
 
+    SIGTERM makes it exit and leave its models running, for the next worker of its id to adopt
+    (within [worker] adopt_timeout); SIGINT (Ctrl-C) stops its models first."""
     cfg = _load(config_path)
     if worker_id:
         cfg.worker.id = worker_id
+    if stop_models:
+        from worker.handover import stop_models_now
+
+        sys.exit(stop_models_now(cfg))
+    from worker.agent import main as worker_main
+
     sys.exit(worker_main(cfg, redis_url, prefix))
 
 

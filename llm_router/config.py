@@ -106,8 +106,14 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     devices_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     log_maxlen: Annotated[int, msgspec.Meta(ge=100)] = 10000
-    log_buffer: Annotated[int, msgspec.Meta(ge=100)] = 100000  # lines held while Redis is away
+    log_buffer: Annotated[int, msgspec.Meta(ge=100)] = 100000  # lines read ahead of shipping (the rest wait on disk)
     watch_config: bool = False  # reload the file when it changes (as on SIGHUP); polled every 2 s
+    # Where the worker keeps its log spool and lock: "" = $LLM_ROUTER_STATE_DIR, else
+    # ~/.local/state/llm-router; the worker id is appended either way.
+    state_dir: str = ""
+    log_spool_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0  # per model: log lines kept on disk until shipped
+    # After SIGTERM (an upgrade) the models keep running this long for the next worker to adopt.
+    adopt_timeout: Annotated[float, msgspec.Meta(ge=0)] = 300.0
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -124,6 +130,13 @@ class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def worker_id(self) -> str:
         return self.worker.id or socket.gethostname()
+
+    @property
+    def state_dir(self) -> Path:
+        """This worker's own state directory (log spool, lock): see ``WorkerSettings.state_dir``."""
+        base = self.worker.state_dir or os.environ.get("LLM_ROUTER_STATE_DIR") or \
+            os.path.join(os.path.expanduser("~"), ".local", "state", "llm-router")
+        return Path(base).expanduser() / self.worker_id
 
 
 def _check(cfg: HostConfig) -> None:

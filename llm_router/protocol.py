@@ -14,6 +14,7 @@ llm:catalog:{wid}               hash        worker  model id -> JSON ``CatalogEn
 llm:instance:{model}:{wid}      hash        worker  ``Instance``: state, url, pid, last error
 llm:devices:{wid}               string,TTL  worker  JSON ``DeviceSnapshot``
 llm:logs:{model}                stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:logpos:{wid}:{model}:{s}    string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
 llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
 llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
@@ -70,6 +71,10 @@ class Keys:
     def logs_pattern(self) -> str:
         return f"{self.prefix}logs:*"
 
+    def log_position(self, wid: str, model: str, stream: str) -> str:
+        """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
+        return f"{self.prefix}logpos:{wid}:{model}:{stream}"
+
     def commands(self, wid: str) -> str:
         return f"{self.prefix}commands:{wid}"
 
@@ -92,6 +97,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     version: str
     started_at: float
     heartbeat_at: float
+    log_lines_shipped: int = 0  # model log lines this worker process put into Redis
+    log_lines_dropped: int = 0  # lines its spool dropped (over ``log_spool_mb`` while Redis was away)
 
 
 class CatalogEntry(msgspec.Struct, kw_only=True):
@@ -291,28 +298,49 @@ def log_fields(entry: LogEntry) -> dict[str, str]:
     return {"ts": f"{entry.timestamp:.6f}", "host": entry.host, "stream": entry.stream, "msg": entry.message}
 
 
-# Appends many lines to one log stream in one round trip, with the same fields as
-# ``log_fields``. Why a script: one ``XADD`` per line through a redis-py pipeline tops out
-# near 45,000 lines/s (its per-command packing and per-reply parsing dominate), below what
-# one chatty engine prints; this script carries 3 arguments per line and answers once per
-# batch (~180,000 lines/s). KEYS[1] = the stream; ARGV = maxlen, host, then ts, stream, msg
-# for each line (see ``log_append_args``). One key per call, so it works on Redis Cluster.
-LOG_APPEND_SCRIPT = """
-local key, maxlen, host = KEYS[1], ARGV[1], ARGV[2]
-for i = 3, #ARGV, 3 do
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*',
-             'ts', ARGV[i], 'host', host, 'stream', ARGV[i + 1], 'msg', ARGV[i + 2])
+# Appends many lines of one spool file to one log stream in one round trip, and records how
+# far that file is shipped in the same atomic step, so a batch is in the stream exactly once
+# even when a worker dies between sending it and hearing the answer: the next worker sends
+# it again and the script sees the position is already past it. Why a script, and why the
+# lines travel as one argument: one ``XADD`` per line through a redis-py pipeline tops out
+# near 45,000 lines/s, and even one argument per line costs redis-py more time packing it
+# than Redis takes to append it; splitting the batch is cheap in Lua.
+# KEYS[1] = the stream, KEYS[2] = the position key (``Keys.log_position``); ARGV = maxlen,
+# host, stream, file id, first offset, last offset, ts, then the lines joined by "\n" (see
+# ``log_ship_args``); with ts = "" each line is "<ts> <msg>" (event lines carry their own
+# time). Returns -1 when appended, else the position already recorded for this file
+# (> first offset): nothing was written, the caller resumes from there.
+LOG_SHIP_SCRIPT = """
+local pos = redis.call('GET', KEYS[2])
+if pos then
+  local id, off = string.match(pos, '^(.+):(%d+)$')
+  if id == ARGV[4] and tonumber(off) > tonumber(ARGV[5]) then return tonumber(off) end
 end
-return (#ARGV - 2) / 3
+local key, maxlen, host, stream, ts, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[7], ARGV[8]
+local at = 1
+while true do
+  local nl = string.find(blob, '\\n', at, true)
+  local line = string.sub(blob, at, (nl or 0) - 1)
+  local t, msg = ts, line
+  if ts == '' then
+    local sp = string.find(line, ' ', 1, true) or (#line + 1)
+    t, msg = string.sub(line, 1, sp - 1), string.sub(line, sp + 1)
+  end
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'ts', t, 'host', host, 'stream', stream, 'msg', msg)
+  if not nl then break end
+  at = nl + 1
+end
+redis.call('SET', KEYS[2], ARGV[4] .. ':' .. ARGV[6], 'EX', 604800)
+return -1
 """
 
 
-def log_append_args(maxlen: int, host: str, entries: list[LogEntry]) -> list[str | int]:
-    """ARGV of ``LOG_APPEND_SCRIPT`` for ``entries`` (all of one model, produced by ``host``)."""
-    args: list[str | int] = [maxlen, host]
-    for e in entries:
-        args += (f"{e.timestamp:.6f}", e.stream, e.message)
-    return args
+def log_ship_args(maxlen: int, host: str, stream: LogSource, file_id: str, first: int, last: int, ts: str,
+                  lines: list[bytes]) -> list[str | int | bytes]:
+    """ARGV of ``LOG_SHIP_SCRIPT``: ``lines`` (at least one, none containing "\n") are bytes
+    ``[first, last)`` of one spool file, all stamped ``ts`` (or, with ts = "", each line is
+    ``"<ts> <msg>"``)."""
+    return [maxlen, host, stream, file_id, first, last, ts, b"\n".join(lines)]
 
 
 def log_entry(fields: dict) -> LogEntry:

@@ -79,6 +79,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so a secret containing another is masked whole.
         self.secrets = sorted({s for s in secrets if len(s) >= MIN_SCRUB}, key=len, reverse=True)
+        self._raw = [(s.encode(), MASK.encode()) for s in self.secrets]
 
     @classmethod
     def for_model(cls, model: ModelConfig) -> "Redactor":
@@ -94,4 +95,11 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
+
+    def scrub_bytes(self, data: bytes) -> bytes:
+        """``scrub`` for raw engine output (a whole batch of lines at once, as the log pipe ships it)."""
+        for secret, mask in self._raw:
+            if secret in data:
+                data = data.replace(secret, mask)
+        return data
 

@@ -62,9 +62,12 @@ class Stack:
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     redis: RedisServer | None = None
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
+        """``stop_signal``: what stops it with everything it started (a worker's is SIGINT:
+        SIGTERM would leave its models running for a next worker)."""
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=die_with_parent(signal.SIGTERM))
+                                preexec_fn=die_with_parent(stop_signal))
+        proc.stop_signal = stop_signal  # type: ignore[attr-defined]
         self.children.append((name, proc))
         return proc
 
@@ -76,7 +79,7 @@ class Stack:
 
     def stop(self, grace: float = 30.0) -> None:
         for name, proc in reversed(self.children):
-            if not stop_group(proc, signal.SIGTERM, grace, reap=None):
+            if not stop_group(proc, proc.stop_signal, grace, reap=None):  # type: ignore[attr-defined]
                 print(f"llm-router up: {name} did not stop in {grace}s; killed it", file=sys.stderr)
         if self.redis is not None:
             self.redis.stop()
@@ -122,7 +125,8 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             worker_url, router_url = urls["worker"], urls["router"]
         env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
         cli = [sys.executable, "-m", "llm_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url})
+        stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url},
+                    stop_signal=signal.SIGINT)
         stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
                     {**env, "LLM_ROUTER_REDIS_URL": router_url})
         print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",

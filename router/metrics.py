@@ -121,9 +121,15 @@ class ClusterCollector:
     def collect(self) -> Iterator[Metric]:
         view = self.view
         workers = GaugeMetricFamily("llm_router_worker_up", "Workers with a live lease (1)", labels=["worker", "host"])
+        shipped = GaugeMetricFamily("llm_router_worker_log_lines_shipped", "Model log lines a worker process "
+                                    "put into Redis since it started", labels=["worker", "host"])
+        dropped = GaugeMetricFamily("llm_router_worker_log_lines_dropped", "Model log lines a worker process "
+                                    "dropped since it started (spool over log_spool_mb)", labels=["worker", "host"])
         for wid, info in sorted(view.workers().items()):
             workers.add_metric([wid, info.host], 1)
-        yield workers
+            shipped.add_metric([wid, info.host], info.log_lines_shipped)
+            dropped.add_metric([wid, info.host], info.log_lines_dropped)
+        yield from (workers, shipped, dropped)
 
         by_state: dict[tuple[str, str, str], int] = {}
         restarts = GaugeMetricFamily("llm_router_instance_restarts", "Restarts of an instance after a crash "

@@ -451,10 +451,10 @@ class Procs:
 
     @staticmethod
     def _stop(procs: list[tuple[str, subprocess.Popen]], grace: float) -> None:
-        for _, proc in reversed(procs):
+        for name, proc in reversed(procs):
             if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGTERM)
+                try:  # SIGINT: a worker stops its engines (SIGTERM would leave them running)
+                    proc.send_signal(signal.SIGINT if name == "worker" else signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace
@@ -555,7 +555,7 @@ class Cluster:
         cfg.write_text(self.config())
         cli = [sys.executable, "-m", "llm_router.cli"]
         self.procs.start("worker", [*cli, "worker", "--config", str(cfg), "--redis", self.redis.url,
-                                    "--worker-id", self.worker_id])
+                                    "--worker-id", self.worker_id], env={"LLM_ROUTER_STATE_DIR": str(self.work / "state")})
         for name in ("router-a", "router-b"):
             port = free_port()
             proc = self.procs.start(name, [*cli, "serve", "--redis", self.redis.url, "--port", str(port)])

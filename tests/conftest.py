@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
 SESSION_TOKEN = uuid.uuid4().hex
 os.environ["LLM_ROUTER_TEST_SESSION"] = SESSION_TOKEN
+# Workers keep their log spool and lock under the session's own directory, not in $HOME.
+os.environ["LLM_ROUTER_STATE_DIR"] = tempfile.mkdtemp(prefix="llm-router-test-state-")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
@@ -153,12 +156,15 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], name: str = "proc", env: dict | None = None,
-              cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+              cwd: str | os.PathLike | None = None, stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
+        """``stop_signal``: how teardown (and ``stop`` by default) asks it to stop; a worker's
+        is SIGINT, which stops its models (SIGTERM leaves them running for the next worker)."""
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True,
-                                preexec_fn=die_with_parent(signal.SIGTERM))  # even if pytest is killed
+                                preexec_fn=die_with_parent(stop_signal))  # even if pytest is killed
         proc.log_path = log.name  # type: ignore[attr-defined]
+        proc.stop_signal = stop_signal  # type: ignore[attr-defined]
         log.close()
         self.procs.append(proc)
         return proc
@@ -166,9 +172,10 @@ class Processes:
     def log(self, proc: subprocess.Popen) -> str:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        """Signal the process itself (as an operator would), then make sure its group is gone."""
-        stop_group(proc, sig, timeout)
+    def stop(self, proc: subprocess.Popen, sig: int | None = None, timeout: float = 15) -> int | None:
+        """Signal the process itself (as an operator would; by default its ``stop_signal``),
+        then make sure its group is gone."""
+        stop_group(proc, sig or getattr(proc, "stop_signal", signal.SIGTERM), timeout)
         return proc.returncode
 
     def stop_all(self) -> None:

@@ -15,6 +15,7 @@ from http.client import HTTPConnection, HTTPMessage
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def start_worker(procs: Processes, redis_url: str, config: Path, wid: str,
             "--redis", process_url(redis_url, "worker", prefix), "--worker-id", wid]
     if prefix:
         argv += ["--prefix", prefix]
-    return procs.start(wrap(argv), name=f"worker-{wid}", env=env)
+    return procs.start(wrap(argv), name=f"worker-{wid}", env=env, stop_signal=signal.SIGINT)
 
 
 def wait_models(router: Router, count: int, timeout: float = 20) -> list[dict]:

@@ -16,6 +16,7 @@ import json
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -435,7 +436,8 @@ def start_stack(procs, redis_url: str, tmp_path: Path, toml: str = STACK_TOML) -
     config.write_text(toml % {"engine": MOCK_ENGINE, "port": engines, "port_end": engines + 19})
     port = free_port()
     procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
-                 "--redis", role_url(redis_url, "worker"), "--worker-id", WORKER], name="worker")
+                 "--redis", role_url(redis_url, "worker"), "--worker-id", WORKER], name="worker",
+                stop_signal=signal.SIGINT)
     router = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", role_url(redis_url, "router"),
                           "--port", str(port)], name="router")
     url = f"http://127.0.0.1:{port}"

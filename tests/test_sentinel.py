@@ -25,12 +25,11 @@ import redis as redis_sync
 from conftest import Processes, role_url, wait_for
 from helpers import DEMO_MODELS, chat_body, get_json, model_block, request, start_router, start_worker, \
     wait_routable, write_config
-from llm_router.protocol import Keys, LogEntry
+from llm_router.protocol import Keys
 from llm_router.redis_server import free_port
 from llm_router.redis_url import async_client, describe, parse_sentinel_url, redis_nodes, sync_client
 from sentinel_bed import SentinelBed, wait_new_master
 from worker.logpipe import LogPipe
-from worker.replay import missing_lines
 
 # What workers and routers send (writes and reads); none of it may run on a returning old master.
 OUR_COMMANDS = ("hset", "pexpire", "expire", "set", "del", "xadd", "evalsha", "eval", "lpush", "xack",
@@ -289,23 +288,30 @@ def _chatty_lines(admin, after: float) -> tuple[list[int], bool]:
     return numbers, later
 
 
-def test_log_lines_a_new_master_lacks_are_shipped_again(redis_url: str, rds) -> None:
+def test_log_lines_a_new_master_lacks_are_shipped_again(redis_url: str, rds, tmp_path) -> None:
     """Lines Redis acknowledged and then lost (a fail-over before they were replicated) come
-    back, in order, once the worker learns that Redis was away."""
+    back, in order and once, when the worker learns that Redis was away. A lost write takes
+    the lines and their spool position together (one script), as a new master would show."""
     keys = Keys()
-    key = keys.logs("m")
+    key, wid = keys.logs("m"), f"w-{uuid.uuid4().hex[:8]}"
+    position = keys.log_position(wid, "m", "event")
 
     async def scenario() -> None:
         client = async_client(role_url(redis_url, "worker"))
-        pipe = LogPipe(client, keys, host="w1", maxlen=10000, buffer_lines=1000)
+        pipe = LogPipe(client, keys, host=wid, maxlen=10000, buffer_lines=1000, spool_dir=tmp_path)
         pipe.start()
-        for i in range(10):
-            pipe.write("m", "stdout", f"line {i}")
+        for i in range(7):
+            pipe.write("m", "event", f"line {i}")
+        await asyncio.to_thread(wait_for, lambda: rds.xlen(key) == 7, 10)
+        replicated = rds.get(position)  # what the replica had when the master died
+        for i in range(7, 10):
+            pipe.write("m", "event", f"line {i}")
         await asyncio.to_thread(wait_for, lambda: rds.xlen(key) == 10, 10)
         for entry_id, _ in rds.xrevrange(key, count=3):  # acknowledged, never replicated
             rds.xdel(key, entry_id)
+        rds.set(position, replicated)
         pipe.check_tail()  # what the worker does when its heartbeat reaches Redis again
-        pipe.write("m", "stdout", "line 10")
+        pipe.write("m", "event", "line 10")
         await asyncio.to_thread(wait_for, lambda: rds.xlen(key) == 11, 10)
         await pipe.close()
         await client.aclose()
@@ -319,10 +325,3 @@ def test_status_names_a_plain_redis_as_master(redis_server, redis_url: str) -> N
     assert (nodes.master, nodes.replicas, nodes.via) == (f"127.0.0.1:{redis_server.port}", [], "direct")
 
 
-def test_missing_lines_only_from_what_the_stream_end_shows() -> None:
-    kept = [LogEntry(timestamp=1000.0 + i, message=f"l{i}", host="w1", stream="stdout") for i in range(6)]
-    assert missing_lines(kept, []) == []  # a Redis that came back empty: nothing to align with
-    present = [kept[5], kept[3], kept[2]]  # newest first, as XREVRANGE reads; l4 lost in between
-    assert [e.message for e in missing_lines(kept, present)] == ["l4"]  # l0, l1: older than what was read
-    twice = [kept[5], kept[5]]  # the same line written twice (a retried batch) counts once each
-    assert missing_lines(kept + [kept[5]], twice) == []

@@ -76,10 +76,10 @@ class Worker:
             self.write_config(models or [], **settings)
         self.proc = self.procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(self.config),
                                       "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
-                                     name="worker")
+                                     name="worker", stop_signal=signal.SIGINT)
         if wait:
-            wait_for(lambda: self.rds.exists(KEYS.worker(self.wid)) or self.proc.poll() is not None,
-                     message="the worker's lease")
+            wait_for(lambda: self.rds.hget(KEYS.worker(self.wid), "pid") == str(self.proc.pid)
+                     or self.proc.poll() is not None, message="the worker's lease")  # not a dead one's
             assert self.proc.poll() is None, self.procs.log(self.proc)
         return self.proc
 
@@ -370,7 +370,7 @@ def test_engine_ignoring_sigterm_is_killed_after_grace(worker):
 # --- the worker's own life cycle ---
 
 
-def test_sigterm_stops_models_and_withdraws_the_lease(worker, rds, procs):
+def test_sigint_stops_models_and_withdraws_the_lease(worker, rds, procs):
     worker.start([model("m1", auto_start=True), model("m2")])
     worker.wait_state("m1", "running")
     assert worker.command("start", "m2").ok
@@ -378,7 +378,7 @@ def test_sigterm_stops_models_and_withdraws_the_lease(worker, rds, procs):
     assert len(pids) == 2
     pubsub = rds.pubsub()
     pubsub.subscribe(KEYS.events())
-    assert procs.stop(worker.proc, signal.SIGTERM) == 0
+    assert procs.stop(worker.proc, signal.SIGINT) == 0
     assert not rds.exists(KEYS.worker(worker.wid))
     assert worker.instance("m1").state == worker.instance("m2").state == "stopped"
     assert not any(alive(pid) for pid in pids)
@@ -388,19 +388,27 @@ def test_sigterm_stops_models_and_withdraws_the_lease(worker, rds, procs):
     assert "Traceback" not in worker.log()
 
 
-def test_orphans_of_a_killed_worker_are_reaped(worker, procs):
-    worker.start([model("m1")])
-    old = worker.command("start", "m1").ok and worker.instance("m1").pid
+def test_engines_of_a_killed_worker_are_adopted(worker, procs):
+    """Formerly: the orphans of a killed worker were reaped. Now the next worker adopts them:
+    same pid, same URL, the restarts count and start time kept."""
+    worker.start([model("m1", restart="on-failure"), model("m2")])
+    first = worker.command("start", "m1").ok and worker.instance("m1").pid
+    os.kill(first, signal.SIGKILL)  # one crash, so that there is a restarts count to keep
+    before = worker.wait_state("m1", "running", restarts=1)
+    assert worker.command("start", "m2").ok
     procs.stop(worker.proc, signal.SIGKILL)
-    assert alive(old)  # the model outlives its worker ...
+    assert alive(before.pid)  # the model outlives its worker ...
 
-    worker.start()  # ... until the worker comes back with the same id
-    wait_for(lambda: not alive(old), message="the orphan to be reaped")
-    assert processes_of(worker.wid) == []
-    wait_for(lambda: any(f"orphan process {old} " in m for m in worker.messages("m1", "event")),
-             message="the orphan event line")
-    reply = worker.command("start", "m1")
-    assert reply.ok and len(processes_of(worker.wid)) == 1
+    worker.start()  # ... and the worker that comes back with the same id takes it over
+    after = worker.wait_state("m1", "running", pid=before.pid)
+    assert (after.url, after.restarts, after.started_at) == (before.url, 1, before.started_at)
+    assert sorted(processes_of(worker.wid)) == sorted([before.pid, worker.instance("m2").pid])
+    wait_for(lambda: any(m.startswith(f"adopted pid {before.pid} ") for m in worker.messages("m1", "event")),
+             message="the adoption event line")
+    os.kill(before.pid, signal.SIGKILL)  # not its child, and still its crash is seen at once
+    inst = worker.wait_state("m1", "failed", timeout=2)
+    assert inst.last_error == "exited (adopted: exit status unknown)"
+    worker.wait_state("m1", "running", restarts=2)
 
 
 def test_commands_sent_while_the_worker_is_down_are_run_when_it_returns(worker, rds):

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
 from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Keys, log_entry
 from llm_router.redis_server import RedisServer, free_port
-from worker.logpipe import MAX_LINE, LogPipe, pump
+from worker.logpipe import MAX_LINE, LogPipe
 from llm_router.vram import NoRoom
 from worker.placement import NoFit, Placer, choose_port, choose_profile
 from worker.process import exit_reason
@@ -139,97 +139,153 @@ def test_exit_reason():
     assert exit_reason(-9) == "killed by SIGKILL"
 
 
-# --- pump: lines out of a byte stream ---
+# --- LogPipe: spooled lines to Redis, exactly once ---
 
 
-def pumped(*chunks: bytes) -> list[str]:
-    async def run() -> list[str]:
-        reader = asyncio.StreamReader()
-        for chunk in chunks:
-            reader.feed_data(chunk)
-        reader.feed_eof()
-        lines: list[str] = []
-        await pump(reader, lines.append)
-        return lines
+def shipped_messages(client_url: str, key: str) -> list[str]:
+    import redis as redis_sync
 
-    return asyncio.run(run())
-
-
-def test_pump_splits_lines_across_chunks():
-    assert pumped(b"one\ntw", b"o\r\nthree\n\nlast without newline") == ["one", "two", "three", "",
-                                                                        "last without newline"]
-
-
-def test_pump_survives_bad_bytes_and_huge_lines():
-    assert pumped(b"caf\xc3\xa9 \xff\n") == ["caf\u00e9 \ufffd"]
-    lines = pumped(b"x" * (MAX_LINE * 2 + 10) + b"\nafter\n")
-    assert [len(line) for line in lines] == [MAX_LINE, MAX_LINE, 10, 5]
-
-
-# --- LogPipe against a Redis that goes away ---
-
-
-def test_log_append_script_writes_the_fields_of_log_fields(redis_url):
-    from llm_router.protocol import LOG_APPEND_SCRIPT, LogEntry, log_append_args, log_fields
-
-    entries = [LogEntry(timestamp=1700000000.25, message="hello", host="w1", stream="stderr"),
-               LogEntry(timestamp=1700000001.5, message="", host="w1", stream="event")]
-
-    async def scenario() -> list[dict]:
-        client = aredis.Redis.from_url(redis_url, decode_responses=True)
-        script = client.register_script(LOG_APPEND_SCRIPT)
-        assert await script(keys=["llm:logs:x"], args=log_append_args(100, "w1", entries)) == 2
-        rows = [fields for _, fields in await client.xrange("llm:logs:x")]
-        await client.aclose()
-        return rows
-
-    assert asyncio.run(scenario()) == [log_fields(e) for e in entries]
-
-
-async def xlen(client: aredis.Redis, key: str) -> int:
+    rds = redis_sync.Redis.from_url(client_url)
     try:
-        return await client.xlen(key)
+        return [log_entry(fields).message for _, fields in rds.xrange(key)]
+    finally:
+        rds.close()
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Await a condition of another process (Redis) that has no event to wait on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_log_pipe_splits_lines_and_keeps_bad_bytes_and_huge_lines(redis_url, tmp_path):
+    async def scenario() -> list[str]:
+        client = aredis.Redis.from_url(redis_url)
+        pipe = LogPipe(client, Keys(), host="w1", maxlen=10000, buffer_lines=1000, spool_dir=tmp_path)
+        out, err = pipe.engine_output("m")
+        os.write(out, b"one\ntw")
+        os.write(out, b"o\r\nthree\n\ncaf\xc3\xa9 \xff\n" + b"x" * (MAX_LINE * 2 + 10) + b"\nlast without newline")
+        pipe.start()
+        await until(lambda: xlen(client, "llm:logs:m", 7))
+        pipe.seal("m")  # the engine exited: its unterminated line goes too
+        await until(lambda: xlen(client, "llm:logs:m", 8))
+        os.close(out)
+        os.close(err)
+        await pipe.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    got = shipped_messages(redis_url, "llm:logs:m")
+    assert got[:5] == ["one", "two", "three", "", "caf\u00e9 \ufffd"]
+    assert [len(m) for m in got[5:8]] == [MAX_LINE, MAX_LINE, 10] and got[8] == "last without newline"
+
+
+async def xlen(client: aredis.Redis, key: str, at_least: int = 1) -> bool:
+    try:
+        return await client.xlen(key) >= at_least
     except redis.exceptions.ConnectionError:  # a pooled connection from before the restart
-        return 0
+        return False
 
 
-def test_log_pipe_buffers_through_an_outage_and_reports_drops(tmp_path):
-    port = free_port()
-    server = RedisServer(tmp_path / "redis", port=port, extra=["--appendonly", "no", "--save", ""])
+def test_log_pipe_loses_nothing_through_an_outage_and_a_restart(tmp_path):
+    """Lines written while Redis is away wait in the spool; a second pipe (the next worker)
+    resumes where the first stopped, and a batch the first delivered without hearing the
+    answer is not sent twice."""
+    server = RedisServer(tmp_path / "redis", port=free_port(), extra=["--appendonly", "no", "--save", ""])
     keys = Keys()
+    spool = tmp_path / "spool"
 
     async def scenario() -> None:
-        client = aredis.Redis.from_url(server.url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-        pipe = LogPipe(client, keys, host="w1", maxlen=10000, buffer_lines=100)
+        client = aredis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1,
+                                       retry=Retry(NoBackoff(), 0))
+        pipe = LogPipe(client, keys, host="w1", maxlen=100000, buffer_lines=100, spool_dir=spool)
+        out, _ = pipe.engine_output("m")
         pipe.start()
         for i in range(10):
-            pipe.write("m", "stdout", f"before {i}")
-        while await client.xlen(keys.logs("m")) < 10:
-            await asyncio.sleep(0.01)
+            os.write(out, f"line {i}\n".encode())
+        await until(lambda: xlen(client, keys.logs("m"), 10))
 
-        server.kill()
-        for i in range(150):  # 50 more than the buffer holds while Redis is away
-            pipe.write("m", "stderr", f"during {i}")
-        await asyncio.sleep(0.3)  # the flusher fails and backs off
-        assert pipe.pending == 100
+        server.proc.send_signal(signal.SIGSTOP)  # frozen: calls in flight time out, maybe done later
+        for i in range(10, 500):  # far more than buffer_lines: they wait on disk
+            os.write(out, f"line {i}\n".encode())
+        await asyncio.sleep(1.5)
+        await pipe.close(timeout=0.5)  # the worker goes away during the outage
+        server.proc.send_signal(signal.SIGCONT)
 
-        server.start()
-        key = keys.logs("m")  # a fresh, empty Redis
-        while await xlen(client, key) < 101:
-            await asyncio.sleep(0.02)
-        entries = [log_entry(fields) for _, fields in await client.xrange(key)]
-        assert [e.message for e in entries[:100]] == [f"during {i}" for i in range(50, 150)]
-        assert entries[100].stream == "event"
-        assert entries[100].message == "50 log lines dropped while Redis was unreachable"
-        assert all(e.host == "w1" for e in entries)
-        await pipe.close()
+        again = LogPipe(client, keys, host="w1", maxlen=100000, buffer_lines=100, spool_dir=spool)
+        again.spool("m")
+        again.start()
+        for i in range(500, 600):
+            os.write(out, f"line {i}\n".encode())
+        await until(lambda: xlen(client, keys.logs("m"), 600))
+        await asyncio.sleep(0.2)  # nothing more may come
+        await again.close()
+        os.close(out)
         await client.aclose()
 
     server.start()
     try:
         asyncio.run(scenario())
+        assert shipped_messages(server.url, keys.logs("m")) == [f"line {i}" for i in range(600)]
     finally:
+        if server.proc:
+            server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_log_ship_script_skips_a_batch_already_shipped(redis_url):
+    from llm_router.protocol import LOG_SHIP_SCRIPT, log_fields, log_ship_args
+
+    async def scenario() -> list:
+        client = aredis.Redis.from_url(redis_url)
+        script = client.register_script(LOG_SHIP_SCRIPT)
+        keys = ["llm:logs:x", "llm:logpos:w:x:stdout"]
+        batch = [b"a", b""]
+        ts = "1700000000.250000"
+        results = [await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 3, ts, batch)),
+                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f1", 0, 3, ts, batch)),  # again
+                   await script(keys=keys, args=log_ship_args(100, "w", "stdout", "f2", 0, 3, ts, batch)),  # new file
+                   await script(keys=keys, args=log_ship_args(100, "w", "event", "f3", 0, 9, "", [b"17.5 up x"]))]
+        results.append([log_fields(log_entry(f)) for _, f in await client.xrange("llm:logs:x")])
+        results.append(await client.get("llm:logpos:w:x:stdout"))
+        await client.aclose()
+        return results
+
+    row = {"ts": "1700000000.250000", "host": "w", "stream": "stdout"}
+    assert asyncio.run(scenario()) == [-1, 3, -1, -1, [{**row, "msg": "a"}, {**row, "msg": ""}] * 2 + [
+        {"ts": "17.500000", "host": "w", "stream": "event", "msg": "up x"}], b"f3:9"]
+
+
+def test_log_pipe_keeps_its_spool_within_bounds_and_counts_drops(tmp_path):
+    """Redis unreachable for good: the spool stays under log_spool_mb, drops are counted and
+    said in an event line on disk."""
+    async def scenario() -> LogPipe:
+        client = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=0.2,
+                                       retry=Retry(NoBackoff(), 0))
+        bound = 256 * 1024
+        pipe = LogPipe(client, Keys(), host="w1", maxlen=1000, buffer_lines=100, spool_dir=tmp_path,
+                       spool_bytes=bound)
+        out, _ = pipe.engine_output("m")
+        pipe.start()
+        line = b"x" * 99 + b"\n"
+        biggest = 0
+        for _ in range(40):  # 4 MB in all, 16 times the bound
+            os.write(out, line * 1000)
+            await asyncio.sleep(0.01)
+            biggest = max(biggest, sum(f.stat().st_blocks * 512 for f in (tmp_path / "m").glob("*.log")))
+        assert biggest <= bound, biggest
+        assert pipe.dropped > 30000
+        os.close(out)
+        await pipe.close(timeout=0.1)
+        await client.aclose()
+        return pipe
+
+    pipe = asyncio.run(scenario())
+    events = (tmp_path / "m" / "event.log").read_bytes()
+    assert b"log lines dropped: the spool of m is over its bound" in events
 
 
 # --- ModelProcess: the state machine, in process, against real engines ---
@@ -244,7 +300,7 @@ def supervise(redis_url: str, tmp_path, scenario, **fields) -> None:
     async def main() -> None:
         client = aredis.Redis.from_url(redis_url)
         settings = WorkerSettings(port_range=[41000, 41100])
-        logs = LogPipe(client, Keys(), host="w", maxlen=1000, buffer_lines=1000)
+        logs = LogPipe(client, Keys(), host="w", maxlen=1000, buffer_lines=1000, spool_dir=tmp_path / "spool")
         host = HostContext(worker_id=f"unit-{tmp_path.name}", settings=settings, config_dir=str(tmp_path),
                            logs=logs, placer=Placer(settings, lambda: asyncio.sleep(0)))
         cfg = ModelConfig(id="m", command=["{python}", str(MOCK_ENGINE), "--port", "{port}", "--quiet"],

@@ -11,7 +11,12 @@ a previous run). This module only connects them and owns the worker's own keys:
 
 Redis may vanish at any time: every loop logs one line, backs off, and the whole state is
 published again when Redis answers (it may have restarted empty). Model processes keep running
-meanwhile. ``main`` runs it until SIGTERM/SIGINT, then stops every model: no orphans, ever.
+meanwhile.
+
+Engines outlive the worker: on start it adopts those a previous run of its id left (``adoption``)
+and, once Redis answers, starts again the models that were running before but whose engine is
+gone (the instance hashes are the desired state). ``main`` runs it until SIGTERM (exit, leaving
+the models running for the next worker: ``handover``) or SIGINT (stop every model, then exit).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import psutil
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -34,14 +40,16 @@ from redis.backoff import NoBackoff
 from llm_router import __version__
 from llm_router.backoff import REDIS_ERRORS, RedisLink
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, to_hash, to_json
+from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, from_hash, to_hash, to_json
 from llm_router.redis_url import async_client
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
 from worker.idle import IdleReaper
 from worker.logpipe import LogPipe
-from worker.orphans import WorkerIdInUse, reap_orphans
-from worker.placement import Placer
+from worker.adoption import find_engines, matches
+from worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
+from worker.orphans import WorkerIdInUse, stop_processes
+from worker.placement import Placement, Placer
 from worker.process import HostContext, ModelProcess
 from worker.reload import ReloadTrigger, apply_plan, plan_reload
 
@@ -66,8 +74,10 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
+        self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
-                            buffer_lines=self.settings.log_buffer)
+                            buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
+                            spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
                                 placer=Placer(self.settings, self.snapshot))
@@ -86,6 +96,9 @@ class WorkerAgent:
         self._resync = True  # publish everything (first run, or Redis may have lost it)
         self._wake = asyncio.Event()
         self._published = asyncio.Event()  # the first full publish went through
+        self._restored = False  # the desired state of the previous run was read back from Redis
+        self.leave_models_running = False  # how ``run`` ends: SIGTERM (upgrade) or SIGINT (stop)
+        self.lock = None
 
     async def snapshot(self) -> DeviceSnapshot:
         """A device reading now (NVML blocks: it runs in a thread)."""
@@ -97,23 +110,52 @@ class WorkerAgent:
         log.info("worker %s starting (pid %d, %d models, redis %s)", self.wid, os.getpid(), len(self.models),
                  _safe_url(self.redis))
         try:
-            await self._reap_orphans()
+            grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
+            self.lock = await asyncio.to_thread(acquire_worker_lock, self.state_dir, self.wid, grace + 10.0)
         except WorkerIdInUse:
             await self.redis.aclose()
             self.probe.close()
             raise
+        await self._adopt()
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
             ("idle", self.idle.run)]]
         intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
         reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
-        autostart = [asyncio.create_task(mp.ensure_running()) for mp in self.models.values() if mp.model.auto_start]
+        autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
+                     for mp in self.models.values() if mp.model.auto_start]
         try:
             await stop.wait()
         finally:
             await _cancel([reloads])  # from here on, no reload adds or starts a model
-            await self._shutdown(intake, loops, [*autostart, *self._starts])
+            if self.leave_models_running:
+                await self._leave(intake, loops, [*autostart, *self._starts])
+            else:
+                await self._shutdown(intake, loops, [*autostart, *self._starts])
+            self.lock.release()
+
+    async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
+        """Exit for an upgrade: the models keep running and the lease is left to expire, so
+        routers keep routing to them; commands in flight stay pending for the next worker.
+        A linger stops the models if no worker adopts them within ``adopt_timeout``."""
+        log.info("worker %s exiting; its models keep running for the next worker (adopt_timeout %gs)",
+                 self.wid, self.settings.adopt_timeout)
+        await _cancel([intake])
+        await self.intake.drain(timeout=0)  # not answered: re-run by the next worker
+        for mp in self.models.values():
+            mp.detach()
+        await _cancel(starts)
+        await self.changes_published(SHUTDOWN_TIMEOUT)
+        await _cancel(loops)
+        await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
+        await self.redis.aclose()
+        self.probe.close()
+        if any(mp.instance.pid for mp in self.models.values()):
+            grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
+            self.lock.release()  # before the linger looks at it
+            start_linger(self.state_dir, self.wid, self.settings.adopt_timeout, grace)
+        log.info("worker %s exited, models left running", self.wid)
 
     async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
@@ -139,16 +181,60 @@ class WorkerAgent:
             for mp in self.models.values():
                 mp.kill()
 
-    async def _reap_orphans(self) -> None:
-        """End model processes left by a previous run of this worker id (see ``orphans``)."""
+    async def _adopt(self) -> None:
+        """Adopt the engines a previous run of this worker id left running, if they match the
+        config and answer their health check; stop the others (see ``adoption``)."""
+        found = await asyncio.to_thread(find_engines, self.wid)
+        rejected: list[tuple[int, str, str]] = []  # pid, model, why
+        claims = {}
+        for engine in found:
+            mp = self.models.get(engine.model)
+            why = ("its model is no longer in the config" if mp is None
+                   else "another engine of this model was adopted" if mp in claims
+                   else matches(engine, mp.model, self.settings, self.host.config_dir))
+            if why:
+                rejected.append((engine.pid, engine.model, why))
+            else:
+                claims[mp] = engine
+        results = await asyncio.gather(*(mp.adopt(engine, Placement(
+            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port))
+            for mp, engine in claims.items()))
+        rejected += [(engine.pid, engine.model, "it did not answer its health check")
+                     for (mp, engine), ok in zip(claims.items(), results) if not ok]
+        if not rejected:
+            return
+        procs = [p for p in (_process(pid) for pid, _, _ in rejected) if p is not None]
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-        for orphan in await asyncio.to_thread(reap_orphans, self.wid, grace):
-            how = "killed (SIGKILL)" if orphan.killed else "stopped"
-            log.warning("%s orphan pid %d (model %s) left by a previous run: %s", how, orphan.pid,
-                        orphan.model or "?", orphan.cmdline)
-            if orphan.model in self.models:
-                self.logs.write(orphan.model, "event",
-                                f"{how} orphan process {orphan.pid} left by a previous run of worker {self.wid}")
+        killed = await asyncio.to_thread(stop_processes, procs, grace)
+        for pid, model_id, why in rejected:
+            how = "killed (SIGKILL)" if pid in killed else "stopped"
+            log.warning("%s pid %d (model %s) left by a previous run: %s", how, pid, model_id or "?", why)
+            if model_id in self.models:
+                self.logs.write(model_id, "event", f"{how} process {pid} left by a previous run of worker "
+                                f"{self.wid}: {why}")
+
+    async def _restore(self) -> None:
+        """Read the previous run's instance hashes (the desired state): keep the restarts count
+        and start time of adopted engines, and start again the models that were running or
+        starting but whose engine is gone, unless they were stopped on purpose meanwhile."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model_id in self.models:
+                pipe.hgetall(self.keys.instance(model_id, self.wid))
+            rows = await pipe.execute()
+        stopped_on_purpose = take_stopped_mark(self.state_dir)
+        for mp, row in zip(list(self.models.values()), rows):
+            if not row:
+                continue
+            was = from_hash(row, Instance)
+            if mp.state == "running" and mp.instance.pid == was.pid:
+                mp.keep_counters(was.restarts, was.started_at)
+            elif was.state in ("running", "starting") and mp.state == "stopped" and not stopped_on_purpose:
+                log.info("%s was %s before this worker started: starting it again", mp.model.id, was.state)
+                mp.keep_counters(was.restarts, 0.0)
+                task = asyncio.create_task(mp.ensure_running(persistent=True), name=f"restore {mp.model.id}")
+                self._starts.add(task)
+                task.add_done_callback(self._starts.discard)
+        self._restored = True
 
     # --- config reload (see worker.reload) ---
 
@@ -216,6 +302,8 @@ class WorkerAgent:
                 await self._wake.wait()
             self._wake.clear()
             try:
+                if not self._restored:  # before the first publish overwrites it
+                    await self._restore()
                 if self._resync:
                     self._resync = False
                     self._changes.clear()  # the full publish below carries the current states
@@ -266,6 +354,7 @@ class WorkerAgent:
 
     def _lease_ops(self, pipe) -> None:
         key = self.keys.worker(self.wid)
+        self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
         pipe.hset(key, mapping=to_hash(self.info))
         pipe.pexpire(key, int(self.settings.lease_ttl * 1000))
 
@@ -319,6 +408,13 @@ class WorkerAgent:
             await asyncio.sleep(interval)
 
 
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
 async def _wait(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
     """Wait up to ``timeout`` for ``tasks``; return those still running."""
     if not tasks:
@@ -369,10 +465,10 @@ def main(cfg: HostConfig, redis_url: str, prefix: str = "llm:") -> int:
 async def _serve(cfg: HostConfig, redis_url: str, prefix: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, stop)
     try:
         agent = WorkerAgent(cfg, redis_url, prefix)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, sig, stop, agent)
         loop.add_signal_handler(signal.SIGHUP, agent.reload_trigger.request)
         await agent.run(stop)
     except (ValueError, WorkerIdInUse) as exc:  # a malformed Redis URL, a taken worker id
@@ -381,9 +477,12 @@ async def _serve(cfg: HostConfig, redis_url: str, prefix: str) -> int:
     return 0
 
 
-def _on_signal(sig: int, stop: asyncio.Event) -> None:
+def _on_signal(sig: int, stop: asyncio.Event, agent: WorkerAgent) -> None:
+    """SIGTERM: exit, models keep running (an upgrade); SIGINT: stop the models, then exit."""
     if stop.is_set():
         log.info("%s received: already shutting down", signal.Signals(sig).name)
-    else:
-        log.info("%s received: shutting down", signal.Signals(sig).name)
-        stop.set()
+        return
+    agent.leave_models_running = sig == signal.SIGTERM
+    how = "leaving the models running" if agent.leave_models_running else "stopping the models"
+    log.info("%s received: shutting down, %s", signal.Signals(sig).name, how)
+    stop.set()

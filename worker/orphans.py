@@ -1,10 +1,11 @@
 """Finding and ending model processes that outlived the worker that started them.
 
-A worker that is killed with SIGKILL (or crashes, or loses its host's OOM lottery) cannot stop
-its models. Every model process is therefore started with ``LLM_ROUTER_WORKER=<worker id>``,
+Engines outlive their worker on purpose (see ``worker.adoption``: the next worker adopts
+them). Every model process is started with ``LLM_ROUTER_WORKER=<worker id>``,
 ``LLM_ROUTER_WORKER_PID=<worker pid>`` and ``LLM_ROUTER_MODEL=<model id>`` in its environment,
-which its own children inherit, forks and wrappers included. When a worker starts, it ends
-every process carrying its own id whose worker is gone: they belong to a previous run.
+which its own children inherit, forks and wrappers included. Those that are not adopted (the
+config changed, they do not answer), or that no worker came back for (``worker.handover``),
+are ended here.
 
 If that worker is still alive, the id is simply taken: a second worker with the same id on the
 same host would kill the first one's models and fight over its command stream, so it refuses
@@ -62,15 +63,21 @@ def reap_orphans(worker_id: str, grace: float) -> list[Orphan]:
                                        cmdline=" ".join(redact_argv(proc.cmdline())))  # it is logged
         except (psutil.Error, OSError):
             continue
+    for pid in stop_processes(procs, grace):
+        if pid in orphans:
+            orphans[pid].killed = True
+    return list(orphans.values())
+
+
+def stop_processes(procs: list[psutil.Process], grace: float) -> list[int]:
+    """SIGTERM ``procs`` (and the process groups they lead), SIGKILL what is still there after
+    ``grace`` seconds; return the pids that needed SIGKILL. Blocking: run it in a thread."""
     _signal_all(procs, signal.SIGTERM)
     alive = _wait_gone(procs, grace)
     if alive:
         _signal_all(alive, signal.SIGKILL)
-        for proc in alive:
-            if proc.pid in orphans:
-                orphans[proc.pid].killed = True
         _wait_gone(alive, 5.0)
-    return list(orphans.values())
+    return [proc.pid for proc in alive]
 
 
 def _live_owner(proc: psutil.Process, env: dict[str, str]) -> int:

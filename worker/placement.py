@@ -112,6 +112,11 @@ class Placer:
         self._loading.add(model.id)
         return placement
 
+    def hold(self, model_id: str, placement: Placement) -> None:
+        """Record the placement of an engine this worker did not place (adopted), as loaded."""
+        self._held[model_id] = placement
+        self._loading.discard(model_id)
+
     def held(self) -> list[Held]:
         """What this worker has promised now: every placed model's VRAM (see ``free_vram``)."""
         return [Held(tuple(p.gpus), p.vram_mb, m in self._loading) for m, p in self._held.items()]

@@ -13,32 +13,35 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import msgspec
 
-from llm_router.config import ModelConfig, WorkerSettings, expand_command
+from llm_router.config import ModelConfig, WorkerSettings
 from llm_router.protocol import Instance, LogSource
 from llm_router.redact import Redactor, redact_argv
+from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
+                             wait_exit)
 from worker.engine_env import engine_env
-from worker.logpipe import LogPipe, pump
+from worker.logpipe import LogPipe
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
-from worker.placement import NoFit, Placement, Placer
+from worker.placement import NoFit, Placement, Placer, port_is_free
 from worker.states import check_transition
 
 log = logging.getLogger("llm_router.worker")
 
 HEALTH_POLL = 0.1  # seconds between health probes during start-up
 HEALTH_TIMEOUT = 1.0  # one probe; a server that accepts but does not answer is not healthy
-DRAIN_TIMEOUT = 0.25  # after an exit, how long to wait for the pipes' last lines
 MAX_BACKOFF = 30.0  # restart back-off: 1, 2, 4 ... 30 s
 TAIL_LINES = 200
+PORT_RETRIES = 3  # an auto-assigned port lost to another process during start-up: try another one
+ADOPT_PROBE = 2.0  # seconds an engine found at start-up has to answer its health check
 STOP_CANCELLED = "start cancelled by a stop request"
+UNKNOWN_EXIT = -1000  # an adopted engine exited: not our child, so its status is not ours to read
 
 
 @dataclass
@@ -53,19 +56,23 @@ class HostContext:
 
 
 class _Run:
-    """One spawned process: its handle, where it listens, and the tasks that serve it."""
+    """One engine process: spawned by this worker (``proc``) or adopted from a previous one
+    (``proc`` None: not our child, watched through a pidfd), where it listens, its watcher."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, placement: Placement, url: str) -> None:
+    def __init__(self, pid: int, placement: Placement, url: str, proc: subprocess.Popen | None = None) -> None:
+        self.pid = pid
         self.proc = proc
         self.placement = placement
         self.url = url
-        self.pumps: list[asyncio.Task] = []
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.watcher: asyncio.Task | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    async def wait(self) -> int:
+        """The exit code (-N: killed by signal N); an adopted engine's is unknown: ``UNKNOWN_EXIT``."""
+        await wait_exit(self.pid)
+        if self.proc is not None:
+            return self.proc.wait()  # it has exited: this only reaps it
+        return UNKNOWN_EXIT
 
 
 class ModelProcess:
@@ -88,9 +95,12 @@ class ModelProcess:
     =========  ===========================  ==============================  =============================
 
     A start goes: pick a port and a device profile (``Placer``), spawn the command in its own
-    process group with stdout/stderr piped into the log, then probe ``GET {health}`` every
-    0.1 s until it answers 200 (→ running), the process exits, or ``startup_timeout`` passes
-    (→ failed; the process group is stopped). Concurrent ``ensure_running`` calls share one
+    session with stdout/stderr written into the model's spool files (``worker.spool``: the
+    engine outlives the worker), then probe ``GET {health}`` every 0.1 s until it answers 200
+    (→ running), the process exits, or ``startup_timeout`` passes (→ failed; the process group
+    is stopped). An auto-assigned port lost to another process meanwhile (two workers on one
+    host) is retried on another port. ``adopt()`` takes over an engine a previous worker left
+    running instead (``worker.adoption``); ``detach()`` lets go of it for the next one. Concurrent ``ensure_running`` calls share one
     start. Both calls return a copy of the ``Instance``; a start that did not reach running
     says why in ``last_error`` (and ``log_tail()`` has the model's last lines).
 
@@ -116,6 +126,8 @@ class ModelProcess:
         self._cancel_start: asyncio.Future | None = None  # resolved: the start in flight gives up
         self._restart_times: deque[float] = deque()  # monotonic times of recent restarts
         self._closed = False  # the worker is shutting down: nothing may start any more
+        host.logs.attach(model.id, self._line)
+        host.logs.redact(model.id, self._redact)
 
     # --- public API ---
 
@@ -132,8 +144,11 @@ class ModelProcess:
         """The last ``n`` lines of this model's log (output and events), oldest first."""
         return list(self._tail)[-n:]
 
-    async def ensure_running(self) -> Instance:
-        """Start the model unless it runs already; return the instance once settled."""
+    async def ensure_running(self, persistent: bool = False) -> Instance:
+        """Start the model unless it runs already; return the instance once settled.
+
+        ``persistent`` (``auto_start``, or a model that was running before a worker restart):
+        a start that fails is retried with the restart policy's back-off, as a crash is."""
         while True:
             if self._stop_task is not None:
                 await asyncio.wait([self._stop_task])
@@ -148,7 +163,7 @@ class ModelProcess:
                 break
             self._cancel_restart()
             self._restart_times.clear()  # an operator's start gets a fresh restart budget
-            self._begin_start()
+            self._begin_start(restart=persistent)
         return self.instance
 
     async def ensure_stopped(self) -> Instance:
@@ -180,6 +195,39 @@ class ModelProcess:
         if self._run is not None:
             _killpg(self._run.pid, signal.SIGKILL)
 
+    def detach(self) -> None:
+        """Let go of the engine without stopping it (the worker exits for an upgrade: the next
+        one adopts it). Nothing starts, stops or restarts the model from here on."""
+        self._closed = True
+        self._cancel_restart()
+        for task in (self._start_task, self._stop_task, self._run.watcher if self._run else None):
+            if task is not None:
+                task.cancel()
+
+    async def adopt(self, found: FoundEngine, placement: Placement) -> bool:
+        """Take over ``found``, an engine a previous worker started for this model, if it
+        answers its health check within ``ADOPT_PROBE`` s: state running, same pid and URL."""
+        host = _local_address(self.host.settings.bind_host)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ADOPT_PROBE
+        self.host.placer.hold(self.model.id, placement)  # its port and VRAM are taken meanwhile
+        while not await http_ok(host, found.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)):
+            if loop.time() >= deadline:
+                self.host.placer.release(self.model.id)
+                return False
+            await asyncio.sleep(HEALTH_POLL)
+        run = _Run(found.pid, placement, f"http://{self.host.settings.advertise_host}:{found.port}")
+        run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
+        self._run = run
+        self._set(state="running", pid=found.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
+                  vram_mb=placement.vram_mb, started_at=found.created, last_error="")
+        self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
+        return True
+
+    def keep_counters(self, restarts: int, started_at: float) -> None:
+        """Carry over what the previous worker published for the adopted engine."""
+        self._set(restarts=restarts, started_at=started_at or self._instance.started_at)
+
     # --- start ---
 
     def _begin_start(self, restart: bool = False) -> None:
@@ -199,52 +247,76 @@ class ModelProcess:
 
     async def _start_once(self, cancel: asyncio.Future) -> None:
         self._set(state="starting", last_error="", url="", pid=0, gpus="", vram_mb=0, started_at=0.0)
-        try:
-            placement = await self.host.placer.place(self.model)
-        except NoFit as exc:
-            self._fail(str(exc))
-            return
-        try:
-            run = await self._spawn(placement)
-        except OSError as exc:
-            self.host.placer.release(self.model.id)
-            self._fail(f"cannot start: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
-            return
-        if cancel.done():
-            await self._stop(run, reason=STOP_CANCELLED)
-            return
-        why = await self._await_healthy(run, cancel)
-        if why is None:
-            self.host.placer.settle(self.model.id)
-            self._set(state="running", url=run.url, started_at=time.time())
-            self._event(f"running on {run.url} (pid {run.pid})")
-        elif why == STOP_CANCELLED:
-            await self._stop(run, reason=why)
-        else:
+        for attempt in range(PORT_RETRIES + 1):
+            try:
+                placement = await self.host.placer.place(self.model)
+            except NoFit as exc:
+                self._fail(str(exc))
+                return
+            try:
+                run = await self._spawn(placement)
+            except OSError as exc:
+                self.host.placer.release(self.model.id)
+                self._fail(f"cannot start: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+                return
+            if cancel.done():
+                await self._stop(run, reason=STOP_CANCELLED)
+                return
+            why = await self._await_healthy(run, cancel)
+            if why is None and not self.model.port:
+                other = await asyncio.to_thread(foreign_engine_on, placement.port, run.pid)
+                why = f"port {placement.port} is served by another engine (pid {other})" if other else None
+            if why is None:
+                self.host.placer.settle(self.model.id)
+                self._set(state="running", url=run.url, started_at=time.time())
+                self._event(f"running on {run.url} (pid {run.pid})")
+                return
+            if why == STOP_CANCELLED:
+                await self._stop(run, reason=why)
+                return
             await self._terminate(run)
-            self._fail(why)
+            if not (attempt < PORT_RETRIES and self._lost_its_port(run)):
+                self._fail(why)
+                return
+            self._event(f"{why}: port {run.placement.port} was taken meanwhile; trying another port")
+
+    def _lost_its_port(self, run: _Run) -> bool:
+        """Whether an engine whose start failed (it exited, or another engine answered for it)
+        lost an auto-assigned port to another process: two workers on one host may pick the
+        same free port at once. Asked once ours is gone, so a port still taken is not ours."""
+        return not self.model.port and not port_is_free(self.host.settings.bind_host, run.placement.port)
 
     async def _spawn(self, placement: Placement) -> _Run:
         settings = self.host.settings
-        argv = expand_command(self.model, placement.profile, port=placement.port, host=settings.bind_host,
-                              config_dir=self.host.config_dir)
+        spec = engine_spec(self.model, placement.profile, port=placement.port, gpus=placement.gpus,
+                           settings=settings, config_dir=self.host.config_dir)
+        argv = spec.argv
         gpus = ",".join(map(str, placement.gpus))
-        env = engine_env(os.environ, self.model.env, placement.profile.env, {"CUDA_VISIBLE_DEVICES": gpus},
+        # Only an allow-listed part of the worker's environment (never its secrets), then the
+        # model's own env, then the markers adoption and orphan handling read back.
+        env = engine_env(os.environ, spec.env,
                          markers={WORKER_ENV: self.host.worker_id, WORKER_PID_ENV: str(os.getpid()),
-                                  MODEL_ENV: self.model.id})
+                                  MODEL_ENV: self.model.id, SPEC_HASH_ENV: spec.hash, PORT_ENV: str(placement.port),
+                                  PROFILE_ENV: str(self.model.device_profiles().index(placement.profile))})
         if placement.gpus:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's = ours
         self._redact = Redactor.for_model(self.model)
+        self.host.logs.redact(self.model.id, self._redact)
         shown = shlex.join(redact_argv(argv))
         self._event(f"starting: {shown}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""))
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, cwd=str(Path(self.host.config_dir, self.model.cwd)),
-            start_new_session=True)
-        run = _Run(proc, placement, f"http://{settings.advertise_host}:{placement.port}")
-        assert proc.stdout is not None and proc.stderr is not None
-        run.pumps = [asyncio.create_task(pump(proc.stdout, partial(self._line, "stdout"))),
-                     asyncio.create_task(pump(proc.stderr, partial(self._line, "stderr")))]
+        # Output goes to the model's spool files, not pipes: the engine must outlive this
+        # worker (an upgrade, a crash) without dying of SIGPIPE or blocking on a full pipe.
+        out, err = self.host.logs.engine_output(self.model.id)
+        # Popen, not asyncio's subprocess: an asyncio transport SIGKILLs its child when it is
+        # closed or collected, and this engine must survive the worker; its exit is watched
+        # through a pidfd like an adopted engine's.
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=spec.cwd,
+                                    start_new_session=True)
+        finally:
+            os.close(out)
+            os.close(err)
+        run = _Run(proc.pid, placement, f"http://{settings.advertise_host}:{placement.port}", proc)
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
         self._set(pid=proc.pid, gpus=gpus, vram_mb=placement.vram_mb)
@@ -271,12 +343,13 @@ class ModelProcess:
 
     async def _watch(self, run: _Run) -> None:
         """Notice the exit at once, keep the last lines, and handle a crash of a running model."""
+        code = -9
         try:
-            code = await run.proc.wait()
-            await asyncio.wait(run.pumps, timeout=DRAIN_TIMEOUT)  # the lines printed just before dying
+            code = await run.wait()
+            self.host.logs.seal(self.model.id)  # its last line, even without a newline
         finally:
             if not run.exited.done():
-                run.exited.set_result(run.proc.returncode if run.proc.returncode is not None else -9)
+                run.exited.set_result(code)
         if self._run is run and self.state == "running":
             self._run = None
             _killpg(run.pid, signal.SIGKILL)  # whatever the crashed server left behind
@@ -360,7 +433,8 @@ class ModelProcess:
         self._emit("event", message)
 
     def _line(self, stream: LogSource, text: str) -> None:
-        self._emit(stream, text)
+        """An engine line, read from the spool by the log pipe (which ships it itself, masked)."""
+        self._tail.append(self._redact.scrub(text))
 
     def _emit(self, stream: LogSource, text: str) -> None:
         text = self._redact.scrub(text)
@@ -370,6 +444,8 @@ class ModelProcess:
 
 def exit_reason(code: int) -> str:
     """``exited with code 1`` or ``killed by SIGKILL`` (asyncio reports signals as -N)."""
+    if code == UNKNOWN_EXIT:
+        return "exited (adopted: exit status unknown)"
     if code >= 0:
         return f"exited with code {code}"
     try:
