@@ -118,7 +118,8 @@ def test_engine_environment_has_no_worker_secrets(procs, redis_url, rds, tmp_pat
     assert environ["MY_SETTING"] == "on-purpose" and environ["PATH"]
     assert environ["LLM_ROUTER_WORKER"] == "w-env" and environ["LLM_ROUTER_MODEL"] == "envy"
     assert {k for k in environ if k.startswith("LLM_ROUTER_")} <= {
-        "LLM_ROUTER_WORKER", "LLM_ROUTER_WORKER_PID", "LLM_ROUTER_MODEL", "LLM_ROUTER_TEST_SESSION"}
+        "LLM_ROUTER_WORKER", "LLM_ROUTER_WORKER_PID", "LLM_ROUTER_MODEL", "LLM_ROUTER_TEST_SESSION",
+        "LLM_ROUTER_SPEC_HASH", "LLM_ROUTER_PORT", "LLM_ROUTER_PROFILE"}  # the markers adoption reads back
 
 
 def test_engine_secrets_are_masked_in_logs_replies_and_the_api(procs, redis_url, rds, tmp_path: Path) -> None:

@@ -40,12 +40,13 @@ def test_a_model_process_refuses_a_transition_the_table_does_not_allow(tmp_path)
     """No public call can ask for an illegal transition (that is the point), so the test asks
     the supervisor's one state setter directly, as a bug in it would."""
     settings = WorkerSettings()
-    host = HostContext(worker_id="w", settings=settings, config_dir=str(tmp_path), logs=None,  # type: ignore[arg-type]
+    logs = LogPipe(aredis.Redis(), Keys(), host="w", maxlen=1000, buffer_lines=1000, spool_dir=tmp_path / "spool")
+    host = HostContext(worker_id="w", settings=settings, config_dir=str(tmp_path), logs=logs,
                        placer=Placer(settings, lambda: asyncio.sleep(0, None)))
     published: list[Instance] = []
     mp = ModelProcess(ModelConfig(id="m", command=["x"]), host, published.append)
-    with pytest.raises(IllegalTransition, match="stopped -> running"):
-        mp._set(state="running", url="http://127.0.0.1:1")
+    with pytest.raises(IllegalTransition, match="stopped -> failed"):
+        mp._set(state="failed", last_error="boom")
     assert mp.state == "stopped" and published == []  # nothing changed, nothing published
 
 
@@ -55,7 +56,8 @@ def test_a_model_process_walks_every_edge_of_the_table_and_no_other(redis_url, t
     async def scenario() -> None:
         redis = aredis.Redis.from_url(redis_url)
         settings = WorkerSettings(port_range=[41000, 41200])
-        logs = LogPipe(redis, Keys(f"states-{uuid.uuid4().hex[:6]}:"), host="w", maxlen=1000, buffer_lines=1000)
+        logs = LogPipe(redis, Keys(f"states-{uuid.uuid4().hex[:6]}:"), host="w", maxlen=1000, buffer_lines=1000,
+                       spool_dir=tmp_path / "spool")
         host = HostContext(worker_id=f"w-{uuid.uuid4().hex[:8]}", settings=settings, config_dir=str(tmp_path),
                            logs=logs, placer=Placer(settings, lambda: asyncio.sleep(0, None)))
         last: dict[str, str] = {}
@@ -95,4 +97,6 @@ def test_a_model_process_walks_every_edge_of_the_table_and_no_other(redis_url, t
             await redis.aclose()
 
     asyncio.run(scenario())
-    assert set(seen) == EDGES
+    # stopped -> running is adoption's edge (an engine a previous worker left running):
+    # walked by tests/test_adoption.py and test_worker.py's adoption tests.
+    assert set(seen) == EDGES - {("stopped", "running")}

@@ -2,8 +2,7 @@
 
 ``ModelProcess`` documents its states in a table (worker/process.py); this module is that
 table in a form the code enforces: every change of ``Instance.state`` goes through
-``check_transition``, so a bug that would publish an impossible sequence (``stopped`` →
-``running`` without a start, ``stopping`` → ``starting`` ...) fails loudly where it happens
+``check_transition``, so a bug that would publish an impossible sequence (``stopping`` → ``starting`` ...) fails loudly where it happens
 instead of misleading every router that reads the instance. Routers never need it: they only
 read states.
 """
@@ -15,7 +14,8 @@ from typing import Mapping
 from llm_router.protocol import State
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
-    "stopped": frozenset({"starting"}),  # a start
+    "stopped": frozenset({"starting",  # a start
+                          "running"}),  # adoption: a healthy engine a previous worker left running
     "starting": frozenset({"running",  # healthy
                            "failed",  # no room, spawn error, exit or timeout during start-up
                            "stopping"}),  # a stop cancels the start
