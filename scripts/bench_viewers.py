@@ -41,7 +41,7 @@ LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/options
 PROBE_HZ = 1.0  # log lines/s written to the viewers' stream, after the control plane is measured
 PROBES = 5
 WINDOW = 15.0  # s: the most one control-plane figure is sampled for
-MARK = b"bench-viewer-probe-"
+MARK = "bench-viewer-probe-"
 now = time.perf_counter
 
 
@@ -68,9 +68,9 @@ class Viewers:
     async def open_one(self) -> None:
         ready = asyncio.get_running_loop().create_future()
 
-        def on_frame(frame: bytes, t: float) -> None:
+        def on_frame(frame: str, t: float) -> None:
             if not ready.done():
-                if b"historical_complete" in frame:
+                if "historical_complete" in frame:
                     ready.set_result(t)
                 return
             i = frame.find(MARK)
@@ -162,7 +162,7 @@ async def write_probes(redis: Any, key: str, viewers: Viewers, count: int) -> No
     """``count`` log lines into the viewers' stream, ``PROBE_HZ`` a second (as a worker would)."""
     for k in range(count):
         viewers.sent[k] = now()
-        entry = LogEntry(timestamp=time.time(), message=f"{MARK.decode()}{k:06d}", host="bench")
+        entry = LogEntry(timestamp=time.time(), message=f"{MARK}{k:06d}", host="bench")
         await redis.xadd(key, log_fields(entry))
         await asyncio.sleep(1 / PROBE_HZ)
 
