@@ -42,7 +42,7 @@ from worker.orphans import WorkerIdInUse, reap_orphans
 from worker.placement import Placer
 from worker.process import HostContext, ModelProcess
 from worker.reload import ReloadTrigger, apply_plan, plan_reload
-from worker.retry import REDIS_ERRORS, RedisLink
+from worker.retry import REDIS_ERRORS, RedisLink, stop_if_cancelled
 
 log = logging.getLogger("llm_router.worker")
 
@@ -211,6 +211,7 @@ class WorkerAgent:
     async def _publisher(self) -> None:
         link = RedisLink("publish")
         while True:
+            stop_if_cancelled()
             if not (self._resync or self._changes):
                 await self._wake.wait()
             self._wake.clear()
@@ -223,6 +224,7 @@ class WorkerAgent:
                     self._published.set()
                     await self._advance(covered)
                 while self._changes:
+                    stop_if_cancelled()
                     number, inst = self._changes[0]
                     await self._publish_instance(inst)
                     self._changes.popleft()
@@ -289,6 +291,7 @@ class WorkerAgent:
         await self._published.wait()
         link = RedisLink("heartbeat")
         while True:
+            stop_if_cancelled()
             self.info.heartbeat_at = time.time()
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -306,6 +309,7 @@ class WorkerAgent:
         link = RedisLink("devices")
         interval = self.settings.devices_interval
         while True:
+            stop_if_cancelled()
             snap = await self.snapshot()
             try:
                 await self.redis.set(self.keys.devices(self.wid), to_json(snap), px=int(3 * interval * 1000))

@@ -25,7 +25,7 @@ from llm_router.config import HostConfig
 from llm_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
 from worker.placement import NO_ROOM
 from worker.process import ModelProcess
-from worker.retry import REDIS_ERRORS, RedisLink
+from worker.retry import REDIS_ERRORS, RedisLink, stop_if_cancelled
 
 log = logging.getLogger("llm_router.worker")
 
@@ -133,6 +133,7 @@ class CommandIntake:
         cursor = "0"
         group_ready = False
         while True:
+            stop_if_cancelled()
             try:
                 if not group_ready:
                     await self._create_group()

@@ -19,7 +19,7 @@ import redis.asyncio as aredis
 
 from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
 from worker.process import ModelProcess
-from worker.retry import REDIS_ERRORS, RedisLink
+from worker.retry import REDIS_ERRORS, RedisLink, stop_if_cancelled
 
 log = logging.getLogger("llm_router.worker")
 
@@ -53,6 +53,7 @@ class IdleReaper:
             return  # nothing on this host ever unloads
         link = RedisLink("idle")
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.interval)
             try:
                 await self.reap()
