@@ -28,7 +28,8 @@ def router(procs, redis_url, tmp_path):
     config = write_config(tmp_path / "models.toml", model_block("slow", engine_args=SLOW),
                           model_block("slow-streamed", engine_args=SLOW), model_block("slow-api", engine_args=SLOW))
     start_worker(procs, redis_url, config, f"w-{uuid.uuid4().hex[:8]}")
-    router = start_router(procs, redis_url, env={"LLM_ROUTER_START_TIMEOUT": "1", "LLM_ROUTER_LOADING_KEEPALIVE": "0.5"})
+    router = start_router(procs, redis_url,
+                          env={"LLM_ROUTER_START_TIMEOUT": "1", "LLM_ROUTER_LOADING_KEEPALIVE": "0.5"})
     wait_models(router, 3)
     return router
 
