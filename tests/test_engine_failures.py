@@ -6,32 +6,24 @@ catching the first three before any start. Mock engines stand in (``--exit-code`
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.request
 
 from conftest import ROOT
+from helpers import chat_body, request
 from llm_router.config import parse_config
 from llm_router.hostcheck import find_program, host_problems
 from test_worker import model, processes_of, worker  # noqa: F401  (the fixture)
-
-
-def chat(url: str) -> None:
-    req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
-                                 data=json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        urllib.request.urlopen(req, timeout=5).read()
-    except OSError:
-        pass  # the engine may die before the response is complete
 
 
 def test_an_engine_exiting_0_unasked_is_restarted(worker):  # noqa: F811
     """vLLM's API server exits 0 when its engine core dies: that is a crash, not a stop."""
     worker.start([model("m1", "--crash-after", "1", "--exit-code", "0", restart="on-failure")])
     first = worker.command("start", "m1").ok and worker.instance("m1")
-    chat(first.url)
+    try:
+        request("POST", first.url + "/v1/chat/completions", chat_body("m1"), timeout=5)
+    except OSError:
+        pass  # the engine may die before the response is complete
     assert worker.wait_state("m1", "failed").last_error == "exited with code 0"
     again = worker.wait_state("m1", "running", timeout=15, restarts=1)
     assert again.pid != first.pid
