@@ -24,6 +24,16 @@ if [ -x "$binary" ] && [ -f "$stamp" ]; then
   echo "$binary"
   exit 0
 fi
+mkdir -p "$cache"
+exec 9>"$cache/.build.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "build_llama_server.sh: another build is running; waiting for it" >&2
+  flock 9
+fi
+if [ -x "$binary" ] && [ -f "$stamp" ]; then  # built by the run we waited for
+  echo "$binary"
+  exit 0
+fi
 for tool in cmake c++ tar; do
   command -v "$tool" >/dev/null || { echo "build_llama_server.sh: '$tool' is needed" >&2; exit 1; }
 done

@@ -65,7 +65,7 @@ def tiny_gguf(llama_server, tmp_path_factory) -> Path:
 
 
 def lab_config(path: Path, llama_server: str, gguf: Path) -> Path:
-    low = 30000 + (os.getpid() * 13) % 20000
+    low = free_port() // 50 * 50 % 30000 + 30000  # two labs at once (the Ctrl-C test's) get different ranges
     env_path = f"{Path(llama_server).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
     common = (f'engine = "llama.cpp"\nmodel_path = {json.dumps(str(gguf))}\nengine_args = {json.dumps(ENGINE_ARGS)}\n'
               f'env = {{ PATH = {json.dumps(env_path)} }}\nstartup_timeout = 60\nstop_grace = 5\n')
