@@ -148,7 +148,8 @@ def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
                 problems += 1
         if problems:
             failed = True
-            click.echo(f"{config_path}: {problems} problems on this host ({len(cfg.models)} models)")
+            click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host "
+                       f"({len(cfg.models)} models)")
         else:
             click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
     if failed:
