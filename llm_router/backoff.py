@@ -83,3 +83,16 @@ class RedisLink:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if someone called ``cancel()`` on the running task.
+
+    Python 3.11's ``asyncio.wait_for`` (redis-py sends every command through it) drops a
+    ``cancel()`` that arrives just as the command completes (CPython gh-86296): the command
+    returns normally and a ``while True`` loop carries on until its owner gives up waiting (a
+    3 s shutdown timeout). So every loop checks once per turn; the cancel stays recorded in
+    ``Task.cancelling()`` even when its ``CancelledError`` was lost."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -132,19 +133,38 @@ def config_group() -> None:
 
 @config_group.command("check")
 @click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def config_check(config_paths: tuple[str, ...]) -> None:
+@click.option("--portable", is_flag=True,
+              help="Only validate the file: skip the checks against this host (programs, model files).")
+def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
     """Validate config files; list each model with its engine and resolved command.
 
-    A bad file is one line on stderr and exit status 2. Warnings (valid, but probably not
-    what was meant) go to stderr too."""
+    A bad file is one line on stderr and exit status 2. Then, unless --portable, what will
+    surely fail on this host (a program not on the model's PATH, a missing model file, a
+    health path the engine does not serve): one ``error:`` line each, exit status 1.
+    Warnings (valid, but probably not what was meant) go to stderr too."""
+    from llm_router.hostcheck import host_problems
+
+    failed = False
     for config_path in config_paths:
         cfg = _load(config_path)
+        config_dir = str(Path(config_path).resolve().parent)
+        problems = 0
         for m in cfg.models:
-            click.echo(f"{m.id:24} {m.engine:10} {m.mode:10} {', '.join(m.aliases)}")
+            click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
             click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
             for warning in presets.warnings(m):
                 click.echo(f"warning: {warning}", err=True)
-        click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+            for problem in [] if portable else host_problems(m, config_dir):
+                click.echo(f"error: {config_path}: {m.id}: {problem}", err=True)
+                problems += 1
+        if problems:
+            failed = True
+            click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host "
+                       f"({len(cfg.models)} models)")
+        else:
+            click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+    if failed:
+        sys.exit(1)
 
 
 main.add_command(config_check, "config-check")  # the first spelling, kept for scripts

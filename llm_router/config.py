@@ -93,6 +93,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             vram_mb=[p.vram_mb if any(d.startswith("cuda") for d in p.devices) else 0
                      for p in self.device_profiles()],
             devices=[list(p.devices) for p in self.device_profiles()],
+            startup_timeout=self.startup_timeout,
         )
 
 

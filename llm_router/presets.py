@@ -21,14 +21,20 @@ name the client used, which may be any alias of the model:
   ``--served-model-name``: the preset passes the id, and ``warnings`` says that aliases will
   be refused by the server (give SGLang models no aliases, or front them with one name).
 - TEI ``text-embeddings-router`` ignores ``model`` in requests: any alias works.
+- llama-cpp-python's server answers any unknown ``model`` with its one model: any alias works.
 
 CLI assumptions (checked against each project's documented flags, not run here):
 ``llama-server -m FILE --host H --port P --alias NAME [--embedding]``;
 ``vllm serve MODEL --host H --port P --served-model-name N [N ...]``;
 ``python3 -m sglang.launch_server --model-path MODEL --host H --port P --served-model-name N``;
-``text-embeddings-router --model-id MODEL --hostname H --port P``. Each answers ``GET /health``
-with 200 once it can serve (llama-server answers 503 while loading; vLLM, SGLang and TEI do
-not listen before that). Binaries are looked up on ``PATH``: a model's ``env.PATH`` picks
+``text-embeddings-router --model-id MODEL --hostname H --port P``;
+``python3 -m llama_cpp.server --model FILE --host H --port P --model_alias NAME
+--interrupt_requests false [--embedding true]`` (llama-cpp-python 0.3, checked against its
+``server/settings.py``: by default a new request interrupts the one being generated, so the
+preset turns that off and concurrent requests queue). Each answers ``GET /health`` with 200 once
+it can serve (llama-server answers 503 while loading; vLLM, SGLang and TEI do not listen before
+that), except llama-cpp-python, which has no ``/health`` (404) and is polled on ``/v1/models``
+(it listens only once the model is loaded). Binaries are looked up on ``PATH``: a model's ``env.PATH`` picks
 another installation (e.g. a virtualenv's ``bin``), or an explicit ``command`` replaces the
 whole template.
 """
@@ -45,7 +51,7 @@ from llm_router.protocol import Mode
 if TYPE_CHECKING:
     from llm_router.config import ModelConfig
 
-Engine = Literal["command", "llama.cpp", "vllm", "sglang", "tei"]
+Engine = Literal["command", "llama.cpp", "vllm", "sglang", "tei", "llama-cpp-python"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 ServedNames = Literal["any", "all", "one"]
 
@@ -55,7 +61,8 @@ class Preset:
     """One server kind. ``argv`` builds the command from the (mode-resolved) entry; the other
     fields are defaults for the entry's own fields of the same name. ``names``: how the server
     treats a request's ``model``: ``any`` ignores it, ``all`` is launched with every alias,
-    ``one`` accepts only the id (aliases are refused by the server)."""
+    ``one`` accepts only the id (aliases are refused by the server). ``unserved``: paths the
+    server answers 404, so a ``health`` set to one of them can never pass (``config check``)."""
 
     argv: Callable[["ModelConfig"], list[str]]
     health: str = "/health"
@@ -63,6 +70,7 @@ class Preset:
     stop_grace: float = 10.0
     mode: Mode = "chat"
     names: ServedNames = "any"
+    unserved: tuple[str, ...] = ()
 
 
 def _llama_cpp(m: ModelConfig) -> list[str]:
@@ -83,6 +91,12 @@ def _tei(m: ModelConfig) -> list[str]:
     return ["text-embeddings-router", "--model-id", m.model_path, "--hostname", "{host}", "--port", "{port}"]
 
 
+def _llama_cpp_python(m: ModelConfig) -> list[str]:
+    argv = ["python3", "-m", "llama_cpp.server", "--model", m.model_path, "--host", "{host}", "--port", "{port}",
+            "--model_alias", m.id, "--interrupt_requests", "false"]
+    return [*argv, "--embedding", "true"] if m.mode == "embedding" else argv
+
+
 PRESETS: dict[str, Preset] = {
     "command": Preset(argv=lambda m: list(m.command)),  # today's behaviour: the explicit command
     # Big GGUF files on network disks take minutes to map; llama-server exits fast on SIGTERM.
@@ -92,6 +106,9 @@ PRESETS: dict[str, Preset] = {
     "sglang": Preset(argv=_sglang, startup_timeout=600.0, stop_grace=30.0, names="one"),
     # May download the model from the Hub on first start.
     "tei": Preset(argv=_tei, startup_timeout=300.0, mode="embedding"),
+    # No /health route; the port opens once the model is loaded, so /v1/models says "ready".
+    "llama-cpp-python": Preset(argv=_llama_cpp_python, health="/v1/models", startup_timeout=300.0,
+                               unserved=("/health",)),
 }
 DEFAULTED = ("mode", "health", "startup_timeout", "stop_grace")  # fields a preset may default
 

@@ -115,6 +115,7 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     max_concurrency: int = 0
     vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
     devices: list[list[str]] = []  # per device profile, in order: its devices (cpu, cuda, cuda:N)
+    startup_timeout: float = 0.0  # the model's own start timeout (s): routers wait for a start that long
 
 
 class Instance(msgspec.Struct, kw_only=True):

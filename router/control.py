@@ -31,6 +31,7 @@ log = logging.getLogger("router.control")
 
 COMMANDS_MAXLEN = 10000  # bound on each worker's command stream (approximate trim)
 ACTIVE_STATES = ("starting", "running")
+START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, eviction, Redis round trips
 
 
 class ControlError(Exception):
@@ -62,6 +63,13 @@ def start_order(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
         if inst.model == model and inst.worker in entries and inst.state in ACTIVE_STATES:
             return [inst.worker], {}
     return rank_hosts(model, entries, snapshots, instances)
+
+
+def start_wait(timeout: float, entries: Iterable[CatalogEntry]) -> float:
+    """How long a start may take: the router's ``timeout``, or longer when a host allows the
+    model more (its ``startup_timeout`` + ``START_MARGIN``): a vLLM model loading for 10 minutes
+    must not get a 503 from the router at 5 while its worker still waits for it."""
+    return max([timeout, *(e.startup_timeout + START_MARGIN for e in entries if e.startup_timeout > 0)])
 
 
 def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
@@ -167,11 +175,11 @@ class ControlClient:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop idle models on one host to make room (``plan_eviction``)."""
-        deadline = asyncio.get_running_loop().time() + timeout
         view = self.view
         entries = view.catalog_entries(model)
         if not entries:
             raise ControlError(f"no live worker can run model '{model}'")
+        deadline = asyncio.get_running_loop().time() + start_wait(timeout, entries.values())
         order, reasons = start_order(model, entries, view.devices(), view.all_instances())
         for wid in order:
             try:

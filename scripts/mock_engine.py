@@ -5,7 +5,8 @@ It exists so that tests, the demo config and the benchmarks can run real process
 the real protocol on machines with no GPU and no weights. It behaves like a model server
 where that matters to the router and the worker: it binds its port only once "loaded", logs to
 stdout, streams SSE token by token at a configurable rate, notices when a client goes away,
-and can be told to crash, hang, ignore SIGTERM or flood its log.
+and can be told to crash (with any exit code: vLLM exits 0 when its engine dies), hang, ignore
+SIGTERM, flood its log, or serve no ``/health`` (like llama-cpp-python's server).
 
 Deliberately standalone (stdlib + tornado + msgspec, uvloop if present): it must not import
 the project's packages, so that it measures and exercises the router from the outside.
@@ -45,6 +46,9 @@ def log(line: str) -> None:
     sys.stdout.flush()
 
 
+EXIT_CODE = 1  # of a crash (--exit-code)
+
+
 def die(message: str) -> None:
     """Exit like a crashing engine: a last line on stderr, then no cleanup at all."""
     try:
@@ -52,7 +56,7 @@ def die(message: str) -> None:
     finally:
         sys.stderr.write(f"fatal: {message}\n")
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(EXIT_CODE)
 
 
 # --------------------------------------------------------------------------- requests
@@ -471,10 +475,10 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         log(f"{req.method} {req.path} {handler.get_status()} {1000 * req.request_time():.2f}ms")
 
 
-def make_app(engine: Engine) -> tornado.web.Application:
+def make_app(engine: Engine, health: bool = True) -> tornado.web.Application:
     return tornado.web.Application(
         [
-            (r"/health", HealthHandler),
+            *([(r"/health", HealthHandler)] if health else []),
             (r"/v1/models", ModelsHandler),
             (r"/v1/chat/completions", ChatHandler),
             (r"/v1/completions", CompletionHandler),
@@ -534,7 +538,7 @@ async def serve(opts: argparse.Namespace) -> None:
     server: HTTPServer | None = None
     chatter = threading.Event()
     if not stopping.is_set():
-        server = make_app(engine).listen(opts.port, opts.host)
+        server = make_app(engine, health=not opts.no_health).listen(opts.port, opts.host)
         log(f"mock engine {opts.model} ready; listening on http://{opts.host}:{opts.port}")
         if opts.chatty > 0:
             threading.Thread(target=chatty, args=(opts.chatty, chatter), daemon=True).start()
@@ -560,11 +564,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reply text, repeated or truncated to the token count (a token is a word)")
     p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
     p.add_argument("--crash-after", type=int, default=None, metavar="N",
-                   help="exit(1) after N completed model requests")
-    p.add_argument("--crash-mid-stream", action="store_true", help="exit(1) after 2 chunks of a stream")
+                   help="crash after N completed model requests")
+    p.add_argument("--crash-mid-stream", action="store_true", help="crash after 2 chunks of a stream")
+    p.add_argument("--exit-code", type=int, default=1, metavar="N",
+                   help="exit status of a crash (0: like vLLM, whose API server exits 0 when its engine dies)")
     p.add_argument("--hang-mid-stream", action="store_true", help="stop sending after 2 chunks of a stream")
     p.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops the process")
     p.add_argument("--fail-health", action="store_true", help="/health always answers 503")
+    p.add_argument("--no-health", action="store_true", help="no /health route (404), like llama-cpp-python")
     p.add_argument("--chatty", type=int, default=0, metavar="N", help="print N log lines per second")
     p.add_argument("--quiet", action="store_true", help="no access-log line per request")
     p.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
@@ -575,7 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global EXIT_CODE
     opts = parse_args(argv)
+    EXIT_CODE = opts.exit_code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     run = asyncio.run
     if not opts.no_uvloop:

@@ -130,6 +130,13 @@ def test_fail_health_answers_503_while_serving(mock_engine, procs):
     assert call(base, "GET", "/v1/models")[0] == 200
 
 
+def test_no_health_has_no_health_route(mock_engine, procs):
+    proc, base = mock_engine("--no-health")
+    wait_for(lambda: "listening on" in procs.log(proc), message="engine listening")
+    assert call(base, "GET", "/health")[0] == 404
+    assert call(base, "GET", "/v1/models")[0] == 200
+
+
 def test_startup_delay_binds_port_only_when_loaded(mock_engine, procs):
     proc, base = mock_engine("--startup-delay", "1.0")
     wait_for(lambda: "loading model" in procs.log(proc), message="loading lines")
@@ -302,6 +309,13 @@ def test_crash_after_n_requests(mock_engine, procs):
         assert call(base, "POST", CHAT, {"messages": messages()})[0] == 200
     assert proc.wait(5) == 1
     assert "fatal: simulated crash after 2 requests" in procs.log(proc)
+
+
+def test_crash_with_exit_code_zero(mock_engine, procs):
+    proc, base = start(mock_engine, "--crash-after", "1", "--exit-code", "0")
+    assert call(base, "POST", CHAT, {"messages": messages()})[0] == 200
+    assert proc.wait(5) == 0
+    assert "fatal: simulated crash after 1 requests" in procs.log(proc)
 
 
 def test_crash_mid_stream(mock_engine, procs):

@@ -30,11 +30,19 @@ def one(text: str):
                 "--port", "{port}", "--served-model-name", "m"], "chat", 600.0, 30.0),
     ("tei", ["text-embeddings-router", "--model-id", "/w/m.gguf", "--hostname", "{host}", "--port", "{port}"],
      "embedding", 300.0, 10.0),
+    ("llama-cpp-python", ["python3", "-m", "llama_cpp.server", "--model", "/w/m.gguf", "--host", "{host}", "--port",
+                          "{port}", "--model_alias", "m", "--interrupt_requests", "false"], "chat", 300.0, 10.0),
 ])
 def test_each_engine_resolves_to_a_complete_entry(engine, command, mode, startup, grace):
     m = one(f'engine = "{engine}"\nmodel_path = "/w/m.gguf"\naliases = ["a", "b"]\nengine_args = ["--x", "1"]\n')
     assert m.command == [*command, "--x", "1"]
-    assert (m.mode, m.health, m.startup_timeout, m.stop_grace) == (mode, "/health", startup, grace)
+    health = "/v1/models" if engine == "llama-cpp-python" else "/health"  # it has no /health
+    assert (m.mode, m.health, m.startup_timeout, m.stop_grace) == (mode, health, startup, grace)
+
+
+def test_llama_cpp_python_embedding_mode_turns_embeddings_on():
+    m = one('engine = "llama-cpp-python"\nmodel_path = "e.gguf"\nmode = "embedding"\n')
+    assert m.command[-2:] == ["--embedding", "true"]
 
 
 def test_fields_written_in_the_file_override_the_preset():
@@ -69,15 +77,16 @@ def test_sglang_aliases_are_warned_about():
 
 def test_every_example_passes_config_check():
     examples = sorted(str(p) for p in (ROOT / "examples").glob("*.toml"))
-    assert {Path(p).name for p in examples} >= {"llama-cpp.toml", "vllm.toml", "sglang.toml", "tei.toml"}
-    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "config", "check", *examples],
+    assert {Path(p).name for p in examples} >= {"llama-cpp.toml", "vllm.toml", "sglang.toml", "tei.toml",
+                                                "llama-cpp-python.toml"}
+    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "config", "check", "--portable", *examples],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr
     for path in examples:
         assert f"{path}: ok" in done.stdout
     assert "vllm serve meta-llama/Llama-3.1-8B-Instruct --host {host} --port {port} --served-model-name " \
            "llama-3.1-8b-instruct llama3 gpt-4o" in done.stdout
-    for engine in ("llama.cpp", "vllm", "sglang", "tei"):
+    for engine in ("llama.cpp", "vllm", "sglang", "tei", "llama-cpp-python"):
         assert f" {engine} " in done.stdout
 
 

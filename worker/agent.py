@@ -38,7 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_router import __version__
-from llm_router.backoff import REDIS_ERRORS, RedisLink
+from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, from_hash, to_hash, to_json
 from llm_router.redis_url import async_client
@@ -298,6 +298,7 @@ class WorkerAgent:
     async def _publisher(self) -> None:
         link = RedisLink("publish")
         while True:
+            stop_if_cancelled()
             if not (self._resync or self._changes):
                 await self._wake.wait()
             self._wake.clear()
@@ -312,6 +313,7 @@ class WorkerAgent:
                     self._published.set()
                     await self._advance(covered)
                 while self._changes:
+                    stop_if_cancelled()
                     number, inst = self._changes[0]
                     await self._publish_instance(inst)
                     self._changes.popleft()
@@ -381,6 +383,7 @@ class WorkerAgent:
         # fail-over) as soon as one answers, not after a back-off grown during the switch.
         link = RedisLink("heartbeat", max_delay=self.settings.heartbeat_interval)
         while True:
+            stop_if_cancelled()
             self.info.heartbeat_at = time.time()
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -399,6 +402,7 @@ class WorkerAgent:
         link = RedisLink("devices")
         interval = self.settings.devices_interval
         while True:
+            stop_if_cancelled()
             snap = await self.snapshot()
             try:
                 await self.redis.set(self.keys.devices(self.wid), to_json(snap), px=int(3 * interval * 1000))

@@ -21,7 +21,7 @@ import msgspec
 import redis.asyncio as aredis
 import redis.exceptions
 
-from llm_router.backoff import REDIS_ERRORS, RedisLink
+from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
 from worker.process import ModelProcess
 
@@ -130,6 +130,7 @@ class CommandIntake:
         cursor = "0"
         group_ready = False
         while True:
+            stop_if_cancelled()
             try:
                 if not group_ready:
                     await self._create_group()

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 
 import redis.asyncio as aredis
 
-from llm_router.backoff import REDIS_ERRORS, RedisLink
+from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
 from worker.process import ModelProcess
 
@@ -65,6 +65,7 @@ class IdleReaper:
     async def run(self) -> None:
         link = RedisLink("idle")
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.interval())
             try:
                 await self.reap()

@@ -9,6 +9,7 @@ reads the state first and races a transition in flight.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shlex
@@ -17,11 +18,13 @@ import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import msgspec
 
 from llm_router.config import ModelConfig, WorkerSettings
+from llm_router.hostcheck import find_program, missing_program
 from llm_router.protocol import Instance, LogSource
 from llm_router.redact import Redactor, redact_argv
 from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
@@ -243,9 +246,10 @@ class ModelProcess:
             self._start_task = None
             self._cancel_start = None
         if restart and self.state == "failed":  # a restart that failed is one more failure
-            self._schedule_restart(clean_exit=False)
+            self._schedule_restart()
 
     async def _start_once(self, cancel: asyncio.Future) -> None:
+        self._tail.clear()  # a failure quotes this attempt's lines, not the previous one's
         self._set(state="starting", last_error="", url="", pid=0, gpus="", vram_mb=0, started_at=0.0)
         for attempt in range(PORT_RETRIES + 1):
             try:
@@ -302,6 +306,9 @@ class ModelProcess:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's = ours
         self._redact = Redactor.for_model(self.model)
         self.host.logs.redact(self.model.id, self._redact)
+        path = env.get("PATH", os.defpath)
+        if argv and Path(spec.cwd).is_dir() and find_program(argv[0], path, spec.cwd) is None:
+            raise FileNotFoundError(errno.ENOENT, missing_program(argv[0], path))
         shown = shlex.join(redact_argv(argv))
         self._event(f"starting: {shown}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""))
         # Output goes to the model's spool files, not pipes: the engine must outlive this
@@ -327,6 +334,7 @@ class ModelProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.model.startup_timeout
         host = _local_address(self.host.settings.bind_host)
+        status = 0  # the last answer of the health path (0: none yet)
         while True:
             if cancel.done():
                 return STOP_CANCELLED
@@ -334,8 +342,11 @@ class ModelProcess:
                 return f"{exit_reason(run.exited.result())} during start-up"
             left = deadline - loop.time()
             if left <= 0:
-                return f"did not become healthy within {self.model.startup_timeout:g}s"
-            if await http_ok(host, run.placement.port, self.model.health, min(HEALTH_TIMEOUT, left)):
+                return f"did not become healthy within {self.model.startup_timeout:g}s" + (
+                    f" (GET {self.model.health} answered 404: the server has no such route;"
+                    " set `health` to a path it serves)" if status == 404 else "")
+            status = await http_status(host, run.placement.port, self.model.health, min(HEALTH_TIMEOUT, left)) or status
+            if status == 200:
                 return None
             await asyncio.wait([run.exited, cancel], timeout=min(HEALTH_POLL, max(0.0, deadline - loop.time())))
 
@@ -355,7 +366,7 @@ class ModelProcess:
             _killpg(run.pid, signal.SIGKILL)  # whatever the crashed server left behind
             self.host.placer.release(self.model.id)
             self._fail(exit_reason(code))
-            self._schedule_restart(clean_exit=code == 0)
+            self._schedule_restart()  # even after code 0: vLLM exits 0 when its engine core dies
 
     async def _stop(self, run: _Run, reason: str = "") -> None:
         """running/starting → stopping → stopped. ``reason``: why a start did not complete."""
@@ -385,10 +396,11 @@ class ModelProcess:
             self._run = None
         self.host.placer.release(self.model.id)
 
-    def _schedule_restart(self, clean_exit: bool) -> None:
-        """Apply the restart policy after a crash (or a failed restart)."""
+    def _schedule_restart(self) -> None:
+        """Apply the restart policy after a crash (or a failed restart). Any exit the worker did
+        not ask for is a failure, whatever its code: "on-failure" and "always" both restart."""
         policy = self.model.restart
-        if policy == "no" or (policy == "on-failure" and clean_exit) or self._closed:
+        if policy == "no" or self._closed:
             return
         now = time.monotonic()
         while self._restart_times and now - self._restart_times[0] > self.model.restart_window:
@@ -466,8 +478,9 @@ def _local_address(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("", "0.0.0.0", "::", "localhost") else bind_host
 
 
-async def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
-    """Whether ``GET path`` answers 200 within ``timeout``: a minimal HTTP/1.0 probe, no session."""
+async def http_status(host: str, port: int, path: str, timeout: float) -> int:
+    """The status ``GET path`` answers within ``timeout`` (0: no answer): a minimal HTTP/1.0
+    probe, no session."""
 
     async def probe() -> bytes:
         reader, writer = await asyncio.open_connection(host, port)
@@ -480,6 +493,6 @@ async def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
     try:
         status = await asyncio.wait_for(probe(), timeout)
     except (OSError, asyncio.TimeoutError):
-        return False
+        return 0
     parts = status.split()
-    return len(parts) >= 2 and parts[1] == b"200"
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
