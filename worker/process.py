@@ -214,7 +214,7 @@ class ModelProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADOPT_PROBE
         self.host.placer.hold(self.model.id, placement)  # its port and VRAM are taken meanwhile
-        while not await http_ok(host, found.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)):
+        while await http_status(host, found.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
             if loop.time() >= deadline:
                 self.host.placer.release(self.model.id)
                 return False
