@@ -4,6 +4,7 @@ the log pipe's behaviour when Redis goes away and comes back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 
@@ -193,10 +194,11 @@ async def xlen(client: aredis.Redis, key: str) -> int:
         return 0
 
 
-def test_log_pipe_buffers_through_an_outage_and_reports_drops(tmp_path):
+def test_log_pipe_buffers_through_an_outage_and_reports_drops(tmp_path, caplog):
     port = free_port()
     server = RedisServer(tmp_path / "redis", port=port, extra=["--appendonly", "no", "--save", ""])
     keys = Keys()
+    caplog.set_level(logging.WARNING, logger="llm_router.worker")
 
     async def scenario() -> None:
         client = aredis.Redis.from_url(server.url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
@@ -210,7 +212,10 @@ def test_log_pipe_buffers_through_an_outage_and_reports_drops(tmp_path):
         server.kill()
         for i in range(150):  # 50 more than the buffer holds while Redis is away
             pipe.write("m", "stderr", f"during {i}")
-        await asyncio.sleep(0.3)  # the flusher fails and backs off
+        assert pipe.pending == 100
+        async with asyncio.timeout(10):  # the flusher tries, fails, puts its batch back, backs off
+            while "redis unreachable (logs)" not in caplog.text:
+                await asyncio.sleep(0.01)
         assert pipe.pending == 100
 
         server.start()
