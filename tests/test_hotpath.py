@@ -16,7 +16,7 @@ from tornado.netutil import bind_sockets
 from helpers import request, start_router
 from router.slowbody import BodyTimeoutServer
 from router.upstream import ConnectFailed
-from test_upstream import Server, client, fetch, ok, read_request, run
+from scripted_http import Server, client, fetch, ok, read_request, run
 
 
 @tornado.web.stream_request_body
