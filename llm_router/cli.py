@@ -12,6 +12,7 @@ import click
 from llm_router import __version__, client, presets
 from llm_router.config import ConfigError, default_config_path, load_config
 from llm_router.redact import redact_argv
+from llm_router.shipped import MissingFile
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 redis_option = click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL", default=DEFAULT_REDIS,
@@ -146,10 +147,9 @@ def _show_argv(argv: list[str]) -> str:
 
 
 def _load(config_path: str | None):
-    path = config_path or os.environ.get("LLM_ROUTER_CONFIG") or str(default_config_path())
     try:
-        return load_config(path)
-    except ConfigError as exc:
+        return load_config(config_path or os.environ.get("LLM_ROUTER_CONFIG") or default_config_path())
+    except (ConfigError, MissingFile) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -2,12 +2,14 @@
 
 It runs the same pieces a lab runs, as separate processes: Redis (the one at the given
 URL if it answers, else a private ``redis-server`` with the shipped ``redis.conf``), one
-worker and one router. A private Redis is locked down as a lab's is: data directory 0700,
-``default`` user off, the shipped ACL users with passwords generated once and kept in the
-data directory (``redis_users.PrivateUsers``), the worker and the router logging in as their
-own least-privileged users. No password is ever printed. Each child gets its own process group; Ctrl-C or SIGTERM stops the
+worker and one router. Each child gets its own process group; Ctrl-C or SIGTERM stops the
 router, then the worker (which stops its models), then Redis — nothing is left running.
 If a child dies on its own, everything is stopped and ``up`` exits 1.
+
+A private Redis is locked down as a lab's is: data directory 0700, ``default`` user off, the
+shipped ACL users with passwords generated once and kept in the data directory
+(``redis_users.PrivateUsers``), the worker and the router logging in as their own
+least-privileged users. No password is ever printed.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ and ``keep_response_header`` (engine -> client). Add any outgoing/incoming heade
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import ssl
@@ -35,6 +36,8 @@ from urllib.parse import urlsplit
 
 from llm_router.http1 import DONE, HEAD, ProtocolError, ResponseParser
 from router.options import RouterOptions
+
+log = logging.getLogger("router")
 
 # --------------------------------------------------------------------------- header policy
 
@@ -269,6 +272,8 @@ class Response:
         try:
             news = parser.feed(data)
         except ProtocolError as exc:  # what was parsed before the fault is still read first
+            _, host, port = self.conn.key
+            log.warning("malformed response from the engine at %s:%d, connection closed: %s", host, port, exc)
             if head and parser.state != HEAD:
                 self._head()
             self.fail(UpstreamBroken(f"malformed response from the engine: {exc}"))

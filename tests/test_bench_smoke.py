@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation"]
+SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -40,3 +40,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         value = rows[key]["values"]["router"]
         assert value == value and value > 0, (key, rows[key])
     assert rows[("50 streams", "max open at once")]["values"]["router"] == 50
+    assert rows[("50 viewers", "viewers connected")]["values"]["router"] == 50
+    for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):
+        value = rows[("50 viewers", metric)]["values"]["router"]
+        assert value == value and value > 0, (metric, rows[("50 viewers", metric)])

@@ -2,7 +2,8 @@
 
 Bounded: a few examples per operation and a time budget, so it fits CI. Passes when no answer
 is a 5xx, every answer has a documented status code and content type and validates against its
-documented response schema, nothing crashed, and the router still serves afterwards.
+documented response schema, requests the document forbids are refused, nothing crashed, and the
+router still serves afterwards.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ pytestmark = pytest.mark.skipif(shutil.which("schemathesis", path=str(ROOT / ".v
 
 # Every answer: no 5xx, a status code the document lists for the operation, a documented
 # content type, and a body that validates against the response schema (generated from the
-# msgspec structs the handlers encode, so a drift between code and document fails here).
-CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+# msgspec structs the handlers encode, so a drift between code and document fails here); and a
+# request that violates the document (a parameter out of its schema) must be refused with a 4xx.
+CHECKS = ",".join(("not_a_server_error", "status_code_conformance", "content_type_conformance",
+                   "response_schema_conformance", "negative_data_rejection"))
 
 
 def test_fuzz_the_router_from_its_openapi_document(procs, redis_url, tmp_path) -> None:

@@ -223,7 +223,7 @@ def test_engine_hanging_mid_stream_ends_the_stream_and_its_connection(router, en
 
 
 @pytest.mark.parametrize("mode", ["digits", "headers"])
-def test_an_endless_line_from_the_engine_is_a_fast_502_and_blocks_nobody(router, engine, spare, mode) -> None:
+def test_an_endless_line_from_the_engine_is_a_fast_502_and_blocks_nobody(procs, router, engine, spare, mode) -> None:
     """A head or chunk-size line that never ends: the parser's bound ends the exchange with a
     502 (before that fix: the buffer grew with quadratic copying, the event loop stalled and the
     request hung until the first-byte timeout), the engine connection is closed, and the other
@@ -240,6 +240,7 @@ def test_an_endless_line_from_the_engine_is_a_fast_502_and_blocks_nobody(router,
     error = resp.json()["error"]
     assert error["type"] == "upstream_error" and "malformed response" in error["message"], error
     wait_for(lambda: engine.closed == 1, timeout=10, message="the router to hang up on the engine")
+    wait_for(lambda: "malformed response from the engine at" in procs.log(router.proc), message="a log line")
     assert request("POST", f"{router.url}/v1/chat/completions", chat_body("good")).status == 200
     assert_no_leak(router, baseline)
 
@@ -288,10 +289,11 @@ def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs
         metrics = request("GET", f"{router.url}/metrics").body.decode()
         assert 'llm_router_requests_aborted_total{model="chat",reason="write_timeout"} 1.0' in metrics
         stalled.settimeout(10)
-        with pytest.raises((ConnectionResetError, socket.timeout)):  # closed by the router: EOF after
-            while stalled.recv(65536):  # the bytes buffered so far, or a reset
+        try:  # closed by the router: EOF after the bytes buffered so far, or a reset
+            while stalled.recv(65536):
                 pass
-            raise ConnectionResetError
+        except ConnectionResetError:
+            pass
     finally:
         stalled.close()
     assert_no_leak(router, baseline)

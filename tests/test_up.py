@@ -47,7 +47,9 @@ def wheel_venv(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)], check=True, timeout=240)
+    # Offline: the build backend is the one installed here (the test extras), no index is asked.
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"),
+                    str(src)], check=True, timeout=240)
     (wheel,) = (tmp / "dist").glob("llm_router-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
@@ -146,3 +148,12 @@ def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path)
         shipped("nothing.conf")
     with pytest.raises(RuntimeError, match="not found"):
         RedisServer(tmp_path, conf=tmp_path / "missing.conf").start()
+
+
+def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
+    from llm_router.redis_users import ROLES, acl_text
+
+    passwords = {role: f"pw-{role}-0123456789" for role in ROLES}
+    text = acl_text(passwords, prefix="lab:")
+    assert "user default off" in text and not [pw for pw in passwords.values() if pw in text]
+    assert "~lab:*" in text and "&lab:events" in text and "llm:" not in text
