@@ -1,12 +1,11 @@
 """The benchmark suite: the router measured side by side with direct calls to the same engine.
 
-    python scripts/bench.py ... | python -m scripts.bench ...   # what ./dev.sh bench runs
-
     ./dev.sh bench                 # full run (< 5 min): prints the table
     ./dev.sh bench --quick         # about 1 min
     ./dev.sh bench --smoke         # a few requests per section (the test suite runs this)
     ./dev.sh bench --json out.json # also write every raw figure
     ./dev.sh bench --compare http://127.0.0.1:4000 --engine-port 18001   # + another proxy
+    python -m scripts.bench --quick   # the same program (./dev.sh bench runs scripts/bench.py)
 
 It starts everything it needs — a private redis-server, one worker whose models are mock
 engines (``scripts/mock_engine.py``), two routers — measures, stops every process it started

@@ -53,6 +53,7 @@ async def run(bench: Bench) -> None:
     bench.rows.append(Row("logs", "backlog at window end", {"router": float(drained)}, "lines",
                           "saturated: ceiling" if drained > pushed * 0.1 else "kept up"))
 
+
 async def log_delay(bench: Bench, probes: int) -> tuple[list[float], int]:
     """The engine prints an access-log line right after it writes a response; the delay is
     from the response reaching us to that line arriving on the router's log SSE."""
@@ -92,6 +93,7 @@ async def log_delay(bench: Bench, probes: int) -> tuple[list[float], int]:
         errors += probes
     errors += sum(1 for i in sent if i not in seen)
     return [(seen[i] - sent[i]) * 1e3 for i in sent if i in seen], errors
+
 
 async def drain(rds: Any, key: str, timeout: float = 15.0) -> int:
     """Wait until the worker has shipped what it had queued (the stream stops growing)."""

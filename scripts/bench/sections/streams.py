@@ -51,6 +51,7 @@ async def run(bench: Bench) -> None:
         bench.rows.append(Row(sec, "router RSS peak", {"router": rss_peak}, "MB", f"{rss_peak - rss_base:+.1f} MB",
                               "< 150 MB", rss_peak < 150))
 
+
 async def concurrent_streams(bench: Bench, t: Target, n: int, ramp: float) -> dict:
     tokens = bench.opts.stream_tokens
     raw = t.chat(True, tokens)
