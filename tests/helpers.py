@@ -296,3 +296,23 @@ def chat_body(model: str, *, stream: bool = False, max_tokens: int | None = None
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     return body
+
+
+# --------------------------------------------------------------------------- a whole stack
+
+# Worker ids are per host: a concurrent suite's worker "w1" on this machine would refuse ours
+# or reap our engines as its orphans (worker/orphans.py), so each session has its own id.
+STACK_WORKER = f"w{os.getpid()}"
+
+
+def start_stack(procs: Processes, redis_url: str, tmp_path: Path, toml: str) -> str:
+    """Worker ``STACK_WORKER`` + router, as real processes; returns the router's URL once it
+    lists two models. ``toml``: a host config with ``%(engine)s``, ``%(port)d`` and
+    ``%(port_end)d`` to fill (the client and dashboard suites)."""
+    config = tmp_path / "models.toml"
+    engines = free_port()  # a range of our own: a concurrent suite's engine still loading holds no port yet
+    config.write_text(toml % {"engine": MOCK_ENGINE, "port": engines, "port_end": engines + 19})
+    start_worker(procs, redis_url, config, STACK_WORKER)
+    router = start_router(procs, redis_url)
+    wait_models(router, 2, timeout=30)
+    return router.url

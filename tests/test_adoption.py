@@ -23,7 +23,7 @@ import redis as redis_sync
 from conftest import MOCK_ENGINE, ROOT, wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router, wait_routable
 from llm_router.redis_server import RedisServer, free_port
-from test_worker import KEYS, Worker, alive, model, processes_of, worker  # noqa: F401 (fixture)
+from worker_helpers import KEYS, Worker, alive, model, processes_of, worker  # noqa: F401 (fixture)
 
 COUNTING_ENGINE = '''
 import http.server, sys, threading, time

@@ -44,3 +44,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):
         value = rows[("50 viewers", metric)]["values"]["router"]
         assert value == value and value > 0, (metric, rows[("50 viewers", metric)])
+
+
+def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
+    """``python -m scripts.bench`` is the same program as ``scripts/bench.py`` (the package's
+    ``__main__``); its sections come from ``scripts/bench/sections``."""
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "chat,stream,streams,logs,propagation,viewers" in proc.stdout
+

@@ -35,10 +35,10 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
-from conftest import ROOT, MOCK_ENGINE, role_url, wait_for
+from conftest import ROOT, wait_for
+from helpers import STACK_WORKER as WORKER, start_stack
 from llm_router import client
 from llm_router.client import format_log, json_events
-from llm_router.redis_server import free_port
 
 
 def cli_group() -> click.Group:
@@ -404,10 +404,6 @@ def test_unreachable_router_is_one_line_and_exit_3(command: str) -> None:
 
 # --------------------------------------------------------------------------- the real stack
 
-# Worker ids are per host: a concurrent suite's worker "w1" on this machine would refuse ours
-# or reap our engines as its orphans (worker/orphans.py), so each session has its own id.
-WORKER = f"w{os.getpid()}"
-
 STACK_TOML = """
 [worker]
 port_range = [%(port)d, %(port_end)d]
@@ -428,35 +424,8 @@ startup_timeout = 20
 """
 
 
-def start_stack(procs, redis_url: str, tmp_path: Path, toml: str = STACK_TOML) -> str:
-    """Worker ``WORKER`` + router on real processes; returns the router URL once it lists models.
-    ``toml`` is a host config with ``%(engine)s``, ``%(port)d`` and ``%(port_end)d`` to fill."""
-    config = tmp_path / "models.toml"
-    engines = free_port()  # a range of our own: a concurrent suite's engine still loading holds no port yet
-    config.write_text(toml % {"engine": MOCK_ENGINE, "port": engines, "port_end": engines + 19})
-    port = free_port()
-    procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
-                 "--redis", role_url(redis_url, "worker"), "--worker-id", WORKER], name="worker",
-                stop_signal=signal.SIGINT)
-    router = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", role_url(redis_url, "router"),
-                          "--port", str(port)], name="router")
-    url = f"http://127.0.0.1:{port}"
-
-    def listed() -> bool:
-        if router.poll() is not None:
-            raise AssertionError(f"router exited: {procs.log(router)}")
-        try:
-            result = CliRunner().invoke(cli_group(), ["models", "--json", "--url", url])
-        except Exception:
-            return False
-        return result.exit_code == 0 and len(json.loads(result.output)["data"]) >= 2
-
-    wait_for(listed, timeout=30, interval=0.2, message="router listing the worker's models")
-    return url
-
-
 def test_real_stack_start_models_logs_stop(procs, redis_url: str, tmp_path: Path) -> None:
-    url = start_stack(procs, redis_url, tmp_path)
+    url = start_stack(procs, redis_url, tmp_path, STACK_TOML)
 
     result = run_cli("models", "--url", url)
     assert result.exit_code == 0, result.output
@@ -501,7 +470,7 @@ def test_real_stack_start_models_logs_stop(procs, redis_url: str, tmp_path: Path
 
 
 def test_real_stack_failed_start_and_unknown_model(procs, redis_url: str, tmp_path: Path) -> None:
-    url = start_stack(procs, redis_url, tmp_path)
+    url = start_stack(procs, redis_url, tmp_path, STACK_TOML)
     result = CliRunner().invoke(cli_group(), ["start", "doomed", "--url", url, "--timeout", "30"])
     assert result.exit_code == 1, result.output
     assert "doomed failed to start" in result.output

@@ -24,7 +24,7 @@ import pytest
 import tornado.web
 
 from conftest import ROOT, wait_for
-from test_client_cli import WORKER, start_stack
+from helpers import STACK_WORKER as WORKER, start_stack
 from router.dashboard import STATIC_DIR, dashboard_routes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

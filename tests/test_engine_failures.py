@@ -13,7 +13,7 @@ from conftest import ROOT
 from helpers import chat_body, request
 from llm_router.config import parse_config
 from llm_router.hostcheck import find_program, host_problems
-from test_worker import model, processes_of, worker  # noqa: F401  (the fixture)
+from worker_helpers import model, processes_of, worker  # noqa: F401  (the fixture)
 
 
 def test_an_engine_exiting_0_unasked_is_restarted(worker):  # noqa: F811

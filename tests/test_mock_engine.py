@@ -153,9 +153,7 @@ def test_startup_delay_binds_port_only_when_loaded(mock_engine, procs):
 def test_sigterm_during_startup_delay_exits_promptly(mock_engine, procs):
     proc, _ = mock_engine("--startup-delay", "30")
     wait_for(lambda: "loading model" in procs.log(proc), message="loading lines")
-    began = time.monotonic()
-    assert procs.stop(proc, timeout=5) == 0
-    assert time.monotonic() - began < 3
+    assert procs.stop(proc, timeout=5) == 0  # exited on SIGTERM: not killed 5 s later (-9)
 
 
 def test_ignore_sigterm_survives_sigterm(mock_engine, procs):
@@ -346,10 +344,12 @@ def test_hang_mid_stream(mock_engine):
     assert stats(base)["active_streams"] == 0
 
 
-def test_chatty_reaches_its_rate_and_quiet_drops_access_log(mock_engine, procs):
+def test_chatty_prints_numbered_lines_and_quiet_drops_access_log(mock_engine, procs):
+    # The rate it reaches is a figure for scripts/bench.py (--log-rate), not for a test on a
+    # loaded host: here, that the lines come, numbered, none lost.
     proc, base = start(mock_engine, "--chatty", "50000", "--quiet")
-    began = time.monotonic()
-    wait_for(lambda: procs.log(proc).count("chatty ") >= 50000, timeout=5, interval=0.1,
-             message="50000 chatty lines")
-    assert time.monotonic() - began < 3
+    wait_for(lambda: procs.log(proc).count("chatty ") >= 5000, interval=0.1, message="5000 chatty lines")
+    whole = procs.log(proc).rsplit("\n", 1)[0]  # the last line may be half written
+    numbers = [int(line.split()[1].rstrip(":")) for line in whole.splitlines() if line.startswith("chatty ")]
+    assert numbers == list(range(len(numbers)))
     assert "GET /health" not in procs.log(proc)

@@ -19,7 +19,7 @@ from helpers import (
     SseStream, chat_body, get_json, model_block, request, start_router, start_worker, wait_models, wait_status,
     write_config,
 )
-from llm_router.protocol import Keys, usage_of
+from llm_router.protocol import Keys, log_entry, usage_of
 
 SLOW = ["--tokens-per-second", "4", "--max-tokens", "400"]  # a stream that lasts as long as a test needs
 
@@ -139,21 +139,32 @@ def test_eviction_stops_the_lru_idle_model_never_a_busy_one_else_503(procs, redi
         busy.close()
 
 
+def idle_stop_at(rds, model: str) -> float | None:
+    """When the worker decided to stop ``model`` as idle: its own timestamp of the event it
+    logs (None before then)."""
+    return next((e.timestamp for _, f in rds.xrange(Keys().logs(model))
+                 if "(idle_ttl)" in (e := log_entry(f)).message), None)
+
+
 def test_idle_ttl_unloads_an_unused_model_and_not_a_used_one(procs, redis_url, rds, tmp_path):
     wid = uid("w")
-    cfg = write_config(tmp_path / "idle.toml", model_block("unused", idle_ttl=1.5),
-                       model_block("used", idle_ttl=1.5, engine_args=SLOW))
+    ttl = 1.5
+    cfg = write_config(tmp_path / "idle.toml", model_block("unused", idle_ttl=ttl),
+                       model_block("used", idle_ttl=ttl, engine_args=SLOW))
     start_worker(procs, redis_url, cfg, wid)
     router = start_router(procs, redis_url)
     wait_models(router, 2)  # the worker has published its catalog
-    for m in ("unused", "used"):
-        assert request("POST", f"{router.url}/api/models/{m}/start", timeout=30).status == 200
+    assert request("POST", f"{router.url}/api/models/used/start", timeout=30).status == 200
     stream = open_stream(router, "used")
     try:
-        began = time.monotonic()
+        wait_inflight(rds, "used", 1)  # the reaper reads the request in flight from here on
+        assert request("POST", f"{router.url}/api/models/unused/start", timeout=30).status == 200
+        stop_at = wait_for(lambda: idle_stop_at(rds, "unused"), timeout=15, message="unused stopped as idle")
         wait_status(router, "unused", "stopped", timeout=15)
-        assert time.monotonic() - began >= 1.0  # not before its ttl (started just before)
-        time.sleep(0.1)  # the reaper's next round saw "used" too
+        # not before its ttl, by the worker's own clock (this test's may lag on a loaded host)
+        assert stop_at - float(rds.hget(Keys().instance("unused", wid), "started_at")) >= ttl
+        # the round that stopped "unused" found "used" idle for longer (started before it,
+        # its request before that), and kept it: a request is in flight
         assert wait_status(router, "used", "running")
         assert stream.event()  # and its request is still being served
     finally:

@@ -14,7 +14,7 @@ from conftest import MOCK_ENGINE, ROOT, wait_for
 from helpers import get_json
 from llm_router.config import ConfigError, parse_config
 from llm_router.presets import warnings
-from test_worker import worker  # noqa: F401  (the fixture)
+from worker_helpers import worker  # noqa: F401  (the fixture)
 
 
 def one(text: str):

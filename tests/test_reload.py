@@ -8,7 +8,7 @@ import signal
 from conftest import wait_for
 from llm_router.config import parse_config
 from llm_router.protocol import CatalogEntry, from_json
-from test_worker import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
+from worker_helpers import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
 from worker.idle import poll_interval
 from worker.reload import plan_reload
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import threading
-import time
 
 import pytest
 
@@ -69,20 +67,16 @@ def test_chat_is_relayed_unchanged_with_router_headers(procs, redis_url, fake, m
 def test_stream_arrives_chunk_by_chunk(procs, redis_url, fake, mock_engine) -> None:
     fake.publish(CHAT)
     router = start_router(procs, redis_url)
-    serve_engine(mock_engine, fake, "--tokens-per-second", "20")
+    serve_engine(mock_engine, fake, "--hang-mid-stream")
     wait_routable(router, "chat")
-    started = time.monotonic()
     stream = chat_stream(router, 12)
     assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
     assert stream.headers["X-Accel-Buffering"] == "no"
-    first = stream.event()
-    first_at = time.monotonic() - started
-    events = stream.events_until(lambda ev: ev.get("data") == "[DONE]")
-    last_at = time.monotonic() - started
+    # The engine sends 2 chunks and then nothing, never ending its answer: they reach the
+    # client all the same (held back until the end, they would never come: the read fails).
+    first, second = stream.event(), stream.event()
     stream.close()
-    assert "choices" in first["data"] and events[-1]["data"] == "[DONE]"
-    # 12 tokens at 20/s take 0.6 s: the first must not wait for the last
-    assert last_at >= 0.5 and first_at < last_at - 0.35, (first_at, last_at)
+    assert "choices" in first["data"] and "choices" in second["data"]
 
 
 def test_client_disconnect_cancels_the_upstream_request(procs, redis_url, fake, mock_engine) -> None:
@@ -154,11 +148,10 @@ def test_engine_that_stalls_mid_stream_is_cut_after_the_idle_timeout(procs, redi
     router = start_router(procs, redis_url, env={"LLM_ROUTER_IDLE_TIMEOUT": "0.5"})
     engine = serve_engine(mock_engine, fake, "--hang-mid-stream", "--tokens-per-second", "50")
     wait_routable(router, "chat")
-    started = time.monotonic()
     stream = chat_stream(router, 50, timeout=10)
     events = stream.events_until(lambda ev: False)
     stream.close()
-    assert "idle" in events[-1]["data"]["error"]["message"] and time.monotonic() - started < 5
+    assert "idle" in events[-1]["data"]["error"]["message"]  # not cut: the 10 s read fails
     wait_for(lambda: engine_stats(engine)["active_streams"] == 0, timeout=3, message="the stalled stream closed")
 
 
@@ -289,23 +282,19 @@ def test_redis_outage_keeps_running_models_routable(procs, tmp_path, mock_engine
 def test_concurrent_streams_are_independent(procs, redis_url, fake, mock_engine) -> None:
     fake.publish(CHAT)
     router = start_router(procs, redis_url)
-    serve_engine(mock_engine, fake, "--tokens-per-second", "40")
+    engine = serve_engine(mock_engine, fake, "--hang-mid-stream")
     wait_routable(router, "chat")
-    results: list[int] = []
-
-    def one() -> None:
-        s = chat_stream(router, 10)
-        results.append(len(s.events_until(lambda ev: ev.get("data") == "[DONE]")))
-        s.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(results) == 8 and len(set(results)) == 1
-    assert time.monotonic() - started < 2  # 8 x 0.25 s streams ran side by side, not one after another
+    # Every answer sends 2 chunks and then never ends: 8 of them are under way side by side,
+    # each with its own chunks (one after another, the second would never begin).
+    streams = [chat_stream(router, 10) for _ in range(8)]
+    try:
+        for s in streams:
+            assert s.status == 200 and all("choices" in s.event()["data"] for _ in range(2))
+        assert engine_stats(engine)["active_streams"] == 8
+    finally:
+        for s in streams:
+            s.close()
+    wait_for(lambda: engine_stats(engine)["active_streams"] == 0, message="the 8 answers cancelled")
 
 
 def test_shutdown_lets_a_stream_in_flight_finish(procs, redis_url, fake, mock_engine) -> None:

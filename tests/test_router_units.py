@@ -175,20 +175,24 @@ def test_model_status_prefers_running_then_starting() -> None:
 
 
 def test_wait_until_wakes_on_an_update_not_by_polling() -> None:
-    async def scenario() -> tuple[bool, float, list]:
+    async def scenario() -> tuple[bool, bool, list]:
         view = ClusterView(None, None)  # type: ignore[arg-type]
         view.apply_snapshot(snapshot({"w1": [CHAT]}))
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.05, view.apply_event,
-                        Event(kind="instance", worker="w1", instance=inst("chat", "w1")))
-        started = loop.time()
-        found = await view.wait_until(lambda: view.running_instances("chat"), timeout=5)
-        waited = loop.time() - started
+        waiter = asyncio.create_task(view.wait_until(lambda: view.running_instances("chat"), timeout=60))
+        await asyncio.sleep(0)  # it looks, finds nothing, and waits
+        assert not waiter.done()
+        view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1")))
+        for _ in range(5):  # a few loop turns, no time: only the update itself can wake it
+            if waiter.done():
+                break
+            await asyncio.sleep(0)
+        woken = waiter.done()
+        found = await waiter
         missing = await view.wait_until(lambda: view.running_instances("nope"), timeout=0.05)
-        return bool(found), waited, missing
+        return bool(found), woken, missing
 
-    found, waited, missing = asyncio.run(scenario())
-    assert found and waited < 1.0 and missing == []
+    found, woken, missing = asyncio.run(scenario())
+    assert found and woken and missing == []
 
 
 # --------------------------------------------------------------------------- placement and control

@@ -15,10 +15,10 @@ from conftest import ROOT, role_url, wait_for
 from helpers import FakeWorker, chat_body, request, start_router, wait_routable
 from llm_router.protocol import CatalogEntry, Keys, command_of
 from llm_router.redis_server import free_port
+from raw_engine import engine  # noqa: F401  (the fixture)
 from router.auth import AccessPolicy, KeyFileError, KeyRing, Role, parse_keys, required_role, startup_refusal
 from router.responses import ApiError
 from router.upstream import forward_headers
-from test_hostile import engine  # noqa: F401 (the RawEngine fixture)
 
 CLIENT_KEY = "client-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"

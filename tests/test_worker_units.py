@@ -4,6 +4,7 @@ the log pipe's behaviour when Redis goes away and comes back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 

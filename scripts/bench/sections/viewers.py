@@ -13,14 +13,10 @@ into the stream at ``PROBE_HZ``: the delay from ``XADD`` to each viewer's receip
 fan-out latency (every viewer must receive every line: a missing one is an error), and the
 router's CPU time over those deliveries, per delivery, what the fan-out costs.
 
-Descriptors: each viewer is one socket in this process and one in the router. ``bench.py``
+Descriptors: each viewer is one socket in this process and one in the router. The bench
 lifts this process's soft ``RLIMIT_NOFILE`` to the hard limit and the routers inherit it (the
 router also lifts its own, ``router/app.py``); with a hard limit below ``viewers`` + 200 the
 section runs fewer viewers and says so in the table.
-
-Runs in the bench's own process and loop; ``kit`` is ``scripts/bench.py`` itself (its HTTP
-client, ``Row``, ``pct``, ``rss_mb``), passed in rather than imported, since bench.py runs as
-``__main__``.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from types import ModuleType
 from typing import Any
 
 import psutil
@@ -36,20 +31,25 @@ import psutil
 from llm_router.protocol import Keys, LogEntry, log_fields
 from llm_router.redis_url import async_client
 
+from ..client import Response, Target, now
+from ..cluster import FAST, LOGS, PROP
+from ..context import Bench
+from ..procs import cpu_seconds, rss_mb
+from ..report import Row
+from ..stats import pct
+
 WAVE = 250  # viewers connecting at once
 LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/options.py)
 PROBE_HZ = 1.0  # log lines/s written to the viewers' stream, after the control plane is measured
 PROBES = 5
 WINDOW = 15.0  # s: the most one control-plane figure is sampled for
 MARK = "bench-viewer-probe-"
-now = time.perf_counter
 
 
 class Viewers:
     """Open log streams and what they received: connect times, probe arrivals, errors."""
 
-    def __init__(self, kit: ModuleType, router: Any, path: str) -> None:
-        self.kit = kit
+    def __init__(self, router: Target, path: str) -> None:
         self.router = router
         self.raw = router.raw("GET", path)
         self.conns: list[Any] = []
@@ -86,7 +86,7 @@ class Viewers:
             self.error(f"connect: {exc}")
             return
         self.conns.append(conn)
-        resp = self.kit.Response(sse=True, on_frame=on_frame)
+        resp = Response(sse=True, on_frame=on_frame)
         done = conn.request(self.raw, resp)
 
         def ended(f: asyncio.Future) -> None:
@@ -111,7 +111,7 @@ class Viewers:
             conn.close()
 
 
-async def latencies(kit: ModuleType, router: Any, method: str, path: str, samples: int) -> list[float]:
+async def latencies(router: Target, method: str, path: str, samples: int) -> list[float]:
     """Up to ``samples`` sequential requests on one keep-alive connection, for at most
     ``WINDOW`` s; seconds each (non-200: NaN)."""
     conn = await router.connect()
@@ -121,7 +121,7 @@ async def latencies(kit: ModuleType, router: Any, method: str, path: str, sample
     try:
         while len(out) < samples and now() < end:
             t = now()
-            resp = await asyncio.wait_for(conn.request(raw, kit.Response()), 60)
+            resp = await asyncio.wait_for(conn.request(raw, Response()), 60)
             out.append(now() - t if resp.status == 200 else float("nan"))
             if conn.closed:
                 conn = await router.connect()
@@ -130,7 +130,7 @@ async def latencies(kit: ModuleType, router: Any, method: str, path: str, sample
     return out
 
 
-async def real_starts(bench: Any, model: str, cycles: int) -> list[float]:
+async def real_starts(bench: Bench, model: str, cycles: int) -> list[float]:
     """Start (through the worker, waited for) and stop ``model`` ``cycles`` times; seconds per start."""
     out = []
     router = bench.cluster.routers[0]
@@ -149,12 +149,12 @@ def redis_connections(pid: int, redis_port: int) -> int:
         return -1
 
 
-async def control_plane(bench: Any, kit: ModuleType) -> dict[str, list[float]]:
+async def control_plane(bench: Bench) -> dict[str, list[float]]:
     o, router = bench.opts, bench.cluster.routers[0]
     return {
-        "health": await latencies(kit, router, "GET", "/health", o.viewer_samples),
-        "start": await latencies(kit, router, "POST", f"/api/models/{kit.FAST}/start", o.viewer_samples),
-        "real_start": await real_starts(bench, kit.PROP, o.viewer_starts),
+        "health": await latencies(router, "GET", "/health", o.viewer_samples),
+        "start": await latencies(router, "POST", f"/api/models/{FAST}/start", o.viewer_samples),
+        "real_start": await real_starts(bench, PROP, o.viewer_starts),
     }
 
 
@@ -168,12 +168,12 @@ async def write_probes(redis: Any, key: str, viewers: Viewers, count: int) -> No
 
 
 def fd_room(wanted: int) -> int:
-    """How many viewers this process's descriptor limit allows (bench.py has lifted it)."""
+    """How many viewers this process's descriptor limit allows (the bench has lifted it)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return max(0, min(wanted, soft - 200))
 
 
-async def run(bench: Any, kit: ModuleType) -> None:
+async def run(bench: Bench) -> None:
     """The section: adds its rows to ``bench.rows`` and its raw figures to ``bench.raw``."""
     cluster = bench.cluster
     if not cluster.routers:
@@ -183,28 +183,28 @@ async def run(bench: Any, kit: ModuleType) -> None:
     n = fd_room(wanted)
     sec = f"{wanted:,} viewers"
     pid, redis_port = cluster.router_pid, cluster.redis.port
-    model = kit.LOGS
+    model = LOGS
     bench.say(f"{n:,} log viewers on router A: control plane idle ...")
-    idle = await control_plane(bench, kit)
-    rss_idle, conns_idle = kit.rss_mb(pid), redis_connections(pid, redis_port)
+    idle = await control_plane(bench)
+    rss_idle, conns_idle = rss_mb(pid), redis_connections(pid, redis_port)
 
     bench.say(f"{n:,} log viewers on router A: connecting ...")
-    viewers = Viewers(kit, cluster.routers[0], f"/api/models/{model}/logs/stream")
+    viewers = Viewers(cluster.routers[0], f"/api/models/{model}/logs/stream")
     redis = async_client(cluster.redis.url)
     try:
         ramp_s = await viewers.open(n)
         connected = len(viewers.connect_s)
         bench.say(f"{connected:,} viewers connected in {ramp_s:.1f}s: control plane and fan-out ...")
-        rss_busy, conns_busy = kit.rss_mb(pid), redis_connections(pid, redis_port)
-        busy = await control_plane(bench, kit)
+        rss_busy, conns_busy = rss_mb(pid), redis_connections(pid, redis_port)
+        busy = await control_plane(bench)
         bench.say(f"fan-out: {PROBES} log lines, {PROBE_HZ:g}/s, to {connected:,} viewers ...")
-        cpu0 = kit.cpu_seconds(pid)
+        cpu0 = cpu_seconds(pid)
         await write_probes(redis, Keys().logs(model), viewers, PROBES)
         deadline = now() + 30
         while viewers.received < connected * len(viewers.sent) and now() < deadline:
             await asyncio.sleep(0.05)
-        cpu_us = (kit.cpu_seconds(pid) - cpu0) / max(viewers.received, 1) * 1e6
-        rss_peak = max(rss_busy, kit.rss_mb(pid))
+        cpu_us = (cpu_seconds(pid) - cpu0) / max(viewers.received, 1) * 1e6
+        rss_peak = max(rss_busy, rss_mb(pid))
     finally:
         viewers.close()
         await redis.aclose()
@@ -217,8 +217,6 @@ async def run(bench: Any, kit: ModuleType) -> None:
         "idle": idle, "busy": busy, "rss_mb": {"idle": rss_idle, "connected": rss_busy, "peak": rss_peak},
         "redis_connections": {"idle": conns_idle, "connected": conns_busy}, "router_cpu_us_per_delivery": cpu_us,
     }
-    pct, Row = kit.pct, kit.Row
-
     def ms(values: list[float], q: float) -> float:
         return pct([v for v in values if v == v], q) * 1e3
 

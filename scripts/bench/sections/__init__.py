@@ -1,0 +1,9 @@
+"""The sections, one module each, each an ``async def run(bench)`` that adds its rows to
+``bench.rows`` and its raw figures to ``bench.raw``; ``SECTIONS`` in the order they run."""
+
+from __future__ import annotations
+
+from . import chat, logs, propagation, stream, streams, viewers
+
+SECTIONS = {"chat": chat.run, "stream": stream.run, "streams": streams.run, "logs": logs.run,
+            "propagation": propagation.run, "viewers": viewers.run}
