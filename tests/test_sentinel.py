@@ -196,8 +196,10 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
             return len(connected) == len(pids)
 
         wait_for(everyone_switched, timeout=15, interval=0.02, message="worker and routers on the new master")
-        # when each process had its first command answered by the new master, by its own log
-        back = {name: _logged_at(procs.log(proc), RECONNECTED[name.split()[0]], killed_at)
+        # when each process had its first command answered by the new master, by its own log (a
+        # process may be connected through one client while another still waits out its back-off)
+        back = {name: wait_for(lambda: _logged_at(procs.log(proc), RECONNECTED[name.split()[0]], killed_at),
+                               timeout=15, interval=0.05, message=f"{name} to log its reconnection")
                 for name, proc in [("worker", worker), ("router A", routers[0].proc), ("router B", routers[1].proc)]}
         # the command in flight was answered (done, or a clear error): never a silent hang
         caught = inflight.result(timeout=30)
@@ -266,14 +268,14 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
 RECONNECTED = {"worker": "redis reachable again (heartbeat)", "router": "redis reachable: cluster view synced"}
 
 
-def _logged_at(log: str, phrase: str, after: float) -> float:
-    """The time of the first line of ``log`` with ``phrase`` logged after ``after``."""
+def _logged_at(log: str, phrase: str, after: float) -> float | None:
+    """The time of the first line of ``log`` with ``phrase`` logged after ``after`` (None: none yet)."""
     for line in log.splitlines():
         if phrase in line:
             at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if at > after:
                 return at
-    raise AssertionError(f"no {phrase!r} after the kill in:\n{log[-3000:]}")
+    return None
 
 
 def _chatty_lines(admin, after: float) -> tuple[list[int], bool]:
