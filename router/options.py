@@ -26,7 +26,7 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     upstream_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
     max_body_size: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     # Control plane.
-    start_timeout: Seconds = 300.0  # on-demand and /start wait at least this long for "running" (longer when the model's startup_timeout + 30 s is)
+    start_timeout: Seconds = 300.0  # the least on-demand and /start wait (a model's startup_timeout + 30 s can be more)
     # A streamed request waiting for its model to load gets an SSE comment this often, so that
     # clients, proxies and load balancers do not cut the idle connection (router/loading.py).
     loading_keepalive: Seconds = 5.0
