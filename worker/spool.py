@@ -152,13 +152,6 @@ class SpoolFile:
         if upto > self.freed and punch_hole(self.fd, self.freed, upto - self.freed):
             self.freed = upto
 
-    def on_disk(self) -> int:
-        """Bytes this file holds on disk (allocated blocks)."""
-        try:
-            return os.fstat(self.fd).st_blocks * 512
-        except OSError:
-            return 0
-
     def drop_until(self, cut: int) -> int:
         """Skip and free ``[read, cut')`` where ``cut'`` is the line end at or after ``cut``;
         return how many lines that was (the caller drops its unshipped lines in memory)."""
