@@ -19,6 +19,8 @@ llm:commands:{wid}              stream      router  ``Command`` fields; consumer
 llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
 llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/quotas.py)
+llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
 ==============================  ==========  ======  ==================================================
 """
 
@@ -86,6 +88,14 @@ class Keys:
 
     def used(self, model: str) -> str:
         return f"{self.prefix}used:{model}"
+
+    def quota_window(self, scope: str, name: str) -> str:
+        """A key's or group's (``scope``) requests and tokens of the last minute (router/quotas.py)."""
+        return f"{self.prefix}quota:{scope}:{name}"
+
+    def quota_leases(self, scope: str, name: str) -> str:
+        """A key's or group's requests in flight, one lease per request (router/quotas.py)."""
+        return f"{self.prefix}quota:{scope}:{name}:inflight"
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

@@ -31,7 +31,7 @@ class RequestRecord:
     """What one forwarded request did; filled in by the handler and the proxy."""
 
     __slots__ = ("method", "path", "received_at", "model", "worker", "first_byte_at", "streamed", "tail",
-                 "prev_tail", "retries", "error")
+                 "prev_tail", "retries", "error", "caller", "lease", "events")
 
     def __init__(self, method: str, path: str, received_at: float) -> None:
         self.method = method
@@ -45,11 +45,16 @@ class RequestRecord:
         self.prev_tail = b""
         self.retries = 0  # instances tried in vain before this one
         self.error = ""  # upstream failure kind: connect, timeout, broken
+        self.caller = None  # the key's ``KeyProfile`` (name, limits) when the keys file gave one
+        self.lease = None  # its quota ``Lease`` (router/quotas.py), settled when the request ends
+        self.events = -1  # SSE events relayed, counted (from 0) only to estimate tokens for a quota
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte_at == 0.0:
             self.first_byte_at = time.monotonic()
         self.prev_tail, self.tail = self.tail, data
+        if self.events >= 0:
+            self.events += data.count(b"\ndata:") + data.startswith(b"data:")
 
     def recent(self, n: int = TAIL_BYTES) -> bytes:
         """The last ``n`` bytes relayed (as far as the last two chunks reach)."""

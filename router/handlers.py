@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
 from router.accesslog import CLIENT_GONE, RequestRecord
-from router.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from router.auth import COOKIE, SAFE_METHODS, AccessPolicy, KeyProfile
 from router.debug import debug_stats
 from router.limits_http import check_forward_path, check_query
 from router.metrics import CONTENT_TYPE
@@ -41,6 +41,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.services = services
         self._work: asyncio.Task | None = None
         self._client_gone = False
+        self.caller: KeyProfile | None = None  # the key's name and limits (structured keys files)
 
     # --- checks before the body ---
 
@@ -52,7 +53,7 @@ class BaseHandler(tornado.web.RequestHandler):
             authorization = req.headers.get("Authorization")
             # the cookie counts only without a header and on a safe method: parse it only then
             cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
-            access.check(method, req.path, authorization, cookie)
+            self.caller = access.check(method, req.path, authorization, cookie)
         self.check_request()
 
     def check_request(self) -> None:
@@ -273,6 +274,7 @@ class ProxyHandler(BaseHandler):
         self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
         self._chunks: list[bytes] = []
         super().prepare()
+        self._record.caller = self.caller
 
     def check_request(self) -> None:
         check_forward_path(self.request.path)

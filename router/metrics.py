@@ -65,6 +65,10 @@ class RouterMetrics:
                                registry=r)
         self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
                                registry=r)
+        self.quota_rejections = Counter("llm_router_quota_rejections", "Requests refused (429) by a key's or "
+                                        "group's quota (router/quotas.py)", ["key", "scope", "reason"], registry=r)
+        self.quota_redis_errors = Counter("llm_router_quota_redis_errors", "Quota checks or settlements that "
+                                          "failed on Redis (admitted unchecked when failing open)", registry=r)
         self._children: dict[tuple, object] = {}
         if view is not None:
             r.register(ClusterCollector(view))
@@ -81,6 +85,13 @@ class RouterMetrics:
 
     def ended(self, model: str) -> None:
         self._child(self.in_flight, model).dec()
+
+    def quota_rejected(self, name: str, scope: str, reason: str) -> None:
+        """A quota refused a request (``scope``: key or group; ``reason``: rpm, tpm, concurrency)."""
+        self._child(self.quota_rejections, name, scope, reason).inc()
+
+    def quota_redis_error(self) -> None:
+        self.quota_redis_errors.inc()
 
     def abort(self, model: str, reason: str) -> None:
         """The router ended a request early (``reason``: ``write_timeout``)."""

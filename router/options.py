@@ -9,7 +9,7 @@ change and tests can shorten them.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Mapping
+from typing import Annotated, Literal, Mapping
 
 import msgspec
 
@@ -38,6 +38,11 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # (per model, per router) for at most queue_timeout, else 429 with Retry-After.
     queue_limit: Annotated[int, msgspec.Meta(ge=0)] = 100
     queue_timeout: Seconds = 60.0
+    # Quotas of keys with limits (router/quotas.py): a request in flight holds a lease this
+    # long, renewed by its router (a dead router's leases expire after it); with Redis
+    # unreachable, "open" admits unchecked, "closed" refuses (503).
+    quota_lease_ttl: Annotated[float, msgspec.Meta(ge=0.3)] = 10.0
+    quota_redis_down: Literal["open", "closed"] = "open"
     # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
     usage_interval: Seconds = 1.0
     # Log streaming (SSE).

@@ -40,6 +40,7 @@ from router.upstream import (
     ConnectFailed, InvalidHeader, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout,
     forward_headers,
 )
+from router.quotas import Quotas
 from router.usage import UsageReporter
 from router.view import ClusterView
 
@@ -153,8 +154,9 @@ class ProxyRequest(msgspec.Struct, kw_only=True):
 class Proxy:
     def __init__(self, view: ClusterView, control: ControlClient, balancer: Balancer, upstream: Upstream,
                  options: RouterOptions, metrics: RouterMetrics | None = None,
-                 usage: UsageReporter | None = None) -> None:
+                 usage: UsageReporter | None = None, quotas: Quotas | None = None) -> None:
         self.metrics = metrics or RouterMetrics()
+        self.quotas = quotas  # cluster-wide limits of keys that have some (router/quotas.py)
         self.usage = usage  # reports use of each model (idle unload, eviction)
         self.limits = Limits(options.queue_limit, options.queue_timeout)
         self.view = view
@@ -177,6 +179,10 @@ class Proxy:
         rec.model = model
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
+        if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
+            rec.lease = await self.quotas.admit(rec.caller, len(req.body))
+            if rec.lease is not None and rec.lease.counts_tokens:
+                rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise ApiError(503, f"model '{name}' is not running", "model_not_running")
@@ -225,17 +231,20 @@ class Proxy:
         try:
             # Counted as use of the model (idle unload, eviction) while queued or served.
             with self.usage.track(model) if self.usage else _NOOP:
-                async with self._slot(model, max_concurrency):
+                async with self._slot(model, max_concurrency, rec):
                     await self._relay(model, name, req, sink, rec)
         finally:
             self.metrics.ended(model)
 
-    def _slot(self, model: str, max_concurrency: int) -> AbstractAsyncContextManager[None]:
-        """A concurrency slot of ``model`` (queued or 429); without ``max_concurrency``, a
-        shared no-op: no limiter machinery on the hot path."""
+    def _slot(self, model: str, max_concurrency: int, rec: RequestRecord) -> AbstractAsyncContextManager[None]:
+        """A concurrency slot of ``model`` (queued in the key's lane, or 429); without
+        ``max_concurrency``, a shared no-op: no limiter machinery on the hot path."""
         if max_concurrency <= 0:
             return _NOOP
-        return self.limits.admit(model, max_concurrency * len(self.view.running_instances(model)))
+        capacity = max_concurrency * len(self.view.running_instances(model))
+        if (caller := rec.caller) is None:
+            return self.limits.admit(model, capacity)
+        return self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight)
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the least busy instance; on a connection failure, the next one."""

@@ -30,6 +30,7 @@ from router.manage import Manager
 from router.metrics import RouterMetrics
 from router.options import RouterOptions
 from router.proxy import Proxy
+from router.quotas import Quotas
 from router.upstream import Upstream
 from router.usage import UsageReporter
 from router.view import ClusterView
@@ -60,8 +61,10 @@ class Services:
         self.upstream = Upstream(self.options)
         self.metrics = RouterMetrics(self.view)
         self.access_log = AccessLog(self.options.access_log)
+        self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
+                             self.options.quota_redis_down, self.metrics)
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
-                           usage=self.usage)
+                           usage=self.usage, quotas=self.quotas)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
         self.log_pages = pooled(redis_url, self.options.log_connections, wait=30.0)
         self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)
@@ -74,10 +77,13 @@ class Services:
         usage = usage_of(rec, status)
         self.metrics.observe(rec, status, ended_at, usage)
         self.access_log.add(rec, status, ended_at, usage)
+        if rec.lease is not None:
+            self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
     async def start(self) -> None:
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
+        self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -90,9 +96,11 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        if task := getattr(self, "_usage_task", None):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for task in (getattr(self, "_usage_task", None), getattr(self, "_quota_task", None)):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.quotas.close()
         await self.view.close()
         await self.upstream.close()
         self.access_log.flush()

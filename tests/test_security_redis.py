@@ -60,6 +60,8 @@ def test_worker_and_router_work_with_their_acl_users(procs, redis_urls, rds, tmp
                     lambda: rt.xreadgroup("workers", "thief", {keys.commands(wid): ">"}, count=1)):
         with pytest.raises(redis_sync.exceptions.NoPermissionError):
             attempt()
+    with pytest.raises(redis_sync.exceptions.ResponseError, match="(?i)permission|can't run"):  # quotas' EVAL:
+        rt.eval("return redis.call('DEL', KEYS[1])", 1, lease)  # a script runs with the router's rights only
     rt.close()
     assert len(acl_log(rds)) >= 1  # what the suite's per-test check (conftest) fails on
     rds.execute_command("ACL", "LOG", "RESET")  # these denials were the point

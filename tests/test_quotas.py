@@ -1,0 +1,294 @@
+"""Per-key quotas across routers (router/quotas.py) and fair queuing across keys
+(router/limits.py), end to end: real routers sharing the session Redis, a real mock engine
+announced by ``FakeWorker``, keys from a real TOML keys file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import wait_for
+from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
+from llm_router.protocol import CatalogEntry, Keys
+
+KEYS = {name: f"{name}-key-0123456789abcdef" for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "prio")}
+KEYS_TOML = f"""
+[groups.lab]
+rpm = 4
+
+[[keys]]
+name = "alice"
+key = "{KEYS['alice']}"
+rpm = 6
+
+[[keys]]
+name = "bob"
+key = "{KEYS['bob']}"
+max_concurrent = 2
+
+[[keys]]
+name = "carol"
+key = "{KEYS['carol']}"
+tpm = 40
+
+[[keys]]
+name = "dave"
+key = "{KEYS['dave']}"
+group = "lab"
+
+[[keys]]
+name = "erin"
+key = "{KEYS['erin']}"
+group = "lab"
+
+[[keys]]
+name = "frank"
+key = "{KEYS['frank']}"
+
+[[keys]]
+name = "gina"
+key = "{KEYS['gina']}"
+
+[[keys]]
+name = "prio"
+key = "{KEYS['prio']}"
+priority = 1
+"""
+CHAT = CatalogEntry(id="chat", mode="chat", on_demand=False)
+ONE_AT_A_TIME = CatalogEntry(id="chat", mode="chat", on_demand=False, max_concurrency=1)
+LEASE_TTL = 1.0
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def chat(router, name: str, **kw) -> "object":
+    return request("POST", f"{router.url}/v1/chat/completions", chat_body("chat", **kw), headers=auth(name))
+
+
+def stream(router, name: str, max_tokens: int, **kw) -> SseStream:
+    s = SseStream(f"{router.url}/v1/chat/completions", method="POST", headers=auth(name),
+                  body=chat_body("chat", stream=True, max_tokens=max_tokens, **kw))
+    assert s.status == 200
+    assert s.event()  # the engine has begun: the request holds its lease
+    return s
+
+
+def routers(procs, redis_url, keys_file, count: int = 2, **env: str) -> list:
+    env = {"LLM_ROUTER_API_KEYS_FILE": str(keys_file), "LLM_ROUTER_QUOTA_LEASE_TTL": str(LEASE_TTL),
+           "LLM_ROUTER_READ_ACCESS": "public", **env}
+    found = [start_router(procs, redis_url, env=env) for _ in range(count)]
+    for r in found:
+        wait_routable(r, "chat")
+    return found
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS_TOML)
+    return path
+
+
+@pytest.fixture
+def engine(rds, mock_engine):
+    """A slow-ish mock engine (50 tokens/s) running ``chat``; returns the fake worker."""
+    fake = FakeWorker(rds, "w1")
+    fake.publish(CHAT)
+    _, url = mock_engine("--quiet", "--tokens-per-second", "50", model="chat")
+    wait_engine(url)
+    fake.instance("chat", "running", url)
+    return fake
+
+
+def tokens_charged(rds, scope: str, name: str) -> int:
+    window = rds.hgetall(Keys().quota_window(scope, name))
+    return sum(int(v) for k, v in window.items() if k.endswith("t"))
+
+
+def assert_429(resp, reason_words: str, subject: str) -> int:
+    assert resp.status == 429, resp.body
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert subject in error["message"] and reason_words in error["message"], error["message"]
+    retry = int(resp.headers["Retry-After"])
+    assert 1 <= retry <= 60
+    return retry
+
+
+def test_rpm_holds_across_two_routers_exactly(procs, redis_url, engine, keys_file) -> None:
+    r1, r2 = routers(procs, redis_url, keys_file)
+    statuses = [chat(r, "alice", max_tokens=1).status for r in (r1, r2) * 4]
+    assert statuses == [200] * 6 + [429] * 2
+    retry = assert_429(chat(r2, "alice", max_tokens=1), "6 of 6 requests per minute", "key 'alice'")
+    assert retry > 50  # the first request of the window leaves it a minute after it came
+    assert chat(r1, "frank", max_tokens=1).status == 200  # another key is not affected
+    metrics = request("GET", f"{r2.url}/metrics", headers=auth("frank")).body.decode()
+    assert 'llm_router_quota_rejections_total{key="alice",reason="rpm",scope="key"}' in metrics
+
+
+def test_group_limit_is_shared_by_its_keys(procs, redis_url, engine, keys_file) -> None:
+    r1, r2 = routers(procs, redis_url, keys_file)
+    assert [chat(r1, "dave", max_tokens=1).status for _ in range(2)] == [200, 200]
+    assert [chat(r2, "erin", max_tokens=1).status for _ in range(2)] == [200, 200]
+    assert_429(chat(r1, "dave", max_tokens=1), "requests per minute", "group 'lab'")
+    assert_429(chat(r2, "erin", max_tokens=1), "requests per minute", "group 'lab'")
+
+
+def test_concurrency_holds_across_routers_and_leases_outlive_their_ttl(procs, redis_url, engine, keys_file) -> None:
+    r1, r2 = routers(procs, redis_url, keys_file)
+    first, second = stream(r1, "bob", 400), stream(r2, "bob", 400)  # 8 s each
+    assert_429(chat(r1, "bob", max_tokens=1), "2 of 2 concurrent requests", "key 'bob'")
+    time.sleep(3 * LEASE_TTL)  # the subject: leases are renewed while their requests run
+    assert_429(chat(r2, "bob", max_tokens=1), "2 of 2 concurrent requests", "key 'bob'")
+    first.close()  # the client leaves: its lease goes with its request
+    wait_for(lambda: chat(r2, "bob", max_tokens=1).status == 200, timeout=5, message="bob's slot freed")
+    second.close()
+
+
+def test_a_killed_routers_leases_expire(procs, redis_url, engine, keys_file) -> None:
+    r1, r2 = routers(procs, redis_url, keys_file)
+    held = [stream(r1, "bob", 400), stream(r1, "bob", 400)]
+    assert_429(chat(r2, "bob", max_tokens=1), "concurrent requests", "key 'bob'")
+    r1.proc.send_signal(signal.SIGKILL)
+    r1.proc.wait(5)
+    killed_at = time.monotonic()
+    wait_for(lambda: chat(r2, "bob", max_tokens=1).status == 200, timeout=5 * LEASE_TTL,
+             message="the dead router's leases to expire")
+    assert time.monotonic() - killed_at < 3 * LEASE_TTL
+    for s in held:
+        s.close()
+
+
+def test_tpm_counts_reported_and_estimated_tokens(procs, redis_url, engine, rds, keys_file) -> None:
+    (r1, r2) = routers(procs, redis_url, keys_file)
+    resp = chat(r1, "carol", max_tokens=5)
+    total = resp.json()["usage"]["total_tokens"]
+    wait_for(lambda: tokens_charged(rds, "key", "carol") == total, message="non-streamed usage charged")
+    s = stream(r2, "carol", 5, stream_options={"include_usage": True})
+    usage = [ev["data"]["usage"] for ev in s.events_until(lambda ev: ev.get("data") == "[DONE]")
+             if isinstance(ev.get("data"), dict) and ev["data"].get("usage")]
+    s.close()
+    assert len(usage) == 1
+    wait_for(lambda: tokens_charged(rds, "key", "carol") == total + usage[0]["total_tokens"],
+             message="streamed usage charged")
+    before = tokens_charged(rds, "key", "carol")
+    body = chat_body("chat", stream=True, max_tokens=5)
+    s = stream(r1, "carol", 5)  # no usage chunk: estimated
+    events = 1 + len(s.events_until(lambda ev: ev.get("data") == "[DONE]"))
+    s.close()
+    estimate = len(json.dumps(body).encode()) // 4 + events - 1
+    wait_for(lambda: tokens_charged(rds, "key", "carol") - before == estimate, message="estimate charged")
+    assert tokens_charged(rds, "key", "carol") >= 40  # over carol's 40 tpm now
+    assert_429(chat(r2, "carol", max_tokens=1), "tokens per minute", "key 'carol'")
+
+
+def test_keys_without_limits_cost_redis_nothing_and_plain_files_work(procs, redis_url, engine, rds,
+                                                                     tmp_path) -> None:
+    plain = tmp_path / "keys.txt"
+    plain.write_text(f"# plain keys\n{KEYS['alice']}\n")
+    structured = tmp_path / "keys.json"
+    structured.write_text(json.dumps({"keys": [{"name": "frank", "key": KEYS["frank"]}]}))
+    (r_plain,) = routers(procs, redis_url, plain, count=1)
+    (r_json,) = routers(procs, redis_url, structured, count=1)
+    assert [chat(r_plain, "alice", max_tokens=1).status for _ in range(8)] == [200] * 8  # no rpm here
+    assert chat(r_plain, "bob", max_tokens=1).status == 401
+    assert chat(r_json, "frank", max_tokens=1).status == 200
+    assert not rds.keys("llm:quota:*")
+
+
+def test_redis_down_fails_open_or_closed(procs, tmp_path, mock_engine, keys_file) -> None:
+    from llm_router.redis_server import RedisServer
+    import redis as redis_sync
+
+    server = RedisServer(tmp_path / "redis", extra=["--appendonly", "no"])
+    server.start()
+    try:
+        rds = redis_sync.Redis.from_url(server.url, decode_responses=True)
+        fake = FakeWorker(rds, "w1")
+        fake.publish(CHAT)
+        _, url = mock_engine("--quiet", model="chat")
+        wait_engine(url)
+        fake.instance("chat", "running", url)
+        env = {"LLM_ROUTER_API_KEYS_FILE": str(keys_file), "LLM_ROUTER_READ_ACCESS": "public"}
+        open_ = start_router(procs, server.url, env=env)
+        closed = start_router(procs, server.url, env={**env, "LLM_ROUTER_QUOTA_REDIS_DOWN": "closed"})
+        for r in (open_, closed):
+            wait_routable(r, "chat")
+        rds.close()
+    finally:
+        server.stop()
+    assert chat(open_, "alice", max_tokens=1).status == 200
+    resp = chat(closed, "alice", max_tokens=1)
+    assert resp.status == 503 and resp.json()["error"]["code"] == "quota_unavailable", resp.body
+    assert chat(closed, "frank", max_tokens=1).status == 200  # no limits: Redis is not asked
+    metrics = request("GET", f"{open_.url}/metrics", headers=auth("frank")).body.decode()
+    assert "llm_router_quota_redis_errors_total 1.0" in metrics
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[keys]]\nname = "a"\nkey = "0123456789abcdef0123"\nrpm = -1\n', "keys[0] ('a'): field 'rpm'"),
+    ('[[keys]]\nname = "a"\nkey = "0123456789abcdef0123"\ngroup = "nope"\n', "keys[0] ('a'): field 'group'"),
+])
+def test_a_bad_keys_file_stops_the_router_with_one_line(tmp_path, body, message) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(body)
+    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "serve", "--api-keys-file", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and str(path) in done.stderr and message in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------- fair queuing
+
+
+def queue_up(router, name: str, count: int, order: list[str], threads: list[threading.Thread]) -> None:
+    def call() -> None:
+        resp = chat(router, name, max_tokens=1)
+        assert resp.status == 200, resp.body
+        order.append(name)
+
+    for _ in range(count):
+        t = threading.Thread(target=call)
+        t.start()
+        threads.append(t)
+
+
+def waiting(router) -> float:
+    text = request("GET", f"{router.url}/metrics", headers=auth("frank")).body.decode()
+    line = next((ln for ln in text.splitlines() if ln.startswith('llm_router_requests_in_flight{model="chat"}')), "")
+    return float(line.split()[-1]) if line else 0.0
+
+
+@pytest.mark.parametrize("late, expect", [("gina", "fair"), ("prio", "first")])
+def test_contended_queue_is_fair_across_keys_and_honours_priority(procs, redis_url, rds, mock_engine, keys_file,
+                                                                   late, expect) -> None:
+    fake = FakeWorker(rds, "w1")
+    fake.publish(ONE_AT_A_TIME)
+    _, url = mock_engine("--quiet", "--tokens-per-second", "50", model="chat")
+    wait_engine(url)
+    fake.instance("chat", "running", url)
+    (router,) = routers(procs, redis_url, keys_file, count=1)
+    blocker = stream(router, "frank", 10_000)  # holds the only slot until it leaves
+    order: list[str] = []
+    threads: list[threading.Thread] = []
+    queue_up(router, "frank", 20, order, threads)
+    wait_for(lambda: waiting(router) == 21, message="20 queued")
+    queue_up(router, late, 5, order, threads)
+    wait_for(lambda: waiting(router) == 26, message="25 queued")
+    blocker.close()
+    for t in threads:
+        t.join(30)
+    assert len(order) == 25
+    positions = [i for i, name in enumerate(order) if name == late]
+    if expect == "first":
+        assert positions == [0, 1, 2, 3, 4], order
+    else:  # alternating with frank (FIFO would serve them at 20-24)
+        assert positions[-1] <= 10, order
