@@ -26,7 +26,8 @@ def security_options(command):
     """API-key options shared by ``serve`` and ``up`` (see docs/security.md)."""
     for option in reversed([
         click.option("--api-keys-file", envvar="LLM_ROUTER_API_KEYS_FILE", type=click.Path(dir_okay=False),
-                     help="Client keys, one per line (plain or sha256:<hex>); also LLM_ROUTER_API_KEYS=k1,k2."),
+                     help="Client keys, one per line (plain or sha256:<hex>), or a .toml/.json file with "
+                          "names and limits (docs/security.md); also LLM_ROUTER_API_KEYS=k1,k2."),
         click.option("--admin-keys-file", envvar="LLM_ROUTER_ADMIN_KEYS_FILE", type=click.Path(dir_okay=False),
                      help="Admin keys (start/stop, log clear); also LLM_ROUTER_ADMIN_KEYS=k1,k2."),
         click.option("--read-access", type=click.Choice(["client", "public"]), envvar="LLM_ROUTER_READ_ACCESS",

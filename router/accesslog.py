@@ -1,7 +1,8 @@
 """The access log of forwarded requests: one JSON line per ``/v1/*`` request.
 
 Fields: method, path, model, worker, status, latency, time to first byte and, when the engine
-reported them, token counts. Never the prompt, the body, the query or any header (keys).
+reported them, token counts; the key's name when the keys file gave it one. Never the prompt,
+the body, the query or any header (keys).
 
 Cheap on the hot path: the proxy fills a ``RequestRecord`` (a few attribute stores); the line
 is built and written later, in batches — one ``write`` per ``FLUSH_INTERVAL`` or per
@@ -107,6 +108,7 @@ class AccessLine(msgspec.Struct, omit_defaults=True):
     total_tokens: int | None = None
     retries: int = 0
     error: str = ""
+    key: str = ""  # the key's name from a structured keys file (never the key itself)
 
 
 _encoder = msgspec.json.Encoder()
@@ -133,7 +135,8 @@ def access_line(rec: RequestRecord, status: int, ended_at: float, wall: float, u
         stream=rec.streamed, retries=rec.retries, error=rec.error,
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
-        total_tokens=usage.total_tokens if usage else None)
+        total_tokens=usage.total_tokens if usage else None,
+        key=rec.caller.name if rec.caller is not None else "")
 
 
 class AccessLog:

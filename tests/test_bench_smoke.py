@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers"]
+SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
+            "quotas c=1"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -36,7 +37,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert all(n == 0 for n in row["errors"].values()), (row, table)
     # every router-side figure was measured (a number, not NaN), not just printed
     for key in [("chat c=1", "latency p50"), ("stream", "TTFT p50 (c=1)"), ("50 streams", "router RSS peak"),
-                ("logs", "lines/s into Redis"), ("logs", "print -> SSE p50"), ("propagation", "worker write -> B p50")]:
+                ("logs", "lines/s into Redis"), ("logs", "print -> SSE p50"), ("propagation", "worker write -> B p50"),
+                ("quotas c=1", "latency p50, key with rpm+tpm+concurrency")]:
         value = rows[key]["values"]["router"]
         assert value == value and value > 0, (key, rows[key])
     assert rows[("50 streams", "max open at once")]["values"]["router"] == 50

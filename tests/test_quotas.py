@@ -17,7 +17,8 @@ from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
 from llm_router.protocol import CatalogEntry, Keys
 
-KEYS = {name: f"{name}-key-0123456789abcdef" for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "prio")}
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "prio")
+KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
 KEYS_TOML = f"""
 [groups.lab]
 rpm = 4

@@ -1,0 +1,103 @@
+"""Section ``quotas``: what a key's limits add to a request (router/quotas.py): non-streamed
+chat at c=1 through a third router that has a TOML keys file, with a key without limits and
+a key with rpm, tpm and max_concurrent (each request: one ``EVALSHA`` before, one after the
+answer), side by side in ABAB rounds; and a Redis ``PING`` at c=1 for the round trip's cost."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from redis.asyncio import Redis
+
+from llm_router.redis_server import free_port
+
+from ..client import Target
+from ..cluster import FAST, list_models, wait_http
+from ..context import Bench
+from ..load import ab_rounds, closed_loop
+from ..report import Row
+from ..stats import median
+
+FREE_KEY = "bench-free-0123456789abcdef"
+LIMITED_KEY = "bench-limited-0123456789abcdef"
+KEYS_TOML = f"""
+[[keys]]
+name = "free"
+key = "{FREE_KEY}"
+
+[[keys]]
+name = "limited"
+key = "{LIMITED_KEY}"
+rpm = 100000000
+tpm = 1000000000000
+max_concurrent = 100000
+"""
+
+
+async def start_quota_router(bench: Bench) -> str:
+    cluster = bench.cluster
+    assert cluster.redis is not None
+    keys_file = cluster.work / "keys.toml"
+    keys_file.write_text(KEYS_TOML)
+    port = free_port()
+    cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_router.cli", "serve", "--redis",
+                                          cluster.redis.url, "--port", str(port), "--api-keys-file", str(keys_file)],
+                        env={"LLM_ROUTER_READ_ACCESS": "public"})
+    base = f"http://127.0.0.1:{port}"
+    probe = Target("router-quotas", base, FAST)
+    await wait_http(probe, "/health", 30, cluster.procs)
+    deadline = time.monotonic() + 30
+    while (await list_models(probe)).get(FAST, {}).get("status") != "running":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the quota router does not see the fast model running")
+        await asyncio.sleep(0.05)
+    return base
+
+
+async def redis_ping_ms(url: str, n: int = 2000) -> float:
+    client = Redis.from_url(url)
+    try:
+        await client.ping()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await client.ping()
+            times.append(time.perf_counter() - t)
+        return median(times) * 1000
+    finally:
+        await client.aclose()
+
+
+async def run(bench: Bench) -> None:
+    if not bench.cluster.routers:
+        return
+    o = bench.opts
+    bench.say("quotas: c=1 chat with a key without limits vs a key with limits ...")
+    base = await start_quota_router(bench)
+    targets = [Target("direct", bench.cluster.urls[FAST], FAST),
+               Target("free", base, FAST, {"Authorization": f"Bearer {FREE_KEY}"}),
+               Target("limited", base, FAST, {"Authorization": f"Bearer {LIMITED_KEY}"})]
+
+    async def one(t: Target, prime: float = 0.0) -> dict:
+        return (await closed_loop(t, t.chat(False, 16), 1, prime or o.duration, o.warmup)).summary()
+
+    runs = await ab_rounds(targets, o.rounds, one, o.prime)
+    bench.raw["quotas_c1"] = runs
+    assert bench.cluster.redis is not None
+    ping = await redis_ping_ms(bench.cluster.redis.url)
+    bench.raw["quotas_redis_ping_ms"] = ping
+    errors = {name: sum(int(r["errors"]) for r in rs) for name, rs in runs.items()}
+    for key in ("p50_ms", "p99_ms"):
+        med = {name: median([r[key] for r in rs]) for name, rs in runs.items()}
+        delta = median([lim[key] - free[key] for free, lim in zip(runs["free"], runs["limited"])])
+        label = key.split("_")[0]
+        bench.rows.append(Row("quotas c=1", f"latency {label}, key without limits", {"direct": med["direct"],
+                              "router": med["free"]}, "ms", errors={"direct": errors["direct"],
+                                                                    "router": errors["free"]}))
+        bench.rows.append(Row("quotas c=1", f"latency {label}, key with rpm+tpm+concurrency", {
+            "direct": med["direct"], "router": med["limited"]}, "ms", f"{delta:+.3f} ms vs no limits",
+            "+~1 Redis round trip" if key == "p50_ms" else "", errors={"direct": errors["direct"],
+                                                                       "router": errors["limited"]}))
+    bench.rows.append(Row("quotas c=1", "Redis PING round trip p50 (for scale)", {"router": ping}, "ms"))
