@@ -17,7 +17,7 @@ from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
 from llm_router.protocol import CatalogEntry, Keys
 
-NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "prio")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio")
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
 KEYS_TOML = f"""
 [groups.lab]
@@ -55,6 +55,12 @@ key = "{KEYS['frank']}"
 [[keys]]
 name = "gina"
 key = "{KEYS['gina']}"
+
+[[keys]]
+name = "hank"
+key = "{KEYS['hank']}"
+rpm = 7
+max_concurrent = 3
 
 [[keys]]
 name = "prio"
@@ -133,6 +139,27 @@ def test_rpm_holds_across_two_routers_exactly(procs, redis_url, engine, keys_fil
     assert chat(r1, "frank", max_tokens=1).status == 200  # another key is not affected
     metrics = request("GET", f"{r2.url}/metrics", headers=auth("frank")).body.decode()
     assert 'llm_router_quota_rejections_total{key="alice",reason="rpm",scope="key"}' in metrics
+
+
+def test_a_burst_through_two_routers_gets_exactly_the_limits(procs, redis_url, engine, keys_file) -> None:
+    """16 requests at once, half through each router: exactly ``max_concurrent`` (3) run, and
+    the rest are refused; then the rpm (7) counts exactly what was admitted across both."""
+    r1, r2 = routers(procs, redis_url, keys_file)
+    results: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def call(router) -> None:
+        barrier.wait()
+        results.append(chat(router, "hank", max_tokens=50).status)  # ~1 s each: they overlap
+
+    threads = [threading.Thread(target=call, args=(r,)) for r in (r1, r2) * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [200] * 3 + [429] * 13, results
+    statuses = [chat(r, "hank", max_tokens=1).status for r in (r1, r2) * 3]
+    assert statuses == [200] * 4 + [429] * 2  # 3 + 4 = 7 per minute
 
 
 def test_group_limit_is_shared_by_its_keys(procs, redis_url, engine, keys_file) -> None:

@@ -1,7 +1,8 @@
 """Section ``quotas``: what a key's limits add to a request (router/quotas.py): non-streamed
 chat at c=1 through a third router that has a TOML keys file, with a key without limits and
 a key with rpm, tpm and max_concurrent (each request: one ``EVALSHA`` before, one after the
-answer), side by side in ABAB rounds; and a Redis ``PING`` at c=1 for the round trip's cost."""
+answer), side by side in ABAB rounds, with the router's CPU time per request (a figure that
+hardly moves on a busy machine, unlike latency); and a Redis ``PING`` at c=1 for scale."""
 
 from __future__ import annotations
 
@@ -36,15 +37,15 @@ max_concurrent = 100000
 """
 
 
-async def start_quota_router(bench: Bench) -> str:
+async def start_quota_router(bench: Bench) -> tuple[str, int]:
     cluster = bench.cluster
     assert cluster.redis is not None
     keys_file = cluster.work / "keys.toml"
     keys_file.write_text(KEYS_TOML)
     port = free_port()
-    cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_router.cli", "serve", "--redis",
+    proc = cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_router.cli", "serve", "--redis",
                                           cluster.redis.url, "--port", str(port), "--api-keys-file", str(keys_file)],
-                        env={"LLM_ROUTER_READ_ACCESS": "public"})
+                               env={"LLM_ROUTER_READ_ACCESS": "public"})
     base = f"http://127.0.0.1:{port}"
     probe = Target("router-quotas", base, FAST)
     await wait_http(probe, "/health", 30, cluster.procs)
@@ -53,7 +54,7 @@ async def start_quota_router(bench: Bench) -> str:
         if time.monotonic() > deadline:
             raise RuntimeError("the quota router does not see the fast model running")
         await asyncio.sleep(0.05)
-    return base
+    return base, proc.pid
 
 
 async def redis_ping_ms(url: str, n: int = 2000) -> float:
@@ -75,13 +76,14 @@ async def run(bench: Bench) -> None:
         return
     o = bench.opts
     bench.say("quotas: c=1 chat with a key without limits vs a key with limits ...")
-    base = await start_quota_router(bench)
+    base, pid = await start_quota_router(bench)
     targets = [Target("direct", bench.cluster.urls[FAST], FAST),
                Target("free", base, FAST, {"Authorization": f"Bearer {FREE_KEY}"}),
                Target("limited", base, FAST, {"Authorization": f"Bearer {LIMITED_KEY}"})]
 
     async def one(t: Target, prime: float = 0.0) -> dict:
-        return (await closed_loop(t, t.chat(False, 16), 1, prime or o.duration, o.warmup)).summary()
+        cpu_pid = 0 if t.name == "direct" else pid
+        return (await closed_loop(t, t.chat(False, 16), 1, prime or o.duration, o.warmup, cpu_pid=cpu_pid)).summary()
 
     runs = await ab_rounds(targets, o.rounds, one, o.prime)
     bench.raw["quotas_c1"] = runs
@@ -100,4 +102,10 @@ async def run(bench: Bench) -> None:
             "direct": med["direct"], "router": med["limited"]}, "ms", f"{delta:+.3f} ms vs no limits",
             "+~1 Redis round trip" if key == "p50_ms" else "", errors={"direct": errors["direct"],
                                                                        "router": errors["limited"]}))
+    cpu = {name: median([r.get("cpu_us", float("nan")) for r in runs[name]]) for name in ("free", "limited")}
+    cpu_delta = median([lim.get("cpu_us", float("nan")) - free.get("cpu_us", float("nan"))
+                        for free, lim in zip(runs["free"], runs["limited"])])
+    bench.rows.append(Row("quotas c=1", "router CPU/request, key without limits", {"router": cpu["free"]}, "us"))
+    bench.rows.append(Row("quotas c=1", "router CPU/request, key with limits", {"router": cpu["limited"]}, "us",
+                          f"{cpu_delta:+.0f} us vs no limits"))
     bench.rows.append(Row("quotas c=1", "Redis PING round trip p50 (for scale)", {"router": ping}, "ms"))
