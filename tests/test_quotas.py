@@ -190,7 +190,7 @@ def test_a_killed_routers_leases_expire(procs, redis_url, engine, keys_file) -> 
     killed_at = time.monotonic()
     wait_for(lambda: chat(r2, "bob", max_tokens=1).status == 200, timeout=5 * LEASE_TTL,
              message="the dead router's leases to expire")
-    assert time.monotonic() - killed_at < 3 * LEASE_TTL
+    assert time.monotonic() - killed_at < 4 * LEASE_TTL  # the TTL, plus slack for a busy machine
     for s in held:
         s.close()
 
