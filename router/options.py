@@ -38,6 +38,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # (per model, per router) for at most queue_timeout, else 429 with Retry-After.
     queue_limit: Annotated[int, msgspec.Meta(ge=0)] = 100
     queue_timeout: Seconds = 60.0
+    # Prefix-affinity routing (router/affinity.py): no instance gets more than this factor × the
+    # mean outstanding requests (this router's counts); a full preferred instance spills over.
+    affinity_load_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.25
     # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
     usage_interval: Seconds = 1.0
     # Log streaming (SSE).
