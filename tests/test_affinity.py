@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
+import sys
 from collections import Counter
 
 import pytest
 
 from conftest import wait_for
 from helpers import (
-    FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
+    FakeWorker, SseStream, chat_body, engine_stats, get_json, model_block, request, start_router, start_worker,
+    wait_engine, wait_models, wait_routable, write_config,
 )
 from llm_router.protocol import CatalogEntry
 from llm_router.redis_server import free_port
@@ -217,3 +218,35 @@ def test_no_fallback_once_the_answer_has_begun(procs, redis_url, rds, mock_engin
     assert engine_stats(urls["b"])["requests"] == 0  # ...and the fallback was not asked
     text = request("GET", f"{router.url}/metrics").body.decode()
     assert metric(text, "llm_router_fallbacks_total", model="a", served="b") is None
+
+
+def test_a_failed_start_falls_back_streamed_too_but_not_once_the_loading_head_is_out(procs, redis_url,
+                                                                                   tmp_path) -> None:
+    """A real worker: ``broken`` exits at start, ``late`` fails after loading for longer than
+    the loading keep-alive (the SSE head is out by then); both fall back to ``good``."""
+    fail = [sys.executable, "-c", "import sys; sys.exit('no GPU here')"]
+    fail_late = [sys.executable, "-c", "import sys, time; time.sleep(3); sys.exit('out of memory')"]
+    config = write_config(tmp_path / "models.toml",
+                          model_block("broken", restart="no", command=fail, fallbacks=["good"]),
+                          model_block("late", restart="no", command=fail_late, fallbacks=["good"]),
+                          model_block("good"))
+    start_worker(procs, redis_url, config, f"w{os.getpid()}-fb")
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "1"})
+    wait_models(router, 3)
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("broken", max_tokens=2), timeout=30)
+    assert resp.status == 200 and resp.headers["X-Router-Model"] == "good", resp.body
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", timeout=30,
+                       body=chat_body("broken", stream=True, max_tokens=2))
+    events = stream.events_until(lambda ev: ev.get("data") == "[DONE]")
+    stream.close()
+    assert stream.headers["X-Router-Model"] == "good" and events[-1]["data"] == "[DONE]", events
+    # the head goes out after the keep-alive interval: from then on no fallback
+    late = SseStream(f"{router.url}/v1/chat/completions", method="POST", timeout=30,
+                     body=chat_body("late", stream=True, max_tokens=2))
+    events = late.events_until(lambda ev: isinstance(ev.get("data"), dict) and "error" in ev["data"])
+    late.close()
+    assert late.headers["X-Router-Model"] == "late" and events[0] == {"comment": "loading model 'late'"}
+    assert events[-1]["data"]["error"]["code"] == "model_start_failed", events
+    text = request("GET", f"{router.url}/metrics").body.decode()
+    assert metric(text, "llm_router_fallbacks_total", model="broken", served="good") == 2
+    assert metric(text, "llm_router_fallbacks_total", model="late", served="good") is None
