@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import re
 import zlib
 from typing import Iterable, Mapping, Sequence
 
@@ -56,7 +55,7 @@ class _Role(msgspec.Struct):
 
 _body_decoder = msgspec.json.Decoder(_Body)
 _role_decoder = msgspec.json.Decoder(_Role)
-_ROLE_AT_START = re.compile(rb'\s*\{\s*"role"\s*:\s*"([a-z_]+)"')
+_ROLE_FIRST = (b'{"role":"', b'{"role": "')  # how JSON encoders write a message (json.dumps, msgspec, JS)
 
 
 def _mix(h: int) -> int:
@@ -68,16 +67,18 @@ def _mix(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def _role(raw: msgspec.Raw) -> str:
-    """A message's role: read from its first bytes when, as clients write it, ``role`` comes
-    first; else the message is decoded (skipping its content)."""
-    found = _ROLE_AT_START.match(bytes(memoryview(raw)[:64]))
-    if found:
-        return found.group(1).decode()
+def _is_user(raw: msgspec.Raw) -> bool:
+    """Whether a message is the user's: read from its first bytes when, as clients write it,
+    ``role`` comes first (a quote inside a string would be escaped, so these bytes are the
+    key); else the message is decoded (its content skipped)."""
+    head = bytes(memoryview(raw)[:20])
+    for start in _ROLE_FIRST:
+        if head.startswith(start):
+            return head.startswith(b'user"', len(start))
     try:
-        return _role_decoder.decode(raw).role
+        return _role_decoder.decode(raw).role == "user"
     except msgspec.DecodeError:
-        return ""
+        return False
 
 
 def session_of(headers: Iterable[tuple[str, str]]) -> str:
@@ -104,7 +105,7 @@ def routing_key(model: str, body: bytes, headers: Iterable[tuple[str, str]]) -> 
         h = seed
         for raw in doc.messages:
             h = zlib.crc32(raw, h)
-            if _role(raw) == "user":
+            if _is_user(raw):
                 break
         return _mix(h)
     if doc.prompt:
@@ -169,10 +170,17 @@ class AffinityRing:
 
     def choose(self, model: str, key: int, workers: Sequence[str], load: Mapping[str, int]) -> tuple[str | None, bool]:
         """The worker for ``key`` among ``workers`` (sorted), given each one's outstanding
-        requests; and whether it is the ring's first choice (``False``: spilled past a full one)."""
-        bound = load_bound(sum(load.get(w, 0) for w in workers), len(workers), self.factor)
+        requests (``load``: of those workers only); and whether it is the ring's first choice
+        (``False``: spilled past a full one)."""
+        if not workers:
+            return None, False
+        bound = load_bound(sum(load.values()), len(workers), self.factor)
+        ring = self.ring(model, workers)
+        node = ring.owners[bisect.bisect_left(ring.points, key) % len(ring.owners)]
+        if load.get(node, 0) < bound:
+            return node, True  # the common case, without the walk
         first = True
-        for node in self.ring(model, workers).walk(key):
+        for node in ring.walk(key):
             if load.get(node, 0) < bound:
                 return node, first
             first = False

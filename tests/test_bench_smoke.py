@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers"]
+SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
+            "affinity", "affinity x2"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -39,6 +40,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
                 ("logs", "lines/s into Redis"), ("logs", "print -> SSE p50"), ("propagation", "worker write -> B p50")]:
         value = rows[key]["values"]["router"]
         assert value == value and value > 0, (key, rows[key])
+    for key in [("affinity x2", "TTFT p50 (least | affinity)"), ("affinity x2", "requests/s (least | affinity)")]:
+        assert all(v == v and v > 0 for v in rows[key]["values"].values()), (key, rows[key])  # both sides measured
+    assert rows[("affinity x2", "prompt tokens found cached, % (least | affinity)")]["values"]["router"] > 0
     assert rows[("50 streams", "max open at once")]["values"]["router"] == 50
     assert rows[("50 viewers", "viewers connected")]["values"]["router"] == 50
     for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):
