@@ -265,8 +265,8 @@ class Proxy:
                 raise
             if start.done() and start.exception() is not None:
                 raise start.exception()  # type: ignore[misc]
-        await stream.open(name, model)
         try:
+            await stream.open(name, model)
             while not (await asyncio.wait({start}, timeout=self.options.loading_keepalive))[0]:
                 await stream.keepalive(name)
             start.result()
