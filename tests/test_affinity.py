@@ -225,13 +225,13 @@ def test_a_failed_start_falls_back_streamed_too_but_not_once_the_loading_head_is
     """A real worker: ``broken`` exits at start, ``late`` fails after loading for longer than
     the loading keep-alive (the SSE head is out by then); both fall back to ``good``."""
     fail = [sys.executable, "-c", "import sys; sys.exit('no GPU here')"]
-    fail_late = [sys.executable, "-c", "import sys, time; time.sleep(3); sys.exit('out of memory')"]
+    fail_late = [sys.executable, "-c", "import sys, time; time.sleep(9); sys.exit('out of memory')"]
     config = write_config(tmp_path / "models.toml",
                           model_block("broken", restart="no", command=fail, fallbacks=["good"]),
                           model_block("late", restart="no", command=fail_late, fallbacks=["good"]),
                           model_block("good"))
     start_worker(procs, redis_url, config, f"w{os.getpid()}-fb")
-    router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "1"})
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "3"})  # room for a slow python start
     wait_models(router, 3)
     resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("broken", max_tokens=2), timeout=30)
     assert resp.status == 200 and resp.headers["X-Router-Model"] == "good", resp.body

@@ -15,8 +15,9 @@ over the round's wall time), the share of prompt tokens the engines found cached
 outstanding requests per instance (engines' ``/debug/stats`` sampled every 25 ms; Σ max / Σ mean
 over the samples, and the share of samples within ``ceil(c × mean)``: sampled, so also after
 requests left other instances, where the bound, which holds when a request is placed, no
-longer applies) and max/mean requests served per instance over the round (the load target). Plus the router's own cost of the routing decision (in-process, µs per
-request: key + ring choice vs least outstanding), which is what affinity adds to the hot path.
+longer applies) and max/mean requests served per instance over the round (the load target).
+Plus the router's own cost of the routing decision (in-process CPU µs per request: key + ring
+choice vs least outstanding), which is what affinity adds to the hot path.
 
 With a ``llama-server`` (``$LLM_ROUTER_LLAMA_SERVER`` or on ``PATH``) and the tiny GGUF model
 (``scripts/make_tiny_gguf.py``, needs the ``real`` extra), the same workload runs against two
