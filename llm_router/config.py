@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from llm_router.presets import Engine, apply_preset
-from llm_router.protocol import CatalogEntry, Mode
+from llm_router.protocol import CatalogEntry, Mode, Routing
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
@@ -68,6 +68,11 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     devices: list[str] = []  # shorthand for one profile
     vram_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     profiles: list[DeviceProfile] = []  # ordered fallbacks; the first that fits is used
+    # Among several running instances: "affinity" (same conversation, same instance: its KV
+    # cache) or "least-outstanding". fallbacks: models (ids or aliases, on any host) tried in
+    # order when this one cannot serve a request (no room, failed start, unreachable, 429).
+    routing: Routing = "affinity"
+    fallbacks: list[str] = []
 
     @property
     def names(self) -> list[str]:
@@ -94,6 +99,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                      for p in self.device_profiles()],
             devices=[list(p.devices) for p in self.device_profiles()],
             startup_timeout=self.startup_timeout,
+            routing=self.routing,
+            fallbacks=list(self.fallbacks),
         )
 
 
@@ -156,6 +163,9 @@ def _check(cfg: HostConfig) -> None:
                 if not DEVICE.match(d):
                     where = f"models[{i}].profiles[{j}].devices" if m.profiles else f"models[{i}].devices"
                     raise ConfigError(f"{where}: {d!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        for name in m.fallbacks:
+            if name in m.names or not name or ALIAS_FORBIDDEN.search(name):
+                raise ConfigError(f"models[{i}].fallbacks: {name!r} is not another model's id or alias")
         if m.health and not m.health.startswith("/"):
             raise ConfigError(f"models[{i}].health: must be a path starting with '/', got {m.health!r}")
     lo, hi = cfg.worker.port_range

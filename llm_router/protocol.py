@@ -34,6 +34,7 @@ import msgspec
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 Mode = Literal["chat", "base", "embedding"]
+Routing = Literal["affinity", "least-outstanding"]
 CommandOp = Literal["start", "stop", "stop_all", "restart_autostart", "clear_logs"]
 LogSource = Literal["stdout", "stderr", "event"]
 
@@ -126,6 +127,8 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
     devices: list[list[str]] = []  # per device profile, in order: its devices (cpu, cuda, cuda:N)
     startup_timeout: float = 0.0  # the model's own start timeout (s): routers wait for a start that long
+    routing: Routing = "affinity"  # how routers choose among its running instances (router/affinity.py)
+    fallbacks: list[str] = []  # models (ids or aliases) that serve its requests when it cannot
 
 
 class Instance(msgspec.Struct, kw_only=True):

@@ -32,7 +32,7 @@ class RequestRecord:
     """What one forwarded request did; filled in by the handler and the proxy."""
 
     __slots__ = ("method", "path", "received_at", "model", "worker", "first_byte_at", "streamed", "tail",
-                 "prev_tail", "retries", "error", "caller", "lease", "events")
+                 "prev_tail", "retries", "error", "caller", "lease", "events", "route", "served")
 
     def __init__(self, method: str, path: str, received_at: float) -> None:
         self.method = method
@@ -49,6 +49,8 @@ class RequestRecord:
         self.caller = None  # the key's ``KeyProfile`` (name, limits) when the keys file gave one
         self.lease = None  # its quota ``Lease`` (router/quotas.py), settled when the request ends
         self.events = -1  # SSE events relayed, counted (from 0) only to estimate tokens for a quota
+        self.route = ""  # how the instance was chosen: affinity, spill, least (router/balancer.py)
+        self.served = ""  # the fallback model that served, when ``model`` could not
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte_at == 0.0:
@@ -109,6 +111,8 @@ class AccessLine(msgspec.Struct, omit_defaults=True):
     retries: int = 0
     error: str = ""
     key: str = ""  # the key's name from a structured keys file (never the key itself)
+    route: str = ""
+    served: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -132,7 +136,7 @@ def access_line(rec: RequestRecord, status: int, ended_at: float, wall: float, u
         method=rec.method, path=rec.path, status=status, ms=round((ended_at - rec.received_at) * 1000, 3),
         model=rec.model, worker=rec.worker,
         ttfb_ms=round((rec.first_byte_at - rec.received_at) * 1000, 3) if rec.first_byte_at else None,
-        stream=rec.streamed, retries=rec.retries, error=rec.error,
+        stream=rec.streamed, retries=rec.retries, error=rec.error, route=rec.route, served=rec.served,
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
         total_tokens=usage.total_tokens if usage else None,

@@ -1,4 +1,5 @@
-"""Choosing which running instance serves a request: least outstanding requests.
+"""Choosing which running instance serves a request: prefix affinity with bounded loads
+(router/affinity.py) when the request has a routing key, else least outstanding requests.
 
 Counts are kept in this process per instance URL (a request is counted from the moment it is
 sent upstream until its response is fully relayed). Ties are broken round-robin, so an idle
@@ -12,6 +13,12 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 from llm_router.protocol import Instance
+from router.affinity import AffinityRing
+
+# How a request's instance was chosen (access log ``route``, llm_router_routing_decisions_total):
+AFFINITY = "affinity"  # the ring's first choice for the request's key
+SPILL = "spill"  # the first choice was full (bounded load): the next one on the ring
+LEAST = "least"  # least outstanding: no key, routing = "least-outstanding", or a retry after a refusal
 
 
 def least_outstanding(urls: Sequence[str], outstanding: Mapping[str, int], turn: int) -> str | None:
@@ -24,9 +31,10 @@ def least_outstanding(urls: Sequence[str], outstanding: Mapping[str, int], turn:
 
 
 class Balancer:
-    def __init__(self) -> None:
+    def __init__(self, load_factor: float = 1.25) -> None:
         self._outstanding: dict[str, int] = {}
         self._turns = itertools.count()
+        self.affinity = AffinityRing(load_factor)
 
     def pick(self, instances: Sequence[Instance], exclude: frozenset[str] | set[str] = frozenset()) -> Instance | None:
         """A running instance to send the next request to, skipping urls in ``exclude``
@@ -34,6 +42,21 @@ class Balancer:
         by_url = {i.url: i for i in instances if i.url and i.url not in exclude}
         url = least_outstanding(list(by_url), self._outstanding, next(self._turns))
         return by_url[url] if url else None
+
+    def choose(self, model: str, instances: Sequence[Instance], key: int | None,
+               exclude: frozenset[str] | set[str] = frozenset()) -> tuple[Instance | None, str]:
+        """The instance for a request and how it was chosen. With a ``key`` and more than one
+        instance: the ring's choice under the load bound; once an instance refused this request
+        (``exclude``) or without a key: least outstanding. The decision is ``""`` when there
+        was nothing to choose (one instance)."""
+        if key is not None and not exclude and len(instances) > 1:
+            by_worker = {i.worker: i for i in instances if i.url}
+            out = self._outstanding
+            load = {w: out.get(i.url, 0) for w, i in by_worker.items()}
+            worker, first = self.affinity.choose(model, key, list(by_worker), load)
+            if worker is not None:
+                return by_worker[worker], AFFINITY if first else SPILL
+        return self.pick(instances, exclude), LEAST if len(instances) > 1 else ""
 
     @contextmanager
     def track(self, url: str) -> Iterator[None]:

@@ -71,9 +71,10 @@ class LoadingStream:
         self._error_body = bytearray()
         self._ended = False
 
-    async def open(self, name: str) -> None:
-        """Send the head and the first comment (a flush: the client sees the answer begin)."""
-        self.sink.begin(200, SSE_HEAD)
+    async def open(self, name: str, model: str = "") -> None:
+        """Send the head and the first comment (a flush: the client sees the answer begin);
+        ``model``: the model that serves (``X-Router-Model``)."""
+        self.sink.begin(200, (*SSE_HEAD, ("X-Router-Model", model)) if model else SSE_HEAD)
         await self.sink.send(loading_comment(name))
 
     async def keepalive(self, name: str) -> None:

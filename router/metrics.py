@@ -63,6 +63,11 @@ class RouterMetrics:
         self.aborted = Counter("llm_router_requests_aborted", "Requests the router ended before their answer "
                                "did, by reason (write_timeout: the client stopped reading)", ["model", "reason"],
                                registry=r)
+        self.routing = Counter("llm_router_routing_decisions", "How the instance was chosen among several "
+                               "(affinity: the key's own instance; spill: it was full; least: least outstanding)",
+                               ["model", "decision"], registry=r)
+        self.fallbacks = Counter("llm_router_fallbacks", "Requests served by a fallback model because "
+                                 "their model could not serve them", ["model", "served"], registry=r)
         self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
                                registry=r)
         self.quota_rejections = Counter("llm_router_quota_rejections", "Requests refused (429) by a key's or "
@@ -108,6 +113,10 @@ class RouterMetrics:
             self._child(self.ttft, model).observe(rec.first_byte_at - rec.received_at)
         if rec.retries:
             self._child(self.retries, model).inc(rec.retries)
+        if rec.route:
+            self._child(self.routing, model, rec.route).inc()
+        if rec.served:
+            self._child(self.fallbacks, model, rec.served).inc()
         if rec.error:
             self._child(self.errors, model, rec.error).inc()
         if usage is not None:

@@ -43,6 +43,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # unreachable, "open" admits unchecked, "closed" refuses (503).
     quota_lease_ttl: Annotated[float, msgspec.Meta(ge=0.3)] = 10.0
     quota_redis_down: Literal["open", "closed"] = "open"
+    # Prefix-affinity routing (router/affinity.py): no instance gets more than this factor × the
+    # mean outstanding requests (this router's counts); a full preferred instance spills over.
+    affinity_load_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.25
     # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
     usage_interval: Seconds = 1.0
     # Log streaming (SSE).

@@ -26,9 +26,11 @@ from typing import Iterable, Protocol
 import msgspec
 from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
 
-from llm_router.protocol import Instance, Mode
+from llm_router.protocol import CatalogEntry, Instance, Mode
+from router.affinity import routing_key
 from router.balancer import Balancer
 from router.control import ControlClient, ControlError, describe_failure
+from router.fallbacks import fallback_chain, with_model
 from router.limits import Limits
 from router.limits_http import check_json_depth
 from router.loading import LoadingStream, error_event
@@ -126,6 +128,16 @@ def stream_error_event(message: str) -> bytes:
     return error_event(ApiError(502, message, "stream_interrupted"))
 
 
+class Unservable(ApiError):
+    """The model cannot serve this request now (not running and not startable, failed start,
+    every instance unreachable, its queue full or timed out) and nothing has reached the client:
+    a fallback model may serve it instead. Without one, answered as any ``ApiError``."""
+
+    @classmethod
+    def of(cls, err: ApiError) -> "Unservable":
+        return cls(err.status, err.message, err.code, err.headers)
+
+
 class Sink(Protocol):
     """Where the answer goes (the HTTP handler)."""
 
@@ -183,11 +195,46 @@ class Proxy:
             rec.lease = await self.quotas.admit(rec.caller, len(req.body))
             if rec.lease is not None and rec.lease.counts_tokens:
                 rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
+        if not entry.fallbacks:
+            await self._serve_model(model, name, entry, req, sink, rec, bool(sniffed.stream))
+            return
+        await self._serve_with_fallbacks(model, name, req, sink, rec, bool(sniffed.stream))
+
+    async def _serve_with_fallbacks(self, model: str, name: str, req: ProxyRequest, sink: Sink,
+                                    rec: RequestRecord, stream: bool) -> None:
+        """Serve with ``model``, else with the next model of its fallback chain that can
+        (router/fallbacks.py), as long as nothing reached the client. A fallback gets the body
+        with its own id as ``model``; the answer says who served in ``X-Router-Model``."""
+        chain = fallback_chain(model, self.view.catalog_entry, self.view.resolve)
+        first: Unservable | None = None
+        for n, served in enumerate(chain):
+            entry = self.view.catalog_entry(served)
+            if entry is None or (n and mode_error(req.path, entry.mode, served)):
+                continue
+            if n:
+                req = msgspec.structs.replace(req, body=with_model(req.body, served)) if not is_form(
+                    req.content_type) else req
+                rec.served = served
+            try:
+                await self._serve_model(served, name if not n else served, entry, req, sink, rec, stream,
+                                        fallback=n < len(chain) - 1)
+                return
+            except Unservable as exc:
+                first = first or exc
+        rec.served = ""
+        assert first is not None  # the chain starts with ``model``, whose entry exists
+        raise first  # the requested model's own reason
+
+    async def _serve_model(self, model: str, name: str, entry: CatalogEntry, req: ProxyRequest, sink: Sink,
+                           rec: RequestRecord, stream: bool, fallback: bool = False) -> None:
+        """Serve with ``model``, starting it first when needed (``fallback``: a model may
+        still serve if this one cannot, see ``_load_streamed``)."""
         if not self.view.running_instances(model):
             if not entry.on_demand:
-                raise ApiError(503, f"model '{name}' is not running", "model_not_running")
-            if sniffed.stream:
-                await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec)
+                raise Unservable(503, f"model '{name}' is not running", "model_not_running")
+            if stream:
+                await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec,
+                                          fallback)
                 return
             await self._ensure_running(model, name)
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
@@ -200,20 +247,32 @@ class Proxy:
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
-            raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
-                           "model_start_failed") from None
+            raise Unservable(503, f"model '{name}' could not be started: {describe_failure(exc)}",
+                             "model_start_failed") from None
         finally:
             self.metrics.ended(model)
 
     async def _load_streamed(self, model: str, name: str, max_concurrency: int, req: ProxyRequest,
-                             stream: LoadingStream, rec: RequestRecord) -> None:
+                             stream: LoadingStream, rec: RequestRecord, fallback: bool = False) -> None:
         """A streamed request for a model that must start first: the SSE head and a comment at
         once, a comment every ``loading_keepalive`` seconds while it loads (router/loading.py),
         then the engine's stream; any failure from then on is an error event ending the stream.
-        A client that leaves cancels only its own wait: the start goes on for others."""
-        await stream.open(name)
+        A client that leaves cancels only its own wait: the start goes on for others.
+
+        With a ``fallback`` to go to, the head waits for the first ``loading_keepalive``: a start
+        refused at once (no room) or failed within it raises ``Unservable`` and the fallback
+        serves; once the head is out, no fallback is taken (it would follow the first bytes)."""
         start = asyncio.ensure_future(self._ensure_running(model, name))
+        if fallback:
+            try:
+                await asyncio.wait({start}, timeout=self.options.loading_keepalive)
+            except BaseException:
+                start.cancel()
+                raise
+            if start.done() and start.exception() is not None:
+                raise start.exception()  # type: ignore[misc]
         try:
+            await stream.open(name, model)
             while not (await asyncio.wait({start}, timeout=self.options.loading_keepalive))[0]:
                 await stream.keepalive(name)
             start.result()
@@ -228,11 +287,17 @@ class Proxy:
                      rec: RequestRecord) -> None:
         """Relay to a running instance, within the model's concurrency limit."""
         self.metrics.started(model)
+        admitted = False
         try:
             # Counted as use of the model (idle unload, eviction) while queued or served.
             with self.usage.track(model) if self.usage else _NOOP:
                 async with self._slot(model, max_concurrency, rec):
+                    admitted = True
                     await self._relay(model, name, req, sink, rec)
+        except ApiError as exc:
+            if admitted or exc.status != 429 or isinstance(exc, Unservable):
+                raise
+            raise Unservable.of(exc) from None  # no slot (queue full or timed out): a fallback may serve
         finally:
             self.metrics.ended(model)
 
@@ -247,10 +312,16 @@ class Proxy:
         return self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight)
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
-        """Send to the least busy instance; on a connection failure, the next one."""
+        """Send to the instance the balancer chooses (prefix affinity, else least busy); on a
+        connection failure, to the least busy of the others."""
         refused: set[str] = set()
         failures: list[str] = []
-        while (inst := self.balancer.pick(self.view.running_instances(model), refused)) is not None:
+        instances = self.view.running_instances(model)
+        key = self._routing_key(model, req) if len(instances) > 1 else None
+        while True:
+            inst, rec.route = self.balancer.choose(model, instances, key, refused)
+            if inst is None:
+                break
             try:
                 await self._exchange(inst, req, sink, rec)
                 return
@@ -258,10 +329,19 @@ class Proxy:
                 refused.add(inst.url)
                 failures.append(str(exc))
                 rec.retries, rec.error = len(failures), "connect"
+            instances = self.view.running_instances(model)
         if failures:
-            raise ApiError(502, f"no instance of model '{name}' could be reached: " + "; ".join(failures),
-                           "upstream_unreachable")
-        raise ApiError(503, f"model '{name}' is not running", "model_not_running")
+            raise Unservable(502, f"no instance of model '{name}' could be reached: " + "; ".join(failures),
+                             "upstream_unreachable")
+        raise Unservable(503, f"model '{name}' is not running", "model_not_running")
+
+    def _routing_key(self, model: str, req: ProxyRequest) -> int | None:
+        """The request's affinity key (router/affinity.py), or ``None`` when the model routes by
+        least outstanding requests or the body is a form."""
+        entry = self.view.catalog_entry(model)
+        if entry is None or entry.routing != "affinity" or is_form(req.content_type):
+            return None
+        return routing_key(model, req.body, req.headers)
 
     async def _exchange(self, inst: Instance, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """One upstream exchange. Raises ``ConnectFailed`` only while nothing was sent to the
@@ -273,7 +353,7 @@ class Proxy:
             complete = False
             try:
                 headers = resp.headers + [("X-Accel-Buffering", "no"), ("X-Router-Worker", inst.worker),
-                            ("X-Router-Overhead-Ms", f"{overhead_ms:.2f}")]
+                            ("X-Router-Model", inst.model), ("X-Router-Overhead-Ms", f"{overhead_ms:.2f}")]
                 sink.begin(resp.status, headers)
                 try:
                     while chunk:

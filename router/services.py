@@ -54,7 +54,7 @@ class Services:
         self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
                                 resync_interval=self.options.resync_interval,
                                 empty_grace=self.options.empty_grace)
-        self.balancer = Balancer()
+        self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage)

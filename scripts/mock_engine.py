@@ -26,6 +26,7 @@ import struct
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -126,6 +127,64 @@ def count_words(value: Any) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- prefix cache
+
+PROMPT_BLOCK_WORDS = 32  # a completion prompt is cached in blocks of this many words
+
+
+class PrefixCache:
+    """An engine's KV prefix cache, modelled: an LRU of prefix hashes, at most ``capacity``.
+
+    A prompt is a sequence of blocks (a chat message: role + content; a completion prompt: runs
+    of ``PROMPT_BLOCK_WORDS`` words), each with its token count (whitespace words, as the usage
+    numbers count them). Its prefixes hash cumulatively; the longest prefix already cached is
+    free, the rest must be computed (``TTFT = base + per_token × uncached``). Every prefix of the
+    prompt is cached afterwards, as llama.cpp (``cache_prompt``) and vLLM's prefix caching keep
+    what they computed; the generated answer is not (the next turn sends it back as a message
+    and pays for it once). Eviction takes the least recently used prefix, the longest first
+    among those of one prompt (a radix cache drops leaves before the shared trunk)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[bytes, None] = OrderedDict()
+
+    def admit(self, blocks: list[tuple[bytes, int]]) -> tuple[int, int]:
+        """(cached, uncached) tokens of a prompt; its prefixes are cached from now on."""
+        h = hashlib.blake2b(digest_size=16)
+        prefixes: list[tuple[bytes, int]] = []
+        for data, tokens in blocks:
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+            prefixes.append((h.digest(), tokens))
+        total = sum(t for _, t in prefixes)
+        cached = 0
+        for k in range(len(prefixes) - 1, -1, -1):
+            if prefixes[k][0] in self.entries:
+                cached = sum(t for _, t in prefixes[:k + 1])
+                break
+        for digest, _ in reversed(prefixes):  # the shorter (shared) prefixes stay the longest, as in a radix tree
+            self.entries[digest] = None
+            self.entries.move_to_end(digest)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return cached, total - cached
+
+
+def message_blocks(messages: list[Any]) -> list[tuple[bytes, int]]:
+    return [(m.role.encode() + b"\0" + msgspec.json.encode(m.content), count_words(m.content)) for m in messages]
+
+
+def prompt_blocks(prompt: Any) -> list[tuple[bytes, int]]:
+    if isinstance(prompt, str):
+        words = prompt.split()
+    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        words = [str(t) for t in prompt]
+    else:
+        return [(msgspec.json.encode(prompt), count_words(prompt))]
+    n = PROMPT_BLOCK_WORDS
+    return [(" ".join(words[i:i + n]).encode(), len(words[i:i + n])) for i in range(0, len(words), n)]
+
+
 # --------------------------------------------------------------------------- engine state
 
 @dataclass
@@ -138,6 +197,8 @@ class Stats:
     active_streams: int = 0
     cancelled_streams: int = 0
     completed_streams: int = 0
+    prompt_tokens_cached: int = 0  # the prefix cache model (--prefix-cache): tokens found cached
+    prompt_tokens_computed: int = 0  # ... and tokens computed (each cost --ttft-per-token)
 
 
 @dataclass
@@ -154,7 +215,11 @@ class Engine:
     hang_mid_stream: bool
     fail_health: bool
     quiet: bool
+    ttft_base: float = 0.0
+    ttft_per_token: float = 0.0
+    cache: PrefixCache | None = None
     stats: Stats = field(default_factory=Stats)
+    prefill: asyncio.Lock = field(default_factory=asyncio.Lock)  # one prompt computed at a time
     next_id: int = 0
 
     def piece(self, index: int) -> str:
@@ -273,6 +338,30 @@ class GenerateHandler(BaseHandler):
     def prompt_tokens(self, req: Any) -> int:
         raise NotImplementedError
 
+    def blocks(self, req: Any) -> list[tuple[bytes, int]]:
+        """The prompt as blocks for the prefix cache (``PrefixCache``)."""
+        raise NotImplementedError
+
+    async def prefill(self, req: Any) -> bool:
+        """The time to first token of the prompt model: ``--ttft-base``, then
+        ``--ttft-per-token`` for each token the prefix cache lacks, one prompt at a time (an
+        engine computes prompts with all its compute). True if the client went away."""
+        engine = self.engine
+        if engine.cache is None and not engine.ttft_base and not engine.ttft_per_token:
+            return False
+        if engine.cache is not None:
+            cached, uncached = engine.cache.admit(self.blocks(req))
+        else:
+            cached, uncached = 0, self.prompt_tokens(req)
+        engine.stats.prompt_tokens_cached += cached
+        engine.stats.prompt_tokens_computed += uncached
+        if await self.pause(engine.ttft_base):
+            return True
+        if uncached and engine.ttft_per_token:
+            async with engine.prefill:
+                return await self.pause(uncached * engine.ttft_per_token)
+        return self.closed.is_set()
+
     def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -299,6 +388,9 @@ class GenerateHandler(BaseHandler):
         self.id = self.engine.new_id(self.id_prefix)
         self.created = int(time.time())
         prompt_tokens = self.prompt_tokens(req)
+        if await self.prefill(req):
+            self.cancelled(stream=req.stream)
+            return
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -396,6 +488,9 @@ class ChatHandler(GenerateHandler):
     def prompt_tokens(self, req: ChatRequest) -> int:
         return sum(count_words(m.content) for m in req.messages)
 
+    def blocks(self, req: ChatRequest) -> list[tuple[bytes, int]]:
+        return message_blocks(req.messages)
+
     def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
         return {"index": 0, "message": {"role": "assistant", "content": text},
                 "logprobs": None, "finish_reason": finish_reason}
@@ -418,6 +513,9 @@ class CompletionHandler(GenerateHandler):
 
     def prompt_tokens(self, req: CompletionRequest) -> int:
         return count_words(req.prompt)
+
+    def blocks(self, req: CompletionRequest) -> list[tuple[bytes, int]]:
+        return prompt_blocks(req.prompt)
 
     def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -534,7 +632,9 @@ async def serve(opts: argparse.Namespace) -> None:
         model=opts.model, words=opts.response.split() or ["mock"], max_tokens=opts.max_tokens,
         tokens_per_second=opts.tokens_per_second, embedding_dim=opts.embedding_dim,
         crash_after=opts.crash_after, crash_mid_stream=opts.crash_mid_stream,
-        hang_mid_stream=opts.hang_mid_stream, fail_health=opts.fail_health, quiet=opts.quiet)
+        hang_mid_stream=opts.hang_mid_stream, fail_health=opts.fail_health, quiet=opts.quiet,
+        ttft_base=opts.ttft_base, ttft_per_token=opts.ttft_per_token,
+        cache=PrefixCache(opts.prefix_cache) if opts.prefix_cache > 0 else None)
     server: HTTPServer | None = None
     chatter = threading.Event()
     if not stopping.is_set():
@@ -563,6 +663,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response", default=DEFAULT_RESPONSE, metavar="TEXT",
                    help="reply text, repeated or truncated to the token count (a token is a word)")
     p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
+    p.add_argument("--prefix-cache", type=int, default=0, metavar="N",
+                   help="model a KV prefix cache: an LRU of N prompt-prefix hashes (0: none, every token computed)")
+    p.add_argument("--ttft-base", type=float, default=0.0, metavar="S",
+                   help="seconds before the first token of every request")
+    p.add_argument("--ttft-per-token", type=float, default=0.0, metavar="S",
+                   help="seconds per prompt token not in the prefix cache (a token is a whitespace word), "
+                        "one prompt computed at a time")
     p.add_argument("--crash-after", type=int, default=None, metavar="N",
                    help="crash after N completed model requests")
     p.add_argument("--crash-mid-stream", action="store_true", help="crash after 2 chunks of a stream")
@@ -578,6 +685,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.embedding_dim < 1 or opts.max_tokens < 0 or opts.tokens_per_second < 0:
         p.error("--embedding-dim must be >= 1, --max-tokens and --tokens-per-second >= 0")
+    if opts.prefix_cache < 0 or opts.ttft_base < 0 or opts.ttft_per_token < 0:
+        p.error("--prefix-cache, --ttft-base and --ttft-per-token must be >= 0")
     return opts
 
 

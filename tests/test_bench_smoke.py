@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
-            "quotas c=1"]
+            "quotas c=1", "affinity", "affinity x2"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -41,6 +41,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
                 ("quotas c=1", "latency p50, key with rpm+tpm+concurrency")]:
         value = rows[key]["values"]["router"]
         assert value == value and value > 0, (key, rows[key])
+    for key in [("affinity x2", "TTFT p50 (least | affinity)"), ("affinity x2", "requests/s (least | affinity)")]:
+        assert all(v == v and v > 0 for v in rows[key]["values"].values()), (key, rows[key])  # both sides measured
+    assert rows[("affinity x2", "prompt tokens found cached, % (least | affinity)")]["values"]["router"] > 0
     assert rows[("50 streams", "max open at once")]["values"]["router"] == 50
     assert rows[("50 viewers", "viewers connected")]["values"]["router"] == 50
     for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):

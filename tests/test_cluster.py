@@ -228,9 +228,10 @@ def test_one_view_a_model_started_through_router_a_is_routable_through_router_b(
 
 
 def two_replicas(cluster, procs, tmp_path, **settings) -> tuple[str, Host, Host]:
-    """One model id on h1 and h2, started on both (auto_start), slow enough for requests to overlap."""
+    """One model id on h1 and h2, started on both (auto_start), slow enough for requests to overlap;
+    least-outstanding routing, so that identical requests take turns (affinity: tests/test_affinity.py)."""
     model = model_id()
-    block = model_block(model, engine_args=SLOW, auto_start=True, restart="no")
+    block = model_block(model, engine_args=SLOW, auto_start=True, restart="no", routing="least-outstanding")
     h1 = cluster.worker(procs, tmp_path, "h1", block, **settings)
     h2 = cluster.worker(procs, tmp_path, "h2", block, **settings)
     for router in (cluster.a, cluster.b):

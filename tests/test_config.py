@@ -71,6 +71,14 @@ def test_good_file(tmp_path):
     assert argv == ["llama-server", "--port", "21000", "--host", "127.0.0.1", "-m", "/etc/llm/qwen.gguf",
                     "-ngl", "99"]
     assert cfg.model("nope") is None
+    assert qwen.catalog_entry().routing == "affinity" and qwen.catalog_entry().fallbacks == []
+
+
+def test_routing_and_fallbacks_reach_the_catalog(tmp_path):
+    cfg = load_config(write(tmp_path, '[[models]]\nid = "a"\ncommand = ["x"]\nrouting = "least-outstanding"\n'
+                                      'fallbacks = ["b", "c-alias"]\n'))
+    entry = cfg.models[0].catalog_entry()
+    assert entry.routing == "least-outstanding" and entry.fallbacks == ["b", "c-alias"]
 
 
 def test_example_config_is_valid():
@@ -94,6 +102,10 @@ def test_example_config_is_valid():
     ('[[models]]\nid = "a"\ncommand = ["x"]\n[[models.profiles]]\ndevices = ["cuda:x"]\n',
      "models[0].profiles[0].devices: 'cuda:x' is not"),
     ('[[models]\n', "Expected ']]' at the end of an array declaration"),
+    ('[[models]]\nid = "a"\ncommand = ["x"]\nrouting = "random"\n',
+     "Invalid enum value 'random' - at `$.models[0].routing`"),
+    ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b"]\nfallbacks = ["b"]\n',
+     "models[0].fallbacks: 'b' is not another model's id or alias"),
 ])
 def test_bad_file_is_one_line_naming_the_field(tmp_path, text, expected):
     assert expected in config_error(tmp_path, text)

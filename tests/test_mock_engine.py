@@ -113,7 +113,8 @@ def test_health_models_and_request_log(mock_engine, procs):
     assert status == 200 and models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["tiny"]
     assert stats(base) == {"requests": 0, "completed_requests": 0, "cancelled_requests": 0,
-                           "active_streams": 0, "cancelled_streams": 0, "completed_streams": 0}
+                           "active_streams": 0, "cancelled_streams": 0, "completed_streams": 0,
+                           "prompt_tokens_cached": 0, "prompt_tokens_computed": 0}
     log = procs.log(proc)
     assert "mock engine tiny loading" in log
     assert f"listening on {base}" in log
@@ -353,3 +354,54 @@ def test_chatty_prints_numbered_lines_and_quiet_drops_access_log(mock_engine, pr
     numbers = [int(line.split()[1].rstrip(":")) for line in whole.splitlines() if line.startswith("chatty ")]
     assert numbers == list(range(len(numbers)))
     assert "GET /health" not in procs.log(proc)
+
+
+# --------------------------------------------------------------------------- prefix cache model
+
+
+def turn(n: int, system_words: int = 200) -> list[dict[str, str]]:
+    """Turn ``n`` (from 1) of a conversation: a long system prompt, user and assistant messages of 10 and 5 words."""
+    msgs = [{"role": "system", "content": "rule " * system_words}]
+    for t in range(n):
+        msgs.append({"role": "user", "content": f"question {t} " + "word " * 8})
+        if t < n - 1:
+            msgs.append({"role": "assistant", "content": "answer " * 5})
+    return msgs
+
+
+def ttft(base: str, msgs: list[dict[str, str]]) -> float:
+    started = time.monotonic()
+    events = sse(base, CHAT, {"messages": msgs, "max_tokens": 1})
+    return events[0][0] - started
+
+
+def test_prefix_cache_charges_only_the_uncached_prompt_tokens(mock_engine):
+    _, base = start(mock_engine, "--prefix-cache", "100", "--ttft-base", "0.01", "--ttft-per-token", "0.002")
+    first = ttft(base, turn(1))
+    assert stats(base)["prompt_tokens_computed"] == 210 and stats(base)["prompt_tokens_cached"] == 0
+    second = ttft(base, turn(2))  # the first turn's prompt is cached: its answer and the question are not
+    assert stats(base)["prompt_tokens_computed"] == 210 + 15 and stats(base)["prompt_tokens_cached"] == 210
+    assert first >= 0.01 + 210 * 0.002 and 0.01 + 15 * 0.002 <= second < first / 3, (first, second)
+    other = [{"role": "system", "content": "rule " * 200}, {"role": "user", "content": "something else"}]
+    call(base, "POST", CHAT, {"messages": other, "max_tokens": 1})  # the shared system prompt is cached
+    assert stats(base)["prompt_tokens_cached"] == 410 and stats(base)["prompt_tokens_computed"] == 227
+
+
+def test_prefix_cache_is_an_lru_of_its_capacity_and_off_by_default(mock_engine):
+    _, base = start(mock_engine, "--prefix-cache", "2", "--quiet")
+    call(base, "POST", CHAT, {"messages": turn(1, 20), "max_tokens": 1})  # 2 prefixes cached
+    call(base, "POST", CHAT, {"messages": [{"role": "user", "content": "other conversation"}], "max_tokens": 1})
+    call(base, "POST", CHAT, {"messages": [{"role": "user", "content": "a third one"}], "max_tokens": 1})
+    before = stats(base)["prompt_tokens_cached"]
+    call(base, "POST", CHAT, {"messages": turn(1, 20), "max_tokens": 1})  # its system prompt was evicted
+    assert stats(base)["prompt_tokens_cached"] == before == 0
+    call(base, "POST", CHAT, {"messages": turn(1, 20), "max_tokens": 1})  # now it is back
+    assert stats(base)["prompt_tokens_cached"] == 30
+    # completions: the leading blocks of 32 words are cached
+    prompt = " ".join(f"w{i}" for i in range(70))
+    call(base, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    call(base, "POST", "/v1/completions", {"prompt": prompt + " more words", "max_tokens": 1})
+    assert stats(base)["prompt_tokens_cached"] == 30 + 64
+    _, plain = start(mock_engine, "--quiet")
+    call(plain, "POST", CHAT, {"messages": turn(1), "max_tokens": 1})
+    assert stats(plain)["prompt_tokens_cached"] == stats(plain)["prompt_tokens_computed"] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import socket
 
+import msgspec
 import pytest
 
 from conftest import wait_for
@@ -120,8 +121,9 @@ def test_connect_failure_fails_over_to_another_instance(procs, redis_url, rds, m
 
 def test_requests_spread_over_two_instances(procs, redis_url, rds, mock_engine) -> None:
     w1, w2 = FakeWorker(rds, "w1"), FakeWorker(rds, "w2")
-    w1.publish(CHAT)
-    w2.publish(CHAT)
+    least = msgspec.structs.replace(CHAT, routing="least-outstanding")  # identical requests take turns
+    w1.publish(least)
+    w2.publish(least)
     router = start_router(procs, redis_url)
     a, b = serve_engine(mock_engine, w1), serve_engine(mock_engine, w2)
     wait_instances(router, 2)

@@ -31,6 +31,8 @@ def fmt_value(v: float | None, unit: str) -> str:
         return f"{v:,.0f}"
     if unit in ("ms",):
         return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if unit in ("ratio", "µs"):
+        return f"{v:.2f}"
     if unit == "MB":
         return f"{v:.1f}"
     return f"{v:,.0f}"
