@@ -231,7 +231,9 @@ def test_engine_ignoring_sigterm_is_killed_after_grace(worker):
     kill = "still running 0.5s after SIGTERM: sending SIGKILL"
     wait_for(lambda: kill in worker.messages("stubborn", "event"), message="the SIGKILL event line")
     stamps = {e.message: e.timestamp for e in worker.logs("stubborn") if e.stream == "event"}
-    assert stamps[kill] - stamps["stopping"] >= 0.5  # the grace, by the worker's clock
+    # The grace, by the worker's clock. Lines are stamped when the shipper reads them from the
+    # spool, so a loaded machine can stamp "stopping" a little late: allow 0.1 s of that.
+    assert stamps[kill] - stamps["stopping"] >= 0.4
 
 
 # --- the worker's own life cycle ---
