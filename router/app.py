@@ -89,7 +89,8 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.
-        server.listen(port, host, backlog=LISTEN_BACKLOG)
+        # One of several router processes (serve --workers): the kernel spreads connections.
+        server.listen(port, host, backlog=LISTEN_BACKLOG, reuse_port=options.processes > 1)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await services.close()

@@ -34,6 +34,7 @@ from router.limits_http import check_json_depth
 from router.loading import LoadingStream, error_event
 from router.options import RouterOptions
 from router.responses import ApiError
+from router.supervisor import process_share
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
@@ -235,7 +236,8 @@ class Proxy:
         shared no-op: no limiter machinery on the hot path."""
         if max_concurrency <= 0:
             return _NOOP
-        return self.limits.admit(model, max_concurrency * len(self.view.running_instances(model)))
+        capacity = max_concurrency * len(self.view.running_instances(model))
+        return self.limits.admit(model, process_share(capacity, self.options.process_index, self.options.processes))
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the least busy instance; on a connection failure, the next one."""
