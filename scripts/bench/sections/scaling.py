@@ -90,10 +90,10 @@ async def start(bench: Bench) -> tuple[list[str], dict[int, tuple[Target, int]]]
         proc = procs.start(f"router-x{n}", [*cli, "serve", "--redis", cluster.redis.url, "--port", str(port),
                                             "--workers", str(n)])
         routers[n] = (Target(f"x{n}", f"http://127.0.0.1:{port}", MODEL), proc.pid)
-    for target, pid in routers.values():
+    for n, (target, pid) in routers.items():
         await wait_http(target, "/health", 30, procs)
         deadline = time.monotonic() + 30
-        while len(psutil.Process(pid).children()) < int(target.name[1:]) and time.monotonic() < deadline:
+        while n > 1 and len(psutil.Process(pid).children()) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
     urls: list[str] = []
     deadline = time.monotonic() + 60
