@@ -85,7 +85,7 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     # body_timeout a slow body, on one shared timer instead of Tornado's per request (router/slowbody.py).
     server = BodyTimeoutServer(make_app(services, access), max_body_size=options.max_body_size,
                                max_header_size=options.max_header_size,
-                               idle_connection_timeout=options.header_timeout, body_timeout=options.body_timeout)
+                               head_timeout=options.header_timeout, body_timeout=options.body_timeout)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.

@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Iterable
 import msgspec
 import tornado.web
 from redis.exceptions import RedisError
+from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
 from router.accesslog import CLIENT_GONE, RequestRecord
@@ -25,7 +26,18 @@ from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
 
 JSON = "application/json"
+SERVER = f"TornadoServer/{tornado.version}"
 log = logging.getLogger("router")
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, format_timestamp(now))
+    return _date[1]
 
 
 @tornado.web.stream_request_body
@@ -290,11 +302,22 @@ class ProxyHandler(BaseHandler):
 
     get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
 
+    def clear(self) -> None:
+        """Tornado's reset of the response, less what a relayed answer does not need: no
+        default ``Content-Type`` (the engine's is relayed, an error reply sets its own) and a
+        ``Date`` formatted once a second, not per request (~6 µs a request)."""
+        headers = HTTPHeaders()
+        headers["Server"] = SERVER
+        headers["Date"] = http_date()
+        self._headers = headers
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
+
     # --- the proxy's Sink ---
 
     def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
         self.set_status(status)
-        self.clear_header("Content-Type")
         for name, value in headers:
             self.add_header(name, value)
 

@@ -82,6 +82,44 @@ def test_body_deadline_cuts_a_slow_body_and_spares_a_timely_one() -> None:
     run(main())
 
 
+def test_head_deadline_cuts_a_slow_head_and_an_idle_connection_and_forgets_closed_ones() -> None:
+    async def main() -> None:
+        server = BodyTimeoutServer(tornado.web.Application([("/", Echo)]), head_timeout=0.5)
+        sockets = bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        try:
+            # half a head, never finished: cut at the deadline, not before (counted from before
+            # the connection: the server may accept it before open_connection returns)
+            started = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            assert await asyncio.wait_for(reader.read(), 10) == b"" and loop.time() - started >= 0.5
+            writer.close()
+            # a request answered on time; the connection then idles past the deadline: cut
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            (conn,) = server._connections
+            assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # on for good
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"1"
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            # a client that closes its idle connection first leaves nothing watched behind
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not server.head_deadlines.pending:
+                await asyncio.sleep(0.01)
+            writer.close()
+            while server._connections:
+                await asyncio.sleep(0.01)
+            assert not server.head_deadlines.pending and not server._waiting
+        finally:
+            server.stop()
+            await server.close_all_connections()
+    run(main())
+
+
 def test_router_enforces_body_timeout(procs, redis_url) -> None:
     router = start_router(procs, redis_url, env={"LLM_ROUTER_BODY_TIMEOUT": "1"})
     port = int(router.url.rsplit(":", 1)[1])
