@@ -29,11 +29,15 @@ access_log = logging.getLogger("router.access")
 LISTEN_BACKLOG = 4096
 MAX_FDS = 65536
 ALIAS = r"([^/]+)"
+# Tornado tries the routes in order: the /v1 API routes, then the proxy (every other /v1 path;
+# first after them, so a forwarded request is not matched against every /api route first).
+# A new /v1 route of the router's own goes before the proxy.
 ROUTES = [
-    (r"/", h.RootHandler),
-    (r"/health", h.HealthHandler),
     (r"/v1/models", h.ModelsHandler),
     (rf"/v1/models/{ALIAS}", h.ModelHandler),
+    (r"/v1/.*", h.ProxyHandler),
+    (r"/", h.RootHandler),
+    (r"/health", h.HealthHandler),
     (r"/api/models/restart-autostart", h.RestartAutostartHandler),
     (r"/api/models/stop-all", h.StopAllHandler),
     (rf"/api/models/{ALIAS}/start", h.StartHandler),
@@ -46,7 +50,6 @@ ROUTES = [
     (r"/openapi.json", h.OpenApiHandler),
     (r"/debug/stats", h.DebugStatsHandler),
     (r"/metrics", h.MetricsHandler),
-    (r"/v1/.*", h.ProxyHandler),
 ]
 
 
