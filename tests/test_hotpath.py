@@ -35,12 +35,17 @@ class Echo(tornado.web.RequestHandler):
         self.finish(str(self.size))
 
 
+def listen(server: BodyTimeoutServer) -> int:
+    """Serve on a free port of 127.0.0.1; returns the port."""
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    return sockets[0].getsockname()[1]
+
+
 def test_body_deadline_cuts_a_slow_body_and_spares_a_timely_one() -> None:
     async def main() -> None:
         server = BodyTimeoutServer(tornado.web.Application([("/", Echo)]), body_timeout=0.5)
-        sockets = bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
-        port = sockets[0].getsockname()[1]
+        port = listen(server)
         loop = asyncio.get_running_loop()
         try:
             async def exchange(pieces: list[bytes], gap: float) -> tuple[bytes, float]:
@@ -85,9 +90,7 @@ def test_body_deadline_cuts_a_slow_body_and_spares_a_timely_one() -> None:
 def test_head_deadline_cuts_a_slow_head_and_an_idle_connection_and_forgets_closed_ones() -> None:
     async def main() -> None:
         server = BodyTimeoutServer(tornado.web.Application([("/", Echo)]), head_timeout=0.5)
-        sockets = bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
-        port = sockets[0].getsockname()[1]
+        port = listen(server)
         loop = asyncio.get_running_loop()
         try:
             # half a head, never finished: cut at the deadline, not before (counted from before
