@@ -1,6 +1,7 @@
-"""The forwarding hot path's cheaper mechanisms keep their guarantees: the shared body deadline
-(router/slowbody.py) still cuts off a slow body, and a pooled connection to a host that stopped
-answering is not retried on the same host (router/upstream.py)."""
+"""The forwarding hot path's cheaper mechanisms keep their guarantees: the shared body and head
+deadlines (router/slowbody.py) still cut off a slow body, a slow head and an idle connection,
+TCP_NODELAY stays on, and a pooled connection to a host that stopped answering is not retried
+on the same host (router/upstream.py)."""
 
 from __future__ import annotations
 
