@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from urllib.parse import urlsplit
 
@@ -147,3 +150,23 @@ def test_a_concurrency_limit_holds_across_the_processes(procs, redis_url, rds, f
     assert results == ["[DONE]"] * 12
     assert routers_reporting(rds) == 2  # both processes took some of the requests
     assert 1 <= most <= 2  # 2 × one instance, for the whole router: not 2 per process
+
+
+def test_no_process_outlives_a_killed_supervisor(procs, redis_url, fake, mock_engine) -> None:
+    engine(mock_engine, fake)
+    router = start_workers(procs, redis_url)
+    children = listening(router)
+    router.proc.kill()  # no chance to stop them itself
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive
+
+
+def test_a_busy_port_is_refused_before_any_process_starts(redis_url) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url, "--port",
+                               str(port), "--workers", "2"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
