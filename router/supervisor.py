@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -171,8 +172,6 @@ class Supervisor:
     @staticmethod
     def _wait(wake_r: int, timeout: float | None) -> None:
         """Until a signal arrives (SIGCHLD, SIGTERM, SIGINT) or ``timeout`` passes."""
-        import select
-
         ready, _, _ = select.select([wake_r], [], [], timeout)
         if ready:
             try:
