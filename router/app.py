@@ -85,7 +85,7 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     services = Services(redis_url, prefix, options)
     await services.start()
     # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection;
-    # body_timeout a slow body, on one shared timer instead of Tornado's per request (router/slowbody.py).
+    # body_timeout a slow body; each on one shared timer instead of Tornado's per request (router/slowbody.py).
     server = BodyTimeoutServer(make_app(services, access), max_body_size=options.max_body_size,
                                max_header_size=options.max_header_size,
                                head_timeout=options.header_timeout, body_timeout=options.body_timeout)
