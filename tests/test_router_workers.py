@@ -6,6 +6,7 @@ Real processes throughout: the supervisor and its children, a mock engine announ
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,8 +157,10 @@ def test_no_process_outlives_a_killed_supervisor(procs, redis_url, fake, mock_en
     engine(mock_engine, fake)
     router = start_workers(procs, redis_url)
     children = listening(router)
+    metrics_dir = children[0].environ()["PROMETHEUS_MULTIPROC_DIR"]  # the supervisor's to remove: left behind
     router.proc.kill()  # no chance to stop them itself
     _, alive = psutil.wait_procs(children, timeout=15)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     assert not alive
 
 
