@@ -55,6 +55,16 @@ def _access(host: str, api_keys_file: str | None, admin_keys_file: str | None, r
     return AccessPolicy(ring, read_access)  # type: ignore[arg-type]
 
 
+def _access_args(api_keys_file: str | None, admin_keys_file: str | None, read_access: str,
+                 insecure: bool) -> list[str]:
+    """The security options again, for a ``serve`` started by this process (``up``, ``--workers``)."""
+    args = ["--read-access", read_access, *(["--insecure"] if insecure else [])]
+    for flag, path in (("--api-keys-file", api_keys_file), ("--admin-keys-file", admin_keys_file)):
+        if path:
+            args += [flag, os.path.abspath(path)]
+    return args
+
+
 @click.group()
 @click.version_option(__version__, prog_name="llm-router")
 def main() -> None:
@@ -91,15 +101,42 @@ def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str 
 @prefix_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Router processes sharing the port (SO_REUSEPORT), supervised by this one; 0: one per core.")
 @security_options
-def serve(redis_url: str, prefix: str, host: str, port: int, api_keys_file: str | None,
+def serve(redis_url: str, prefix: str, host: str, port: int, workers: int, api_keys_file: str | None,
           admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
     """Run a router: the HTTP API, proxying to the models every worker publishes."""
     from router.app import main as router_main
+    from router.supervisor import worker_count
 
     access = _access(host, api_keys_file, admin_keys_file, read_access, insecure)
+    if (count := worker_count(workers)) > 1:
+        argv = [sys.executable, "-m", "llm_router.cli", "serve", "--prefix", prefix, "--host", host,
+                "--port", str(port), *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
+        sys.exit(_supervise(argv, count, host, port, redis_url))
     sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port, access=access,
                          insecure=insecure))
+
+
+def _supervise(argv: list[str], count: int, host: str, port: int, redis_url: str) -> int:
+    """``serve --workers N``: run ``argv`` (a one-process ``serve``) N times on one port. The Redis
+    URL goes in the environment, where a password stays out of ``ps``."""
+    import logging
+
+    from router.options import RouterOptions
+    from router.supervisor import Supervisor, port_is_free
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        grace = RouterOptions.from_env().shutdown_grace + 10  # the children's drain, then closing
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    if why := port_is_free(host, port):
+        click.echo(f"error: cannot listen on {host}:{port}: {why}", err=True)
+        return 1
+    return Supervisor(argv, count, grace, env={**os.environ, "LLM_ROUTER_REDIS_URL": redis_url}).run()
 
 
 @main.command()
@@ -112,18 +149,19 @@ def serve(redis_url: str, prefix: str, host: str, port: int, api_keys_file: str 
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", default=".llm-router", show_default=True,
               help="Where a private redis-server keeps its data.")
+@click.option("--router-workers", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Router processes (serve --workers); 0: one per core.")
 @security_options
 def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str,
-       api_keys_file: str | None, admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
+       router_workers: int, api_keys_file: str | None, admin_keys_file: str | None, read_access: str,
+       insecure: bool) -> None:
     """Run everything on this host: Redis (if none answers), one worker, one router."""
     from llm_router.up import run_up
 
     cfg = _load(config_path)  # fail here, with one line, before anything starts
     _access(host, api_keys_file, admin_keys_file, read_access, insecure)
-    serve_args = ["--read-access", read_access, *(["--insecure"] if insecure else [])]
-    for flag, path in (("--api-keys-file", api_keys_file), ("--admin-keys-file", admin_keys_file)):
-        if path:
-            serve_args += [flag, os.path.abspath(path)]
+    serve_args = ["--workers", str(router_workers),
+                  *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
     sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args))
 
 

@@ -29,11 +29,15 @@ access_log = logging.getLogger("router.access")
 LISTEN_BACKLOG = 4096
 MAX_FDS = 65536
 ALIAS = r"([^/]+)"
+# Tornado tries the routes in order: the /v1 API routes, then the proxy (every other /v1 path;
+# first after them, so a forwarded request is not matched against every /api route first).
+# A new /v1 route of the router's own goes before the proxy.
 ROUTES = [
-    (r"/", h.RootHandler),
-    (r"/health", h.HealthHandler),
     (r"/v1/models", h.ModelsHandler),
     (rf"/v1/models/{ALIAS}", h.ModelHandler),
+    (r"/v1/.*", h.ProxyHandler),
+    (r"/", h.RootHandler),
+    (r"/health", h.HealthHandler),
     (r"/api/models/restart-autostart", h.RestartAutostartHandler),
     (r"/api/models/stop-all", h.StopAllHandler),
     (rf"/api/models/{ALIAS}/start", h.StartHandler),
@@ -46,7 +50,6 @@ ROUTES = [
     (r"/openapi.json", h.OpenApiHandler),
     (r"/debug/stats", h.DebugStatsHandler),
     (r"/metrics", h.MetricsHandler),
-    (r"/v1/.*", h.ProxyHandler),
 ]
 
 
@@ -82,14 +85,15 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     services = Services(redis_url, prefix, options)
     await services.start()
     # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection;
-    # body_timeout a slow body, on one shared timer instead of Tornado's per request (router/slowbody.py).
+    # body_timeout a slow body; each on one shared timer instead of Tornado's per request (router/slowbody.py).
     server = BodyTimeoutServer(make_app(services, access), max_body_size=options.max_body_size,
                                max_header_size=options.max_header_size,
-                               idle_connection_timeout=options.header_timeout, body_timeout=options.body_timeout)
+                               head_timeout=options.header_timeout, body_timeout=options.body_timeout)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.
-        server.listen(port, host, backlog=LISTEN_BACKLOG)
+        # One of several router processes (serve --workers): the kernel spreads connections.
+        server.listen(port, host, backlog=LISTEN_BACKLOG, reuse_port=options.processes > 1)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await services.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Awaitable, Iterable
 
 import msgspec
 import tornado.web
 from redis.exceptions import RedisError
+from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
 from router.accesslog import CLIENT_GONE, RequestRecord
@@ -25,7 +27,19 @@ from router.responses import ApiError, as_api_error, encode, error_body
 from router.services import Services
 
 JSON = "application/json"
+SERVER = f"TornadoServer/{tornado.version}"
+_UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
 log = logging.getLogger("router")
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, format_timestamp(now))
+    return _date[1]
 
 
 @tornado.web.stream_request_body
@@ -292,13 +306,36 @@ class ProxyHandler(BaseHandler):
 
     get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
 
+    def clear(self) -> None:
+        """Tornado's reset of the response, less what a relayed answer does not need: no
+        default ``Content-Type`` (the engine's is relayed, an error reply sets its own) and a
+        ``Date`` formatted once a second, not per request (~6 µs a request)."""
+        headers = HTTPHeaders()
+        headers["Server"] = SERVER
+        headers["Date"] = http_date()
+        self._headers = headers
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
+
     # --- the proxy's Sink ---
 
     def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        """The answer's head. The engine's header names are tokens already (llm_router/http1.py)
+        and the router's are constants: one check of all the values at once, then plain sets,
+        instead of ``add_header``'s three regular expressions per header."""
         self.set_status(status)
-        self.clear_header("Content-Type")
+        headers = headers if isinstance(headers, list) else list(headers)
+        if _UNSAFE_VALUE.search("".join(v for _, v in headers)):
+            for name, value in headers:
+                self.add_header(name, value)  # refuses the bad one, as before
+            return
+        out = self._headers
         for name, value in headers:
-            self.add_header(name, value)
+            if name in out:
+                out.add(name, value)
+            else:
+                out[name] = value
 
     def metrics_model(self) -> str:
         rec = getattr(self, "_record", None)

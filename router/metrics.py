@@ -11,15 +11,22 @@ Two kinds:
   holds (``ClusterCollector``): instances by state, restarts, workers, device memory per
   host/GPU. No worker needs an HTTP port for them; every router shows the same cluster.
 
+Several router processes (``serve --workers N``, router/supervisor.py) share one scrape target:
+the supervisor gives them a private ``PROMETHEUS_MULTIPROC_DIR``, the request metrics go to
+files there (prometheus-client's multiprocess mode) and any child's ``/metrics`` sums every
+child's (in flight: the live children's); the cluster gauges come from the answering child's
+view alone, so they are not multiplied by N.
+
 Label cardinality stays bounded: ``model`` is a catalog id (or ``""`` when the request named
 no known model), ``route`` one of ``ROUTES`` or ``other``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -69,14 +76,19 @@ class RouterMetrics:
         self.fallbacks = Counter("llm_router_fallbacks", "Requests served by a fallback model because "
                                  "their model could not serve them", ["model", "served"], registry=r)
         self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.quota_rejections = Counter("llm_router_quota_rejections", "Requests refused (429) by a key's or "
                                         "group's quota (router/quotas.py)", ["key", "scope", "reason"], registry=r)
         self.quota_redis_errors = Counter("llm_router_quota_redis_errors", "Quota checks or settlements that "
                                           "failed on Redis (admitted unchecked when failing open)", registry=r)
         self._children: dict[tuple, object] = {}
+        self.scraped = r
+        if shared_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # One of several router processes: scrape the sum of all of them, not this one's registry.
+            self.scraped = CollectorRegistry(auto_describe=True)
+            multiprocess.MultiProcessCollector(self.scraped, shared_dir)
         if view is not None:
-            r.register(ClusterCollector(view))
+            self.scraped.register(ClusterCollector(view))
 
     def _child(self, metric, *labels: str):
         key = (id(metric), *labels)
@@ -126,7 +138,7 @@ class RouterMetrics:
                 self._child(self.tokens, model, "completion").inc(usage.completion_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
 
 
 class ClusterCollector:

@@ -83,6 +83,11 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     debug_endpoints: bool = False
     # One JSON line per forwarded request on stderr (router/accesslog.py), written in batches.
     access_log: bool = True
+    # Set by ``serve --workers N``'s supervisor for each child (router/supervisor.py): which of
+    # how many router processes this is; > 1 means listen with SO_REUSEPORT and admit only this
+    # process's share of each model's concurrency limit.
+    processes: Annotated[int, msgspec.Meta(ge=1)] = 1
+    process_index: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> "RouterOptions":

@@ -36,6 +36,7 @@ from router.limits_http import check_json_depth
 from router.loading import LoadingStream, error_event
 from router.options import RouterOptions
 from router.responses import ApiError
+from router.supervisor import process_share
 from router.accesslog import RequestRecord
 from router.metrics import RouterMetrics
 from router.upstream import (
@@ -307,6 +308,7 @@ class Proxy:
         if max_concurrency <= 0:
             return _NOOP
         capacity = max_concurrency * len(self.view.running_instances(model))
+        capacity = process_share(capacity, self.options.process_index, self.options.processes)
         if (caller := rec.caller) is None:
             return self.limits.admit(model, capacity)
         return self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight)

@@ -149,12 +149,12 @@ def process_url(redis_url: str, role: str, prefix: str | None = None) -> str:
 
 def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None = None,
                  prefix: str | None = None, timeout: float = 20, host: str = "127.0.0.1",
-                 wrap: Callable[[list[str]], list[str]] = list) -> Router:
+                 wrap: Callable[[list[str]], list[str]] = list, args: Iterable[str] = ()) -> Router:
     """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
-    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace)."""
+    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more options."""
     port = free_port()  # in a namespace the port is surely free too: nothing else binds there
     argv = [sys.executable, "-m", "llm_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
-            "--port", str(port)]
+            "--port", str(port), *args]
     if host != "127.0.0.1":
         argv += ["--host", host]
     if prefix:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
-            "quotas c=1", "affinity", "affinity x2"]
+            "quotas c=1", "affinity", "affinity x2", "scaling c=64"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""The forwarding hot path's cheaper mechanisms keep their guarantees: the shared body deadline
-(router/slowbody.py) still cuts off a slow body, and a pooled connection to a host that stopped
-answering is not retried on the same host (router/upstream.py)."""
+"""The forwarding hot path's cheaper mechanisms keep their guarantees: the shared body and head
+deadlines (router/slowbody.py) still cut off a slow body, a slow head and an idle connection,
+TCP_NODELAY stays on, and a pooled connection to a host that stopped answering is not retried
+on the same host (router/upstream.py)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,17 @@ class Echo(tornado.web.RequestHandler):
         self.finish(str(self.size))
 
 
+def listen(server: BodyTimeoutServer) -> int:
+    """Serve on a free port of 127.0.0.1; returns the port."""
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    return sockets[0].getsockname()[1]
+
+
 def test_body_deadline_cuts_a_slow_body_and_spares_a_timely_one() -> None:
     async def main() -> None:
         server = BodyTimeoutServer(tornado.web.Application([("/", Echo)]), body_timeout=0.5)
-        sockets = bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
-        port = sockets[0].getsockname()[1]
+        port = listen(server)
         loop = asyncio.get_running_loop()
         try:
             async def exchange(pieces: list[bytes], gap: float) -> tuple[bytes, float]:
@@ -77,6 +83,42 @@ def test_body_deadline_cuts_a_slow_body_and_spares_a_timely_one() -> None:
             assert not server.body_deadlines.pending
         finally:
             Echo.received = None
+            server.stop()
+            await server.close_all_connections()
+    run(main())
+
+
+def test_head_deadline_cuts_a_slow_head_and_an_idle_connection_and_forgets_closed_ones() -> None:
+    async def main() -> None:
+        server = BodyTimeoutServer(tornado.web.Application([("/", Echo)]), head_timeout=0.5)
+        port = listen(server)
+        loop = asyncio.get_running_loop()
+        try:
+            # half a head, never finished: cut at the deadline, not before (counted from before
+            # the connection: the server may accept it before open_connection returns)
+            started = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            assert await asyncio.wait_for(reader.read(), 10) == b"" and loop.time() - started >= 0.5
+            writer.close()
+            # a request answered on time; the connection then idles past the deadline: cut
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            (conn,) = server._connections
+            assert conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # on for good
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"1"
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            # a client that closes its idle connection first leaves nothing watched behind
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not server.head_deadlines.pending:
+                await asyncio.sleep(0.01)
+            writer.close()
+            while server._connections:
+                await asyncio.sleep(0.01)
+            assert not server.head_deadlines.pending and not server._waiting
+        finally:
             server.stop()
             await server.close_all_connections()
     run(main())

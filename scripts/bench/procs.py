@@ -53,7 +53,7 @@ class Procs:
         started first; Redis last, so the worker can still report while it stops."""
         order = [p for p in reversed(self.procs) if p[0] != "redis"] + [p for p in self.procs if p[0] == "redis"]
         for name, proc in order:
-            stop_group(proc, signal.SIGINT if name == "worker" else signal.SIGTERM, grace, reap=2.0)
+            stop_group(proc, signal.SIGINT if name.startswith("worker") else signal.SIGTERM, grace, reap=2.0)
         # Engines live in process groups of their own: anything still carrying our token goes.
         for p in processes_with_env(SESSION_ENV, self.token):
             try:
