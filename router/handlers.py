@@ -240,7 +240,8 @@ class LogClearHandler(BaseHandler):
 
 
 class DevicesHandler(BaseHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
+        await self.services.view.refresh_devices()
         self.reply(self.services.manager.devices())
 
 
@@ -311,7 +312,8 @@ class ProxyHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format (router/metrics.py, docs/metrics.md)."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
+        await self.services.view.refresh_devices()
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(self.services.metrics.render())
 

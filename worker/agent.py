@@ -40,7 +40,7 @@ from redis.backoff import NoBackoff
 from llm_router import __version__
 from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, from_hash
+from llm_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_router.redis_url import async_client
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
@@ -51,7 +51,7 @@ from worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from worker.orphans import WorkerIdInUse, stop_processes
 from worker.placement import Placement, Placer
 from worker.process import HostContext, ModelProcess
-from worker.publish import devices_ops, goodbye_ops, instance_ops, lease_ops, publish_all_ops
+from worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from worker.reload import ReloadTrigger, apply_plan, plan_reload
 
 log = logging.getLogger("llm_router.worker")
@@ -75,6 +75,7 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
+        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -334,18 +335,15 @@ class WorkerAgent:
         async with self.redis.pipeline(transaction=True) as pipe:
             publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
                             [m.catalog_entry() for m in self.cfg.models],
-                            [mp.instance for mp in self.models.values()], withdrawn)
+                            [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn
         log.info("published lease, catalog and %d instances", len(self.models))
 
     async def _publish_instance(self, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self._instance_ops(pipe, inst)
+            change_ops(pipe, self.keys, self.wid, inst, self.version)
             await pipe.execute()
-
-    def _instance_ops(self, pipe, inst: Instance) -> None:
-        instance_ops(pipe, self.keys, self.wid, inst)
 
     def _sync_log_counts(self) -> None:
         self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
@@ -358,7 +356,7 @@ class WorkerAgent:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()])
+                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--log-rate", type=float, default=6.0, help="log batches (5 lines) per host per minute")
     f.add_argument("--tag", default="", help="worker ids are sim-<tag>-NNNN")
     f.add_argument("--ready-file", type=Path, help="written once every host has published")
+    f.epilog = "SIGUSR1 pauses the state changes, SIGUSR2 resumes them; SIGTERM: goodbye and exit."
     m = sub.add_parser("measure", help="the scale benchmark")
     from scripts.sim.measure import add_arguments
     add_arguments(m)
@@ -52,6 +53,8 @@ async def _fleet(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(fleet, "paused", True))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(fleet, "paused", False))
     run = asyncio.create_task(fleet.run(stop))
     await fleet.ready.wait()
     logging.info("%d hosts published", len(hosts))

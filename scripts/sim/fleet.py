@@ -28,9 +28,9 @@ from redis.asyncio import Redis
 from llm_router import __version__
 from llm_router.protocol import (
     LOG_SHIP_SCRIPT, CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Instance, Keys, WorkerInfo,
-    log_ship_args,
+    WorkerVersion, log_ship_args,
 )
-from worker.publish import devices_ops, goodbye_ops, instance_ops, lease_ops, publish_all_ops
+from worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 
 log = logging.getLogger("sim.fleet")
 
@@ -50,6 +50,7 @@ class SimHost:
     catalog: list[CatalogEntry]
     instances: dict[str, Instance]
     info: WorkerInfo = field(init=False)
+    version: WorkerVersion = field(default_factory=WorkerVersion)
     log_offsets: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,16 +115,18 @@ class Fleet:
         self.ready = asyncio.Event()
         self.changes = 0
         self.republished = 0
+        self.paused = False  # no state changes while set (heartbeats, devices and logs go on)
 
     async def publish_all(self, host: SimHost) -> None:
         host.info.heartbeat_at = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
-            publish_all_ops(pipe, self.keys, host.info, self.lease_ttl, host.catalog, host.instances.values())
+            publish_all_ops(pipe, self.keys, host.info, self.lease_ttl, host.catalog, host.instances.values(),
+                            host.version)
             await pipe.execute()
 
     async def write_instance(self, host: SimHost, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            instance_ops(pipe, self.keys, host.wid, inst)
+            change_ops(pipe, self.keys, host.wid, inst, host.version)
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -144,7 +147,7 @@ class Fleet:
     async def goodbye(self) -> None:
         async def bye(host: SimHost) -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                goodbye_ops(pipe, self.keys, host.wid, host.instances.values())
+                goodbye_ops(pipe, self.keys, host.wid, host.instances.values(), host.version)
                 await pipe.execute()
         await _batched([bye(h) for h in self.hosts])
 
@@ -186,6 +189,8 @@ class Fleet:
             return
         while True:
             await asyncio.sleep(random.expovariate(rate))
+            if self.paused:
+                continue
             host = random.choice(self.hosts)
             model = random.choice([m for m in host.instances if m != CHAT] or [CHAT])
             inst = host.change(model, random.choice(self.engine_urls))
