@@ -1,9 +1,12 @@
 """``ClusterView``: what this router knows about the cluster, in memory, for the hot path.
 
-Routers are stateless: the view is rebuilt from Redis (a full resync at start, every
-``resync_interval`` and after every pub/sub reconnect) and kept current between resyncs by the
-``llm:events`` channel. Instance events carry the whole ``Instance`` and are applied with no
-Redis read; catalog and worker events make the view re-read that one worker.
+Routers are stateless: the view is built from Redis and kept current by the ``llm:events``
+channel. Instance events carry the whole ``Instance`` and the worker's new version
+(``llm:versions``) and are applied with no Redis read; catalog and worker events, and an event
+whose version skips one (an event was missed), make the view re-read that one worker. A
+resync (at start, every ``resync_interval`` and after every pub/sub reconnect) checks the
+leases and re-reads only the workers whose version moved, so its cost grows with the changes
+missed, not with the cluster.
 
 Only live workers (their lease key exists) take part in routing. When Redis cannot be
 reached, the view is *kept as it was*: nothing is evicted because the control plane is away
@@ -315,16 +318,6 @@ class ClusterView:
 
     LEGACY_SCAN_EVERY = 15  # resyncs between SCANs for workers of older releases (no version)
     CHUNK = 64  # workers per pipeline; the loop serves requests between chunks
-
-    async def read_all(self) -> Snapshot:
-        """One full read: every live worker (by the index and by SCAN), its catalog, its instances."""
-        began = self._events
-        versions = await self._read_versions()
-        scanned = {self.keys.worker_id_of(_text(k))
-                   async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
-        snap = await self._read(sorted(versions.keys() | scanned), began)
-        snap.devices = await self._read_devices(sorted(snap.workers))
-        return snap
 
     async def read_worker(self, wid: str) -> Snapshot:
         return await self._read([wid], self._events)
