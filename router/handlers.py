@@ -241,7 +241,7 @@ class LogClearHandler(BaseHandler):
 
 class DevicesHandler(BaseHandler):
     async def get(self) -> None:
-        await self.services.view.refresh_devices()
+        await self.services.view.refresh_details()
         self.reply(self.services.manager.devices())
 
 
@@ -313,7 +313,7 @@ class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format (router/metrics.py, docs/metrics.md)."""
 
     async def get(self) -> None:
-        await self.services.view.refresh_devices()
+        await self.services.view.refresh_details()
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(self.services.metrics.render())
 

@@ -92,7 +92,8 @@ class ClusterView:
         self._reads = 0
         self._read_at: dict[str, int] = {}
         self._resyncs = 0
-        self._devices_at = float("-inf")  # when the device snapshots were last read (``refresh_devices``)
+        self._details_at = float("-inf")  # when devices and leases were last read (``refresh_details``)
+        self._dead: dict[str, str] = {}  # worker -> its version when its lease was found gone
         self._gen = 0  # bumped on every change: the key of the per-model caches below
         self._sorted: dict[str, tuple[int, list[Instance]]] = {}
 
@@ -226,6 +227,7 @@ class ClusterView:
             catalog = snap.catalogs.get(wid, {})
             rebuild = rebuild or wid not in self._workers or self._catalogs.get(wid) != catalog
             self._workers[wid] = snap.workers[wid]
+            self._dead.pop(wid, None)
             self._catalogs[wid] = catalog
             self._versions[wid] = snap.versions.get(wid, "")
             if wid in snap.devices:
@@ -311,10 +313,10 @@ class ClusterView:
     # --- reading Redis ---
     #
     # What a resync costs grows with changes, not with the cluster: one HGETALL of
-    # ``llm:versions`` (the index of workers, and what each last changed), one small HGETALL
-    # per lease (liveness), and a full read only of the workers whose version moved (events
+    # ``llm:versions`` (the index of workers, and what each last changed), one EXISTS of every
+    # lease (liveness), and a full read only of the workers whose version moved (events
     # were missed) or that write no version (older releases). No keyspace SCAN but a rare one
-    # for those older workers; device snapshots are read when asked for (``refresh_devices``).
+    # for those older workers; device snapshots are read when asked for (``refresh_details``).
 
     LEGACY_SCAN_EVERY = 15  # resyncs between SCANs for workers of older releases (no version)
     CHUNK = 64  # workers per pipeline; the loop serves requests between chunks
@@ -367,16 +369,25 @@ class ClusterView:
 
     async def _read_leases(self, wids: list[str]) -> dict[str, WorkerInfo]:
         leases: dict[str, WorkerInfo] = {}
-        for n in range(0, len(wids), 4 * self.CHUNK):
-            chunk = wids[n: n + 4 * self.CHUNK]
-            pipe = self.redis.pipeline(transaction=False)
-            for wid in chunk:
-                pipe.hgetall(self.keys.worker(wid))
-            for wid, data in zip(chunk, await pipe.execute()):
-                if (info := self._lease(wid, data)) is not None:
-                    leases[wid] = info
-            await asyncio.sleep(0)
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.hgetall(self.keys.worker(wid))
+        for wid, data in zip(wids, await pipe.execute()):
+            if (info := self._lease(wid, data)) is not None:
+                leases[wid] = info
         return leases
+
+    async def _alive(self, wids: list[str]) -> set[str]:
+        """Which of these workers hold a lease: one ``EXISTS`` of them all, which is enough
+        when none expired (the usual case); else one ``EXISTS`` each to find which."""
+        if not wids:
+            return set()
+        if await self.redis.exists(*(self.keys.worker(w) for w in wids)) == len(wids):
+            return set(wids)
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.exists(self.keys.worker(wid))
+        return {wid for wid, n in zip(wids, await pipe.execute()) if n}
 
     async def _read_devices(self, wids: list[str]) -> dict[str, DeviceSnapshot]:
         pipe = self.redis.pipeline(transaction=False)
@@ -388,20 +399,26 @@ class ClusterView:
                 found[wid] = dev
         return found
 
-    async def refresh_devices(self, max_age: float = 1.0) -> None:
-        """Read the device snapshots of the live workers if the view's are older than
-        ``max_age`` s. They change every few seconds on every host, so they are read when
-        someone needs them (``/api/devices/info``, ``/metrics``, a placement), not at every
-        resync. Redis unreachable: the last ones read are kept."""
-        if self._clock() - self._devices_at < max_age:
+    async def refresh_details(self, max_age: float = 1.0) -> None:
+        """Read the device snapshots and leases (heartbeat time, log counters) of the live
+        workers if the view's are older than ``max_age`` s. Both change every few seconds on
+        every host and routing needs neither (a resync checks only that each lease exists), so
+        they are read when someone asks (``/api/devices/info``, ``/metrics``, a placement), not
+        at every resync. Redis unreachable: the last ones read are kept."""
+        if self._clock() - self._details_at < max_age:
             return
+        wids = sorted(self._workers)
         try:
-            found = await self._read_devices(sorted(self._workers))
+            devices = await self._read_devices(wids)
+            leases = await self._read_leases(wids)
         except (RedisError, OSError) as exc:
             log.debug("device snapshots not refreshed: %s", exc)
             return
-        self._devices = {w: d for w, d in found.items() if w in self._workers}
-        self._devices_at = self._clock()
+        self._devices = {w: d for w, d in devices.items() if w in self._workers}
+        for wid, info in leases.items():
+            if wid in self._workers:
+                self._workers[wid] = info
+        self._details_at = self._clock()
 
     async def resync(self) -> None:
         """Catch up with Redis: drop the workers whose lease is gone, re-read the workers whose
@@ -416,19 +433,27 @@ class ClusterView:
         if scan:
             legacy |= {self.keys.worker_id_of(_text(k))
                        async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
-        leases = await self._read_leases(sorted(versions.keys() | legacy | self._workers.keys()))
-        if self._all_vanished(bool(leases)):
+            for wid in legacy:
+                self._dead.pop(wid, None)  # its lease exists again
+        # An index entry whose lease was gone at an earlier resync is checked again only once
+        # its version moves (the worker came back): dead hosts cost nothing per resync.
+        candidates = sorted(self._workers.keys() | {w for w in versions.keys() | legacy
+                                                    if w not in self._dead or self._dead[w] != versions.get(w, "")})
+        alive = await self._alive(candidates)
+        if self._all_vanished(bool(alive)):
             return
-        gone = [w for w in self._workers if w not in leases and self._read_at.get(w, 0) <= reads]
+        for wid in candidates:
+            if wid not in alive:
+                self._dead[wid] = versions.get(wid, "")
+            else:
+                self._dead.pop(wid, None)
+        gone = [w for w in self._workers if w not in alive and self._read_at.get(w, 0) <= reads]
         for wid in gone:
             self._drop(wid)
         if gone:
             self._rebuild_models()
             self._notify()
-        for wid, info in leases.items():
-            if wid in self._workers:
-                self._workers[wid] = info  # heartbeat time, log counters
-        stale = [w for w in sorted(leases) if w not in self._workers or not versions.get(w)
+        stale = [w for w in sorted(alive) if w not in self._workers or not versions.get(w)
                  or versions[w] != self._versions.get(w)]
         for n in range(0, len(stale), self.CHUNK):
             chunk = stale[n: n + self.CHUNK]

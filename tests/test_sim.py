@@ -1,7 +1,7 @@
 """The scale simulator (``scripts/sim``) under real routers: 50 simulated hosts x 10 models
 changing state, two routers whose views must match Redis, before and after one router's
-subscription is killed (``CLIENT KILL``: it missed events while it resubscribed). Also: the
-routers' periodic resync no longer walks the keyspace (``SCAN``) or re-reads every instance.
+subscription is killed (``CLIENT KILL``: it missed events while it resubscribed) and after
+Redis lost every key. Also: the routers' periodic resync no longer walks the keyspace (``SCAN``).
 """
 
 from __future__ import annotations
@@ -98,5 +98,13 @@ def test_simulated_fleet_views_converge_and_recover_from_a_killed_subscription(p
     time.sleep(3.0)  # a measurement window, not a wait for a condition
     rate = (scans(rds) - before) / (time.monotonic() - since)
     assert rate < 5, f"{rate:.1f} SCAN calls/s: the routers walk the keyspace at every resync"
+
+    # Redis loses every key (as a restart without persistence would): the routers keep routing
+    # while the hosts notice their lease is gone and publish everything again
+    rds.delete(*rds.scan_iter(match=f"{prefix}*", count=1000))
+    assert get_json(f"{routers[0].url}/health")["workers"] > 0
+    wait_for(lambda: converged(rds, keys, routers), timeout=30, interval=0.3,
+             message="both views to match Redis after it lost every key")
+    assert all(get_json(f"{r.url}/health")["workers"] == HOSTS for r in routers)
     fleet.send_signal(signal.SIGUSR2)
     procs.stop(fleet)

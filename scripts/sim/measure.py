@@ -115,7 +115,7 @@ class Point:
         fleet_proc = router_procs = None
         try:
             ready = self.work / f"ready-{tag}"
-            fleet_proc = self.procs.start(f"fleet-{tag}", [
+            fleet_proc = self.fleet_proc = self.procs.start(f"fleet-{tag}", [
                 sys.executable, "-m", "scripts.sim", "fleet", "--redis", server.url, "--hosts", str(self.n_hosts),
                 "--models", str(o.models), "--engines", ",".join(self.engines), "--change-rate", str(o.change_rate),
                 "--devices-interval", str(o.devices_interval), "--tag", tag, "--ready-file", str(ready)])
@@ -179,6 +179,7 @@ class Point:
         pids = self.router_pids
         cpu0 = [cpu_seconds(p) for p in pids]
         rcpu0 = cpu_seconds(self.redis_pid)
+        fcpu0 = cpu_seconds(self.fleet_proc.pid)
         info0 = await rds.info("stats")
         t0 = time.monotonic()
         await asyncio.sleep(o.rest_seconds)
@@ -193,6 +194,8 @@ class Point:
             "redis_cpu_pct": round(100 * (cpu_seconds(self.redis_pid) - rcpu0) / dt, 2),
             "redis_ops_s": round((info1["total_commands_processed"] - info0["total_commands_processed"]) / dt),
             "redis_mem_mb": round(mem["used_memory"] / 2**20, 1),
+            "fleet_cpu_pct": round(100 * (cpu_seconds(self.fleet_proc.pid) - fcpu0) / dt, 1),
+            "loadavg_1m": round(os.getloadavg()[0], 2),  # the whole machine (shared), at the window's end
         })
 
     async def _propagation(self, probe: Fleet, host) -> None:
@@ -363,7 +366,7 @@ COLUMNS = [("hosts", "hosts"), ("routers", "routers"), ("router_cpu_pct", "route
            ("redis_mem_mb", "Redis MB"), ("prop_p50_ms", "prop p50 ms"), ("prop_p99_ms", "prop p99 ms"),
            ("hot_added_p50_ms", "added p50 ms"), ("hot_added_p99_ms", "added p99 ms"),
            ("models_ms", "/v1/models ms"), ("devices_ms", "devices ms"), ("metrics_ms", "/metrics ms"),
-           ("dashboard_ms", "dashboard ms")]
+           ("dashboard_ms", "dashboard ms"), ("fleet_cpu_pct", "fleet CPU %"), ("loadavg_1m", "load")]
 
 
 def table(points: list[dict]) -> str:
