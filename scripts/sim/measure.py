@@ -61,10 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-ms", type=float, default=5.0)
     p.add_argument("--hot-seconds", type=float, default=4.0)
     p.add_argument("--no-browser", action="store_true")
-    p.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
+    p.add_argument("--label", default="after", help="the name of this checkout's figures")
+    p.add_argument("--baseline", type=Path, help="a checkout of another release (e.g. `git archive REV`): each "
+                   "point is measured with its fleet and routers first, then with this checkout's, side by side")
+    p.add_argument("--baseline-label", default="before")
     p.add_argument("--out", type=Path, default=Path("scale.json"))
-    p.add_argument("--svg", type=Path, help="also draw cost against hosts (with --compare: two runs)")
-    p.add_argument("--compare", type=Path, help="an earlier JSON to draw next to this one")
+    p.add_argument("--svg", type=Path, help="also draw cost against hosts")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -97,14 +99,16 @@ class Point:
     """One (hosts, routers) point: its processes, then its measurements."""
 
     def __init__(self, opts: argparse.Namespace, procs: Procs, work: Path, engines: list[str], hosts: int,
-                 routers: int, session: aiohttp.ClientSession) -> None:
+                 routers: int, session: aiohttp.ClientSession, root: Path = ROOT, label: str = "") -> None:
+        """``root``: the checkout whose fleet and routers run (another release's, to compare)."""
         self.opts, self.procs, self.work, self.engines = opts, procs, work, engines
+        self.root, self.label = root, label
         self.n_hosts, self.n_routers, self.http = hosts, routers, session
         self.result: dict = {"hosts": hosts, "routers": routers, "models": opts.models}
 
     async def run(self, browser: "Browser | None") -> dict:
         o = self.opts
-        tag = f"p{self.n_hosts}x{self.n_routers}"
+        tag = f"{self.label}p{self.n_hosts}x{self.n_routers}"
         server = RedisServer(self.work / f"redis-{tag}", extra=["--appendonly", "no", "--save", ""]).start()
         self.redis_pid = server.proc.pid  # type: ignore[union-attr]
         rds = async_client(server.url)
@@ -118,12 +122,13 @@ class Point:
             fleet_proc = self.fleet_proc = self.procs.start(f"fleet-{tag}", [
                 sys.executable, "-m", "scripts.sim", "fleet", "--redis", server.url, "--hosts", str(self.n_hosts),
                 "--models", str(o.models), "--engines", ",".join(self.engines), "--change-rate", str(o.change_rate),
-                "--devices-interval", str(o.devices_interval), "--tag", tag, "--ready-file", str(ready)])
+                "--devices-interval", str(o.devices_interval), "--tag", tag, "--ready-file", str(ready)], cwd=self.root)
             probe_task = asyncio.create_task(probe.run(stop_probe))
             await self._until(lambda: ready.exists(), 120, "the fleet to publish")
             ports = [free_port() for _ in range(self.n_routers)]
             router_procs = [self.procs.start(f"router-{tag}-{n}", [
-                sys.executable, "-m", "llm_router.cli", "serve", "--redis", server.url, "--port", str(port)])
+                sys.executable, "-m", "llm_router.cli", "serve", "--redis", server.url, "--port", str(port)],
+                cwd=self.root)
                 for n, port in enumerate(ports)]
             self.urls = [f"http://127.0.0.1:{port}" for port in ports]
             self.router_pids = [p.pid for p in router_procs]
@@ -313,7 +318,8 @@ class Browser:
 async def run(opts: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-sim-"))
     procs = Procs(work)
-    results: list[dict] = []
+    sides = ([(opts.baseline_label, opts.baseline.resolve())] if opts.baseline else []) + [(opts.label, ROOT)]
+    runs = [{"label": label, "root": str(root), "points": []} for label, root in sides]
     points = [(h, r) for h in map(int, opts.hosts.split(",")) for r in map(int, opts.routers.split(","))]
     try:
         engines = []
@@ -330,19 +336,25 @@ async def run(opts: argparse.Namespace) -> int:
                 browser = Browser(procs, work, session)
                 await browser.start()
             for hosts, routers in points:
-                print(f"# {hosts} hosts x {opts.models} models, {routers} routers ...", file=sys.stderr, flush=True)
-                point = Point(opts, procs, work, engines, hosts, routers, session)
-                results.append(await point.run(browser))
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-                opts.out.write_text(json.dumps({"label": opts.label, "args": _args(opts), "points": results},
-                                               indent=1))
+                for run_, (label, root) in zip(runs, sides):
+                    print(f"# {label}: {hosts} hosts x {opts.models} models, {routers} routers ...", file=sys.stderr,
+                          flush=True)
+                    point = Point(opts, procs, work, engines, hosts, routers, session, root, label)
+                    run_["points"].append(await point.run(browser))
+                    print(json.dumps(run_["points"][-1]), file=sys.stderr, flush=True)
+                    opts.out.write_text(json.dumps({"args": _args(opts), "machine": _machine(), "runs": runs},
+                                                   indent=1))
     finally:
         procs.stop_all()
-    print(table(results))
+    for run_ in runs:
+        print(f"\n{run_['label']}:\n{table(run_['points'])}")
     if opts.svg:
-        runs = [json.loads(opts.compare.read_text())] if opts.compare else []
-        write_svg(opts.svg, [*runs, {"label": opts.label, "points": results}])
+        write_svg(opts.svg, runs)
     return 0
+
+
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
 
 
 def _args(opts: argparse.Namespace) -> dict:
