@@ -313,3 +313,20 @@ def test_view_reads_a_worker_again_only_when_its_version_skips() -> None:
     assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", seq=4))) is None
     assert follows("e1:5", "e1:4") and follows("e1:4", "e1:4")
     assert not follows("e1:6", "e1:4") and not follows("e2:5", "e1:4") and not follows("e1:x", "e1:4")
+
+
+def test_cluster_metrics_follow_changes_after_being_cached() -> None:
+    """Each worker's lines are cached until its records change (by identity): a new state, a
+    worker that leaves, must show at the next scrape."""
+    from router.cluster_metrics import ClusterMetrics
+
+    view = ClusterView(None, Keys())  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1", "stopped"), inst("chat", "w2")]))
+    metrics = ClusterMetrics(view)
+    first = metrics.render().decode()
+    assert 'llm_router_instances{model="chat",worker="w1",state="stopped"} 1.0' in first
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", seq=1)))
+    view.drop_worker("w2")
+    second = metrics.render().decode()
+    assert 'llm_router_instances{model="chat",worker="w1",state="running"} 1.0' in second
+    assert 'state="stopped"' not in second and 'worker="w2"' not in second
