@@ -18,6 +18,7 @@ llm:logpos:{wid}:{model}:{s}    string,TTL  worker  ``<spool file id>:<offset>``
 llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
 llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
+llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``, bumped with every change
 llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
 llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/quotas.py)
 llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
@@ -86,6 +87,11 @@ class Keys:
 
     def events(self) -> str:
         return f"{self.prefix}events"
+
+    def versions(self) -> str:
+        """Worker id -> its version (``WorkerVersion``): routers find workers here without a
+        keyspace SCAN and re-read only those whose version moved (events were missed)."""
+        return f"{self.prefix}versions"
 
     def used(self, model: str) -> str:
         return f"{self.prefix}used:{model}"
@@ -161,6 +167,23 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     worker: str
     instance: Instance | None = None
     alive: bool = True
+    # The worker's ``llm:versions`` entry written with this change ("" from older workers):
+    # a router that holds the one before knows it missed nothing; otherwise it re-reads the worker.
+    version: str = ""
+
+
+class WorkerVersion:
+    """A worker's change counter, ``<epoch>:<n>``: ``epoch`` is new for each worker process
+    (so a restarted worker never repeats a version), ``n`` counts its transactions that changed
+    its catalog or instances. Routers compare versions only for equality and succession."""
+
+    def __init__(self) -> None:
+        self.epoch = uuid.uuid4().hex[:12]
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        return f"{self.epoch}:{self.n}"
 
 
 class Command(msgspec.Struct, kw_only=True, omit_defaults=True):

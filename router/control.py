@@ -180,6 +180,7 @@ class ControlClient:
         if not entries:
             raise ControlError(f"no live worker can run model '{model}'")
         deadline = asyncio.get_running_loop().time() + start_wait(timeout, entries.values())
+        await view.refresh_details()
         order, reasons = start_order(model, entries, view.devices(), view.all_instances())
         for wid in order:
             try:

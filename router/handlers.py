@@ -255,7 +255,8 @@ class LogClearHandler(BaseHandler):
 
 
 class DevicesHandler(BaseHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
         self.reply(self.services.manager.devices())
 
 
@@ -350,7 +351,8 @@ class ProxyHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format (router/metrics.py, docs/metrics.md)."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(self.services.metrics.render())
 

@@ -7,9 +7,10 @@ Two kinds:
   upstream errors and retries, latency and time-to-first-byte histograms, in-flight gauge.
   Labelled children are cached per label tuple, so a request costs a dict lookup and a few
   locked adds, not prometheus-client's ``labels()`` parsing.
-* **cluster metrics**, computed at scrape time from the ``ClusterView`` the router already
-  holds (``ClusterCollector``): instances by state, restarts, workers, device memory per
-  host/GPU. No worker needs an HTTP port for them; every router shows the same cluster.
+* **cluster metrics**, rendered at scrape time from the ``ClusterView`` the router already
+  holds (``router.cluster_metrics``, cached per worker): instances by state, restarts, workers,
+  device memory per host/GPU. No worker needs an HTTP port for them; every router shows the
+  same cluster.
 
 Several router processes (``serve --workers N``, router/supervisor.py) share one scrape target:
 the supervisor gives them a private ``PROMETHEUS_MULTIPROC_DIR``, the request metrics go to
@@ -24,13 +25,12 @@ no known model), ``route`` one of ``ROUTES`` or ``other``.
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from router.accesslog import RequestRecord, Usage
+from router.cluster_metrics import ClusterMetrics
 from router.view import ClusterView
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -87,8 +87,7 @@ class RouterMetrics:
             # One of several router processes: scrape the sum of all of them, not this one's registry.
             self.scraped = CollectorRegistry(auto_describe=True)
             multiprocess.MultiProcessCollector(self.scraped, shared_dir)
-        if view is not None:
-            self.scraped.register(ClusterCollector(view))
+        self.cluster = ClusterMetrics(view) if view is not None else None
 
     def _child(self, metric, *labels: str):
         key = (id(metric), *labels)
@@ -138,57 +137,5 @@ class RouterMetrics:
                 self._child(self.tokens, model, "completion").inc(usage.completion_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.scraped)
-
-
-class ClusterCollector:
-    """Gauges computed at scrape time from the cluster view (workers, instances, devices)."""
-
-    def __init__(self, view: ClusterView) -> None:
-        self.view = view
-
-    def describe(self) -> list[Metric]:
-        return []  # computed per scrape: nothing to check for duplicates up front
-
-    def collect(self) -> Iterator[Metric]:
-        view = self.view
-        workers = GaugeMetricFamily("llm_router_worker_up", "Workers with a live lease (1)", labels=["worker", "host"])
-        shipped = GaugeMetricFamily("llm_router_worker_log_lines_shipped", "Model log lines a worker process "
-                                    "put into Redis since it started", labels=["worker", "host"])
-        dropped = GaugeMetricFamily("llm_router_worker_log_lines_dropped", "Model log lines a worker process "
-                                    "dropped since it started (spool over log_spool_mb)", labels=["worker", "host"])
-        for wid, info in sorted(view.workers().items()):
-            workers.add_metric([wid, info.host], 1)
-            shipped.add_metric([wid, info.host], info.log_lines_shipped)
-            dropped.add_metric([wid, info.host], info.log_lines_dropped)
-        yield from (workers, shipped, dropped)
-
-        by_state: dict[tuple[str, str, str], int] = {}
-        restarts = GaugeMetricFamily("llm_router_instance_restarts", "Restarts of an instance after a crash "
-                                     "(as its worker counts them)", labels=["model", "worker"])
-        for inst in view.all_instances():
-            key = (inst.model, inst.worker, inst.state)
-            by_state[key] = by_state.get(key, 0) + 1
-            restarts.add_metric([inst.model, inst.worker], inst.restarts)
-        instances = GaugeMetricFamily("llm_router_instances", "Engine instances by state",
-                                      labels=["model", "worker", "state"])
-        for (model, wid, state), n in sorted(by_state.items()):
-            instances.add_metric([model, wid, state], n)
-        yield instances
-        yield restarts
-
-        labels = ["worker", "host", "gpu", "name"]
-        total = GaugeMetricFamily("llm_router_gpu_memory_total_bytes", "GPU memory, total", labels=labels)
-        used = GaugeMetricFamily("llm_router_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
-        util = GaugeMetricFamily("llm_router_gpu_utilization_ratio", "GPU utilisation (0-1)", labels=labels)
-        host_mem = GaugeMetricFamily("llm_router_host_memory_used_bytes", "Host RAM in use",
-                                     labels=["worker", "host"])
-        mib = 1024 * 1024
-        for wid, snap in sorted(view.devices().items()):
-            host_mem.add_metric([wid, snap.host], snap.cpu.memory_used * mib)
-            for gpu in snap.cuda.gpus:
-                lv = [wid, snap.host, str(gpu.index), gpu.name]
-                total.add_metric(lv, gpu.memory_total * mib)
-                used.add_metric(lv, gpu.memory_used * mib)
-                util.add_metric(lv, gpu.utilization / 100)
-        yield from (total, used, util, host_mem)
+        own = generate_latest(self.scraped)
+        return own + self.cluster.render() if self.cluster is not None else own

@@ -1,9 +1,12 @@
 """``ClusterView``: what this router knows about the cluster, in memory, for the hot path.
 
-Routers are stateless: the view is rebuilt from Redis (a full resync at start, every
-``resync_interval`` and after every pub/sub reconnect) and kept current between resyncs by the
-``llm:events`` channel. Instance events carry the whole ``Instance`` and are applied with no
-Redis read; catalog and worker events make the view re-read that one worker.
+Routers are stateless: the view is built from Redis and kept current by the ``llm:events``
+channel. Instance events carry the whole ``Instance`` and the worker's new version
+(``llm:versions``) and are applied with no Redis read; catalog and worker events, and an event
+whose version skips one (an event was missed), make the view re-read that one worker. A
+resync (at start, every ``resync_interval`` and after every pub/sub reconnect) checks the
+leases and re-reads only the workers whose version moved, so its cost grows with the changes
+missed, not with the cluster.
 
 Only live workers (their lease key exists) take part in routing. When Redis cannot be
 reached, the view is *kept as it was*: nothing is evicted because the control plane is away
@@ -51,6 +54,7 @@ class Snapshot(msgspec.Struct, kw_only=True):
     devices: dict[str, DeviceSnapshot] = {}
     instances: list[Instance] = []
     began: int = 0  # how many instance events the view had applied when the read began
+    versions: dict[str, str] = {}  # worker -> its ``llm:versions`` entry read (absent: an older worker)
 
 
 class ClusterView:
@@ -80,6 +84,18 @@ class ClusterView:
         self._names: dict[str, str] = {}  # id or alias -> model id
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Incremental resync: the version of each worker the view holds ("" for a worker of an
+        # older release, which writes none and is re-read in full at every resync), when each
+        # worker was last read (in reads), and how many resyncs ran (a SCAN for such older
+        # workers every ``LEGACY_SCAN_EVERY``).
+        self._versions: dict[str, str] = {}
+        self._reads = 0
+        self._read_at: dict[str, int] = {}
+        self._resyncs = 0
+        self._details_at = float("-inf")  # when devices and leases were last read (``refresh_details``)
+        self._dead: dict[str, str] = {}  # worker -> its version when its lease was found gone
+        self._gen = 0  # bumped on every change: the key of the per-model caches below
+        self._sorted: dict[str, tuple[int, list[Instance]]] = {}
 
     # --- lookups (hot path: dict reads only) ---
 
@@ -100,9 +116,15 @@ class ClusterView:
         return dict(self._devices)
 
     def instances(self, model: str) -> list[Instance]:
-        """Instances of a model on live workers, in worker order."""
+        """Instances of a model on live workers, in worker order (cached until the view
+        changes: the hot path asks on every request, and a model may run on hundreds of hosts)."""
+        cached = self._sorted.get(model)
+        if cached is not None and cached[0] == self._gen:
+            return list(cached[1])
         by_worker = self._instances.get(model, {})
-        return [by_worker[w] for w in sorted(by_worker) if w in self._workers]
+        found = [by_worker[w] for w in sorted(by_worker) if w in self._workers]
+        self._sorted[model] = (self._gen, found)
+        return list(found)
 
     def running_instances(self, model: str) -> list[Instance]:
         return [i for i in self.instances(model) if i.state == "running" and i.url]
@@ -143,6 +165,7 @@ class ClusterView:
                 pass
 
     def _notify(self) -> None:
+        self._gen += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -155,11 +178,16 @@ class ClusterView:
         once; any other worker or catalog event (or an instance of a worker not yet known)
         asks for that worker to be re-read."""
         if event.kind == "instance" and event.instance is not None:
+            wid = event.instance.worker
             self._events += 1
-            self._arrived[(event.instance.model, event.instance.worker)] = self._events
+            self._arrived[(event.instance.model, wid)] = self._events
             self._put_instance(event.instance)
             self._notify()
-            return None if event.instance.worker in self._workers else event.instance.worker
+            if event.version and wid in self._versions:
+                if not follows(event.version, self._versions[wid]):
+                    return wid  # an event of this worker was missed: catch up with a read
+                self._versions[wid] = event.version
+            return None if wid in self._workers else wid
         if event.kind == "worker" and not event.alive:
             self.drop_worker(event.worker)
             return None
@@ -173,23 +201,41 @@ class ClusterView:
         self._workers = dict(snap.workers)
         self._catalogs = dict(snap.catalogs)
         self._devices = dict(snap.devices)
+        self._versions = {w: snap.versions.get(w, "") for w in snap.workers}
         self._instances = {}
         self._merge_instances(snap, [i for by_w in old.values() for i in by_w.values()])
 
     def apply_worker(self, wid: str, snap: Snapshot) -> None:
         """Replace what the view knows of one worker with a read of just that worker."""
-        if wid not in snap.workers:
-            self.drop_worker(wid)
-            return
-        old = [by_w[wid] for by_w in self._instances.values() if wid in by_w]
-        self._forget_instances(wid)
-        self._workers[wid] = snap.workers[wid]
-        self._catalogs[wid] = snap.catalogs.get(wid, {})
-        if wid in snap.devices:
-            self._devices[wid] = snap.devices[wid]
-        self._merge_instances(snap, old)
+        self.apply_workers([wid], snap)
 
-    def _merge_instances(self, snap: Snapshot, old: list[Instance]) -> None:
+    def apply_workers(self, wids: list[str], snap: Snapshot) -> None:
+        """Replace what the view knows of these workers with a read of just them. The union of
+        catalogs is rebuilt only when one of them changed (it spans every worker)."""
+        self._reads += 1
+        rebuild = False
+        old: list[Instance] = []
+        for wid in wids:
+            self._read_at[wid] = self._reads
+            if wid not in snap.workers:
+                if wid in self._workers or wid in self._catalogs:
+                    self._drop(wid)
+                    rebuild = True
+                continue
+            old += [by_w[wid] for by_w in self._instances.values() if wid in by_w]
+            self._forget_instances(wid)
+            catalog = snap.catalogs.get(wid, {})
+            rebuild = rebuild or wid not in self._workers or self._catalogs.get(wid) != catalog
+            self._workers[wid] = snap.workers[wid]
+            self._dead.pop(wid, None)
+            self._catalogs[wid] = catalog
+            self._versions[wid] = snap.versions.get(wid, "")
+            if wid in snap.devices:
+                self._devices[wid] = snap.devices[wid]
+        self._merge_instances(snap, old, rebuild=rebuild, only=set(wids))
+
+    def _merge_instances(self, snap: Snapshot, old: list[Instance], rebuild: bool = True,
+                         only: set[str] | None = None) -> None:
         """Take the instances read, except where an event that came after the read began left
         the view something newer: a later ``seq`` of the same record, or a record the read
         could not see yet. Anything else the read did not find is gone (its key was deleted)."""
@@ -201,12 +247,17 @@ class ClusterView:
             read = self._instances.get(inst.model, {}).get(inst.worker)
             if read is None or inst.seq > read.seq:
                 self._put_instance(inst)
-        self._arrived = {k: n for k, n in self._arrived.items() if k[1] in self._instances.get(k[0], {})}
-        self._rebuild_models()
+        self._arrived = {k: n for k, n in self._arrived.items()
+                         if (only is not None and k[1] not in only) or k[1] in self._instances.get(k[0], {})}
+        if rebuild:
+            self._rebuild_models()
         self._notify()
 
     def _all_leases_just_vanished(self, snap: Snapshot) -> bool:
-        if snap.workers or not self._workers:
+        return self._all_vanished(bool(snap.workers))
+
+    def _all_vanished(self, any_lease: bool) -> bool:
+        if any_lease or not self._workers:
             self._emptied_at = None
             return False
         now = self._clock()
@@ -220,12 +271,17 @@ class ClusterView:
         """A worker whose lease is gone leaves routing, with everything it owned."""
         if wid not in self._workers and wid not in self._catalogs:
             return
+        self._drop(wid)
+        self._rebuild_models()
+        self._notify()
+
+    def _drop(self, wid: str) -> None:
         self._workers.pop(wid, None)
         self._catalogs.pop(wid, None)
         self._devices.pop(wid, None)
+        self._versions.pop(wid, None)
+        self._read_at.pop(wid, None)
         self._forget_instances(wid)
-        self._rebuild_models()
-        self._notify()
 
     def _put_instance(self, inst: Instance) -> None:
         self._instances.setdefault(inst.model, {})[inst.worker] = inst
@@ -255,56 +311,154 @@ class ClusterView:
         self._models, self._names = models, names
 
     # --- reading Redis ---
+    #
+    # What a resync costs grows with changes, not with the cluster: one HGETALL of
+    # ``llm:versions`` (the index of workers, and what each last changed), one EXISTS of every
+    # lease (liveness), and a full read only of the workers whose version moved (events
+    # were missed) or that write no version (older releases). No keyspace SCAN but a rare one
+    # for those older workers; device snapshots are read when asked for (``refresh_details``).
 
-    async def read_all(self) -> Snapshot:
-        """One full read: every live lease, its catalog and devices, every instance."""
-        began = self._events
-        wids = [self.keys.worker_id_of(_text(k))
-                async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)]
-        inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(), count=1000)]
-        return await self._read(wids, inst_keys, began)
+    LEGACY_SCAN_EVERY = 15  # resyncs between SCANs for workers of older releases (no version)
+    CHUNK = 64  # workers per pipeline; the loop serves requests between chunks
 
     async def read_worker(self, wid: str) -> Snapshot:
-        began = self._events
-        inst_keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_pattern(wid), count=1000)]
-        return await self._read([wid], inst_keys, began)
+        return await self._read([wid], self._events)
 
-    async def _read(self, wids: list[str], inst_keys: list, began: int) -> Snapshot:
+    async def _read_versions(self) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in (await self.redis.hgetall(self.keys.versions())).items()}
+
+    async def _read(self, wids: list[str], began: int) -> Snapshot:
+        """Read these workers: version, lease and catalog, then the instance of each catalog
+        model (a worker keeps exactly those: ``worker.publish``). The version is read before the
+        rest: what follows is at least as new as it, so nothing can be missed, at most read twice."""
+        snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], began=began, versions={})
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.versions())
         for wid in wids:
             pipe.hgetall(self.keys.worker(wid))
             pipe.hgetall(self.keys.catalog(wid))
-            pipe.get(self.keys.devices(wid))
-        for key in inst_keys:
-            pipe.hgetall(key)
         results = await pipe.execute()
-        snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], began=began)
+        versions = {_text(k): _text(v) for k, v in results[0].items()}
         for n, wid in enumerate(wids):
-            lease, catalog, devices = results[3 * n: 3 * n + 3]
-            if not lease:
-                continue  # expired between SCAN and HGETALL
-            info = _decode(lambda: from_hash(lease, WorkerInfo), f"lease of worker {wid}")
+            lease, catalog = results[1 + 2 * n: 3 + 2 * n]
+            info = self._lease(wid, lease)
             if info is None:
-                continue
+                continue  # expired (or never was)
             snap.workers[wid] = info
+            if wid in versions:
+                snap.versions[wid] = versions[wid]
             snap.catalogs[wid] = {}
             for model_id, spec in catalog.items():
                 entry = _decode(lambda: from_json(spec, CatalogEntry), f"catalog entry {_text(model_id)} of {wid}")
                 if entry is not None:
                     snap.catalogs[wid][entry.id] = entry
-            if devices:
-                dev = _decode(lambda: from_json(devices, DeviceSnapshot), f"devices of {wid}")
-                if dev is not None:
-                    snap.devices[wid] = dev
-        for key, data in zip(inst_keys, results[3 * len(wids):]):
-            if data:
-                inst = _decode(lambda: from_hash(data, Instance), f"instance {_text(key)}")
-                if inst is not None and inst.worker in snap.workers:
-                    snap.instances.append(inst)
+        inst_keys = [self.keys.instance(model, wid) for wid in snap.workers for model in snap.catalogs[wid]]
+        if inst_keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in inst_keys:
+                pipe.hgetall(key)
+            for key, data in zip(inst_keys, await pipe.execute()):
+                if data:
+                    inst = _decode(lambda: from_hash(data, Instance), f"instance {key}")
+                    if inst is not None and inst.worker in snap.workers:
+                        snap.instances.append(inst)
         return snap
 
+    def _lease(self, wid: str, data: dict) -> WorkerInfo | None:
+        return _decode(lambda: from_hash(data, WorkerInfo), f"lease of worker {wid}") if data else None
+
+    async def _read_leases(self, wids: list[str]) -> dict[str, WorkerInfo]:
+        leases: dict[str, WorkerInfo] = {}
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.hgetall(self.keys.worker(wid))
+        for wid, data in zip(wids, await pipe.execute()):
+            if (info := self._lease(wid, data)) is not None:
+                leases[wid] = info
+        return leases
+
+    async def _alive(self, wids: list[str]) -> set[str]:
+        """Which of these workers hold a lease: one ``EXISTS`` of them all, which is enough
+        when none expired (the usual case); else one ``EXISTS`` each to find which."""
+        if not wids:
+            return set()
+        if await self.redis.exists(*(self.keys.worker(w) for w in wids)) == len(wids):
+            return set(wids)
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.exists(self.keys.worker(wid))
+        return {wid for wid, n in zip(wids, await pipe.execute()) if n}
+
+    async def _read_devices(self, wids: list[str]) -> dict[str, DeviceSnapshot]:
+        pipe = self.redis.pipeline(transaction=False)
+        for wid in wids:
+            pipe.get(self.keys.devices(wid))
+        found: dict[str, DeviceSnapshot] = {}
+        for wid, data in zip(wids, await pipe.execute()):
+            if data and (dev := _decode(lambda: from_json(data, DeviceSnapshot), f"devices of {wid}")) is not None:
+                found[wid] = dev
+        return found
+
+    async def refresh_details(self, max_age: float = 1.0) -> None:
+        """Read the device snapshots and leases (heartbeat time, log counters) of the live
+        workers if the view's are older than ``max_age`` s. Both change every few seconds on
+        every host and routing needs neither (a resync checks only that each lease exists), so
+        they are read when someone asks (``/api/devices/info``, ``/metrics``, a placement), not
+        at every resync. Redis unreachable: the last ones read are kept."""
+        if self._clock() - self._details_at < max_age:
+            return
+        wids = sorted(self._workers)
+        try:
+            devices = await self._read_devices(wids)
+            leases = await self._read_leases(wids)
+        except (RedisError, OSError) as exc:
+            log.debug("device snapshots not refreshed: %s", exc)
+            return
+        self._devices = {w: d for w, d in devices.items() if w in self._workers}
+        for wid, info in leases.items():
+            if wid in self._workers:
+                self._workers[wid] = info
+        self._details_at = self._clock()
+
     async def resync(self) -> None:
-        self.apply_snapshot(await self.read_all())
+        """Catch up with Redis: drop the workers whose lease is gone, re-read the workers whose
+        version moved since the view read them (or that are new, or write no version), in
+        chunks so requests are served in between. Every ``LEGACY_SCAN_EVERY`` resyncs (and the
+        first), a SCAN finds workers of older releases that are not in the index."""
+        began, reads = self._events, self._reads
+        scan = self._resyncs % self.LEGACY_SCAN_EVERY == 0
+        self._resyncs += 1
+        versions = await self._read_versions()
+        legacy = {w for w, v in self._versions.items() if not v}
+        if scan:
+            legacy |= {self.keys.worker_id_of(_text(k))
+                       async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
+            for wid in legacy:
+                self._dead.pop(wid, None)  # its lease exists again
+        # An index entry whose lease was gone at an earlier resync is checked again only once
+        # its version moves (the worker came back): dead hosts cost nothing per resync.
+        candidates = sorted(self._workers.keys() | {w for w in versions.keys() | legacy
+                                                    if w not in self._dead or self._dead[w] != versions.get(w, "")})
+        alive = await self._alive(candidates)
+        if self._all_vanished(bool(alive)):
+            return
+        for wid in candidates:
+            if wid not in alive:
+                self._dead[wid] = versions.get(wid, "")
+            else:
+                self._dead.pop(wid, None)
+        gone = [w for w in self._workers if w not in alive and self._read_at.get(w, 0) <= reads]
+        for wid in gone:
+            self._drop(wid)
+        if gone:
+            self._rebuild_models()
+            self._notify()
+        stale = [w for w in sorted(alive) if w not in self._workers or not versions.get(w)
+                 or versions[w] != self._versions.get(w)]
+        for n in range(0, len(stale), self.CHUNK):
+            chunk = stale[n: n + self.CHUNK]
+            self.apply_workers(chunk, await self._read(chunk, began))
+            began = self._events
 
     async def refresh_worker(self, wid: str) -> None:
         self.apply_worker(wid, await self.read_worker(wid))
@@ -380,6 +534,16 @@ class ClusterView:
         wid = self.apply_event(event)
         if wid is not None:
             await self.refresh_worker(wid)
+
+
+def follows(version: str, known: str) -> bool:
+    """Whether ``version`` (``<epoch>:<n>``, ``llm:versions``) is ``known`` or the one right
+    after it: then no change of that worker was missed in between."""
+    if version == known:
+        return True
+    epoch, _, n = version.rpartition(":")
+    k_epoch, _, k_n = known.rpartition(":")
+    return epoch == k_epoch and n.isdigit() and k_n.isdigit() and int(n) == int(k_n) + 1
 
 
 def _text(value: bytes | str) -> str:

@@ -9,7 +9,7 @@ import time
 import msgspec
 import pytest
 
-from llm_router.protocol import CatalogEntry, Event, Instance, Reply, WorkerInfo
+from llm_router.protocol import CatalogEntry, Event, Instance, Keys, Reply, WorkerInfo
 from router.app import redact
 from router.balancer import Balancer, least_outstanding
 from router.control import ControlError, choose_worker, describe_failure, merged_models, start_outcome
@@ -18,7 +18,7 @@ from router.manage import clear_message
 from router.options import RouterOptions
 from router.proxy import mode_error, sniff, stream_error_event
 from router.responses import ApiError, as_api_error, encode, error_body
-from router.view import ClusterView, Snapshot, model_status
+from router.view import ClusterView, Snapshot, follows, model_status
 
 
 def inst(model: str, worker: str, state: str = "running", url: str | None = None, updated_at: float = 1.0,
@@ -294,3 +294,39 @@ def test_options_from_env() -> None:
 def test_redis_password_is_not_logged() -> None:
     assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_view_reads_a_worker_again_only_when_its_version_skips() -> None:
+    """An instance event carries the worker's version (``llm:versions``): the next one in line
+    is applied as carried; one that skips a version means an event was missed, so the view
+    asks for that worker to be re-read; events of older workers (no version) change nothing."""
+    view = ClusterView(None, Keys())  # type: ignore[arg-type]
+    snap = snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped", seq=1)])
+    snap.versions = {"w1": "e1:4"}
+    view.apply_worker("w1", snap)
+    assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", seq=2),
+                                  version="e1:5")) is None
+    assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "stopped", seq=3),
+                                  version="e1:7")) == "w1"  # e1:6 was missed
+    assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", seq=1),
+                                  version="e2:1")) == "w1"  # a new worker process
+    assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", seq=4))) is None
+    assert follows("e1:5", "e1:4") and follows("e1:4", "e1:4")
+    assert not follows("e1:6", "e1:4") and not follows("e2:5", "e1:4") and not follows("e1:x", "e1:4")
+
+
+def test_cluster_metrics_follow_changes_after_being_cached() -> None:
+    """Each worker's lines are cached until its records change (by identity): a new state, a
+    worker that leaves, must show at the next scrape."""
+    from router.cluster_metrics import ClusterMetrics
+
+    view = ClusterView(None, Keys())  # type: ignore[arg-type]
+    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1", "stopped"), inst("chat", "w2")]))
+    metrics = ClusterMetrics(view)
+    first = metrics.render().decode()
+    assert 'llm_router_instances{model="chat",worker="w1",state="stopped"} 1.0' in first
+    view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", seq=1)))
+    view.drop_worker("w2")
+    second = metrics.render().decode()
+    assert 'llm_router_instances{model="chat",worker="w1",state="running"} 1.0' in second
+    assert 'state="stopped"' not in second and 'worker="w2"' not in second

@@ -40,7 +40,7 @@ from redis.backoff import NoBackoff
 from llm_router import __version__
 from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_router.protocol import DeviceSnapshot, Event, Instance, Keys, WorkerInfo, from_hash, to_hash, to_json
+from llm_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_router.redis_url import async_client
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
@@ -51,6 +51,7 @@ from worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from worker.orphans import WorkerIdInUse, stop_processes
 from worker.placement import Placement, Placer
 from worker.process import HostContext, ModelProcess
+from worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from worker.reload import ReloadTrigger, apply_plan, plan_reload
 
 log = logging.getLogger("llm_router.worker")
@@ -74,6 +75,7 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
+        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -328,46 +330,33 @@ class WorkerAgent:
     async def _publish_all(self) -> None:
         """Lease, catalog, every instance and the events saying so, in one transaction."""
         self.info.heartbeat_at = time.time()
+        withdrawn = self._withdrawn - self.models.keys()
+        self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
-            self._lease_ops(pipe)
-            catalog = self.keys.catalog(self.wid)
-            pipe.delete(catalog)
-            withdrawn = self._withdrawn - self.models.keys()
-            for model_id in withdrawn:
-                pipe.delete(self.keys.instance(model_id, self.wid))
-            if self.cfg.models:
-                pipe.hset(catalog, mapping={m.id: to_json(m.catalog_entry()) for m in self.cfg.models})
-            for mp in self.models.values():
-                self._instance_ops(pipe, mp.instance)
-            pipe.publish(self.keys.events(), to_json(Event(kind="worker", worker=self.wid)))
-            pipe.publish(self.keys.events(), to_json(Event(kind="catalog", worker=self.wid)))
+            publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
+                            [m.catalog_entry() for m in self.cfg.models],
+                            [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn
         log.info("published lease, catalog and %d instances", len(self.models))
 
     async def _publish_instance(self, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self._instance_ops(pipe, inst)
+            change_ops(pipe, self.keys, self.wid, inst, self.version)
             await pipe.execute()
 
-    def _instance_ops(self, pipe, inst: Instance) -> None:
-        pipe.hset(self.keys.instance(inst.model, self.wid), mapping=to_hash(inst))
-        pipe.publish(self.keys.events(), to_json(Event(kind="instance", worker=self.wid, instance=inst)))
+    def _sync_log_counts(self) -> None:
+        self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
 
     def _lease_ops(self, pipe) -> None:
-        key = self.keys.worker(self.wid)
-        self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
-        pipe.hset(key, mapping=to_hash(self.info))
-        pipe.pexpire(key, int(self.settings.lease_ttl * 1000))
+        self._sync_log_counts()
+        lease_ops(pipe, self.keys, self.info, self.settings.lease_ttl)
 
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                for mp in self.models.values():
-                    self._instance_ops(pipe, mp.instance)
-                pipe.delete(self.keys.worker(self.wid), self.keys.devices(self.wid))
-                pipe.publish(self.keys.events(), to_json(Event(kind="worker", worker=self.wid, alive=False)))
+                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -405,7 +394,9 @@ class WorkerAgent:
             stop_if_cancelled()
             snap = await self.snapshot()
             try:
-                await self.redis.set(self.keys.devices(self.wid), to_json(snap), px=int(3 * interval * 1000))
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    devices_ops(pipe, self.keys, snap, interval)
+                    await pipe.execute()
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
