@@ -19,6 +19,8 @@ llm:commands:{wid}              stream      router  ``Command`` fields; consumer
 llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
 llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
+llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
 ==============================  ==========  ======  ==================================================
 """
 
@@ -87,6 +89,14 @@ class Keys:
     def used(self, model: str) -> str:
         return f"{self.prefix}used:{model}"
 
+    def waiting(self) -> str:
+        """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
+        return f"{self.prefix}waiting"
+
+    def learned(self, wid: str, model: str) -> str:
+        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
+        return f"{self.prefix}learned:{wid}:{model}"
+
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
@@ -116,6 +126,12 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
     devices: list[list[str]] = []  # per device profile, in order: its devices (cpu, cuda, cuda:N)
     startup_timeout: float = 0.0  # the model's own start timeout (s): routers wait for a start that long
+    min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.scheduler)
+    max_wait: float = 0.0  # s after which a waiting model overrides residency (0 = no bound)
+    # Learned on this host (``Learned``, newest measurement): peak VRAM per device profile
+    # (0 = not measured) and the last cold start (s, start to healthy; 0 = never measured).
+    measured_vram_mb: list[int] = []
+    cold_start_s: float = 0.0
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -251,6 +267,30 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
     return out
+
+
+class WaitEntry(msgspec.Struct, kw_only=True):
+    """One router's requests waiting for a swap to ``model``: a field ``{model}@{rid}`` of
+    ``llm:waiting``. ``at`` is rewritten every few seconds while they wait; readers ignore
+    entries older than ``USAGE_STALE`` (a dead router's waiters vanish)."""
+
+    model: str
+    router: str
+    since: float  # unix time its oldest waiting request began waiting
+    count: int = 1  # requests waiting on this router
+    at: float = 0.0
+
+
+class Learned(msgspec.Struct, kw_only=True):
+    """One measured start of a model on one host (an item of ``llm:learned:{wid}:{model}``)."""
+
+    profile: int  # index of the device profile it ran with
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES
+    device: str = ""  # the GPU model (NVML name) or "cpu": the device profile the figures hold for
+    cold_start_s: float = 0.0  # start to healthy
+    vram_mb: int = 0  # peak per GPU (NVML per process, else the delta of used memory); 0 = unknown
+    how: str = ""  # "process" (NVML per-process memory) or "delta" (used memory before/after)
+    at: float = 0.0
 
 
 class LogEntry(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -17,7 +17,7 @@ router then tries the next host (see ``router.control``).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -96,17 +96,22 @@ def rank_hosts(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mappi
 
 
 def plan_eviction(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
-                  instances: Sequence[Instance], usage: Mapping[str, ModelUsage]) -> Eviction | None:
+                  instances: Sequence[Instance], usage: Mapping[str, ModelUsage],
+                  may_evict: Callable[[Instance], bool] | None = None) -> Eviction | None:
     """The fewest idle models to stop on one host so that ``model`` fits there, or None.
 
     Only ``running`` models with VRAM and no request in flight (``usage``: per model id, across
     routers) are candidates, least recently used first (the later of their last use and their
-    start). Among hosts, the fewest victims win, then the earlier profile, then the host id."""
+    start). Among hosts, the fewest victims win, then the earlier profile, then the host id.
+    ``may_evict`` replaces the in-flight rule (``router.scheduler`` adds residency to it)."""
+    if may_evict is None:
+        def may_evict(i: Instance) -> bool:
+            return usage.get(i.model, ModelUsage()).inflight == 0
     best: tuple[tuple[int, int, str], Eviction] | None = None
     for wid, entry in entries.items():
         mine = [i for i in instances if i.worker == wid]
         idle = [i for i in mine if i.model != model and i.state == "running" and i.gpus and i.vram_mb
-                and usage.get(i.model, ModelUsage()).inflight == 0]
+                and may_evict(i)]
         idle.sort(key=lambda i: (max(usage.get(i.model, ModelUsage()).last_used, i.started_at), i.model))
         for n in range(1, len(idle) + 1):
             gone = {i.model for i in idle[:n]}
