@@ -94,7 +94,7 @@ class Manager:
                                     i.restarts, i.gpus) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
-                                     self.view.catalog_workers(model), instances))
+                                     self.view.catalog_workers(model), instances, self.control.reason(model)))
 
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()

@@ -33,6 +33,8 @@ ROUTES = frozenset({
     "/v1/rerank", "/v1/score",
 })
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+COLD_START_BUCKETS = (.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+WAIT_CAUSES = ("swap", "start", "slot")  # queue wait causes: a swap (scheduler), a cold start, a concurrency slot
 TTFB_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -65,6 +67,14 @@ class RouterMetrics:
                                registry=r)
         self.in_flight = Gauge("llm_router_requests_in_flight", "Requests being forwarded now", ["model"],
                                registry=r)
+        self.cold_start = Histogram("llm_router_cold_start_seconds", "Starts this router sent: the start command "
+                                    "to the model serving", ["model"], buckets=COLD_START_BUCKETS, registry=r)
+        self.swaps = Counter("llm_router_swaps", "Evictions this router made to start a model (rate: swaps per "
+                             "second)", ["model"], registry=r)
+        self.queue_wait = Histogram("llm_router_queue_wait_seconds", "Time requests waited before being served, "
+                                    "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
+                                    "start; slot: for a concurrency slot)", ["model", "cause"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self._children: dict[tuple, object] = {}
         if view is not None:
             r.register(ClusterCollector(view))
@@ -81,6 +91,17 @@ class RouterMetrics:
 
     def ended(self, model: str) -> None:
         self._child(self.in_flight, model).dec()
+
+    def swapped(self, model: str) -> None:
+        """Models were evicted to make room for ``model``."""
+        self._child(self.swaps, model).inc()
+
+    def cold_started(self, model: str, seconds: float) -> None:
+        self._child(self.cold_start, model).observe(seconds)
+
+    def waited(self, model: str, cause: str, seconds: float) -> None:
+        """A wait of ``cause`` (``WAIT_CAUSES``) ended after ``seconds``."""
+        self._child(self.queue_wait, model, cause).observe(seconds)
 
     def abort(self, model: str, reason: str) -> None:
         """The router ended a request early (``reason``: ``write_timeout``)."""

@@ -13,6 +13,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from llm_router.protocol import CpuInfo, CudaInfo
+from router.explain import WaitReason
 
 # --- errors ---
 
@@ -151,6 +152,7 @@ class ModelDetail(msgspec.Struct):
     max_concurrency: int
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
+    pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), as this router knows
 
 
 class Ok(msgspec.Struct, kw_only=True):

@@ -44,7 +44,7 @@ class Waiter(msgspec.Struct, kw_only=True, frozen=True):
     max_wait: float = 0.0  # its config's max_wait (s); 0 = no bound
 
 
-class Blocked(msgspec.Struct, kw_only=True, frozen=True):
+class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
     min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
     queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
@@ -116,8 +116,11 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
     if policy == "lru":
         plan = plan_eviction(model, entries, snapshots, instances, usage)
         return Decision(action="evict", plan=plan) if plan else Decision(action="no_room")
-    # Could it ever fit, were every loaded model stopped when it may be?
-    if plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: True) is None:
+    # Could it ever fit, were every loaded model stopped when it may be? A model starting or
+    # stopping counts as loaded: it will be running (then evictable) or gone.
+    settled = [msgspec.structs.replace(i, state="running") if i.state in ("starting", "stopping") else i
+               for i in instances]
+    if plan_eviction(model, entries, snapshots, settled, usage, may_evict=lambda i: True) is None:
         return Decision(action="no_room")
     active = {i.model for i in instances if i.state in ("starting", "running")}
     line = in_line([w for w in waiters if w.model not in active or w.model == model], now)

@@ -56,9 +56,10 @@ class Services:
         self.balancer = Balancer()
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
-        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage)
-        self.upstream = Upstream(self.options)
         self.metrics = RouterMetrics(self.view)
+        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
+                                     scheduler=self.options.scheduler, metrics=self.metrics)
+        self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
                            usage=self.usage)

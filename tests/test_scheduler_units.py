@@ -104,3 +104,9 @@ def test_blocked_reasons_name_the_plans_victims():
     assert d.action == "wait"
     assert d.blocked == [Blocked(kind="residency", model="x", until=NOW + 55)]
     assert d.eta == NOW + 55
+
+
+def test_a_model_starting_or_stopping_in_the_way_means_wait_not_no_room():
+    for state in ("starting", "stopping"):
+        d = decide(instances=[inst("a", "h", state=state)])
+        assert (d.action, d.blocked) == ("wait", []), state
