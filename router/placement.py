@@ -23,7 +23,7 @@ import msgspec
 
 from llm_router.config import DeviceProfile
 from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage
-from llm_router.vram import Held, NoRoom, fit_profiles, free_vram
+from llm_router.vram import Held, NoRoom, effective_profiles, fit_profiles, free_vram
 
 HOLDING = ("starting", "running", "stopping")  # states whose VRAM is taken
 
@@ -42,11 +42,13 @@ class Eviction(msgspec.Struct, frozen=True):
 
 
 def profiles_of(entry: CatalogEntry) -> list[DeviceProfile]:
-    """The device profiles a catalog entry declares (CPU only for an entry without devices)."""
+    """The device profiles a catalog entry declares (CPU only for an entry without devices),
+    with the VRAM its worker measured where that is more than declared."""
     if not entry.devices:
         return [DeviceProfile(devices=["cpu"])]
     vram = list(entry.vram_mb) + [0] * (len(entry.devices) - len(entry.vram_mb))
-    return [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
+    declared = [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
+    return effective_profiles(declared, entry.measured_vram_mb)  # the worker's measurement, where above
 
 
 def held_by(instances: Iterable[Instance]) -> list[Held]:
