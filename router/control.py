@@ -27,9 +27,10 @@ from llm_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
     from_json, read_usage,
 )
-from router.explain import WaitReason, no_room_reason, starting_reason, swap_reason
+from router.explain import WaitReason, no_room_reason, retry_after, starting_reason, swap_reason
 from router.metrics import RouterMetrics
 from router.placement import Eviction, no_room_message, rank_hosts
+from router.responses import ApiError
 from router.scheduler import Decision, Policy, Waiter, decide_swap, merge_waiters
 from router.usage import UsageReporter
 from router.view import ClusterView
@@ -58,6 +59,13 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
     if not exc.log_tail:
         return exc.message
     return exc.message + "\nlast log lines:\n" + "\n".join(exc.log_tail[-lines:])
+
+
+def start_failed(message: str, exc: ControlError) -> ApiError:
+    """The 503 of a start that failed or gave up (code ``model_start_failed``), with the reason
+    (``error.reason``) and a ``Retry-After`` from its ETA when the scheduler knows them."""
+    headers = {"Retry-After": retry_after(exc.reason, time.time())} if exc.reason else None
+    return ApiError(503, message, "model_start_failed", headers, exc.reason)
 
 
 def start_order(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],

@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Iterable, Protocol
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import AsyncIterator, Iterable, Protocol
 
 import msgspec
 from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
 
 from llm_router.protocol import Instance, Mode
 from router.balancer import Balancer
-from router.control import ControlClient, ControlError, describe_failure
+from router.control import ControlClient, ControlError, describe_failure, start_failed
+from router.explain import slot_reason
 from router.limits import Limits
 from router.limits_http import check_json_depth
 from router.loading import LoadingStream, error_event
@@ -194,8 +195,7 @@ class Proxy:
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
-            raise ApiError(503, f"model '{name}' could not be started: {describe_failure(exc)}",
-                           "model_start_failed") from None
+            raise start_failed(f"model '{name}' could not be started: {describe_failure(exc)}", exc) from None
         finally:
             self.metrics.ended(model)
 
@@ -209,7 +209,7 @@ class Proxy:
         start = asyncio.ensure_future(self._ensure_running(model, name))
         try:
             while not (await asyncio.wait({start}, timeout=self.options.loading_keepalive))[0]:
-                await stream.keepalive(name)
+                await stream.keepalive(name, self.control.reason(model))
             start.result()
             await self._serve(model, name, max_concurrency, req, stream, rec)
             await stream.end()
@@ -235,7 +235,25 @@ class Proxy:
         shared no-op: no limiter machinery on the hot path."""
         if max_concurrency <= 0:
             return _NOOP
-        return self.limits.admit(model, max_concurrency * len(self.view.running_instances(model)))
+        return self._queued_slot(model, max_concurrency * len(self.view.running_instances(model)))
+
+    @asynccontextmanager
+    async def _queued_slot(self, model: str, capacity: int) -> AsyncIterator[None]:
+        """``Limits.admit``, with the wait timed (``queue_wait{cause="slot"}``) and a 429
+        explained (``error.reason``: ``queued`` with the queue position)."""
+        queued_at = time.monotonic()
+        admit = self.limits.admit(model, capacity)
+        try:
+            await admit.__aenter__()
+        except ApiError as exc:
+            if exc.status == 429 and exc.reason is None:
+                exc.reason = slot_reason(model, self.limits.queued(model) + 1, self.options.queue_limit)
+            raise
+        self.metrics.waited(model, "slot", time.monotonic() - queued_at)
+        try:
+            yield
+        finally:
+            await admit.__aexit__(None, None, None)
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the least busy instance; on a connection failure, the next one."""

@@ -3,6 +3,8 @@ batching, turn and starvation, and the plain LRU policy kept for comparison."""
 
 from __future__ import annotations
 
+import msgspec
+
 from llm_router.protocol import CatalogEntry, ModelUsage, WaitEntry
 from router.placement import Eviction
 from router.scheduler import Blocked, Waiter, decide_swap, in_line, merge_waiters, starving
@@ -110,3 +112,21 @@ def test_a_model_starting_or_stopping_in_the_way_means_wait_not_no_room():
     for state in ("starting", "stopping"):
         d = decide(instances=[inst("a", "h", state=state)])
         assert (d.action, d.blocked) == ("wait", []), state
+
+
+def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
+    from router.control import ControlError, start_failed
+    from router.explain import retry_after, swap_reason
+    from router.responses import error_body, encode
+
+    d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60})
+    reason = swap_reason("b", d, [Waiter(model="b", since=NOW - 3, count=4)], NOW, cold_start_s=20)
+    assert (reason.kind, reason.position, reason.waiting, reason.eta) == ("queued", 1, 4, NOW + 70)
+    assert "'a' stays loaded 50s more (min_residency)" in reason.message
+    assert retry_after(reason, NOW) == "70" and retry_after(reason, NOW + 100) == "5"
+    err = start_failed("model 'b' could not be started", ControlError("timed out", reason=reason))
+    assert (err.status, err.code) == (503, "model_start_failed") and "Retry-After" in err.headers
+    body = msgspec.json.decode(encode(error_body(err, openai_shape=True)))
+    assert body["error"]["reason"]["kind"] == "queued" and body["error"]["code"] == "model_start_failed"
+    plain = msgspec.json.decode(encode(error_body(start_failed("x", ControlError("y")), openai_shape=True)))
+    assert "reason" not in plain["error"]

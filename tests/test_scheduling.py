@@ -6,11 +6,14 @@ model are served by one start."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
 from conftest import wait_for
-from helpers import chat_body, get_json, request, start_router
+from helpers import SseStream, chat_body, get_json, request, start_router
 from llm_router.protocol import Keys, WaitEntry, from_json, log_entry
 from test_placement import gpu_model, gpu_worker, instances, running_on, uid, wait_devices
 
@@ -94,3 +97,44 @@ def test_lru_scheduler_swaps_at_once(procs, redis_url, rds, tmp_path):
     resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(b, max_tokens=1), timeout=30)
     assert resp.status == 200, resp.body
     assert time.monotonic() - began < 20 and running_on(router, b) == [wid]
+
+
+def test_every_wait_explained_no_room_queue_keepalive_info_and_status(procs, redis_url, tmp_path):
+    wid = uid("w")
+    a, b, huge = uid("a"), uid("b"), uid("huge")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600),
+               gpu_model(b, 12000), gpu_model(huge, 30000))
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "0.3"})
+    wait_devices(router, wid)
+
+    # no_room: each host's free and needed MiB, at once
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(huge, max_tokens=1), timeout=30)
+    assert resp.status == 503, resp.body
+    error = resp.json()["error"]
+    assert error["code"] == "model_start_failed" and error["reason"]["kind"] == "no_room"
+    assert error["reason"]["hosts"][wid] == {"free_mb": {"0": 20000}, "needed_mb": 30000,
+                                             "why": error["reason"]["hosts"][wid]["why"]}
+    assert resp.headers["Retry-After"] == "5"
+
+    # queued behind a's residency: the streamed request's keep-alives say so, as do info and status
+    assert request("POST", f"{router.url}/api/models/{a}/start", timeout=30).status == 200
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", body=chat_body(b, stream=True),
+                       timeout=30)
+    try:
+        prefix = f"loading model '{b}' "
+        while not (comment := stream.event().get("comment", "")).startswith(prefix):
+            pass
+        reason = json.loads(comment[len(prefix):])
+        assert (reason["kind"], reason["position"], reason["blocked"][0]["kind"]) == ("queued", 1, "residency")
+        assert reason["eta"] > time.time() + 500  # a's residency (600 s) ends then
+        info = get_json(f"{router.url}/api/models/{b}/info")["model"]["pending"]
+        assert info["kind"] == "queued" and info["waiting"] == 1
+        card = next(m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] == b)
+        assert card["pending"]["kind"] == "queued"
+        assert all("pending" not in m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] != b)
+        out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", router.url],
+                             capture_output=True, text=True, timeout=30)
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("waiting"))
+        assert b in line and "min_residency" in line and "ETA" in line, out.stdout
+    finally:
+        stream.close()
