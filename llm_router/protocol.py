@@ -279,6 +279,9 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     since: float  # unix time its oldest waiting request began waiting
     count: int = 1  # requests waiting on this router
     at: float = 0.0
+    # Loaded models this starving waiter must evict but whose requests hold them (drain):
+    # every router stops sending them new requests until they are stopped (router.control).
+    claims: list[str] = []
 
 
 class Learned(msgspec.Struct, kw_only=True):

@@ -14,6 +14,7 @@ worker serialises commands per model and makes them idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -31,7 +32,7 @@ from router.explain import WaitReason, no_room_reason, retry_after, starting_rea
 from router.metrics import RouterMetrics
 from router.placement import Eviction, no_room_message, rank_hosts
 from router.responses import ApiError
-from router.scheduler import Decision, Policy, Waiter, decide_swap, merge_waiters
+from router.scheduler import Decision, Policy, Waiter, claims, closing, decide_swap, merge_waiters
 from router.usage import UsageReporter
 from router.view import ClusterView
 from router.waiting import WaitBoard
@@ -42,6 +43,7 @@ COMMANDS_MAXLEN = 10000  # bound on each worker's command stream (approximate tr
 ACTIVE_STATES = ("starting", "running")
 START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, eviction, Redis round trips
 SWAP_POLL = 0.5  # s between re-decisions of a start that waits for a swap (usage changes send no event)
+CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starving waiters
 
 
 class ControlError(Exception):
@@ -103,8 +105,9 @@ class NoRoom(ControlError):
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
     """How a start on ``wid`` stands: ``running`` (some instance serves the model),
     ``failed`` (the instance on ``wid`` failed, updated after ``since``: the ``updated_at`` it
-    had when the command was sent, so only the worker's clock is compared), ``gone`` (the
-    worker left) or ``""`` (still waiting)."""
+    had when the command was sent, so only the worker's clock is compared), ``lost`` (it became
+    running after ``since`` but is stopping or stopped already), ``gone`` (the worker left) or
+    ``""`` (still waiting)."""
     instances = list(instances)
     if any(i.state == "running" and i.url for i in instances):
         return "running"
@@ -113,6 +116,8 @@ def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], 
     for inst in instances:
         if inst.worker == wid and inst.state == "failed" and inst.updated_at > since:
             return "failed"
+        if inst.worker == wid and inst.state in ("stopping", "stopped") and inst.started_at > since:
+            return "lost"  # it ran, and was stopped (evicted) before this router looked
     return ""
 
 
@@ -139,6 +144,24 @@ class ControlClient:
         self._starts: dict[str, asyncio.Task[Reply]] = {}
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
+        self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
+
+    async def watch_claims(self) -> None:
+        """Keep ``closing`` current (every ``CLAIM_POLL`` s: one ``HGETALL`` of a small hash)."""
+        while True:
+            try:
+                self.closing = closing(await self.board.read(), time.time(), USAGE_STALE)
+            except RedisError:
+                self.closing = set()  # nobody can claim without Redis either
+            await asyncio.sleep(CLAIM_POLL)
+
+    async def until_open(self, model: str, timeout: float) -> None:
+        """Hold a new request for a claimed model until the claim ends (it was stopped, or the
+        waiter was served), at most ``timeout`` s."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while model in self.closing and self.view.running_instances(model) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(CLAIM_POLL / 2)
 
     def reason(self, model: str) -> WaitReason | None:
         """Why ``model`` is not served yet, as this router knows it: waiting for a swap, or
@@ -190,7 +213,11 @@ class ControlClient:
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
         try:
-            return await asyncio.shield(self.start_in_background(model, timeout))
+            # Counted as in flight (llm:used): once loaded, the model drains its waiting
+            # requests before anything may evict it.
+            track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
+            with self.usage.track(model) if track else contextlib.nullcontext():
+                return await asyncio.shield(self.start_in_background(model, timeout))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
@@ -227,6 +254,7 @@ class ControlClient:
         try:
             while True:
                 reasons: dict[str, str] = {}
+                order: list[str] = []
                 if not behind:
                     order, reasons = start_order(model, entries, view.devices(), view.all_instances())
                     for wid in order:
@@ -239,7 +267,9 @@ class ControlClient:
                     behind = False
                     continue  # our turn now: free room first
                 behind = decision.position > 1
-                if decision.action == "no_room":
+                # no_room, unless a worker refused what the view allowed: that view is a moment
+                # old (a start it has not seen yet), so wait for it to catch up instead
+                if decision.action == "no_room" and not order:
                     message = no_room_message(model, reasons)
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
@@ -258,7 +288,8 @@ class ControlClient:
                     self._waited(model, began)
                     raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
-                await self._publish_wait(model, began)
+                me = next((w for w in waiters if w.model == model), None)
+                await self._publish_wait(model, began, claims(decision, me, time.time()))
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = view.catalog_entries(model) or entries
@@ -276,9 +307,9 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.waited(model, "swap", time.time() - began)
 
-    async def _publish_wait(self, model: str, began: float) -> None:
+    async def _publish_wait(self, model: str, began: float, claimed: list[str]) -> None:
         try:
-            await self.board.put(model, began, self._waiting.get(model, 1))
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed)
         except RedisError as exc:
             log.warning("could not publish the waiting entry of %s: %s", model, exc)
 
@@ -350,6 +381,8 @@ class ControlClient:
                                reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
+        if outcome == "lost":  # the scheduler's callers start it again
+            raise NoRoom(f"model '{model}' was stopped on '{wid}' right after it started")
         raise ControlError(f"model '{model}' did not become ready within {timeout:g}s")
 
     async def stop(self, model: str, timeout: float) -> list[Reply]:

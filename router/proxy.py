@@ -178,6 +178,8 @@ class Proxy:
         rec.model = model
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
+        if model in self.control.closing:  # a starving model waits for it to drain (router/scheduler.py)
+            await self.control.until_open(model, self.options.start_timeout)
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise ApiError(503, f"model '{name}' is not running", "model_not_running")

@@ -16,7 +16,9 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
   wins the next swap; younger waiters wait behind it. No starvation: once a waiter has waited
   its ``max_wait`` it is *starving*, and residency no longer protects the models it would
   evict. Drain still does (never abort): a starving waiter waits at most ``max_wait`` plus the
-  time the victims' requests already admitted take to finish.
+  time the victims' requests already admitted take to finish: a starving waiter that only
+  drain holds back *claims* its victims (``claims``), and every router holds new requests for
+  a claimed model until it is stopped (they then wait for it like any other model).
 
 ``policy = "lru"`` is the plain behaviour (no residency, no turn; only drain): kept for
 comparison (``LLM_ROUTER_SCHEDULER=lru``, the scheduling benchmark).
@@ -102,6 +104,22 @@ def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: f
     if not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency:
         return Blocked(kind="residency", model=victim.model, until=victim.started_at + min_residency)
     return None
+
+
+def claims(decision: Decision, waiter: Waiter | None, now: float) -> list[str]:
+    """The loaded models a starving waiter, first in line, must evict but whose requests hold
+    them (drain only): routers stop sending them new requests, so they drain and the waiter
+    gets its swap within ``max_wait`` + the time the requests already admitted take."""
+    if waiter is None or decision.action != "wait" or decision.position != 1 or not starving(waiter, now):
+        return []
+    if not decision.blocked or any(b.kind != "draining" for b in decision.blocked):
+        return []
+    return sorted({b.model for b in decision.blocked})
+
+
+def closing(entries: Iterable[WaitEntry], now: float, stale: float) -> set[str]:
+    """The models claimed by live routers' starving waiters (``claims``)."""
+    return {m for e in entries if now - e.at <= stale for m in e.claims}
 
 
 def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],

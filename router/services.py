@@ -79,6 +79,8 @@ class Services:
     async def start(self) -> None:
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
+        if self.options.scheduler == "swap":
+            self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -91,9 +93,10 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        if task := getattr(self, "_usage_task", None):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for name in ("_usage_task", "_claims_task"):
+            if task := getattr(self, name, None):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.view.close()
         await self.upstream.close()
         self.access_log.flush()

@@ -30,21 +30,22 @@ class WaitBoard:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
-        self._written: dict[str, tuple[float, int]] = {}  # model -> (when, count) last written
+        self._written: dict[str, tuple[float, int, list[str]]] = {}  # model -> (when, count, claims) written
 
     def _field(self, model: str) -> str:
         return f"{model}@{self.router_id}"
 
-    async def put(self, model: str, since: float, count: int) -> None:
+    async def put(self, model: str, since: float, count: int, claims: list[str] | None = None) -> None:
         """Say that ``count`` requests of this router wait for ``model`` since ``since``
-        (written when the count changed or every ``WAIT_REFRESH`` s)."""
+        (written when the count or the claims changed, or every ``WAIT_REFRESH`` s)."""
         now = time.time()
         last = self._written.get(model)
-        if last is not None and last[1] == count and now - last[0] < WAIT_REFRESH:
+        claims = claims or []
+        if last is not None and last[1:] == (count, claims) and now - last[0] < WAIT_REFRESH:
             return
-        entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now)
+        entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=claims)
         await self.redis.hset(self.keys.waiting(), self._field(model), to_json(entry))
-        self._written[model] = (now, count)
+        self._written[model] = (now, count, claims)
 
     async def remove(self, model: str) -> None:
         if self._written.pop(model, None) is not None:

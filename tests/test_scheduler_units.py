@@ -130,3 +130,18 @@ def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
     assert body["error"]["reason"]["kind"] == "queued" and body["error"]["code"] == "model_start_failed"
     plain = msgspec.json.decode(encode(error_body(start_failed("x", ControlError("y")), openai_shape=True)))
     assert "reason" not in plain["error"]
+
+
+def test_a_starving_waiter_held_back_by_drain_alone_claims_its_victims():
+    from router.scheduler import claims, closing
+
+    busy = {"a": ModelUsage(inflight=1)}
+    hungry = Waiter(model="b", since=NOW - 100, max_wait=60)
+    d = decide(usage=busy, waiters=[hungry])
+    assert claims(d, hungry, NOW) == ["a"]
+    assert claims(d, Waiter(model="b", since=NOW - 10, max_wait=60), NOW) == []  # not starving yet
+    d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60}, waiters=[Waiter(model="b", since=NOW)])
+    assert claims(d, Waiter(model="b", since=NOW), NOW) == []  # residency: no claim
+    entries = [WaitEntry(model="b", router="r", since=NOW - 100, at=NOW, claims=["a"]),
+               WaitEntry(model="c", router="dead", since=NOW - 100, at=NOW - 60, claims=["x"])]
+    assert closing(entries, NOW, stale=10) == {"a"}

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from . import chat, logs, propagation, stream, streams, viewers
+from . import chat, logs, propagation, scheduling, stream, streams, viewers
 
 SECTIONS = {"chat": chat.run, "stream": stream.run, "streams": streams.run, "logs": logs.run,
-            "propagation": propagation.run, "viewers": viewers.run}
+            "propagation": propagation.run, "viewers": viewers.run, "scheduling": scheduling.run}
