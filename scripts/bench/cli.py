@@ -66,13 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         preset = dict(rounds=2, duration=1.0, warmup=0.2, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30,
                       viewers=5000, viewer_samples=200, viewer_starts=2,
-                      sched_duration=30.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=25.0, sched_clients=6,
+                      sched_duration=30.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
                       sched_think=0.5)
     else:
         preset = dict(rounds=4, duration=2.0, warmup=0.3, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100,
                       viewers=5000, viewer_samples=300, viewer_starts=3,
-                      sched_duration=90.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=25.0, sched_clients=6,
+                      sched_duration=90.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
                       sched_think=0.5)
     for k, v in preset.items():
         if getattr(opts, k, None) is None:

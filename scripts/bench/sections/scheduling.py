@@ -211,7 +211,8 @@ def report(bench: Bench, results: dict[str, dict]) -> None:
     o = bench.opts
     lat = {p: r["latencies"] for p, r in results.items()}
     mean = {p: (sum(v) / len(v) * 1000 if v else float("nan")) for p, v in lat.items()}
-    p99 = {p: pct(v, 99) * 1000 if v else float("nan") for p, v in lat.items()}
+    p50 = {p: pct(v, 0.5) * 1000 if v else float("nan") for p, v in lat.items()}
+    p99 = {p: pct(v, 0.99) * 1000 if v else float("nan") for p, v in lat.items()}
     worst = {p: max(v) * 1000 if v else float("nan") for p, v in lat.items()}
     swaps = {p: float(r["swaps"]) for p, r in results.items()}
     errors = {p: int(r["errors"]) for p, r in results.items()}
@@ -229,6 +230,8 @@ def report(bench: Bench, results: dict[str, dict]) -> None:
             fewer_per >= 3, errors),
         Row("scheduling", "requests served", {p: float(len(v)) for p, v in lat.items()}, "", "", "", None, errors),
         Row("scheduling", "latency mean", mean, "ms", f"x{mean['lru'] / mean['swap']:.2f}" if mean["swap"] else "",
+            "", None, errors),
+        Row("scheduling", "latency p50", p50, "ms", f"x{p50['lru'] / p50['swap']:.2f}" if p50["swap"] else "",
             "", None, errors),
         Row("scheduling", "latency p99", p99, "ms", f"x{p99['lru'] / p99['swap']:.2f}" if p99["swap"] else "",
             "lower with swap", p99["swap"] < p99["lru"], errors),
