@@ -80,7 +80,7 @@ class WorkerAgent:
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
                             spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
-        self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.hostname, self.logs, self.snapshot,
+        self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.logs, self.snapshot,
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),

@@ -72,13 +72,12 @@ def process_tree(pid: int) -> set[int]:
 class Learner:
     """This worker's measurements, in memory (for placement and the catalog) and in Redis."""
 
-    def __init__(self, redis: Redis, keys: Keys, wid: str, probe: DeviceProbe, hostname: str, logs: LogPipe,
+    def __init__(self, redis: Redis, keys: Keys, wid: str, probe: DeviceProbe, logs: LogPipe,
                  snapshot: Callable[[], Awaitable[DeviceSnapshot | None]], on_learned: Callable[[], None]) -> None:
         self.redis = redis
         self.keys = keys
         self.wid = wid
         self.probe = probe
-        self.hostname = hostname
         self.logs = logs
         self.snapshot = snapshot
         self.on_learned = on_learned  # the catalog must be published again
