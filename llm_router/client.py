@@ -164,6 +164,17 @@ def format_log(log: dict) -> str:
     return f"{ts} {log.get('host') or '-'} {log.get('stream') or 'stdout':<6} {log.get('message', '')}"
 
 
+def describe_wait(reason: dict) -> str:
+    """A model's pending reason (``router/explain.py``) in one line: why, position, ETA."""
+    eta = float(reason.get("eta") or 0)
+    parts = [str(reason.get("message") or reason.get("kind", "?"))]
+    if reason.get("waiting"):
+        parts.append(f"{reason['waiting']} request(s) waiting")
+    if eta:
+        parts.append(f"ETA {max(0.0, eta - time.time()):.0f}s")
+    return "; ".join(parts)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell; the last column is not padded."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
@@ -416,6 +427,9 @@ def status(api: Api, as_json: bool, redis_url: str | None) -> None:
             counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         click.echo(f"models   {len(model_list)}" + (f" ({detail})" if detail else ""))
+        for m in model_list:
+            if pending := m.get("pending"):
+                click.echo(f"waiting  {m.get('id')}: {describe_wait(pending)}")
         click.echo(f"hosts    {len(hosts)}")
         for wid, host in sorted(hosts.items()):
             running = [m["id"] for m in model_list

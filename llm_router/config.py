@@ -59,6 +59,10 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     on_demand: bool = True  # start when a request for it arrives
     idle_ttl: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # seconds unused before unload; 0 = never
     max_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0  # per instance; 0 = unlimited
+    # Swap-aware scheduling (router/scheduler.py): once loaded, stay at least min_residency s
+    # before a waiting model may evict it; a request waiting max_wait s overrides residency.
+    min_residency: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    max_wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0 = no bound
     restart: Literal["no", "on-failure", "always"] = "on-failure"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3  # within restart_window, then `failed`
     restart_window: Annotated[float, msgspec.Meta(gt=0)] = 300.0
@@ -101,6 +105,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             startup_timeout=self.startup_timeout,
             routing=self.routing,
             fallbacks=list(self.fallbacks),
+            min_residency=self.min_residency,
+            max_wait=self.max_wait,
         )
 
 

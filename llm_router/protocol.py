@@ -22,6 +22,8 @@ llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``
 llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
 llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/quotas.py)
 llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
+llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
+llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
 ==============================  ==========  ======  ==================================================
 """
 
@@ -104,6 +106,14 @@ class Keys:
         """A key's or group's requests in flight, one lease per request (router/quotas.py)."""
         return f"{self.prefix}quota:{scope}:{name}:inflight"
 
+    def waiting(self) -> str:
+        """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
+        return f"{self.prefix}waiting"
+
+    def learned(self, wid: str, model: str) -> str:
+        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
+        return f"{self.prefix}learned:{wid}:{model}"
+
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
@@ -135,6 +145,12 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     startup_timeout: float = 0.0  # the model's own start timeout (s): routers wait for a start that long
     routing: Routing = "affinity"  # how routers choose among its running instances (router/affinity.py)
     fallbacks: list[str] = []  # models (ids or aliases) that serve its requests when it cannot
+    min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.scheduler)
+    max_wait: float = 0.0  # s after which a waiting model overrides residency (0 = no bound)
+    # Learned on this host (``Learned``, newest measurement): peak VRAM per device profile
+    # (0 = not measured) and the last cold start (s, start to healthy; 0 = never measured).
+    measured_vram_mb: list[int] = []
+    cold_start_s: float = 0.0
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -287,6 +303,33 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
     return out
+
+
+class WaitEntry(msgspec.Struct, kw_only=True):
+    """One router's requests waiting for a swap to ``model``: a field ``{model}@{rid}`` of
+    ``llm:waiting``. ``at`` is rewritten every few seconds while they wait; readers ignore
+    entries older than ``USAGE_STALE`` (a dead router's waiters vanish)."""
+
+    model: str
+    router: str
+    since: float  # unix time its oldest waiting request began waiting
+    count: int = 1  # requests waiting on this router
+    at: float = 0.0
+    # Loaded models this starving waiter must evict but whose requests hold them (drain):
+    # every router stops sending them new requests until they are stopped (router.control).
+    claims: list[str] = []
+
+
+class Learned(msgspec.Struct, kw_only=True):
+    """One measured start of a model on one host (an item of ``llm:learned:{wid}:{model}``)."""
+
+    profile: int  # index of the device profile it ran with
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES
+    device: str = ""  # the GPU model (NVML name) or "cpu": the device profile the figures hold for
+    cold_start_s: float = 0.0  # start to healthy
+    vram_mb: int = 0  # peak per GPU (NVML per process, else the delta of used memory); 0 = unknown
+    how: str = ""  # "process" (NVML per-process memory) or "delta" (used memory before/after)
+    at: float = 0.0
 
 
 class LogEntry(msgspec.Struct, kw_only=True, omit_defaults=True):

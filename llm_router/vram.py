@@ -8,7 +8,9 @@ worker then refuses it (or the reverse); so the rule lives once, here, as pure f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
+
+from msgspec.structs import replace
 
 from llm_router.config import DeviceProfile
 from llm_router.protocol import DeviceSnapshot
@@ -51,6 +53,18 @@ def fit_profiles(profiles: Iterable[DeviceProfile], free: Mapping[int, int],
             return profile, gpus
         reasons.append(f"profile {n} [{', '.join(profile.devices)}]: {why}")
     raise NoRoom(f"{NO_ROOM}: " + "; ".join(reasons))
+
+
+def effective_profiles(profiles: Sequence[DeviceProfile], measured: Sequence[int]) -> list[DeviceProfile]:
+    """``profiles`` with each GPU profile's ``vram_mb`` raised to what was measured for it
+    (``measured``: MiB per profile index, 0 = not measured): a declaration is a floor, never
+    trusted below what the engine was seen to use (worker.learning)."""
+    out = []
+    for i, p in enumerate(profiles):
+        seen = measured[i] if i < len(measured) else 0
+        gpu = any(d != "cpu" for d in p.devices)
+        out.append(replace(p, vram_mb=seen) if gpu and seen > p.vram_mb else p)
+    return out
 
 
 def free_vram(snapshot: DeviceSnapshot | None, held: Iterable[Held] = (),

@@ -14,33 +14,46 @@ worker serialises commands per model and makes them idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from typing import Callable, Iterable, Mapping, Sequence
 
 from redis.asyncio import Redis
 
+from redis.exceptions import RedisError
+
 from llm_router.protocol import (
-    CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, command_fields, from_json, read_usage,
+    USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
+    from_json, read_usage,
 )
-from router.placement import no_room_message, plan_eviction, rank_hosts
+from router.explain import WaitReason, no_room_reason, retry_after, starting_reason, swap_reason
+from router.metrics import RouterMetrics
+from router.placement import Eviction, no_room_message, rank_hosts
+from router.responses import ApiError
+from router.scheduler import Decision, Policy, Waiter, claims, closing, decide_swap, merge_waiters
 from router.usage import UsageReporter
 from router.view import ClusterView
+from router.waiting import WaitBoard
 
 log = logging.getLogger("router.control")
 
 COMMANDS_MAXLEN = 10000  # bound on each worker's command stream (approximate trim)
 ACTIVE_STATES = ("starting", "running")
 START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, eviction, Redis round trips
+SWAP_POLL = 0.5  # s between re-decisions of a start that waits for a swap (usage changes send no event)
+CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starving waiters
 
 
 class ControlError(Exception):
     """A command that failed or got no answer; ``log_tail`` quotes the model's last log lines."""
 
-    def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, log_tail: Sequence[str] = (), reason: WaitReason | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.log_tail = list(log_tail)
+        self.reason = reason  # why it could not be served (no_room, a swap wait that timed out)
 
 
 def describe_failure(exc: ControlError, lines: int = 20) -> str:
@@ -48,6 +61,13 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
     if not exc.log_tail:
         return exc.message
     return exc.message + "\nlast log lines:\n" + "\n".join(exc.log_tail[-lines:])
+
+
+def start_failed(message: str, exc: ControlError) -> ApiError:
+    """The 503 of a start that failed or gave up (code ``model_start_failed``), with the reason
+    (``error.reason``) and a ``Retry-After`` from its ETA when the scheduler knows them."""
+    headers = {"Retry-After": retry_after(exc.reason, time.time())} if exc.reason else None
+    return ApiError(503, message, "model_start_failed", headers, exc.reason)
 
 
 def start_order(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
@@ -85,8 +105,9 @@ class NoRoom(ControlError):
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
     """How a start on ``wid`` stands: ``running`` (some instance serves the model),
     ``failed`` (the instance on ``wid`` failed, updated after ``since``: the ``updated_at`` it
-    had when the command was sent, so only the worker's clock is compared), ``gone`` (the
-    worker left) or ``""`` (still waiting)."""
+    had when the command was sent, so only the worker's clock is compared), ``lost`` (it became
+    running after ``since`` but is stopping or stopped already), ``gone`` (the worker left) or
+    ``""`` (still waiting)."""
     instances = list(instances)
     if any(i.state == "running" and i.url for i in instances):
         return "running"
@@ -95,6 +116,8 @@ def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], 
     for inst in instances:
         if inst.worker == wid and inst.state == "failed" and inst.updated_at > since:
             return "failed"
+        if inst.worker == wid and inst.state in ("stopping", "stopped") and inst.started_at > since:
+            return "lost"  # it ran, and was stopped (evicted) before this router looked
     return ""
 
 
@@ -108,13 +131,47 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
-                 usage: UsageReporter | None = None) -> None:
+                 usage: UsageReporter | None = None, scheduler: Policy = "swap",
+                 metrics: RouterMetrics | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
         self.view = view
         self.usage = usage  # this router's own requests in flight (for eviction)
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self._starts: dict[str, asyncio.Task[Reply]] = {}
+        self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
+        self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
+        self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
+
+    async def watch_claims(self) -> None:
+        """Keep ``closing`` current (every ``CLAIM_POLL`` s: one ``HGETALL`` of a small hash)."""
+        while True:
+            try:
+                self.closing = closing(await self.board.read(), time.time(), USAGE_STALE)
+            except RedisError:
+                self.closing = set()  # nobody can claim without Redis either
+            await asyncio.sleep(CLAIM_POLL)
+
+    async def until_open(self, model: str, timeout: float) -> None:
+        """Hold a new request for a claimed model until the claim ends (it was stopped, or the
+        waiter was served), at most ``timeout`` s."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while model in self.closing and self.view.running_instances(model) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(CLAIM_POLL / 2)
+
+    def reason(self, model: str) -> WaitReason | None:
+        """Why ``model`` is not served yet, as this router knows it: waiting for a swap, or
+        starting (with the ETA its worker's last cold start gives)."""
+        if (got := self.pending.get(model)) is not None:
+            return got
+        view = self.view
+        if view.running_instances(model) or not any(i.state == "starting" for i in view.instances(model)):
+            return None
+        return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
@@ -154,7 +211,17 @@ class ControlClient:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
-        return await asyncio.shield(self.start_in_background(model, timeout))
+        self._waiting[model] = self._waiting.get(model, 0) + 1
+        try:
+            # Counted as in flight (llm:used): once loaded, the model drains its waiting
+            # requests before anything may evict it.
+            track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
+            with self.usage.track(model) if track else contextlib.nullcontext():
+                return await asyncio.shield(self.start_in_background(model, timeout))
+        finally:
+            self._waiting[model] -= 1
+            if not self._waiting[model]:
+                del self._waiting[model]
 
     def start_in_background(self, model: str, timeout: float) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
@@ -174,31 +241,109 @@ class ControlClient:
     async def _start(self, model: str, timeout: float) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
-        fits nowhere, stop idle models on one host to make room (``plan_eviction``)."""
+        fits nowhere, stop loaded models on one host to make room once the scheduler allows it
+        (``router.scheduler``: residency, drain, turn), waiting in ``llm:waiting`` meanwhile."""
         view = self.view
         entries = view.catalog_entries(model)
         if not entries:
             raise ControlError(f"no live worker can run model '{model}'")
-        deadline = asyncio.get_running_loop().time() + start_wait(timeout, entries.values())
-        await view.refresh_details()
-        order, reasons = start_order(model, entries, view.devices(), view.all_instances())
-        for wid in order:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + start_wait(timeout, entries.values())
+        began = time.time()
+        behind = False  # another model is ahead in the line: leave free room to it too
+        try:
+            while True:
+                await view.refresh_details()  # devices and leases, read on demand (at most once a second)
+                reasons: dict[str, str] = {}
+                order: list[str] = []
+                if not behind:
+                    order, reasons = start_order(model, entries, view.devices(), view.all_instances())
+                    for wid in order:
+                        try:
+                            return await self._start_on(wid, model, deadline)
+                        except NoRoom as exc:
+                            reasons[wid] = exc.message
+                decision, waiters = await self._decide(model, entries, began)
+                if behind and decision.position <= 1:
+                    behind = False
+                    continue  # our turn now: free room first
+                behind = decision.position > 1
+                # no_room, unless a worker refused what the view allowed: that view is a moment
+                # old (a start it has not seen yet), so wait for it to catch up instead
+                if decision.action == "no_room" and not order:
+                    message = no_room_message(model, reasons)
+                    raise ControlError(message, reason=no_room_reason(
+                        model, entries, view.devices(), view.all_instances(), reasons, message))
+                if decision.action == "evict" and decision.plan is not None:
+                    await self._evict(decision.plan, model, deadline)
+                    try:
+                        return await self._start_on(decision.plan.worker, model, deadline)
+                    except NoRoom:
+                        continue  # the room went to another start (a router not yet aware of us)
+                    finally:
+                        self._waited(model, began)
+                cold = max((e.cold_start_s for e in entries.values()), default=0.0)
+                reason = self.pending[model] = swap_reason(model, decision, waiters, time.time(), cold)
+                left = deadline - loop.time()
+                if left <= 0:
+                    self._waited(model, began)
+                    raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
+                                       f"{reason.message}", reason=reason)
+                me = next((w for w in waiters if w.model == model), None)
+                await self._publish_wait(model, began, claims(decision, me, time.time()))
+                seen = self._states()
+                await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
+                entries = view.catalog_entries(model) or entries
+        finally:
+            self.pending.pop(model, None)
             try:
-                return await self._start_on(wid, model, deadline)
-            except NoRoom as exc:
-                reasons[wid] = exc.message
+                await self.board.remove(model)
+            except RedisError as exc:  # the entry goes stale by itself
+                log.warning("could not remove the waiting entry of %s: %s", model, exc)
+
+    def _states(self) -> set[tuple[str, str, str]]:
+        return {(i.model, i.worker, i.state) for i in self.view.all_instances()}
+
+    def _waited(self, model: str, began: float) -> None:
+        if self.metrics is not None:
+            self.metrics.waited(model, "swap", time.time() - began)
+
+    async def _publish_wait(self, model: str, began: float, claimed: list[str]) -> None:
+        try:
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed)
+        except RedisError as exc:
+            log.warning("could not publish the waiting entry of %s: %s", model, exc)
+
+    async def _decide(self, model: str, entries: Mapping[str, CatalogEntry],
+                      began: float) -> tuple[Decision, list[Waiter]]:
+        """The scheduler's decision from the state every router reads alike: instances,
+        devices, ``llm:used`` of the loaded models, ``llm:waiting`` (this router's own entry
+        as it is now, not as last written)."""
+        view = self.view
         instances = view.all_instances()
-        usage = await self._usage({i.model for i in instances if i.worker in entries and i.state == "running"})
-        plan = plan_eviction(model, entries, view.devices(), instances, usage)
-        if plan is None:
-            raise ControlError(no_room_message(model, reasons))
+        loaded = [i for i in instances if i.worker in entries and i.state == "running"]
+        usage = await self._usage({i.model for i in loaded})
+        now = time.time()
+        mine = WaitEntry(model=model, router=self.board.router_id, since=began,
+                         count=self._waiting.get(model, 1), at=now)
+        board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
+        max_wait = {e.model: c.max_wait for e in board if (c := view.catalog_entry(e.model)) is not None}
+        waiters = merge_waiters(board, now, USAGE_STALE, max_wait)
+        residency = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)).min_residency
+                     for i in loaded}
+        decision = decide_swap(model, entries, view.devices(), instances, usage, waiters, residency, now,
+                               self.scheduler)
+        return decision, waiters
+
+    async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
         if not all(r.ok for r in replies):
             raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': "
                                + "; ".join(r.message for r in replies if not r.ok))
-        return await self._start_on(plan.worker, model, deadline)
+        if self.metrics is not None:
+            self.metrics.swapped(model)
 
     async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
@@ -216,7 +361,9 @@ class ControlClient:
     async def _start_on(self, wid: str, model: str, deadline: float) -> Reply:
         view = self.view
         timeout = self._left(deadline)
-        before = next((i.updated_at for i in view.instances(model) if i.worker == wid), -1.0)
+        was = next((i for i in view.instances(model) if i.worker == wid), None)
+        before = was.updated_at if was else -1.0
+        sent = time.monotonic()
         reply = await self.send(wid, Command(op="start", model=model), timeout)
         if not reply.ok:
             error = NoRoom if reply.no_room else ControlError
@@ -225,6 +372,9 @@ class ControlClient:
         outcome = await view.wait_until(
             lambda: start_outcome(view.instances(model), wid, view.workers(), before), self._left(deadline))
         if outcome == "running":
+            if self.metrics is not None and (was is None or was.state not in ACTIVE_STATES):
+                self.metrics.cold_started(model, time.monotonic() - sent)
+                self.metrics.waited(model, "start", time.monotonic() - sent)
             return reply
         if outcome == "failed":
             inst = next((i for i in view.instances(model) if i.worker == wid), None)
@@ -232,6 +382,8 @@ class ControlClient:
                                reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
+        if outcome == "lost":  # the scheduler's callers start it again
+            raise NoRoom(f"model '{model}' was stopped on '{wid}' right after it started")
         raise ControlError(f"model '{model}' did not become ready within {timeout:g}s")
 
     async def stop(self, model: str, timeout: float) -> list[Reply]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import msgspec
 
+from router.explain import WaitReason
 from router.responses import ApiError, encode, error_body
 
 if TYPE_CHECKING:
@@ -30,8 +31,12 @@ def sse_data(obj: Any) -> bytes:
     return b"data: " + encode(obj) + b"\n\n"
 
 
-def loading_comment(name: str) -> bytes:
-    return f": loading model '{name}'\n\n".encode()
+def loading_comment(name: str, reason: WaitReason | None = None) -> bytes:
+    """``: loading model 'X'``, then the wait's reason as JSON when the router knows it
+    (``starting`` with an ETA, ``queued`` for a swap: router.explain)."""
+    if reason is None:
+        return f": loading model '{name}'\n\n".encode()
+    return f": loading model '{name}' ".encode() + encode(reason) + b"\n\n"
 
 
 def error_event(err: ApiError) -> bytes:
@@ -77,8 +82,8 @@ class LoadingStream:
         self.sink.begin(200, (*SSE_HEAD, ("X-Router-Model", model)) if model else SSE_HEAD)
         await self.sink.send(loading_comment(name))
 
-    async def keepalive(self, name: str) -> None:
-        await self.sink.send(loading_comment(name))
+    async def keepalive(self, name: str, reason: WaitReason | None = None) -> None:
+        await self.sink.send(loading_comment(name, reason))
 
     # --- Sink, for the relay ---
 

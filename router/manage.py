@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from llm_router import __version__
 from llm_router.protocol import CatalogEntry, Keys, Reply, trim_logs
-from router.control import ControlClient, ControlError, describe_failure, merged_models
+from router.control import ControlClient, ControlError, describe_failure, merged_models, start_failed
 from router.devices import cpu_summary, cuda_summary, host_detail
 from router.options import RouterOptions
 from router.responses import (
@@ -74,7 +74,8 @@ class Manager:
         instances = self.view.instances(entry.id)
         return ModelCard(id=entry.id, created=entry.created, owned_by=entry.owned_by, aliases=entry.aliases,
                          status=self.view.status(entry.id), mode=entry.mode,
-                         instances=[InstanceRef(i.worker, i.state, i.url) for i in instances])
+                         instances=[InstanceRef(i.worker, i.state, i.url) for i in instances],
+                         pending=self.control.reason(entry.id) or msgspec.UNSET)
 
     def model(self, alias: str) -> ModelCard:
         return self.model_card(self._entry(self.model_for(alias)))
@@ -94,7 +95,7 @@ class Manager:
                                     i.restarts, i.gpus) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
-                                     self.view.catalog_workers(model), instances))
+                                     self.view.catalog_workers(model), instances, self.control.reason(model)))
 
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()
@@ -115,8 +116,7 @@ class Manager:
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
-            raise ApiError(503, f"模型 '{alias}' 启动失败: {describe_failure(exc)}",
-                           "model_start_failed") from None
+            raise start_failed(f"模型 '{alias}' 启动失败: {describe_failure(exc)}", exc) from None
         return 200, Done(message=f"模型 '{alias}' 启动成功")
 
     async def stop(self, alias: str) -> Done:

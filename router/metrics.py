@@ -40,6 +40,8 @@ ROUTES = frozenset({
     "/v1/rerank", "/v1/score",
 })
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+COLD_START_BUCKETS = (.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+WAIT_CAUSES = ("swap", "start", "slot")  # queue wait causes: a swap (scheduler), a cold start, a concurrency slot
 TTFB_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -81,6 +83,14 @@ class RouterMetrics:
                                         "group's quota (router/quotas.py)", ["key", "scope", "reason"], registry=r)
         self.quota_redis_errors = Counter("llm_router_quota_redis_errors", "Quota checks or settlements that "
                                           "failed on Redis (admitted unchecked when failing open)", registry=r)
+        self.cold_start = Histogram("llm_router_cold_start_seconds", "Starts this router sent: the start command "
+                                    "to the model serving", ["model"], buckets=COLD_START_BUCKETS, registry=r)
+        self.swaps = Counter("llm_router_swaps", "Evictions this router made to start a model (rate: swaps per "
+                             "second)", ["model"], registry=r)
+        self.queue_wait = Histogram("llm_router_queue_wait_seconds", "Time requests waited before being served, "
+                                    "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
+                                    "start; slot: for a concurrency slot)", ["model", "cause"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self._children: dict[tuple, object] = {}
         self.scraped = r
         if shared_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -108,6 +118,17 @@ class RouterMetrics:
 
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
+
+    def swapped(self, model: str) -> None:
+        """Models were evicted to make room for ``model``."""
+        self._child(self.swaps, model).inc()
+
+    def cold_started(self, model: str, seconds: float) -> None:
+        self._child(self.cold_start, model).observe(seconds)
+
+    def waited(self, model: str, cause: str, seconds: float) -> None:
+        """A wait of ``cause`` (``WAIT_CAUSES``) ended after ``seconds``."""
+        self._child(self.queue_wait, model, cause).observe(seconds)
 
     def abort(self, model: str, reason: str) -> None:
         """The router ended a request early (``reason``: ``write_timeout``)."""

@@ -74,7 +74,8 @@ def _always_present(components: Json) -> Json:
     for cls in _structs(RESPONSES):
         if not cls.__struct_config__.omit_defaults:
             schema = components[cls.__name__]
-            schema["required"] = list(schema.get("properties", {}))
+            unset = {f.encode_name for f in msgspec.structs.fields(cls) if f.default is msgspec.UNSET}
+            schema["required"] = [p for p in schema.get("properties", {}) if p not in unset]  # UNSET: omitted
     return components
 
 

@@ -31,6 +31,10 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # clients, proxies and load balancers do not cut the idle connection (router/loading.py).
     loading_keepalive: Seconds = 5.0
     stop_timeout: Seconds = 120.0  # stop, stop-all, restart-autostart replies
+    # Who may evict whom when a model fits nowhere (router/scheduler.py): "swap" honours each
+    # model's min_residency, drains busy models and serves the longest-waiting model first
+    # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
+    scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.
     empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0

@@ -17,13 +17,13 @@ router then tries the next host (see ``router.control``).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
 from llm_router.config import DeviceProfile
 from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage
-from llm_router.vram import Held, NoRoom, fit_profiles, free_vram
+from llm_router.vram import Held, NoRoom, effective_profiles, fit_profiles, free_vram
 
 HOLDING = ("starting", "running", "stopping")  # states whose VRAM is taken
 
@@ -42,11 +42,13 @@ class Eviction(msgspec.Struct, frozen=True):
 
 
 def profiles_of(entry: CatalogEntry) -> list[DeviceProfile]:
-    """The device profiles a catalog entry declares (CPU only for an entry without devices)."""
+    """The device profiles a catalog entry declares (CPU only for an entry without devices),
+    with the VRAM its worker measured where that is more than declared."""
     if not entry.devices:
         return [DeviceProfile(devices=["cpu"])]
     vram = list(entry.vram_mb) + [0] * (len(entry.devices) - len(entry.vram_mb))
-    return [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
+    declared = [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
+    return effective_profiles(declared, entry.measured_vram_mb)  # the worker's measurement, where above
 
 
 def held_by(instances: Iterable[Instance]) -> list[Held]:
@@ -96,17 +98,22 @@ def rank_hosts(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mappi
 
 
 def plan_eviction(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
-                  instances: Sequence[Instance], usage: Mapping[str, ModelUsage]) -> Eviction | None:
+                  instances: Sequence[Instance], usage: Mapping[str, ModelUsage],
+                  may_evict: Callable[[Instance], bool] | None = None) -> Eviction | None:
     """The fewest idle models to stop on one host so that ``model`` fits there, or None.
 
     Only ``running`` models with VRAM and no request in flight (``usage``: per model id, across
     routers) are candidates, least recently used first (the later of their last use and their
-    start). Among hosts, the fewest victims win, then the earlier profile, then the host id."""
+    start). Among hosts, the fewest victims win, then the earlier profile, then the host id.
+    ``may_evict`` replaces the in-flight rule (``router.scheduler`` adds residency to it)."""
+    if may_evict is None:
+        def may_evict(i: Instance) -> bool:
+            return usage.get(i.model, ModelUsage()).inflight == 0
     best: tuple[tuple[int, int, str], Eviction] | None = None
     for wid, entry in entries.items():
         mine = [i for i in instances if i.worker == wid]
         idle = [i for i in mine if i.model != model and i.state == "running" and i.gpus and i.vram_mb
-                and usage.get(i.model, ModelUsage()).inflight == 0]
+                and may_evict(i)]
         idle.sort(key=lambda i: (max(usage.get(i.model, ModelUsage()).last_used, i.started_at), i.model))
         for n in range(1, len(idle) + 1):
             gone = {i.model for i in idle[:n]}

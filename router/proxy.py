@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Iterable, Protocol
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import AsyncIterator, Iterable, Protocol
 
 import msgspec
 from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
@@ -29,7 +29,8 @@ from tornado.httputil import HTTPHeaders, HTTPInputError, parse_body_arguments
 from llm_router.protocol import CatalogEntry, Instance, Mode
 from router.affinity import routing_key
 from router.balancer import Balancer
-from router.control import ControlClient, ControlError, describe_failure
+from router.control import ControlClient, ControlError, describe_failure, start_failed
+from router.explain import slot_reason
 from router.fallbacks import fallback_chain, with_model
 from router.limits import Limits
 from router.limits_http import check_json_depth
@@ -136,7 +137,7 @@ class Unservable(ApiError):
 
     @classmethod
     def of(cls, err: ApiError) -> "Unservable":
-        return cls(err.status, err.message, err.code, err.headers)
+        return cls(err.status, err.message, err.code, err.headers, err.reason)
 
 
 class Sink(Protocol):
@@ -230,6 +231,8 @@ class Proxy:
                            rec: RequestRecord, stream: bool, fallback: bool = False) -> None:
         """Serve with ``model``, starting it first when needed (``fallback``: a model may
         still serve if this one cannot, see ``_load_streamed``)."""
+        if model in self.control.closing:  # a starving model waits for it to drain (router/scheduler.py)
+            await self.control.until_open(model, self.options.start_timeout)
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise Unservable(503, f"model '{name}' is not running", "model_not_running")
@@ -248,8 +251,8 @@ class Proxy:
         try:
             await self.control.ensure_running(model, self.options.start_timeout)
         except ControlError as exc:
-            raise Unservable(503, f"model '{name}' could not be started: {describe_failure(exc)}",
-                             "model_start_failed") from None
+            raise Unservable.of(start_failed(f"model '{name}' could not be started: {describe_failure(exc)}",
+                                             exc)) from None
         finally:
             self.metrics.ended(model)
 
@@ -275,7 +278,7 @@ class Proxy:
         try:
             await stream.open(name, model)
             while not (await asyncio.wait({start}, timeout=self.options.loading_keepalive))[0]:
-                await stream.keepalive(name)
+                await stream.keepalive(name, self.control.reason(model))
             start.result()
             await self._serve(model, name, max_concurrency, req, stream, rec)
             await stream.end()
@@ -308,10 +311,28 @@ class Proxy:
         if max_concurrency <= 0:
             return _NOOP
         capacity = max_concurrency * len(self.view.running_instances(model))
-        capacity = process_share(capacity, self.options.process_index, self.options.processes)
-        if (caller := rec.caller) is None:
-            return self.limits.admit(model, capacity)
-        return self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight)
+        return self._queued_slot(model, process_share(capacity, self.options.process_index, self.options.processes),
+                                 rec)
+
+    @asynccontextmanager
+    async def _queued_slot(self, model: str, capacity: int, rec: RequestRecord) -> AsyncIterator[None]:
+        """``Limits.admit`` (in the caller's lane), with the wait timed (``queue_wait{cause="slot"}``)
+        and a 429 explained (``error.reason``: ``queued`` with the queue position)."""
+        queued_at = time.monotonic()
+        caller = rec.caller
+        admit = (self.limits.admit(model, capacity) if caller is None
+                 else self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight))
+        try:
+            await admit.__aenter__()
+        except ApiError as exc:
+            if exc.status == 429 and exc.reason is None:
+                exc.reason = slot_reason(model, self.limits.queued(model) + 1, self.options.queue_limit)
+            raise
+        self.metrics.waited(model, "slot", time.monotonic() - queued_at)
+        try:
+            yield
+        finally:
+            await admit.__aexit__(None, None, None)
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the instance the balancer chooses (prefix affinity, else least busy); on a

@@ -13,6 +13,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from llm_router.protocol import CpuInfo, CudaInfo
+from router.explain import WaitReason
 
 # --- errors ---
 
@@ -35,12 +36,13 @@ class ApiError(Exception):
     ``code`` is the machine-readable OpenAI ``error.code`` (``model_not_found``...)."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, reason: WaitReason | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers or {}  # extra response headers (``Retry-After`` of a 429)
+        self.reason = reason  # why a request could not be served (yet): ``error.reason`` (router.explain)
 
 
 def redis_unavailable(exc: BaseException) -> ApiError:
@@ -67,6 +69,7 @@ class OpenAIErrorBody(msgspec.Struct):
     message: str
     type: str
     code: str | None = None
+    reason: WaitReason | msgspec.UnsetType = msgspec.UNSET  # present when the router knows why it waits
 
 
 class OpenAIError(msgspec.Struct):
@@ -76,13 +79,14 @@ class OpenAIError(msgspec.Struct):
 class Failure(msgspec.Struct, kw_only=True):
     success: bool = False
     message: str
+    reason: WaitReason | msgspec.UnsetType = msgspec.UNSET
 
 
 def error_body(err: ApiError, openai_shape: bool) -> msgspec.Struct:
     if openai_shape:
         kind = OPENAI_ERROR_TYPES.get(err.status, "internal_error" if err.status >= 500 else "invalid_request_error")
-        return OpenAIError(OpenAIErrorBody(err.message, kind, err.code))
-    return Failure(message=err.message)
+        return OpenAIError(OpenAIErrorBody(err.message, kind, err.code, err.reason or msgspec.UNSET))
+    return Failure(message=err.message, reason=err.reason or msgspec.UNSET)
 
 
 # --- success shapes (the manual's fields first; multi-host detail beside them) ---
@@ -119,6 +123,7 @@ class ModelCard(msgspec.Struct, kw_only=True):
     status: str
     mode: str
     instances: list[InstanceRef]
+    pending: WaitReason | msgspec.UnsetType = msgspec.UNSET  # only while it waits: why (router.explain)
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -151,6 +156,7 @@ class ModelDetail(msgspec.Struct):
     max_concurrency: int
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
+    pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), as this router knows
 
 
 class Ok(msgspec.Struct, kw_only=True):

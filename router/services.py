@@ -57,9 +57,10 @@ class Services:
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
-        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage)
-        self.upstream = Upstream(self.options)
         self.metrics = RouterMetrics(self.view)
+        self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
+                                     scheduler=self.options.scheduler, metrics=self.metrics)
+        self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
                              self.options.quota_redis_down, self.metrics)
@@ -84,6 +85,8 @@ class Services:
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
         self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
+        if self.options.scheduler == "swap":
+            self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -96,8 +99,8 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in (getattr(self, "_usage_task", None), getattr(self, "_quota_task", None)):
-            if task is not None:
+        for name in ("_usage_task", "_quota_task", "_claims_task"):
+            if task := getattr(self, name, None):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.quotas.close()

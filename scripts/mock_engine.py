@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
+import json
 import os
 import signal
 import struct
@@ -628,6 +630,7 @@ async def serve(opts: argparse.Namespace) -> None:
             except asyncio.TimeoutError:
                 pass
 
+    claim = claim_fake_vram(opts.vram_mb, opts.fake_nvml_dir)
     engine = Engine(
         model=opts.model, words=opts.response.split() or ["mock"], max_tokens=opts.max_tokens,
         tokens_per_second=opts.tokens_per_second, embedding_dim=opts.embedding_dim,
@@ -646,7 +649,23 @@ async def serve(opts: argparse.Namespace) -> None:
     chatter.set()
     if server is not None:
         server.stop()
+    if claim:
+        with contextlib.suppress(OSError):
+            os.unlink(claim)
     log("shutting down")
+
+
+def claim_fake_vram(mib: int, folder: str) -> str:
+    """With ``--vram-mb`` and ``--fake-nvml-dir`` (the folder the stand-in NVML of tests and
+    benchmarks reads, tests/fake_nvml.py): say this process now uses ``mib`` MiB on each GPU of
+    its ``CUDA_VISIBLE_DEVICES``, as a loaded engine would. Returns the file written ("" = none)."""
+    if mib <= 0 or not folder:
+        return ""
+    gpus = [int(g) for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip().isdigit()]
+    path = os.path.join(folder, f"{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump({"gpus": gpus, "mb": mib}, f)
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -679,6 +698,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops the process")
     p.add_argument("--fail-health", action="store_true", help="/health always answers 503")
     p.add_argument("--no-health", action="store_true", help="no /health route (404), like llama-cpp-python")
+    p.add_argument("--vram-mb", type=int, default=0, metavar="N",
+                   help="once loaded, use N MiB on each GPU of CUDA_VISIBLE_DEVICES (stand-in NVML only)")
+    p.add_argument("--fake-nvml-dir", default="", metavar="DIR",
+                   help="where the stand-in NVML (tests/fake_nvml.py, LLM_ROUTER_FAKE_NVML_DIR) reads --vram-mb")
     p.add_argument("--chatty", type=int, default=0, metavar="N", help="print N log lines per second")
     p.add_argument("--quiet", action="store_true", help="no access-log line per request")
     p.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")

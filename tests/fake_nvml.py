@@ -2,9 +2,14 @@
 
 A worker started with ``LLM_ROUTER_NVML_MODULE=tests.fake_nvml`` (the testing hook of
 ``worker.devices``) reads its GPUs from ``LLM_ROUTER_FAKE_GPUS``, a JSON list such as
-``[{"name": "NVIDIA H100", "memory_total": 81920, "memory_used": 0}]`` (MiB). The readings are
-fixed: memory of the models started on them never shows, as with a model still loading.
-Only the functions ``DeviceProbe`` calls exist.
+``[{"name": "NVIDIA H100", "memory_total": 81920, "memory_used": 0}]`` (MiB). By default the
+readings are fixed: memory of the models started on them never shows, as with a model still
+loading. With ``LLM_ROUTER_FAKE_NVML_DIR`` set, engines "use" memory: a mock engine started with
+``--vram-mb N --fake-nvml-dir {dir}`` writes ``{dir}/{pid}.json`` (``{"gpus": [...], "mb": N}``) once loaded, and while
+that process lives the GPUs it names show N MiB more used and list it among their compute
+processes (``nvmlDeviceGetComputeRunningProcesses``), as NVML does; with
+``LLM_ROUTER_FAKE_NVML_NO_PROCESSES=1`` that call is "not supported" (as in some containers),
+so only the used memory shows it. Only the functions ``DeviceProbe`` calls exist.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 from types import SimpleNamespace
 
 FAKE_GPUS_ENV = "LLM_ROUTER_FAKE_GPUS"
+FAKE_DIR_ENV = "LLM_ROUTER_FAKE_NVML_DIR"
+NO_PROCESSES_ENV = "LLM_ROUTER_FAKE_NVML_NO_PROCESSES"
 MIB = 1024 * 1024
 
 
@@ -54,10 +61,47 @@ def nvmlDeviceGetUUID(handle: dict) -> str:
     return f"GPU-fake-{handle['index']}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _engines(index: int) -> list[tuple[int, int]]:
+    """(pid, MiB) of the live processes that claimed memory on GPU ``index``."""
+    folder = os.environ.get(FAKE_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return []
+    out = []
+    for name in os.listdir(folder):
+        if not name.endswith(".json") or not name[:-5].isdigit():
+            continue
+        pid = int(name[:-5])
+        try:
+            with open(os.path.join(folder, name)) as f:
+                claim = json.load(f)
+        except (OSError, ValueError):
+            continue  # being written
+        if index in claim.get("gpus", []) and _alive(pid):
+            out.append((pid, int(claim.get("mb", 0))))
+    return out
+
+
 def nvmlDeviceGetMemoryInfo(handle: dict) -> SimpleNamespace:
     total = int(handle.get("memory_total", 0)) * MIB
-    used = int(handle.get("memory_used", 0)) * MIB
+    used = (int(handle.get("memory_used", 0)) + sum(mb for _, mb in _engines(handle["index"]))) * MIB
+    used = min(used, total)
     return SimpleNamespace(total=total, used=used, free=total - used)
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: dict) -> list[SimpleNamespace]:
+    if os.environ.get(NO_PROCESSES_ENV):
+        raise NVMLError("Not Supported")
+    return [SimpleNamespace(pid=pid, usedGpuMemory=mb * MIB) for pid, mb in _engines(handle["index"])]
 
 
 def nvmlDeviceGetUtilizationRates(handle: dict) -> SimpleNamespace:

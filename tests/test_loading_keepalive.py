@@ -4,6 +4,7 @@ error event. Real router, worker and mock engine (``--startup-delay 2``, keep-al
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import uuid
@@ -52,7 +53,11 @@ def test_streamed_request_gets_the_head_and_comments_while_the_model_loads(clust
         stream.close()
     comments = [ev for ev in events if "comment" in ev]
     first_data = next(i for i, ev in enumerate(events) if "data" in ev)
-    assert len(comments) >= 2 and all(c == {"comment": "loading model 'lazy'"} for c in comments)
+    assert len(comments) >= 2 and comments[0] == {"comment": "loading model 'lazy'"}
+    # later ones say why it waits: the model is starting (router/explain.py)
+    prefix = "loading model 'lazy' "
+    assert all(c["comment"].startswith(prefix) for c in comments[1:])
+    assert all(json.loads(c["comment"][len(prefix):])["kind"] == "starting" for c in comments[1:])
     assert events[:first_data] == comments  # every comment came before the first chunk
     chunks = [ev["data"] for ev in events[first_data:]]
     assert chunks[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])

@@ -125,16 +125,24 @@ def test_eviction_stops_the_lru_idle_model_never_a_busy_one_else_503(procs, redi
         assert running_on(router, "x") == [wid] and running_on(router, "z") == [wid]
         assert instances(router, "y")[wid]["state"] == "stopped"
 
-        # y again: x and z are both busy now: nothing can be stopped
+        # y again: x and z are both busy now: nothing is stopped (drain) until z's request ends
         other = open_stream(router, "z")
         try:
             wait_inflight(rds, "z", 1)
-            resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("y"), timeout=30)
-            assert resp.status == 503, resp.body
-            assert "no host has room for model 'y'" in resp.json()["error"]["message"]
+            got: dict[str, object] = {}
+            waiter = threading.Thread(target=lambda: got.update(resp=request(
+                "POST", f"{router.url}/v1/chat/completions", chat_body("y", max_tokens=1), timeout=60)))
+            waiter.start()
+            wait_for(lambda: get_json(f"{router.url}/api/models/y/info")["model"].get("pending"), timeout=20,
+                     message="y waiting for a swap")
+            pending = get_json(f"{router.url}/api/models/y/info")["model"]["pending"]
+            assert pending["kind"] == "queued" and {b["kind"] for b in pending["blocked"]} == {"draining"}
             assert running_on(router, "x") == [wid] and running_on(router, "z") == [wid]
         finally:
             other.close()
+        waiter.join(70)
+        assert got["resp"].status == 200, got["resp"].body
+        assert running_on(router, "x") == [wid] and running_on(router, "y") == [wid]
     finally:
         busy.close()
 

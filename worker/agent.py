@@ -45,6 +45,7 @@ from llm_router.redis_url import async_client
 from worker.commands import CommandIntake, Operations
 from worker.devices import DeviceProbe
 from worker.idle import IdleReaper
+from worker.learning import Learner
 from worker.logpipe import LogPipe
 from worker.adoption import find_engines, matches
 from worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
@@ -81,8 +82,11 @@ class WorkerAgent:
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
                             spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
+        self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.logs, self.snapshot,
+                               on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
-                                placer=Placer(self.settings, self.snapshot))
+                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
+                                learner=self.learner)
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
@@ -199,7 +203,8 @@ class WorkerAgent:
             else:
                 claims[mp] = engine
         results = await asyncio.gather(*(mp.adopt(engine, Placement(
-            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port))
+            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port,
+            index=engine.profile))
             for mp, engine in claims.items()))
         rejected += [(engine.pid, engine.model, "it did not answer its health check")
                      for (mp, engine), ok in zip(claims.items(), results) if not ok]
@@ -224,6 +229,7 @@ class WorkerAgent:
                 pipe.hgetall(self.keys.instance(model_id, self.wid))
             rows = await pipe.execute()
         stopped_on_purpose = take_stopped_mark(self.state_dir)
+        await self.learner.load(list(self.models))
         for mp, row in zip(list(self.models.values()), rows):
             if not row:
                 continue
@@ -334,7 +340,7 @@ class WorkerAgent:
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
             publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
-                            [m.catalog_entry() for m in self.cfg.models],
+                            [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn

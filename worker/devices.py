@@ -89,6 +89,25 @@ class DeviceProbe:
             self._initialised = False
             self._next_init_at = None
 
+    def process_memory(self, pids: set[int]) -> dict[int, int] | None:
+        """MiB that the processes ``pids`` use on each GPU (NVML's per-process accounting:
+        ``nvmlDeviceGetComputeRunningProcesses``), or None where the driver does not say
+        (not supported, containers without the host's PID namespace, no GPU)."""
+        with self._lock:
+            if not self._ensure_init():
+                return None
+            nvml = self._nvml
+            try:
+                out: dict[int, int] = {}
+                for index in range(int(nvml.nvmlDeviceGetCount())):
+                    procs = nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(index))
+                    mine = [int(p.usedGpuMemory or 0) for p in procs if int(p.pid) in pids]
+                    if mine:
+                        out[index] = sum(mine) // MIB
+                return out
+            except Exception:
+                return None
+
     # --- CPU ---
 
     @staticmethod

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
+
+import msgspec
 
 from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
 from llm_router.protocol import DeviceSnapshot
-from llm_router.vram import Held, NoFit, NoRoom, fit_profiles, free_vram
+from llm_router.vram import Held, NoFit, NoRoom, effective_profiles, fit_profiles, free_vram
 
 
 def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
                    reserved: Mapping[int, int] | None = None,
-                   held: Iterable[Held] = ()) -> tuple[DeviceProfile, list[int]]:
+                   held: Iterable[Held] = (), measured: Sequence[int] = ()) -> tuple[DeviceProfile, list[int]]:
     """The first of ``model``'s device profiles that fits, and the GPU indices it gets.
 
     A GPU fits when its free memory (``free_vram``: the snapshot minus ``reserved`` MiB per GPU
@@ -29,9 +31,10 @@ def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
     needs that GPU; ``cuda`` takes the fitting GPU with the most free memory not already taken
     by the profile; ``cpu`` always fits. Without GPU information (no snapshot, NVML offline)
     only CPU profiles fit. Raises ``NoRoom`` naming each profile and why it did not fit.
+    ``measured``: MiB seen per profile (``worker.learning``), used where above the declaration.
     """
     free, no_gpu_reason = free_vram(snapshot, held, reserved or {})
-    return fit_profiles(model.device_profiles(), free, no_gpu_reason)
+    return fit_profiles(effective_profiles(model.device_profiles(), measured), free, no_gpu_reason)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -64,9 +67,10 @@ def choose_port(fixed: int, port_range: Iterable[int], taken: set[int],
 
 @dataclass
 class Placement:
-    profile: DeviceProfile
+    profile: DeviceProfile  # as placed: its vram_mb is the measured one where that is more
     gpus: list[int]
     port: int
+    index: int = 0  # of the profile among the model's device profiles
 
     @property
     def vram_mb(self) -> int:
@@ -88,10 +92,12 @@ class Placer:
     """
 
     def __init__(self, settings: WorkerSettings, snapshot: Callable[[], Awaitable[DeviceSnapshot | None]],
-                 is_free: Callable[[str, int], bool] = port_is_free) -> None:
+                 is_free: Callable[[str, int], bool] = port_is_free,
+                 measured: Callable[[str], Sequence[int]] = lambda model_id: ()) -> None:
         self.settings = settings
         self.snapshot = snapshot
         self.is_free = is_free
+        self.measured = measured  # MiB seen per device profile of a model (worker.learning)
         self._held: dict[str, Placement] = {}
         self._loading: set[str] = set()
         self._no_room: set[str] = set()
@@ -102,13 +108,14 @@ class Placer:
         self.release(model.id)
         self._no_room.discard(model.id)
         try:
-            profile, gpus = choose_profile(model, snapshot, held=self.held())
+            profile, gpus = choose_profile(model, snapshot, held=self.held(), measured=self.measured(model.id))
         except NoRoom:
             self._no_room.add(model.id)
             raise
         port = choose_port(model.port, self.settings.port_range, {p.port for p in self._held.values()},
                            lambda port: self.is_free(self.settings.bind_host, port))
-        placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port)
+        index = effective_profiles(model.device_profiles(), self.measured(model.id)).index(profile)
+        placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port, index=index)
         self._loading.add(model.id)
         return placement
 
@@ -123,6 +130,11 @@ class Placer:
 
     def lost_on_vram(self, model_id: str) -> bool:
         return model_id in self._no_room
+
+    def raise_vram(self, model_id: str, vram_mb: int) -> None:
+        """A loaded model was measured using more than it was placed with: hold that much."""
+        if (p := self._held.get(model_id)) is not None and p.gpus and vram_mb > p.profile.vram_mb:
+            p.profile = msgspec.structs.replace(p.profile, vram_mb=vram_mb)
 
     def settle(self, model_id: str) -> None:
         self._loading.discard(model_id)

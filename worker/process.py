@@ -30,6 +30,7 @@ from llm_router.redact import Redactor, redact_argv
 from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
                              wait_exit)
 from worker.engine_env import engine_env
+from worker.learning import Learner
 from worker.logpipe import LogPipe
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer, port_is_free
@@ -56,6 +57,7 @@ class HostContext:
     config_dir: str  # {config_dir}; relative cwd values start from here
     logs: LogPipe
     placer: Placer
+    learner: Learner | None = None  # measures cold starts and VRAM (worker.learning)
 
 
 class _Run:
@@ -257,6 +259,9 @@ class ModelProcess:
             except NoFit as exc:
                 self._fail(str(exc))
                 return
+            learner = self.host.learner
+            before = await learner.before_start(placement) if learner else {}
+            spawned = time.monotonic()
             try:
                 run = await self._spawn(placement)
             except OSError as exc:
@@ -272,6 +277,11 @@ class ModelProcess:
                 why = f"port {placement.port} is served by another engine (pid {other})" if other else None
             if why is None:
                 self.host.placer.settle(self.model.id)
+                if learner is not None:
+                    vram = await learner.started(self.model, placement, run.pid, time.monotonic() - spawned, before)
+                    if vram > placement.vram_mb:
+                        self.host.placer.raise_vram(self.model.id, vram)
+                        self._set(vram_mb=vram)
                 self._set(state="running", url=run.url, started_at=time.time())
                 self._event(f"running on {run.url} (pid {run.pid})")
                 return

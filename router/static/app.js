@@ -232,11 +232,20 @@ function instanceHtml(i) {
     + `<b>${esc(i.worker)}</b><span class="muted">${bits.join(" · ")}</span>${err}</div>`;
 }
 
+// Why a model waits (router/explain.py): its reason, the requests waiting, the ETA.
+function waitText(p) {
+  const parts = [p.message || p.kind];
+  if (p.waiting) parts.push(`${p.waiting} waiting`);
+  if (p.eta) parts.push(`ETA ${fmtDuration(Math.max(0, p.eta - Date.now() / 1000))}`);
+  return parts.join(" · ");
+}
+
 function rowHtml(m) {
   const status = modelStatus(m);
   const aliases = (m.aliases || []).filter((a) => a !== m.id);
   const pending = state.pending.get(m.id);
   const elapsed = pending && status === "starting" ? ` ${fmtDuration((Date.now() - pending.since) / 1000)}` : "";
+  const waitWhy = m.pending ? `<div class="muted small" data-testid="pending-${esc(m.id)}">${esc(waitText(m.pending))}</div>` : "";
   const watcher = state.watchers.get(m.id);
   const latest = status === "starting"
     ? `<div class="latest" data-testid="latest-${esc(m.id)}">${esc(watcher?.line || "waiting for output…")}</div>` : "";
@@ -254,7 +263,7 @@ function rowHtml(m) {
     + `${latest}</td>`
     + `<td><span class="mode">${esc(m.mode || "-")}</span></td>`
     + `<td class="status-cell"><span class="badge b-${esc(status)}" data-testid="status-${esc(m.id)}">${esc(status)}</span>`
-    + `<span class="muted small">${elapsed}</span></td>`
+    + `<span class="muted small">${elapsed}</span>${waitWhy}</td>`
     + `<td class="inst-cell">${instances}</td>`
     + `<td class="actions">${buttons}</td>`;
 }

@@ -59,15 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.smoke:
         preset = dict(rounds=1, duration=0.25, warmup=0.05, prime=0.1, streams=50, stream_tokens=2, gap_tokens=5,
                       gap_duration=0.3, ramp=0.2, prop_cycles=1, log_window=0.5, log_probes=5,
-                      viewers=50, viewer_samples=20, viewer_starts=1)
+                      viewers=50, viewer_samples=20, viewer_starts=1,
+                      sched_duration=5.0, sched_delay=0.5, sched_residency=1.5, sched_max_wait=3.0, sched_clients=3,
+                      sched_think=0.3)
     elif opts.quick:
         preset = dict(rounds=2, duration=1.0, warmup=0.2, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30,
-                      viewers=5000, viewer_samples=200, viewer_starts=2)
+                      viewers=5000, viewer_samples=200, viewer_starts=2,
+                      sched_duration=30.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
+                      sched_think=0.5)
     else:
         preset = dict(rounds=4, duration=2.0, warmup=0.3, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100,
-                      viewers=5000, viewer_samples=300, viewer_starts=3)
+                      viewers=5000, viewer_samples=300, viewer_starts=3,
+                      sched_duration=90.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
+                      sched_think=0.5)
     for k, v in preset.items():
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)
@@ -95,7 +101,8 @@ async def amain(opts: argparse.Namespace, procs: Procs, work: Path) -> dict[str,
     if opts.profile:
         await profile(bench, opts.profile, opts.profile_seconds)
     procs.check_alive()
-    columns = ["direct", *(["router"] if cluster.routers else []), *(["compare"] if opts.compare else [])]
+    columns = ["direct", *(["router"] if cluster.routers else []), *(["compare"] if opts.compare else []),
+               *(["lru", "swap"] if "scheduling" in opts.only and cluster.routers else [])]
     return {"rows": bench.rows, "raw": bench.raw, "columns": columns, "seconds": now() - t0}
 
 

@@ -1,0 +1,106 @@
+"""Why a request waits, and for how long: one ``WaitReason`` for errors, keep-alives and info.
+
+A request that waits for a start, a swap or a slot gets a structured reason, built here from
+the same state the decision used (pure functions, no I/O):
+
+- ``no_room``: it fits nowhere and no eviction could make it fit; ``hosts`` gives each host's
+  free MiB per GPU and the MiB needed (a 503 now);
+- ``starting``: its engine is loading; ``eta`` from the cold start its worker measured last
+  (``CatalogEntry.cold_start_s``);
+- ``queued``: it waits for a swap (``position`` in the line of waiting models, ``blocked``: what
+  keeps the loaded models, ``eta`` when residency ends) or for a concurrency slot (``position``
+  in the router's queue).
+
+Non-streamed 503/429 answers carry it as ``error.reason`` with ``Retry-After`` from the ETA;
+streamed requests get its ``message`` in their keep-alive comments; ``/api/models/{alias}/info``
+shows the reason of a model that is waiting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal, Mapping
+
+import msgspec
+
+from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance
+from router.placement import host_free, profiles_of
+from router.scheduler import Blocked, Decision, Waiter
+
+DEFAULT_RETRY = 5  # s: Retry-After when no ETA is known
+
+
+class HostRoom(msgspec.Struct, kw_only=True, omit_defaults=True):
+    free_mb: dict[str, int] = {}  # GPU index -> free MiB as the router sees it
+    needed_mb: int = 0  # per GPU, the model's first GPU profile
+    why: str = ""
+
+
+class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
+    kind: Literal["no_room", "starting", "queued"]
+    message: str
+    eta: float = 0.0  # unix time it should be served / scheduled; 0 = unknown
+    position: int = 0  # 1 = next
+    waiting: int = 0  # requests waiting for the model (all routers, as last read)
+    blocked: list[Blocked] = []
+    hosts: dict[str, HostRoom] = {}
+
+
+def retry_after(reason: WaitReason, now: float) -> str:
+    """``Retry-After`` seconds: until the ETA (at least 1), else ``DEFAULT_RETRY``."""
+    if reason.eta > now:
+        return str(max(1, math.ceil(reason.eta - now)))
+    return str(DEFAULT_RETRY)
+
+
+def needed_mb(entry: CatalogEntry) -> int:
+    return next((p.vram_mb for p in profiles_of(entry) if any(d != "cpu" for d in p.devices)), 0)
+
+
+def no_room_reason(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
+                   instances: Iterable[Instance], why: Mapping[str, str], message: str) -> WaitReason:
+    instances = list(instances)
+    hosts = {}
+    for wid, entry in sorted(entries.items()):
+        free, _ = host_free(snapshots.get(wid), [i for i in instances if i.worker == wid])
+        hosts[wid] = HostRoom(free_mb={str(g): mb for g, mb in sorted(free.items())}, needed_mb=needed_mb(entry),
+                              why=why.get(wid, ""))
+    return WaitReason(kind="no_room", message=message, hosts=hosts)
+
+
+def starting_reason(model: str, instances: Iterable[Instance], entries: Mapping[str, CatalogEntry],
+                    now: float) -> WaitReason:
+    """The model is loading somewhere: ETA = when it began + the cold start measured there."""
+    eta = 0.0
+    for inst in instances:
+        if inst.model == model and inst.state == "starting":
+            learned = entries.get(inst.worker, CatalogEntry(id=model)).cold_start_s
+            if learned > 0:
+                eta = max(now, inst.updated_at + learned)
+    text = f"model '{model}' is starting" + (f", ready in about {max(0, eta - now):.0f}s" if eta else "")
+    return WaitReason(kind="starting", message=text, eta=eta)
+
+
+def describe_blocked(b: Blocked, now: float) -> str:
+    if b.kind == "residency":
+        return f"'{b.model}' stays loaded {max(0, b.until - now):.0f}s more (min_residency)"
+    if b.kind == "draining":
+        return f"'{b.model}' is serving {b.requests} request(s) first"
+    return f"'{b.model}' has waited longer and swaps first"
+
+
+def swap_reason(model: str, decision: Decision, waiters: Iterable[Waiter], now: float,
+                cold_start_s: float = 0.0) -> WaitReason:
+    """A model waiting for a swap: its place in line, what blocks it, and when it may go
+    (the end of residency, plus its learned cold start)."""
+    waiting = next((w.count for w in waiters if w.model == model), 0)
+    eta = decision.eta + cold_start_s if decision.eta else 0.0
+    why = "; ".join(describe_blocked(b, now) for b in decision.blocked) or "waiting for room"
+    return WaitReason(kind="queued", message=f"model '{model}' waits for a swap (position {decision.position}): {why}",
+                      eta=eta, position=decision.position, waiting=waiting, blocked=list(decision.blocked))
+
+
+def slot_reason(model: str, position: int, limit: int) -> WaitReason:
+    """A request over the model's concurrency limit (the router's own queue)."""
+    return WaitReason(kind="queued", message=f"model '{model}' is at its concurrency limit; queue position "
+                      f"{position} of {limit}", position=position, waiting=position)

@@ -1,0 +1,167 @@
+"""Swap-aware scheduling: may a model that waits for VRAM evict a loaded one now, and which?
+
+A swap costs a cold start (30–100+ s on real engines). Plain LRU eviction (``plan_eviction``
+alone) thrashes when two models that do not fit together are wanted in turn: every request
+for the other one evicts the one just loaded. This module decides, as pure functions over a
+state every router reads alike from Redis (instances, ``llm:used:{model}``,
+``llm:waiting``), so that two routers decide the same:
+
+- **residency**: a model that became running less than its ``min_residency`` seconds ago is not
+  evicted (``Instance.started_at`` is when it became running);
+- **drain**: a model with requests queued or in flight on any live router (``ModelUsage.
+  inflight``) is not evicted until they are served; nothing is ever aborted;
+- **batching**: every request waiting for one model shares one swap (one start per router,
+  and routers share the waiting entry per model, so all of them wait for the same start);
+- **turn**: the waiting model that has waited longest (its earliest request across routers)
+  wins the next swap; younger waiters wait behind it. No starvation: once a waiter has waited
+  its ``max_wait`` it is *starving*, and residency no longer protects the models it would
+  evict. Drain still does (never abort): a starving waiter waits at most ``max_wait`` plus the
+  time the victims' requests already admitted take to finish: a starving waiter that only
+  drain holds back *claims* its victims (``claims``), and every router holds new requests for
+  a claimed model until it is stopped (they then wait for it like any other model).
+
+``policy = "lru"`` is the plain behaviour (no residency, no turn; only drain): kept for
+comparison (``LLM_ROUTER_SCHEDULER=lru``, the scheduling benchmark).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal, Mapping, Sequence
+
+import msgspec
+
+from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage, WaitEntry
+from router.placement import Eviction, plan_eviction
+
+Policy = Literal["swap", "lru"]
+POLICIES: tuple[str, ...] = ("swap", "lru")
+
+
+class Waiter(msgspec.Struct, kw_only=True, frozen=True):
+    """A model waiting for a swap, merged across routers."""
+
+    model: str
+    since: float  # unix time of its earliest waiting request on any live router
+    count: int = 1  # requests waiting for it, all routers together
+    max_wait: float = 0.0  # its config's max_wait (s); 0 = no bound
+
+
+class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
+    min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
+    queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
+
+    kind: Literal["residency", "draining", "turn"]
+    model: str
+    until: float = 0.0  # unix time; 0 = unknown (draining, turn)
+    requests: int = 0
+
+
+class Decision(msgspec.Struct, kw_only=True, frozen=True):
+    """``evict``: stop ``plan.victims`` on ``plan.worker``, then start there. ``wait``: try
+    again later (``blocked`` says why, ``eta`` when it may go, 0 = unknown). ``no_room``: no
+    eviction of any loaded model could ever make it fit (a 503 now)."""
+
+    action: Literal["evict", "wait", "no_room"]
+    plan: Eviction | None = None
+    blocked: list[Blocked] = []
+    eta: float = 0.0
+    position: int = 0  # 1 = next in line; 0 = not queued
+
+
+def merge_waiters(entries: Iterable[WaitEntry], now: float, stale: float,
+                  max_wait: Mapping[str, float] | None = None) -> list[Waiter]:
+    """The ``llm:waiting`` entries of live routers (written within ``stale`` s) merged per
+    model: earliest ``since``, summed ``count``. Oldest first (see ``in_line``)."""
+    merged: dict[str, Waiter] = {}
+    for e in entries:
+        if now - e.at > stale or e.count <= 0:
+            continue
+        got = merged.get(e.model)
+        merged[e.model] = Waiter(model=e.model, since=min(e.since, got.since) if got else e.since,
+                                 count=e.count + (got.count if got else 0),
+                                 max_wait=(max_wait or {}).get(e.model, 0.0))
+    return in_line(merged.values(), now)
+
+
+def starving(waiter: Waiter, now: float) -> bool:
+    """Whether ``waiter`` has waited its ``max_wait`` (residency no longer protects its victims)."""
+    return waiter.max_wait > 0 and now - waiter.since >= waiter.max_wait
+
+
+def in_line(waiters: Iterable[Waiter], now: float) -> list[Waiter]:
+    """Waiters in the order they swap: starving ones first, then the oldest first (by model id
+    on a tie, so that every router orders alike)."""
+    return sorted(waiters, key=lambda w: (not starving(w, now), w.since, w.model))
+
+
+def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: float,
+               waiter_starving: bool) -> Blocked | None:
+    """What keeps ``victim`` loaded now, if anything: its requests (drain, always), then its
+    residency (unless the waiter is starving)."""
+    if usage.inflight > 0:
+        return Blocked(kind="draining", model=victim.model, requests=usage.inflight)
+    if not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency:
+        return Blocked(kind="residency", model=victim.model, until=victim.started_at + min_residency)
+    return None
+
+
+def claims(decision: Decision, waiter: Waiter | None, now: float) -> list[str]:
+    """The loaded models a starving waiter, first in line, must evict but whose requests hold
+    them (drain only): routers stop sending them new requests, so they drain and the waiter
+    gets its swap within ``max_wait`` + the time the requests already admitted take."""
+    if waiter is None or decision.action != "wait" or decision.position != 1 or not starving(waiter, now):
+        return []
+    if not decision.blocked or any(b.kind != "draining" for b in decision.blocked):
+        return []
+    return sorted({b.model for b in decision.blocked})
+
+
+def closing(entries: Iterable[WaitEntry], now: float, stale: float) -> set[str]:
+    """The models claimed by live routers' starving waiters (``claims``)."""
+    return {m for e in entries if now - e.at <= stale for m in e.claims}
+
+
+def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
+                instances: Sequence[Instance], usage: Mapping[str, ModelUsage], waiters: Sequence[Waiter],
+                min_residency: Mapping[str, float], now: float, policy: Policy = "swap") -> Decision:
+    """Whether ``model`` (which fits nowhere now) may evict, which models, or why it waits.
+
+    ``waiters``: the merged waiting models (``merge_waiters``), ``model`` among them or not (it
+    is then treated as waiting since ``now``); ``min_residency``: per loaded model id.
+    Models that run or start somewhere are not waiting (their entry may lag) and are skipped."""
+    idle = ModelUsage()
+    if policy == "lru":
+        plan = plan_eviction(model, entries, snapshots, instances, usage)
+        return Decision(action="evict", plan=plan) if plan else Decision(action="no_room")
+    # Could it ever fit, were every loaded model stopped when it may be? A model starting or
+    # stopping counts as loaded: it will be running (then evictable) or gone.
+    settled = [msgspec.structs.replace(i, state="running") if i.state in ("starting", "stopping") else i
+               for i in instances]
+    if plan_eviction(model, entries, snapshots, settled, usage, may_evict=lambda i: True) is None:
+        return Decision(action="no_room")
+    active = {i.model for i in instances if i.state in ("starting", "running")}
+    line = in_line([w for w in waiters if w.model not in active or w.model == model], now)
+    me = next((w for w in line if w.model == model), None)
+    if me is None:
+        me = Waiter(model=model, since=now)
+        line = in_line([*line, me], now)
+    position = line.index(me) + 1
+    if position > 1:
+        return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
+    hungry = starving(me, now)
+    guards = {i.model: protection(i, usage.get(i.model, idle), min_residency.get(i.model, 0.0), now, hungry)
+              for i in instances if i.state == "running" and i.model != model}
+    plan = plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: guards.get(i.model) is None)
+    if plan is not None:
+        return Decision(action="evict", plan=plan, position=position)
+    # Which protections stand in the way: those of the plan that ignores only residency
+    # (if drain alone blocks nothing, residency is the reason) else those of any plan.
+    unprotected_but_residency = plan_eviction(
+        model, entries, snapshots, instances, usage,
+        may_evict=lambda i: guards.get(i.model) is None or guards[i.model].kind == "residency")
+    plan = unprotected_but_residency or plan_eviction(model, entries, snapshots, instances, usage,
+                                                      may_evict=lambda i: True)
+    blocked = [g for m in (plan.victims if plan else []) if (g := guards.get(m)) is not None]
+    eta = max((b.until for b in blocked), default=0.0) if all(b.kind == "residency" for b in blocked) else 0.0
+    return Decision(action="wait", blocked=blocked, eta=eta, position=position)

@@ -1,0 +1,245 @@
+"""Section ``scheduling``: swap-aware scheduling vs plain LRU eviction, side by side.
+
+Two small clusters on the bench's Redis, each under its own key prefix: one worker whose single
+stand-in GPU (the fake NVML of tests/fake_nvml.py) holds one of three models at a time (each
+declares 12,000 of 20,000 MiB), mock engines whose start takes ``sched_delay`` seconds, and two
+routers, ``LLM_ROUTER_SCHEDULER=swap`` in one cluster and ``lru`` in the other; the model configs
+(``min_residency``, ``max_wait``) are the same in both, the lru router ignores them. Both get
+the same seeded workload at the same time: ``sched_clients`` clients, each running agent-like
+sessions (a few requests to one model, one after another, with a little "tool time" between
+them; mostly its own model, sometimes another), then a pause (``workload``);
+a client that gets a 429, a 5xx or a connection error retries after 0.5 s (as the OpenAI SDKs
+do), and a request's latency runs from its first attempt to its answer.
+
+Figures: swaps (model loads after the first, from the workers' log streams), and per 100
+requests served (the clients wait for their answers, so a policy that serves fewer requests in
+the same time also has fewer chances to swap: the target is on this ratio), requests served,
+mean and p99 latency, the longest latency against the starvation bound (``max_wait``, then at
+most two swaps of ``sched_delay`` + 1 s: one for a model that starved first, then its own), and
+503s seen by clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import sys
+import time
+
+from llm_router.lifeline import stop_group
+from llm_router.protocol import Keys, log_entry
+from llm_router.redis_server import free_port
+from llm_router.redis_url import async_client
+
+from ..client import Response, Target
+from ..cluster import MOCK_ENGINE, list_models
+from ..context import Bench
+from ..report import Row
+from ..stats import pct
+
+MODELS = ("sched-a", "sched-b", "sched-c")
+GPU_MIB, MODEL_MIB = 20000, 12000  # one model at a time
+POLICIES = ("lru", "swap")
+ROUTERS = 2  # per cluster: the clients are spread over them, as in a lab
+RETRY_DELAY = 0.5  # s a client waits after a 503/429
+OWN_SHARE = 0.7  # of a client's sessions go to its own model
+SESSION = 5  # requests per session, one after another
+PAUSE = 6.0  # mean pause between sessions, in think times
+
+
+def config(policy: str, bench: Bench) -> str:
+    o = bench.opts
+    low = free_port()
+    lines = ["[worker]", f'id = "{worker_id(policy, bench)}"', "devices_interval = 0.5",
+             f"port_range = [{low}, {low + 30}]", ""]
+    for model in MODELS:
+        argv = ["{python}", str(MOCK_ENGINE), "--port", "{port}", "--model", model, "--quiet",
+                "--startup-delay", str(o.sched_delay), "--tokens-per-second", "50", "--max-tokens", "8"]
+        lines += ["[[models]]", f"id = {json.dumps(model)}", f"command = {json.dumps(argv)}", 'devices = ["cuda"]',
+                  f"vram_mb = {MODEL_MIB}", f"min_residency = {o.sched_residency}", f"max_wait = {o.sched_max_wait}",
+                  "startup_timeout = 60", "stop_grace = 3", ""]
+    return "\n".join(lines)
+
+
+def workload(bench: Bench) -> list[list[tuple[str, float]]]:
+    """Per client, its requests: (model, think time before it), the same for both policies.
+
+    Agent-like sessions: a client picks a model (its own mostly), sends ``SESSION`` requests one
+    after another with ``sched_think`` s of "tool time" between them, then pauses (exponential,
+    mean ``PAUSE`` x think) before the next session. The gaps inside a session leave the model
+    idle for a moment: exactly when plain LRU evicts it for another client's model."""
+    o = bench.opts
+    rng = random.Random(17)
+    plans = []
+    for c in range(o.sched_clients):
+        own = MODELS[c % len(MODELS)]
+        plan: list[tuple[str, float]] = []
+        while len(plan) < 10_000:
+            model = own if rng.random() < OWN_SHARE else rng.choice(MODELS)
+            plan.append((model, rng.expovariate(1.0 / (PAUSE * o.sched_think))))
+            plan += [(model, o.sched_think)] * (SESSION - 1)
+        plans.append(plan)
+    return plans
+
+
+async def start(bench: Bench, policy: str) -> tuple[list[Target], list, str]:
+    """One cluster: its worker and ``ROUTERS`` routers, under the prefix ``llm-sched-{policy}:``."""
+    cl = bench.cluster
+    prefix = f"llm-sched-{policy}:"
+    cfg = cl.work / f"sched-{policy}.toml"
+    cfg.write_text(config(policy, bench))
+    gpus = json.dumps([{"name": "NVIDIA H100", "memory_total": GPU_MIB, "memory_used": 0}])
+    cli = [sys.executable, "-m", "llm_router.cli"]
+    worker = cl.procs.start(f"sched-worker-{policy}", [*cli, "worker", "--config", str(cfg), "--redis", cl.redis.url,
+                                                       "--prefix", prefix],
+                            env={"LLM_ROUTER_STATE_DIR": str(cl.work / f"state-{policy}"),
+                                 "LLM_ROUTER_NVML_MODULE": "tests.fake_nvml", "LLM_ROUTER_FAKE_GPUS": gpus})
+    routers, targets = [], []
+    for n in range(ROUTERS):
+        port = free_port()
+        routers.append(cl.procs.start(f"sched-router-{policy}-{n}", [
+            *cli, "serve", "--redis", cl.redis.url, "--prefix", prefix, "--port", str(port)],
+            env={"LLM_ROUTER_SCHEDULER": policy, "LLM_ROUTER_ACCESS_LOG": "false"}))
+        targets.append(Target(f"router-{policy}-{n}", f"http://127.0.0.1:{port}", MODELS[0]))
+    deadline = time.monotonic() + 30
+    for target in targets:
+        while True:  # the router has the catalog and the stand-in GPU
+            try:
+                models = await list_models(target)
+                devices = await target.call("GET", "/api/devices/info", timeout=2)
+                if all(m in models for m in MODELS) and devices.status == 200:
+                    break
+            except (OSError, asyncio.TimeoutError):
+                pass
+            cl.procs.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scheduling cluster {policy} did not come up\n"
+                                   + cl.procs.tail(f"sched-worker-{policy}"))
+            await asyncio.sleep(0.1)
+    return targets, [*routers, worker], prefix
+
+
+async def drive(targets: list[Target], plans: list[list[tuple[str, float]]], duration: float) -> dict:
+    """Run the clients for ``duration`` s, client i on router i % ROUTERS (requests begun by
+    then are finished)."""
+    latencies: list[float] = []
+    stats = {"retries": 0, "errors": 0}
+    end = time.monotonic() + duration
+
+    async def client(plan: list[tuple[str, float]], target: Target) -> None:
+        for model, think in plan:
+            await asyncio.sleep(think)
+            if time.monotonic() >= end:
+                return
+            began = time.monotonic()
+            while True:
+                try:
+                    conn = await target.connect()
+                    try:
+                        resp = await conn.request(target.chat(False, 8, model), Response())
+                    finally:
+                        conn.close()
+                except (OSError, asyncio.TimeoutError):
+                    resp = None
+                if resp is not None and resp.status == 200:
+                    latencies.append(time.monotonic() - began)
+                    break
+                if resp is not None and resp.status < 500 and resp.status != 429:
+                    stats["errors"] += 1
+                    break
+                stats["retries"] += 1  # as the OpenAI SDKs do: 429, 5xx, connection errors
+                await asyncio.sleep(RETRY_DELAY)
+
+    await asyncio.gather(*(client(p, targets[i % len(targets)]) for i, p in enumerate(plans)))
+    return {"latencies": latencies, **stats}
+
+
+async def loads(redis_url: str, prefix: str) -> int:
+    """Model loads in this cluster: the worker's ``running on`` events in the log streams."""
+    rds = async_client(redis_url)
+    try:
+        n = 0
+        for model in MODELS:
+            for _, fields in await rds.xrange(Keys(prefix).logs(model)):
+                n += log_entry(fields).message.startswith("running on")
+        return n
+    finally:
+        await rds.aclose()
+
+
+async def cold_start(redis_url: str, prefix: str, wid: str) -> float:
+    """The longest cold start the worker measured (its catalog's ``cold_start_s``)."""
+    rds = async_client(redis_url)
+    try:
+        entries = (await rds.hgetall(Keys(prefix).catalog(wid))).values()
+        return max((float(json.loads(e).get("cold_start_s") or 0) for e in entries), default=0.0)
+    finally:
+        await rds.aclose()
+
+
+def worker_id(policy: str, bench: Bench) -> str:
+    return f"sched-{policy}-{bench.cluster.procs.token[:6]}"
+
+
+async def run(bench: Bench) -> None:
+    cl = bench.cluster
+    if cl.redis is None:
+        return
+    o = bench.opts
+    bench.say(f"scheduling: {o.sched_clients} clients on 3 models that do not fit together, {o.sched_duration:g}s, "
+              f"cold start {o.sched_delay:g}s, min_residency {o.sched_residency:g}s, max_wait {o.sched_max_wait:g}s; "
+              "swap scheduler vs LRU side by side ...")
+    started = [await start(bench, p) for p in POLICIES]
+    try:
+        plans = workload(bench)
+        results = dict(zip(POLICIES, await asyncio.gather(
+            *(drive(targets, plans, o.sched_duration) for targets, _, _ in started))))
+        for policy, (_, _, prefix) in zip(POLICIES, started):
+            results[policy]["swaps"] = max(0, await loads(cl.redis.url, prefix) - 1)
+            results[policy]["cold_start_s"] = await cold_start(cl.redis.url, prefix, worker_id(policy, bench))
+    finally:
+        mine = [proc for _, procs, _ in started for proc in procs]
+        for proc in mine:  # SIGINT: the worker stops its engines before it exits
+            await asyncio.to_thread(stop_group, proc, signal.SIGINT, 8.0, 2.0)
+        cl.procs.procs = [(name, p) for name, p in cl.procs.procs if p not in mine]  # stopped on purpose
+    report(bench, results)
+
+
+def report(bench: Bench, results: dict[str, dict]) -> None:
+    o = bench.opts
+    lat = {p: r["latencies"] for p, r in results.items()}
+    mean = {p: (sum(v) / len(v) * 1000 if v else float("nan")) for p, v in lat.items()}
+    p50 = {p: pct(v, 0.5) * 1000 if v else float("nan") for p, v in lat.items()}
+    p99 = {p: pct(v, 0.99) * 1000 if v else float("nan") for p, v in lat.items()}
+    worst = {p: max(v) * 1000 if v else float("nan") for p, v in lat.items()}
+    swaps = {p: float(r["swaps"]) for p, r in results.items()}
+    errors = {p: int(r["errors"]) for p, r in results.items()}
+    fewer = swaps["lru"] / swaps["swap"] if swaps["swap"] else float("inf")
+    # max_wait, then the swap of a model that starved first (if any), then its own: two cold
+    # starts as the worker measured them (this machine may be slower than --startup-delay), 1 s
+    # of stop and poll each
+    cold = results["swap"].get("cold_start_s") or o.sched_delay
+    bound = (o.sched_max_wait + 2 * (cold + 1.0)) * 1000
+    per_100 = {p: 100 * swaps[p] / len(lat[p]) if lat[p] else float("nan") for p in POLICIES}
+    fewer_per = per_100["lru"] / per_100["swap"] if per_100["swap"] else float("inf")
+    rows = [
+        Row("scheduling", "swaps", swaps, "", f"x{fewer:.1f} fewer", "", None, errors),
+        Row("scheduling", "swaps per 100 requests served", per_100, "", f"x{fewer_per:.1f} fewer", ">= 3x fewer",
+            fewer_per >= 3, errors),
+        Row("scheduling", "requests served", {p: float(len(v)) for p, v in lat.items()}, "", "", "", None, errors),
+        Row("scheduling", "latency mean", mean, "ms", f"x{mean['lru'] / mean['swap']:.2f}" if mean["swap"] else "",
+            "", None, errors),
+        Row("scheduling", "latency p50", p50, "ms", f"x{p50['lru'] / p50['swap']:.2f}" if p50["swap"] else "",
+            "", None, errors),
+        Row("scheduling", "latency p99", p99, "ms", f"x{p99['lru'] / p99['swap']:.2f}" if p99["swap"] else "",
+            "lower with swap", p99["swap"] < p99["lru"], errors),
+        Row("scheduling", "latency max (swap: <= max_wait bound)", worst, "ms", f"bound {bound / 1000:.0f} s",
+            "no starvation", worst["swap"] <= bound, errors),
+        Row("scheduling", "retries (429/5xx) by clients", {p: float(r["retries"]) for p, r in results.items()}, "", "", "",
+            None, errors),
+    ]
+    bench.rows.extend(rows)
+    bench.raw["scheduling"] = {p: {k: v for k, v in r.items() if k != "latencies"} | {"latencies": r["latencies"]}
+                               for p, r in results.items()}

@@ -1,0 +1,147 @@
+"""Swap-aware scheduling decisions as pure functions (router/scheduler.py): residency, drain,
+batching, turn and starvation, and the plain LRU policy kept for comparison."""
+
+from __future__ import annotations
+
+import msgspec
+
+from llm_router.protocol import CatalogEntry, ModelUsage, WaitEntry
+from router.placement import Eviction
+from router.scheduler import Blocked, Waiter, decide_swap, in_line, merge_waiters, starving
+from test_placement_units import entry, inst, snap
+
+NOW = 1000.0
+BIG = {"h": entry("b", (["cuda:0"], 16000))}  # b needs all of h's GPU but what a (8000) holds
+SNAPS = {"h": snap("h", 24000)}
+
+
+def loaded(started_at: float = NOW - 100, model: str = "a") -> list:
+    return [inst(model, "h", started_at=started_at)]
+
+
+def decide(instances=None, usage=None, waiters=(), residency=None, policy="swap", now=NOW, model="b",
+           entries=BIG):
+    return decide_swap(model, entries, SNAPS, instances if instances is not None else loaded(), usage or {},
+                       list(waiters), residency or {}, now, policy)
+
+
+def test_an_idle_model_past_its_residency_is_evicted():
+    d = decide(residency={"a": 60})
+    assert (d.action, d.plan, d.position) == ("evict", Eviction("h", ["a"]), 1)
+
+
+def test_residency_keeps_a_fresh_model_and_gives_the_time_it_ends():
+    d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60})
+    assert d.action == "wait"
+    assert d.blocked == [Blocked(kind="residency", model="a", until=NOW + 50)]
+    assert d.eta == NOW + 50
+    assert decide(instances=loaded(started_at=NOW - 10), residency={"a": 60}, now=NOW + 50).action == "evict"
+
+
+def test_draining_a_busy_model_waits_and_is_never_overridden_by_starvation():
+    busy = {"a": ModelUsage(inflight=2)}
+    d = decide(usage=busy)
+    assert (d.action, d.blocked, d.eta) == ("wait", [Blocked(kind="draining", model="a", requests=2)], 0.0)
+    starved = Waiter(model="b", since=NOW - 500, max_wait=60)
+    assert decide(usage=busy, waiters=[starved]).action == "wait"  # never abort
+    assert decide(usage={"a": ModelUsage(inflight=0)}, waiters=[starved]).action == "evict"
+
+
+def test_starving_waiter_overrides_residency():
+    fresh = loaded(started_at=NOW - 10)
+    young = Waiter(model="b", since=NOW - 30, max_wait=60)
+    assert decide(instances=fresh, waiters=[young], residency={"a": 600}).action == "wait"
+    old = Waiter(model="b", since=NOW - 61, max_wait=60)
+    assert starving(old, NOW) and not starving(young, NOW)
+    d = decide(instances=fresh, waiters=[old], residency={"a": 600})
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+
+
+def test_the_oldest_waiting_model_wins_the_next_swap():
+    entries = {"h": entry("b", (["cuda:0"], 16000))}
+    waiters = [Waiter(model="c", since=NOW - 5), Waiter(model="b", since=NOW - 20)]
+    assert decide(waiters=waiters, entries=entries).action == "evict"  # b is older
+    d = decide(model="c", waiters=waiters, entries={"h": entry("c", (["cuda:0"], 16000))})
+    assert (d.action, d.position, d.blocked) == ("wait", 2, [Blocked(kind="turn", model="b")])
+
+
+def test_starving_waiter_jumps_ahead_of_an_older_one_without_a_bound():
+    line = in_line([Waiter(model="old", since=NOW - 100), Waiter(model="hungry", since=NOW - 50, max_wait=30)], NOW)
+    assert [w.model for w in line] == ["hungry", "old"]
+
+
+def test_a_waiter_that_already_runs_or_starts_does_not_hold_the_line():
+    instances = [*loaded(), inst("c", "other", state="starting")]
+    waiters = [Waiter(model="c", since=NOW - 50), Waiter(model="b", since=NOW - 5)]
+    assert decide(instances=instances, waiters=waiters).action == "evict"
+
+
+def test_batching_merges_every_routers_waiters_of_a_model_and_drops_dead_routers():
+    entries = [WaitEntry(model="b", router="r1", since=NOW - 10, count=3, at=NOW - 1),
+               WaitEntry(model="b", router="r2", since=NOW - 30, count=2, at=NOW - 2),
+               WaitEntry(model="c", router="r1", since=NOW - 20, count=1, at=NOW),
+               WaitEntry(model="d", router="dead", since=NOW - 99, count=5, at=NOW - 60)]
+    got = merge_waiters(entries, NOW, stale=10, max_wait={"b": 120})
+    assert got == [Waiter(model="b", since=NOW - 30, count=5, max_wait=120), Waiter(model="c", since=NOW - 20)]
+
+
+def test_no_room_when_no_eviction_could_ever_make_it_fit():
+    entries = {"h": entry("b", (["cuda:0"], 30000))}
+    assert decide(entries=entries).action == "no_room"
+    assert decide(entries=entries, policy="lru").action == "no_room"
+
+
+def test_lru_policy_ignores_residency_and_turn_but_still_drains():
+    fresh = loaded(started_at=NOW - 1)
+    waiters = [Waiter(model="c", since=NOW - 50)]
+    assert decide(instances=fresh, waiters=waiters, residency={"a": 600}, policy="lru").action == "evict"
+    assert decide(instances=fresh, usage={"a": ModelUsage(inflight=1)}, policy="lru").action == "no_room"
+
+
+def test_blocked_reasons_name_the_plans_victims():
+    instances = [inst("x", "h", vram=8000, started_at=NOW - 5), inst("y", "h", vram=8000, started_at=NOW - 500)]
+    entries = {"h": CatalogEntry(id="b", devices=[["cuda:0"]], vram_mb=[16000])}
+    usage = {"y": ModelUsage(inflight=1, last_used=NOW)}
+    d = decide(instances=instances, usage=usage, entries=entries, residency={"x": 60})
+    assert d.action == "wait"
+    assert d.blocked == [Blocked(kind="residency", model="x", until=NOW + 55)]
+    assert d.eta == NOW + 55
+
+
+def test_a_model_starting_or_stopping_in_the_way_means_wait_not_no_room():
+    for state in ("starting", "stopping"):
+        d = decide(instances=[inst("a", "h", state=state)])
+        assert (d.action, d.blocked) == ("wait", []), state
+
+
+def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
+    from router.control import ControlError, start_failed
+    from router.explain import retry_after, swap_reason
+    from router.responses import error_body, encode
+
+    d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60})
+    reason = swap_reason("b", d, [Waiter(model="b", since=NOW - 3, count=4)], NOW, cold_start_s=20)
+    assert (reason.kind, reason.position, reason.waiting, reason.eta) == ("queued", 1, 4, NOW + 70)
+    assert "'a' stays loaded 50s more (min_residency)" in reason.message
+    assert retry_after(reason, NOW) == "70" and retry_after(reason, NOW + 100) == "5"
+    err = start_failed("model 'b' could not be started", ControlError("timed out", reason=reason))
+    assert (err.status, err.code) == (503, "model_start_failed") and "Retry-After" in err.headers
+    body = msgspec.json.decode(encode(error_body(err, openai_shape=True)))
+    assert body["error"]["reason"]["kind"] == "queued" and body["error"]["code"] == "model_start_failed"
+    plain = msgspec.json.decode(encode(error_body(start_failed("x", ControlError("y")), openai_shape=True)))
+    assert "reason" not in plain["error"]
+
+
+def test_a_starving_waiter_held_back_by_drain_alone_claims_its_victims():
+    from router.scheduler import claims, closing
+
+    busy = {"a": ModelUsage(inflight=1)}
+    hungry = Waiter(model="b", since=NOW - 100, max_wait=60)
+    d = decide(usage=busy, waiters=[hungry])
+    assert claims(d, hungry, NOW) == ["a"]
+    assert claims(d, Waiter(model="b", since=NOW - 10, max_wait=60), NOW) == []  # not starving yet
+    d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60}, waiters=[Waiter(model="b", since=NOW)])
+    assert claims(d, Waiter(model="b", since=NOW), NOW) == []  # residency: no claim
+    entries = [WaitEntry(model="b", router="r", since=NOW - 100, at=NOW, claims=["a"]),
+               WaitEntry(model="c", router="dead", since=NOW - 100, at=NOW - 60, claims=["x"])]
+    assert closing(entries, NOW, stale=10) == {"a"}

@@ -1,0 +1,141 @@
+"""Swap-aware scheduling end to end: two real routers, one worker on a stand-in GPU that holds
+one model of three at a time. The routers share the line of waiting models (``llm:waiting``)
+and decide alike: the model that waited longest swaps first, a fresh model stays its
+``min_residency`` unless a waiter has waited its ``max_wait``, and both routers' requests for a
+model are served by one start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import wait_for
+from helpers import SseStream, chat_body, get_json, request, start_router
+from llm_router.protocol import Keys, WaitEntry, from_json, log_entry
+from test_placement import gpu_model, gpu_worker, instances, running_on, uid, wait_devices
+
+
+def ask(results: dict, key: str, router, model: str) -> threading.Thread:
+    """A non-streamed chat in a thread; its response lands in ``results[key]``."""
+    def run() -> None:
+        results[key] = request("POST", f"{router.url}/v1/chat/completions", chat_body(model, max_tokens=1),
+                               timeout=90)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def pending(router, model: str) -> dict | None:
+    return get_json(f"{router.url}/api/models/{model}/info")["model"].get("pending")
+
+
+def waiting(rds) -> dict[str, WaitEntry]:
+    return {e.model: e for e in (from_json(v, WaitEntry) for v in rds.hgetall(Keys().waiting()).values())}
+
+
+def running_since(rds, model: str) -> list[float]:
+    """When the worker logged each start of ``model`` as running (its own clock)."""
+    return [e.timestamp for _, f in rds.xrange(Keys().logs(model)) if (e := log_entry(f)).message.startswith("running on")]
+
+
+def test_two_routers_share_the_line_residency_and_starvation(procs, redis_url, rds, tmp_path):
+    wid = uid("w")
+    a, b, c = uid("a"), uid("b"), uid("c")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000],  # one of them at a time
+               gpu_model(a, 12000, min_residency=600), gpu_model(b, 12000, min_residency=600, max_wait=4),
+               gpu_model(c, 12000, max_wait=8))
+    r1, r2 = start_router(procs, redis_url), start_router(procs, redis_url)
+    for r in (r1, r2):
+        wait_devices(r, wid)
+    assert request("POST", f"{r1.url}/api/models/{a}/start", timeout=30).status == 200
+
+    results: dict = {}
+    threads = [ask(results, "b1", r1, b)]
+    wait_for(lambda: b in waiting(rds), timeout=10, message="b in the shared line")
+    threads.append(ask(results, "c2", r2, c))
+    threads.append(ask(results, "b2", r2, b))  # batched with r1's request for b: one start
+    wait_for(lambda: c in waiting(rds) and (pending(r2, b) or {}).get("waiting") == 2, timeout=10,
+             message="c in line, both routers' requests for b counted")
+
+    # Both routers see the same line: b first (a's residency holds it), c behind b.
+    for r in (r1, r2):
+        got = pending(r, b)
+        assert (got["kind"], got["position"]) == ("queued", 1), got
+        assert got["blocked"][0]["kind"] == "residency" and got["blocked"][0]["model"] == a
+    got = pending(r2, c)
+    assert (got["position"], got["blocked"]) == (2, [{"kind": "turn", "model": b}]), got
+    assert running_on(r1, a) == [wid]
+
+    for t in threads:
+        t.join(100)
+    assert {k: v.status for k, v in results.items()} == {"b1": 200, "b2": 200, "c2": 200}, \
+        {k: v.body[:600] for k, v in results.items() if v.status != 200}
+    # b waited its max_wait (4 s) and evicted a despite a's residency; c waited behind b, then
+    # its own max_wait (8 s) overrode b's residency. One start of each.
+    (b_at,), (c_at,) = running_since(rds, b), running_since(rds, c)
+    assert b_at < c_at
+    assert running_on(r1, c) == [wid] and instances(r1, a)[wid]["state"] == "stopped"
+    assert not waiting(rds).keys() & {b, c}  # the line is empty again
+    for r in (r1, r2):
+        metrics = request("GET", f"{r.url}/metrics").body.decode()
+        assert f'llm_router_queue_wait_seconds_count{{cause="swap",model="{b}"}}' in metrics or \
+               f'llm_router_queue_wait_seconds_count{{cause="swap",model="{c}"}}' in metrics
+
+
+def test_lru_scheduler_swaps_at_once(procs, redis_url, rds, tmp_path):
+    """``LLM_ROUTER_SCHEDULER=lru``: residency is ignored (the comparison the benchmark makes)."""
+    wid = uid("w")
+    a, b = uid("a"), uid("b")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600), gpu_model(b, 12000))
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_SCHEDULER": "lru"})
+    wait_devices(router, wid)
+    assert request("POST", f"{router.url}/api/models/{a}/start", timeout=30).status == 200
+    began = time.monotonic()
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(b, max_tokens=1), timeout=30)
+    assert resp.status == 200, resp.body
+    assert time.monotonic() - began < 20 and running_on(router, b) == [wid]
+
+
+def test_every_wait_explained_no_room_queue_keepalive_info_and_status(procs, redis_url, tmp_path):
+    wid = uid("w")
+    a, b, huge = uid("a"), uid("b"), uid("huge")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600),
+               gpu_model(b, 12000), gpu_model(huge, 30000))
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "0.3"})
+    wait_devices(router, wid)
+
+    # no_room: each host's free and needed MiB, at once
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(huge, max_tokens=1), timeout=30)
+    assert resp.status == 503, resp.body
+    error = resp.json()["error"]
+    assert error["code"] == "model_start_failed" and error["reason"]["kind"] == "no_room"
+    assert error["reason"]["hosts"][wid] == {"free_mb": {"0": 20000}, "needed_mb": 30000,
+                                             "why": error["reason"]["hosts"][wid]["why"]}
+    assert resp.headers["Retry-After"] == "5"
+
+    # queued behind a's residency: the streamed request's keep-alives say so, as do info and status
+    assert request("POST", f"{router.url}/api/models/{a}/start", timeout=30).status == 200
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", body=chat_body(b, stream=True),
+                       timeout=30)
+    try:
+        prefix = f"loading model '{b}' "
+        comments = (stream.event().get("comment", "") for _ in range(20))  # bounded: no data comes
+        comment = next((c for c in comments if c.startswith(prefix)), "")
+        assert comment, "no keep-alive comment with a reason"
+        reason = json.loads(comment[len(prefix):])
+        assert (reason["kind"], reason["position"], reason["blocked"][0]["kind"]) == ("queued", 1, "residency")
+        assert reason["eta"] > time.time() + 500  # a's residency (600 s) ends then
+        info = get_json(f"{router.url}/api/models/{b}/info")["model"]["pending"]
+        assert info["kind"] == "queued" and info["waiting"] == 1
+        card = next(m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] == b)
+        assert card["pending"]["kind"] == "queued"
+        assert all("pending" not in m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] != b)
+        out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", router.url],
+                             capture_output=True, text=True, timeout=30)
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("waiting"))
+        assert b in line and "min_residency" in line and "ETA" in line, out.stdout
+    finally:
+        stream.close()
