@@ -60,5 +60,5 @@ def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
     proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "chat,stream,streams,logs,propagation,viewers,scheduling" in "".join(proc.stdout.split())  # wrapped
+    assert "chat,stream,streams,logs,propagation,viewers,quotas,affinity,scaling,scheduling" in "".join(proc.stdout.split())  # wrapped
 
