@@ -310,7 +310,11 @@ class ProxyHandler(BaseHandler):
 
     The query string is the engine's business and passes as is; the path must be plain
     (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
-    (``router.proxy.sniff``, where the body kind is decided once)."""
+    (``router.proxy.sniff``, where the body kind is decided once).
+
+    ``serve`` relays these requests on the lean path (router/forwarding.py), which keeps this
+    handler's guarantees; here remain the methods the proxy does not take (Tornado's 405) and
+    an ``Application`` served on its own."""
 
     def prepare(self) -> None:
         self._received_at = time.monotonic()
