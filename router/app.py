@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 import signal
 import sys
@@ -19,6 +20,7 @@ from llm_router.redact import redact_url as redact
 from router import handlers as h
 from router.auth import AccessPolicy, startup_refusal
 from router.dashboard import dashboard_routes
+from router.forwarding import Dispatcher
 from router.options import RouterOptions
 from router.services import Services
 from router.slowbody import BodyTimeoutServer
@@ -70,6 +72,22 @@ def make_app(services: Services, access: AccessPolicy | None = None) -> tornado.
         log_function=log_request, compress_response=False, access=access or AccessPolicy())
 
 
+def own_v1_routes() -> list[re.Pattern[str]]:
+    """The ``/v1`` routes before the proxy's, anchored as Tornado anchors them."""
+    proxy = next(i for i, (_, handler) in enumerate(ROUTES) if handler is h.ProxyHandler)
+    return [re.compile(pattern + "$") for pattern, _ in ROUTES[:proxy]]
+
+
+def make_server(services: Services, access: AccessPolicy | None = None) -> BodyTimeoutServer:
+    """Forwarded ``/v1`` requests take the lean path (router/forwarding.py), the rest the app."""
+    access = access or AccessPolicy()
+    options = services.options
+    dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_routes())
+    return BodyTimeoutServer(dispatcher, max_body_size=options.max_body_size,
+                             max_header_size=options.max_header_size,
+                             head_timeout=options.header_timeout, body_timeout=options.body_timeout)
+
+
 def raise_fd_limit() -> None:
     """A proxy holds two descriptors per stream (client, engine): lift the soft limit to the
     hard one (capped), so a thousand concurrent streams do not hit the usual default of 1024."""
@@ -86,9 +104,7 @@ async def serve(redis_url: str, prefix: str, host: str, port: int, options: Rout
     await services.start()
     # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection;
     # body_timeout a slow body; each on one shared timer instead of Tornado's per request (router/slowbody.py).
-    server = BodyTimeoutServer(make_app(services, access), max_body_size=options.max_body_size,
-                               max_header_size=options.max_header_size,
-                               head_timeout=options.header_timeout, body_timeout=options.body_timeout)
+    server = make_server(services, access)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.

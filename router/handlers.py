@@ -7,7 +7,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Awaitable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import msgspec
 import tornado.web
@@ -28,7 +28,7 @@ from router.services import Services
 
 JSON = "application/json"
 SERVER = f"TornadoServer/{tornado.version}"
-_UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
+UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
 log = logging.getLogger("router")
 _date: tuple[int, str] = (0, "")
 
@@ -40,6 +40,48 @@ def http_date() -> str:
     if _date[0] != now:
         _date = (now, format_timestamp(now))
     return _date[1]
+
+
+async def await_write(written: Awaitable[None], timeout: float, timed_out: Callable[[float], None]) -> None:
+    """Wait for a write to the client; one not taken within ``timeout`` calls ``timed_out`` (which
+    cuts the client off) and raises ``StreamClosedError``. The timer is armed only for a write
+    that did not complete at once: a client that keeps up costs nothing."""
+    if not written.done():  # type: ignore[attr-defined]
+        if not (await asyncio.wait((written,), timeout=timeout))[0]:  # type: ignore[arg-type]
+            timed_out(timeout)
+            raise StreamClosedError()
+    await written
+
+
+def add_relayed(out: HTTPHeaders, headers: list[tuple[str, str]]) -> bool:
+    """Add an answer's headers to ``out``; ``False`` (nothing added) if a value is unsafe. The
+    engine's header names are tokens already (llm_router/http1.py) and the router's constants:
+    one check of all the values at once, then plain sets."""
+    if UNSAFE_VALUE.search("".join(v for _, v in headers)):
+        return False
+    for name, value in headers:
+        if name in out:
+            out.add(name, value)
+        else:
+            out[name] = value
+    return True
+
+
+def cut_short(task: asyncio.Task, gone: bool, shutdown: asyncio.Event, headers_written: bool,
+              abort: Callable[[], None]) -> bool:
+    """A request's work was cancelled or its client stream closed: ``True`` when that is its
+    normal end (the client is ``gone``: nobody to answer; or a shutdown outlasted its grace
+    period and the answer, already begun, is cut off), ``False`` when the caller must re-raise.
+    A shutdown before the answer began is a 503."""
+    if not gone and not shutdown.is_set():
+        return False
+    task.uncancel()
+    if gone:
+        return True
+    if headers_written:
+        abort()
+        return True
+    raise ApiError(503, "the router is shutting down", "shutting_down") from None
 
 
 @tornado.web.stream_request_body
@@ -134,12 +176,7 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             self.write(data)
             written = self.flush()
-        if not written.done():
-            timeout = self.services.options.write_timeout
-            if not (await asyncio.wait((written,), timeout=timeout))[0]:
-                self.write_timed_out(timeout)
-                raise StreamClosedError()
-        await written
+        await await_write(written, self.services.options.write_timeout, self.write_timed_out)
 
     def write_timed_out(self, timeout: float) -> None:
         """The client did not take a write within ``timeout`` seconds: cut it off, log, count."""
@@ -165,17 +202,9 @@ class BaseHandler(tornado.web.RequestHandler):
         try:
             await work
         except (asyncio.CancelledError, StreamClosedError):
-            if self._client_gone or self.request.connection.stream.closed():  # type: ignore[attr-defined]
-                task.uncancel()
-                return  # nobody to answer
-            if not self.services.shutdown.is_set():
+            gone = self._client_gone or self.request.connection.stream.closed()  # type: ignore[attr-defined]
+            if not cut_short(task, gone, self.services.shutdown, self._headers_written, self.abort):
                 raise
-            task.uncancel()
-            # cut short by a shutdown that outlasted its grace period
-            if self._headers_written:
-                self.abort()
-            else:
-                raise ApiError(503, "the router is shutting down", "shutting_down") from None
         finally:
             self.services.requests.discard(task)
             self._work = None
@@ -282,7 +311,11 @@ class ProxyHandler(BaseHandler):
 
     The query string is the engine's business and passes as is; the path must be plain
     (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
-    (``router.proxy.sniff``, where the body kind is decided once)."""
+    (``router.proxy.sniff``, where the body kind is decided once).
+
+    ``serve`` relays these requests on the lean path (router/forwarding.py), which keeps this
+    handler's guarantees; here remain the methods the proxy does not take (Tornado's 405) and
+    an ``Application`` served on its own."""
 
     def prepare(self) -> None:
         self._received_at = time.monotonic()
@@ -327,16 +360,9 @@ class ProxyHandler(BaseHandler):
         instead of ``add_header``'s three regular expressions per header."""
         self.set_status(status)
         headers = headers if isinstance(headers, list) else list(headers)
-        if _UNSAFE_VALUE.search("".join(v for _, v in headers)):
+        if not add_relayed(self._headers, headers):
             for name, value in headers:
                 self.add_header(name, value)  # refuses the bad one, as before
-            return
-        out = self._headers
-        for name, value in headers:
-            if name in out:
-                out.add(name, value)
-            else:
-                out[name] = value
 
     def metrics_model(self) -> str:
         rec = getattr(self, "_record", None)

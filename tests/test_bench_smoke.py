@@ -9,6 +9,7 @@ the bench left no process behind.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
     """``python -m scripts.bench`` is the same program as ``scripts/bench.py`` (the package's
     ``__main__``); its sections come from ``scripts/bench/sections``."""
+    # wide enough that argparse does not wrap the list of sections (it wraps at the terminal's width)
     proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     assert "chat,stream,streams,logs,propagation,viewers,quotas,affinity,scaling,scheduling" in "".join(proc.stdout.split())  # wrapped
 

@@ -311,3 +311,48 @@ def test_shutdown_lets_a_stream_in_flight_finish(procs, redis_url, fake, mock_en
     stream.close()
     assert events[-1]["data"] == "[DONE]"
     assert router.proc.wait(10) == 0
+
+
+def test_only_forwarded_v1_requests_take_the_lean_path() -> None:
+    """router/forwarding.py takes the proxy's /v1 requests; the router's own /v1 routes and
+    methods the proxy does not take stay with the Tornado application."""
+    from router.app import own_v1_routes
+    from router.forwarding import Dispatcher
+
+    d = Dispatcher(None, None, None, own_v1_routes())  # type: ignore[arg-type]
+    assert d.forwards("POST", "/v1/chat/completions") and d.forwards("HEAD", "/v1/embeddings")
+    assert d.forwards("GET", "/v1/models/chat/extra") and d.forwards("GET", "/v1/models/")
+    assert not d.forwards("GET", "/v1/models") and not d.forwards("GET", "/v1/models/chat")
+    assert not d.forwards("TRACE", "/v1/chat/completions") and not d.forwards("GET", "/api/models/chat/info")
+    assert not d.forwards("GET", "/v1") and not d.forwards("GET", "/health")
+
+
+def test_the_lean_path_answers_as_the_web_layer_did(procs, redis_url, fake, mock_engine) -> None:
+    """Headers, keep-alive, HEAD and the split between forwarded and own /v1 routes."""
+    from http.client import HTTPConnection
+
+    import tornado
+
+    fake.publish(CHAT)
+    router = start_router(procs, redis_url)
+    serve_engine(mock_engine, fake)
+    wait_routable(router, "chat")
+    conn = HTTPConnection("127.0.0.1", int(router.url.rsplit(":", 1)[1]), timeout=15)
+    try:
+        for _ in range(3):  # one connection, kept alive
+            conn.request("POST", "/v1/chat/completions", body=msgspec.json.encode(chat_body("chat", max_tokens=2)),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200 and msgspec.json.decode(body)["object"] == "chat.completion"
+            assert resp.headers["Server"] == f"TornadoServer/{tornado.version}" and resp.headers["Date"]
+            assert int(resp.headers["Content-Length"]) == len(body) and resp.headers["X-Router-Worker"] == "w1"
+    finally:
+        conn.close()
+    head = request("HEAD", f"{router.url}/v1/chat/completions", chat_body("chat", max_tokens=2))
+    assert head.body == b"" and head.headers["X-Router-Worker"] == "w1"  # forwarded, no body relayed
+    trace = request("TRACE", f"{router.url}/v1/chat/completions")
+    assert trace.status == 405 and "error" in trace.json()  # Tornado's 405, in OpenAI's shape
+    assert get_json(f"{router.url}/v1/models")["object"] == "list"  # the router's own
+    assert get_json(f"{router.url}/v1/models/chat")["id"] == "chat"
+    assert request("GET", f"{router.url}/v1/models/chat/x").json()["error"]["code"] == "missing_model"  # forwarded
