@@ -154,7 +154,8 @@ def launch_chromium(procs, tmp_path: Path, width: int = 1440, height: int = 900)
         text = port_file.read_text() if port_file.exists() else ""
         return int(text.split()[0]) if text.strip() else None
 
-    return wait_for(port, timeout=30, interval=0.1, message="chromium's DevTools port")
+    # 60 s: on a loaded 2-core machine a cold Chromium once took over 30 s to open its port
+    return wait_for(port, timeout=60, interval=0.1, message="chromium's DevTools port")
 
 
 async def open_page(devtools_port: int, session: aiohttp.ClientSession) -> DevTools:
