@@ -18,7 +18,9 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
   evict. Drain still does (never abort): a starving waiter waits at most ``max_wait`` plus the
   time the victims' requests already admitted take to finish: a starving waiter that only
   drain holds back *claims* its victims (``claims``), and every router holds new requests for
-  a claimed model until it is stopped (they then wait for it like any other model).
+  a claimed model until it is stopped (they then wait for it like any other model). Free
+  room follows the line too (``ahead_of``, ``free_room_for``): a model that fits now does not
+  start where a model ahead of it waits for room.
 
 ``policy = "lru"`` is the plain behaviour (no residency, no turn; only drain): kept for
 comparison (``LLM_ROUTER_SCHEDULER=lru``, the scheduling benchmark).
@@ -172,14 +174,18 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
     if policy == "lru":
         plan = plan_eviction(model, entries, snapshots, instances, usage)
         return Decision(action="evict", plan=plan) if plan else Decision(action="no_room")
+    line, me = line_of(model, waiters, instances, now)
+    position = line.index(me) + 1
     # Could it ever fit, were every loaded model stopped when it may be? A model starting or
     # stopping counts as loaded: it will be running (then evictable) or gone.
     settled = [msgspec.structs.replace(i, state="running") if i.state in ("starting", "stopping") else i
                for i in instances]
     if plan_eviction(model, entries, snapshots, settled, usage, may_evict=lambda i: True) is None:
+        if any(i.model == model and i.state == "stopping" for i in instances):
+            # its own instance, evicted a moment ago, still holds the room it needs: not a
+            # 503 (the client would retry and lose its place in the line), wait for the stop
+            return Decision(action="wait", position=position)
         return Decision(action="no_room")
-    line, me = line_of(model, waiters, instances, now)
-    position = line.index(me) + 1
     if position > 1:
         return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
     hungry = starving(me, now)

@@ -164,3 +164,12 @@ def test_free_room_goes_to_the_models_ahead_in_the_line_first():
     assert free_room_for(["h1"], [], hosts) == ["h1"]
     d = after_turn(ahead_of("b", waiters, [], NOW))  # b fits only where c and a wait: its turn comes third
     assert (d.action, d.position, d.blocked) == ("wait", 3, [Blocked(kind="turn", model="c")])
+
+
+def test_a_models_own_instance_still_stopping_means_wait_not_no_room():
+    """Its own instance, evicted a moment ago, holds the room it needs until it is stopped: a
+    503 then would make the client retry and lose its place in the line."""
+    half = {"h": snap("h", 8000)}  # 16,000 MiB held
+    d = decide_swap("b", BIG, half, [inst("b", "h", state="stopping", vram=16000)], {}, [], {}, NOW)
+    assert (d.action, d.position) == ("wait", 1)
+    assert decide_swap("b", BIG, half, [], {}, [], {}, NOW).action == "no_room"  # held by nothing it may stop
