@@ -16,7 +16,9 @@ requests served (the clients wait for their answers, so a policy that serves few
 the same time also has fewer chances to swap: the target is on this ratio), requests served,
 mean and p99 latency, the longest latency against the starvation bound (``max_wait``, then at
 most two swaps of ``sched_delay`` + 1 s: one for a model that starved first, then its own), and
-503s seen by clients.
+503s seen by clients. ``--json`` saves, per policy, every request's (model, start s into the
+run, latency s) as ``samples`` and the model loads as ``loads`` (unix time, model; ``t0``: the
+run's start), to see where a tail comes from.
 """
 
 from __future__ import annotations
