@@ -32,7 +32,8 @@ from router.explain import WaitReason, no_room_reason, retry_after, starting_rea
 from router.metrics import RouterMetrics
 from router.placement import Eviction, no_room_message, rank_hosts
 from router.responses import ApiError
-from router.scheduler import Decision, Policy, Waiter, claims, closing, decide_swap, merge_waiters
+from router.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
+                              merge_waiters)
 from router.usage import UsageReporter
 from router.view import ClusterView
 from router.waiting import WaitBoard
@@ -250,27 +251,27 @@ class ControlClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + start_wait(timeout, entries.values())
         began = time.time()
-        behind = False  # another model is ahead in the line: leave free room to it too
         try:
             while True:
                 await view.refresh_details()  # devices and leases, read on demand (at most once a second)
-                reasons: dict[str, str] = {}
-                order: list[str] = []
-                if not behind:
-                    order, reasons = start_order(model, entries, view.devices(), view.all_instances())
-                    for wid in order:
-                        try:
-                            return await self._start_on(wid, model, deadline)
-                        except NoRoom as exc:
-                            reasons[wid] = exc.message
-                decision, waiters = await self._decide(model, entries, began)
-                if behind and decision.position <= 1:
-                    behind = False
-                    continue  # our turn now: free room first
-                behind = decision.position > 1
+                fits, reasons = start_order(model, entries, view.devices(), view.all_instances())
+                order, ahead = fits, []
+                if self.scheduler == "swap" and fits:  # free room goes to the models ahead in the line first
+                    waiters = await self._waiters(model, began)
+                    ahead = ahead_of(model, waiters, view.all_instances(), time.time())
+                    order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
+                for wid in order:
+                    try:
+                        return await self._start_on(wid, model, deadline)
+                    except NoRoom as exc:
+                        reasons[wid] = exc.message
+                if fits and not order:  # it fits, but only in the room a model ahead waits for
+                    decision = after_turn(ahead)
+                else:
+                    decision, waiters = await self._decide(model, entries, began)
                 # no_room, unless a worker refused what the view allowed: that view is a moment
                 # old (a start it has not seen yet), so wait for it to catch up instead
-                if decision.action == "no_room" and not order:
+                if decision.action == "no_room" and not fits:
                     message = no_room_message(model, reasons)
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
@@ -323,17 +324,23 @@ class ControlClient:
         instances = view.all_instances()
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
         usage = await self._usage({i.model for i in loaded})
+        waiters = await self._waiters(model, began)
         now = time.time()
-        mine = WaitEntry(model=model, router=self.board.router_id, since=began,
-                         count=self._waiting.get(model, 1), at=now)
-        board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
-        max_wait = {e.model: c.max_wait for e in board if (c := view.catalog_entry(e.model)) is not None}
-        waiters = merge_waiters(board, now, USAGE_STALE, max_wait)
         residency = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)).min_residency
                      for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters, residency, now,
                                self.scheduler)
         return decision, waiters
+
+    async def _waiters(self, model: str, began: float) -> list[Waiter]:
+        """The line (``merge_waiters``) from ``llm:waiting``, with this router's own entry for
+        ``model`` as it is now, not as last written."""
+        now = time.time()
+        mine = WaitEntry(model=model, router=self.board.router_id, since=began,
+                         count=self._waiting.get(model, 1), at=now)
+        board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
+        max_wait = {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
+        return merge_waiters(board, now, USAGE_STALE, max_wait)
 
     async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)

@@ -18,7 +18,9 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
   evict. Drain still does (never abort): a starving waiter waits at most ``max_wait`` plus the
   time the victims' requests already admitted take to finish: a starving waiter that only
   drain holds back *claims* its victims (``claims``), and every router holds new requests for
-  a claimed model until it is stopped (they then wait for it like any other model).
+  a claimed model until it is stopped (they then wait for it like any other model). Free
+  room follows the line too (``ahead_of``, ``free_room_for``): a model that fits now does not
+  start where a model ahead of it waits for room.
 
 ``policy = "lru"`` is the plain behaviour (no residency, no turn; only drain): kept for
 comparison (``LLM_ROUTER_SCHEDULER=lru``, the scheduling benchmark).
@@ -26,7 +28,7 @@ comparison (``LLM_ROUTER_SCHEDULER=lru``, the scheduling benchmark).
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import msgspec
 
@@ -122,6 +124,44 @@ def closing(entries: Iterable[WaitEntry], now: float, stale: float) -> set[str]:
     return {m for e in entries if now - e.at <= stale for m in e.claims}
 
 
+def line_of(model: str, waiters: Sequence[Waiter], instances: Sequence[Instance],
+            now: float) -> tuple[list[Waiter], Waiter]:
+    """The line ``model`` stands in, and its own place: models that run or start somewhere are
+    not waiting (their entry may lag); ``model`` not among ``waiters`` waits since ``now``."""
+    active = {i.model for i in instances if i.state in ("starting", "running")}
+    line = in_line([w for w in waiters if w.model not in active or w.model == model], now)
+    me = next((w for w in line if w.model == model), None)
+    if me is None:
+        me = Waiter(model=model, since=now)
+        line = in_line([*line, me], now)
+    return line, me
+
+
+def ahead_of(model: str, waiters: Sequence[Waiter], instances: Sequence[Instance], now: float) -> list[str]:
+    """The waiting models that go before ``model``. Free room goes to them first: a start that
+    took it (a new request for a model that fits now, while an older or starving model waits
+    for the same host) would push the one whose turn it is back by a whole residency and cold
+    start, unbounded by its ``max_wait`` (the race seen in the scheduling benchmark: the
+    starving model evicts, and another model's fresh start takes the room before its own)."""
+    line, me = line_of(model, waiters, instances, now)
+    return [w.model for w in line[:line.index(me)]]
+
+
+def free_room_for(order: Sequence[str], ahead: Iterable[str],
+                  hosts_of: Callable[[str], Iterable[str]]) -> list[str]:
+    """The hosts of ``order`` (where the model fits now) that no model ``ahead`` in the line
+    could use (``hosts_of``: the workers whose catalog has a model): a model behind in the line
+    may take free room only where nobody ahead of it waits for room."""
+    taken = {h for m in ahead for h in hosts_of(m)}
+    return [h for h in order if h not in taken]
+
+
+def after_turn(ahead: Sequence[str]) -> Decision:
+    """The decision of a model that fits now but only in room that the models ``ahead`` of it
+    (``ahead_of``, ``free_room_for``) wait for: wait for its turn."""
+    return Decision(action="wait", blocked=[Blocked(kind="turn", model=ahead[0])], position=len(ahead) + 1)
+
+
 def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
                 instances: Sequence[Instance], usage: Mapping[str, ModelUsage], waiters: Sequence[Waiter],
                 min_residency: Mapping[str, float], now: float, policy: Policy = "swap") -> Decision:
@@ -134,19 +174,18 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
     if policy == "lru":
         plan = plan_eviction(model, entries, snapshots, instances, usage)
         return Decision(action="evict", plan=plan) if plan else Decision(action="no_room")
+    line, me = line_of(model, waiters, instances, now)
+    position = line.index(me) + 1
     # Could it ever fit, were every loaded model stopped when it may be? A model starting or
     # stopping counts as loaded: it will be running (then evictable) or gone.
     settled = [msgspec.structs.replace(i, state="running") if i.state in ("starting", "stopping") else i
                for i in instances]
     if plan_eviction(model, entries, snapshots, settled, usage, may_evict=lambda i: True) is None:
+        if any(i.model == model and i.state == "stopping" for i in instances):
+            # its own instance, evicted a moment ago, still holds the room it needs: not a
+            # 503 (the client would retry and lose its place in the line), wait for the stop
+            return Decision(action="wait", position=position)
         return Decision(action="no_room")
-    active = {i.model for i in instances if i.state in ("starting", "running")}
-    line = in_line([w for w in waiters if w.model not in active or w.model == model], now)
-    me = next((w for w in line if w.model == model), None)
-    if me is None:
-        me = Waiter(model=model, since=now)
-        line = in_line([*line, me], now)
-    position = line.index(me) + 1
     if position > 1:
         return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
     hungry = starving(me, now)

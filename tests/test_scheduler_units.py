@@ -7,7 +7,7 @@ import msgspec
 
 from llm_router.protocol import CatalogEntry, ModelUsage, WaitEntry
 from router.placement import Eviction
-from router.scheduler import Blocked, Waiter, decide_swap, in_line, merge_waiters, starving
+from router.scheduler import Blocked, Waiter, after_turn, ahead_of, decide_swap, free_room_for, in_line, merge_waiters, starving
 from test_placement_units import entry, inst, snap
 
 NOW = 1000.0
@@ -145,3 +145,31 @@ def test_a_starving_waiter_held_back_by_drain_alone_claims_its_victims():
     entries = [WaitEntry(model="b", router="r", since=NOW - 100, at=NOW, claims=["a"]),
                WaitEntry(model="c", router="dead", since=NOW - 100, at=NOW - 60, claims=["x"])]
     assert closing(entries, NOW, stale=10) == {"a"}
+
+
+def test_free_room_goes_to_the_models_ahead_in_the_line_first():
+    """A fresh start for a model that fits now does not take the room a model ahead of it waits
+    for (the starving model evicted; without this, another's new request took the room first)."""
+    hungry = Waiter(model="c", since=NOW - 20, max_wait=18)
+    older = Waiter(model="a", since=NOW - 19)
+    waiters = [older, hungry]
+    assert ahead_of("b", waiters, [], NOW) == ["c", "a"]  # b waits since now: last
+    assert ahead_of("c", waiters, [], NOW) == []  # starving: first, and takes the room
+    assert ahead_of("a", waiters, [], NOW) == ["c"]
+    # a model ahead that already starts or runs somewhere holds nothing back
+    assert ahead_of("b", waiters, [inst("c", "h", state="starting"), inst("a", "h")], NOW) == []
+    hosts = {"a": ["h1"], "c": ["h1", "h2"], "b": ["h1", "h2", "h3"]}.__getitem__
+    assert free_room_for(["h1", "h3"], ahead_of("b", waiters, [], NOW), hosts) == ["h3"]
+    assert free_room_for(["h1", "h2"], ahead_of("c", waiters, [], NOW), hosts) == ["h1", "h2"]
+    assert free_room_for(["h1"], [], hosts) == ["h1"]
+    d = after_turn(ahead_of("b", waiters, [], NOW))  # b fits only where c and a wait: its turn comes third
+    assert (d.action, d.position, d.blocked) == ("wait", 3, [Blocked(kind="turn", model="c")])
+
+
+def test_a_models_own_instance_still_stopping_means_wait_not_no_room():
+    """Its own instance, evicted a moment ago, holds the room it needs until it is stopped: a
+    503 then would make the client retry and lose its place in the line."""
+    half = {"h": snap("h", 8000)}  # 16,000 MiB held
+    d = decide_swap("b", BIG, half, [inst("b", "h", state="stopping", vram=16000)], {}, [], {}, NOW)
+    assert (d.action, d.position) == ("wait", 1)
+    assert decide_swap("b", BIG, half, [], {}, [], {}, NOW).action == "no_room"  # held by nothing it may stop

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import msgspec
+
 from conftest import wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router
 from llm_router.protocol import Keys, WaitEntry, from_json, log_entry
@@ -139,3 +141,36 @@ def test_every_wait_explained_no_room_queue_keepalive_info_and_status(procs, red
         assert b in line and "min_residency" in line and "ETA" in line, out.stdout
     finally:
         stream.close()
+
+
+def test_free_room_goes_to_the_model_ahead_in_the_line(procs, redis_url, rds, tmp_path):
+    """A model that fits now does not take free room that an older waiter waits for: a new
+    request must not slip in between a starving model's eviction and its start. The older
+    waiter here is another router's entry in ``llm:waiting`` (written by the test, kept fresh),
+    so the room stays free for as long as the test needs."""
+    wid = uid("w")
+    b, c = uid("b"), uid("c")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(b, 12000), gpu_model(c, 12000))
+    router = start_router(procs, redis_url)
+    wait_devices(router, wid)
+    field = f"{b}@elsewhere"
+
+    def older_waiter() -> None:
+        entry = WaitEntry(model=b, router="elsewhere", since=time.time() - 30, count=1, at=time.time())
+        rds.hset(Keys().waiting(), field, json.dumps(msgspec.to_builtins(entry)))
+
+    older_waiter()
+    results: dict = {}
+    thread = ask(results, "c", router, c)
+    try:
+        def c_behind_b() -> bool:
+            older_waiter()
+            got = pending(router, c) or {}
+            return got.get("position") == 2 and got.get("blocked") == [{"kind": "turn", "model": b}]
+        wait_for(c_behind_b, timeout=15, message="c waits behind b although the GPU is free")
+        assert {i["state"] for i in instances(router, c).values()} == {"stopped"}, "c took the room b waits for"
+    finally:
+        rds.hdel(Keys().waiting(), field)  # b's router is gone: its turn passes
+    thread.join(60)
+    assert results["c"].status == 200, results["c"].body[:600]
+    assert running_on(router, c) == [wid]

@@ -16,7 +16,9 @@ requests served (the clients wait for their answers, so a policy that serves few
 the same time also has fewer chances to swap: the target is on this ratio), requests served,
 mean and p99 latency, the longest latency against the starvation bound (``max_wait``, then at
 most two swaps of ``sched_delay`` + 1 s: one for a model that starved first, then its own), and
-503s seen by clients.
+503s seen by clients. ``--json`` saves, per policy, every request's (model, start s into the
+run, latency s) as ``samples`` and the model loads as ``loads`` (unix time, model; ``t0``: the
+run's start), to see where a tail comes from.
 """
 
 from __future__ import annotations
@@ -125,8 +127,10 @@ async def drive(targets: list[Target], plans: list[list[tuple[str, float]]], dur
     """Run the clients for ``duration`` s, client i on router i % ROUTERS (requests begun by
     then are finished)."""
     latencies: list[float] = []
+    samples: list[tuple[str, float, float]] = []  # (model, began s into the run, latency s)
     stats = {"retries": 0, "errors": 0}
-    end = time.monotonic() + duration
+    t0 = time.monotonic()
+    end = t0 + duration
 
     async def client(plan: list[tuple[str, float]], target: Target) -> None:
         for model, think in plan:
@@ -145,6 +149,7 @@ async def drive(targets: list[Target], plans: list[list[tuple[str, float]]], dur
                     resp = None
                 if resp is not None and resp.status == 200:
                     latencies.append(time.monotonic() - began)
+                    samples.append((model, round(began - t0, 3), round(latencies[-1], 3)))
                     break
                 if resp is not None and resp.status < 500 and resp.status != 429:
                     stats["errors"] += 1
@@ -153,18 +158,20 @@ async def drive(targets: list[Target], plans: list[list[tuple[str, float]]], dur
                 await asyncio.sleep(RETRY_DELAY)
 
     await asyncio.gather(*(client(p, targets[i % len(targets)]) for i, p in enumerate(plans)))
-    return {"latencies": latencies, **stats}
+    return {"latencies": latencies, "samples": samples, **stats}
 
 
-async def loads(redis_url: str, prefix: str) -> int:
-    """Model loads in this cluster: the worker's ``running on`` events in the log streams."""
+async def loads(redis_url: str, prefix: str) -> list[tuple[float, str]]:
+    """Model loads in this cluster: the worker's ``running on`` events in the log streams,
+    (unix time, model) in time order."""
     rds = async_client(redis_url)
     try:
-        n = 0
+        got = []
         for model in MODELS:
             for _, fields in await rds.xrange(Keys(prefix).logs(model)):
-                n += log_entry(fields).message.startswith("running on")
-        return n
+                if (e := log_entry(fields)).message.startswith("running on"):
+                    got.append((e.timestamp, model))
+        return sorted(got)
     finally:
         await rds.aclose()
 
@@ -194,10 +201,13 @@ async def run(bench: Bench) -> None:
     started = [await start(bench, p) for p in POLICIES]
     try:
         plans = workload(bench)
+        t0 = time.time()
         results = dict(zip(POLICIES, await asyncio.gather(
             *(drive(targets, plans, o.sched_duration) for targets, _, _ in started))))
         for policy, (_, _, prefix) in zip(POLICIES, started):
-            results[policy]["swaps"] = max(0, await loads(cl.redis.url, prefix) - 1)
+            results[policy]["loads"] = await loads(cl.redis.url, prefix)
+            results[policy]["swaps"] = max(0, len(results[policy]["loads"]) - 1)
+            results[policy]["t0"] = t0
             results[policy]["cold_start_s"] = await cold_start(cl.redis.url, prefix, worker_id(policy, bench))
     finally:
         mine = [proc for _, procs, _ in started for proc in procs]
