@@ -31,7 +31,7 @@ ANSWER_PIECES = ["Hello", "!", "\u2581This", "\u2581is", "\u2581a", "\u2581tiny"
 WORDS = ["\u2581the", "\u2581hello", "\u2581Hello", "\u2581you", "\u2581say", "\u2581world", "he", "ll", "llo",
          "ello", "Th", "This", "is", "in", "te", "od", "el", "ea", "ing"]
 
-DIM, HEADS, FF, BLOCKS, CTX = 64, 4, 128, 2, 4096
+DIM, HEADS, FF, BLOCKS, CTX = 64, 4, 128, 2, 32768  # RoPE: a long context costs only KV memory when used
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
 

@@ -196,22 +196,24 @@ async def conversation(target: Target, model: str, w: Workload, tag: str, out: d
         conn.close()
 
 
-async def one_round(bench: Bench, model: str, replicas: int, w: Workload, tag: str) -> dict:
+async def one_round(bench: Bench, model: str, replicas: int, w: Workload, tag: str, engine: str = "mock") -> dict:
     router = bench.cluster.routers[0]
     target = Target("router", router.base, model)
     urls = engine_urls(await list_models(router), model)
     out: dict = {"ttfts": [], "errors": 0, "served": Counter()}
-    before = await prompt_tokens(urls)
+    # only the mock engine counts its outstanding requests and cached tokens (``/debug/stats``)
+    stats_urls = urls if engine == "mock" else []
+    before = await prompt_tokens(stats_urls)
     samples: list[list[int]] = []
     stop = asyncio.Event()
-    sampler = asyncio.ensure_future(sample_load(urls, stop, samples))
+    sampler = asyncio.ensure_future(sample_load(stats_urls, stop, samples))
     n = w.conversations_per_replica * replicas
     t0 = now()
     await asyncio.gather(*(conversation(target, model, w, f"{tag}c{c}x", out) for c in range(n)))
     elapsed = now() - t0
     stop.set()
     await sampler
-    cached, computed = (a - b for a, b in zip(await prompt_tokens(urls), before))
+    cached, computed = (a - b for a, b in zip(await prompt_tokens(stats_urls), before))
     busy = [s for s in samples if sum(s)]
     load_ratio = (sum(max(s) for s in busy) / sum(sum(s) / len(s) for s in busy)) if busy else float("nan")
     served = list(out["served"].values()) + [0] * (replicas - len(out["served"]))
@@ -233,7 +235,8 @@ async def compare(bench: Bench, replicas: int, w: Workload, engine: str, section
     for r in range(o.rounds):
         order = ["direct", "router"] if r % 2 == 0 else ["router", "direct"]
         for side in order:
-            runs[side].append(await one_round(bench, models[side], replicas, w, f"r{r}{side[0]}{engine}{replicas}"))
+            runs[side].append(await one_round(bench, models[side], replicas, w, f"r{r}{side[0]}{engine}{replicas}",
+                                              engine))
     bench.raw[f"affinity_{engine}{replicas}"] = runs
     bench.add(section, "TTFT p50 (least | affinity)", runs, "ttft_p50_ms", "ratio", "ms",
               "affinity <= 1/3 x least", lambda v: v <= 1 / 3)
@@ -295,7 +298,8 @@ def llama_server() -> str | None:
 
 def llama_block(binary: str, gguf: str, routing: str) -> str:
     env_path = f"{os.path.dirname(binary)}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
-    args = ["-c", "4096", "-t", "1", "--parallel", "1"]
+    # the tiny vocabulary makes ~5 tokens a word; 4 slots (8,192 tokens each) keep 4 conversations cached
+    args = ["-c", "32768", "-t", "1", "--parallel", "4"]
     return (f'engine = "llama.cpp"\nmodel_path = {json.dumps(gguf)}\nengine_args = {json.dumps(args)}\n'
             f"env = {{ PATH = {json.dumps(env_path)} }}\nrouting = {json.dumps(routing)}\nauto_start = true\n"
             'restart = "no"\nstartup_timeout = 120\nstop_grace = 5\n')
