@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from typing import AsyncIterator, Iterable, Protocol
 
 import msgspec
@@ -322,17 +322,15 @@ class Proxy:
         caller = rec.caller
         admit = (self.limits.admit(model, capacity) if caller is None
                  else self.limits.admit(model, capacity, caller.name, caller.priority, caller.weight))
-        try:
-            await admit.__aenter__()
-        except ApiError as exc:
-            if exc.status == 429 and exc.reason is None:
-                exc.reason = slot_reason(model, self.limits.queued(model) + 1, self.options.queue_limit)
-            raise
-        self.metrics.waited(model, "slot", time.monotonic() - queued_at)
-        try:
+        async with AsyncExitStack() as held:  # the slot's release sees how the block ended
+            try:
+                await held.enter_async_context(admit)
+            except ApiError as exc:
+                if exc.status == 429 and exc.reason is None:
+                    exc.reason = slot_reason(model, self.limits.queued(model) + 1, self.options.queue_limit)
+                raise
+            self.metrics.waited(model, "slot", time.monotonic() - queued_at)
             yield
-        finally:
-            await admit.__aexit__(None, None, None)
 
     async def _relay(self, model: str, name: str, req: ProxyRequest, sink: Sink, rec: RequestRecord) -> None:
         """Send to the instance the balancer chooses (prefix affinity, else least busy); on a
