@@ -165,11 +165,13 @@ def format_log(log: dict) -> str:
 
 
 def describe_wait(reason: dict) -> str:
-    """A model's pending reason (``router/explain.py``) in one line: why, position, ETA."""
-    eta = float(reason.get("eta") or 0)
+    """A model's pending reason (``router/explain.py``) in one line: why, position, the requests
+    waiting on all routers and for how long, ETA."""
+    eta, since = float(reason.get("eta") or 0), float(reason.get("since") or 0)
     parts = [str(reason.get("message") or reason.get("kind", "?"))]
     if reason.get("waiting"):
-        parts.append(f"{reason['waiting']} request(s) waiting")
+        parts.append(f"{reason['waiting']} request(s) waiting" + (f" for {max(0.0, time.time() - since):.0f}s"
+                                                                   if since else ""))
     if eta:
         parts.append(f"ETA {max(0.0, eta - time.time()):.0f}s")
     return "; ".join(parts)

@@ -305,6 +305,17 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
     return out
 
 
+class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
+    min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
+    queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
+
+    kind: Literal["residency", "draining", "turn"]
+    model: str
+    until: float = 0.0  # unix time; 0 = unknown (draining, turn)
+    requests: int = 0
+
+
 class WaitEntry(msgspec.Struct, kw_only=True):
     """One router's requests waiting for a swap to ``model``: a field ``{model}@{rid}`` of
     ``llm:waiting``. ``at`` is rewritten every few seconds while they wait; readers ignore
@@ -318,6 +329,10 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     # Loaded models this starving waiter must evict but whose requests hold them (drain):
     # every router stops sending them new requests until they are stopped (router.control).
     claims: list[str] = []
+    # Why it waits, as this router's scheduler decided last, and when it should be served (unix
+    # time, 0 = unknown): every router shows the same reason for it (router.pending).
+    blocked: list[Blocked] = []
+    eta: float = 0.0
 
 
 class Learned(msgspec.Struct, kw_only=True):

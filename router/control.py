@@ -30,6 +30,7 @@ from llm_router.protocol import (
 )
 from router.explain import WaitReason, no_room_reason, retry_after, starting_reason, swap_reason
 from router.metrics import RouterMetrics
+from router.pending import line_reason
 from router.placement import Eviction, no_room_message, rank_hosts
 from router.responses import ApiError
 from router.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
@@ -146,12 +147,15 @@ class ControlClient:
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
         self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
+        self.line: list[WaitEntry] = []  # llm:waiting as last read (watch_claims): every router's waiters
 
     async def watch_claims(self) -> None:
-        """Keep ``closing`` current (every ``CLAIM_POLL`` s: one ``HGETALL`` of a small hash)."""
+        """Keep ``closing`` and ``line`` current (every ``CLAIM_POLL`` s: one ``HGETALL`` of a
+        small hash)."""
         while True:
             try:
-                self.closing = closing(await self.board.read(), time.time(), USAGE_STALE)
+                self.line = await self.board.read()
+                self.closing = closing(self.line, time.time(), USAGE_STALE)
             except RedisError:
                 self.closing = set()  # nobody can claim without Redis either
             await asyncio.sleep(CLAIM_POLL)
@@ -165,14 +169,19 @@ class ControlClient:
             await asyncio.sleep(CLAIM_POLL / 2)
 
     def reason(self, model: str) -> WaitReason | None:
-        """Why ``model`` is not served yet, as this router knows it: waiting for a swap, or
-        starting (with the ETA its worker's last cold start gives)."""
+        """Why ``model`` is not served yet, the same on every router: starting (with the ETA its
+        worker's last cold start gives), else waiting for a swap: this router's own decision
+        when its requests wait for it, else the line all routers share (``router.pending``: the
+        decision another router published in ``llm:waiting``). No Redis read."""
+        view = self.view
+        if view.running_instances(model):
+            return None
+        if any(i.state == "starting" for i in view.instances(model)):
+            return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
         if (got := self.pending.get(model)) is not None:
             return got
-        view = self.view
-        if view.running_instances(model) or not any(i.state == "starting" for i in view.instances(model)):
-            return None
-        return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
+        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
+                           USAGE_STALE)
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
@@ -291,7 +300,7 @@ class ControlClient:
                     raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, time.time()))
+                await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = view.catalog_entries(model) or entries
@@ -309,9 +318,9 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.waited(model, "swap", time.time() - began)
 
-    async def _publish_wait(self, model: str, began: float, claimed: list[str]) -> None:
+    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
         try:
-            await self.board.put(model, began, self._waiting.get(model, 1), claimed)
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta)
         except RedisError as exc:
             log.warning("could not publish the waiting entry of %s: %s", model, exc)
 
@@ -339,8 +348,11 @@ class ControlClient:
         mine = WaitEntry(model=model, router=self.board.router_id, since=began,
                          count=self._waiting.get(model, 1), at=now)
         board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
-        max_wait = {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
-        return merge_waiters(board, now, USAGE_STALE, max_wait)
+        return merge_waiters(board, now, USAGE_STALE, self._max_waits(board))
+
+    def _max_waits(self, board: Iterable[WaitEntry]) -> dict[str, float]:
+        """The ``max_wait`` of each waiting model, from its catalog entry."""
+        return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
     async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)

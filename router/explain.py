@@ -42,6 +42,7 @@ class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
     eta: float = 0.0  # unix time it should be served / scheduled; 0 = unknown
     position: int = 0  # 1 = next
     waiting: int = 0  # requests waiting for the model (all routers, as last read)
+    since: float = 0.0  # unix time the earliest of them began waiting (all routers); 0 = unknown
     blocked: list[Blocked] = []
     hosts: dict[str, HostRoom] = {}
 
@@ -93,11 +94,20 @@ def swap_reason(model: str, decision: Decision, waiters: Iterable[Waiter], now: 
                 cold_start_s: float = 0.0) -> WaitReason:
     """A model waiting for a swap: its place in line, what blocks it, and when it may go
     (the end of residency, plus its learned cold start)."""
-    waiting = next((w.count for w in waiters if w.model == model), 0)
+    me = next((w for w in waiters if w.model == model), None)
     eta = decision.eta + cold_start_s if decision.eta else 0.0
-    why = "; ".join(describe_blocked(b, now) for b in decision.blocked) or "waiting for room"
-    return WaitReason(kind="queued", message=f"model '{model}' waits for a swap (position {decision.position}): {why}",
-                      eta=eta, position=decision.position, waiting=waiting, blocked=list(decision.blocked))
+    return queued_reason(model, decision.position, decision.blocked, eta, now,
+                         me.count if me else 0, me.since if me else 0.0)
+
+
+def queued_reason(model: str, position: int, blocked: Iterable[Blocked], eta: float, now: float,
+                  waiting: int = 0, since: float = 0.0) -> WaitReason:
+    """The ``queued`` reason of a swap wait, from a decision of this router (``swap_reason``)
+    or from the one another router published in ``llm:waiting`` (``router.pending``)."""
+    blocked = list(blocked)
+    why = "; ".join(describe_blocked(b, now) for b in blocked) or "waiting for room"
+    return WaitReason(kind="queued", message=f"model '{model}' waits for a swap (position {position}): {why}",
+                      eta=eta, position=position, waiting=waiting, since=since, blocked=blocked)
 
 
 def slot_reason(model: str, position: int, limit: int) -> WaitReason:

@@ -156,7 +156,7 @@ class ModelDetail(msgspec.Struct):
     max_concurrency: int
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
-    pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), as this router knows
+    pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
 
 
 class Ok(msgspec.Struct, kw_only=True):

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import msgspec
 
-from llm_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage, WaitEntry
+from llm_router.protocol import Blocked, CatalogEntry, DeviceSnapshot, Instance, ModelUsage, WaitEntry
 from router.placement import Eviction, plan_eviction
 
 Policy = Literal["swap", "lru"]
@@ -46,17 +46,6 @@ class Waiter(msgspec.Struct, kw_only=True, frozen=True):
     since: float  # unix time of its earliest waiting request on any live router
     count: int = 1  # requests waiting for it, all routers together
     max_wait: float = 0.0  # its config's max_wait (s); 0 = no bound
-
-
-class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
-    min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
-    queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
-
-    kind: Literal["residency", "draining", "turn"]
-    model: str
-    until: float = 0.0  # unix time; 0 = unknown (draining, turn)
-    requests: int = 0
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):

@@ -17,7 +17,7 @@ import time
 import msgspec
 from redis.asyncio import Redis
 
-from llm_router.protocol import USAGE_STALE, Keys, WaitEntry, from_json, to_json
+from llm_router.protocol import USAGE_STALE, Blocked, Keys, WaitEntry, from_json, to_json
 
 log = logging.getLogger("router.waiting")
 
@@ -30,22 +30,26 @@ class WaitBoard:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
-        self._written: dict[str, tuple[float, int, list[str]]] = {}  # model -> (when, count, claims) written
+        # model -> (when, (count, claims, blocked, eta)) last written
+        self._written: dict[str, tuple[float, tuple[int, list[str], list[Blocked], float]]] = {}
 
     def _field(self, model: str) -> str:
         return f"{model}@{self.router_id}"
 
-    async def put(self, model: str, since: float, count: int, claims: list[str] | None = None) -> None:
-        """Say that ``count`` requests of this router wait for ``model`` since ``since``
-        (written when the count or the claims changed, or every ``WAIT_REFRESH`` s)."""
+    async def put(self, model: str, since: float, count: int, claims: list[str] | None = None,
+                  blocked: list[Blocked] | None = None, eta: float = 0.0) -> None:
+        """Say that ``count`` requests of this router wait for ``model`` since ``since``, held
+        by ``blocked`` until ``eta`` (written when any of these changed, or every
+        ``WAIT_REFRESH`` s)."""
         now = time.time()
         last = self._written.get(model)
-        claims = claims or []
-        if last is not None and last[1:] == (count, claims) and now - last[0] < WAIT_REFRESH:
+        what = (count, claims or [], blocked or [], eta)
+        if last is not None and last[1] == what and now - last[0] < WAIT_REFRESH:
             return
-        entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=claims)
+        entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=what[1],
+                          blocked=what[2], eta=eta)
         await self.redis.hset(self.keys.waiting(), self._field(model), to_json(entry))
-        self._written[model] = (now, count, claims)
+        self._written[model] = (now, what)
 
     async def remove(self, model: str) -> None:
         if self._written.pop(model, None) is not None:

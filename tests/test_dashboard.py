@@ -269,3 +269,44 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
             raise
         finally:
             await page.close()
+
+
+# --------------------------------------------------------------------------- a model that waits
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_dashboard_shows_why_a_model_waits(procs, redis_url: str, tmp_path: Path) -> None:
+    """A request waits for a swap (``a`` holds the stand-in GPU for its ``min_residency``): the
+    waiting model's row says why, its position, the requests waiting and the ETA, readably."""
+    from test_scheduling import b_waits_for_a
+
+    with b_waits_for_a(procs, redis_url, tmp_path) as (a, b, (router,)):
+        devtools_port = launch_chromium(procs, tmp_path)
+        asyncio.run(drive_waiting(router.url, devtools_port, a, b))
+
+
+async def drive_waiting(url: str, devtools_port: int, a: str, b: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/")
+            text = await page.wait(f"{text_of('pending-' + b)}", message="b's pending line")
+            for part in ("position 1", f"'{a}' stays loaded", "min_residency", "1 request waiting for ", "ETA 9m"):
+                assert part in text, text
+            # readable: the whole line shows (wrapped in its cell, not clipped by it)
+            fit = await page.js(f"""(() => {{
+                const el = document.querySelector('[data-testid="pending-{b}"]');
+                const cell = el.closest('td');
+                return {{line: [el.scrollWidth, el.clientWidth], cell: [cell.scrollWidth, cell.clientWidth],
+                         shown: el.getBoundingClientRect().bottom <= cell.getBoundingClientRect().bottom}};
+            }})()""")
+            assert fit["line"][0] <= fit["line"][1] and fit["cell"][0] <= fit["cell"][1] and fit["shown"], fit
+            # a model that requests wait for is not "stopped" and offers no Start (it will start)
+            assert await page.js(text_of("status-" + b)) == "waiting"
+            assert await page.js(f"!document.querySelector('[data-testid=\"start-{b}\"]')")
+            await page.screenshot(SCREENSHOT.with_name("dashboard-waiting.png"))
+            assert page.errors == [], page.errors
+        except BaseException:
+            await page.screenshot(SCREENSHOT.with_name("dashboard-waiting-failure.png"))
+            raise
+        finally:
+            await page.close()

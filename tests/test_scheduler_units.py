@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from llm_router.protocol import CatalogEntry, ModelUsage, WaitEntry
+from router.pending import line_reason
 from router.placement import Eviction
 from router.scheduler import Blocked, Waiter, after_turn, ahead_of, decide_swap, free_room_for, in_line, merge_waiters, starving
 from test_placement_units import entry, inst, snap
@@ -173,3 +174,23 @@ def test_a_models_own_instance_still_stopping_means_wait_not_no_room():
     d = decide_swap("b", BIG, half, [inst("b", "h", state="stopping", vram=16000)], {}, [], {}, NOW)
     assert (d.action, d.position) == ("wait", 1)
     assert decide_swap("b", BIG, half, [], {}, [], {}, NOW).action == "no_room"  # held by nothing it may stop
+
+
+def test_every_router_rebuilds_the_same_pending_line_from_llm_waiting():
+    """``router.pending.line_reason``: what a router with no request waiting for ``b`` shows —
+    the requests of all live routers, the earliest since, the position in the line, what the
+    freshest entry's decision says blocks it, and its ETA; behind another model: its turn."""
+    held = [Blocked(kind="residency", model="a", until=NOW + 50)]
+    board = [WaitEntry(model="b", router="r1", since=NOW - 20, count=2, at=NOW - 1, blocked=held, eta=NOW + 80),
+             WaitEntry(model="b", router="r2", since=NOW - 5, count=1, at=NOW - 3),  # an older write
+             WaitEntry(model="c", router="r2", since=NOW - 8, count=1, at=NOW - 1),
+             WaitEntry(model="c", router="dead", since=NOW - 90, count=4, at=NOW - 30)]  # stale: ignored
+    got = line_reason("b", board, loaded(), {}, NOW, stale=10)
+    assert (got.kind, got.position, got.waiting, got.since, got.blocked, got.eta) == \
+        ("queued", 1, 3, NOW - 20, held, NOW + 80)
+    assert "position 1" in got.message and "'a' stays loaded 50s more" in got.message
+    behind = line_reason("c", board, loaded(), {}, NOW, stale=10)
+    assert (behind.position, behind.waiting, behind.blocked, behind.eta) == \
+        (2, 1, [Blocked(kind="turn", model="b")], 0.0)
+    assert line_reason("a", board, loaded(), {}, NOW, stale=10) is None  # nobody waits for it
+    assert line_reason("c", board[-1:], loaded(), {}, NOW, stale=10) is None  # only a dead router did

@@ -6,11 +6,13 @@ model are served by one start."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
+from typing import Iterator
 
 import msgspec
 
@@ -174,3 +176,54 @@ def test_free_room_goes_to_the_model_ahead_in_the_line(procs, redis_url, rds, tm
     thread.join(60)
     assert results["c"].status == 200, results["c"].body[:600]
     assert running_on(router, c) == [wid]
+
+
+@contextlib.contextmanager
+def b_waits_for_a(procs, redis_url, tmp_path, routers: int = 1) -> Iterator[tuple[str, str, list]]:
+    """One worker whose stand-in GPU holds ``a`` (loaded, ``min_residency`` 600 s) or ``b``, and
+    ``routers`` routers: a chat for ``b`` through the first waits for a swap behind ``a``'s
+    residency while the body runs (given ``a``, ``b`` and the routers). Then ``a`` is stopped,
+    so ``b`` starts and the chat is answered."""
+    wid = uid("w")
+    a, b = uid("a"), uid("b")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600), gpu_model(b, 12000))
+    started = [start_router(procs, redis_url) for _ in range(routers)]
+    for r in started:
+        wait_devices(r, wid)
+    assert request("POST", f"{started[0].url}/api/models/{a}/start", timeout=30).status == 200
+    results: dict = {}
+    thread = ask(results, "b", started[0], b)
+    try:
+        wait_for(lambda: (pending(started[0], b) or {}).get("blocked"), timeout=15, message="b waiting for a swap")
+        yield a, b, started
+    finally:
+        request("POST", f"{started[-1].url}/api/models/{a}/stop", timeout=30)  # b's turn: it starts
+        thread.join(60)
+    assert results["b"].status == 200, results["b"].body[:600]
+
+
+def test_every_router_shows_the_same_pending_line(procs, redis_url, tmp_path):
+    """Behind a load balancer any router may answer ``/info``: a request waits through router 1,
+    and router 2, with no request of its own for the model, shows the same pending reason
+    (count, since, position, blocked, ETA) in ``/api/models/{alias}/info``, ``/v1/models`` and
+    ``llm-router status``: the line is read from ``llm:waiting``, where router 1 publishes its
+    decision."""
+    with b_waits_for_a(procs, redis_url, tmp_path, routers=2) as (a, b, (r1, r2)):
+        seen = ("kind", "position", "waiting", "since", "blocked")
+
+        def same() -> bool:
+            here, there = pending(r1, b), pending(r2, b)
+            return bool(there) and {k: here.get(k) for k in seen} == {k: there.get(k) for k in seen}
+        wait_for(same, timeout=10, message="router 2 shows router 1's pending line")
+        got = pending(r2, b)
+        assert (got["kind"], got["position"], got["waiting"]) == ("queued", 1, 1), got
+        assert [(x["kind"], x["model"]) for x in got["blocked"]] == [("residency", a)], got
+        assert got["eta"] > time.time() + 500 and abs(got["eta"] - pending(r1, b)["eta"]) < 1, got
+        assert got["since"] <= time.time() and "min_residency" in got["message"], got
+        card = next(m for m in get_json(f"{r2.url}/v1/models")["data"] if m["id"] == b)
+        assert card["pending"]["position"] == 1 and card["pending"]["blocked"] == got["blocked"]
+        out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", r2.url],
+                             capture_output=True, text=True, timeout=30)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("waiting")), "")
+        assert b in line and "position 1" in line and "1 request(s) waiting for " in line and "ETA" in line, out.stdout
+    wait_for(lambda: pending(r2, b) is None, timeout=10, message="the line empty on router 2 too")

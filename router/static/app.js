@@ -190,6 +190,8 @@ function modelStatus(m) {
   const p = state.pending.get(m.id);
   if (p && p.action === "stop" && m.status !== "stopped") return "stopping";
   if (p && p.action === "start" && !p.begun && m.status !== "running") return "starting";
+  // requests wait for a swap to it (any router's): it will start, it is not just "stopped"
+  if (m.pending?.kind === "queued" && m.status !== "running" && m.status !== "starting") return "waiting";
   return m.status || "stopped";
 }
 
@@ -232,10 +234,12 @@ function instanceHtml(i) {
     + `<b>${esc(i.worker)}</b><span class="muted">${bits.join(" · ")}</span>${err}</div>`;
 }
 
-// Why a model waits (router/explain.py): its reason, the requests waiting, the ETA.
+// Why a model waits (router/explain.py), the same on every router: its reason and position,
+// the requests waiting on all routers and for how long, the ETA.
 function waitText(p) {
   const parts = [p.message || p.kind];
-  if (p.waiting) parts.push(`${p.waiting} waiting`);
+  const since = p.since ? ` for ${fmtDuration(Date.now() / 1000 - p.since)}` : "";
+  if (p.waiting) parts.push(`${p.waiting} request${p.waiting === 1 ? "" : "s"} waiting${since}`);
   if (p.eta) parts.push(`ETA ${fmtDuration(Math.max(0, p.eta - Date.now() / 1000))}`);
   return parts.join(" · ");
 }
@@ -245,14 +249,14 @@ function rowHtml(m) {
   const aliases = (m.aliases || []).filter((a) => a !== m.id);
   const pending = state.pending.get(m.id);
   const elapsed = pending && status === "starting" ? ` ${fmtDuration((Date.now() - pending.since) / 1000)}` : "";
-  const waitWhy = m.pending ? `<div class="muted small" data-testid="pending-${esc(m.id)}">${esc(waitText(m.pending))}</div>` : "";
+  const waitWhy = m.pending ? `<div class="wait-why" data-testid="pending-${esc(m.id)}">${esc(waitText(m.pending))}</div>` : "";
   const watcher = state.watchers.get(m.id);
   const latest = status === "starting"
     ? `<div class="latest" data-testid="latest-${esc(m.id)}">${esc(watcher?.line || "waiting for output…")}</div>` : "";
-  const busy = status === "starting" || status === "stopping";
+  const busy = status === "starting" || status === "stopping" || status === "waiting";
   const canStop = status === "running" || status === "starting" || status === "failed";
   const buttons = [
-    status !== "running" && status !== "starting"
+    status !== "running" && status !== "starting" && status !== "waiting"
       ? `<button class="btn primary" data-action="start" data-testid="start-${esc(m.id)}" ${busy ? "disabled" : ""}>Start</button>` : "",
     canStop ? `<button class="btn" data-action="stop" data-testid="stop-${esc(m.id)}" ${status === "stopping" ? "disabled" : ""}>Stop</button>` : "",
   ].join("");
@@ -260,10 +264,10 @@ function rowHtml(m) {
     ? (m.instances || []).map(instanceHtml).join("") : `<span class="muted">no host</span>`;
   return `<td class="model-cell"><div class="mid">${esc(m.id)}</div>`
     + (aliases.length ? `<div class="aliases">${aliases.map((a) => `<span class="chip">${esc(a)}</span>`).join("")}</div>` : "")
-    + `${latest}</td>`
+    + `${latest}${waitWhy}</td>`
     + `<td><span class="mode">${esc(m.mode || "-")}</span></td>`
     + `<td class="status-cell"><span class="badge b-${esc(status)}" data-testid="status-${esc(m.id)}">${esc(status)}</span>`
-    + `<span class="muted small">${elapsed}</span>${waitWhy}</td>`
+    + `<span class="muted small">${elapsed}</span></td>`
     + `<td class="inst-cell">${instances}</td>`
     + `<td class="actions">${buttons}</td>`;
 }
