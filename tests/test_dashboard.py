@@ -276,15 +276,18 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_dashboard_shows_why_a_model_waits(procs, redis_url: str, tmp_path: Path) -> None:
     """A request waits for a swap (``a`` holds the stand-in GPU for its ``min_residency``): the
-    waiting model's row says why, its position, the requests waiting and the ETA, readably."""
+    waiting model's row says why, its position, the requests waiting and the ETA, readably; a
+    model started from the dashboard that must wait behind it says so too (not "starting")."""
+    from test_placement import gpu_model, uid
     from test_scheduling import b_waits_for_a
 
-    with b_waits_for_a(procs, redis_url, tmp_path) as (a, b, (router,)):
+    c = uid("c")
+    with b_waits_for_a(procs, redis_url, tmp_path, extra=(gpu_model(c, 12000),)) as (a, b, (router,)):
         devtools_port = launch_chromium(procs, tmp_path)
-        asyncio.run(drive_waiting(router.url, devtools_port, a, b))
+        asyncio.run(drive_waiting(router.url, devtools_port, a, b, c))
 
 
-async def drive_waiting(url: str, devtools_port: int, a: str, b: str) -> None:
+async def drive_waiting(url: str, devtools_port: int, a: str, b: str, c: str) -> None:
     async with aiohttp.ClientSession() as session:
         page = await open_page(devtools_port, session)
         try:
@@ -303,6 +306,11 @@ async def drive_waiting(url: str, devtools_port: int, a: str, b: str) -> None:
             # a model that requests wait for is not "stopped" and offers no Start (it will start)
             assert await page.js(text_of("status-" + b)) == "waiting"
             assert await page.js(f"!document.querySelector('[data-testid=\"start-{b}\"]')")
+            # Start clicked on a model that must wait behind b: the row says so, with its place
+            await page.click("start-" + c)
+            await page.wait(f"{text_of('status-' + c)} === 'waiting' && "
+                            f"{text_of('pending-' + c)}.includes(\"position 2): '{b}' has waited longer\")",
+                            timeout=10, message="c waiting behind b after its Start click")
             await page.screenshot(SCREENSHOT.with_name("dashboard-waiting.png"))
             assert page.errors == [], page.errors
         except BaseException:

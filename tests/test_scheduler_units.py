@@ -194,3 +194,24 @@ def test_every_router_rebuilds_the_same_pending_line_from_llm_waiting():
         (2, 1, [Blocked(kind="turn", model="b")], 0.0)
     assert line_reason("a", board, loaded(), {}, NOW, stale=10) is None  # nobody waits for it
     assert line_reason("c", board[-1:], loaded(), {}, NOW, stale=10) is None  # only a dead router did
+
+
+def test_an_entry_of_a_router_before_the_published_decision_still_reads():
+    """``WaitEntry.blocked``/``eta`` are optional: an older router's entry decodes (no reason
+    known: "waiting for room", no ETA), and an older router ignores the new fields."""
+    from llm_router.protocol import from_json, to_json
+
+    old = from_json(b'{"model": "b", "router": "r0", "since": 980.0, "count": 2, "at": 999.0, "claims": []}', WaitEntry)
+    got = line_reason("b", [old], loaded(), {}, NOW, stale=10)
+    assert (got.position, got.waiting, got.blocked, got.eta) == (1, 2, [], 0.0)
+    assert got.message.endswith("waiting for room")
+
+    class Before(msgspec.Struct, kw_only=True):  # WaitEntry as routers before it had the fields
+        model: str
+        router: str
+        since: float
+        count: int = 1
+        at: float = 0.0
+        claims: list[str] = []
+    new = WaitEntry(model="b", router="r1", since=NOW, at=NOW, blocked=[Blocked(kind="turn", model="c")], eta=NOW + 5)
+    assert msgspec.json.decode(to_json(new), type=Before).count == 1

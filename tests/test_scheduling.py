@@ -179,14 +179,16 @@ def test_free_room_goes_to_the_model_ahead_in_the_line(procs, redis_url, rds, tm
 
 
 @contextlib.contextmanager
-def b_waits_for_a(procs, redis_url, tmp_path, routers: int = 1) -> Iterator[tuple[str, str, list]]:
-    """One worker whose stand-in GPU holds ``a`` (loaded, ``min_residency`` 600 s) or ``b``, and
-    ``routers`` routers: a chat for ``b`` through the first waits for a swap behind ``a``'s
-    residency while the body runs (given ``a``, ``b`` and the routers). Then ``a`` is stopped,
-    so ``b`` starts and the chat is answered."""
+def b_waits_for_a(procs, redis_url, tmp_path, routers: int = 1, extra: tuple[str, ...] = ()
+                  ) -> Iterator[tuple[str, str, list]]:
+    """One worker whose stand-in GPU holds ``a`` (loaded, ``min_residency`` 600 s) or ``b`` (or
+    one of the ``extra`` model blocks), and ``routers`` routers: a chat for ``b`` through the
+    first waits for a swap behind ``a``'s residency while the body runs (given ``a``, ``b`` and
+    the routers). Then ``a`` is stopped, so ``b`` starts and the chat is answered."""
     wid = uid("w")
     a, b = uid("a"), uid("b")
-    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600), gpu_model(b, 12000))
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600), gpu_model(b, 12000),
+               *extra)
     started = [start_router(procs, redis_url) for _ in range(routers)]
     for r in started:
         wait_devices(r, wid)

@@ -206,9 +206,11 @@ function settlePending() {
   const now = Date.now();
   for (const [id, p] of state.pending) {
     const m = state.models.find((x) => x.id === id);
-    if (m) p.begun = p.begun || m.status === "starting" || instanceSig(m) !== p.sig;
+    // a start that waits for a swap has begun too (the router answered 202 and queued it)
+    const waits = m?.pending?.kind === "queued";
+    if (m) p.begun = p.begun || m.status === "starting" || waits || instanceSig(m) !== p.sig;
     const settled = !m
-      || (p.action === "start" && (m.status === "running" || (p.begun && m.status !== "starting")))
+      || (p.action === "start" && (m.status === "running" || (p.begun && m.status !== "starting" && !waits)))
       || (p.action === "stop" && m.status === "stopped")
       || now - p.since > 10 * 60 * 1000;
     if (settled) {
