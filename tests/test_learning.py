@@ -69,17 +69,19 @@ def test_effective_profiles_raise_declarations_to_measurements_only():
 
 
 def start_two_gpu_host(procs, redis_url, tmp_path, how: str, wid: str, model: str, other: str,
-                       engine_args: list[str], **worker):
+                       engine_args: list[str], other_args: tuple[str, ...] = (), **worker):
     """A worker with GPUs of 8000 and 16000 MiB (stand-in NVML, ``how``: per process or only
     the used memory) and a router. ``model`` declares 4000 MiB on GPU 0, else on GPU 1, and runs
-    the mock engine with ``engine_args``; ``other`` declares 2000 MiB on GPU 0. Returns the
+    the mock engine with ``engine_args``; ``other`` declares 2000 MiB on GPU 0 (``other_args``:
+    its engine's flags). Returns the
     router and the folder of the engines' memory claims."""
     claims = tmp_path / "nvml"
     claims.mkdir()
     block = model_block(model, engine_args=[*engine_args, "--fake-nvml-dir", str(claims)])
     block += '[[models.profiles]]\ndevices = ["cuda:0"]\nvram_mb = 4000\n'
     block += '[[models.profiles]]\ndevices = ["cuda:1"]\nvram_mb = 4000\n'
-    blocks = [block, model_block(other, devices=["cuda:0"], vram_mb=2000)]
+    other_engine = [*other_args, "--fake-nvml-dir", str(claims)] if other_args else []
+    blocks = [block, model_block(other, devices=["cuda:0"], vram_mb=2000, engine_args=other_engine)]
     env = {**fake_gpu_env(8000, 16000), FAKE_DIR_ENV: str(claims)}
     if how == "delta":
         env[NO_PROCESSES_ENV] = "1"
@@ -165,3 +167,29 @@ def test_an_engine_that_grows_while_running_is_placed_by_its_peak(procs, redis_u
 
     # GPU 0 will have 6000 MiB left: enough for the 4000 declared and the 3000 seen at start, not for the peak
     assert_placed_by_the_measurement(router, wid, model, other)
+
+
+def test_the_used_memory_delta_counts_only_while_the_engine_is_alone_on_its_gpus(procs, redis_url, rds, tmp_path):
+    """Without per-process figures, another model of the worker starting on the same GPU would
+    look like growth: the running peak ignores the delta then, and counts it again once alone."""
+    wid, model, other = uid("w"), uid("m"), uid("o")
+    router, claims = start_two_gpu_host(procs, redis_url, tmp_path, "delta", wid, model, other, ["--vram-mb", "3000"],
+                                        other_args=("--vram-mb", "2000"), devices_interval=0.2)
+
+    def measured() -> list[int]:
+        return from_json(rds.hget(Keys().catalog(wid), model), CatalogEntry).measured_vram_mb
+
+    def samples(n: int) -> None:
+        for _ in range(n):
+            seen = rds.get(Keys().devices(wid))
+            wait_for(lambda: rds.get(Keys().devices(wid)) != seen, timeout=10, message="the next device sample")
+
+    assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+    wait_for(lambda: measured() == [3000], timeout=10, message="the measurement at start")
+    assert request("POST", f"{router.url}/api/models/{other}/start", timeout=30).status == 200
+    assert instances(router, other)[wid]["gpus"] == "0"  # next to it: GPU 0 now shows 5000 MiB used
+    samples(4)
+    assert measured() == [3000]
+    assert request("POST", f"{router.url}/api/models/{other}/stop", timeout=30).status == 200
+    set_claim(str(claims), instances(router, model)[wid]["pid"], 7000)  # alone again, and it grows
+    wait_for(lambda: measured() == [7000], timeout=10, message="the peak in the catalog")
