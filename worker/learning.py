@@ -159,6 +159,7 @@ class Learner:
         self._starts: dict[str, list[tuple[int, float]]] = {}  # model -> (profile, s) of kept starts, newest first
         self._newest: dict[str, Learned] = {}  # model -> the head of its history
         self._peaks: dict[str, _Peak] = {}  # model -> the running peak of its engine
+        self._loaded = False  # the history is read back: an adopted engine's record is known
 
     def measured(self, model_id: str) -> list[int]:
         """Newest measured MiB per device profile (0 = never measured)."""
@@ -200,6 +201,7 @@ class Learner:
                     self._remember(m, from_json(raw, Learned), newest=False)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
+        self._loaded = True
 
     async def before_start(self, placement: Placement) -> dict[int, int]:
         """The used memory of the GPUs before an engine is spawned (for ``delta``)."""
@@ -232,8 +234,10 @@ class Learner:
                      shares_gpus: Callable[[str], bool]) -> dict[str, int]:
         """One sample of the running peak of each engine in ``running`` (called on the device
         loop with its ``snapshot``); ``shares_gpus(model)``: another model of this worker is
-        placed on one of its GPUs now. Returns the models whose peak was recorded, with it."""
-        running = [r for r in running if r.placement.gpus]
+        placed on one of its GPUs now. Returns the models whose peak was recorded, with it.
+        Nothing is sampled before the history is read back (``load``): an engine adopted from
+        the previous worker would be taken for one without a record, and its peak for news."""
+        running = [r for r in running if r.placement.gpus and self._loaded]
         live = {r.model.id: r.pid for r in running}
         for m in [m for m, p in self._peaks.items() if live.get(m) != p.pid]:
             del self._peaks[m]  # stopped, or another engine now
