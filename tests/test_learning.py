@@ -7,6 +7,8 @@ updates its record, the catalog and the next placement. Pure parts: ``measured_v
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from conftest import wait_for
@@ -73,8 +75,8 @@ def start_two_gpu_host(procs, redis_url, tmp_path, how: str, wid: str, model: st
     """A worker with GPUs of 8000 and 16000 MiB (stand-in NVML, ``how``: per process or only
     the used memory) and a router. ``model`` declares 4000 MiB on GPU 0, else on GPU 1, and runs
     the mock engine with ``engine_args``; ``other`` declares 2000 MiB on GPU 0 (``other_args``:
-    its engine's flags). Returns the
-    router and the folder of the engines' memory claims."""
+    its engine's flags). Returns the router, the folder of the engines' memory claims, and
+    ``restart``, which starts the worker again (after a SIGTERM it adopts the engines left running)."""
     claims = tmp_path / "nvml"
     claims.mkdir()
     block = model_block(model, engine_args=[*engine_args, "--fake-nvml-dir", str(claims)])
@@ -85,10 +87,21 @@ def start_two_gpu_host(procs, redis_url, tmp_path, how: str, wid: str, model: st
     env = {**fake_gpu_env(8000, 16000), FAKE_DIR_ENV: str(claims)}
     if how == "delta":
         env[NO_PROCESSES_ENV] = "1"
-    start_worker(procs, redis_url, write_config(tmp_path / "w.toml", *blocks, **worker), wid, env=env)
+    config = write_config(tmp_path / "w.toml", *blocks, **worker)
+
+    def restart():
+        return start_worker(procs, redis_url, config, wid, env=env)
+    restart()
     router = start_router(procs, redis_url)
     wait_devices(router, wid)
-    return router, claims
+    return router, claims, restart
+
+
+def wait_samples(rds, wid: str, n: int) -> None:
+    """Until the worker's device loop (which samples the running peaks) went round ``n`` times."""
+    for _ in range(n):
+        seen = rds.get(Keys().devices(wid))
+        wait_for(lambda: rds.get(Keys().devices(wid)) != seen, timeout=10, message="the next device sample")
 
 
 def assert_placed_by_the_measurement(router, wid: str, model: str, other: str) -> None:
@@ -108,7 +121,7 @@ def assert_placed_by_the_measurement(router, wid: str, model: str, other: str) -
 def test_a_model_using_more_vram_than_declared_is_placed_by_the_measurement(procs, redis_url, rds, tmp_path, how):
     wid, model, other = uid("w"), uid("m"), uid("o")
     # The engine really takes 7000 MiB once loaded.
-    router, _ = start_two_gpu_host(procs, redis_url, tmp_path, how, wid, model, other,
+    router, _, _ = start_two_gpu_host(procs, redis_url, tmp_path, how, wid, model, other,
                                    ["--startup-delay", "0.5", "--vram-mb", "7000"])
 
     assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
@@ -134,7 +147,7 @@ def test_an_engine_that_grows_while_running_is_placed_by_its_peak(procs, redis_u
     rds.rpush(key, *[to_json(Learned(profile=0, cold_start_s=s)) for s in (20.0, 90.0, 30.0, 40.0, 10.0)])
     rds.rpush(key, to_json(Learned(profile=1, cold_start_s=500.0)))  # another profile: not counted
     # 3000 MiB once loaded, then it grows to 7000 while it runs
-    router, claims = start_two_gpu_host(procs, redis_url, tmp_path, how, wid, model, other, ["--vram-mb", "3000"],
+    router, claims, _ = start_two_gpu_host(procs, redis_url, tmp_path, how, wid, model, other, ["--vram-mb", "3000"],
                                         devices_interval=0.2)
 
     def catalog() -> CatalogEntry:
@@ -160,9 +173,7 @@ def test_an_engine_that_grows_while_running_is_placed_by_its_peak(procs, redis_u
         return [m for _, f in rds.xrange(Keys().logs(model)) if "more than the" in (m := log_entry(f).message)]
     wait_for(lambda: any(f"model '{model}' uses 7000 MiB" in w for w in warnings()), timeout=10,
              message="the warning in the model's log stream")
-    for _ in range(3):  # three more device samples at the same peak
-        seen = rds.get(Keys().devices(wid))
-        wait_for(lambda: rds.get(Keys().devices(wid)) != seen, timeout=10, message="the next device sample")
+    wait_samples(rds, wid, 3)  # three more device samples at the same peak
     assert len(warnings()) == 1  # once per new peak, not once per sample
 
     # GPU 0 will have 6000 MiB left: enough for the 4000 declared and the 3000 seen at start, not for the peak
@@ -173,23 +184,45 @@ def test_the_used_memory_delta_counts_only_while_the_engine_is_alone_on_its_gpus
     """Without per-process figures, another model of the worker starting on the same GPU would
     look like growth: the running peak ignores the delta then, and counts it again once alone."""
     wid, model, other = uid("w"), uid("m"), uid("o")
-    router, claims = start_two_gpu_host(procs, redis_url, tmp_path, "delta", wid, model, other, ["--vram-mb", "3000"],
+    router, claims, _ = start_two_gpu_host(procs, redis_url, tmp_path, "delta", wid, model, other, ["--vram-mb", "3000"],
                                         other_args=("--vram-mb", "2000"), devices_interval=0.2)
 
     def measured() -> list[int]:
         return from_json(rds.hget(Keys().catalog(wid), model), CatalogEntry).measured_vram_mb
 
-    def samples(n: int) -> None:
-        for _ in range(n):
-            seen = rds.get(Keys().devices(wid))
-            wait_for(lambda: rds.get(Keys().devices(wid)) != seen, timeout=10, message="the next device sample")
-
     assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
     wait_for(lambda: measured() == [3000], timeout=10, message="the measurement at start")
     assert request("POST", f"{router.url}/api/models/{other}/start", timeout=30).status == 200
     assert instances(router, other)[wid]["gpus"] == "0"  # next to it: GPU 0 now shows 5000 MiB used
-    samples(4)
+    wait_samples(rds, wid, 4)
     assert measured() == [3000]
     assert request("POST", f"{router.url}/api/models/{other}/stop", timeout=30).status == 200
     set_claim(str(claims), instances(router, model)[wid]["pid"], 7000)  # alone again, and it grows
     wait_for(lambda: measured() == [7000], timeout=10, message="the peak in the catalog")
+
+
+def test_an_adopted_engine_keeps_its_record_and_grows_it(procs, redis_url, rds, tmp_path):
+    """After an upgrade (SIGTERM, the engine keeps running) the next worker knows the engine's
+    record: nothing is news until it grows, and growth updates that record."""
+    wid, model, other = uid("w"), uid("m"), uid("o")
+    router, claims, restart = start_two_gpu_host(procs, redis_url, tmp_path, "process", wid, model, other,
+                                                 ["--vram-mb", "3000"], devices_interval=0.2, adopt_timeout=60.0)
+    key = Keys().learned(wid, model)
+    assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+    pid = instances(router, model)[wid]["pid"]
+    wait_for(lambda: rds.llen(key) == 1, timeout=10, message="the start's record")
+    worker = next(p for p in procs.procs if p.args[-1] == wid and p.poll() is None)
+    assert procs.stop(worker, signal.SIGTERM) == 0
+
+    new = restart()
+    wait_for(lambda: rds.hget(Keys().worker(wid), "pid") == str(new.pid), timeout=20, message="the new lease")
+    wait_for(lambda: "adopted" in " ".join(log_entry(f).message for _, f in rds.xrange(Keys().logs(model))),
+             timeout=10, message="the engine adopted")
+    wait_samples(rds, wid, 3)  # device samples of the adopted engine
+    assert [from_json(raw, Learned).vram_mb for raw in rds.lrange(key, 0, -1)] == [3000]
+
+    set_claim(str(claims), pid, 7000)
+    wait_for(lambda: from_json(rds.hget(Keys().catalog(wid), model), CatalogEntry).measured_vram_mb == [7000],
+             timeout=10, message="the peak in the catalog")
+    learned = [from_json(raw, Learned) for raw in rds.lrange(key, 0, -1)]
+    assert [(x.vram_mb, x.cold_start_s > 0) for x in learned] == [(7000, True)]  # its record, raised
