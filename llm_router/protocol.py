@@ -147,8 +147,9 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     fallbacks: list[str] = []  # models (ids or aliases) that serve its requests when it cannot
     min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.scheduler)
     max_wait: float = 0.0  # s after which a waiting model overrides residency (0 = no bound)
-    # Learned on this host (``Learned``, newest measurement): peak VRAM per device profile
-    # (0 = not measured) and the last cold start (s, start to healthy; 0 = never measured).
+    # Learned on this host (``Learned``): the newest peak VRAM per device profile (0 = not
+    # measured), and the typical cold start (s, start to healthy; 0 = never measured): the upper
+    # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
     measured_vram_mb: list[int] = []
     cold_start_s: float = 0.0
 
@@ -342,7 +343,7 @@ class Learned(msgspec.Struct, kw_only=True):
     gpus: str = ""  # CUDA_VISIBLE_DEVICES
     device: str = ""  # the GPU model (NVML name) or "cpu": the device profile the figures hold for
     cold_start_s: float = 0.0  # start to healthy
-    vram_mb: int = 0  # peak per GPU (NVML per process, else the delta of used memory); 0 = unknown
+    vram_mb: int = 0  # peak per GPU (NVML per process, else the delta of used memory), raised while it runs; 0 = unknown
     how: str = ""  # "process" (NVML per-process memory) or "delta" (used memory before/after)
     at: float = 0.0
 

@@ -5,8 +5,8 @@ the same state the decision used (pure functions, no I/O):
 
 - ``no_room``: it fits nowhere and no eviction could make it fit; ``hosts`` gives each host's
   free MiB per GPU and the MiB needed (a 503 now);
-- ``starting``: its engine is loading; ``eta`` from the cold start its worker measured last
-  (``CatalogEntry.cold_start_s``);
+- ``starting``: its engine is loading; ``eta`` from the typical cold start its worker measured
+  (``CatalogEntry.cold_start_s``: the upper quartile of its kept starts, ``worker.learning``);
 - ``queued``: it waits for a swap (``position`` in the line of waiting models, ``blocked``: what
   keeps the loaded models, ``eta`` when residency ends) or for a concurrency slot (``position``
   in the router's queue).

@@ -9,7 +9,9 @@ loading. With ``LLM_ROUTER_FAKE_NVML_DIR`` set, engines "use" memory: a mock eng
 that process lives the GPUs it names show N MiB more used and list it among their compute
 processes (``nvmlDeviceGetComputeRunningProcesses``), as NVML does; with
 ``LLM_ROUTER_FAKE_NVML_NO_PROCESSES=1`` that call is "not supported" (as in some containers),
-so only the used memory shows it. Only the functions ``DeviceProbe`` calls exist.
+so only the used memory shows it. The claims are read again at every call, so a test grows a
+running engine by rewriting its claim (``set_claim``). Only the functions ``DeviceProbe`` calls
+exist.
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ def _engines(index: int) -> list[tuple[int, int]]:
         if index in claim.get("gpus", []) and _alive(pid):
             out.append((pid, int(claim.get("mb", 0))))
     return out
+
+
+def set_claim(folder: str, pid: int, mb: int) -> None:
+    """Make the engine ``pid`` (which claimed memory in ``folder``) use ``mb`` MiB per GPU now,
+    as an engine that grows while it runs (written whole: a reader never sees half a file)."""
+    path = os.path.join(folder, f"{pid}.json")
+    with open(path) as f:
+        claim = json.load(f)
+    tmp = os.path.join(folder, f".{pid}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({**claim, "mb": mb}, f)
+    os.replace(tmp, path)
 
 
 def nvmlDeviceGetMemoryInfo(handle: dict) -> SimpleNamespace:

@@ -22,8 +22,10 @@ class FakeNVML:
         pass
 
     def __init__(self, gpus: list[dict], *, init_error: str = "", util_error: bool = False,
-                 broken: frozenset[int] = frozenset()) -> None:
+                 broken: frozenset[int] = frozenset(), processes: dict[int, dict[int, int]] | None = None) -> None:
         self.gpus = gpus
+        self.processes = processes  # GPU index -> {pid: bytes}; None: per-process accounting not supported
+        self.process_calls: list[int] = []
         self.init_error = init_error
         self.util_error = util_error
         self.broken = broken  # indices whose memory query raises
@@ -58,6 +60,12 @@ class FakeNVML:
             raise self.NVMLError("GPU is lost")
         g = self.gpus[handle]
         return types.SimpleNamespace(total=g["total"], used=g["used"], free=g["total"] - g["used"])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int):
+        self.process_calls.append(handle)
+        if self.processes is None:
+            raise self.NVMLError("Not Supported")
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=b) for pid, b in self.processes.get(handle, {}).items()]
 
     def nvmlDeviceGetUtilizationRates(self, handle: int):
         if self.util_error:
@@ -183,6 +191,18 @@ def test_failed_init_is_offline_and_retried_only_after_the_interval():
 
     probe.close()
     assert nvml.shutdown_calls == 1
+
+
+def test_per_process_memory_is_read_once_for_each_gpu_asked_only():
+    nvml = FakeNVML(TWO_H100, processes={0: {10: 3 * GIB, 11: None}, 1: {12: 7 * GIB}})
+    probe = DeviceProbe(nvml)
+    assert probe.compute_processes([1]) == {1: {12: 7168}}
+    assert probe.compute_processes([]) == {}
+    assert probe.compute_processes([0, 1]) == {0: {10: 3072, 11: 0}, 1: {12: 7168}}  # None: not available
+    assert nvml.process_calls == [1, 0, 1]
+    unsupported = FakeNVML(TWO_H100)
+    assert DeviceProbe(unsupported).compute_processes([0, 1]) is None
+    assert unsupported.process_calls == [0]  # the first refusal ends the reading
 
 
 def test_close_without_successful_init_does_not_shutdown():

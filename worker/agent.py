@@ -406,7 +406,17 @@ class WorkerAgent:
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
+            await self._sample_peaks(snap)
             await asyncio.sleep(interval)
+
+    async def _sample_peaks(self, snap: DeviceSnapshot) -> None:
+        """The running peak of every engine on a GPU (``Learner.sample``); an engine that grew
+        is held at its new size."""
+        engines = [e for mp in self.models.values() if (e := mp.engine) is not None]
+        grown = await self.learner.sample(snap, engines, self.host.placer.shares_gpus)
+        for model_id, vram in grown.items():
+            if (mp := self.models.get(model_id)) is not None:
+                mp.grew(vram)
 
 
 def _process(pid: int) -> psutil.Process | None:

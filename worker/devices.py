@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import psutil
 
@@ -89,21 +89,19 @@ class DeviceProbe:
             self._initialised = False
             self._next_init_at = None
 
-    def process_memory(self, pids: set[int]) -> dict[int, int] | None:
-        """MiB that the processes ``pids`` use on each GPU (NVML's per-process accounting:
-        ``nvmlDeviceGetComputeRunningProcesses``), or None where the driver does not say
-        (not supported, containers without the host's PID namespace, no GPU)."""
+    def compute_processes(self, gpus: Iterable[int]) -> dict[int, dict[int, int]] | None:
+        """MiB per process (pid -> MiB) on each of ``gpus``: NVML's per-process accounting
+        (``nvmlDeviceGetComputeRunningProcesses``, one call per GPU), or None where the driver
+        does not say (not supported, containers without the host's PID namespace, no GPU)."""
         with self._lock:
             if not self._ensure_init():
                 return None
             nvml = self._nvml
             try:
-                out: dict[int, int] = {}
-                for index in range(int(nvml.nvmlDeviceGetCount())):
+                out: dict[int, dict[int, int]] = {}
+                for index in gpus:
                     procs = nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(index))
-                    mine = [int(p.usedGpuMemory or 0) for p in procs if int(p.pid) in pids]
-                    if mine:
-                        out[index] = sum(mine) // MIB
+                    out[index] = {int(p.pid): int(p.usedGpuMemory or 0) // MIB for p in procs}
                 return out
             except Exception:
                 return None

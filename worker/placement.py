@@ -136,6 +136,11 @@ class Placer:
         if (p := self._held.get(model_id)) is not None and p.gpus and vram_mb > p.profile.vram_mb:
             p.profile = msgspec.structs.replace(p.profile, vram_mb=vram_mb)
 
+    def shares_gpus(self, model_id: str) -> bool:
+        """Whether another model of this worker is placed on one of ``model_id``'s GPUs now."""
+        mine = set(p.gpus) if (p := self._held.get(model_id)) is not None else set()
+        return any(mine.intersection(q.gpus) for m, q in self._held.items() if m != model_id)
+
     def settle(self, model_id: str) -> None:
         self._loading.discard(model_id)
 

@@ -30,7 +30,7 @@ from llm_router.redact import Redactor, redact_argv
 from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
                              wait_exit)
 from worker.engine_env import engine_env
-from worker.learning import Learner
+from worker.learning import Learner, RunningEngine
 from worker.logpipe import LogPipe
 from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
 from worker.placement import NoFit, Placement, Placer, port_is_free
@@ -229,6 +229,20 @@ class ModelProcess:
         self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
         return True
 
+    @property
+    def engine(self) -> RunningEngine | None:
+        """Its engine while it is running (for ``Learner.sample``)."""
+        if self.state != "running" or self._run is None:
+            return None
+        return RunningEngine(self.model, self._run.pid, self._run.placement)
+
+    def grew(self, vram_mb: int) -> None:
+        """Its engine was measured using ``vram_mb`` MiB per GPU: if that is more than it was
+        placed with, this worker and the routers (``Instance.vram_mb``) hold that much."""
+        if self._run is not None and self._run.placement.gpus and vram_mb > self._instance.vram_mb:
+            self.host.placer.raise_vram(self.model.id, vram_mb)
+            self._set(vram_mb=vram_mb)
+
     def keep_counters(self, restarts: int, started_at: float) -> None:
         """Carry over what the previous worker published for the adopted engine."""
         self._set(restarts=restarts, started_at=started_at or self._instance.started_at)
@@ -260,6 +274,7 @@ class ModelProcess:
                 self._fail(str(exc))
                 return
             learner = self.host.learner
+            alone = not self.host.placer.shares_gpus(self.model.id)
             before = await learner.before_start(placement) if learner else {}
             spawned = time.monotonic()
             try:
@@ -278,10 +293,8 @@ class ModelProcess:
             if why is None:
                 self.host.placer.settle(self.model.id)
                 if learner is not None:
-                    vram = await learner.started(self.model, placement, run.pid, time.monotonic() - spawned, before)
-                    if vram > placement.vram_mb:
-                        self.host.placer.raise_vram(self.model.id, vram)
-                        self._set(vram_mb=vram)
+                    self.grew(await learner.started(self.model, placement, run.pid, time.monotonic() - spawned,
+                                                    before, alone))
                 self._set(state="running", url=run.url, started_at=time.time())
                 self._event(f"running on {run.url} (pid {run.pid})")
                 return
