@@ -63,6 +63,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # before a waiting model may evict it; a request waiting max_wait s overrides residency.
     min_residency: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     max_wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0 = no bound
+    # Opt-in: residency ends early once the model has had nothing queued or in flight for
+    # idle_release s (0 = off: it stays its whole min_residency, used or not).
+    idle_release: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     restart: Literal["no", "on-failure", "always"] = "on-failure"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3  # within restart_window, then `failed`
     restart_window: Annotated[float, msgspec.Meta(gt=0)] = 300.0
@@ -107,6 +110,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             fallbacks=list(self.fallbacks),
             min_residency=self.min_residency,
             max_wait=self.max_wait,
+            idle_release=self.idle_release,
         )
 
 

@@ -147,6 +147,7 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     fallbacks: list[str] = []  # models (ids or aliases) that serve its requests when it cannot
     min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.scheduler)
     max_wait: float = 0.0  # s after which a waiting model overrides residency (0 = no bound)
+    idle_release: float = 0.0  # s unused after which residency ends early (0 = off; router.scheduler)
     # Learned on this host (``Learned``): the newest peak VRAM per device profile (0 = not
     # measured), and the typical cold start (s, start to healthy; 0 = never measured): the upper
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).

@@ -335,10 +335,10 @@ class ControlClient:
         usage = await self._usage({i.model for i in loaded})
         waiters = await self._waiters(model, began)
         now = time.time()
-        residency = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)).min_residency
-                     for i in loaded}
-        decision = decide_swap(model, entries, view.devices(), instances, usage, waiters, residency, now,
-                               self.scheduler)
+        specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
+        decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
+                               {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
+                               {m: s.idle_release for m, s in specs.items()})
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:

@@ -87,14 +87,29 @@ def in_line(waiters: Iterable[Waiter], now: float) -> list[Waiter]:
 
 
 def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: float,
-               waiter_starving: bool) -> Blocked | None:
+               waiter_starving: bool, idle_release: float = 0.0) -> Blocked | None:
     """What keeps ``victim`` loaded now, if anything: its requests (drain, always), then its
-    residency (unless the waiter is starving)."""
+    residency (unless the waiter is starving, or, with ``idle_release`` > 0, the victim has had
+    no request for that long: see ``idle``)."""
     if usage.inflight > 0:
         return Blocked(kind="draining", model=victim.model, requests=usage.inflight)
-    if not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency:
+    if (not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency
+            and not idle(victim, usage, idle_release, now)):
         return Blocked(kind="residency", model=victim.model, until=victim.started_at + min_residency)
     return None
+
+
+def idle(victim: Instance, usage: ModelUsage, idle_release: float, now: float) -> bool:
+    """Whether ``victim``'s residency is over early: nothing queued or in flight, and no request
+    began or ended for ``idle_release`` s since it became running (opt-in, 0 = never).
+
+    Residency is there to amortise a cold start over the requests that follow it. A model whose
+    users have gone quiet earns nothing by staying while other models' requests wait: on a
+    shared GPU the tail is the waits behind such idle residencies (docs/BENCHMARKS.md, the
+    scheduling section). Set ``idle_release`` above the gaps inside a user's session (tool time,
+    reading), so that a session is not split by a swap."""
+    return (idle_release > 0 and usage.inflight == 0
+            and now - max(usage.last_used, victim.started_at) >= idle_release)
 
 
 def claims(decision: Decision, waiter: Waiter | None, now: float) -> list[str]:
@@ -153,13 +168,15 @@ def after_turn(ahead: Sequence[str]) -> Decision:
 
 def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
                 instances: Sequence[Instance], usage: Mapping[str, ModelUsage], waiters: Sequence[Waiter],
-                min_residency: Mapping[str, float], now: float, policy: Policy = "swap") -> Decision:
+                min_residency: Mapping[str, float], now: float, policy: Policy = "swap",
+                idle_release: Mapping[str, float] | None = None) -> Decision:
     """Whether ``model`` (which fits nowhere now) may evict, which models, or why it waits.
 
     ``waiters``: the merged waiting models (``merge_waiters``), ``model`` among them or not (it
-    is then treated as waiting since ``now``); ``min_residency``: per loaded model id.
+    is then treated as waiting since ``now``); ``min_residency`` and ``idle_release`` (``idle``):
+    per loaded model id.
     Models that run or start somewhere are not waiting (their entry may lag) and are skipped."""
-    idle = ModelUsage()
+    unused = ModelUsage()
     if policy == "lru":
         plan = plan_eviction(model, entries, snapshots, instances, usage)
         return Decision(action="evict", plan=plan) if plan else Decision(action="no_room")
@@ -178,7 +195,8 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
     if position > 1:
         return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
     hungry = starving(me, now)
-    guards = {i.model: protection(i, usage.get(i.model, idle), min_residency.get(i.model, 0.0), now, hungry)
+    guards = {i.model: protection(i, usage.get(i.model, unused), min_residency.get(i.model, 0.0), now, hungry,
+                                  (idle_release or {}).get(i.model, 0.0))
               for i in instances if i.state == "running" and i.model != model}
     plan = plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: guards.get(i.model) is None)
     if plan is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
             "quotas c=1", "affinity", "affinity x2", "scaling c=64",
-            "scheduling"]
+            "scheduling", "scheduling arrivals"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -48,8 +48,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert rows[("affinity x2", "prompt tokens found cached, % (least | affinity)")]["values"]["router"] > 0
     assert rows[("50 streams", "max open at once")]["values"]["router"] == 50
     assert rows[("50 viewers", "viewers connected")]["values"]["router"] == 50
-    for policy in ("lru", "swap"):  # the scheduling section served requests under both policies
+    for policy in ("lru", "swap"):  # both scheduling workloads served requests under both policies
         assert rows[("scheduling", "requests served")]["values"][policy] > 0
+        assert rows[("scheduling arrivals", "requests served")]["values"][policy] > 0
     for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):
         value = rows[("50 viewers", metric)]["values"]["router"]
         assert value == value and value > 0, (metric, rows[("50 viewers", metric)])

@@ -21,9 +21,9 @@ def loaded(started_at: float = NOW - 100, model: str = "a") -> list:
 
 
 def decide(instances=None, usage=None, waiters=(), residency=None, policy="swap", now=NOW, model="b",
-           entries=BIG):
+           entries=BIG, idle_release=None):
     return decide_swap(model, entries, SNAPS, instances if instances is not None else loaded(), usage or {},
-                       list(waiters), residency or {}, now, policy)
+                       list(waiters), residency or {}, now, policy, idle_release)
 
 
 def test_an_idle_model_past_its_residency_is_evicted():
@@ -37,6 +37,23 @@ def test_residency_keeps_a_fresh_model_and_gives_the_time_it_ends():
     assert d.blocked == [Blocked(kind="residency", model="a", until=NOW + 50)]
     assert d.eta == NOW + 50
     assert decide(instances=loaded(started_at=NOW - 10), residency={"a": 60}, now=NOW + 50).action == "evict"
+
+
+def test_idle_release_ends_residency_early_only_when_set_and_the_model_is_unused():
+    fresh = loaded(started_at=NOW - 10)
+    quiet = {"a": ModelUsage(last_used=NOW - 5)}  # its last request ended 5 s ago
+    assert decide(instances=fresh, usage=quiet, residency={"a": 60}).action == "wait"  # off by default
+    d = decide(instances=fresh, usage=quiet, residency={"a": 60}, idle_release={"a": 4})
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+    # used more recently than idle_release: residency still holds, with its full end as the ETA
+    d = decide(instances=fresh, usage=quiet, residency={"a": 60}, idle_release={"a": 6})
+    assert (d.action, d.blocked) == ("wait", [Blocked(kind="residency", model="a", until=NOW + 50)])
+    # never used since it became running: the idle time counts from then
+    assert decide(instances=fresh, residency={"a": 60}, idle_release={"a": 9}).action == "evict"
+    assert decide(instances=fresh, residency={"a": 60}, idle_release={"a": 11}).action == "wait"
+    # a request in flight is drain, whatever idle_release says
+    busy = {"a": ModelUsage(inflight=1, last_used=NOW - 30)}
+    assert decide(instances=fresh, usage=busy, residency={"a": 60}, idle_release={"a": 4}).action == "wait"
 
 
 def test_draining_a_busy_model_waits_and_is_never_overridden_by_starvation():

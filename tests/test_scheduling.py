@@ -103,6 +103,24 @@ def test_lru_scheduler_swaps_at_once(procs, redis_url, rds, tmp_path):
     assert time.monotonic() - began < 20 and running_on(router, b) == [wid]
 
 
+def test_idle_release_ends_the_residency_of_an_unused_model(procs, redis_url, rds, tmp_path):
+    """``idle_release``: a model that nobody has used for that long gives way to a waiting one
+    although its ``min_residency`` (600 s here) is far from over; not before."""
+    wid = uid("w")
+    a, b = uid("a"), uid("b")
+    gpu_worker(procs, redis_url, tmp_path, wid, [20000], gpu_model(a, 12000, min_residency=600, idle_release=2),
+               gpu_model(b, 12000))
+    router = start_router(procs, redis_url)
+    wait_devices(router, wid)
+    assert request("POST", f"{router.url}/v1/chat/completions", chat_body(a, max_tokens=1), timeout=30).status == 200
+    a_done = time.time()
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(b, max_tokens=1), timeout=60)
+    assert resp.status == 200, resp.body
+    (b_at,) = running_since(rds, b)
+    assert b_at - a_done >= 1.9  # a stayed while it had been used within idle_release
+    assert running_on(router, b) == [wid] and instances(router, a)[wid]["state"] == "stopped"
+
+
 def test_every_wait_explained_no_room_queue_keepalive_info_and_status(procs, redis_url, tmp_path):
     wid = uid("w")
     a, b, huge = uid("a"), uid("b"), uid("huge")

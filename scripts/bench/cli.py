@@ -53,10 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--direct-only", action="store_true",
                    help="no Redis, worker or router: engines started directly (a self-check of the harness)")
     p.add_argument("--sched-gap", type=float, metavar="S",
-                   help="scheduling, arrivals: mean seconds between sessions (default 3)")
+                   help="scheduling, arrivals: mean seconds between sessions (default 6)")
     p.add_argument("--sched-workloads", default="agents,arrivals", metavar="LIST",
                    help="scheduling: which workloads to run (agents: closed loop; arrivals: open loop)")
     p.add_argument("--sched-residency", type=float, metavar="S", help="scheduling: min_residency (default 10)")
+    p.add_argument("--sched-idle-release", type=float, default=0.0, metavar="S",
+                   help="scheduling: idle_release (default 0: off, residency is never cut short)")
     p.add_argument("--sched-max-wait", type=float, metavar="S", help="scheduling: max_wait (default 18)")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     opts = p.parse_args(argv)
@@ -67,19 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       gap_duration=0.3, ramp=0.2, prop_cycles=1, log_window=0.5, log_probes=5,
                       viewers=50, viewer_samples=20, viewer_starts=1,
                       sched_duration=5.0, sched_delay=0.5, sched_residency=1.5, sched_max_wait=3.0, sched_clients=3,
-                      sched_think=0.3, sched_gap=1.0)
+                      sched_think=0.3, sched_gap=1.0, sched_arrivals_duration=5.0)
     elif opts.quick:
         preset = dict(rounds=2, duration=1.0, warmup=0.2, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30,
                       viewers=5000, viewer_samples=200, viewer_starts=2,
                       sched_duration=30.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
-                      sched_think=0.5, sched_gap=3.0)
+                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=120.0)
     else:
         preset = dict(rounds=4, duration=2.0, warmup=0.3, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100,
                       viewers=5000, viewer_samples=300, viewer_starts=3,
                       sched_duration=90.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
-                      sched_think=0.5, sched_gap=3.0)
+                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=360.0)
     for k, v in preset.items():
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)

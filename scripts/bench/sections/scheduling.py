@@ -63,6 +63,7 @@ def config(name: str, bench: Bench) -> str:
                 "--startup-delay", str(o.sched_delay), "--tokens-per-second", "50", "--max-tokens", "8"]
         lines += ["[[models]]", f"id = {json.dumps(model)}", f"command = {json.dumps(argv)}", 'devices = ["cuda"]',
                   f"vram_mb = {MODEL_MIB}", f"min_residency = {o.sched_residency}", f"max_wait = {o.sched_max_wait}",
+                  f"idle_release = {o.sched_idle_release}",
                   "startup_timeout = 60", "stop_grace = 3", ""]
     return "\n".join(lines)
 
@@ -99,7 +100,7 @@ def arrivals(bench: Bench) -> list[list[tuple[str, float]]]:
     o = bench.opts
     rng = random.Random(18)
     plans, at = [], 0.0
-    while (at := at + rng.expovariate(1.0 / o.sched_gap)) < o.sched_duration:
+    while (at := at + rng.expovariate(1.0 / o.sched_gap)) < o.sched_arrivals_duration:
         model = rng.choices(MODELS, ARRIVAL_WEIGHTS)[0]
         plans.append([(model, at)] + [(model, o.sched_think)] * (SESSION - 1))
     return plans
@@ -221,15 +222,17 @@ async def run(bench: Bench) -> None:
     o = bench.opts
     for workload in [w for w in WORKLOADS if w in o.sched_workloads.split(",")]:
         plans = WORKLOADS[workload](bench)
+        duration = o.sched_duration if workload == "agents" else o.sched_arrivals_duration
         who = (f"{o.sched_clients} agents" if workload == "agents"
                else f"{len(plans)} sessions arriving every {o.sched_gap:g}s on average")
-        bench.say(f"scheduling, {workload}: {who} on 3 models that do not fit together, {o.sched_duration:g}s, "
+        bench.say(f"scheduling, {workload}: {who} on 3 models that do not fit together, {duration:g}s, "
                   f"cold start {o.sched_delay:g}s, min_residency {o.sched_residency:g}s, "
                   f"max_wait {o.sched_max_wait:g}s; swap scheduler vs LRU side by side ...")
-        report(bench, workload, await compare(bench, workload, plans))
+        report(bench, workload, await compare(bench, workload, plans, duration))
 
 
-async def compare(bench: Bench, workload: str, plans: list[list[tuple[str, float]]]) -> dict[str, dict]:
+async def compare(bench: Bench, workload: str, plans: list[list[tuple[str, float]]],
+                  duration: float) -> dict[str, dict]:
     """The same ``plans`` against a fresh cluster of each policy at the same time."""
     cl = bench.cluster
     started = []
@@ -238,7 +241,7 @@ async def compare(bench: Bench, workload: str, plans: list[list[tuple[str, float
             started.append(await start(bench, policy, workload))
         t0 = time.time()
         results = dict(zip(POLICIES, await asyncio.gather(
-            *(drive(targets, plans, bench.opts.sched_duration) for targets, _, _ in started))))
+            *(drive(targets, plans, duration) for targets, _, _ in started))))
         for policy, (_, _, prefix) in zip(POLICIES, started):
             results[policy]["loads"] = await loads(cl.redis.url, prefix)
             results[policy]["swaps"] = max(0, len(results[policy]["loads"]) - 1)
