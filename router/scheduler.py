@@ -131,14 +131,24 @@ def closing(entries: Iterable[WaitEntry], now: float, stale: float) -> set[str]:
 def line_of(model: str, waiters: Sequence[Waiter], instances: Sequence[Instance],
             now: float) -> tuple[list[Waiter], Waiter]:
     """The line ``model`` stands in, and its own place: models that run or start somewhere are
-    not waiting (their entry may lag); ``model`` not among ``waiters`` waits since ``now``."""
-    active = {i.model for i in instances if i.state in ("starting", "running")}
+    not waiting (their entry may lag); ``model`` not among ``waiters`` waits since ``now``.
+
+    A start its worker has not placed yet (``starting`` with no GPUs and no process) holds no
+    room in anybody's view: until it does, it keeps its place in the line, or a model behind it
+    would take the room in that moment (seen: a third model started 0.3 s before the one that
+    had evicted for it)."""
+    active = {i.model for i in instances if i.state == "running" or (i.state == "starting" and placed(i))}
     line = in_line([w for w in waiters if w.model not in active or w.model == model], now)
     me = next((w for w in line if w.model == model), None)
     if me is None:
         me = Waiter(model=model, since=now)
         line = in_line([*line, me], now)
     return line, me
+
+
+def placed(instance: Instance) -> bool:
+    """Whether a start holds its room yet: its worker has chosen its GPUs (or spawned it)."""
+    return bool(instance.gpus or instance.pid)
 
 
 def ahead_of(model: str, waiters: Sequence[Waiter], instances: Sequence[Instance], now: float) -> list[str]:

@@ -176,6 +176,8 @@ def test_free_room_goes_to_the_models_ahead_in_the_line_first():
     assert ahead_of("a", waiters, [], NOW) == ["c"]
     # a model ahead that already starts or runs somewhere holds nothing back
     assert ahead_of("b", waiters, [inst("c", "h", state="starting"), inst("a", "h")], NOW) == []
+    # ... but a start its worker has not placed yet holds no room: it keeps its place
+    assert ahead_of("b", waiters, [inst("c", "h", state="starting", gpus="", vram=0), inst("a", "h")], NOW) == ["c"]
     hosts = {"a": ["h1"], "c": ["h1", "h2"], "b": ["h1", "h2", "h3"]}.__getitem__
     assert free_room_for(["h1", "h3"], ahead_of("b", waiters, [], NOW), hosts) == ["h3"]
     assert free_room_for(["h1", "h2"], ahead_of("c", waiters, [], NOW), hosts) == ["h1", "h2"]

@@ -273,6 +273,8 @@ class ModelProcess:
             except NoFit as exc:
                 self._fail(str(exc))
                 return
+            # the routers see the room taken from now on, not only once the engine is spawned
+            self._set(gpus=",".join(map(str, placement.gpus)), vram_mb=placement.vram_mb)
             learner = self.host.learner
             alone = not self.host.placer.shares_gpus(self.model.id)
             before = await learner.before_start(placement) if learner else {}
