@@ -92,10 +92,15 @@ def describe_blocked(b: Blocked, now: float) -> str:
 
 def swap_reason(model: str, decision: Decision, waiters: Iterable[Waiter], now: float,
                 cold_start_s: float = 0.0) -> WaitReason:
-    """A model waiting for a swap: its place in line, what blocks it, and when it may go
-    (the end of residency, plus its learned cold start)."""
+    """A model waiting for a swap: its place in line, what blocks it, and when it may go, plus
+    its learned cold start: the end of the residency that holds it, or, sooner, the moment its
+    earliest request has waited its ``max_wait`` (starving, it goes first and residency no
+    longer counts). Behind another model (``turn``) or a drain that bound is the only estimate:
+    about, since the requests a victim has admitted, or another starving model, may come first."""
     me = next((w for w in waiters if w.model == model), None)
-    eta = decision.eta + cold_start_s if decision.eta else 0.0
+    starves_at = me.since + me.max_wait if me is not None and me.max_wait > 0 else 0.0
+    go = min((t for t in (decision.eta, starves_at) if t), default=0.0)
+    eta = max(go, now) + cold_start_s if go else 0.0
     return queued_reason(model, decision.position, decision.blocked, eta, now,
                          me.count if me else 0, me.since if me else 0.0)
 

@@ -150,6 +150,22 @@ def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
     assert "reason" not in plain["error"]
 
 
+def test_a_wait_with_max_wait_has_an_eta_by_its_starvation_bound():
+    """Starving, a model goes first and residency stops counting: its ETA is the sooner of the
+    residency's end and its max_wait, and a model behind another (``turn``) gets one too."""
+    from router.explain import swap_reason
+
+    held = decide(instances=loaded(started_at=NOW - 10), residency={"a": 600})  # residency ends at NOW + 590
+    me = Waiter(model="b", since=NOW - 3, count=1, max_wait=30)
+    assert swap_reason("b", held, [me], NOW, cold_start_s=20).eta == NOW + 27 + 20
+    assert swap_reason("b", held, [Waiter(model="b", since=NOW - 3)], NOW, cold_start_s=20).eta == NOW + 590 + 20
+    behind = after_turn(["c"])
+    assert swap_reason("b", behind, [me], NOW, cold_start_s=20).eta == NOW + 27 + 20
+    assert swap_reason("b", behind, [Waiter(model="b", since=NOW - 3)], NOW).eta == 0.0  # no bound: unknown
+    late = Waiter(model="b", since=NOW - 40, max_wait=30)  # past its bound (a drain holds it): about now
+    assert swap_reason("b", behind, [late], NOW, cold_start_s=20).eta == NOW + 20
+
+
 def test_a_starving_waiter_held_back_by_drain_alone_claims_its_victims():
     from router.scheduler import claims, closing
 
