@@ -30,8 +30,8 @@ class WaitBoard:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
-        # model -> (when, (count, claims, blocked, eta)) last written
-        self._written: dict[str, tuple[float, tuple[int, list[str], list[Blocked], float]]] = {}
+        # model -> (when, (count, claims, blocked)) last written
+        self._written: dict[str, tuple[float, tuple[int, list[str], list[Blocked]]]] = {}
 
     def _field(self, model: str) -> str:
         return f"{model}@{self.router_id}"
@@ -39,11 +39,12 @@ class WaitBoard:
     async def put(self, model: str, since: float, count: int, claims: list[str] | None = None,
                   blocked: list[Blocked] | None = None, eta: float = 0.0) -> None:
         """Say that ``count`` requests of this router wait for ``model`` since ``since``, held
-        by ``blocked`` until ``eta`` (written when any of these changed, or every
-        ``WAIT_REFRESH`` s)."""
+        by ``blocked`` until ``eta`` (written when the count, the claims or what blocks it
+        changed, else every ``WAIT_REFRESH`` s: an ETA alone moves with the clock once the
+        model is overdue, and is not worth a write per decision)."""
         now = time.time()
         last = self._written.get(model)
-        what = (count, claims or [], blocked or [], eta)
+        what = (count, claims or [], blocked or [])
         if last is not None and last[1] == what and now - last[0] < WAIT_REFRESH:
             return
         entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=what[1],

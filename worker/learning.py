@@ -251,8 +251,7 @@ class Learner:
         for r in running:
             peak = self._peaks.get(r.model.id) or self._adopted(r)
             before = {} if shares_gpus(r.model.id) else peak.before
-            mine = tree_memory(table, process_tree(r.pid)) if table is not None else None
-            vram, how = measured_vram(r.placement.gpus, before, used, mine)
+            vram, how = measured_vram(r.placement.gpus, before, used, tree_memory(table, process_tree(r.pid)))
             peak.peak = max(peak.peak, vram)
             if how and grew(peak.peak, peak.recorded):
                 await self._record_peak(r, peak, how, names.get(r.placement.gpus[0], ""))

@@ -351,7 +351,7 @@ class ModelProcess:
         run = _Run(proc.pid, placement, f"http://{settings.advertise_host}:{placement.port}", proc)
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
-        self._set(pid=proc.pid, gpus=gpus, vram_mb=placement.vram_mb)
+        self._set(pid=proc.pid)  # its GPUs and VRAM are published from its placement on (``_start_once``)
         return run
 
     async def _await_healthy(self, run: _Run, cancel: asyncio.Future) -> str | None:
