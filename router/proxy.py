@@ -44,7 +44,7 @@ from router.upstream import (
     ConnectFailed, InvalidHeader, Response, Upstream, UpstreamBroken, UpstreamError, UpstreamTimeout,
     forward_headers,
 )
-from router.quotas import Quotas
+from router.quotas import Lease, Quotas
 from router.usage import UsageReporter
 from router.view import ClusterView
 
@@ -152,6 +152,29 @@ class Sink(Protocol):
         """Drop the connection: the body sent so far is known to be incomplete."""
 
 
+class Releasing:
+    """A ``Sink`` that drops a request's concurrency lease (``Quotas.release``) just before the
+    answer's last bytes, so that the client never holds its answer while its key still counts
+    the request as in flight (an answer that ends otherwise, e.g. by an error reply, leaves the
+    lease to ``Quotas.settle``)."""
+
+    __slots__ = ("sink", "quotas", "lease")
+
+    def __init__(self, sink: Sink, quotas: Quotas, lease: Lease) -> None:
+        self.sink, self.quotas, self.lease = sink, quotas, lease
+
+    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        self.sink.begin(status, headers)
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        if last:
+            await self.quotas.release(self.lease)
+        await self.sink.send(data, last)
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
 class ProxyRequest(msgspec.Struct, kw_only=True):
     method: str
     path: str
@@ -197,6 +220,8 @@ class Proxy:
             rec.lease = await self.quotas.admit(rec.caller, len(req.body))
             if rec.lease is not None and rec.lease.counts_tokens:
                 rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
+            if rec.lease is not None and rec.lease.member:
+                sink = Releasing(sink, self.quotas, rec.lease)
         if not entry.fallbacks:
             await self._serve_model(model, name, entry, req, sink, rec, bool(sniffed.stream))
             return

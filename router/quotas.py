@@ -16,7 +16,10 @@ and ``max_concurrent`` (requests in flight). All routers share the counts, in Re
 
 Each request costs one round trip before it is admitted (``ADMIT_SCRIPT``: every check of
 the key and its group, then every increment, atomically: all or nothing) and one after its
-answer, off the client's path (``SETTLE_SCRIPT``: charge the tokens, drop the lease). A key
+answer, off the client's path (``SETTLE_SCRIPT``: charge the tokens). A request's concurrency
+lease is dropped before that, just before the answer's last bytes (``release``, the same script
+with no tokens: on the client's path, else its next request could find the finished one still
+counted). A key
 without limits costs nothing: the proxy does not call in here at all.
 
 Tokens: the usage the answer reported (non-streamed JSON; a stream's usage chunk when the
@@ -164,7 +167,8 @@ class Subject:
 
 
 class Lease:
-    """An admitted request's hold on its subjects, settled once its answer is over."""
+    """An admitted request's hold on its subjects: its concurrency lease dropped before its
+    answer's last bytes (``Quotas.release``), its tokens charged once the answer is over."""
 
     __slots__ = ("member", "subjects", "prompt_estimate")
 
@@ -275,6 +279,18 @@ class Quotas:
             raise ApiError(503, "quotas cannot be checked (Redis unreachable); retry later",
                            "quota_unavailable", {"Retry-After": "1"}) from None
         return None
+
+    async def release(self, lease: Lease) -> None:
+        """Drop ``lease``'s concurrency hold now, before the answer's last bytes go out: a client
+        that has its answer has nothing in flight, and its next request (through any router)
+        must not find the finished one still counted, as it would while ``settle`` is on its
+        way. The tokens are charged later (``settle``, which then has no lease to drop)."""
+        if not lease.member:
+            return
+        member, lease.member = lease.member, ""
+        self._held.pop(member, None)
+        keys = [k for s in lease.subjects for k in (s.window, s.leases)]
+        await self._settle_now(keys, [member, 0, *("0" for _ in lease.subjects)])
 
     def settle(self, lease: Lease, usage: Usage | None, streamed: bool, events: int) -> None:
         """The request is over: charge its tokens and drop its lease, in the background."""

@@ -17,7 +17,7 @@ from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
 from llm_router.protocol import CatalogEntry, Keys
 
-NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio", "ivy")
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
 KEYS_TOML = f"""
 [groups.lab]
@@ -61,6 +61,11 @@ name = "hank"
 key = "{KEYS['hank']}"
 rpm = 7
 max_concurrent = 3
+
+[[keys]]
+name = "ivy"
+key = "{KEYS['ivy']}"
+max_concurrent = 1
 
 [[keys]]
 name = "prio"
@@ -160,6 +165,20 @@ def test_a_burst_through_two_routers_gets_exactly_the_limits(procs, redis_url, e
     assert sorted(results) == [200] * 3 + [429] * 13, results
     statuses = [chat(r, "hank", max_tokens=1).status for r in (r1, r2) * 3]
     assert statuses == [200] * 4 + [429] * 2  # 3 + 4 = 7 per minute
+
+
+def test_a_client_that_has_its_answer_has_nothing_in_flight(procs, redis_url, engine, keys_file) -> None:
+    """A key with ``max_concurrent`` 1, one request after another, alternating routers: the
+    lease of a finished request is dropped before its answer's last bytes, so the next one,
+    sent the moment the answer is in, is never refused as concurrent (it was, now and then,
+    while the lease was dropped after the answer)."""
+    r1, r2 = routers(procs, redis_url, keys_file)
+    statuses = [chat(r, "ivy", max_tokens=1).status for r in (r1, r2) * 25]
+    assert statuses == [200] * 50, statuses
+    for r in (r1, r2) * 5:  # streamed: the same (``stream`` asserts a 200 and the first event)
+        s = stream(r, "ivy", 2)
+        assert s.events_until(lambda ev: ev.get("data") == "[DONE]")[-1]["data"] == "[DONE]"
+        s.close()
 
 
 def test_group_limit_is_shared_by_its_keys(procs, redis_url, engine, keys_file) -> None:
