@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import click
-
-from llm_router import __version__, client, presets
-from llm_router.config import ConfigError, default_config_path, load_config
-from llm_router.redact import redact_argv
-from llm_router.shipped import MissingFile
+from llm_lab_router import __version__, client, presets
+from llm_lab_router.config import ConfigError, default_config_path, load_config
+from llm_lab_router.redact import redact_argv
+from llm_lab_router.shipped import MissingFile
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 redis_option = click.option("--redis", "redis_url", envvar="LLM_ROUTER_REDIS_URL", default=DEFAULT_REDIS,
@@ -42,7 +41,7 @@ def security_options(command):
 
 def _access(host: str, api_keys_file: str | None, admin_keys_file: str | None, read_access: str, insecure: bool):
     """The router's access policy, or exit 2 with one line (bad key file; open on a network)."""
-    from router.auth import AccessPolicy, KeyFileError, KeyRing, startup_refusal
+    from llm_lab_router.router.http.auth import AccessPolicy, KeyFileError, KeyRing, startup_refusal
 
     try:
         ring = KeyRing.load(api_keys_file, admin_keys_file)
@@ -88,10 +87,10 @@ def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str 
     if worker_id:
         cfg.worker.id = worker_id
     if stop_models:
-        from worker.handover import stop_models_now
+        from llm_lab_router.worker.handover import stop_models_now
 
         sys.exit(stop_models_now(cfg))
-    from worker.agent import main as worker_main
+    from llm_lab_router.worker.agent import main as worker_main
 
     sys.exit(worker_main(cfg, redis_url, prefix))
 
@@ -107,12 +106,12 @@ def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str 
 def serve(redis_url: str, prefix: str, host: str, port: int, workers: int, api_keys_file: str | None,
           admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
     """Run a router: the HTTP API, proxying to the models every worker publishes."""
-    from router.app import main as router_main
-    from router.supervisor import worker_count
+    from llm_lab_router.router.http.app import main as router_main
+    from llm_lab_router.router.supervisor import worker_count
 
     access = _access(host, api_keys_file, admin_keys_file, read_access, insecure)
     if (count := worker_count(workers)) > 1:
-        argv = [sys.executable, "-m", "llm_router.cli", "serve", "--prefix", prefix, "--host", host,
+        argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", "--prefix", prefix, "--host", host,
                 "--port", str(port), *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
         sys.exit(_supervise(argv, count, host, port, redis_url))
     sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port, access=access,
@@ -124,8 +123,8 @@ def _supervise(argv: list[str], count: int, host: str, port: int, redis_url: str
     URL goes in the environment, where a password stays out of ``ps``."""
     import logging
 
-    from router.options import RouterOptions
-    from router.supervisor import Supervisor, port_is_free
+    from llm_lab_router.router.core.options import RouterOptions
+    from llm_lab_router.router.supervisor import Supervisor, port_is_free
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -156,7 +155,7 @@ def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, p
        router_workers: int, api_keys_file: str | None, admin_keys_file: str | None, read_access: str,
        insecure: bool) -> None:
     """Run everything on this host: Redis (if none answers), one worker, one router."""
-    from llm_router.up import run_up
+    from llm_lab_router.up import run_up
 
     cfg = _load(config_path)  # fail here, with one line, before anything starts
     _access(host, api_keys_file, admin_keys_file, read_access, insecure)
@@ -181,7 +180,7 @@ def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
     surely fail on this host (a program not on the model's PATH, a missing model file, a
     health path the engine does not serve): one ``error:`` line each, exit status 1.
     Warnings (valid, but probably not what was meant) go to stderr too."""
-    from llm_router.hostcheck import host_problems
+    from llm_lab_router.hostcheck import host_problems
 
     failed = False
     for config_path in config_paths:

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import click
-
-from llm_router.sse import sse_events
+from llm_lab_router.sse import sse_events
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
@@ -165,7 +164,7 @@ def format_log(log: dict) -> str:
 
 
 def describe_wait(reason: dict) -> str:
-    """A model's pending reason (``router/explain.py``) in one line: why, position, the requests
+    """A model's pending reason (``router/control/explain.py``) in one line: why, position, the requests
     waiting on all routers and for how long, ETA."""
     eta, since = float(reason.get("eta") or 0), float(reason.get("since") or 0)
     parts = [str(reason.get("message") or reason.get("kind", "?"))]
@@ -453,8 +452,7 @@ def status(api: Api, as_json: bool, redis_url: str | None) -> None:
 def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
     """The ``redis`` line of ``status`` and its JSON: which node is master, asked now."""
     import redis
-
-    from llm_router.redis_url import describe, redis_nodes
+    from llm_lab_router.redis_url import describe, redis_nodes
 
     try:
         nodes = redis_nodes(url)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
-
-from llm_router.presets import Engine, apply_preset
-from llm_router.protocol import CatalogEntry, Mode, Routing
+from llm_lab_router.presets import Engine, apply_preset
+from llm_lab_router.protocol import CatalogEntry, Mode, Routing
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
@@ -59,7 +58,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     on_demand: bool = True  # start when a request for it arrives
     idle_ttl: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # seconds unused before unload; 0 = never
     max_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0  # per instance; 0 = unlimited
-    # Swap-aware scheduling (router/scheduler.py): once loaded, stay at least min_residency s
+    # Swap-aware scheduling (router/control/scheduler.py): once loaded, stay at least min_residency s
     # before a waiting model may evict it; a request waiting max_wait s overrides residency.
     min_residency: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     max_wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0 = no bound
@@ -227,6 +226,6 @@ def expand_command(model: ModelConfig, profile: DeviceProfile, *, port: int, hos
 def default_config_path() -> Path:
     """The demo config (``examples/models.toml``, shipped with the package): what ``llm-router
     up`` serves by default. Raises ``shipped.MissingFile`` on a broken installation."""
-    from llm_router.shipped import DEMO_CONFIG, shipped
+    from llm_lab_router.shipped import DEMO_CONFIG, shipped
 
     return shipped(DEMO_CONFIG)

@@ -14,8 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from llm_router.config import ModelConfig, expand_command
-from llm_router.presets import PRESETS
+from llm_lab_router.config import ModelConfig, expand_command
+from llm_lab_router.presets import PRESETS
 
 # Engines whose model_path is always a local file; the others also take a Hub id ("org/name").
 LOCAL_FILE_ENGINES = ("llama.cpp", "llama-cpp-python")

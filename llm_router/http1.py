@@ -1,12 +1,12 @@
 """One HTTP/1.1 response parser (sans-IO), shared by the router's engine client
-(router/upstream.py) and the benchmark's load generator (scripts/bench.py).
+(router/forward/upstream.py) and the benchmark's load generator (scripts/bench.py).
 
 Feed it the bytes of one connection as they arrive (``feed``); it says when there is news (the
 head, body bytes, the end) and keeps the de-chunked body bytes in ``body`` until they are taken.
 It does no I/O and no timing: the caller owns the socket, the timeouts and back-pressure.
 
 Why its own parser: the router's engine hop cannot afford a general HTTP client on the hot path
-(router/upstream.py says why), and the benchmark must not measure one either.
+(router/forward/upstream.py says why), and the benchmark must not measure one either.
 
 It does not trust the peer. An engine is a separate process that may run third-party code; a
 response that never ends a line must not grow a buffer without bound nor cost quadratic time

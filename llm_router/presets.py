@@ -45,11 +45,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection, Literal, get_args
 
 import msgspec
-
-from llm_router.protocol import Mode
+from llm_lab_router.protocol import Mode
 
 if TYPE_CHECKING:
-    from llm_router.config import ModelConfig
+    from llm_lab_router.config import ModelConfig
 
 Engine = Literal["command", "llama.cpp", "vllm", "sglang", "tei", "llama-cpp-python"]
 ENGINES: tuple[str, ...] = get_args(Engine)

@@ -20,7 +20,7 @@ llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the send
 llm:events                      pub/sub     worker  JSON ``Event`` on every change
 llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``, bumped with every change
 llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
-llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/quotas.py)
+llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/limits/quotas.py)
 llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
 llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
 llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
@@ -99,11 +99,11 @@ class Keys:
         return f"{self.prefix}used:{model}"
 
     def quota_window(self, scope: str, name: str) -> str:
-        """A key's or group's (``scope``) requests and tokens of the last minute (router/quotas.py)."""
+        """A key's or group's (``scope``) requests and tokens of the last minute (router/limits/quotas.py)."""
         return f"{self.prefix}quota:{scope}:{name}"
 
     def quota_leases(self, scope: str, name: str) -> str:
-        """A key's or group's requests in flight, one lease per request (router/quotas.py)."""
+        """A key's or group's requests in flight, one lease per request (router/limits/quotas.py)."""
         return f"{self.prefix}quota:{scope}:{name}:inflight"
 
     def waiting(self) -> str:
@@ -143,11 +143,11 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     vram_mb: list[int] = []  # per device profile, in order: VRAM per GPU in MiB
     devices: list[list[str]] = []  # per device profile, in order: its devices (cpu, cuda, cuda:N)
     startup_timeout: float = 0.0  # the model's own start timeout (s): routers wait for a start that long
-    routing: Routing = "affinity"  # how routers choose among its running instances (router/affinity.py)
+    routing: Routing = "affinity"  # how routers choose among its running instances (router/forward/affinity.py)
     fallbacks: list[str] = []  # models (ids or aliases) that serve its requests when it cannot
-    min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.scheduler)
+    min_residency: float = 0.0  # s a loaded model stays before a waiting one may evict it (router.control.scheduler)
     max_wait: float = 0.0  # s after which a waiting model overrides residency (0 = no bound)
-    idle_release: float = 0.0  # s unused after which residency ends early (0 = off; router.scheduler)
+    idle_release: float = 0.0  # s unused after which residency ends early (0 = off; router.control.scheduler)
     # Learned on this host (``Learned``): the newest peak VRAM per device profile (0 = not
     # measured), and the typical cold start (s, start to healthy; 0 = never measured): the upper
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
@@ -329,10 +329,10 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     count: int = 1  # requests waiting on this router
     at: float = 0.0
     # Loaded models this starving waiter must evict but whose requests hold them (drain):
-    # every router stops sending them new requests until they are stopped (router.control).
+    # every router stops sending them new requests until they are stopped (router.control.client).
     claims: list[str] = []
     # Why it waits, as this router's scheduler decided last, and when it should be served (unix
-    # time, 0 = unknown): every router shows the same reason for it (router.pending).
+    # time, 0 = unknown): every router shows the same reason for it (router.control.pending).
     blocked: list[Blocked] = []
     eta: float = 0.0
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterable
 
-from llm_router.redis_url import describe as redact_url  # noqa: F401  (the one URL redaction, Sentinel forms too)
+from llm_lab_router.redis_url import describe as redact_url  # noqa: F401  (the one URL redaction, Sentinel forms too)
 
 if TYPE_CHECKING:
-    from llm_router.config import ModelConfig
+    from llm_lab_router.config import ModelConfig
 
 MASK = "***"
 SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credential", "credentials"})

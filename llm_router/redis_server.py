@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from llm_router.lifeline import die_with_parent
-from llm_router.shipped import REDIS_CONF, shipped
+from llm_lab_router.lifeline import die_with_parent
+from llm_lab_router.shipped import REDIS_CONF, shipped
 
 
 def find_redis_server() -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from llm_router.shipped import REDIS_USERS, shipped
+from llm_lab_router.shipped import REDIS_USERS, shipped
 
 ROLES = ("admin", "worker", "router")
 DEFAULT_PREFIX = "llm:"  # the key prefix the shipped patterns name

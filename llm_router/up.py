@@ -24,12 +24,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import redis as redis_sync
-
-from llm_router.lifeline import die_with_parent, stop_group
-from llm_router.redact import redact_url
-from llm_router.redis_server import RedisServer, free_port
-from llm_router.redis_url import parse_sentinel_url, sync_client
-from llm_router.redis_users import PrivateUsers
+from llm_lab_router.lifeline import die_with_parent, stop_group
+from llm_lab_router.redact import redact_url
+from llm_lab_router.redis_server import RedisServer, free_port
+from llm_lab_router.redis_url import parse_sentinel_url, sync_client
+from llm_lab_router.redis_users import PrivateUsers
 
 
 def redis_answers(url: str) -> bool:
@@ -124,7 +123,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix)
             worker_url, router_url = urls["worker"], urls["router"]
         env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
-        cli = [sys.executable, "-m", "llm_router.cli"]
+        cli = [sys.executable, "-m", "llm_lab_router.cli"]
         stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url},
                     stop_signal=signal.SIGINT)
         stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],

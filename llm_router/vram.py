@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from llm_lab_router.config import DeviceProfile
+from llm_lab_router.protocol import DeviceSnapshot
 from msgspec.structs import replace
-
-from llm_router.config import DeviceProfile
-from llm_router.protocol import DeviceSnapshot
 
 NO_ROOM = "no device profile fits this host now"  # how the message of a start that lost on VRAM begins
 

@@ -13,27 +13,26 @@ number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 from __future__ import annotations
 
 import asyncio
-import uuid
 import time
+import uuid
 
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_url import async_client, pooled_client
+from llm_lab_router.router.control.admin import Manager
+from llm_lab_router.router.control.client import ControlClient
+from llm_lab_router.router.control.in_use import UsageReporter
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.core.view import ClusterView
+from llm_lab_router.router.forward.balancer import Balancer
+from llm_lab_router.router.forward.proxy import Proxy
+from llm_lab_router.router.forward.upstream import Upstream
+from llm_lab_router.router.limits.quotas import Quotas
+from llm_lab_router.router.logs.stream import LogStreamer
+from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
+from llm_lab_router.router.observe.metrics import RouterMetrics
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-
-from llm_router.protocol import Keys
-from llm_router.redis_url import async_client, pooled_client
-from router.accesslog import AccessLog, RequestRecord, usage_of
-from router.balancer import Balancer
-from router.control import ControlClient
-from router.logstream import LogStreamer
-from router.manage import Manager
-from router.metrics import RouterMetrics
-from router.options import RouterOptions
-from router.proxy import Proxy
-from router.quotas import Quotas
-from router.upstream import Upstream
-from router.usage import UsageReporter
-from router.view import ClusterView
 
 
 def pooled(redis_url: str, size: int, wait: float) -> Redis:

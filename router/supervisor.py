@@ -14,7 +14,7 @@ the group that never accepts would swallow connections).
   parent exits.
 - No orphans: each child runs in its own session and gets SIGTERM from the kernel when the
   parent dies, however it dies (``lifeline.die_with_parent``).
-- Metrics: the children share a private Prometheus multiprocess directory (router/metrics.py),
+- Metrics: the children share a private Prometheus multiprocess directory (router/observe/metrics.py),
   removed when the parent exits; a dead child's live gauges are dropped (``mark_process_dead``)
   while its counters stay counted.
 - Concurrency limits: child ``i`` of N admits its share of each model's capacity
@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from llm_router.lifeline import die_with_parent, stop_group
+from llm_lab_router.lifeline import die_with_parent, stop_group
 
 log = logging.getLogger("router.supervisor")
 
@@ -54,18 +54,6 @@ def worker_count(requested: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def process_share(capacity: int, index: int, count: int) -> int:
-    """Child ``index`` of ``count``'s part of ``capacity`` concurrent requests.
-
-    The parts add up to ``capacity`` exactly (the first ``capacity % count`` children take one
-    more), so N children admit no more than one process would. Where ``capacity < count`` a
-    child would get 0 (and refuse everything that reaches it): each gets at least 1, so the
-    total is then ``count``. ``capacity <= 0`` (unlimited) stays unlimited."""
-    if capacity <= 0 or count <= 1:
-        return capacity
-    return max(1, capacity // count + (index < capacity % count))
 
 
 def port_is_free(host: str, port: int) -> str | None:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aredis
-
-from llm_router.protocol import Keys
-from llm_router.redis_server import RedisServer
-from worker.logpipe import LogPipe
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_server import RedisServer
+from llm_lab_router.worker.logpipe import LogPipe
 
 LINE = b"chatty 12345: slot 0 | task 12345 | n_past = 1234 | decode ok\n"  # as the mock engine's
 

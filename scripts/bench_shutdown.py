@@ -27,9 +27,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llm_router.protocol import Keys  # noqa: E402
-from llm_router.redis_server import RedisServer, free_port  # noqa: E402
-from worker.agent import SHUTDOWN_TIMEOUT  # noqa: E402
+from llm_lab_router.protocol import Keys  # noqa: E402
+from llm_lab_router.redis_server import RedisServer, free_port  # noqa: E402
+from llm_lab_router.worker.agent import SHUTDOWN_TIMEOUT  # noqa: E402
 
 MOCK = ROOT / "scripts" / "mock_engine.py"
 
@@ -48,7 +48,7 @@ def write_config(path: Path, models: int) -> None:
 def one_run(url: str, config: Path, models: int, wid: str) -> float:
     rds = redis.Redis.from_url(url, decode_responses=True)
     keys = Keys()
-    proc = subprocess.Popen([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(config),
                              "--redis", url, "--worker-id", wid], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(f"/tmp/bs-{wid}.log","w"), start_new_session=True)
     try:

@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
-
-from llm_router.protocol import LOG_APPEND_SCRIPT, LogEntry, log_append_args  # noqa: E402
-from llm_router.redis_server import RedisServer  # noqa: E402
+from llm_lab_router.protocol import LOG_APPEND_SCRIPT, LogEntry, log_append_args  # noqa: E402
+from llm_lab_router.redis_server import RedisServer  # noqa: E402
 
 NO_DISK = ["--appendonly", "no", "--save", ""]
 

@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 import redis as redis_sync
-
-from llm_router.lifeline import die_with_parent, processes_with_env, stop_group
-from llm_router.redis_server import RedisServer, free_port
-from llm_router.redis_users import ROLES, acl_text, with_user as url_with_user
+from llm_lab_router.lifeline import die_with_parent, processes_with_env, stop_group
+from llm_lab_router.redis_server import RedisServer, free_port
+from llm_lab_router.redis_users import ROLES, acl_text
+from llm_lab_router.redis_users import with_user as url_with_user
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"

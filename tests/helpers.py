@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from http.client import HTTPConnection, HTTPMessage
 import itertools
 import json
 import os
@@ -21,16 +20,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPMessage
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import redis as redis_sync
-
 from conftest import MOCK_ENGINE, Processes, role_url, wait_for
-from llm_router.protocol import CatalogEntry, Event, Instance, Keys, WorkerInfo, to_hash, to_json
-from llm_router.redis_server import free_port
-from llm_router.sse import SseEvent, SseParser
+from llm_lab_router.protocol import CatalogEntry, Event, Instance, Keys, WorkerInfo, to_hash, to_json
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.sse import SseEvent, SseParser
 
 ROUTER_ENV = {"LLM_ROUTER_RESYNC_INTERVAL": "0.5"}
 
@@ -153,7 +152,7 @@ def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None
     """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
     ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more options."""
     port = free_port()  # in a namespace the port is surely free too: nothing else binds there
-    argv = [sys.executable, "-m", "llm_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
+    argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
             "--port", str(port), *args]
     if host != "127.0.0.1":
         argv += ["--host", host]
@@ -177,7 +176,7 @@ def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None
 def start_worker(procs: Processes, redis_url: str, config: Path, wid: str,
                  prefix: str | None = None, wrap: Callable[[list[str]], list[str]] = list,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "llm_router.cli", "worker", "--config", str(config),
+    argv = [sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(config),
             "--redis", process_url(redis_url, "worker", prefix), "--worker-id", wid]
     if prefix:
         argv += ["--prefix", prefix]

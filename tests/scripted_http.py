@@ -1,13 +1,13 @@
 """A scripted in-process HTTP server and the router's engine-hop client pointed at it, for the
-tests of router/upstream.py and of the forwarding hot path."""
+tests of router/forward/upstream.py and of the forwarding hot path."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Awaitable, Callable
 
-from router.options import RouterOptions
-from router.upstream import Upstream
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.forward.upstream import Upstream
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import psutil
 import redis as redis_sync
-
 from conftest import REDIS_PASSWORDS, ROOT, acl_text, wait_for
-from llm_router.redis_server import RedisServer
-from llm_router.shipped import REDIS_CONF, shipped
+from llm_lab_router.redis_server import RedisServer
+from llm_lab_router.shipped import REDIS_CONF, shipped
 
 HA_ACL_FILE = ROOT / "examples" / "redis-sentinel-users.acl"
 SERVICE = "llm"

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
-
 from conftest import MOCK_ENGINE, ROOT, wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router, wait_routable
-from llm_router.redis_server import RedisServer, free_port
+from llm_lab_router.redis_server import RedisServer, free_port
 from worker_helpers import KEYS, Worker, alive, model, processes_of, worker  # noqa: F401 (fixture)
 
 COUNTING_ENGINE = '''
@@ -168,7 +167,7 @@ def test_models_nobody_adopts_are_stopped_after_adopt_timeout_and_stay_stopped(w
 def test_stop_models_command_stops_what_a_worker_left_running(worker, procs):
     worker.start([model("m1", auto_start=True)])
     pid = worker.wait_state("m1", "running").pid
-    cli = [sys.executable, "-m", "llm_router.cli", "worker", "--config", str(worker.config), "--worker-id",
+    cli = [sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(worker.config), "--worker-id",
            worker.wid, "--stop-models"]
     busy = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert busy.returncode == 2 and "is running" in busy.stderr and alive(pid)  # its worker is there
@@ -274,7 +273,7 @@ def test_up_ctrl_c_still_stops_the_models_it_started(procs, tmp_path):
     config.write_text(f'[worker]\nid = "{wid}"\nport_range = [{low}, {low + 20}]\n\n[[models]]\nid = "m1"\n'
                       f'command = {json.dumps(model("m1")["command"])}\nauto_start = true\nstop_grace = 1.0\n')
     port = free_port()
-    up = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--config", str(config), "--port", str(port),
+    up = procs.start([sys.executable, "-m", "llm_lab_router.cli", "up", "--config", str(config), "--port", str(port),
                       "--data-dir", str(tmp_path / "data")], name="up", stop_signal=signal.SIGINT)
 
     def running() -> bool:

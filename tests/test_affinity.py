@@ -14,14 +14,24 @@ import sys
 from collections import Counter
 
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    FakeWorker, SseStream, chat_body, engine_stats, get_json, model_block, request, start_router, start_worker,
-    wait_engine, wait_models, wait_routable, write_config,
+    FakeWorker,
+    SseStream,
+    chat_body,
+    engine_stats,
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_engine,
+    wait_models,
+    wait_routable,
+    write_config,
 )
-from llm_router.protocol import CatalogEntry
-from llm_router.redis_server import free_port
+from llm_lab_router.protocol import CatalogEntry
+from llm_lab_router.redis_server import free_port
 from test_metrics import metric
 
 SYSTEM = {"role": "system", "content": "You are a patient assistant. " * 50}

@@ -1,5 +1,5 @@
-"""Prefix-affinity routing and fallback chains as pure functions (router/affinity.py,
-router/fallbacks.py, ``Balancer.choose``); the same behaviour through real routers is in
+"""Prefix-affinity routing and fallback chains as pure functions (router/forward/affinity.py,
+router/forward/fallbacks.py, ``Balancer.choose``); the same behaviour through real routers is in
 tests/test_affinity.py."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import math
 from collections import Counter
 
 import msgspec
-
-from llm_router.protocol import CatalogEntry, Instance
-from router.affinity import AffinityRing, Ring, load_bound, routing_key
-from router.balancer import AFFINITY, LEAST, SPILL, Balancer
-from router.fallbacks import fallback_chain, with_model
+from llm_lab_router.protocol import CatalogEntry, Instance
+from llm_lab_router.router.forward.affinity import AffinityRing, Ring, load_bound, routing_key
+from llm_lab_router.router.forward.balancer import AFFINITY, LEAST, SPILL, Balancer
+from llm_lab_router.router.forward.fallbacks import fallback_chain, with_model
 
 SYSTEM = {"role": "system", "content": "You are helpful. " * 200}
 

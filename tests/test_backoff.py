@@ -7,8 +7,7 @@ import asyncio
 import logging
 
 import redis.exceptions
-
-from llm_router.backoff import Backoff, RedisLink
+from llm_lab_router.backoff import Backoff, RedisLink
 
 
 def test_delays_double_up_to_the_cap_and_reset_after_a_success():

@@ -31,14 +31,14 @@ import click
 import pytest
 import tornado.web
 from click.testing import CliRunner
+from conftest import ROOT, wait_for
+from helpers import STACK_WORKER as WORKER
+from helpers import start_stack
+from llm_lab_router import client
+from llm_lab_router.client import format_log, json_events
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
-
-from conftest import ROOT, wait_for
-from helpers import STACK_WORKER as WORKER, start_stack
-from llm_router import client
-from llm_router.client import format_log, json_events
 
 
 def cli_group() -> click.Group:

@@ -22,14 +22,21 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_sync
-
 from conftest import Processes, wait_for
 from helpers import (
-    Router, SseStream, chat_body, engine_stats, get_json, model_block, request, start_router, start_worker,
+    Router,
+    SseStream,
+    chat_body,
+    engine_stats,
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
     write_config,
 )
-from llm_router.protocol import Keys, log_entry
-from llm_router.redis_server import RedisServer, free_port
+from llm_lab_router.protocol import Keys, log_entry
+from llm_lab_router.redis_server import RedisServer, free_port
 from netbed import NetBed, Node
 
 KEYS = Keys()

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from llm_router.config import ConfigError, DeviceProfile, default_config_path, expand_command, load_config
+from llm_lab_router.config import ConfigError, DeviceProfile, default_config_path, expand_command, load_config
 
 GOOD = """
 [worker]
@@ -117,7 +116,7 @@ def test_unreadable_file(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llm_router.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llm_lab_router.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from llm_router.config import ConfigError, parse_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llm_lab_router.config import ConfigError, parse_config
 
 FIELDS = ["id", "command", "aliases", "mode", "port", "env", "cwd", "health", "startup_timeout", "auto_start",
           "idle_ttl", "max_concurrency", "restart", "devices", "vram_mb", "profiles", "api_key", "owned_by"]

@@ -22,10 +22,10 @@ from typing import Any
 import aiohttp
 import pytest
 import tornado.web
-
 from conftest import ROOT, wait_for
-from helpers import STACK_WORKER as WORKER, start_stack
-from router.dashboard import STATIC_DIR, dashboard_routes
+from helpers import STACK_WORKER as WORKER
+from helpers import start_stack
+from llm_lab_router.router.http.dashboard import STATIC_DIR, dashboard_routes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"

@@ -6,10 +6,9 @@ from __future__ import annotations
 import types
 
 import msgspec
-
-from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, from_json, to_json
-from router.devices import cpu_summary, cuda_summary, host_detail
-from worker.devices import DeviceProbe
+from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, from_json, to_json
+from llm_lab_router.router.control.device_report import cpu_summary, cuda_summary, host_detail
+from llm_lab_router.worker.devices import DeviceProbe
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

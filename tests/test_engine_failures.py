@@ -11,8 +11,8 @@ import sys
 
 from conftest import ROOT
 from helpers import chat_body, request
-from llm_router.config import parse_config
-from llm_router.hostcheck import find_program, host_problems
+from llm_lab_router.config import parse_config
+from llm_lab_router.hostcheck import find_program, host_problems
 from worker_helpers import model, processes_of, worker  # noqa: F401  (the fixture)
 
 
@@ -109,7 +109,7 @@ def test_config_check_fails_on_what_will_surely_fail_here(tmp_path):
     path = tmp_path / "host.toml"
     path.write_text('[[models]]\nid = "m"\nengine = "llama.cpp"\nmodel_path = "/no/such.gguf"\n'
                     f'env = {{ PATH = "{tmp_path}" }}\n')
-    run = [sys.executable, "-m", "llm_router.cli", "config", "check"]
+    run = [sys.executable, "-m", "llm_lab_router.cli", "config", "check"]
     done = subprocess.run([*run, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [

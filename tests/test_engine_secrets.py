@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import psutil
-
 from conftest import MOCK_ENGINE, ROOT, role_url, wait_for
 from helpers import model_block, request, start_router, start_worker, wait_models, write_config
-from llm_router.protocol import Instance, Keys, from_hash, log_entry
-from llm_router.redact import Redactor, redact_argv, redact_url, secret_name
-from worker.engine_env import engine_env
+from llm_lab_router.protocol import Instance, Keys, from_hash, log_entry
+from llm_lab_router.redact import Redactor, redact_argv, redact_url, secret_name
+from llm_lab_router.worker.engine_env import engine_env
 
 KEYS = Keys()
 
@@ -62,7 +61,7 @@ def test_redact_argv_masks_both_spellings_and_nothing_else() -> None:
 
 
 def test_redactor_scrubs_a_models_secrets_from_free_text() -> None:
-    from llm_router.config import parse_config
+    from llm_lab_router.config import parse_config
 
     cfg = parse_config('[[models]]\nid = "m"\napi_key = "sk-model-key"\n'
                        'command = ["srv", "--api-key", "sk-flag-key", "--hf-token=hf_tok3n", "--port", "1234"]\n'
@@ -152,7 +151,7 @@ def test_engine_secrets_are_masked_in_logs_replies_and_the_api(procs, redis_url,
 
 def test_config_check_masks_secret_flags(tmp_path: Path) -> None:
     config = write_config(tmp_path / "check.toml", secret_model("keyed"))
-    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "config", "check", str(config)],
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "config", "check", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "--api-key '***'" in done.stdout and "--hf-token=***" in done.stdout, done.stdout

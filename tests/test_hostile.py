@@ -14,15 +14,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
+    FakeWorker,
+    SseStream,
+    chat_body,
+    engine_stats,
+    get_json,
+    request,
+    start_router,
+    wait_engine,
+    wait_routable,
 )
-from llm_router.protocol import CatalogEntry
+from llm_lab_router.protocol import CatalogEntry
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.forward.proxy import sniff
 from raw_engine import OK_BODY, RawEngine, engine  # noqa: F401  (engine: the fixture)
-from router.proxy import sniff
-from router.responses import ApiError
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
 GOOD = CatalogEntry(id="good", aliases=[], mode="chat", on_demand=False)

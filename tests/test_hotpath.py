@@ -1,7 +1,7 @@
 """The forwarding hot path's cheaper mechanisms keep their guarantees: the shared body and head
-deadlines (router/slowbody.py) still cut off a slow body, a slow head and an idle connection,
+deadlines (router/http/slowbody.py) still cut off a slow body, a slow head and an idle connection,
 TCP_NODELAY stays on, and a pooled connection to a host that stopped answering is not retried
-on the same host (router/upstream.py)."""
+on the same host (router/forward/upstream.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import time
 
 import pytest
 import tornado.web
-from tornado.netutil import bind_sockets
-
 from helpers import request, start_router
-from router.slowbody import BodyTimeoutServer
-from router.upstream import ConnectFailed
+from llm_lab_router.router.forward.upstream import ConnectFailed
+from llm_lab_router.router.http.slowbody import BodyTimeoutServer
 from scripted_http import Server, client, fetch, ok, read_request, run
+from tornado.netutil import bind_sockets
 
 
 @tornado.web.stream_request_body

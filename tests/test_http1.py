@@ -15,10 +15,9 @@ from typing import NamedTuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from llm_router.http1 import MAX_CHUNK_LINE, MAX_HEAD, MAX_INTERIM, MAX_TRAILERS, ProtocolError, ResponseParser
-from router.options import RouterOptions
-from router.upstream import PAUSE_AT, Upstream
+from llm_lab_router.http1 import MAX_CHUNK_LINE, MAX_HEAD, MAX_INTERIM, MAX_TRAILERS, ProtocolError, ResponseParser
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.forward.upstream import PAUSE_AT, Upstream
 
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -210,7 +209,7 @@ def test_garbage_is_a_protocol_error_or_waits_within_the_bounds(start: bytes, re
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 200_000), min_size=8, max_size=30), st.integers(0, 8), st.integers(0, 2**32))
 def test_a_reader_behind_pauses_the_engine_and_resumes_it(sizes: list[int], big_at: int, seed: int) -> None:
-    """Through the router's client (router/upstream.py): a body written faster than it is read
+    """Through the router's client (router/forward/upstream.py): a body written faster than it is read
     pauses reading from the engine once ``PAUSE_AT`` bytes wait, resumes on the next read, and
     arrives whole and in order; the connection then goes back to the pool."""
     sizes = sizes[:big_at] + [PAUSE_AT + 1] + sizes[big_at:]  # at least one pause

@@ -10,17 +10,16 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from conftest import wait_for
 from fake_nvml import FAKE_DIR_ENV, NO_PROCESSES_ENV, fake_gpu_env, set_claim
 from helpers import get_json, model_block, request, start_router, start_worker, write_config
-from llm_router.config import DeviceProfile
-from llm_router.protocol import CatalogEntry, Instance, Keys, Learned, from_json, log_entry, to_json
-from llm_router.vram import effective_profiles
-from router.explain import retry_after, starting_reason
-from router.placement import profiles_of
+from llm_lab_router.config import DeviceProfile
+from llm_lab_router.protocol import CatalogEntry, Instance, Keys, Learned, from_json, log_entry, to_json
+from llm_lab_router.router.control.explain import retry_after, starting_reason
+from llm_lab_router.router.control.host_rank import profiles_of
+from llm_lab_router.vram import effective_profiles
+from llm_lab_router.worker.learning import grew, measured_vram, tree_memory, typical_cold_start
 from test_placement import instances, uid, wait_devices
-from worker.learning import grew, measured_vram, tree_memory, typical_cold_start
 
 
 def test_measured_vram_prefers_nvml_per_process_else_the_growth_of_used_memory():

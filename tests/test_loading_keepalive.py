@@ -1,5 +1,5 @@
 """A streamed request for a model that must start first: the SSE head and keep-alive comments
-at once and during the load (router/loading.py), then the engine's stream; failures become an
+at once and during the load (router/forward/loading_stream.py), then the engine's stream; failures become an
 error event. Real router, worker and mock engine (``--startup-delay 2``, keep-alive 0.5 s)."""
 
 from __future__ import annotations
@@ -12,10 +12,17 @@ from dataclasses import dataclass
 
 import openai
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    Router, SseStream, chat_body, model_block, request, start_router, start_worker, wait_models, wait_status,
+    Router,
+    SseStream,
+    chat_body,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    wait_status,
     write_config,
 )
 
@@ -54,7 +61,7 @@ def test_streamed_request_gets_the_head_and_comments_while_the_model_loads(clust
     comments = [ev for ev in events if "comment" in ev]
     first_data = next(i for i, ev in enumerate(events) if "data" in ev)
     assert len(comments) >= 2 and comments[0] == {"comment": "loading model 'lazy'"}
-    # later ones say why it waits: the model is starting (router/explain.py)
+    # later ones say why it waits: the model is starting (router/control/explain.py)
     prefix = "loading model 'lazy' "
     assert all(c["comment"].startswith(prefix) for c in comments[1:])
     assert all(json.loads(c["comment"][len(prefix):])["kind"] == "starting" for c in comments[1:])

@@ -12,12 +12,18 @@ import time
 
 import psutil
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    FakeWorker, SseStream, model_block, request, start_router, start_worker, wait_models, write_config,
+    FakeWorker,
+    SseStream,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    write_config,
 )
-from llm_router.protocol import CatalogEntry, Keys, LogEntry, log_fields
+from llm_lab_router.protocol import CatalogEntry, Keys, LogEntry, log_fields
 
 KEYS = Keys()
 CHAT = CatalogEntry(id="chat", aliases=["chat", "gpt-3.5-turbo"])

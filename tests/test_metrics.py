@@ -8,12 +8,11 @@ import re
 import uuid
 
 import pytest
-
 from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, request, start_router, wait_engine, wait_routable
-from llm_router.protocol import CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, to_json
-from router.accesslog import RequestRecord, usage_from_tail
-from router.metrics import route_label
+from llm_lab_router.protocol import CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, to_json
+from llm_lab_router.router.observe.accesslog import RequestRecord, usage_from_tail
+from llm_lab_router.router.observe.metrics import route_label
 
 CHAT = CatalogEntry(id="chat", aliases=["chat", "gpt-3.5-turbo"], mode="chat", on_demand=False)
 SECRET_PROMPT = "purple-elephant-prompt-text"

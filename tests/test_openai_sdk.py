@@ -10,10 +10,9 @@ import os
 
 import openai
 import pytest
-
 from conftest import Processes
 from helpers import DEMO_MODELS, model_block, start_router, start_worker, wait_models, write_config
-from llm_router.redis_server import RedisServer
+from llm_lab_router.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Query parameters (router/query.py): absent takes the default, present must be valid.
+"""Query parameters (router/http/query.py): absent takes the default, present must be valid.
 
 Empty, blank or non-ASCII values are a 400 naming the parameter and change nothing in Redis;
 they were read as "absent" (``keep_minutes=`` cleared a model's whole log, ``wait=`` started
@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from helpers import FakeWorker, request, start_router
-from llm_router.protocol import CatalogEntry, Keys, LogEntry, log_fields
-from router.options import RouterOptions
-from router.query import MAX_COUNT, U64, route_params
-from router.responses import ApiError
+from llm_lab_router.protocol import CatalogEntry, Keys, LogEntry, log_fields
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.http.query import MAX_COUNT, U64, route_params
 
 KEYS = Keys()
 CHAT = CatalogEntry(id="chat", aliases=["chat"])

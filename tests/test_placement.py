@@ -12,14 +12,21 @@ import time
 import uuid
 
 import psutil
-
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
 from helpers import (
-    SseStream, chat_body, get_json, model_block, request, start_router, start_worker, wait_models, wait_status,
+    SseStream,
+    chat_body,
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    wait_status,
     write_config,
 )
-from llm_router.protocol import Keys, log_entry, usage_of
+from llm_lab_router.protocol import Keys, log_entry, usage_of
 
 SLOW = ["--tokens-per-second", "4", "--max-tokens", "400"]  # a stream that lasts as long as a test needs
 

@@ -5,17 +5,32 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from llm_router.protocol import (
-    USED_LAST, CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Instance, ModelUsage, RouterUsage, to_json,
+from llm_lab_router.protocol import (
+    USED_LAST,
+    CatalogEntry,
+    CpuInfo,
+    CudaInfo,
+    DeviceSnapshot,
+    GpuInfo,
+    Instance,
+    ModelUsage,
+    RouterUsage,
+    to_json,
     usage_of,
 )
-from llm_router.vram import Held, free_vram
-from router.control import start_order
-from router.limits import Limits
-from router.placement import Eviction, host_free, no_room_message, plan_eviction, profiles_of, rank_hosts
-from router.responses import ApiError
-from worker.idle import idle_models
+from llm_lab_router.router.control.client import start_order
+from llm_lab_router.router.control.host_rank import (
+    Eviction,
+    host_free,
+    no_room_message,
+    plan_eviction,
+    profiles_of,
+    rank_hosts,
+)
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.limits.concurrency import Limits
+from llm_lab_router.vram import Held, free_vram
+from llm_lab_router.worker.idle import idle_models
 
 
 def snap(wid: str, *free_mib: int, total: int = 24000) -> DeviceSnapshot:

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import MOCK_ENGINE, ROOT, wait_for
 from helpers import get_json
-from llm_router.config import ConfigError, parse_config
-from llm_router.presets import warnings
+from llm_lab_router.config import ConfigError, parse_config
+from llm_lab_router.presets import warnings
 from worker_helpers import worker  # noqa: F401  (the fixture)
 
 
@@ -79,7 +78,7 @@ def test_every_example_passes_config_check():
     examples = sorted(str(p) for p in (ROOT / "examples").glob("*.toml"))
     assert {Path(p).name for p in examples} >= {"llama-cpp.toml", "vllm.toml", "sglang.toml", "tei.toml",
                                                 "llama-cpp-python.toml"}
-    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "config", "check", "--portable", *examples],
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "config", "check", "--portable", *examples],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr
     for path in examples:

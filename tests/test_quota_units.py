@@ -1,5 +1,5 @@
-"""Units of the fair model queue (router/limits.py), the structured keys file (router/auth.py)
-and the token count a quota charges (router/quotas.py)."""
+"""Units of the fair model queue (router/limits/concurrency.py), the structured keys file (router/http/auth.py)
+and the token count a quota charges (router/limits/quotas.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import hashlib
 import json
 
 import pytest
-
-from llm_router.protocol import Keys
-from router.accesslog import Usage
-from router.auth import KeyFileError, KeyRing, LimitSpec, Role, parse_structured_keys, read_key_file
-from router.limits import Limits
-from router.quotas import Lease, refusal, subjects_of, tokens_used
+from llm_lab_router.protocol import Keys
+from llm_lab_router.router.http.auth import KeyFileError, KeyRing, Role, parse_structured_keys, read_key_file
+from llm_lab_router.router.limits.concurrency import Limits
+from llm_lab_router.router.limits.profile import LimitSpec
+from llm_lab_router.router.limits.quotas import Lease, refusal, subjects_of, tokens_used
+from llm_lab_router.router.observe.accesslog import Usage
 
 A_KEY = "a-key-0123456789abcdef"
 B_KEY = "b-key-0123456789abcdef"

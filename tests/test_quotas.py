@@ -1,5 +1,5 @@
-"""Per-key quotas across routers (router/quotas.py) and fair queuing across keys
-(router/limits.py), end to end: real routers sharing the session Redis, a real mock engine
+"""Per-key quotas across routers (router/limits/quotas.py) and fair queuing across keys
+(router/limits/concurrency.py), end to end: real routers sharing the session Redis, a real mock engine
 announced by ``FakeWorker``, keys from a real TOML keys file."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
-from llm_router.protocol import CatalogEntry, Keys
+from llm_lab_router.protocol import CatalogEntry, Keys
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio", "ivy")
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
@@ -252,8 +251,8 @@ def test_keys_without_limits_cost_redis_nothing_and_plain_files_work(procs, redi
 
 
 def test_redis_down_fails_open_or_closed(procs, tmp_path, mock_engine, keys_file) -> None:
-    from llm_router.redis_server import RedisServer
     import redis as redis_sync
+    from llm_lab_router.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis", extra=["--appendonly", "no"])
     server.start()
@@ -287,7 +286,7 @@ def test_redis_down_fails_open_or_closed(procs, tmp_path, mock_engine, keys_file
 def test_a_bad_keys_file_stops_the_router_with_one_line(tmp_path, body, message) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(body)
-    done = subprocess.run([sys.executable, "-m", "llm_router.cli", "serve", "--api-keys-file", str(path)],
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--api-keys-file", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and str(path) in done.stderr and message in done.stderr, done.stderr

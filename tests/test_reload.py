@@ -6,11 +6,11 @@ import os
 import signal
 
 from conftest import wait_for
-from llm_router.config import parse_config
-from llm_router.protocol import CatalogEntry, from_json
+from llm_lab_router.config import parse_config
+from llm_lab_router.protocol import CatalogEntry, from_json
+from llm_lab_router.worker.idle import poll_interval
+from llm_lab_router.worker.reload import plan_reload
 from worker_helpers import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
-from worker.idle import poll_interval
-from worker.reload import plan_reload
 
 BASE = """
 [[models]]

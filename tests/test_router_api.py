@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
 from conftest import wait_for
 from helpers import (
-    DEMO_MODELS, Router, SseStream, chat_body, get_json, model_block, request, start_router, start_worker,
-    wait_models, wait_status, write_config,
+    DEMO_MODELS,
+    Router,
+    SseStream,
+    chat_body,
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    wait_status,
+    write_config,
 )
-from llm_router.protocol import Keys, LogEntry, log_fields
+from llm_lab_router.protocol import Keys, LogEntry, log_fields
 
 # Worker ids are per host: a concurrent suite's worker with the same id would refuse ours.
 W1 = f"w{os.getpid()}"

@@ -12,13 +12,20 @@ import socket
 
 import msgspec
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    FakeWorker, SseStream, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable,
+    FakeWorker,
+    SseStream,
+    chat_body,
+    engine_stats,
+    get_json,
+    request,
+    start_router,
+    wait_engine,
+    wait_routable,
 )
-from llm_router.protocol import CatalogEntry
-from llm_router.redis_server import RedisServer, free_port
+from llm_lab_router.protocol import CatalogEntry
+from llm_lab_router.redis_server import RedisServer, free_port
 
 CHAT = CatalogEntry(id="chat", aliases=["chat", "gpt-3.5-turbo"], mode="chat", on_demand=False)
 EMBED = CatalogEntry(id="embed", aliases=["embed", "ada"], mode="embedding", on_demand=False)
@@ -314,10 +321,10 @@ def test_shutdown_lets_a_stream_in_flight_finish(procs, redis_url, fake, mock_en
 
 
 def test_only_forwarded_v1_requests_take_the_lean_path() -> None:
-    """router/forwarding.py takes the proxy's /v1 requests; the router's own /v1 routes and
+    """router/http/exchange.py takes the proxy's /v1 requests; the router's own /v1 routes and
     methods the proxy does not take stay with the Tornado application."""
-    from router.app import own_v1_routes
-    from router.forwarding import Dispatcher
+    from llm_lab_router.router.http.app import own_v1_routes
+    from llm_lab_router.router.http.exchange import Dispatcher
 
     d = Dispatcher(None, None, None, own_v1_routes())  # type: ignore[arg-type]
     assert d.forwards("POST", "/v1/chat/completions") and d.forwards("HEAD", "/v1/embeddings")

@@ -8,17 +8,22 @@ import time
 
 import msgspec
 import pytest
-
-from llm_router.protocol import CatalogEntry, Event, Instance, Keys, Reply, WorkerInfo
-from router.app import redact
-from router.balancer import Balancer, least_outstanding
-from router.control import ControlError, choose_worker, describe_failure, merged_models, start_outcome
-from router.logstream import LogEvent, sse
-from router.manage import clear_message
-from router.options import RouterOptions
-from router.proxy import mode_error, sniff, stream_error_event
-from router.responses import ApiError, as_api_error, encode, error_body
-from router.view import ClusterView, Snapshot, follows, model_status
+from llm_lab_router.protocol import CatalogEntry, Event, Instance, Keys, Reply, WorkerInfo
+from llm_lab_router.router.control.admin import clear_message
+from llm_lab_router.router.control.client import (
+    ControlError,
+    choose_worker,
+    describe_failure,
+    merged_models,
+    start_outcome,
+)
+from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.core.view import ClusterView, Snapshot, follows, model_status
+from llm_lab_router.router.forward.balancer import Balancer, least_outstanding
+from llm_lab_router.router.forward.proxy import mode_error, sniff, stream_error_event
+from llm_lab_router.router.http.app import redact
+from llm_lab_router.router.logs.stream import LogEvent, sse
 
 
 def inst(model: str, worker: str, state: str = "running", url: str | None = None, updated_at: float = 1.0,
@@ -318,7 +323,7 @@ def test_view_reads_a_worker_again_only_when_its_version_skips() -> None:
 def test_cluster_metrics_follow_changes_after_being_cached() -> None:
     """Each worker's lines are cached until its records change (by identity): a new state, a
     worker that leaves, must show at the next scrape."""
-    from router.cluster_metrics import ClusterMetrics
+    from llm_lab_router.router.observe.cluster_metrics import ClusterMetrics
 
     view = ClusterView(None, Keys())  # type: ignore[arg-type]
     view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1", "stopped"), inst("chat", "w2")]))

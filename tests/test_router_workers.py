@@ -16,13 +16,19 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-
 from conftest import wait_for
 from helpers import (
-    FakeWorker, Router, SseStream, chat_body, engine_stats, request, start_router, wait_engine,
+    FakeWorker,
+    Router,
+    SseStream,
+    chat_body,
+    engine_stats,
+    request,
+    start_router,
+    wait_engine,
 )
-from llm_router.protocol import USED_ROUTER, CatalogEntry, Keys
-from router.supervisor import process_share
+from llm_lab_router.protocol import USED_ROUTER, CatalogEntry, Keys
+from llm_lab_router.router.limits.concurrency import process_share
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
 
@@ -169,7 +175,7 @@ def test_a_busy_port_is_refused_before_any_process_starts(redis_url) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "llm_router.cli", "serve", "--redis", redis_url, "--port",
+        done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", redis_url, "--port",
                                str(port), "--workers", "2"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr

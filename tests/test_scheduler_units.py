@@ -1,14 +1,23 @@
-"""Swap-aware scheduling decisions as pure functions (router/scheduler.py): residency, drain,
+"""Swap-aware scheduling decisions as pure functions (router/control/scheduler.py): residency, drain,
 batching, turn and starvation, and the plain LRU policy kept for comparison."""
 
 from __future__ import annotations
 
 import msgspec
-
-from llm_router.protocol import CatalogEntry, ModelUsage, WaitEntry
-from router.pending import line_reason
-from router.placement import Eviction
-from router.scheduler import Blocked, Waiter, after_turn, ahead_of, decide_swap, free_room_for, in_line, merge_waiters, starving
+from llm_lab_router.protocol import CatalogEntry, ModelUsage, WaitEntry
+from llm_lab_router.router.control.host_rank import Eviction
+from llm_lab_router.router.control.pending import line_reason
+from llm_lab_router.router.control.scheduler import (
+    Blocked,
+    Waiter,
+    after_turn,
+    ahead_of,
+    decide_swap,
+    free_room_for,
+    in_line,
+    merge_waiters,
+    starving,
+)
 from test_placement_units import entry, inst, snap
 
 NOW = 1000.0
@@ -133,9 +142,9 @@ def test_a_model_starting_or_stopping_in_the_way_means_wait_not_no_room():
 
 
 def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
-    from router.control import ControlError, start_failed
-    from router.explain import retry_after, swap_reason
-    from router.responses import error_body, encode
+    from llm_lab_router.router.control.client import ControlError, start_failed
+    from llm_lab_router.router.control.explain import retry_after, swap_reason
+    from llm_lab_router.router.core.errors import encode, error_body
 
     d = decide(instances=loaded(started_at=NOW - 10), residency={"a": 60})
     reason = swap_reason("b", d, [Waiter(model="b", since=NOW - 3, count=4)], NOW, cold_start_s=20)
@@ -153,7 +162,7 @@ def test_a_swap_wait_is_explained_with_its_eta_and_retry_after():
 def test_a_wait_with_max_wait_has_an_eta_by_its_starvation_bound():
     """Starving, a model goes first and residency stops counting: its ETA is the sooner of the
     residency's end and its max_wait, and a model behind another (``turn``) gets one too."""
-    from router.explain import swap_reason
+    from llm_lab_router.router.control.explain import swap_reason
 
     held = decide(instances=loaded(started_at=NOW - 10), residency={"a": 600})  # residency ends at NOW + 590
     me = Waiter(model="b", since=NOW - 3, count=1, max_wait=30)
@@ -167,7 +176,7 @@ def test_a_wait_with_max_wait_has_an_eta_by_its_starvation_bound():
 
 
 def test_a_starving_waiter_held_back_by_drain_alone_claims_its_victims():
-    from router.scheduler import claims, closing
+    from llm_lab_router.router.control.scheduler import claims, closing
 
     busy = {"a": ModelUsage(inflight=1)}
     hungry = Waiter(model="b", since=NOW - 100, max_wait=60)
@@ -212,7 +221,7 @@ def test_a_models_own_instance_still_stopping_means_wait_not_no_room():
 
 
 def test_every_router_rebuilds_the_same_pending_line_from_llm_waiting():
-    """``router.pending.line_reason``: what a router with no request waiting for ``b`` shows —
+    """``router.control.pending.line_reason``: what a router with no request waiting for ``b`` shows —
     the requests of all live routers, the earliest since, the position in the line, what the
     freshest entry's decision says blocks it, and its ETA; behind another model: its turn."""
     held = [Blocked(kind="residency", model="a", until=NOW + 50)]
@@ -234,7 +243,7 @@ def test_every_router_rebuilds_the_same_pending_line_from_llm_waiting():
 def test_an_entry_of_a_router_before_the_published_decision_still_reads():
     """``WaitEntry.blocked``/``eta`` are optional: an older router's entry decodes (no reason
     known: "waiting for room", no ETA), and an older router ignores the new fields."""
-    from llm_router.protocol import from_json, to_json
+    from llm_lab_router.protocol import from_json, to_json
 
     old = from_json(b'{"model": "b", "router": "r0", "since": 980.0, "count": 2, "at": 999.0, "claims": []}', WaitEntry)
     got = line_reason("b", [old], loaded(), {}, NOW, stale=10)

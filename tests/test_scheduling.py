@@ -15,10 +15,9 @@ import time
 from typing import Iterator
 
 import msgspec
-
 from conftest import wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router
-from llm_router.protocol import Keys, WaitEntry, from_json, log_entry
+from llm_lab_router.protocol import Keys, WaitEntry, from_json, log_entry
 from test_placement import gpu_model, gpu_worker, instances, running_on, uid, wait_devices
 
 
@@ -155,7 +154,7 @@ def test_every_wait_explained_no_room_queue_keepalive_info_and_status(procs, red
         card = next(m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] == b)
         assert card["pending"]["kind"] == "queued"
         assert all("pending" not in m for m in get_json(f"{router.url}/v1/models")["data"] if m["id"] != b)
-        out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", router.url],
+        out = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "status", "--url", router.url],
                              capture_output=True, text=True, timeout=30)
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("waiting"))
         assert b in line and "min_residency" in line and "ETA" in line, out.stdout
@@ -242,7 +241,7 @@ def test_every_router_shows_the_same_pending_line(procs, redis_url, tmp_path):
         assert got["since"] <= time.time() and "min_residency" in got["message"], got
         card = next(m for m in get_json(f"{r2.url}/v1/models")["data"] if m["id"] == b)
         assert card["pending"]["position"] == 1 and card["pending"]["blocked"] == got["blocked"]
-        out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", r2.url],
+        out = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "status", "--url", r2.url],
                              capture_output=True, text=True, timeout=30)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("waiting")), "")
         assert b in line and "position 1" in line and "1 request(s) waiting for " in line and "ETA" in line, out.stdout

@@ -1,6 +1,6 @@
 """API keys, the non-loopback start refusal, upstream credentials and header filtering.
 
-Unit tests for ``router.auth`` first, then real router processes with keys on.
+Unit tests for ``router.http.auth`` first, then real router processes with keys on.
 """
 
 from __future__ import annotations
@@ -10,15 +10,22 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, role_url, wait_for
 from helpers import FakeWorker, chat_body, request, start_router, wait_routable
-from llm_router.protocol import CatalogEntry, Keys, command_of
-from llm_router.redis_server import free_port
+from llm_lab_router.protocol import CatalogEntry, Keys, command_of
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.forward.upstream import forward_headers
+from llm_lab_router.router.http.auth import (
+    AccessPolicy,
+    KeyFileError,
+    KeyRing,
+    Role,
+    parse_keys,
+    required_role,
+    startup_refusal,
+)
 from raw_engine import engine  # noqa: F401  (the fixture)
-from router.auth import AccessPolicy, KeyFileError, KeyRing, Role, parse_keys, required_role, startup_refusal
-from router.responses import ApiError
-from router.upstream import forward_headers
 
 CLIENT_KEY = "client-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
@@ -136,7 +143,7 @@ def test_keys_on_a_live_router(keyed, procs, engine) -> None:
     assert f"authorization: bearer {ENGINE_KEY}".lower() in head
     assert CLIENT_KEY not in head and "cookie" not in head and "x-hop" not in head
     # The CLI client sends LLM_ROUTER_API_KEY.
-    cli = [sys.executable, "-m", "llm_router.cli", "models", "--url", url]
+    cli = [sys.executable, "-m", "llm_lab_router.cli", "models", "--url", url]
     assert subprocess.run(cli, capture_output=True, env=_env(LLM_ROUTER_API_KEY=CLIENT_KEY), cwd=ROOT).returncode == 0
     denied = subprocess.run(cli, capture_output=True, text=True, env=_env(), cwd=ROOT)
     assert denied.returncode != 0 and "API key" in denied.stderr
@@ -161,7 +168,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("command", ["serve", "up"])
 def test_non_loopback_without_keys_refuses_to_start(command, tmp_path) -> None:
-    argv = [sys.executable, "-m", "llm_router.cli", command, "--host", "0.0.0.0", "--port", str(free_port())]
+    argv = [sys.executable, "-m", "llm_lab_router.cli", command, "--host", "0.0.0.0", "--port", str(free_port())]
     if command == "up":
         argv += ["--data-dir", str(tmp_path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=_env(), cwd=ROOT)
@@ -173,7 +180,7 @@ def test_non_loopback_without_keys_refuses_to_start(command, tmp_path) -> None:
 
 def test_insecure_flag_lets_it_start(procs, redis_url) -> None:
     port = free_port()
-    proc = procs.start([sys.executable, "-m", "llm_router.cli", "serve", "--redis", role_url(redis_url, "router"),
+    proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", role_url(redis_url, "router"),
                         "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure")
 
     def up() -> bool:

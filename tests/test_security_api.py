@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 
 import tornado.web
-
 from helpers import get_json, start_router
-from router.app import ROUTES
-from router.handlers import ProxyHandler
-from router.openapi import document
-from router.options import RouterOptions
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.http.app import ROUTES
+from llm_lab_router.router.http.handlers import ProxyHandler
+from llm_lab_router.router.http.openapi import document
 
 DOCUMENT = document(RouterOptions())
 METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
@@ -34,7 +33,7 @@ def handler_for(path: str) -> type:
 def test_every_route_is_documented_and_every_documented_path_is_routed() -> None:
     paths = DOCUMENT["paths"]
     for pattern, handler in ROUTES:
-        assert any(re.fullmatch(pattern, concrete(p)) for p in paths), f"route {pattern} is not in router/openapi.py"
+        assert any(re.fullmatch(pattern, concrete(p)) for p in paths), f"route {pattern} is not in router/http/openapi.py"
     for path, operations in paths.items():
         handler = handler_for(path)
         if handler is not ProxyHandler:  # the proxy takes any method; the document names the main ones

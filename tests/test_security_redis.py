@@ -8,11 +8,20 @@ import uuid
 
 import pytest
 import redis as redis_sync
-
 from conftest import role_url, wait_for
-from helpers import DEMO_MODELS, SseStream, chat_body, process_url, request, start_router, start_worker, \
-    wait_models, wait_status, write_config
-from llm_router.protocol import Keys
+from helpers import (
+    DEMO_MODELS,
+    SseStream,
+    chat_body,
+    process_url,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    wait_status,
+    write_config,
+)
+from llm_lab_router.protocol import Keys
 
 
 def acl_log(rds: redis_sync.Redis) -> list:

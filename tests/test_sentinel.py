@@ -21,15 +21,23 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
-
 from conftest import Processes, role_url, wait_for
-from helpers import DEMO_MODELS, chat_body, get_json, model_block, request, start_router, start_worker, \
-    wait_routable, write_config
-from llm_router.protocol import Keys
-from llm_router.redis_server import free_port
-from llm_router.redis_url import async_client, describe, parse_sentinel_url, redis_nodes, sync_client
+from helpers import (
+    DEMO_MODELS,
+    chat_body,
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_routable,
+    write_config,
+)
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.redis_url import async_client, describe, parse_sentinel_url, redis_nodes, sync_client
+from llm_lab_router.worker.logpipe import LogPipe
 from sentinel_bed import SentinelBed, wait_new_master
-from worker.logpipe import LogPipe
 
 # What workers and routers send (writes and reads); none of it may run on a returning old master.
 OUR_COMMANDS = ("hset", "pexpire", "expire", "set", "del", "xadd", "evalsha", "eval", "lpush", "xack",
@@ -104,14 +112,14 @@ def test_clients_reach_the_master_the_sentinels_name(clean: SentinelBed) -> None
 def test_up_on_sentinel_and_status_shows_the_master(clean: SentinelBed, procs: Processes, tmp_path: Path) -> None:
     config = write_config(tmp_path / "models.toml", *DEMO_MODELS, id=f"up-{uuid.uuid4().hex[:6]}")
     port = free_port()
-    up = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--config", str(config),
+    up = procs.start([sys.executable, "-m", "llm_lab_router.cli", "up", "--config", str(config),
                       "--redis", clean.url("admin"), "--port", str(port)], name="up")
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(f"{url}/health"), timeout=30, message="up's router")
     assert "using Redis at redis+sentinel://admin:***@" in procs.log(up)
     assert get_json(f"{url}/health")["status"] == "healthy"
     master = clean.master_node()
-    out = subprocess.run([sys.executable, "-m", "llm_router.cli", "status", "--url", url, "--redis", clean.url("admin")],
+    out = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "status", "--url", url, "--redis", clean.url("admin")],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     replica = next(n for n in clean.nodes if n is not master)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import psutil
 import redis as redis_sync
-
 from conftest import wait_for
 from helpers import get_json, start_router, wait_engine
-from llm_router.protocol import Instance, Keys, from_hash
+from llm_lab_router.protocol import Instance, Keys, from_hash
+
 from scripts.sim.fleet import CHAT, model_ids
 
 HOSTS = 50

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from llm_router.sse import SseEvent, SseParser, sse_events
+from llm_lab_router.sse import SseEvent, SseParser, sse_events
 
 STREAM = (": keep-alive\n\n"
           "id: 5-0\r\ndata: {\"type\":\r\ndata:  \"x\"}\r\n\r\n"

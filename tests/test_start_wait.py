@@ -8,10 +8,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-
 from helpers import SseStream, chat_body, model_block, request, start_router, start_worker, wait_models, write_config
-from llm_router.protocol import CatalogEntry
-from router.control import START_MARGIN, start_wait
+from llm_lab_router.protocol import CatalogEntry
+from llm_lab_router.router.control.client import START_MARGIN, start_wait
 
 SLOW = ["--startup-delay", "3"]
 

@@ -12,14 +12,13 @@ from itertools import product
 
 import pytest
 import redis.asyncio as aredis
-
 from conftest import MOCK_ENGINE
-from llm_router.config import ModelConfig, WorkerSettings
-from llm_router.protocol import Instance, Keys
-from worker.logpipe import LogPipe
-from worker.placement import Placer
-from worker.process import HostContext, ModelProcess
-from worker.states import TRANSITIONS, IllegalTransition, check_transition
+from llm_lab_router.config import ModelConfig, WorkerSettings
+from llm_lab_router.protocol import Instance, Keys
+from llm_lab_router.worker.logpipe import LogPipe
+from llm_lab_router.worker.placement import Placer
+from llm_lab_router.worker.process import HostContext, ModelProcess
+from llm_lab_router.worker.states import TRANSITIONS, IllegalTransition, check_transition
 
 STATES = list(TRANSITIONS)
 EDGES = {(old, new) for old, targets in TRANSITIONS.items() for new in targets}

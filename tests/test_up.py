@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
-
 from conftest import ROOT, Processes, wait_for
 from helpers import chat_body, get_json, request
-from llm_router.redis_server import free_port
+from llm_lab_router.redis_server import free_port
 
 SOURCES = ("pyproject.toml", "README.md", "llm_router", "router", "worker", "redis.conf", "examples", "scripts")
 
@@ -50,7 +49,7 @@ def wheel_venv(tmp_path_factory) -> Path:
     # Offline: the build backend is the one installed here (the test extras), no index is asked.
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"),
                     str(src)], check=True, timeout=240)
-    (wheel,) = (tmp / "dist").glob("llm_router-*.whl")
+    (wheel,) = (tmp / "dist").glob("llm_lab_router-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
@@ -59,7 +58,8 @@ def wheel_venv(tmp_path_factory) -> Path:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    where = subprocess.run([str(python), "-c", "import llm_router, router, worker; print(llm_router.__file__)"],
+    where = subprocess.run([str(python), "-c", "import llm_lab_router, llm_lab_router.router, llm_lab_router.worker; "
+                                              "print(llm_lab_router.__file__)"],
                            check=True, capture_output=True, text=True, cwd=tmp).stdout
     assert where.startswith(site), where  # the wheel's code, not the checkout's
     return venv
@@ -128,7 +128,7 @@ def test_wheel_up_serves_the_demo_with_its_redis_locked_down(procs, wheel_venv: 
 
 def test_up_never_prints_the_password_of_the_redis_it_is_given(procs, redis_url: str, tmp_path: Path) -> None:
     port = free_port()
-    proc = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--redis", redis_url, "--port", str(port),
+    proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "up", "--redis", redis_url, "--port", str(port),
                         "--data-dir", str(tmp_path / "data")], name="up-given")
     wait_for(lambda: "serving http://" in procs.log(proc) or proc.poll() is not None, timeout=60,
              message="up serving")
@@ -140,8 +140,8 @@ def test_up_never_prints_the_password_of_the_redis_it_is_given(procs, redis_url:
 
 
 def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
-    from llm_router.redis_server import RedisServer
-    from llm_router.shipped import MissingFile, shipped
+    from llm_lab_router.redis_server import RedisServer
+    from llm_lab_router.shipped import MissingFile, shipped
 
     assert shipped("redis.conf").read_text().count("maxmemory 512mb") == 1
     with pytest.raises(MissingFile, match="nothing.conf is missing"):
@@ -151,7 +151,7 @@ def test_a_missing_shipped_file_is_an_error_not_a_silent_default(tmp_path: Path)
 
 
 def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
-    from llm_router.redis_users import ROLES, acl_text
+    from llm_lab_router.redis_users import ROLES, acl_text
 
     passwords = {role: f"pw-{role}-0123456789" for role in ROLES}
     text = acl_text(passwords, prefix="lab:")

@@ -1,4 +1,4 @@
-"""The engine-hop HTTP client (router/upstream.py) against a scripted in-process server:
+"""The engine-hop HTTP client (router/forward/upstream.py) against a scripted in-process server:
 framing, pooling, timeouts, cancellation, the stale-connection retry, and the header policy."""
 
 from __future__ import annotations
@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from router.proxy import upstream_target
-from router.responses import ApiError
-from router.upstream import (
-    ConnectFailed, InvalidHeader, UpstreamBroken, UpstreamTimeout, forward_headers, keep_response_header,
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.forward.proxy import upstream_target
+from llm_lab_router.router.forward.upstream import (
+    ConnectFailed,
+    InvalidHeader,
+    UpstreamBroken,
+    UpstreamTimeout,
+    forward_headers,
+    keep_response_header,
 )
 from scripted_http import Server, client, fetch, ok, read_request, run
 

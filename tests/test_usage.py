@@ -15,10 +15,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aredis
-
-from llm_router.protocol import Keys, read_usage
-from llm_router.redis_server import RedisServer
-from router.usage import UsageReporter
+from llm_lab_router.protocol import Keys, read_usage
+from llm_lab_router.redis_server import RedisServer
+from llm_lab_router.router.control.in_use import UsageReporter
 
 KEYS = Keys("usage-test:")
 

@@ -11,7 +11,7 @@ import time
 
 from conftest import wait_for
 from helpers import FakeWorker, chat_body, engine_stats, get_json, request, start_router, wait_engine, wait_routable
-from llm_router.protocol import CatalogEntry, Event, Instance, to_hash, to_json
+from llm_lab_router.protocol import CatalogEntry, Event, Instance, to_hash, to_json
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
 

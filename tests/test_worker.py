@@ -14,10 +14,17 @@ import time
 import urllib.request
 
 from conftest import wait_for
-from llm_router.protocol import CatalogEntry, DeviceSnapshot, from_json
-from llm_router.redis_server import RedisServer, free_port
+from llm_lab_router.protocol import CatalogEntry, DeviceSnapshot, from_json
+from llm_lab_router.redis_server import RedisServer, free_port
 from worker_helpers import (  # noqa: F401  (worker: the fixture)
-    KEYS, Worker, alive, events, http_status, model, processes_of, worker,
+    KEYS,
+    Worker,
+    alive,
+    events,
+    http_status,
+    model,
+    processes_of,
+    worker,
 )
 
 # --- publishing ---

@@ -12,8 +12,8 @@ import asyncio
 import uuid
 
 from conftest import role_url
-from llm_router.config import parse_config
-from worker.agent import WorkerAgent
+from llm_lab_router.config import parse_config
+from llm_lab_router.worker.agent import WorkerAgent
 
 
 def test_the_publisher_ends_on_every_cancel(redis_url):

@@ -11,16 +11,15 @@ import signal
 import pytest
 import redis.asyncio as aredis
 import redis.exceptions
+from llm_lab_router.config import DeviceProfile, ModelConfig, WorkerSettings
+from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Keys, log_entry
+from llm_lab_router.redis_server import RedisServer, free_port
+from llm_lab_router.vram import NoRoom
+from llm_lab_router.worker.logpipe import MAX_LINE, LogPipe
+from llm_lab_router.worker.placement import NoFit, Placer, choose_port, choose_profile
+from llm_lab_router.worker.process import exit_reason
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-
-from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
-from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Keys, log_entry
-from llm_router.redis_server import RedisServer, free_port
-from worker.logpipe import MAX_LINE, LogPipe
-from llm_router.vram import NoRoom
-from worker.placement import NoFit, Placer, choose_port, choose_profile
-from worker.process import exit_reason
 
 # --- choose_profile: pure, over stand-in snapshots ---
 
@@ -238,7 +237,7 @@ def test_log_pipe_loses_nothing_through_an_outage_and_a_restart(tmp_path):
 
 
 def test_log_ship_script_skips_a_batch_already_shipped(redis_url):
-    from llm_router.protocol import LOG_SHIP_SCRIPT, log_fields, log_ship_args
+    from llm_lab_router.protocol import LOG_SHIP_SCRIPT, log_fields, log_ship_args
 
     async def scenario() -> list:
         client = aredis.Redis.from_url(redis_url)
@@ -296,7 +295,7 @@ def supervise(redis_url: str, tmp_path, scenario, **fields) -> None:
     """Run ``scenario(mp, states)`` with a ModelProcess for a mock engine; ``states`` records
     every published state."""
     from conftest import MOCK_ENGINE
-    from worker.process import HostContext, ModelProcess
+    from llm_lab_router.worker.process import HostContext, ModelProcess
 
     async def main() -> None:
         client = aredis.Redis.from_url(redis_url)

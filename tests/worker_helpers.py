@@ -16,11 +16,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import MOCK_ENGINE, role_url, wait_for
-from llm_router.lifeline import processes_with_env
-from llm_router.protocol import Command, Event, Instance, Keys, Reply, command_fields, from_hash, from_json, log_entry
-from worker.orphans import WORKER_ENV, is_gone
+from llm_lab_router.lifeline import processes_with_env
+from llm_lab_router.protocol import (
+    Command,
+    Event,
+    Instance,
+    Keys,
+    Reply,
+    command_fields,
+    from_hash,
+    from_json,
+    log_entry,
+)
+from llm_lab_router.worker.orphans import WORKER_ENV, is_gone
 
 KEYS = Keys()
 ENGINE = ["{python}", str(MOCK_ENGINE), "--port", "{port}", "--host", "{host}", "--model", "{id}", "--quiet"]
@@ -69,7 +78,7 @@ class Worker:
     def start(self, models: list[dict] | None = None, wait: bool = True, **settings) -> subprocess.Popen:
         if models is not None or self.config is None:
             self.write_config(models or [], **settings)
-        self.proc = self.procs.start([sys.executable, "-m", "llm_router.cli", "worker", "--config", str(self.config),
+        self.proc = self.procs.start([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(self.config),
                                       "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
                                      name="worker", stop_signal=signal.SIGINT)
         if wait:

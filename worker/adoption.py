@@ -21,10 +21,9 @@ from pathlib import Path
 
 import msgspec
 import psutil
-
-from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings, expand_command
-from llm_router.lifeline import processes_with_env
-from worker.orphans import MODEL_ENV, WORKER_ENV, is_gone
+from llm_lab_router.config import DeviceProfile, ModelConfig, WorkerSettings, expand_command
+from llm_lab_router.lifeline import processes_with_env
+from llm_lab_router.worker.orphans import MODEL_ENV, WORKER_ENV, is_gone
 
 SPEC_HASH_ENV = "LLM_ROUTER_SPEC_HASH"
 PORT_ENV = "LLM_ROUTER_PORT"

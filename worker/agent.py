@@ -34,26 +34,25 @@ from typing import Awaitable, Callable
 
 import psutil
 import redis.asyncio as aredis
+from llm_lab_router import __version__
+from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
+from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.redis_url import async_client
+from llm_lab_router.worker.adoption import find_engines, matches
+from llm_lab_router.worker.commands import CommandIntake, Operations
+from llm_lab_router.worker.devices import DeviceProbe
+from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
+from llm_lab_router.worker.idle import IdleReaper
+from llm_lab_router.worker.learning import Learner
+from llm_lab_router.worker.logpipe import LogPipe
+from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
+from llm_lab_router.worker.placement import Placement, Placer
+from llm_lab_router.worker.process import HostContext, ModelProcess
+from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-
-from llm_router import __version__
-from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
-from llm_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
-from llm_router.redis_url import async_client
-from worker.commands import CommandIntake, Operations
-from worker.devices import DeviceProbe
-from worker.idle import IdleReaper
-from worker.learning import Learner
-from worker.logpipe import LogPipe
-from worker.adoption import find_engines, matches
-from worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
-from worker.orphans import WorkerIdInUse, stop_processes
-from worker.placement import Placement, Placer
-from worker.process import HostContext, ModelProcess
-from worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
-from worker.reload import ReloadTrigger, apply_plan, plan_reload
 
 log = logging.getLogger("llm_router.worker")
 

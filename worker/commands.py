@@ -20,10 +20,9 @@ from typing import Awaitable, Callable
 import msgspec
 import redis.asyncio as aredis
 import redis.exceptions
-
-from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
-from llm_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
-from worker.process import ModelProcess
+from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
+from llm_lab_router.worker.process import ModelProcess
 
 log = logging.getLogger("llm_router.worker")
 

@@ -2,7 +2,7 @@
 
 The worker calls ``DeviceProbe.snapshot()`` every few seconds (through ``asyncio.to_thread``,
 NVML calls block) and stores the result in ``llm:devices:{wid}``. Routers summarise the
-snapshots of all live hosts in ``router.devices``.
+snapshots of all live hosts in ``router.control.device_report``.
 
 A host without the NVIDIA driver is normal (CPU-only hosts, CI): the probe must then report
 ``cuda.online = False`` with the reason, never raise, and not hammer ``nvmlInit`` on every
@@ -19,8 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import psutil
-
-from llm_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
+from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
 
 MIB = 1024 * 1024
 DEFAULT_RETRY_INTERVAL = 60.0  # seconds between nvmlInit attempts after one failed

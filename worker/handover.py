@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import psutil
-
-from llm_router.config import HostConfig
-from worker.orphans import Orphan, WorkerIdInUse, reap_orphans
+from llm_lab_router.config import HostConfig
+from llm_lab_router.worker.orphans import Orphan, WorkerIdInUse, reap_orphans
 
 log = logging.getLogger("llm_router.worker")
 
@@ -102,7 +101,7 @@ def acquire_worker_lock(state_dir: Path, worker_id: str, wait: float) -> WorkerL
 def start_linger(state_dir: Path, worker_id: str, timeout: float, grace: float) -> None:
     """Leave behind the process that stops the models if no worker adopts them in time."""
     with open(Path(state_dir) / "linger.log", "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "worker.handover", "--state-dir", str(state_dir),
+        subprocess.Popen([sys.executable, "-m", "llm_lab_router.worker.handover", "--state-dir", str(state_dir),
                           "--worker-id", worker_id, "--timeout", str(timeout), "--grace", str(grace)],
                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -2,7 +2,7 @@
 
 Why the worker and not a router: the worker is the single writer of its host and owns the
 model's config (``idle_ttl``); one reaper per host decides once, while N routers would race to
-stop the same model. Routers report use in ``llm:used:{model}`` (``router.usage``); the
+stop the same model. Routers report use in ``llm:used:{model}`` (``router.control.in_use``); the
 worker reads it for its running models every ``poll_interval`` and stops those ``idle_models``
 names, by each model's ``idle_ttl`` as it is now (a config reload may add, change or remove
 it). A model with a request in flight (on any live router) is never stopped; when Redis
@@ -17,10 +17,9 @@ import time
 from typing import Iterable, Mapping
 
 import redis.asyncio as aredis
-
-from llm_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
-from llm_router.protocol import Instance, Keys, ModelUsage, read_usage
-from worker.process import ModelProcess
+from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.protocol import Instance, Keys, ModelUsage, read_usage
+from llm_lab_router.worker.process import ModelProcess
 
 log = logging.getLogger("llm_router.worker")
 

@@ -31,7 +31,7 @@ shrinks a model counts from its next start), and the typical cold start of the n
 profile (``cold_start_s``, ``typical_cold_start``: the upper quartile of the kept starts). Both
 the worker's placement and the routers' use ``max(declared, measured)``
 (``llm_router.vram.effective_profiles``); routers give a starting model an ETA from the cold
-start (``router.explain``). A measurement above the declaration is logged in the model's log
+start (``router.control.explain``). A measurement above the declaration is logged in the model's log
 stream, naming the model.
 """
 
@@ -46,15 +46,14 @@ from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import msgspec
 import psutil
+from llm_lab_router.backoff import REDIS_ERRORS
+from llm_lab_router.config import ModelConfig
+from llm_lab_router.protocol import CatalogEntry, DeviceSnapshot, Keys, Learned, from_json, to_json
+from llm_lab_router.worker.devices import DeviceProbe
+from llm_lab_router.worker.logpipe import LogPipe
+from llm_lab_router.worker.placement import Placement
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-
-from llm_router.backoff import REDIS_ERRORS
-from llm_router.config import ModelConfig
-from llm_router.protocol import CatalogEntry, DeviceSnapshot, Keys, Learned, from_json, to_json
-from worker.devices import DeviceProbe
-from worker.logpipe import LogPipe
-from worker.placement import Placement
 
 log = logging.getLogger("llm_router.worker")
 

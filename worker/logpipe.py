@@ -29,11 +29,10 @@ from typing import Callable
 
 import redis.asyncio as aredis
 import redis.exceptions
-
-from llm_router.protocol import LOG_SHIP_SCRIPT, Keys, LogSource, log_ship_args
-from llm_router.backoff import RedisLink
-from llm_router.redact import Redactor
-from worker.spool import LOW_WATER, STREAMS, ModelSpool, SpoolFile
+from llm_lab_router.backoff import RedisLink
+from llm_lab_router.protocol import LOG_SHIP_SCRIPT, Keys, LogSource, log_ship_args
+from llm_lab_router.redact import Redactor
+from llm_lab_router.worker.spool import LOW_WATER, STREAMS, ModelSpool, SpoolFile
 
 log = logging.getLogger("llm_router.worker")
 

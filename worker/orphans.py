@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 
 import psutil
-
-from llm_router.lifeline import processes_with_env
-from llm_router.redact import redact_argv
+from llm_lab_router.lifeline import processes_with_env
+from llm_lab_router.redact import redact_argv
 
 WORKER_ENV = "LLM_ROUTER_WORKER"
 WORKER_PID_ENV = "LLM_ROUTER_WORKER_PID"

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import msgspec
-
-from llm_router.config import DeviceProfile, ModelConfig, WorkerSettings
-from llm_router.protocol import DeviceSnapshot
-from llm_router.vram import Held, NoFit, NoRoom, effective_profiles, fit_profiles, free_vram
+from llm_lab_router.config import DeviceProfile, ModelConfig, WorkerSettings
+from llm_lab_router.protocol import DeviceSnapshot
+from llm_lab_router.vram import Held, NoFit, NoRoom, effective_profiles, fit_profiles, free_vram
 
 
 def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,

@@ -22,19 +22,25 @@ from pathlib import Path
 from typing import Callable
 
 import msgspec
-
-from llm_router.config import ModelConfig, WorkerSettings
-from llm_router.hostcheck import find_program, missing_program
-from llm_router.protocol import Instance, LogSource
-from llm_router.redact import Redactor, redact_argv
-from worker.adoption import (PORT_ENV, PROFILE_ENV, SPEC_HASH_ENV, FoundEngine, engine_spec, foreign_engine_on,
-                             wait_exit)
-from worker.engine_env import engine_env
-from worker.learning import Learner, RunningEngine
-from worker.logpipe import LogPipe
-from worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
-from worker.placement import NoFit, Placement, Placer, port_is_free
-from worker.states import check_transition
+from llm_lab_router.config import ModelConfig, WorkerSettings
+from llm_lab_router.hostcheck import find_program, missing_program
+from llm_lab_router.protocol import Instance, LogSource
+from llm_lab_router.redact import Redactor, redact_argv
+from llm_lab_router.worker.adoption import (
+    PORT_ENV,
+    PROFILE_ENV,
+    SPEC_HASH_ENV,
+    FoundEngine,
+    engine_spec,
+    foreign_engine_on,
+    wait_exit,
+)
+from llm_lab_router.worker.engine_env import engine_env
+from llm_lab_router.worker.learning import Learner, RunningEngine
+from llm_lab_router.worker.logpipe import LogPipe
+from llm_lab_router.worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
+from llm_lab_router.worker.placement import NoFit, Placement, Placer, port_is_free
+from llm_lab_router.worker.states import check_transition
 
 log = logging.getLogger("llm_router.worker")
 

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from llm_router.protocol import (
-    CatalogEntry, DeviceSnapshot, Event, Instance, Keys, WorkerInfo, WorkerVersion, to_hash, to_json,
+from llm_lab_router.protocol import (
+    CatalogEntry,
+    DeviceSnapshot,
+    Event,
+    Instance,
+    Keys,
+    WorkerInfo,
+    WorkerVersion,
+    to_hash,
+    to_json,
 )
 
 

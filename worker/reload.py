@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from llm_router.config import ModelConfig
-from worker.process import ModelProcess
+from llm_lab_router.config import ModelConfig
+from llm_lab_router.worker.process import ModelProcess
 
 WATCH_INTERVAL = 2.0  # seconds between two looks at the file's mtime (``watch_config``)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from llm_router.protocol import State
+from llm_lab_router.protocol import State
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     "stopped": frozenset({"starting",  # a start

@@ -12,9 +12,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import msgspec
-
-from llm_router.http1 import ResponseParser
-from llm_router.sse import SseParser
+from llm_lab_router.http1 import ResponseParser
+from llm_lab_router.sse import SseParser
 
 now = time.perf_counter
 

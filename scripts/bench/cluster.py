@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm_router.redis_server import RedisServer, free_port
+from llm_lab_router.redis_server import RedisServer, free_port
 
 from .client import Target
 from .procs import ROOT, Procs, pin
@@ -88,7 +88,7 @@ class Cluster:
         self.procs.procs.insert(0, ("redis", self.redis.proc))  # type: ignore[arg-type]
         cfg = self.work / "models.toml"
         cfg.write_text(self.config())
-        cli = [sys.executable, "-m", "llm_router.cli"]
+        cli = [sys.executable, "-m", "llm_lab_router.cli"]
         self.procs.start("worker", [*cli, "worker", "--config", str(cfg), "--redis", self.redis.url,
                                     "--worker-id", self.worker_id], env={"LLM_ROUTER_STATE_DIR": str(self.work / "state")})
         for name in ("router-a", "router-b"):

@@ -11,8 +11,7 @@ import uuid
 from pathlib import Path
 
 import psutil
-
-from llm_router.lifeline import die_with_parent, processes_with_env, stop_group
+from llm_lab_router.lifeline import die_with_parent, processes_with_env, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION_ENV = "LLM_ROUTER_BENCH_SESSION"

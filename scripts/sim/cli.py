@@ -9,8 +9,9 @@ import logging
 import signal
 from pathlib import Path
 
-from llm_router.protocol import Keys
-from llm_router.redis_url import async_client
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_url import async_client
+
 from scripts.sim.fleet import Fleet, host_ids, make_host, model_ids
 
 

@@ -23,14 +23,22 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
-from llm_router import __version__
-from llm_router.protocol import (
-    LOG_SHIP_SCRIPT, CatalogEntry, CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, Instance, Keys, WorkerInfo,
-    WorkerVersion, log_ship_args,
+from llm_lab_router import __version__
+from llm_lab_router.protocol import (
+    LOG_SHIP_SCRIPT,
+    CatalogEntry,
+    CpuInfo,
+    CudaInfo,
+    DeviceSnapshot,
+    GpuInfo,
+    Instance,
+    Keys,
+    WorkerInfo,
+    WorkerVersion,
+    log_ship_args,
 )
-from worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from redis.asyncio import Redis
 
 log = logging.getLogger("sim.fleet")
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from llm_lab_router.lifeline import stop_group
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_server import RedisServer, free_port
+from llm_lab_router.redis_url import async_client
 
-from llm_router.lifeline import stop_group
-from llm_router.protocol import Keys
-from llm_router.redis_server import RedisServer, free_port
-from llm_router.redis_url import async_client
 from scripts.bench.procs import ROOT, Procs
 from scripts.sim.fleet import CHAT, Fleet, make_host
 from scripts.sim.plot import write_svg
@@ -127,7 +127,7 @@ class Point:
             await self._until(lambda: ready.exists(), 120, "the fleet to publish")
             ports = [free_port() for _ in range(self.n_routers)]
             router_procs = [self.procs.start(f"router-{tag}-{n}", [
-                sys.executable, "-m", "llm_router.cli", "serve", "--redis", server.url, "--port", str(port)],
+                sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", server.url, "--port", str(port)],
                 cwd=self.root)
                 for n, port in enumerate(ports)]
             self.urls = [f"http://127.0.0.1:{port}" for port in ports]

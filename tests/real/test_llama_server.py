@@ -28,10 +28,9 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-
 from conftest import ROOT, Processes, wait_for
 from helpers import SseStream, get_json, request
-from llm_router.redis_server import free_port
+from llm_lab_router.redis_server import free_port
 
 # The tier needs the ``real`` extra (numpy, gguf) to write its model; without it (the default
 # suite's venv) the whole module is skipped, not an import error.
@@ -87,7 +86,7 @@ class Lab:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs = procs
-        self.proc = procs.start([sys.executable, "-m", "llm_router.cli", "up", "--config", str(config),
+        self.proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "up", "--config", str(config),
                                  "--port", str(self.port), "--data-dir", str(data_dir)], name="up")
         wait_for(self.ready, timeout=60, interval=0.1, message="the router of `up` and its 2 models")
 

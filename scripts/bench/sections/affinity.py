@@ -40,9 +40,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import msgspec
-
-from llm_router.lifeline import stop_group
-from llm_router.redis_server import free_port
+from llm_lab_router.lifeline import stop_group
+from llm_lab_router.redis_server import free_port
 
 from ..client import Response, Target, now
 from ..cluster import MOCK_ENGINE, list_models
@@ -95,7 +94,7 @@ class Replicas:
     async def start(self) -> None:
         cluster = self.bench.cluster
         count = max(n for n, _ in self.blocks.values())
-        cli = [sys.executable, "-m", "llm_router.cli"]
+        cli = [sys.executable, "-m", "llm_lab_router.cli"]
         for i in range(count):
             wid = f"bench-aff{i}-{cluster.procs.token[:6]}"
             low = free_port()
@@ -263,9 +262,9 @@ def routing_cost_us(w: Workload) -> dict[str, float]:
     """What the routing decision costs the router per request, in-process: least outstanding
     (``Balancer.pick``) against the affinity key and ring choice, on a turn-3 body of this
     workload, 4 instances; the best of 7 runs of 20,000, in CPU time."""
-    from llm_router.protocol import Instance
-    from router.affinity import routing_key
-    from router.balancer import Balancer
+    from llm_lab_router.protocol import Instance
+    from llm_lab_router.router.forward.affinity import routing_key
+    from llm_lab_router.router.forward.balancer import Balancer
 
     msgs = [{"role": "system", "content": words("s", w.system_words)},
             {"role": "user", "content": words("d", w.document_words)}]

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from llm_router.redis_url import async_client
+from llm_lab_router.redis_url import async_client
 
 from ..client import Response, Target, now
 from ..cluster import CHATTY, LOGS

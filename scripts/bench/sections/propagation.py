@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 
-from llm_router.redis_url import async_client
+from llm_lab_router.redis_url import async_client
 
 from ..client import Response, now
 from ..cluster import PROP

@@ -1,4 +1,4 @@
-"""Section ``quotas``: what a key's limits add to a request (router/quotas.py): non-streamed
+"""Section ``quotas``: what a key's limits add to a request (router/limits/quotas.py): non-streamed
 chat at c=1 through a third router that has a TOML keys file, with a key without limits and
 a key with rpm, tpm and max_concurrent (each request: one ``EVALSHA`` before, one after the
 answer), side by side in ABAB rounds, with the router's CPU time per request (a figure that
@@ -10,9 +10,8 @@ import asyncio
 import sys
 import time
 
+from llm_lab_router.redis_server import free_port
 from redis.asyncio import Redis
-
-from llm_router.redis_server import free_port
 
 from ..client import Target
 from ..cluster import FAST, list_models, wait_http
@@ -43,7 +42,7 @@ async def start_quota_router(bench: Bench) -> tuple[str, int]:
     keys_file = cluster.work / "keys.toml"
     keys_file.write_text(KEYS_TOML)
     port = free_port()
-    proc = cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_router.cli", "serve", "--redis",
+    proc = cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis",
                                           cluster.redis.url, "--port", str(port), "--api-keys-file", str(keys_file)],
                                env={"LLM_ROUTER_READ_ACCESS": "public"})
     base = f"http://127.0.0.1:{port}"

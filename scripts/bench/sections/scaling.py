@@ -23,8 +23,7 @@ import sys
 import time
 
 import psutil
-
-from llm_router.redis_server import free_port
+from llm_lab_router.redis_server import free_port
 
 from ..client import Target
 from ..cluster import MOCK_ENGINE, list_models, wait_http
@@ -77,7 +76,7 @@ async def start(bench: Bench) -> tuple[list[str], dict[int, tuple[Target, int]]]
     """The replicas (their URLs) and a router per process count (target, supervisor pid)."""
     cluster, procs = bench.cluster, bench.cluster.procs
     assert cluster.redis is not None
-    cli = [sys.executable, "-m", "llm_router.cli"]
+    cli = [sys.executable, "-m", "llm_lab_router.cli"]
     for i in range(replicas()):
         wid = f"{cluster.worker_id}-scale{i}"
         cfg = cluster.work / f"scale{i}.toml"

@@ -31,10 +31,10 @@ import sys
 import time
 from typing import Callable
 
-from llm_router.lifeline import stop_group
-from llm_router.protocol import Keys, log_entry
-from llm_router.redis_server import free_port
-from llm_router.redis_url import async_client
+from llm_lab_router.lifeline import stop_group
+from llm_lab_router.protocol import Keys, log_entry
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.redis_url import async_client
 
 from ..client import Response, Target
 from ..cluster import MOCK_ENGINE, list_models
@@ -118,7 +118,7 @@ async def start(bench: Bench, policy: str, workload: str) -> tuple[list[Target],
     cfg = cl.work / f"sched-{name}.toml"
     cfg.write_text(config(name, bench))
     gpus = json.dumps([{"name": "NVIDIA H100", "memory_total": GPU_MIB, "memory_used": 0}])
-    cli = [sys.executable, "-m", "llm_router.cli"]
+    cli = [sys.executable, "-m", "llm_lab_router.cli"]
     worker = cl.procs.start(f"sched-worker-{name}", [*cli, "worker", "--config", str(cfg), "--redis", cl.redis.url,
                                                        "--prefix", prefix],
                             env={"LLM_ROUTER_STATE_DIR": str(cl.work / f"state-{name}"),

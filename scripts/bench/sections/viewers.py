@@ -15,7 +15,7 @@ router's CPU time over those deliveries, per delivery, what the fan-out costs.
 
 Descriptors: each viewer is one socket in this process and one in the router. The bench
 lifts this process's soft ``RLIMIT_NOFILE`` to the hard limit and the routers inherit it (the
-router also lifts its own, ``router/app.py``); with a hard limit below ``viewers`` + 200 the
+router also lifts its own, ``router/http/app.py``); with a hard limit below ``viewers`` + 200 the
 section runs fewer viewers and says so in the table.
 """
 
@@ -27,9 +27,8 @@ import time
 from typing import Any
 
 import psutil
-
-from llm_router.protocol import Keys, LogEntry, log_fields
-from llm_router.redis_url import async_client
+from llm_lab_router.protocol import Keys, LogEntry, log_fields
+from llm_lab_router.redis_url import async_client
 
 from ..client import Response, Target, now
 from ..cluster import FAST, LOGS, PROP
@@ -39,7 +38,7 @@ from ..report import Row
 from ..stats import pct
 
 WAVE = 250  # viewers connecting at once
-LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/options.py)
+LOG_PAGE_CONNECTIONS = 8  # the router's log_connections default (router/core/options.py)
 PROBE_HZ = 1.0  # log lines/s written to the viewers' stream, after the control plane is measured
 PROBES = 5
 WINDOW = 15.0  # s: the most one control-plane figure is sampled for

@@ -1,0 +1,171 @@
+"""The management API's logic (the manual's ``/``, ``/health``, ``/v1/models``, ``/api/*``).
+
+Reads come from the cluster view (no Redis round trip); actions go to workers through the
+``ControlClient`` and wait for their outcome, bounded. Success messages are the manual's, word
+for word, with the alias as the caller gave it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from llm_lab_router import __version__
+from llm_lab_router.protocol import CatalogEntry, Keys, Reply, trim_logs
+from llm_lab_router.router.control.client import (
+    ControlClient,
+    ControlError,
+    describe_failure,
+    merged_models,
+    start_failed,
+)
+from llm_lab_router.router.control.device_report import cpu_summary, cuda_summary, host_detail
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.core.responses import (
+    DevicesResult,
+    Done,
+    Health,
+    InstanceDetail,
+    InstanceRef,
+    LogStats,
+    LogStatsResult,
+    ModelCard,
+    ModelDetail,
+    ModelInfo,
+    ModelList,
+    Restarted,
+    ServerInfo,
+)
+from llm_lab_router.router.core.view import ClusterView
+from redis.asyncio import Redis
+
+
+def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
+    if keep_minutes:
+        return f"模型 '{alias}' 已清理 {keep_minutes} 分钟前的日志，删除 {deleted} 条"
+    return f"模型 '{alias}' 已清空全部日志，删除 {deleted} 条"
+
+
+def failures(replies: list[Reply]) -> str:
+    return "; ".join(f"worker '{r.worker}': {r.message or 'failed'}" for r in replies if not r.ok)
+
+
+class Manager:
+    def __init__(self, view: ClusterView, control: ControlClient, redis: Redis, keys: Keys,
+                 options: RouterOptions) -> None:
+        self.view = view
+        self.control = control
+        self.redis = redis
+        self.keys = keys
+        self.options = options
+
+    # --- lookups ---
+
+    def model_for(self, alias: str) -> str:
+        model = self.view.resolve(alias)
+        if model is None:
+            raise ApiError(404, f"model '{alias}' is not in the catalog of any live worker", "model_not_found")
+        return model
+
+    async def log_model(self, alias: str) -> str:
+        """The model whose logs ``alias`` names: a catalog model, or one whose worker is gone
+        but whose log stream is still there (its last words are what one wants to read)."""
+        model = self.view.resolve(alias)
+        if model is None and await self.redis.exists(self.keys.logs(alias)):
+            model = alias
+        if model is None:
+            raise ApiError(404, f"model '{alias}' is not in the catalog of any live worker and has no logs",
+                           "model_not_found")
+        return model
+
+    # --- read-only views ---
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo("LLM-Manager API Server", __version__)
+
+    def health(self) -> Health:
+        models = self.view.models()
+        running = sum(1 for m in models if self.view.status(m.id) == "running")
+        return Health("healthy" if self.view.redis_ok else "degraded", len(models), running,
+                      len(self.view.workers()), "ok" if self.view.redis_ok else "unreachable")
+
+    def model_card(self, entry: CatalogEntry) -> ModelCard:
+        instances = self.view.instances(entry.id)
+        return ModelCard(id=entry.id, created=entry.created, owned_by=entry.owned_by, aliases=entry.aliases,
+                         status=self.view.status(entry.id), mode=entry.mode,
+                         instances=[InstanceRef(i.worker, i.state, i.url) for i in instances],
+                         pending=self.control.reason(entry.id) or msgspec.UNSET)
+
+    def model(self, alias: str) -> ModelCard:
+        return self.model_card(self._entry(self.model_for(alias)))
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[self.model_card(e) for e in sorted(self.view.models(), key=lambda e: e.id)])
+
+    def _entry(self, model: str) -> CatalogEntry:
+        entry = self.view.catalog_entry(model)
+        assert entry is not None  # resolve() only knows catalog models
+        return entry
+
+    def model_info(self, alias: str) -> ModelInfo:
+        model = self.model_for(alias)
+        e = self._entry(model)
+        instances = [InstanceDetail(i.worker, i.state, i.url, i.pid, i.started_at, i.updated_at, i.last_error,
+                                    i.restarts, i.gpus) for i in self.view.instances(model)]
+        return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
+                                     e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
+                                     self.view.catalog_workers(model), instances, self.control.reason(model)))
+
+    def devices(self) -> DevicesResult:
+        snaps = self.view.devices()
+        if not snaps:
+            raise ApiError(503, "no live worker has published device metrics", "devices_unavailable")
+        ordered = [snaps[w] for w in sorted(snaps)]
+        return msgspec.convert({"devices": {"cuda": cuda_summary(ordered), "cpu": cpu_summary(ordered)},
+                                "hosts": {w: host_detail(snaps[w]) for w in sorted(snaps)}}, DevicesResult)
+
+    # --- actions ---
+
+    async def start(self, alias: str, wait: bool) -> tuple[int, Done]:
+        """Start and wait until it serves (200), or only begin (202, ``wait=false``)."""
+        model = self.model_for(alias)
+        if not wait and not self.view.running_instances(model):
+            self.control.start_in_background(model, self.options.start_timeout)
+            return 202, Done(message=f"模型 '{alias}' 正在启动")
+        try:
+            await self.control.ensure_running(model, self.options.start_timeout)
+        except ControlError as exc:
+            raise start_failed(f"模型 '{alias}' 启动失败: {describe_failure(exc)}", exc) from None
+        return 200, Done(message=f"模型 '{alias}' 启动成功")
+
+    async def stop(self, alias: str) -> Done:
+        replies = await self.control.stop(self.model_for(alias), self.options.stop_timeout)
+        if bad := failures(replies):
+            raise ApiError(503, f"模型 '{alias}' 停止失败: {bad}", "model_stop_failed")
+        return Done(message=f"模型 '{alias}' 停止成功")
+
+    async def stop_all(self) -> Done:
+        replies = await self.control.stop_all(self.options.stop_timeout)
+        if bad := failures(replies):
+            raise ApiError(503, f"部分模型未能关闭: {bad}", "stop_all_failed")
+        return Done(message="所有模型已关闭")
+
+    async def restart_autostart(self) -> Restarted:
+        replies = await self.control.restart_autostart(self.options.start_timeout)
+        started = merged_models(replies)
+        if bad := failures(replies):
+            raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: {bad}",
+                           "restart_autostart_failed")
+        return Restarted(message=f"已重启 {len(started)} 个autostart模型", started_models=started)
+
+    async def log_stats(self) -> LogStatsResult:
+        models = sorted(m.id for m in self.view.models())
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.xlen(self.keys.logs(model))
+        counts = await pipe.execute() if models else []
+        return LogStatsResult(stats=LogStats(len(models), sum(counts), sum(1 for c in counts if c)))
+
+    async def clear_logs(self, alias: str, keep_minutes: int) -> Done:
+        model = await self.log_model(alias)
+        deleted = await trim_logs(self.redis, self.keys, model, keep_minutes)
+        return Done(message=clear_message(alias, keep_minutes, deleted))

@@ -1,0 +1,156 @@
+"""Response shapes of the HTTP API (the manual's contract) and the one error type services raise.
+
+Services raise ``ApiError``; the base handler turns it (and any other failure) into the body
+the caller expects: the OpenAI error shape on ``/v1/*`` so SDKs raise the right exception,
+``{"success": false, "message": ...}`` on everything else.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from llm_lab_router.protocol import CpuInfo, CudaInfo
+from llm_lab_router.router.core.errors import WaitReason
+
+# --- success shapes (the manual's fields first; multi-host detail beside them) ---
+
+
+class ServerInfo(msgspec.Struct):
+    message: str
+    version: str
+    models_url: str = "/v1/models"
+
+
+class Health(msgspec.Struct):
+    status: str  # "healthy"; "degraded" while Redis is unreachable (the router still forwards)
+    models_count: int
+    running_models: int
+    workers: int
+    redis: str  # "ok" | "unreachable"
+
+
+class InstanceRef(msgspec.Struct):
+    worker: str
+    state: str
+    url: str
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """An item of ``GET /v1/models`` (OpenAI's model object plus our status)."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    aliases: list[str]
+    status: str
+    mode: str
+    instances: list[InstanceRef]
+    pending: WaitReason | msgspec.UnsetType = msgspec.UNSET  # only while it waits: why (router.control.explain)
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class InstanceDetail(msgspec.Struct):
+    worker: str
+    state: str
+    url: str
+    pid: int
+    started_at: float
+    updated_at: float
+    last_error: str
+    restarts: int
+    gpus: str
+
+
+class ModelDetail(msgspec.Struct):
+    id: str
+    aliases: list[str]
+    mode: str
+    status: str
+    owned_by: str
+    created: int
+    auto_start: bool
+    on_demand: bool
+    idle_ttl: float
+    max_concurrency: int
+    workers: list[str]  # live workers whose catalog has it
+    instances: list[InstanceDetail]
+    pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
+
+
+class Ok(msgspec.Struct, kw_only=True):
+    """Base of the ``/api`` success bodies: ``"success": true`` first, as in the manual."""
+
+    success: bool = True
+
+
+class ModelInfo(Ok, kw_only=True):
+    model: ModelDetail
+
+
+class Done(Ok, kw_only=True):
+    message: str
+
+
+class Restarted(Ok, kw_only=True):
+    message: str
+    started_models: list[str]
+
+
+class LogStats(msgspec.Struct):
+    total_models: int
+    total_log_entries: int
+    models_with_logs: int
+
+
+class LogStatsResult(Ok, kw_only=True):
+    stats: LogStats
+
+
+class GpuTotals(msgspec.Struct):
+    device_count: int
+    device_name: str  # distinct GPU names, joined with ", "
+    memory_total: int  # MiB, summed over every GPU of every host
+    memory_used: int
+    memory_free: int
+
+
+class CudaSummary(msgspec.Struct):
+    online: bool  # some host has NVML online
+    info: GpuTotals
+
+
+class CpuTotals(msgspec.Struct):
+    cpu_count: int
+    memory_total: int  # MiB, summed over the hosts
+    memory_used: int
+    memory_free: int
+
+
+class CpuSummary(msgspec.Struct):
+    online: bool
+    info: CpuTotals
+
+
+class DeviceSummary(msgspec.Struct):
+    """The manual's ``devices``: the cluster's total, as if it were one machine."""
+
+    cuda: CudaSummary
+    cpu: CpuSummary
+
+
+class HostDevices(msgspec.Struct):
+    """One host's device snapshot, per GPU (as its worker published it)."""
+
+    host: str
+    ts: float
+    cuda: CudaInfo
+    cpu: CpuInfo
+
+
+class DevicesResult(Ok, kw_only=True):
+    devices: DeviceSummary
+    hosts: dict[str, HostDevices]  # by worker id

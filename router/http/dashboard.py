@@ -1,0 +1,55 @@
+"""The operator web dashboard, mounted at ``/ui/``: static files only, no server-side state.
+
+The page (``router/http/static``) is plain HTML/CSS/JS that talks to the same HTTP API as the CLI
+(``/health``, ``/v1/models``, ``/api/...``), so it needs nothing from the router beyond these
+routes. Add them to the application's route list with ``*dashboard_routes()``.
+
+Caching: ``index.html`` is served with ``no-cache`` and links ``app.js``/``style.css`` with a
+``?v=<content hash>`` query, which Tornado's ``StaticFileHandler`` answers with a one-year
+cache; an upgraded router therefore never serves a stale script to an open browser, and a
+reload costs one small request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import tornado.web
+from tornado.routing import URLSpec
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+VERSIONED = ("app.js", "style.css")
+
+
+def _version(name: str) -> str:
+    return hashlib.sha256((STATIC_DIR / name).read_bytes()).hexdigest()[:12]
+
+
+class DashboardIndexHandler(tornado.web.RequestHandler):
+    """Serves ``index.html`` with the content hashes of its assets filled in."""
+
+    def get(self) -> None:
+        html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+        for name in VERSIONED:
+            html = html.replace(f'"{name}"', f'"{name}?v={_version(name)}"')
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(html)
+
+
+class DashboardStaticHandler(tornado.web.StaticFileHandler):
+    """Assets under ``/ui/``: long-cached when versioned (``?v=``), revalidated otherwise."""
+
+    def set_extra_headers(self, path: str) -> None:
+        if "v" not in self.request.arguments:
+            self.set_header("Cache-Control", "no-cache")
+
+
+def dashboard_routes(prefix: str = "/ui") -> list[URLSpec]:
+    """The dashboard's routes: ``/ui`` redirects to ``/ui/``, which serves the page."""
+    return [
+        URLSpec(rf"{prefix}", tornado.web.RedirectHandler, {"url": f"{prefix}/"}),
+        URLSpec(rf"{prefix}/(?:index\.html)?", DashboardIndexHandler),
+        URLSpec(rf"{prefix}/(.+)", DashboardStaticHandler, {"path": str(STATIC_DIR)}),
+    ]

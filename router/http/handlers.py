@@ -1,0 +1,408 @@
+"""HTTP handlers: parse, call a service, write. Everything shared lives in ``BaseHandler``:
+JSON replies, error bodies in the caller's shape, and cancellation when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Awaitable, Callable, Iterable
+
+import msgspec
+import tornado.web
+from redis.exceptions import RedisError
+from tornado.httputil import HTTPHeaders, format_timestamp
+from tornado.iostream import StreamClosedError
+
+from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
+from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from llm_lab_router.router.limits.profile import KeyProfile
+from llm_lab_router.router.http.debug import debug_stats
+from llm_lab_router.router.http.validate import check_forward_path, check_query
+from llm_lab_router.router.observe.metrics import CONTENT_TYPE
+from llm_lab_router.router.http.openapi import document_bytes
+from llm_lab_router.router.forward.proxy import ProxyRequest
+from llm_lab_router.router.http.query import RouteParams, route_params
+from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
+from llm_lab_router.router.services import Services
+
+JSON = "application/json"
+SERVER = f"TornadoServer/{tornado.version}"
+UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
+log = logging.getLogger("router")
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, format_timestamp(now))
+    return _date[1]
+
+
+async def await_write(written: Awaitable[None], timeout: float, timed_out: Callable[[float], None]) -> None:
+    """Wait for a write to the client; one not taken within ``timeout`` calls ``timed_out`` (which
+    cuts the client off) and raises ``StreamClosedError``. The timer is armed only for a write
+    that did not complete at once: a client that keeps up costs nothing."""
+    if not written.done():  # type: ignore[attr-defined]
+        if not (await asyncio.wait((written,), timeout=timeout))[0]:  # type: ignore[arg-type]
+            timed_out(timeout)
+            raise StreamClosedError()
+    await written
+
+
+def add_relayed(out: HTTPHeaders, headers: list[tuple[str, str]]) -> bool:
+    """Add an answer's headers to ``out``; ``False`` (nothing added) if a value is unsafe. The
+    engine's header names are tokens already (llm_router/http1.py) and the router's constants:
+    one check of all the values at once, then plain sets."""
+    if UNSAFE_VALUE.search("".join(v for _, v in headers)):
+        return False
+    for name, value in headers:
+        if name in out:
+            out.add(name, value)
+        else:
+            out[name] = value
+    return True
+
+
+def cut_short(task: asyncio.Task, gone: bool, shutdown: asyncio.Event, headers_written: bool,
+              abort: Callable[[], None]) -> bool:
+    """A request's work was cancelled or its client stream closed: ``True`` when that is its
+    normal end (the client is ``gone``: nobody to answer; or a shutdown outlasted its grace
+    period and the answer, already begun, is cut off), ``False`` when the caller must re-raise.
+    A shutdown before the answer began is a 503."""
+    if not gone and not shutdown.is_set():
+        return False
+    task.uncancel()
+    if gone:
+        return True
+    if headers_written:
+        abort()
+        return True
+    raise ApiError(503, "the router is shutting down", "shutting_down") from None
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """Bodies are streamed in (``stream_request_body``) so that ``prepare`` (the key, the query,
+    the announced size) runs before a byte of the body is read: an anonymous or oversized
+    request costs the router no memory. ``/api`` routes read no body: it is dropped as it comes."""
+
+    services: Services
+    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (names of router/http/query.py's RouteParams)
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self._work: asyncio.Task | None = None
+        self._client_gone = False
+        self.caller: KeyProfile | None = None  # the key's name and limits (structured keys files)
+
+    # --- checks before the body ---
+
+    def prepare(self) -> None:
+        access: AccessPolicy | None = self.settings.get("access")
+        if access is not None and access.enabled:  # no keys: no work at all
+            req = self.request
+            method = req.method or "GET"
+            authorization = req.headers.get("Authorization")
+            # the cookie counts only without a header and on a safe method: parse it only then
+            cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
+            self.caller = access.check(method, req.path, authorization, cookie)
+        self.check_request()
+
+    def check_request(self) -> None:
+        check_query(self.request.query_arguments, self.QUERY)
+        self.check_length(self.services.options.max_api_body_size)
+
+    @property
+    def params(self) -> RouteParams:
+        return route_params(self.services.options)
+
+    @property
+    def query_args(self) -> dict[str, list[bytes]]:
+        """The query as sent: ``get_query_argument`` strips whitespace (see router/http/query.py)."""
+        return self.request.query_arguments
+
+    def check_length(self, limit: int) -> None:
+        length = self.request.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                           "body_too_large")
+
+    def data_received(self, chunk: bytes) -> None:
+        pass  # an /api route takes no body
+
+    # --- replies ---
+
+    def compute_etag(self) -> None:
+        return None  # live state: nothing here may be served from a cache
+
+    def reply(self, body: msgspec.Struct, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON)
+        self.finish(encode(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors in the caller's shape: OpenAI's on ``/v1/*`` (SDKs raise the matching
+        exception), ``{"success": false, "message"}`` elsewhere."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        err = as_api_error(status_code, exc)
+        self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", JSON)
+        self.finish(encode(error_body(err, self.request.path.startswith("/v1/"))))
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, (ApiError, tornado.web.HTTPError, RedisError)):
+            return  # expected outcomes: the request log line (status) says enough
+        super().log_exception(typ, value, tb)
+
+    # --- streaming and cancellation ---
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """Write and flush at once: streamed bytes must not wait in a buffer. ``last`` bytes
+        finish the response (sent with a Content-Length when nothing was sent before).
+
+        A write the client does not take within ``write_timeout`` (it stopped reading and the
+        socket buffers are full) ends the request: the connection is closed and
+        ``StreamClosedError`` raised, as when the client leaves, so the caller's engine request
+        and concurrency slot go at once. The timer is armed only for a write that did not
+        complete at once: a client that keeps up costs nothing."""
+        if last:
+            written = self.finish(data)
+        else:
+            self.write(data)
+            written = self.flush()
+        await await_write(written, self.services.options.write_timeout, self.write_timed_out)
+
+    def write_timed_out(self, timeout: float) -> None:
+        """The client did not take a write within ``timeout`` seconds: cut it off, log, count."""
+        model = self.metrics_model()
+        log.warning("client %s stopped reading %s %s (model %r): a write not taken within %gs, request ended",
+                    self.request.remote_ip, self.request.method, self.request.path, model, timeout)
+        self.services.metrics.abort(model, "write_timeout")
+        self._client_gone = True
+        self.abort()
+
+    def metrics_model(self) -> str:
+        """The ``model`` label of this request's metrics (``""``: not a model request)."""
+        return ""
+
+    async def run_cancellable(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in this request's own task, which is cancelled the moment the client
+        disconnects (``on_connection_close``), so an upstream request or a log follow never
+        outlives its client. No second task per request: the handler's task is the one cancelled."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._work = task
+        self.services.requests.add(task)
+        try:
+            await work
+        except (asyncio.CancelledError, StreamClosedError):
+            gone = self._client_gone or self.request.connection.stream.closed()  # type: ignore[attr-defined]
+            if not cut_short(task, gone, self.services.shutdown, self._headers_written, self.abort):
+                raise
+        finally:
+            self.services.requests.discard(task)
+            self._work = None
+
+    def abort(self) -> None:
+        """Drop the connection: the client must see that the answer it got is incomplete."""
+        self.request.connection.close()  # type: ignore[attr-defined]
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._work is not None:
+            self._work.cancel()
+
+
+class RootHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.server_info())
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.health())
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.reply(self.services.manager.model_list())
+
+
+class ModelHandler(BaseHandler):
+    """``GET /v1/models/{id}`` (OpenAI's retrieve)."""
+
+    def get(self, name: str) -> None:
+        self.reply(self.services.manager.model(name))
+
+
+class StartHandler(BaseHandler):
+    QUERY = ("wait",)
+
+    async def post(self, alias: str) -> None:
+        wait = self.params.wait.parse(self.query_args)
+        status, body = await self.services.manager.start(alias, wait)
+        self.reply(body, status)
+
+
+class StopHandler(BaseHandler):
+    async def post(self, alias: str) -> None:
+        self.reply(await self.services.manager.stop(alias))
+
+
+class StopAllHandler(BaseHandler):
+    async def post(self) -> None:
+        self.reply(await self.services.manager.stop_all())
+
+
+class RestartAutostartHandler(BaseHandler):
+    async def post(self) -> None:
+        self.reply(await self.services.manager.restart_autostart())
+
+
+class ModelInfoHandler(BaseHandler):
+    def get(self, alias: str) -> None:
+        self.reply(self.services.manager.model_info(alias))
+
+
+class LogStatsHandler(BaseHandler):
+    async def get(self) -> None:
+        self.reply(await self.services.manager.log_stats())
+
+
+class LogClearHandler(BaseHandler):
+    QUERY = ("keep_minutes",)
+
+    async def post(self, alias: str) -> None:
+        keep_minutes = self.params.keep_minutes.parse(self.query_args)
+        self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
+
+
+class DevicesHandler(BaseHandler):
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
+        self.reply(self.services.manager.devices())
+
+
+class LogStreamHandler(BaseHandler):
+    QUERY = ("tail", "last_event_id")
+
+    async def get(self, alias: str) -> None:
+        params = self.params
+        tail = params.tail.parse(self.query_args)
+        last_id = params.last_event_id.parse(self.query_args, self.request.headers.get("Last-Event-ID"))
+        model = await self.services.manager.log_model(alias)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        # Events go out as written: without this, Nagle holds each page of history after the
+        # first until the client's delayed ACK (~40 ms a page).
+        self.request.connection.stream.set_nodelay(True)  # type: ignore[attr-defined]
+        await self.run_cancellable(self.services.logs.stream(model, self.send, tail=tail, last_id=last_id))
+
+
+class ProxyHandler(BaseHandler):
+    """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.forward.proxy``).
+
+    The query string is the engine's business and passes as is; the path must be plain
+    (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
+    (``router.forward.proxy.sniff``, where the body kind is decided once).
+
+    ``serve`` relays these requests on the lean path (router/http/exchange.py), which keeps this
+    handler's guarantees; here remain the methods the proxy does not take (Tornado's 405) and
+    an ``Application`` served on its own."""
+
+    def prepare(self) -> None:
+        self._received_at = time.monotonic()
+        self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
+        self._chunks: list[bytes] = []
+        super().prepare()
+        self._record.caller = self.caller
+
+    def check_request(self) -> None:
+        check_forward_path(self.request.path)
+        self.check_length(self.services.options.max_body_size)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    async def _forward(self, *_: str) -> None:
+        req = ProxyRequest(method=self.request.method or "GET", path=self.request.path,
+                           query=self.request.query, headers=list(self.request.headers.get_all()),
+                           body=b"".join(self._chunks), received_at=self._received_at)
+        self._chunks = []
+        await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
+
+    get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
+
+    def clear(self) -> None:
+        """Tornado's reset of the response, less what a relayed answer does not need: no
+        default ``Content-Type`` (the engine's is relayed, an error reply sets its own) and a
+        ``Date`` formatted once a second, not per request (~6 µs a request)."""
+        headers = HTTPHeaders()
+        headers["Server"] = SERVER
+        headers["Date"] = http_date()
+        self._headers = headers
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
+
+    # --- the proxy's Sink ---
+
+    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        """The answer's head. The engine's header names are tokens already (llm_router/http1.py)
+        and the router's are constants: one check of all the values at once, then plain sets,
+        instead of ``add_header``'s three regular expressions per header."""
+        self.set_status(status)
+        headers = headers if isinstance(headers, list) else list(headers)
+        if not add_relayed(self._headers, headers):
+            for name, value in headers:
+                self.add_header(name, value)  # refuses the bad one, as before
+
+    def metrics_model(self) -> str:
+        rec = getattr(self, "_record", None)
+        return rec.model if rec is not None else ""
+
+    def on_finish(self) -> None:
+        """Access log and metrics, once the answer is over (also after an error reply)."""
+        if (rec := getattr(self, "_record", None)) is not None:
+            self.services.finished(rec, CLIENT_GONE if self._client_gone else self.get_status())
+
+
+class MetricsHandler(BaseHandler):
+    """``GET /metrics``: Prometheus text format (router/observe/metrics.py, docs/metrics.md)."""
+
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.services.metrics.render())
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", JSON)
+        self.finish(document_bytes(self.services.options))
+
+
+class DebugStatsHandler(BaseHandler):
+    """``GET /debug/stats``: the router's tasks, descriptors and memory (leak checks). Off
+    unless ``LLM_ROUTER_DEBUG_ENDPOINTS=1``; an admin route when keys are on."""
+
+    def get(self) -> None:
+        if not self.services.options.debug_endpoints:
+            raise ApiError(404, "no route GET /debug/stats (off: set LLM_ROUTER_DEBUG_ENDPOINTS=1)",
+                           "route_not_found")
+        self.reply(debug_stats())
+
+
+class NotFoundHandler(BaseHandler):
+    """Any route not in the table, any method: 404 in the caller's shape."""
+
+    def prepare(self) -> None:
+        raise ApiError(404, f"no route {self.request.method} {self.request.path}", "route_not_found")

@@ -1,0 +1,160 @@
+"""The query parameters of the ``/api`` routes: declared once, parsed strictly, documented
+from the same declaration (``router/http/openapi.py`` renders each ``Param``).
+
+The rule: a parameter that is *absent* takes its default; one that is *present* must be valid.
+Empty or blank is a 400 naming the parameter, never "absent": a script calling
+``/api/logs/m/clear?keep_minutes=$KEEP`` with ``KEEP`` unset must not clear every log line of
+the model, which is what an absent ``keep_minutes`` means (the manual's default, kept).
+
+- Values are read raw from ``request.query_arguments``: Tornado's ``get_argument`` strips
+  whitespace, so ``keep_minutes=%20`` would arrive as ``""`` and look absent.
+- Numbers are ASCII digits only, at most 18 of them: ``"²".isdigit()`` is true but ``int("²")``
+  raises, and ``int`` of a 5,000-digit string raises too (both were 500s).
+- ``check_query`` (router/http/validate.py) has already refused unknown, repeated, non-UTF-8 and
+  unprintable parameters when a handler reads one.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.core.errors import ApiError
+
+Args = Mapping[str, list[bytes]]
+Json = dict[str, Any]
+
+MAX_COUNT = 10**18 - 1  # 18 ASCII digits: fits a signed 64-bit integer, and int() of it is cheap
+DIGITS = re.compile(r"[0-9]{1,18}")
+U64 = 2**64 - 1  # each half of a Redis stream id
+STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+FALSE_WORDS = ("false", "0", "no", "off")
+TRUE_WORDS = ("true", "1", "yes", "on")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_parameter")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Param:
+    """One optional query parameter: its name, what it does, and what leaving it out means."""
+
+    name: str
+    description: str
+    absent: str
+
+    def raw(self, args: Args) -> str | None:
+        """The value as sent (unstripped); ``None`` only when the parameter is absent."""
+        values = args.get(self.name)
+        if not values:
+            return None
+        text = values[0].decode("utf-8", "replace")
+        if not text.strip():
+            raise invalid(f"query parameter {self.name!r} is empty: give a value, or leave the parameter out "
+                          f"for its default: {self.absent}")
+        return text
+
+    def schema(self) -> Json:
+        raise NotImplementedError
+
+    def openapi(self) -> Json:
+        return {"name": self.name, "in": "query", "required": False, "schema": self.schema(),
+                "description": f"{self.description}. Absent: {self.absent}. Present, it must be valid: "
+                               "empty or blank is a 400 naming the parameter."}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Count(Param):
+    """A non-negative integer in ASCII digits, at most ``maximum``."""
+
+    default: int
+    maximum: int = MAX_COUNT
+
+    def parse(self, args: Args) -> int:
+        text = self.raw(args)
+        if text is None:
+            return self.default
+        if not DIGITS.fullmatch(text) or int(text) > self.maximum:
+            raise invalid(f"{self.name} must be an integer from 0 to {self.maximum} in ASCII digits, got {text!r}")
+        return int(text)
+
+    def schema(self) -> Json:
+        return {"type": "integer", "minimum": 0, "maximum": self.maximum, "default": self.default}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flag(Param):
+    """A boolean: true/1/yes/on or false/0/no/off, any case."""
+
+    default: bool
+
+    def parse(self, args: Args) -> bool:
+        text = self.raw(args)
+        if text is None:
+            return self.default
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise invalid(f"{self.name} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+
+    def schema(self) -> Json:
+        return {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS], "default": str(self.default).lower()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamId(Param):
+    """A Redis stream id (``1700000000000-0``), also accepted from a header (``Last-Event-ID``),
+    which wins over the query parameter. Checked here, so that Redis never refuses it mid-stream."""
+
+    header: str
+
+    def parse(self, args: Args, header_value: str | None) -> str | None:
+        text = self.raw(args)
+        from_query = None if text is None else self.check(text, self.name)  # checked even when the header wins
+        return from_query if header_value is None else self.check(header_value, f"the {self.header} header")
+
+    def check(self, text: str, source: str) -> str:
+        match = STREAM_ID.fullmatch(text)
+        if not match or any(int(part) > U64 for part in match.groups() if part is not None):
+            raise invalid(f"{source} must be a stream id like 1700000000000-0 (ASCII digits), got {text!r}")
+        return text
+
+    def schema(self) -> Json:
+        return {"type": "string", "pattern": STREAM_ID.pattern.join("^$")}
+
+
+@dataclass(frozen=True)
+class RouteParams:
+    """Every query parameter of the API, with the defaults and limits of this router's options."""
+
+    wait: Flag
+    tail: Count
+    last_event_id: StreamId
+    keep_minutes: Count
+
+    def by_name(self) -> dict[str, Param]:
+        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes)}
+
+
+@functools.cache
+def route_params(options: RouterOptions) -> RouteParams:
+    return RouteParams(
+        wait=Flag(name="wait", default=True, description="wait until the model runs",
+                  absent="true, answer 200 once the model runs, 503 if it fails to start; false answers "
+                         "202 at once while it starts"),
+        tail=Count(name="tail", default=options.log_tail_default, maximum=options.log_tail_max,
+                   description="how many past log entries to send before the live ones, 0 for none",
+                   absent=f"the last {options.log_tail_default} entries, LLM_ROUTER_LOG_TAIL_DEFAULT"),
+        last_event_id=StreamId(name="last_event_id", header="Last-Event-ID",
+                               description="resume right after this entry id (the SSE id: of the last event "
+                                           "received), with no history; the Last-Event-ID header wins over it",
+                               absent="history first (tail), then live entries"),
+        keep_minutes=Count(name="keep_minutes", default=0,
+                           description="minutes of recent log entries to keep; older ones are deleted, 0 deletes all",
+                           absent="0, every entry of the model's log is deleted, as the manual says"),
+    )

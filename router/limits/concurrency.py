@@ -1,0 +1,171 @@
+"""Per-model concurrency limits with a bounded, fair queue, in this router.
+
+A model with ``max_concurrency = N`` (per instance) serves at most ``N × running instances``
+requests at once through this router; the next ones wait in a queue of at most
+``queue_limit`` requests, each for at most ``queue_timeout`` seconds. Beyond that the caller
+gets ``429`` in OpenAI's error shape with ``Retry-After``, which OpenAI SDKs retry by themselves.
+
+The queue is fair across API keys, not FIFO: each key (its name from a structured keys file,
+router/http/auth.py; every request without one shares the anonymous lane ``""``) has its own lane,
+and a freed slot goes to the lane of the highest ``priority``, then among equals to the one
+that has had the least service for its ``weight`` (start-time fair queuing: a lane's virtual
+time grows by ``1 / weight`` per request served, and a lane that starts waiting joins at the
+current virtual time, so it gets no credit for the time it was idle). Two keys of equal
+weight thus alternate however many requests either queues; one of weight 2 gets two slots to
+the other's one. Within a lane, requests go in arrival order.
+
+Priority is strict: a lower-priority lane is served only while no higher-priority request
+waits. A busy high-priority key can therefore starve a lower one, whose requests then end
+with the queue timeout's 429; give such keys the same priority and different weights for a
+share instead.
+
+The limit is per router (each router counts its own requests, no Redis on the hot path): with
+R routers an instance sees at most R × N concurrent requests. An engine's own queue is the
+backstop; a cluster-wide semaphore would cost a Redis round trip per request (per-key limits
+across routers are router/limits/quotas.py's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from llm_lab_router.router.core.errors import ApiError
+
+RETRY_AFTER = "1"  # seconds; a queue slot frees as soon as any request of the model ends
+ANONYMOUS = ""  # the lane of requests without a named key
+
+
+class _Lane:
+    __slots__ = ("waiters", "priority", "weight", "vtime")
+
+    def __init__(self, priority: int, weight: float) -> None:
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.priority = priority
+        self.weight = weight
+        self.vtime = 0.0  # service received, in requests / weight
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.active = 0
+        self.capacity = 0
+        self.queued = 0  # waiters over all lanes
+        self.vclock = 0.0  # the virtual time of the last request handed a slot
+        self.lanes: dict[str, _Lane] = {}
+
+    def enqueue(self, lane: str, priority: int, weight: float, turn: asyncio.Future[None]) -> _Lane:
+        entry = self.lanes.get(lane)
+        if entry is None:
+            entry = self.lanes[lane] = _Lane(priority, weight)
+        entry.priority, entry.weight = priority, weight
+        if not entry.waiters:
+            entry.vtime = max(entry.vtime, self.vclock)  # no credit for idle time
+        entry.waiters.append(turn)
+        self.queued += 1
+        return entry
+
+    def remove(self, entry: _Lane, turn: asyncio.Future[None]) -> None:
+        if turn in entry.waiters:
+            entry.waiters.remove(turn)
+            self.queued -= 1
+
+    def next_turn(self) -> asyncio.Future[None] | None:
+        """Take the next waiter: highest priority, then least virtual time, then lane order."""
+        best: _Lane | None = None
+        for entry in self.lanes.values():
+            if entry.waiters and (best is None or entry.priority > best.priority
+                                  or (entry.priority == best.priority and entry.vtime < best.vtime)):
+                best = entry
+        if best is None:
+            return None
+        self.queued -= 1
+        self.vclock = best.vtime
+        best.vtime += 1 / best.weight
+        return best.waiters.popleft()
+
+
+def too_many(model: str, why: str) -> ApiError:
+    return ApiError(429, f"model '{model}' is at its concurrency limit: {why}; retry later",
+                    "rate_limit_exceeded", {"Retry-After": RETRY_AFTER})
+
+
+class Limits:
+    def __init__(self, queue_limit: int, queue_timeout: float) -> None:
+        self.queue_limit = queue_limit
+        self.queue_timeout = queue_timeout
+        self._gates: dict[str, _Gate] = {}
+
+    def queued(self, model: str) -> int:
+        """Requests waiting for a slot of ``model``, all lanes."""
+        gate = self._gates.get(model)
+        return gate.queued if gate else 0
+
+    def queued_by_lane(self, model: str) -> dict[str, int]:
+        """Requests waiting for a slot of ``model``, per lane (key name; ``""``: anonymous)."""
+        gate = self._gates.get(model)
+        return {name: len(e.waiters) for name, e in gate.lanes.items() if e.waiters} if gate else {}
+
+    @asynccontextmanager
+    async def admit(self, model: str, capacity: int, lane: str = ANONYMOUS, priority: int = 0,
+                    weight: float = 1.0) -> AsyncIterator[None]:
+        """Hold one of ``capacity`` slots of ``model`` for the block (0 = unlimited); wait in
+        ``lane`` of the queue for one, or raise the 429 ``ApiError``."""
+        if capacity <= 0:
+            yield
+            return
+        gate = self._gates.setdefault(model, _Gate())
+        gate.capacity = capacity
+        if gate.active >= capacity or gate.queued:
+            await self._wait(model, gate, lane, priority, weight)
+        else:
+            gate.active += 1
+        try:
+            yield
+        finally:
+            self._release(model, gate)
+
+    async def _wait(self, model: str, gate: _Gate, lane: str, priority: int, weight: float) -> None:
+        """Queue for a slot; ``_release`` hands it over by resolving our future."""
+        if gate.queued >= self.queue_limit:
+            raise too_many(model, f"{gate.queued} requests already queued (queue limit {self.queue_limit})")
+        turn = asyncio.get_running_loop().create_future()
+        entry = gate.enqueue(lane, priority, weight, turn)
+        try:
+            done, _ = await asyncio.wait([turn], timeout=self.queue_timeout)
+        except asyncio.CancelledError:  # the client went away
+            if turn.done() and not turn.cancelled():
+                self._release(model, gate)  # a slot was handed to us: pass it on
+            raise
+        finally:
+            if not turn.done():
+                turn.cancel()
+            gate.remove(entry, turn)
+        if not done:
+            raise too_many(model, f"no slot within the queue timeout of {self.queue_timeout:g}s")
+
+    def _release(self, model: str, gate: _Gate) -> None:
+        gate.active -= 1
+        while gate.queued and gate.active < gate.capacity:
+            turn = gate.next_turn()
+            if turn is None:
+                break
+            if not turn.done():
+                turn.set_result(None)
+                gate.active += 1
+        if not gate.active and not gate.queued:
+            del self._gates[model]  # models come and go: keep no idle gates
+
+
+def process_share(capacity: int, index: int, count: int) -> int:
+    """Child ``index`` of ``count``'s part of ``capacity`` concurrent requests.
+
+    The parts add up to ``capacity`` exactly (the first ``capacity % count`` children take one
+    more), so N children admit no more than one process would. Where ``capacity < count`` a
+    child would get 0 (and refuse everything that reaches it): each gets at least 1, so the
+    total is then ``count``. ``capacity <= 0`` (unlimited) stays unlimited."""
+    if capacity <= 0 or count <= 1:
+        return capacity
+    return max(1, capacity // count + (index < capacity % count))

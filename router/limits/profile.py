@@ -1,0 +1,44 @@
+"""A key's limits and priority, as the keys file states them (``[[keys]]`` and ``[groups.*]``).
+
+Parsed by ``router.http.auth`` (which matches a presented key to its profile) and enforced by
+``router.limits.quotas`` (rates, tokens, concurrency across routers) and
+``router.limits.concurrency`` (queue priority and weight).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # a Redis key part and a metric label
+
+
+class LimitSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Limits of a group of keys (shared by all its keys, across all routers); 0 = none."""
+
+    rpm: Count = 0  # requests started per minute (sliding, per second)
+    tpm: Count = 0  # tokens (prompt + completion, from the responses' usage) per minute
+    max_concurrent: Count = 0  # requests in flight at once
+
+
+class KeySpec(LimitSpec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One ``[[keys]]`` entry of a TOML/JSON keys file."""
+
+    name: Name
+    key: str  # the plain key or ``sha256:<hex>``
+    group: Name | None = None
+    priority: int = 0  # higher first in a contended model queue (strict: see router/limits/concurrency.py)
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # share among equal priorities
+
+
+class KeyProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """What the router knows of a key once it matched: never the key itself."""
+
+    name: str
+    group: str | None = None
+    key_limits: LimitSpec = LimitSpec()
+    group_limits: LimitSpec = LimitSpec()
+    priority: int = 0
+    weight: float = 1.0
