@@ -51,9 +51,10 @@ POLL_INTERVAL = 0.5
 class CliError(click.ClickException):
     """A failure worded for the operator, carrying its exit code (click prints ``Error: …``)."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, body: Any = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.body = body  # the router's error body, when it sent one
 
 
 def _exit_code_for(status: int) -> int:
@@ -110,7 +111,8 @@ class Api:
             body = _decode(exc.read())
             if exc.code in ok_statuses:
                 return exc.code, body
-            raise CliError(_error_message(body, f"HTTP {exc.code} {exc.reason}"), _exit_code_for(exc.code)) from None
+            raise CliError(_error_message(body, f"HTTP {exc.code} {exc.reason}"), _exit_code_for(exc.code),
+                           body) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
 
@@ -219,6 +221,19 @@ def api_command(func: Callable[..., None]) -> Callable[..., None]:
         func(api, as_json, **kwargs)
 
     return wrapper
+
+
+def post_action(api: Api, path: str, what: str, **params: Any) -> Any:
+    """POST an action; a failure on some hosts (``failed``: worker -> why) is worded here, in
+    English, rather than the API's message."""
+    try:
+        return api.post(path, **params)
+    except CliError as exc:
+        failed = exc.body.get("failed") if isinstance(exc.body, dict) else None
+        if not isinstance(failed, dict):
+            raise
+        reasons = "; ".join(f"{worker}: {why}" for worker, why in failed.items())
+        raise CliError(f"could not {what} on {plural(len(failed), 'host')} ({reasons})", exc.exit_code) from None
 
 
 def hosts_text(workers: list[str]) -> str:
@@ -357,7 +372,7 @@ def start(api: Api, as_json: bool, alias: str, timeout: float, worker: str | Non
 @worker_option
 def stop(api: Api, as_json: bool, alias: str, worker: str | None) -> None:
     """Stop a model on every host (or on one, with --worker)."""
-    body = api.post(f"/api/models/{_alias_path(alias)}/stop", worker=worker)
+    body = post_action(api, f"/api/models/{_alias_path(alias)}/stop", f"stop {alias}", worker=worker)
     if as_json:
         return _echo_json(body)
     click.echo(f"{body.get('model', alias)} stopped on {hosts_text(body.get('workers', []))}")
@@ -367,7 +382,7 @@ def stop(api: Api, as_json: bool, alias: str, worker: str | None) -> None:
 @api_command
 def stop_all(api: Api, as_json: bool) -> None:
     """Stop every model on every host."""
-    body = api.post("/api/models/stop-all")
+    body = post_action(api, "/api/models/stop-all", "stop every model")
     if as_json:
         return _echo_json(body)
     models, workers = body.get("models", []), body.get("workers", [])

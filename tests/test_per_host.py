@@ -92,3 +92,25 @@ def test_openapi_documents_the_worker_parameter(two_hosts: Router) -> None:
         op = paths[f"/api/models/{{alias}}/{action}"]["post"]
         assert "worker" in [p["name"] for p in op["parameters"]]
         assert "404" in op["responses"]
+
+
+def test_a_stop_a_host_does_not_confirm_names_it_in_failed_and_the_cli_says_so_in_english(procs, redis_url,
+                                                                                         rds) -> None:
+    from click.testing import CliRunner
+    from helpers import FakeWorker
+    from llm_lab_router.cli import main
+    from llm_lab_router.protocol import CatalogEntry
+
+    FakeWorker(rds, "ghost").publish(CatalogEntry(id="shared"))  # a lease and a catalog, no process reading commands
+    router = start_router(procs, redis_url, env={"LLM_ROUTER_STOP_TIMEOUT": "0.3"})
+    wait_models(router, 1)
+    resp = request("POST", f"{router.url}/api/models/shared/stop?worker=ghost")
+    assert resp.status == 503, resp.body
+    assert resp.json()["failed"] == {"ghost": "worker 'ghost' did not answer 'stop' within 0.3s"}
+    assert resp.json()["message"].startswith("模型 'shared' 停止失败")  # the API keeps the manual's words
+
+    for args in (["stop", "shared"], ["stop-all"]):
+        result = CliRunner().invoke(main, [*args, "--url", router.url])
+        assert result.exit_code == 1, result.output
+        assert "Error: could not stop" in result.output and "on 1 host (ghost: worker 'ghost' did not answer" \
+            in result.output and "模型" not in result.output and "部分" not in result.output, result.output

@@ -48,8 +48,13 @@ def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
     return f"模型 '{alias}' 已清空全部日志，删除 {deleted} 条"
 
 
-def failures(replies: list[Reply]) -> str:
-    return "; ".join(f"worker '{r.worker}': {r.message or 'failed'}" for r in replies if not r.ok)
+def failures(replies: list[Reply]) -> dict[str, str]:
+    """The workers whose reply failed, with their reason."""
+    return {r.worker: r.message or "failed" for r in replies if not r.ok}
+
+
+def failures_text(failed: dict[str, str]) -> str:
+    return "; ".join(f"worker '{w}': {why}" for w, why in failed.items())
 
 
 class Manager:
@@ -164,21 +169,21 @@ class Manager:
         on = f" (worker '{host}')" if host else ""
         replies = await self.control.stop(model, self.options.stop_timeout, host)
         if bad := failures(replies):
-            raise ApiError(503, f"模型 '{alias}' 停止失败{on}: {bad}", "model_stop_failed")
+            raise ApiError(503, f"模型 '{alias}' 停止失败{on}: {failures_text(bad)}", "model_stop_failed", failed=bad)
         return Stopped(message=f"模型 '{alias}' 停止成功{on}", model=model, workers=[r.worker for r in replies])
 
     async def stop_all(self) -> AllStopped:
         replies = await self.control.stop_all(self.options.stop_timeout)
         if bad := failures(replies):
-            raise ApiError(503, f"部分模型未能关闭: {bad}", "stop_all_failed")
+            raise ApiError(503, f"部分模型未能关闭: {failures_text(bad)}", "stop_all_failed", failed=bad)
         return AllStopped(message="所有模型已关闭", models=merged_models(replies), workers=[r.worker for r in replies])
 
     async def restart_autostart(self) -> Restarted:
         replies = await self.control.restart_autostart(self.options.start_timeout)
         started = merged_models(replies)
         if bad := failures(replies):
-            raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: {bad}",
-                           "restart_autostart_failed")
+            raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: "
+                                f"{failures_text(bad)}", "restart_autostart_failed", failed=bad)
         return Restarted(message=f"已重启 {len(started)} 个autostart模型", started_models=started)
 
     async def log_stats(self) -> LogStatsResult:
