@@ -114,3 +114,16 @@ def test_a_stop_a_host_does_not_confirm_names_it_in_failed_and_the_cli_says_so_i
         assert result.exit_code == 1, result.output
         assert "Error: could not stop" in result.output and "on 1 host (ghost: worker 'ghost' did not answer" \
             in result.output and "模型" not in result.output and "部分" not in result.output, result.output
+
+
+def test_the_cli_starts_and_stops_on_one_host(two_hosts: Router) -> None:
+    from click.testing import CliRunner
+    from llm_lab_router.cli import main
+
+    result = CliRunner().invoke(main, ["start", "both", "--worker", B, "--url", two_hosts.url, "--timeout", "30"])
+    assert result.exit_code == 0 and f"shared is running on {B} http://" in result.output, result.output
+    assert A not in result.output and states(two_hosts, "shared").get(A) != "running"
+    result = CliRunner().invoke(main, ["stop", "both", "--worker", B, "--url", two_hosts.url])
+    assert result.exit_code == 0 and result.output.strip() == f"shared stopped on {B}", result.output
+    result = CliRunner().invoke(main, ["start", "only-b", "--worker", A, "--url", two_hosts.url])
+    assert result.exit_code == 4 and f"not in the catalog of worker '{A}'" in result.output, result.output
