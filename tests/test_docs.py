@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ def answer_problems(example: CurlExample, answer: Answer, worker: str) -> list[s
         return [f"keys {sorted(missing)} shown but not in the answer"] if missing else []
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on PATH (CI installs it: .ci/run)")
 @pytest.mark.parametrize("doc", EXAMPLE_DOCS)
 def test_every_curl_example_answers_as_documented(doc: str, procs: Processes, redis_url: str,
                                                   tmp_path: Path) -> None:
