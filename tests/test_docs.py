@@ -8,6 +8,8 @@
   the status the document states (a ``# status NNN`` comment, else 200) and, where the
   document shows an answer, one with the same keys. An example that cannot run verbatim is
   marked ``<!-- not-run: reason -->`` just above its block.
+- Every model config (a ``toml`` block with ``[[models]]``) of README.md and docs/*.md passes
+  ``llm-router config check --portable``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from typing import Any
 import pytest
 from conftest import MOCK_ENGINE, ROOT, Processes
 from helpers import STACK_WORKER, start_router, start_worker, wait_models, write_config
-from markdown_docs import CurlExample, anchors, curl_examples, links, read
+from markdown_docs import CurlExample, anchors, blocks_and_prose, curl_examples, links, read
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLE_DOCS = ["README.md", "docs/api.md"]
@@ -75,6 +79,24 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path: Path) -> None:
     assert [b.split(": ", 1)[1] for b in broken_links(doc)] == [
         "missing.md: no such file", "other.md#absent: no heading with that anchor in other.md",
         "#nowhere: no heading with that anchor in doc.md", "missing-too.md: no such file"]
+
+
+def test_every_model_config_in_the_docs_passes_config_check(tmp_path: Path) -> None:
+    """A ``toml`` block with ``[[models]]`` in README.md or docs/*.md is a config a reader will
+    copy: ``llm-router config check --portable`` accepts it (paths and programs of another host
+    are not checked)."""
+    files = []
+    for doc in DOCS:
+        blocks, _ = blocks_and_prose(read(doc))
+        for block in blocks:
+            text = textwrap.dedent("\n".join(block.lines))
+            if block.lang == "toml" and "[[models]]" in text:
+                files.append(tmp_path / f"{doc.stem}-line{block.line}.toml")
+                files[-1].write_text(text)
+    assert len(files) >= 3
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "config", "check", "--portable",
+                           *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------- curl examples
