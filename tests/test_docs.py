@@ -135,7 +135,7 @@ def run_curl(example: CurlExample, base: str, tmp_path: Path) -> Answer:
             word = word.replace(doc_base, base)
         argv.append(word)
     body, head = tmp_path / "body", tmp_path / "head"
-    limit = "2" if "/logs/stream" in example.command else "60"
+    limit = "2" if "/logs/stream" in example.command else "60"  # a stream's history comes at once; 2 s: a loaded CI
     done = subprocess.run([*argv, "-sS", "-o", str(body), "-D", str(head), "-w", "%{http_code}",
                            "--max-time", limit], capture_output=True, text=True, timeout=90)
     assert done.returncode in (0, 28), f"{example.where}: curl failed: {done.stderr}"  # 28: our time limit
