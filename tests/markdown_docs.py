@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,18 +96,22 @@ def anchors(text: str) -> set[str]:
 
 
 def links(text: str) -> list[tuple[int, str]]:
-    """Every link target written outside code blocks and inline code, with its line number."""
+    """Every link target written outside code blocks and inline code, with its line number (a
+    link's text may wrap onto the next line)."""
     _, prose = blocks_and_prose(text)
     out: list[tuple[int, str]] = []
-    for number, line in prose:
-        if m := REFERENCE.match(line):
-            out.append((number, m.group(1)))
-            continue
-        code = [m.span() for m in CODE_SPAN.finditer(line)]
-        for m in INLINE_LINK.finditer(line):
-            if not any(start <= m.start() < end for start, end in code):  # not inside `inline code`
-                out.append((number, m.group(1)))
-    return out
+    starts: list[int] = []  # offset in ``joined`` where each prose line starts
+    offset = 0
+    for _, line in prose:
+        starts.append(offset)
+        offset += len(line) + 1
+    joined = "\n".join(line for _, line in prose)
+    code = [m.span() for m in CODE_SPAN.finditer(joined)]
+    for m in INLINE_LINK.finditer(joined):
+        if not any(start <= m.start() < end for start, end in code):  # not inside `inline code`
+            out.append((prose[bisect_right(starts, m.start()) - 1][0], m.group(1)))
+    out += [(number, m.group(1)) for number, line in prose if (m := REFERENCE.match(line))]
+    return sorted(out, key=lambda link: link[0])  # by line; in a line, as written
 
 
 @dataclass
