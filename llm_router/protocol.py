@@ -24,6 +24,10 @@ llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens o
 llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
 llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
 llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
+llm:hist:{step}:{series}:{slot} hash, TTL   both    one time slot of a series: counters, histogram buckets, gauges (``timeline``)
+llm:hist:series                 hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}:{slot}   string,TTL  router  the roll-up of that slot is done (``SET NX``: by one router)
+llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
 ==============================  ==========  ======  ==================================================
 """
 
@@ -113,6 +117,22 @@ class Keys:
     def learned(self, wid: str, model: str) -> str:
         """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
         return f"{self.prefix}learned:{wid}:{model}"
+
+    def history(self, step: int, series: str, slot: int) -> str:
+        """One ``step``-second slot of a history series (``llm_router.timeline``)."""
+        return f"{self.prefix}hist:{step}:{series}:{slot}"
+
+    def history_series(self) -> str:
+        """Every history series -> when it was last written (readers list series here, no SCAN)."""
+        return f"{self.prefix}hist:series"
+
+    def history_rolled(self, step: int, slot: int) -> str:
+        """Set (``NX``) by the one router that rolls the finer slots up into this one."""
+        return f"{self.prefix}hist:rolled:{step}:{slot}"
+
+    def timeline(self) -> str:
+        """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""
+        return f"{self.prefix}timeline"
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

@@ -29,7 +29,10 @@ from llm_lab_router.router.forward.upstream import Upstream
 from llm_lab_router.router.limits.quotas import Quotas
 from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
+from llm_lab_router.router.observe.history import History
+from llm_lab_router.router.observe.history_query import TimelineReader
 from llm_lab_router.router.observe.metrics import RouterMetrics
+from llm_lab_router.timeline import resolutions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -56,9 +59,11 @@ class Services:
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
-        self.metrics = RouterMetrics(self.view)
+        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions())
+        self.timeline = TimelineReader(self.redis, self.keys, self.history.resolutions)
+        self.metrics = RouterMetrics(self.view, self.history)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics)
+                                     scheduler=self.options.scheduler, metrics=self.metrics, history=self.history)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
@@ -84,6 +89,7 @@ class Services:
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
         self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
+        self._history_task = asyncio.create_task(self.history.run(), name="history")
         if self.options.scheduler == "swap":
             self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
 
@@ -98,10 +104,11 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task"):
+        for name in ("_usage_task", "_quota_task", "_claims_task", "_history_task"):
             if task := getattr(self, name, None):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self.history.flush(final=True)  # the current slot too: a restart leaves no hole
         await self.quotas.close()
         await self.view.close()
         await self.upstream.close()

@@ -51,6 +51,8 @@ from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
+from llm_lab_router.worker.timeline import InstanceEvents, device_gauge_ops
+from llm_lab_router.timeline import event_ops, resolutions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -86,12 +88,15 @@ class WorkerAgent:
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
                                 learner=self.learner)
+        self.timeline = InstanceEvents(self.wid, self.hostname)  # events for llm:timeline (worker.timeline)
+        self.history_step = resolutions()[0]  # the fine slots of its GPU and host gauges
+        self._gauge_slot = -1
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
-        self.idle = IdleReaper(self.redis, self.keys, self.models)
+        self.idle = IdleReaper(self.redis, self.keys, self.models, on_idle=self.timeline.cause)
         self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
                                     before_reply=self.changes_published)
         self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
@@ -121,6 +126,7 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        self.timeline.note("worker_started", detail=f"pid {os.getpid()}, version {__version__}")
         await self._adopt()
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
@@ -260,6 +266,8 @@ class WorkerAgent:
             new = await asyncio.to_thread(load_config, self.cfg.path)
         except ConfigError as exc:
             log.error("config reload failed, keeping the config in force: %s", exc)
+            self.timeline.note("reload_failed", detail=str(exc))
+            self._wake.set()
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
         new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
@@ -268,6 +276,7 @@ class WorkerAgent:
         new.worker = self.settings
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
+        self.timeline.note("reload", detail=plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
         self.cfg = new
         self._withdrawn.update(plan.removed)
@@ -280,6 +289,7 @@ class WorkerAgent:
     # --- publishing: one task writes the worker's keys, in order ---
 
     def _instance_changed(self, inst: Instance) -> None:
+        self.timeline.changed(inst)
         self._queued += 1
         self._changes.append((self._queued, inst))
         self._wake.set()
@@ -307,7 +317,7 @@ class WorkerAgent:
         link = RedisLink("publish")
         while True:
             stop_if_cancelled()
-            if not (self._resync or self._changes):
+            if not (self._resync or self._changes or self.timeline.pending):
                 await self._wake.wait()
             self._wake.clear()
             try:
@@ -326,6 +336,7 @@ class WorkerAgent:
                     await self._publish_instance(inst)
                     self._changes.popleft()
                     await self._advance(number)
+                await self._publish_events()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 self._request_resync()  # whatever was lost is re-sent in full
@@ -351,6 +362,18 @@ class WorkerAgent:
             change_ops(pipe, self.keys, self.wid, inst, self.version)
             await pipe.execute()
 
+    async def _publish_events(self) -> None:
+        """The timeline events of the changes just published (kept for the next try on failure)."""
+        if not (events := self.timeline.take()):
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                event_ops(pipe, self.keys, events)
+                await pipe.execute()
+        except REDIS_ERRORS:
+            self.timeline.put_back(events)
+            raise
+
     def _sync_log_counts(self) -> None:
         self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
 
@@ -361,8 +384,11 @@ class WorkerAgent:
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
+            self.timeline.note("worker_stopped", detail="models left running for the next worker"
+                               if self.leave_models_running else "")
             async with self.redis.pipeline(transaction=True) as pipe:
                 goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
+                event_ops(pipe, self.keys, self.timeline.take())
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -400,9 +426,13 @@ class WorkerAgent:
             stop_if_cancelled()
             snap = await self.snapshot()
             try:
+                slot = int(snap.ts // self.history_step.step)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     devices_ops(pipe, self.keys, snap, interval)
+                    if slot != self._gauge_slot:  # at most one gauge sample per fine slot
+                        device_gauge_ops(pipe, self.keys, self.history_step, snap)
                     await pipe.execute()
+                self._gauge_slot = slot
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)

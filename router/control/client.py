@@ -30,6 +30,7 @@ from llm_lab_router.protocol import (
 )
 from llm_lab_router.router.core.errors import WaitReason
 from llm_lab_router.router.control.explain import no_room_reason, retry_after, starting_reason, swap_reason
+from llm_lab_router.router.observe.history import History
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
@@ -137,7 +138,7 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, history: History | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -145,6 +146,7 @@ class ControlClient:
         self.usage = usage  # this router's own requests in flight (for eviction)
         self.scheduler = scheduler
         self.metrics = metrics
+        self.history = history  # the timeline: starts requested, evictions (router.observe.history)
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
@@ -219,13 +221,13 @@ class ControlClient:
         """The running instances of ``model`` (on ``host`` only, when given)."""
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
-    async def ensure_running(self, model: str, timeout: float, host: str | None = None) -> None:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None, by: str = "") -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
-        needed (shared start)."""
+        needed (shared start). ``by``: the key's name that asked (the timeline shows it)."""
         if not self.running_on(model, host):
-            await self.start(model, timeout, host)
+            await self.start(model, timeout, host, by)
 
-    async def start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+    async def start(self, model: str, timeout: float, host: str | None = None, by: str = "") -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
@@ -236,18 +238,22 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
-    def start_in_background(self, model: str, timeout: float, host: str | None = None) -> asyncio.Task[Reply]:
-        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
+    def start_in_background(self, model: str, timeout: float, host: str | None = None,
+                            by: str = "") -> asyncio.Task[Reply]:
+        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``);
+        the first caller's ``by`` is the one the timeline names."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout, host), name=f"start-{model}")
+            if self.history is not None:
+                self.history.event("start_requested", model=model, host=host or "", key=by)
+            task = asyncio.create_task(self._start(model, timeout, host, by), name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -264,7 +270,7 @@ class ControlClient:
         if not task.cancelled() and isinstance(task.exception(), ControlError):
             log.warning("start of %s failed: %s", model, task.exception())
 
-    async def _start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+    async def _start(self, model: str, timeout: float, host: str | None = None, by: str = "") -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -302,7 +308,7 @@ class ControlClient:
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
                 if decision.action == "evict" and decision.plan is not None:
-                    await self._evict(decision.plan, model, deadline)
+                    await self._evict(decision.plan, model, deadline, by)
                     try:
                         return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
@@ -371,8 +377,11 @@ class ControlClient:
         """The ``max_wait`` of each waiting model, from its catalog entry."""
         return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
-    async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
+    async def _evict(self, plan: Eviction, model: str, deadline: float, by: str = "") -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
+        if self.history is not None:
+            self.history.event("evicted", model=model, models=list(plan.victims), host=plan.worker, key=by,
+                               detail=f"stopped {', '.join(plan.victims)} to make room for {model}")
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
         if not all(r.ok for r in replies):
@@ -429,6 +438,8 @@ class ControlClient:
         worker only."""
         wids = [host] if host is not None else sorted(
             set(self.view.catalog_workers(model)) | {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        if self.history is not None:
+            self.history.event("stop_requested", model=model, host=host or "", detail="stop asked through the API")
         return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
 
     async def stop_all(self, timeout: float) -> list[Reply]:

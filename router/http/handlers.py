@@ -23,7 +23,7 @@ from llm_lab_router.router.http.validate import check_forward_path, check_query
 from llm_lab_router.router.observe.metrics import CONTENT_TYPE
 from llm_lab_router.router.http.openapi import document_bytes
 from llm_lab_router.router.forward.proxy import ProxyRequest
-from llm_lab_router.router.http.query import RouteParams, route_params
+from llm_lab_router.router.http.query import TIMELINE, RouteParams, route_params
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.services import Services
 
@@ -291,6 +291,30 @@ class DevicesHandler(BaseHandler):
     async def get(self) -> None:
         await self.services.view.refresh_details()
         self.reply(self.services.manager.devices())
+
+
+class HistoryHandler(BaseHandler):
+    """``GET /api/history``: one series of the timeline (router/observe/history_query.py)."""
+
+    QUERY = ("series", "model", "host", "gpu", "from", "to", "step")
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, time.time()
+        self.reply(await self.services.timeline.history(
+            q.series.parse(args), q.model.parse(args), q.host.parse(args), q.gpu.parse(args),
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.step.parse(args), now))
+
+
+class EventsHandler(BaseHandler):
+    """``GET /api/events``: what happened, oldest first (router/observe/history_query.py)."""
+
+    QUERY = ("from", "to", "model", "host", "kind", "limit")
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, time.time()
+        self.reply(await self.services.timeline.events(
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.limit.parse(args),
+            q.model.parse(args), q.host.parse(args), q.kind.parse(args)))
 
 
 class LogStreamHandler(BaseHandler):

@@ -28,7 +28,9 @@ from llm_lab_router.router.core.responses import (
     AllStopped,
     Cleared,
     DevicesResult,
+    EventsResult,
     Health,
+    HistoryResult,
     LogStatsResult,
     ModelCard,
     ModelInfo,
@@ -39,13 +41,13 @@ from llm_lab_router.router.core.responses import (
     Stopped,
 )
 from llm_lab_router.router.http.debug import DebugStats
-from llm_lab_router.router.http.query import route_params
+from llm_lab_router.router.http.query import TIMELINE, route_params
 from llm_lab_router.router.logs.stream import LogEvent
 
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
 RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Started, Stopped, AllStopped, Cleared, Restarted,
-             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError)
+             LogStatsResult, DevicesResult, HistoryResult, EventsResult, DebugStats, LogEvent, Failure, OpenAIError)
 
 
 # --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
@@ -208,6 +210,17 @@ def paths(options: RouterOptions) -> Json:
                                                 admin=True)},
         "/api/devices/info": {"get": _op("devices of every host: the cluster total, then per host",
                                          _ref(DevicesResult), 503)},
+        "/api/history": {"get": _op(
+            "one series of the timeline (requests, errors, tokens, TTFT/latency/wait percentiles of a model; memory "
+            "and utilisation of a GPU; CPU and RAM of a host) in points of step seconds; null values: a gap",
+            _ref(HistoryResult), 503, params=[p.openapi() for p in (TIMELINE.series, TIMELINE.model, TIMELINE.host,
+                                                                     TIMELINE.gpu, TIMELINE.start, TIMELINE.end,
+                                                                     TIMELINE.step)])},
+        "/api/events": {"get": _op(
+            "timeline events (starts requested and by which key, ready with the cold start, stops and why, "
+            "evictions, crashes, restarts, adoptions, reloads), oldest first",
+            _ref(EventsResult), 503, params=[p.openapi() for p in (TIMELINE.start, TIMELINE.end, TIMELINE.model,
+                                                                    TIMELINE.host, TIMELINE.kind, TIMELINE.limit)])},
     }
 
 

@@ -1,0 +1,217 @@
+"""The lab's timeline in Redis: what its history keys hold and how they are read back.
+
+Shared by routers (request series, router events, roll-ups), workers (GPU and host series,
+instance events) and the API that reads them (``router.observe.history_query``); key names
+are spelled by ``protocol.Keys`` (``history``, ``history_series``, ``history_rolled``,
+``timeline``). docs/redis-keys.md shows them with ``redis-cli``.
+
+**Series.** One hash per series per time slot, ``llm:hist:{step}:{series}:{slot}`` (slot =
+unix time // step), with a TTL of the resolution's retention, so history is bounded by
+construction. Series: ``model:{id}`` (counters and histograms, added to by every router with
+``HINCRBY``), ``gpu:{host}:{index}`` and ``host:{host}`` (gauges, written by the host's worker
+with ``HSET``: the last sample of the slot) and ``routers`` (``flushes``: one per router per
+slot flushed, so a slot no router could write, Redis being away, reads as a gap, not as zero).
+
+**Mergeable histograms.** TTFT, total latency and wait are counted per bucket of fixed
+boundaries (``BOUNDS``): field ``ttft:3`` = requests whose TTFT fell in bucket 3. Buckets of
+several routers and slots add up exactly, so a percentile over any routers and any interval is
+computed from summed buckets, never averaged from per-router percentiles.
+
+**Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
+for 30 days) is a roll-up of it, made once per slot by whichever router first wins ``SET NX``
+on ``llm:hist:rolled:{step}:{slot}`` (``ROLLUP_SCRIPT``): it adds up the fine slots and counts
+them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
+``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
+
+**Events** (``TimelineEvent``) go to one stream, ``llm:timeline`` (``MAXLEN ~``, and trimmed to
+the coarsest retention by the roll-up's winner).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from bisect import bisect_left
+from typing import Iterable, Literal, Mapping, Sequence
+
+import msgspec
+
+from llm_lab_router.protocol import Keys
+
+# Upper bounds (s) of the histogram buckets; the last bucket (index len(BOUNDS)) is "more".
+BOUNDS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+                             120.0, 300.0)
+NBUCKETS = len(BOUNDS) + 1
+HISTOGRAMS = ("ttft", "latency", "wait")
+COUNTERS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out")
+GPU_FIELDS = ("memory_used", "memory_total", "utilization")  # MiB, MiB, percent
+HOST_FIELDS = ("cpu_percent", "memory_used", "memory_total")  # percent, MiB, MiB
+SLOTS = "slots"  # field of a rolled-up hash: how many fine slots it sums
+COVERAGE = "routers"  # the series whose slots say that routers could write then
+FLUSHES = "flushes"
+EVENTS_MAXLEN = 100_000
+RESOLUTIONS_ENV = "LLM_ROUTER_HISTORY_RESOLUTIONS"
+DEFAULT_RESOLUTIONS = "10s:24h,5m:30d"
+
+EventKind = Literal["start_requested", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
+                    "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",
+                    "reload_failed", "redis_lost", "redis_back"]
+
+
+class Resolution(msgspec.Struct, frozen=True):
+    step: int  # seconds per slot
+    keep: int  # seconds kept
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 10s, 5m, 24h, 30d)")
+    return int(match[1]) * _UNITS[match[2] or "s"]
+
+
+def parse_resolutions(text: str) -> tuple[Resolution, ...]:
+    """``"10s:24h,5m:30d"`` → resolutions, finest first. Each coarser step must be a multiple of
+    the finest (its slots are sums of whole fine slots)."""
+    out = []
+    for part in text.split(","):
+        step, _, keep = part.partition(":")
+        out.append(Resolution(_seconds(step), _seconds(keep or "0")))
+    out.sort(key=lambda r: r.step)
+    fine = out[0]
+    if fine.step <= 0 or any(r.keep < r.step or r.step % fine.step for r in out):
+        raise ValueError(f"{RESOLUTIONS_ENV}={text!r}: steps > 0, each a multiple of the finest, kept ≥ one step")
+    return tuple(out)
+
+
+def resolutions(env: Mapping[str, str] = os.environ) -> tuple[Resolution, ...]:
+    return parse_resolutions(env.get(RESOLUTIONS_ENV) or DEFAULT_RESOLUTIONS)
+
+
+def model_series(model: str) -> str:
+    return f"model:{model}"
+
+
+def gpu_series(host: str, index: int) -> str:
+    return f"gpu:{host}:{index}"
+
+
+def host_series(host: str) -> str:
+    return f"host:{host}"
+
+
+def bucket_of(seconds: float) -> int:
+    """The histogram bucket of a duration: the first whose upper bound is ≥ it."""
+    return bisect_left(BOUNDS, seconds)
+
+
+def bucket_fields(name: str) -> list[str]:
+    return [f"{name}:{i}" for i in range(NBUCKETS)]
+
+
+def percentile(counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram of ``NBUCKETS`` counts, interpolated linearly in
+    its bucket (as Prometheus's ``histogram_quantile``); the last bucket answers its lower
+    bound. None without samples."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            low = BOUNDS[i - 1] if i > 0 else 0.0
+            if i >= len(BOUNDS):
+                return low
+            return low + (BOUNDS[i] - low) * max(0.0, rank - seen) / n
+        seen += n
+    return BOUNDS[-1]
+
+
+def bucket_range(value: float) -> tuple[float, float]:
+    """The bounds of the bucket ``value`` falls in (tests compare raw percentiles with it)."""
+    i = bucket_of(value)
+    return (BOUNDS[i - 1] if i > 0 else 0.0, BOUNDS[i] if i < len(BOUNDS) else float("inf"))
+
+
+class TimelineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One entry of ``llm:timeline``: what happened to which model on which host, and who asked.
+
+    ``kind``: ``EventKind``; ``key``: the API key's name that caused it (a start requested, an
+    eviction); ``models``: the other models concerned (those evicted for ``model``);
+    ``seconds``: a cold start's duration (``ready``); ``detail``: why, in words."""
+
+    ts: float
+    kind: str
+    model: str = ""
+    host: str = ""
+    key: str = ""
+    models: list[str] = []
+    seconds: float = 0.0
+    detail: str = ""
+    by: str = ""  # "router:{rid}" or "worker:{wid}": who wrote it
+
+
+_STR_FIELDS = ("kind", "model", "host", "key", "detail", "by")
+
+
+def event_fields(ev: TimelineEvent) -> dict[str, str]:
+    """Flat stream fields, readable in ``XRANGE`` (``models`` comma-separated)."""
+    out = {"ts": f"{ev.ts:.3f}", "kind": ev.kind}
+    for name in _STR_FIELDS[1:]:
+        if value := getattr(ev, name):
+            out[name] = value
+    if ev.models:
+        out["models"] = ",".join(ev.models)
+    if ev.seconds:
+        out["seconds"] = f"{ev.seconds:.3f}"
+    return out
+
+
+def event_of(fields: Mapping) -> TimelineEvent:
+    get = {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+           for k, v in fields.items()}
+    return TimelineEvent(ts=float(get.get("ts") or 0), kind=get.get("kind", ""),
+                         models=[m for m in get.get("models", "").split(",") if m],
+                         seconds=float(get.get("seconds") or 0), **{n: get.get(n, "") for n in _STR_FIELDS[1:]})
+
+
+def event_ops(pipe, keys: Keys, events: Iterable[TimelineEvent]) -> None:
+    """Append events to ``llm:timeline`` (for a pipeline)."""
+    for ev in events:
+        pipe.xadd(keys.timeline(), event_fields(ev), maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+def gauge_ops(pipe, keys: Keys, fine: Resolution, series: str, now: float, values: Mapping[str, int]) -> None:
+    """The latest sample of a gauge series in its fine slot (for a pipeline): ``HSET`` (a later
+    sample of the same slot replaces it), the slot's TTL, the series indexed."""
+    key = keys.history(fine.step, series, int(now // fine.step))
+    pipe.hset(key, mapping={k: int(v) for k, v in values.items()})
+    pipe.expire(key, fine.keep)
+    pipe.hset(keys.history_series(), series, int(now))
+
+
+# Rolls one series' fine slots up into one coarse slot, once (the caller won the slot's lock):
+# KEYS[1] = the coarse hash, KEYS[2..] = the fine hashes it covers; ARGV[1] = the coarse TTL.
+# Every field is added up (integers), and ``slots`` counts the fine hashes that existed; a
+# coarse slot without any is not written (a gap stays a gap). Returns the fine slots found.
+ROLLUP_SCRIPT = """
+local sums, found = {}, 0
+for i = 2, #KEYS do
+  local row = redis.call('HGETALL', KEYS[i])
+  if #row > 0 then
+    found = found + 1
+    for j = 1, #row, 2 do sums[row[j]] = (sums[row[j]] or 0) + tonumber(row[j + 1]) end
+  end
+end
+if found == 0 then return 0 end
+for f, v in pairs(sums) do
+  if f ~= 'slots' then redis.call('HINCRBY', KEYS[1], f, string.format('%d', v)) end
+end
+redis.call('HINCRBY', KEYS[1], 'slots', found)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return found
+"""

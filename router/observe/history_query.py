@@ -1,0 +1,176 @@
+"""Reading the timeline back (``GET /api/history``, ``GET /api/events``; ``llm_router.timeline``
+says what is stored).
+
+A point sums the slots it spans: counters add up, histogram buckets add up and percentiles
+come from the summed buckets, gauges are averaged over the slots that have a sample. A point is
+only as good as its coverage: request series count the fine slots some router flushed
+(``routers`` series), gauges the slots with a sample; a point without any is a gap (values
+null), and rates divide by the seconds covered, so a Redis outage never reads as a quiet spell.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from llm_lab_router.protocol import Keys
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.core.responses import EventsResult, HistoryResult
+from llm_lab_router.timeline import (
+    COUNTERS,
+    COVERAGE,
+    GPU_FIELDS,
+    HISTOGRAMS,
+    HOST_FIELDS,
+    SLOTS,
+    Resolution,
+    bucket_fields,
+    event_of,
+    gpu_series,
+    host_series,
+    model_series,
+    percentile,
+)
+from redis.asyncio import Redis
+
+MAX_POINTS = 10_000  # a step finer than (to - from) / MAX_POINTS is made coarser
+EVENTS_PAGE = 1000
+EVENTS_SCAN = 100_000  # entries looked at, at most, for one filtered read
+MODEL_FIELDS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out", "rate", "tokens_per_s",
+                *(f"{h}_{p}" for h in HISTOGRAMS for p in ("p50", "p95")), "covered_s")
+QUANTILES = (("p50", 0.5), ("p95", 0.95))
+
+
+def series_fields(series: str) -> tuple[str, ...]:
+    """The values a point of ``series`` carries."""
+    kind = series.split(":", 1)[0]
+    return {"model": MODEL_FIELDS, "gpu": GPU_FIELDS, "host": HOST_FIELDS}.get(kind, ())
+
+
+def choose(resolutions: Sequence[Resolution], start: float, end: float, step: int,
+           now: float) -> tuple[Resolution, float, int]:
+    """The finest resolution still holding ``start`` (else the coarsest), ``start`` clamped to
+    what it holds, and the step: a multiple of its slot, at least ``step``, coarse enough for
+    ``MAX_POINTS``."""
+    res = next((r for r in resolutions if now - r.keep <= start), resolutions[-1])
+    start = max(start, now - res.keep)
+    want = max(step, res.step, math.ceil((end - start) / MAX_POINTS))
+    return res, start, math.ceil(want / res.step) * res.step
+
+
+def _ints(row: dict) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in row.items()}
+
+
+async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str, start: float,
+                       end: float, step: int, now: float) -> HistoryResult:
+    index = await redis.hgetall(keys.history_series())
+    available = sorted(k.decode() if isinstance(k, bytes) else k for k in index)
+    fields = list(series_fields(series))
+    if not series:
+        return HistoryResult(series="", start=start, end=end, step=step, resolution=resolutions[0].step,
+                             fields=[], points=[], available=available)
+    res, start, step = choose(resolutions, start, end, step, now)
+    per = step // res.step
+    first = int(start // step) * step // res.step
+    last = max(first, math.ceil(end / res.step) - 1)  # the slot holding ``end``
+    slots = range(first, last + 1)
+    model = series.startswith("model:")
+    async with redis.pipeline(transaction=False) as pipe:
+        for s in slots:
+            pipe.hgetall(keys.history(res.step, series, s))
+            if model:
+                pipe.hgetall(keys.history(res.step, COVERAGE, s))
+        rows = [_ints(r) for r in await pipe.execute()]
+    data = rows[::2] if model else rows
+    cover = rows[1::2] if model else rows
+    fine = resolutions[0].step
+    points = []
+    for g in range(0, len(slots), per):
+        covered = sum(_covered(c, res is resolutions[0]) for c in cover[g:g + per])
+        t = float((first + g) * res.step)
+        if not covered:
+            points.append({"t": t, **dict.fromkeys(fields)})
+            continue
+        total: dict[str, int] = {}
+        for row in data[g:g + per]:
+            for k, v in row.items():
+                total[k] = total.get(k, 0) + v
+        values = _model_point(total, covered * fine) if model else {f: total.get(f, 0) / covered for f in fields}
+        points.append({"t": t, **values})
+    return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
+                         points=points, available=available)
+
+
+def _covered(row: dict[str, int], fine: bool) -> int:
+    """Fine slots a slot's coverage row vouches for (a fine slot: 1 if written at all)."""
+    if fine:
+        return 1 if row else 0
+    return row.get(SLOTS, 0)
+
+
+def _model_point(total: dict[str, int], seconds: float) -> dict[str, float | None]:
+    out: dict[str, float | None] = {c: float(total.get(c, 0)) for c in COUNTERS}
+    out["rate"] = total.get("requests", 0) / seconds
+    out["tokens_per_s"] = total.get("tokens_out", 0) / seconds
+    for h in HISTOGRAMS:
+        counts = [total.get(f, 0) for f in bucket_fields(h)]
+        for name, q in QUANTILES:
+            out[f"{h}_{name}"] = percentile(counts, q)
+    out["covered_s"] = seconds
+    return out
+
+
+async def read_events(redis: Redis, keys: Keys, start: float, end: float, limit: int, model: str | None = None,
+                      host: str | None = None, kind: str | None = None) -> EventsResult:
+    """Events in ``[start, end]``, oldest first, filtered; at most ``limit``."""
+    low, high = f"{int(start * 1000)}-0", f"{int(end * 1000)}-18446744073709551615"
+    found = []
+    scanned = 0
+    while scanned < EVENTS_SCAN:
+        page = await redis.xrange(keys.timeline(), low, high, count=EVENTS_PAGE)
+        scanned += len(page)
+        for entry_id, fields in page:
+            ev = event_of(fields)
+            if (model and model != ev.model and model not in ev.models) or (host and host != ev.host) or (
+                    kind and kind != ev.kind):
+                continue
+            if len(found) == limit:
+                return EventsResult(events=found, more=True)
+            found.append(ev)
+        if len(page) < EVENTS_PAGE:
+            break
+        last = page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0]
+        low = "(" + last
+    return EventsResult(events=found, more=scanned >= EVENTS_SCAN)
+
+
+
+class TimelineReader:
+    """What ``/api/history`` and ``/api/events`` call: the series named by the query, read back."""
+
+    def __init__(self, redis: Redis, keys: Keys, resolutions: Sequence[Resolution]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.resolutions = resolutions
+
+    async def history(self, kind: str | None, model: str | None, host: str | None, gpu: int, start: float,
+                      end: float, step: int, now: float) -> HistoryResult:
+        if end <= start:
+            raise ApiError(400, f"'to' ({end:.0f}) must be after 'from' ({start:.0f})", "invalid_parameter")
+        series = ""
+        if kind == "model":
+            if not model:
+                raise ApiError(400, "series=model needs model=<id>", "invalid_parameter")
+            series = model_series(model)
+        elif kind in ("gpu", "host"):
+            if not host:
+                raise ApiError(400, f"series={kind} needs host=<worker id>", "invalid_parameter")
+            series = gpu_series(host, gpu) if kind == "gpu" else host_series(host)
+        return await read_history(self.redis, self.keys, self.resolutions, series, start, end, step, now)
+
+    async def events(self, start: float, end: float, limit: int, model: str | None, host: str | None,
+                     kind: str | None) -> EventsResult:
+        if end < start:
+            raise ApiError(400, f"'to' ({end:.0f}) must not be before 'from' ({start:.0f})", "invalid_parameter")
+        return await read_events(self.redis, self.keys, start, end, limit, model, host, kind)

@@ -1,0 +1,184 @@
+"""The lab's timeline (issue 27): request series recorded by real routers in a real Redis,
+merged across routers and resolutions, read back through ``/api/history`` and ``/api/events``.
+
+The routers run with 1 s / 3 s resolutions (``LLM_ROUTER_HISTORY_RESOLUTIONS``), so a slot
+closes, is flushed and rolled up within seconds; everything else is as deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+
+import pytest
+from conftest import wait_for
+from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
+from llm_lab_router.protocol import CatalogEntry, Keys
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.timeline import (
+    BOUNDS,
+    NBUCKETS,
+    TimelineEvent,
+    bucket_of,
+    bucket_range,
+    event_fields,
+    event_of,
+    parse_resolutions,
+    percentile,
+)
+
+CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
+DEAD = CatalogEntry(id="dead", mode="chat", on_demand=False)  # its instance's port answers nothing: 502
+FAST = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "1s:1h,3s:1d"}
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_resolutions_parse_and_refuse_what_cannot_be_rolled_up() -> None:
+    assert [(r.step, r.keep) for r in parse_resolutions("5m:30d,10s:24h")] == [(10, 86400), (300, 30 * 86400)]
+    for bad in ("10s:24h,15s:1d", "0s:1h", "10x:1h", "10s:5s,1m:1h"):
+        with pytest.raises(ValueError):
+            parse_resolutions(bad)
+
+
+def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile() -> None:
+    samples = [0.003 * i for i in range(1, 400)]  # 3 ms .. 1.2 s
+    a, b = [0] * NBUCKETS, [0] * NBUCKETS
+    for i, s in enumerate(samples):  # two "routers"
+        (a if i % 3 else b)[bucket_of(s)] += 1
+    merged = [x + y for x, y in zip(a, b)]
+    for q in (0.5, 0.95, 0.99):
+        raw = sorted(samples)[math.ceil(q * len(samples)) - 1]
+        low, high = bucket_range(raw)
+        assert low <= percentile(merged, q) <= high, q
+    assert percentile([0] * NBUCKETS, 0.5) is None
+    assert percentile([0] * (NBUCKETS - 1) + [3], 0.5) == BOUNDS[-1]  # "more than the last bound"
+
+
+def test_an_event_reads_back_as_written() -> None:
+    ev = TimelineEvent(ts=1700000000.5, kind="evicted", model="big", models=["a", "b"], key="alice", host="w1",
+                       detail="to make room")
+    assert event_of({k.encode(): v.encode() for k, v in event_fields(ev).items()}) == ev
+
+
+# --------------------------------------------------------------------------- real routers
+
+
+@pytest.fixture
+def two_routers(procs, redis_url, rds, mock_engine):
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    fake = FakeWorker(rds, wid)
+    fake.publish(CHAT, DEAD)
+    fake.instance("dead", "running", f"http://127.0.0.1:{free_port()}")
+    # TTFT = 2 ms per prompt word: prompts of 1..60 words spread over several buckets
+    _, url = mock_engine("--quiet", "--ttft-per-token", "0.002", model="chat")
+    wait_engine(url)
+    fake.instance("chat", "running", url)
+    routers = [start_router(procs, redis_url, env=FAST) for _ in range(2)]
+    for r in routers:
+        wait_routable(r, "chat")
+    return routers
+
+
+def history(router, **query) -> dict:
+    qs = "&".join(f"{k}={v}" for k, v in {"series": "model", "model": "chat", "from": "-5m", **query}.items())
+    return get_json(f"{router.url}/api/history?{qs}")
+
+
+def total(doc: dict, field: str = "requests") -> float:
+    return sum(p[field] or 0 for p in doc["points"])
+
+
+def access_ttfts(procs, routers) -> list[float]:
+    out = []
+    for r in routers:
+        for raw in procs.log(r.proc).splitlines():
+            if raw.startswith("router.access "):
+                entry = json.loads(raw.split(" ", 1)[1])
+                if entry.get("stream"):
+                    out.append(entry["ttfb_ms"] / 1000)
+    return out
+
+
+def test_requests_through_two_routers_sum_to_n_and_merged_ttft_percentiles_match_raw(procs, two_routers) -> None:
+    n = 30
+    for i in range(n):
+        router = two_routers[i % 2]
+        words = " ".join(["w"] * (1 + 2 * i))
+        stream = SseStream(f"{router.url}/v1/chat/completions", method="POST",
+                           body=chat_body("chat", stream=True, max_tokens=2,
+                                          messages=[{"role": "user", "content": words}]))
+        assert stream.status == 200
+        stream.events_until(lambda ev: False)  # to its end: a client leaving first counts as 499
+        stream.close()
+    bad = request("POST", f"{two_routers[0].url}/v1/chat/completions", chat_body("dead"))
+    assert bad.status == 502
+
+    doc = wait_for(lambda: (d := history(two_routers[1])) and total(d) == n and d, timeout=15,
+                   message=f"{n} requests recorded")
+    assert doc["resolution"] == 1 and doc["fields"][0] == "requests"
+    assert total(doc, "errors_4xx") + total(doc, "errors_5xx") == 0
+    dead = wait_for(lambda: (d := history(two_routers[1], model="dead")) and total(d) == 1 and d, timeout=15,
+                    message="the failed request recorded")
+    assert (total(dead, "errors_5xx"), total(dead, "errors_4xx")) == (1, 0)
+    raw = access_ttfts(procs, two_routers)
+    assert len(raw) == n
+    # one point over the whole window: the buckets of both routers and every slot, summed
+    whole = history(two_routers[0], step=300)
+    point = next(p for p in whole["points"] if p["requests"])
+    assert point["requests"] == n
+    for name, q in (("ttft_p50", 0.5), ("ttft_p95", 0.95)):
+        exact = sorted(raw)[math.ceil(q * n) - 1]
+        low, high = bucket_range(exact)
+        assert low <= point[name] <= high, (name, exact, point[name])
+    # the coarse resolution (a roll-up made by one router) holds the same count
+    coarse = wait_for(lambda: (d := history(two_routers[0], **{"from": "-2h"})) and total(d) == n and d,
+                      timeout=15, message="the roll-up")
+    assert coarse["resolution"] == 3
+
+
+def test_history_survives_a_router_restart_and_a_redis_outage_is_a_gap(procs, redis_url, rds, two_routers) -> None:
+    first, second = two_routers
+    for _ in range(5):
+        assert request("POST", f"{first.url}/v1/chat/completions", chat_body("chat", max_tokens=2)).status == 200
+    procs.stop(first.proc)  # SIGTERM: the current slot is flushed on the way out
+    assert total(history(second)) == 5
+    # Redis away for a few slots: the routers cannot write them, and they read as gaps, not zeros
+    keys = Keys()
+    wait_for(lambda: rds.exists(keys.history(1, "routers", int(time.time()) - 2)), timeout=5,
+             message="covered slots")
+    saved = rds.execute_command("ACL", "GETUSER", "router")
+    rds.execute_command("ACL", "SETUSER", "router", "off")
+    rds.execute_command("CLIENT", "KILL", "USER", "router")
+    try:
+        gone = time.time()
+        time.sleep(3.5)  # the outage itself: nothing to await
+    finally:
+        rds.execute_command("ACL", "SETUSER", "router", "on")
+        rds.execute_command("ACL", "LOG", "RESET")
+    assert saved
+    back = start_router(procs, redis_url, env=FAST)
+    doc = wait_for(lambda: (d := history(back, **{"from": str(int(gone) - 3)})) and
+                   any(p["requests"] is not None and p["t"] > gone + 4 for p in d["points"]) and d,
+                   timeout=15, message="slots after the outage")
+    during = [p for p in doc["points"] if gone + 0.5 < p["t"] < gone + 2.5]
+    assert during and all(p["requests"] is None and p["ttft_p50"] is None for p in during)
+    assert total(history(back)) == 5  # nothing lost, nothing counted twice
+
+
+def test_events_api_and_bad_parameters(two_routers, rds) -> None:
+    router = two_routers[0]
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="ready", model="chat",
+                                                          host="w1", seconds=12.5)))
+    events = get_json(f"{router.url}/api/events?from=-1m&model=chat")["events"]
+    assert [(e["kind"], e["seconds"]) for e in events] == [("ready", 12.5)]
+    assert get_json(f"{router.url}/api/events?kind=evicted")["events"] == []
+    for query, word in (("series=model", "model="), ("series=gpu", "host="), ("series=disk", "series"),
+                        ("series=model&model=chat&from=yesterday", "from"), ("from=-1h&to=-2h&series=host&host=x", "to")):
+        resp = request("GET", f"{router.url}/api/history?{query}")
+        assert resp.status == 400 and resp.json()["success"] is False and word in resp.json()["message"], query
+    listing = get_json(f"{router.url}/api/history")
+    assert listing["points"] == [] and isinstance(listing["available"], list)
