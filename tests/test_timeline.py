@@ -182,3 +182,52 @@ def test_events_api_and_bad_parameters(two_routers, rds) -> None:
         assert resp.status == 400 and resp.json()["success"] is False and word in resp.json()["message"], query
     listing = get_json(f"{router.url}/api/history")
     assert listing["points"] == [] and isinstance(listing["available"], list)
+
+
+# --------------------------------------------------------------------------- a real worker
+
+
+def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded(procs, redis_url, tmp_path) -> None:
+    from fake_nvml import fake_gpu_env
+    from helpers import model_block, start_worker, write_config
+
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    key = f"sk-{uuid.uuid4().hex}"
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(f'[[keys]]\nname = "alice"\nkey = "{key}"\n')
+    config = write_config(tmp_path / "host.toml", *(model_block(m, devices=["cuda"], vram_mb=8000,
+                                                                engine_args=["--startup-delay", "0.3"])
+                                                    for m in ("first", "second")))
+    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one of them
+    router = start_router(procs, redis_url, env={**FAST, "LLM_ROUTER_API_KEYS_FILE": str(keys_file)})
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def api(path: str) -> dict:
+        resp = request("GET", f"{router.url}{path}", headers=auth)
+        assert resp.status == 200, resp.body
+        return resp.json()
+
+    wait_for(lambda: api("/api/devices/info")["hosts"].get(wid), timeout=20, message="the worker's devices")
+    for model in ("first", "second"):
+        resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(model, max_tokens=1), headers=auth,
+                       timeout=30)
+        assert resp.status == 200, resp.body
+
+    def kinds() -> list[tuple[str, str]]:
+        return [(e["kind"], e.get("model", "")) for e in api("/api/events?from=-5m")["events"]]
+
+    wanted = [("start_requested", "first"), ("starting", "first"), ("ready", "first"), ("start_requested", "second"),
+              ("evicted", "second"), ("stopping", "first"), ("stopped", "first"), ("starting", "second"),
+              ("ready", "second")]
+    wait_for(lambda: all(w in kinds() for w in wanted), timeout=15, message=f"the events {wanted}")
+    events = api("/api/events?from=-5m")["events"]
+    evicted = next(e for e in events if e["kind"] == "evicted")
+    assert (evicted["model"], evicted["models"], evicted["key"], evicted["host"]) == ("second", ["first"], "alice", wid)
+    ready = [e for e in events if e["kind"] == "ready"]
+    assert all(0.3 <= e["seconds"] < 20 and e["host"] == wid for e in ready)
+    assert [e["kind"] for e in api(f"/api/events?from=-5m&kind=ready&model=first")["events"]] == ["ready"]
+    assert api("/api/events?from=-5m&kind=worker_started")["events"][0]["host"] == wid
+    gpu = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")) and
+                   any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
+    assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
+    assert f"gpu:{wid}:0" in gpu["available"] and f"host:{wid}" in gpu["available"]
