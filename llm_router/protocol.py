@@ -26,7 +26,7 @@ llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``
 llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
 llm:hist:{step}:{series}:{slot} hash, TTL   both    one time slot of a series: counters, histogram buckets, gauges (``timeline``)
 llm:hist:series                 hash        both    series name -> unix time it was last written
-llm:hist:rolled:{step}:{slot}   string,TTL  router  the roll-up of that slot is done (``SET NX``: by one router)
+llm:hist:rolled:{step}          hash        router  slot -> routers that tried to roll it up (the one that got 1 did)
 llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
 ==============================  ==========  ======  ==================================================
 """
@@ -126,9 +126,9 @@ class Keys:
         """Every history series -> when it was last written (readers list series here, no SCAN)."""
         return f"{self.prefix}hist:series"
 
-    def history_rolled(self, step: int, slot: int) -> str:
-        """Set (``NX``) by the one router that rolls the finer slots up into this one."""
-        return f"{self.prefix}hist:rolled:{step}:{slot}"
+    def history_rolled(self, step: int) -> str:
+        """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""
+        return f"{self.prefix}hist:rolled:{step}"
 
     def timeline(self) -> str:
         """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""

@@ -18,8 +18,8 @@ several routers and slots add up exactly, so a percentile over any routers and a
 computed from summed buckets, never averaged from per-router percentiles.
 
 **Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
-for 30 days) is a roll-up of it, made once per slot by whichever router first wins ``SET NX``
-on ``llm:hist:rolled:{step}:{slot}`` (``ROLLUP_SCRIPT``): it adds up the fine slots and counts
+for 30 days) is a roll-up of it, made once per slot by whichever router first claims it
+(``HINCRBY llm:hist:rolled:{step} {slot} 1`` answers 1 to one router only; ``ROLLUP_SCRIPT``): it adds up the fine slots and counts
 them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
 ``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
 

@@ -176,22 +176,24 @@ class History:
 
     async def roll_up(self) -> int:
         """Roll every finished coarse slot of the last ``ROLLUP_LOOKBACK`` that no router rolled
-        up yet (``SET NX`` decides who does); return how many this router did."""
+        up yet (the first ``HINCRBY`` of its claim decides who does); return how many this router did."""
         done = 0
         now = self.clock()
         for res in self.coarse:
             # the last coarse slot surely complete: every router has flushed its last fine slot
             last = int((now - self.fine.step * (1 + ROLLUP_GRACE)) // res.step) - 1
             slots = [s for s in range(last - ROLLUP_LOOKBACK + 1, last + 1) if (s + 1) * res.step > now - self.fine.keep]
+            claims = self.keys.history_rolled(res.step)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for s in slots:
-                    pipe.set(self.keys.history_rolled(res.step, s), self.router_id, nx=True, ex=res.keep)
-                won = [s for s, ok in zip(slots, await pipe.execute()) if ok]
+                    pipe.hincrby(claims, str(s), 1)
+                pipe.expire(claims, res.keep)
+                won = [s for s, n in zip(slots, await pipe.execute()) if n == 1]
             for s in won:
                 await self._roll_slot(res, s)
                 done += 1
             if won:
-                await self._prune(res)
+                await self._prune(res, claims, min(slots))
         return done
 
     async def _roll_slot(self, res: Resolution, slot: int) -> None:
@@ -208,8 +210,12 @@ class History:
                                    client=pipe)
             await pipe.execute()
 
-    async def _prune(self, res: Resolution) -> None:
-        """Drop series unwritten for longer than the longest retention, and events older than it."""
+    async def _prune(self, res: Resolution, claims: str, oldest: int) -> None:
+        """Drop claims older than the ones still looked at; with the longest retention, also
+        series unwritten for longer than it, and events older than it."""
+        old = [f for f in await self.redis.hgetall(claims) if int(f) < oldest]
+        if old:
+            await self.redis.hdel(claims, *old)
         keep = max(r.keep for r in (self.fine, *self.coarse))
         if res.keep != keep:
             return
