@@ -231,3 +231,31 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded(procs, 
                    any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
     assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
     assert f"gpu:{wid}:0" in gpu["available"] and f"host:{wid}" in gpu["available"]
+
+
+def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) -> None:
+    from click.testing import CliRunner
+    from llm_lab_router.cli import main
+
+    router = two_routers[0]
+    for _ in range(3):
+        assert request("POST", f"{router.url}/v1/chat/completions", chat_body("chat", max_tokens=2)).status == 200
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat", models=["old"],
+                                                          host="w1", key="alice")))
+    wait_for(lambda: total(history(router)) == 3, timeout=10, message="3 requests recorded")
+
+    def cli(*args: str):
+        result = CliRunner().invoke(main, [*args, "--url", router.url], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    text = cli("history", "chat", "--from", "-5m", "--step", "300")
+    assert text.splitlines()[0].split()[:4] == ["TIME", "REQUESTS", "REQ/S", "ERRORS"]
+    assert any(line.split()[2] == "3" for line in text.splitlines()[1:-1]), text
+    assert json.loads(cli("history", "chat", "--from", "-5m", "--json"))["series"] == "model:chat"
+    assert "model:chat" in cli("history").split()
+    events = cli("events", "--from", "-5m", "--kind", "evicted")
+    assert "evicted old" in events and "alice" in events
+    assert json.loads(cli("events", "--json"))["events"][0]["models"] == ["old"]
+    bad = CliRunner().invoke(main, ["history", "chat", "--from", "yesterday", "--url", router.url])
+    assert bad.exit_code != 0 and "from" in bad.output
