@@ -259,3 +259,18 @@ def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) 
     assert json.loads(cli("events", "--json"))["events"][0]["models"] == ["old"]
     bad = CliRunner().invoke(main, ["history", "chat", "--from", "yesterday", "--url", router.url])
     assert bad.exit_code != 0 and "from" in bad.output
+
+
+def test_model_info_counts_the_requests_in_flight_on_every_router(two_routers) -> None:
+    first, second = two_routers
+    slow = " ".join(["w"] * 2500)  # 2 ms per prompt word: 5 s before the first token
+    stream = SseStream(f"{first.url}/v1/chat/completions", method="POST",
+                       body=chat_body("chat", stream=True, max_tokens=1, messages=[{"role": "user", "content": slow}]))
+    try:
+        info = wait_for(lambda: (m := get_json(f"{second.url}/api/models/chat/info")["model"]) and m["inflight"] == 1
+                        and m, timeout=4, message="the other router's request in flight")
+        assert info["queued"] == 0
+    finally:
+        stream.close()
+    wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
+             message="nothing in flight")

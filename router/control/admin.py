@@ -136,6 +136,12 @@ class Manager:
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
                                      self.view.catalog_workers(model), instances, self.control.reason(model)))
 
+    async def model_info_now(self, alias: str) -> ModelInfo:
+        """``model_info`` with the requests in flight and queued now, over every router."""
+        info = self.model_info(alias)
+        info.model.inflight, info.model.queued = await self.control.load(info.model.id)
+        return info
+
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()
         if not snaps:

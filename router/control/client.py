@@ -390,6 +390,18 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.swapped(model)
 
+    async def load(self, model: str) -> tuple[int, int]:
+        """``model``'s requests in flight on every live router, and of those the ones waiting for
+        a swap (the line as last read: ``watch_claims``); this router's own counts alone when
+        Redis cannot be read."""
+        now = time.time()
+        queued = sum(e.count for e in self.line if e.model == model and now - e.at <= USAGE_STALE)
+        try:
+            inflight = (await self._usage([model]))[model].inflight
+        except RedisError:
+            inflight = self.usage.inflight(model) if self.usage is not None else 0
+        return inflight, max(queued, self._waiting.get(model, 0))
+
     async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:

@@ -80,6 +80,10 @@ class ModelDetail(msgspec.Struct):
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
     pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
+    # Now, over every live router: its requests in flight (being served, or waiting for a start,
+    # a swap or a slot), and of those, the ones waiting for a swap (llm:used, llm:waiting).
+    inflight: int = 0
+    queued: int = 0
 
 
 class Ok(msgspec.Struct, kw_only=True):

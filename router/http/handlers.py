@@ -270,8 +270,8 @@ class RestartAutostartHandler(BaseHandler):
 
 
 class ModelInfoHandler(BaseHandler):
-    def get(self, alias: str) -> None:
-        self.reply(self.services.manager.model_info(alias))
+    async def get(self, alias: str) -> None:
+        self.reply(await self.services.manager.model_info_now(alias))
 
 
 class LogStatsHandler(BaseHandler):
