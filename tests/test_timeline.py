@@ -274,3 +274,63 @@ def test_model_info_counts_the_requests_in_flight_on_every_router(two_routers) -
         stream.close()
     wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
              message="nothing in flight")
+
+
+# --------------------------------------------------------------------------- the dashboard, in Chromium
+
+
+def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_routers, rds, tmp_path) -> None:
+    import asyncio
+
+    from test_dashboard import CHROMIUM, SCREENSHOT, launch_chromium
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from llm_lab_router.timeline import gauge_ops, gpu_series, parse_resolutions
+
+    router = two_routers[0]
+    for i in range(6):
+        stream = SseStream(f"{router.url}/v1/chat/completions", method="POST",
+                           body=chat_body("chat", stream=True, max_tokens=2,
+                                          messages=[{"role": "user", "content": " ".join(["w"] * (5 + 10 * i))}]))
+        stream.events_until(lambda ev: False)
+        stream.close()
+    fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
+    with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
+        gauge_ops(pipe, Keys(), fine, gpu_series("gpuhost", 0), time.time(),
+                  {"memory_used": 30000, "memory_total": 81920, "utilization": 70})
+        pipe.execute()
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",
+                                                          models=["old-model"], host="gpuhost", key="alice")))
+    wait_for(lambda: total(history(router)) == 6, timeout=10, message="6 requests recorded")
+    devtools_port = launch_chromium(procs, tmp_path)
+    asyncio.run(drive_timeline(router.url, devtools_port))
+
+
+async def drive_timeline(url: str, devtools_port: int) -> None:
+    import aiohttp
+    from test_dashboard import SCREENSHOT, open_page, text_of
+
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/")
+            points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
+            await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
+                            message="the rate, TTFT and GPU charts with points")
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 7
+            assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
+            events = await page.wait(f"{text_of('tl-events')}.includes('evicted') && {text_of('tl-events')}",
+                                     message="the eviction in the event list")
+            assert "old-model" in events and "alice" in events
+            await page.click("tl-range-15m")
+            await page.wait("document.querySelector('[data-testid=tl-range-15m]').classList.contains('on')",
+                            message="the 15 min range chosen")
+            await page.wait("document.querySelector('[data-testid=tl-charts]').dataset.span === '900' && "
+                            f"({points})('rate') > 0", message="the charts redrawn for 15 min")
+            await page.screenshot(SCREENSHOT.with_name("timeline.png"))
+            assert page.errors == [], page.errors
+        except BaseException:
+            await page.screenshot(SCREENSHOT.with_name("timeline-failure.png"))
+            raise
+        finally:
+            await page.close()

@@ -19,7 +19,7 @@ import tornado.web
 from tornado.routing import URLSpec
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-VERSIONED = ("app.js", "style.css")
+VERSIONED = ("app.js", "timeline.js", "style.css")
 
 
 def _version(name: str) -> str:
