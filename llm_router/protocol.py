@@ -25,6 +25,8 @@ llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight
 llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
 llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
 llm:hist:{step}:{series}:{slot} hash, TTL   both    one time slot of a series: counters, histogram buckets, gauges (``timeline``)
+llm:hist:{step}:gauges:{wid}:{chunk} string,TTL worker  a host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:hist:gauges:{wid}           hash, TTL   worker  that host's totals (MiB) and GPU count
 llm:hist:series                 hash        both    series name -> unix time it was last written
 llm:hist:rolled:{step}          hash        router  slot -> routers that tried to roll it up (the one that got 1 did)
 llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
@@ -125,6 +127,10 @@ class Keys:
     def history_series(self) -> str:
         """Every history series -> when it was last written (readers list series here, no SCAN)."""
         return f"{self.prefix}hist:series"
+
+    def history_gauges(self, wid: str) -> str:
+        """Host ``wid``'s gauge totals (RAM and each GPU's memory, MiB) and GPU count (``timeline``)."""
+        return f"{self.prefix}hist:gauges:{wid}"
 
     def history_rolled(self, step: int) -> str:
         """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""

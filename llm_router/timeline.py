@@ -8,9 +8,12 @@ are spelled by ``protocol.Keys`` (``history``, ``history_series``, ``history_rol
 **Series.** One hash per series per time slot, ``llm:hist:{step}:{series}:{slot}`` (slot =
 unix time // step), with a TTL of the resolution's retention, so history is bounded by
 construction. Series: ``model:{id}`` (counters and histograms, added to by every router with
-``HINCRBY``), ``gpu:{host}:{index}`` and ``host:{host}`` (gauges, written by the host's worker
-with ``HSET``: the last sample of the slot) and ``routers`` (``flushes``: one per router per
-slot flushed, so a slot no router could write, Redis being away, reads as a gap, not as zero).
+``HINCRBY``) and ``routers`` (``flushes``: one per router per slot flushed, so a slot no router
+could write, Redis being away, reads as a gap, not as zero). A host's gauges (its GPUs' memory
+and utilisation, its CPU and RAM: series ``gpu:{host}:{index}`` and ``host:{host}``) are
+binary records (``RECORD``) in strings of ``CHUNK`` slots, ``llm:hist:{step}:gauges:{host}:{chunk}``,
+written by the host's worker alone (its own roll-up included), with its totals in
+``llm:hist:gauges:{host}``.
 
 **Mergeable histograms.** TTFT, total latency and wait are counted per bucket of fixed
 boundaries (``BOUNDS``): field ``ttft:3`` = requests whose TTFT fell in bucket 3. Buckets of
@@ -18,7 +21,7 @@ several routers and slots add up exactly, so a percentile over any routers and a
 computed from summed buckets, never averaged from per-router percentiles.
 
 **Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
-for 30 days) is a roll-up of it, made once per slot by whichever router first claims it
+for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
 (``HINCRBY llm:hist:rolled:{step} {slot} 1`` answers 1 to one router only; ``ROLLUP_SCRIPT``): it adds up the fine slots and counts
 them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
 ``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from bisect import bisect_left
 from typing import Iterable, Literal, Mapping, Sequence
 
@@ -185,13 +189,75 @@ def event_ops(pipe, keys: Keys, events: Iterable[TimelineEvent]) -> None:
         pipe.xadd(keys.timeline(), event_fields(ev), maxlen=EVENTS_MAXLEN, approximate=True)
 
 
-def gauge_ops(pipe, keys: Keys, fine: Resolution, series: str, now: float, values: Mapping[str, int]) -> None:
-    """The latest sample of a gauge series in its fine slot (for a pipeline): ``HSET`` (a later
-    sample of the same slot replaces it), the slot's TTL, the series indexed."""
-    key = keys.history(fine.step, series, int(now // fine.step))
-    pipe.hset(key, mapping={k: int(v) for k, v in values.items()})
-    pipe.expire(key, fine.keep)
-    pipe.hset(keys.history_series(), series, int(now))
+# --- gauges: one fixed-size binary record per host per slot, in strings of CHUNK slots ---
+# A hash per GPU per 10 s slot costs ~210 bytes of Redis memory (key, TTL, hash): 500 hosts × 4
+# GPUs for 24 h + 30 d would be ~9 GB. One 46-byte record per host per slot, written with
+# SETRANGE at its place in a string of CHUNK slots, holds the same for ~0.4 GB.
+GPU_SLOTS = 8  # GPUs recorded per host (the first 8 by index)
+RECORD = struct.Struct("<BBI" + "IB" * GPU_SLOTS)  # samples (0: none), CPU %, RAM MiB used, per GPU: MiB used, %
+CHUNK = 360  # slots per string: 1 h of 10 s slots, 30 h of 5 min ones
+MAX_SAMPLES = 255
+
+
+class Gauges(msgspec.Struct, kw_only=True):
+    """One host's gauges in one slot: ``samples`` readings (0: none) averaged."""
+
+    samples: int = 0
+    cpu_percent: int = 0
+    memory_used: int = 0  # MiB
+    gpus: list[tuple[int, int]] = []  # per GPU index: (MiB used, utilisation %)
+
+    def pack(self) -> bytes:
+        gpus = (list(self.gpus) + [(0, 0)] * GPU_SLOTS)[:GPU_SLOTS]
+        return RECORD.pack(min(self.samples, MAX_SAMPLES), max(0, min(255, self.cpu_percent)),
+                           max(0, self.memory_used), *(max(0, v) for g in gpus for v in (g[0], min(255, g[1]))))
+
+
+def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
+    """The record of slot ``index`` of a chunk (missing bytes: no sample)."""
+    raw = chunk[index * RECORD.size:(index + 1) * RECORD.size]
+    if len(raw) < RECORD.size or raw[0] == 0:
+        return Gauges()
+    v = RECORD.unpack(raw)
+    return Gauges(samples=v[0], cpu_percent=v[1], memory_used=v[2],
+                  gpus=[(v[3 + 2 * i], v[4 + 2 * i]) for i in range(min(gpus, GPU_SLOTS))])
+
+
+def average(records: Sequence[Gauges]) -> Gauges:
+    """Several slots' records as one, weighted by their samples (a coarser slot)."""
+    have = [r for r in records if r.samples]
+    n = sum(r.samples for r in have)
+    if not n:
+        return Gauges()
+    width = max(len(r.gpus) for r in have)
+    mean = lambda get: round(sum(get(r) * r.samples for r in have) / n)  # noqa: E731
+    return Gauges(samples=n, cpu_percent=mean(lambda r: r.cpu_percent), memory_used=mean(lambda r: r.memory_used),
+                  gpus=[(mean(lambda r, i=i: r.gpus[i][0] if i < len(r.gpus) else 0),
+                         mean(lambda r, i=i: r.gpus[i][1] if i < len(r.gpus) else 0)) for i in range(width)])
+
+
+def gauge_chunk(keys: Keys, step: int, wid: str, slot: int) -> tuple[str, int]:
+    """The string holding ``slot`` of host ``wid``'s gauges, and the record's offset in it."""
+    return keys.history(step, f"gauges:{wid}", slot // CHUNK), (slot % CHUNK) * RECORD.size
+
+
+def gauge_ops(pipe, keys: Keys, res: Resolution, wid: str, slot: int, record: Gauges) -> None:
+    """Write one host's record of one slot (for a pipeline): ``SETRANGE`` (a later sample of the
+    same slot replaces it) and the string's TTL."""
+    key, offset = gauge_chunk(keys, res.step, wid, slot)
+    pipe.setrange(key, offset, record.pack())
+    pipe.expire(key, res.keep)
+
+
+def gauge_meta_ops(pipe, keys: Keys, wid: str, keep: int, memory_total: int, gpu_totals: Sequence[int],
+                   now: float) -> None:
+    """What does not change slot to slot (totals, in MiB) and the series the host has."""
+    meta = keys.history_gauges(wid)
+    pipe.hset(meta, mapping={"memory_total": memory_total, "gpus": len(gpu_totals),
+                             **{f"gpu{i}_memory_total": t for i, t in enumerate(gpu_totals)}})
+    pipe.expire(meta, keep)
+    pipe.hset(keys.history_series(), mapping={host_series(wid): int(now),
+                                              **{gpu_series(wid, i): int(now) for i in range(len(gpu_totals))}})
 
 
 # Rolls one series' fine slots up into one coarse slot, once (the caller won the slot's lock):

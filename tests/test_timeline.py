@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 import uuid
 
@@ -20,6 +21,10 @@ from llm_lab_router.redis_server import free_port
 from llm_lab_router.timeline import (
     BOUNDS,
     NBUCKETS,
+    RECORD,
+    Gauges,
+    average,
+    unpack,
     TimelineEvent,
     bucket_of,
     bucket_range,
@@ -31,7 +36,7 @@ from llm_lab_router.timeline import (
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
 DEAD = CatalogEntry(id="dead", mode="chat", on_demand=False)  # its instance's port answers nothing: 502
-FAST = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "1s:1h,3s:1d"}
+FAST = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "1s:2h,3s:1d"}
 
 
 # --------------------------------------------------------------------------- units
@@ -56,6 +61,19 @@ def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile(
         assert low <= percentile(merged, q) <= high, q
     assert percentile([0] * NBUCKETS, 0.5) is None
     assert percentile([0] * (NBUCKETS - 1) + [3], 0.5) == BOUNDS[-1]  # "more than the last bound"
+
+
+def test_a_hosts_gauges_pack_into_one_small_record_and_average_by_samples() -> None:
+    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50), (100, 0)])
+    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90), (100, 10)])
+    chunk = bytearray(RECORD.size * 3)
+    chunk[RECORD.size * 2:] = b.pack()
+    assert RECORD.size == 46
+    assert unpack(bytes(chunk), 0, 2) == Gauges()  # never written: no sample, a gap
+    assert unpack(bytes(chunk), 2, 2) == b
+    assert unpack(b"", 5, 2) == Gauges()
+    assert average([a, Gauges(), b]) == Gauges(samples=4, cpu_percent=25, memory_used=1750,
+                                                gpus=[(14000, 80), (100, 8)])
 
 
 def test_an_event_reads_back_as_written() -> None:
@@ -135,7 +153,7 @@ def test_requests_through_two_routers_sum_to_n_and_merged_ttft_percentiles_match
         low, high = bucket_range(exact)
         assert low <= point[name] <= high, (name, exact, point[name])
     # the coarse resolution (a roll-up made by one router) holds the same count
-    coarse = wait_for(lambda: (d := history(two_routers[0], **{"from": "-2h"})) and total(d) == n and d,
+    coarse = wait_for(lambda: (d := history(two_routers[0], **{"from": "-3h"})) and total(d) == n and d,
                       timeout=15, message="the roll-up")
     assert coarse["resolution"] == 3
 
@@ -187,7 +205,8 @@ def test_events_api_and_bad_parameters(two_routers, rds) -> None:
 # --------------------------------------------------------------------------- a real worker
 
 
-def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded(procs, redis_url, tmp_path) -> None:
+def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_a_worker_restart(
+        procs, redis_url, tmp_path) -> None:
     from fake_nvml import fake_gpu_env
     from helpers import model_block, start_worker, write_config
 
@@ -198,7 +217,7 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded(procs, 
     config = write_config(tmp_path / "host.toml", *(model_block(m, devices=["cuda"], vram_mb=8000,
                                                                 engine_args=["--startup-delay", "0.3"])
                                                     for m in ("first", "second")))
-    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one of them
+    worker = start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one
     router = start_router(procs, redis_url, env={**FAST, "LLM_ROUTER_API_KEYS_FILE": str(keys_file)})
     auth = {"Authorization": f"Bearer {key}"}
 
@@ -231,6 +250,27 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded(procs, 
                    any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
     assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
     assert f"gpu:{wid}:0" in gpu["available"] and f"host:{wid}" in gpu["available"]
+    # the worker averages its own coarse slots (3 s here): read from the coarse resolution
+    coarse = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-3h")) and
+                      any(p["memory_total"] for p in d["points"]) and d, timeout=15, message="a rolled-up GPU record")
+    assert coarse["resolution"] == 3
+    host = api(f"/api/history?series=host&host={wid}&from=-1m")
+    assert any(p["memory_total"] and p["memory_used"] for p in host["points"])
+
+    # a worker restart (SIGTERM: its engine stays, the next worker adopts it): the history stays,
+    # and the new worker's samples continue it
+    before = time.time()
+    procs.stop(worker, signal.SIGTERM)
+    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})
+    wait_for(lambda: len(api("/api/events?from=-5m&kind=worker_started")["events"]) == 2, timeout=20,
+             message="the second worker started")
+    kinds_now = [e["kind"] for e in api(f"/api/events?from=-5m&host={wid}")["events"]]
+    assert "worker_stopped" in kinds_now and "adopted" in kinds_now, kinds_now
+    wait_for(lambda: any(p["memory_total"] and p["t"] > before + 1 for p in
+                         api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")["points"]),
+             timeout=15, message="samples after the restart")
+    points = api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-5m")["points"]
+    assert any(p["memory_total"] == 10000 and p["t"] < before - 2 for p in points), "history before the restart"
 
 
 def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) -> None:
@@ -285,7 +325,7 @@ def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_
     from test_dashboard import CHROMIUM, SCREENSHOT, launch_chromium
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    from llm_lab_router.timeline import gauge_ops, gpu_series, parse_resolutions
+    from llm_lab_router.timeline import Gauges, gauge_meta_ops, gauge_ops, parse_resolutions
 
     router = two_routers[0]
     for i in range(6):
@@ -296,8 +336,8 @@ def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_
         stream.close()
     fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
     with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
-        gauge_ops(pipe, Keys(), fine, gpu_series("gpuhost", 0), time.time(),
-                  {"memory_used": 30000, "memory_total": 81920, "utilization": 70})
+        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70)]))
+        gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time())
         pipe.execute()
     rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",
                                                           models=["old-model"], host="gpuhost", key="alice")))

@@ -51,7 +51,7 @@ from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
-from llm_lab_router.worker.timeline import InstanceEvents, device_gauge_ops
+from llm_lab_router.worker.timeline import GaugeRecorder, InstanceEvents
 from llm_lab_router.timeline import event_ops, resolutions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -89,8 +89,7 @@ class WorkerAgent:
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
                                 learner=self.learner)
         self.timeline = InstanceEvents(self.wid, self.hostname)  # events for llm:timeline (worker.timeline)
-        self.history_step = resolutions()[0]  # the fine slots of its GPU and host gauges
-        self._gauge_slot = -1
+        self.gauges = GaugeRecorder(self.keys, self.wid, resolutions())  # its GPU and host series
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
@@ -158,6 +157,11 @@ class WorkerAgent:
             mp.detach()
         await _cancel(starts)
         await self.changes_published(SHUTDOWN_TIMEOUT)
+        self.timeline.note("worker_stopped", detail="exiting: its models keep running for the next worker")
+        try:
+            await asyncio.wait_for(self._publish_events(), SHUTDOWN_TIMEOUT)
+        except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("could not record the worker's exit in the timeline (redis: %s)", exc)
         await _cancel(loops)
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
         await self.redis.aclose()
@@ -384,8 +388,7 @@ class WorkerAgent:
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
-            self.timeline.note("worker_stopped", detail="models left running for the next worker"
-                               if self.leave_models_running else "")
+            self.timeline.note("worker_stopped", detail="its models stopped")
             async with self.redis.pipeline(transaction=True) as pipe:
                 goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
                 event_ops(pipe, self.keys, self.timeline.take())
@@ -426,13 +429,12 @@ class WorkerAgent:
             stop_if_cancelled()
             snap = await self.snapshot()
             try:
-                slot = int(snap.ts // self.history_step.step)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     devices_ops(pipe, self.keys, snap, interval)
-                    if slot != self._gauge_slot:  # at most one gauge sample per fine slot
-                        device_gauge_ops(pipe, self.keys, self.history_step, snap)
+                    recorded = self.gauges.ops(pipe, snap)  # at most one record per fine slot
                     await pipe.execute()
-                self._gauge_slot = slot
+                if recorded:
+                    await self.gauges.roll_up(self.redis, snap.ts)
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)

@@ -1,5 +1,5 @@
 """A worker's share of the lab's timeline (``llm_router.timeline``): events told by its
-instances' transitions, and its GPUs' and host's gauges.
+instances' transitions, and its GPUs' and host's gauges (``GaugeRecorder``).
 
 Why from transitions: every change of an instance already passes through the agent in order
 (``WorkerAgent._instance_changed``), so deriving the events there catches every start, stop,
@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Sequence
 
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys
-from llm_lab_router.timeline import Resolution, TimelineEvent, gauge_ops, gpu_series, host_series
+from llm_lab_router.timeline import (
+    CHUNK,
+    GPU_SLOTS,
+    Gauges,
+    Resolution,
+    TimelineEvent,
+    average,
+    gauge_chunk,
+    gauge_meta_ops,
+    gauge_ops,
+    unpack,
+)
 
 QUEUE = 1000  # events kept while Redis is away
+ROLLUP_CATCH_UP = 12  # coarse slots a starting worker averages again (what its predecessor may have left)
 
 
 class InstanceEvents:
@@ -73,11 +85,59 @@ class InstanceEvents:
         self.pending.extendleft(reversed(events))
 
 
-def device_gauge_ops(pipe, keys: Keys, fine: Resolution, snap: DeviceSnapshot) -> None:
-    """This host's GPUs (memory MiB, utilisation %) and CPU/RAM in their fine slot (for a pipeline)."""
-    for gpu in snap.cuda.gpus:
-        gauge_ops(pipe, keys, fine, gpu_series(snap.worker, gpu.index), snap.ts,
-                  {"memory_used": gpu.memory_used, "memory_total": gpu.memory_total, "utilization": gpu.utilization})
-    cpu = snap.cpu
-    gauge_ops(pipe, keys, fine, host_series(snap.worker), snap.ts,
-              {"cpu_percent": round(cpu.cpu_percent), "memory_used": cpu.memory_used, "memory_total": cpu.memory_total})
+class GaugeRecorder:
+    """This host's gauges in the timeline (``llm_router.timeline``: one record per slot): the fine
+    record at most once per fine slot, and each coarser slot, once closed, averaged from the fine
+    records read back from Redis, so a restarted worker finishes what its predecessor began, and
+    writing the same average twice changes nothing (no lock: this worker is the only writer)."""
+
+    def __init__(self, keys: Keys, wid: str, resolutions: Sequence[Resolution]) -> None:
+        self.keys = keys
+        self.wid = wid
+        self.fine = resolutions[0]
+        self.coarse = tuple(resolutions[1:])
+        self.keep = max(r.keep for r in resolutions)
+        self.slot = -1
+        self.rolled: dict[int, int] = {}  # coarse step -> the last slot averaged
+
+    def ops(self, pipe, snap: DeviceSnapshot) -> bool:
+        """Add the snapshot's record to ``pipe`` unless its fine slot has one already."""
+        slot = int(snap.ts // self.fine.step)
+        if slot == self.slot:
+            return False
+        self.slot = slot
+        gpus = sorted(snap.cuda.gpus, key=lambda g: g.index)
+        record = Gauges(samples=1, cpu_percent=round(snap.cpu.cpu_percent), memory_used=snap.cpu.memory_used,
+                        gpus=[(g.memory_used, g.utilization) for g in gpus])
+        gauge_ops(pipe, self.keys, self.fine, self.wid, slot, record)
+        gauge_meta_ops(pipe, self.keys, self.wid, self.keep, snap.cpu.memory_total,
+                       [g.memory_total for g in gpus][:GPU_SLOTS], snap.ts)
+        return True
+
+    async def roll_up(self, redis, now: float) -> int:
+        """Average every closed coarse slot not yet done (after a start: the last few); return
+        how many records were written."""
+        written = 0
+        per_res = []
+        for res in self.coarse:
+            last = int((now - self.fine.step) // res.step) - 1  # its last fine slot is written by now
+            first = self.rolled.get(res.step, last - ROLLUP_CATCH_UP) + 1
+            per_res.append((res, range(max(first, last - ROLLUP_CATCH_UP), last + 1)))
+            self.rolled[res.step] = last
+        for res, slots in per_res:
+            per = res.step // self.fine.step
+            chunks = sorted({(c * per + i) // CHUNK for c in slots for i in range(per)})
+            if not chunks:
+                continue
+            async with redis.pipeline(transaction=False) as pipe:
+                for chunk in chunks:
+                    pipe.get(gauge_chunk(self.keys, self.fine.step, self.wid, chunk * CHUNK)[0])
+                data = dict(zip(chunks, [b or b"" for b in await pipe.execute()]))
+            async with redis.pipeline(transaction=False) as pipe:
+                for c in slots:
+                    avg = average([unpack(data[s // CHUNK], s % CHUNK, GPU_SLOTS) for s in range(c * per, (c + 1) * per)])
+                    if avg.samples:
+                        gauge_ops(pipe, self.keys, res, self.wid, c, avg)
+                        written += 1
+                await pipe.execute()
+        return written

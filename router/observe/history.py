@@ -197,10 +197,11 @@ class History:
         return done
 
     async def _roll_slot(self, res: Resolution, slot: int) -> None:
+        """Sum the request series' fine slots into ``slot`` (hosts' gauges are their workers' to roll)."""
         if self._rollup is None:
             self._rollup = self.redis.register_script(ROLLUP_SCRIPT)
         index = await self.redis.hgetall(self.keys.history_series())
-        series = [s.decode() if isinstance(s, bytes) else s for s in index]
+        series = [name for s in index if (name := s.decode() if isinstance(s, bytes) else s).startswith("model:")]
         per = res.step // self.fine.step
         first = slot * per
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -4,7 +4,7 @@ says what is stored).
 A point sums the slots it spans: counters add up, histogram buckets add up and percentiles
 come from the summed buckets, gauges are averaged over the slots that have a sample. A point is
 only as good as its coverage: request series count the fine slots some router flushed
-(``routers`` series), gauges the slots with a sample; a point without any is a gap (values
+(``routers`` series), gauges the slots with a sample (a host's records, ``timeline.RECORD``); a point without any is a gap (values
 null), and rates divide by the seconds covered, so a Redis outage never reads as a quiet spell.
 """
 
@@ -23,8 +23,13 @@ from llm_lab_router.timeline import (
     HISTOGRAMS,
     HOST_FIELDS,
     SLOTS,
+    CHUNK,
+    GPU_SLOTS,
     Resolution,
+    average,
     bucket_fields,
+    gauge_chunk,
+    unpack,
     event_of,
     gpu_series,
     host_series,
@@ -75,15 +80,16 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
     first = int(start // step) * step // res.step
     last = max(first, math.ceil(end / res.step) - 1)  # the slot holding ``end``
     slots = range(first, last + 1)
-    model = series.startswith("model:")
+    if not series.startswith("model:"):
+        points = await _gauge_points(redis, keys, res, series, slots, per)
+        return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
+                             points=points, available=available)
     async with redis.pipeline(transaction=False) as pipe:
         for s in slots:
             pipe.hgetall(keys.history(res.step, series, s))
-            if model:
-                pipe.hgetall(keys.history(res.step, COVERAGE, s))
+            pipe.hgetall(keys.history(res.step, COVERAGE, s))
         rows = [_ints(r) for r in await pipe.execute()]
-    data = rows[::2] if model else rows
-    cover = rows[1::2] if model else rows
+    data, cover = rows[::2], rows[1::2]
     fine = resolutions[0].step
     points = []
     for g in range(0, len(slots), per):
@@ -96,10 +102,42 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
         for row in data[g:g + per]:
             for k, v in row.items():
                 total[k] = total.get(k, 0) + v
-        values = _model_point(total, covered * fine) if model else {f: total.get(f, 0) / covered for f in fields}
-        points.append({"t": t, **values})
+        points.append({"t": t, **_model_point(total, covered * fine)})
     return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
                          points=points, available=available)
+
+
+async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, slots: range,
+                        per: int) -> list[dict[str, float | None]]:
+    """Points of ``gpu:{host}:{index}`` or ``host:{host}`` from the host's records (``timeline.RECORD``):
+    averages weighted by samples; the totals are the host's current ones."""
+    kind, rest = series.split(":", 1)
+    host, _, index = rest.rpartition(":") if kind == "gpu" else (rest, "", "")
+    gpu = int(index) if index.isdigit() else -1
+    chunks = sorted({s // CHUNK for s in slots})
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.history_gauges(host))
+        for chunk in chunks:
+            pipe.get(gauge_chunk(keys, res.step, host, chunk * CHUNK)[0])
+        meta, *data = await pipe.execute()
+    meta = _ints(meta)
+    blobs = {c: b or b"" for c, b in zip(chunks, data)}
+    points: list[dict[str, float | None]] = []
+    for g in range(0, len(slots), per):
+        group = slots[g:g + per]
+        avg = average([unpack(blobs[s // CHUNK], s % CHUNK, GPU_SLOTS) for s in group])
+        values: dict[str, float | None]
+        if not avg.samples or (kind == "gpu" and not 0 <= gpu < min(meta.get("gpus", 0), len(avg.gpus))):
+            values = dict.fromkeys(GPU_FIELDS if kind == "gpu" else HOST_FIELDS)
+        elif kind == "gpu":
+            used, util = avg.gpus[gpu]
+            values = {"memory_used": float(used), "memory_total": float(meta.get(f"gpu{gpu}_memory_total", 0)),
+                      "utilization": float(util)}
+        else:
+            values = {"cpu_percent": float(avg.cpu_percent), "memory_used": float(avg.memory_used),
+                      "memory_total": float(meta.get("memory_total", 0))}
+        points.append({"t": float(group[0] * res.step), **values})
+    return points
 
 
 def _covered(row: dict[str, int], fine: bool) -> int:
