@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Redis memory of the timeline at full retention (issue 27), measured in a private redis-server.
+
+Writes, with the writers' own functions, everything the timeline keeps at the default
+resolutions (10 s for 24 h, 5 min for 30 days) for ``--hosts`` hosts of ``--gpus`` GPUs
+(each host's gauge records and totals, ``worker.timeline``'s layout) and ``--models`` models
+busy in every slot (counters, tokens and 8 TTFT, 10 latency and 4 wait buckets set, as under
+steady mixed load; ``routers`` coverage marks), plus ``--events`` timeline events; then reads
+``INFO memory``. Memory is linear in hosts and in models, so the figure for 500 hosts is the
+measured per-host cost × 500 (``--hosts 500`` measures it directly, in ~10 minutes).
+
+    python scripts/bench_history_memory.py [--hosts 20] [--gpus 4] [--models 10] [--scale-to 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from llm_lab_router.protocol import Keys  # noqa: E402
+from llm_lab_router.redis_server import RedisServer  # noqa: E402
+from llm_lab_router.timeline import (  # noqa: E402
+    COVERAGE,
+    FLUSHES,
+    Gauges,
+    TimelineEvent,
+    event_ops,
+    gauge_meta_ops,
+    gauge_ops,
+    model_series,
+    parse_resolutions,
+)
+
+BUSY = ["requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out", *(f"ttft:{i}" for i in range(3, 11)),
+        *(f"latency:{i}" for i in range(4, 14)), *(f"wait:{i}" for i in range(0, 4))]
+
+
+def used(r: redis.Redis) -> int:
+    return int(r.info("memory")["used_memory"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=20)
+    ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--models", type=int, default=10)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--scale-to", type=int, default=500, help="hosts to extrapolate the host part to")
+    args = ap.parse_args()
+    resolutions = parse_resolutions("10s:24h,5m:30d")
+    keys = Keys()
+    rng = random.Random(1)
+    now = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp), extra=["--appendonly", "no", "--save", ""])
+        server.start()
+        try:
+            r = redis.Redis.from_url(server.url)
+            base = used(r)
+            for h in range(args.hosts):  # hosts: every slot of every resolution has a record
+                wid = f"host-{h:04d}"
+                with r.pipeline(transaction=False) as pipe:
+                    gauge_meta_ops(pipe, keys, wid, resolutions[-1].keep, 515000, [81920] * args.gpus, now)
+                    for res in resolutions:
+                        last = int(now // res.step)
+                        for slot in range(last - res.keep // res.step + 1, last + 1):
+                            gauge_ops(pipe, keys, res, wid, slot, Gauges(
+                                samples=1 if res is resolutions[0] else 30, cpu_percent=rng.randrange(100),
+                                memory_used=rng.randrange(515000),
+                                gpus=[(rng.randrange(81920), rng.randrange(100)) for _ in range(args.gpus)]))
+                    pipe.execute()
+            hosts = used(r) - base
+            for m in range(args.models + 1):  # models busy in every slot, and the coverage series
+                series = model_series(f"model-{m:02d}") if m < args.models else COVERAGE
+                for res in resolutions:
+                    last = int(now // res.step)
+                    with r.pipeline(transaction=False) as pipe:
+                        for slot in range(last - res.keep // res.step + 1, last + 1):
+                            key = keys.history(res.step, series, slot)
+                            fields = {f: rng.randrange(1, 10_000) for f in BUSY} if m < args.models else {FLUSHES: 2}
+                            if res is not resolutions[0]:
+                                fields["slots"] = 30
+                            pipe.hset(key, mapping=fields)
+                            pipe.expire(key, res.keep)
+                        pipe.execute()
+            models = used(r) - base - hosts
+            with r.pipeline(transaction=False) as pipe:
+                event_ops(pipe, keys, [TimelineEvent(ts=now - i, kind="ready", model=f"model-{i % 10:02d}",
+                                                     host=f"host-{i % 500:04d}", seconds=12.5, detail="serving on "
+                                                     "http://10.0.0.1:20000", by="worker:host-0001")
+                                       for i in range(args.events)])
+                pipe.execute()
+            events = used(r) - base - hosts - models
+        finally:
+            server.stop()
+    mib = 1 << 20
+    per_host = hosts / args.hosts
+    total = per_host * args.scale_to + models + events
+    print(f"hosts ({args.gpus} GPUs): {hosts / mib:.1f} MiB for {args.hosts} = {per_host / mib:.2f} MiB per host")
+    print(f"models: {models / mib:.1f} MiB for {args.models} busy models (+ coverage)")
+    print(f"events: {events / mib:.1f} MiB for {args.events}")
+    print(f"full retention, {args.scale_to} hosts x {args.gpus} GPUs x {args.models} models: {total / mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
