@@ -68,6 +68,7 @@ class Services:
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
                              self.options.quota_redis_down, self.metrics)
+        self.history.inflight, self.history.queued = self.usage.all_inflight, self.control.waiting_now
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
                            usage=self.usage, quotas=self.quotas)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)

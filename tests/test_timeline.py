@@ -301,7 +301,7 @@ def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) 
     assert bad.exit_code != 0 and "from" in bad.output
 
 
-def test_model_info_counts_the_requests_in_flight_on_every_router(two_routers) -> None:
+def test_requests_in_flight_show_in_model_info_and_the_timeline_before_they_end(two_routers) -> None:
     first, second = two_routers
     slow = " ".join(["w"] * 2500)  # 2 ms per prompt word: 5 s before the first token
     stream = SseStream(f"{first.url}/v1/chat/completions", method="POST",
@@ -310,6 +310,9 @@ def test_model_info_counts_the_requests_in_flight_on_every_router(two_routers) -
         info = wait_for(lambda: (m := get_json(f"{second.url}/api/models/chat/info")["model"]) and m["inflight"] == 1
                         and m, timeout=4, message="the other router's request in flight")
         assert info["queued"] == 0
+        # and the timeline records it, though no request has ended yet
+        wait_for(lambda: any((p["inflight"] or 0) >= 1 for p in history(second, **{"from": "-1m"})["points"]),
+                 timeout=4, message="the request in flight in the timeline")
     finally:
         stream.close()
     wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
@@ -357,7 +360,7 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
             points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
             await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
                             message="the rate, TTFT and GPU charts with points")
-            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 7
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 8
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
             events = await page.wait(f"{text_of('tl-events')}.includes('evicted') && {text_of('tl-events')}",
                                      message="the eviction in the event list")

@@ -390,6 +390,10 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.swapped(model)
 
+    def waiting_now(self) -> dict[str, int]:
+        """Requests of this router waiting for a start or a swap, per model."""
+        return dict(self._waiting)
+
     async def load(self, model: str) -> tuple[int, int]:
         """``model``'s requests in flight on every live router, and of those the ones waiting for
         a swap (the line as last read: ``watch_claims``); this router's own counts alone when

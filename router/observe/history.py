@@ -58,6 +58,10 @@ class History:
 
     def __init__(self, redis: Redis, keys: Keys, router_id: str, resolutions: Sequence[Resolution],
                  clock: Callable[[], float] = time.time) -> None:
+        # What this router holds now, sampled once per slot flushed: model -> requests in flight
+        # (queued or served) and model -> requests waiting for a start or a swap (set by the wiring).
+        self.inflight: Callable[[], dict[str, int]] = dict
+        self.queued: Callable[[], dict[str, int]] = dict
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
@@ -129,10 +133,11 @@ class History:
         if not slots and not self.events:
             return
         events = list(self.events)
+        load = {"inflight": self.inflight(), "queued": self.queued()}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for slot in slots:
-                    self._slot_ops(pipe, slot, closed.get(slot, {}))
+                    self._slot_ops(pipe, slot, closed.get(slot, {}), load if slot == slots[-1] else {})
                 event_ops(pipe, self.keys, events)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -142,11 +147,16 @@ class History:
         for _ in events:
             self.events.popleft()
 
-    def _slot_ops(self, pipe, slot: int, models: dict[str, list[int]]) -> None:
+    def _slot_ops(self, pipe, slot: int, models: dict[str, list[int]], load: dict[str, dict[str, int]]) -> None:
+        """One slot's counts, and ``load`` (gauge -> model -> this router's sample), all added to."""
         step, keep = self.fine.step, self.fine.keep
-        for model, counts in models.items():
+        samples: dict[str, list[tuple[str, int]]] = {}
+        for gauge, per_model in load.items():
+            for model, n in per_model.items():
+                samples.setdefault(model, []).append((gauge, n))
+        for model in {*models, *samples}:
             key = self.keys.history(step, model_series(model), slot)
-            for name, value in zip(FIELDS, counts):
+            for name, value in [*zip(FIELDS, models.get(model, ())), *samples.get(model, ())]:
                 if value:
                     pipe.hincrby(key, name, value)
             pipe.expire(key, keep)

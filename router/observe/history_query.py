@@ -42,6 +42,7 @@ MAX_POINTS = 10_000  # a step finer than (to - from) / MAX_POINTS is made coarse
 EVENTS_PAGE = 1000
 EVENTS_SCAN = 100_000  # entries looked at, at most, for one filtered read
 MODEL_FIELDS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out", "rate", "tokens_per_s",
+                "inflight", "queued",
                 *(f"{h}_{p}" for h in HISTOGRAMS for p in ("p50", "p95")), "covered_s")
 QUANTILES = (("p50", 0.5), ("p95", 0.95))
 
@@ -102,7 +103,7 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
         for row in data[g:g + per]:
             for k, v in row.items():
                 total[k] = total.get(k, 0) + v
-        points.append({"t": t, **_model_point(total, covered * fine)})
+        points.append({"t": t, **_model_point(total, covered, fine)})
     return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
                          points=points, available=available)
 
@@ -147,10 +148,15 @@ def _covered(row: dict[str, int], fine: bool) -> int:
     return row.get(SLOTS, 0)
 
 
-def _model_point(total: dict[str, int], seconds: float) -> dict[str, float | None]:
+def _model_point(total: dict[str, int], covered: int, fine: int) -> dict[str, float | None]:
+    """``covered`` fine slots of ``fine`` seconds summed in ``total``; the load gauges are sums of
+    one sample per router per fine slot, so their mean over the slots is the cluster's."""
+    seconds = covered * fine
     out: dict[str, float | None] = {c: float(total.get(c, 0)) for c in COUNTERS}
     out["rate"] = total.get("requests", 0) / seconds
     out["tokens_per_s"] = total.get("tokens_out", 0) / seconds
+    out["inflight"] = total.get("inflight", 0) / covered
+    out["queued"] = total.get("queued", 0) / covered
     for h in HISTOGRAMS:
         counts = [total.get(f, 0) for f in bucket_fields(h)]
         for name, q in QUANTILES:

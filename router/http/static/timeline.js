@@ -1,6 +1,7 @@
 // llm-router dashboard: the timeline (GET /api/history, GET /api/events) drawn with uPlot
 // (vendored under vendor/uplot/, pinned; nothing is fetched from outside the router).
-// Per model: request rate, TTFT and latency p50/p95, tokens/s, queue wait p95; per GPU: memory
+// Per model: request rate, TTFT and latency p50/p95, tokens/s, queue wait p95, requests in flight
+// and queued; per GPU: memory
 // and utilisation; the events of the cluster as vertical marks on every chart, on one time axis.
 // Uses api(), esc(), byTestId() and fmtTime() of app.js (loaded first).
 "use strict";
@@ -20,6 +21,7 @@ const TL_CHARTS = [          // testid, title, series kind, value of a point, un
   {id: "latency", title: "Latency p50 / p95 (ms)", kind: "model", fields: [["latency_p50", " p50"], ["latency_p95", " p95"]], scale: 1000},
   {id: "tokens", title: "Tokens / s (out)", kind: "model", fields: [["tokens_per_s", ""]], scale: 1},
   {id: "wait", title: "Queue wait p95 (ms)", kind: "model", fields: [["wait_p95", ""]], scale: 1000},
+  {id: "inflight", title: "In flight / queued (all routers)", kind: "model", fields: [["inflight", ""], ["queued", " queued"]], scale: 1},
   {id: "gpu-mem", title: "GPU memory used (GiB)", kind: "gpu", fields: [["memory_used", ""]], scale: 1 / 1024},
   {id: "gpu-util", title: "GPU utilisation (%)", kind: "gpu", fields: [["utilization", ""]], scale: 1},
 ];
