@@ -185,6 +185,11 @@ def test_history_survives_a_router_restart_and_a_redis_outage_is_a_gap(procs, re
     during = [p for p in doc["points"] if gone + 0.5 < p["t"] < gone + 2.5]
     assert during and all(p["requests"] is None and p["ttft_p50"] is None for p in during)
     assert total(history(back)) == 5  # nothing lost, nothing counted twice
+    outage = wait_for(lambda: (e := get_json(f"{back.url}/api/events?from=-5m&kind=redis_back")["events"]) and e,
+                      timeout=10, message="the router's redis_back event")
+    assert outage[0]["by"].startswith("router:") and 2 <= outage[0]["seconds"] < 15
+    lost = get_json(f"{back.url}/api/events?from=-5m&kind=redis_lost")["events"]
+    assert lost and abs(lost[0]["ts"] - gone) < 3
 
 
 def test_events_api_and_bad_parameters(two_routers, rds) -> None:

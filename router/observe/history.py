@@ -76,6 +76,7 @@ class History:
         self.wake = asyncio.Event()
         self.written = self.slot - 1  # the last slot flushed (or given up)
         self.dropped_slots = 0  # flushes lost to Redis errors (gaps)
+        self.lost: tuple[float, str] | None = None  # since when, and why, Redis has been unreachable
         self._rollup = None
 
     # --- hot path ---
@@ -143,9 +144,24 @@ class History:
         except (RedisError, OSError) as exc:
             self.dropped_slots += len(slots)
             log.warning("history: %d slot(s) not written (redis: %s): they show as a gap", len(slots), exc)
+            if self.lost is None:
+                self.lost = (self.clock(), str(exc))
             return
         for _ in events:
             self.events.popleft()
+        if self.lost is not None:
+            self._back()
+
+    def _back(self) -> None:
+        """Redis answers again: the outage as this router saw it, as two events (written next)."""
+        since, why = self.lost  # type: ignore[misc]
+        self.lost = None
+        now = self.clock()
+        by = f"router:{self.router_id}"
+        self.events.append(TimelineEvent(ts=since, kind="redis_lost", detail=why, by=by))
+        self.events.append(TimelineEvent(ts=now, kind="redis_back", seconds=now - since, by=by,
+                                         detail=f"unreachable for {now - since:.0f}s: those slots are gaps"))
+        self.wake.set()
 
     def _slot_ops(self, pipe, slot: int, models: dict[str, list[int]], load: dict[str, dict[str, int]]) -> None:
         """One slot's counts, and ``load`` (gauge -> model -> this router's sample), all added to."""
