@@ -382,3 +382,29 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
             raise
         finally:
             await page.close()
+
+
+def test_a_config_reload_and_a_failed_one_are_events(procs, redis_url, rds, tmp_path) -> None:
+    import os
+
+    from helpers import model_block, start_worker, write_config
+
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "host.toml", model_block("one"))
+    worker = start_worker(procs, redis_url, config, wid)
+    keys = Keys()
+
+    def kinds() -> list[str]:
+        return [event_of(f).kind for _, f in rds.xrange(keys.timeline()) if event_of(f).host == wid]
+
+    wait_for(lambda: "worker_started" in kinds(), timeout=15, message="the worker's start")
+    config.write_text(config.read_text() + model_block("two"))
+    os.kill(worker.pid, signal.SIGHUP)
+    wait_for(lambda: "reload" in kinds(), timeout=10, message="the reload event")
+    config.write_text("[[models]]\nid = 'broken'\n")  # no command: refused, the config in force stays
+    os.kill(worker.pid, signal.SIGHUP)
+    wait_for(lambda: "reload_failed" in kinds(), timeout=10, message="the failed reload")
+    failed = next(event_of(f) for _, f in rds.xrange(keys.timeline()) if event_of(f).kind == "reload_failed")
+    assert "broken" in failed.detail or "command" in failed.detail, failed
+    ok = next(event_of(f) for _, f in rds.xrange(keys.timeline()) if event_of(f).kind == "reload")
+    assert "two" in ok.detail, ok
