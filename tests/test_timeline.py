@@ -375,6 +375,7 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
                             message="the 15 min range chosen")
             await page.wait("document.querySelector('[data-testid=tl-charts]').dataset.span === '900' && "
                             f"({points})('rate') > 0", message="the charts redrawn for 15 min")
+            await page.js("document.querySelector('[data-testid=timeline]').scrollIntoView(); true")
             await page.screenshot(SCREENSHOT.with_name("timeline.png"))
             assert page.errors == [], page.errors
         except BaseException:

@@ -135,15 +135,16 @@ function tlDraw(data) {
     }
     if (old) old.plot.destroy();
     box.replaceChildren();
+    const sparse = cols.slice(1).map((c) => c.filter((v) => v != null).length < 40);  // dots only where few
     const opts = {
       title: chart.title, width, height: 180, plugins: [tlEventsPlugin()],
       scales: {x: {time: true, range: () => [timeline.window.from, timeline.window.to]}},
       series: [{}, ...labels.map((label, i) => ({
         label, stroke: TL_COLORS[Math.floor(i / chart.fields.length) % TL_COLORS.length], width: 1.5,
-        points: {show: true, size: 4},  // a lone point between gaps shows too
+        points: {show: sparse[i], size: 4},  // a lone point between gaps shows too
         dash: chart.fields.length > 1 && i % chart.fields.length ? [5, 4] : undefined,
       }))],
-      axes: [{}, {size: 50}],
+      axes: [{}, {size: 64}],
       legend: {live: true},
     };
     timeline.charts.set(chart.id, {sig, plot: new uPlot(opts, cols, box)});
@@ -185,6 +186,10 @@ function tlInit() {
     tlRefresh();
   });
   window.addEventListener("resize", () => { for (const c of timeline.charts.values()) c.sig = ""; tlRefresh(); });
+  // /ui/#timeline: the timeline alone, full width (a wall display, a link in a report)
+  const only = () => document.body.classList.toggle("timeline-only", location.hash === "#timeline");
+  window.addEventListener("hashchange", () => { only(); for (const c of timeline.charts.values()) c.sig = ""; tlRefresh(); });
+  only();
   const live = () => tlRefresh().finally(() => setTimeout(live, TL_REFRESH_MS));
   live();
 }
