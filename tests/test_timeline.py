@@ -203,6 +203,8 @@ def test_events_api_and_bad_parameters(two_routers, rds) -> None:
                         ("series=model&model=chat&from=yesterday", "from"), ("from=-1h&to=-2h&series=host&host=x", "to")):
         resp = request("GET", f"{router.url}/api/history?{query}")
         assert resp.status == 400 and resp.json()["success"] is False and word in resp.json()["message"], query
+    far = request("GET", f"{router.url}/api/history?series=model&model=chat&from=0&to=999999999999")
+    assert far.status == 200 and len(far.json()["points"]) <= 10_000 and far.seconds < 5  # bounded by what is kept
     listing = get_json(f"{router.url}/api/history")
     assert listing["points"] == [] and isinstance(listing["available"], list)
 

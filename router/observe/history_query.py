@@ -59,7 +59,7 @@ def choose(resolutions: Sequence[Resolution], start: float, end: float, step: in
     what it holds, and the step: a multiple of its slot, at least ``step``, coarse enough for
     ``MAX_POINTS``."""
     res = next((r for r in resolutions if now - r.keep <= start), resolutions[-1])
-    start = max(start, now - res.keep)
+    start = min(max(start, now - res.keep), now)
     want = max(step, res.step, math.ceil((end - start) / MAX_POINTS))
     return res, start, math.ceil(want / res.step) * res.step
 
@@ -76,6 +76,7 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
     if not series:
         return HistoryResult(series="", start=start, end=end, step=step, resolution=resolutions[0].step,
                              fields=[], points=[], available=available)
+    end = min(end, now + resolutions[0].step)  # nothing is recorded ahead: the slots read stay bounded
     res, start, step = choose(resolutions, start, end, step, now)
     per = step // res.step
     first = int(start // step) * step // res.step
