@@ -310,16 +310,16 @@ def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) 
 
 def test_requests_in_flight_show_in_model_info_and_the_timeline_before_they_end(two_routers) -> None:
     first, second = two_routers
-    slow = " ".join(["w"] * 2500)  # 2 ms per prompt word: 5 s before the first token
+    slow = " ".join(["w"] * 6000)  # 2 ms per prompt word: 12 s before the first token
     stream = SseStream(f"{first.url}/v1/chat/completions", method="POST",
                        body=chat_body("chat", stream=True, max_tokens=1, messages=[{"role": "user", "content": slow}]))
     try:
         info = wait_for(lambda: (m := get_json(f"{second.url}/api/models/chat/info")["model"]) and m["inflight"] == 1
-                        and m, timeout=4, message="the other router's request in flight")
+                        and m, timeout=10, message="the other router's request in flight")
         assert info["queued"] == 0
         # and the timeline records it, though no request has ended yet
         wait_for(lambda: any((p["inflight"] or 0) >= 1 for p in history(second, **{"from": "-1m"})["points"]),
-                 timeout=4, message="the request in flight in the timeline")
+                 timeout=10, message="the request in flight in the timeline")
     finally:
         stream.close()
     wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
