@@ -57,7 +57,7 @@ EVENTS_MAXLEN = 100_000
 RESOLUTIONS_ENV = "LLM_ROUTER_HISTORY_RESOLUTIONS"
 DEFAULT_RESOLUTIONS = "10s:24h,5m:30d"
 
-EventKind = Literal["start_requested", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
+EventKind = Literal["start_requested", "swap_wait", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
                     "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",
                     "reload_failed", "redis_lost", "redis_back"]
 

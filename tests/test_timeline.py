@@ -411,3 +411,13 @@ def test_a_config_reload_and_a_failed_one_are_events(procs, redis_url, rds, tmp_
     assert "broken" in failed.detail or "command" in failed.detail, failed
     ok = next(event_of(f) for _, f in rds.xrange(keys.timeline()) if event_of(f).kind == "reload")
     assert "two" in ok.detail, ok
+
+
+def test_a_swap_wait_is_an_event_with_its_reason(procs, redis_url, rds, tmp_path) -> None:
+    from test_scheduling import b_waits_for_a
+
+    with b_waits_for_a(procs, redis_url, tmp_path) as (a, b, (router,)):
+        waits = get_json(f"{router.url}/api/events?from=-5m&kind=swap_wait")["events"]
+        assert [e["model"] for e in waits] == [b] and "min_residency" in waits[0]["detail"], waits
+    stopped = get_json(f"{router.url}/api/events?from=-5m&kind=stop_requested&model={a}")["events"]
+    assert stopped, "the stop that ended the wait"

@@ -316,7 +316,10 @@ class ControlClient:
                     finally:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
+                first_wait = model not in self.pending
                 reason = self.pending[model] = swap_reason(model, decision, waiters, time.time(), cold)
+                if first_wait and self.history is not None:
+                    self.history.event("swap_wait", model=model, key=by, detail=reason.message)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
