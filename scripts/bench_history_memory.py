@@ -47,6 +47,59 @@ def used(r: redis.Redis) -> int:
     return int(r.info("memory")["used_memory"])
 
 
+def dashboard_reads(url: str, hosts: int, gpus: int) -> list[tuple[str, float]]:
+    """What the dashboard's 30 d view asks a router for (its series list, each model's series,
+    the first 32 GPUs', the events), six at a time as a browser does; the series of ``hosts``
+    hosts are listed (only the measured ones have records)."""
+    import json
+    import subprocess
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llm_lab_router.redis_server import free_port
+
+    r = redis.Redis.from_url(url)
+    with r.pipeline(transaction=False) as pipe:
+        for h in range(hosts):
+            gauge_meta_ops(pipe, Keys(), f"host-{h:04d}", 86400, 515000, [81920] * gpus, time.time())
+        pipe.execute()
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", url, "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**__import__("os").environ, "LLM_ROUTER_ACCESS_LOG": "0"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=60))  # noqa: E731
+        out = []
+        t0 = time.monotonic()
+        names = get("/api/history")["available"]
+        out.append((f"series list ({len(names)} series)", time.monotonic() - t0))
+        window = "from=-30d&step=7200"
+        paths = [f"/api/history?series=model&model={n[6:]}&{window}" for n in names if n.startswith("model:")]
+        paths += [f"/api/history?series=gpu&host={n[4:].rpartition(':')[0]}&gpu={n.rpartition(':')[2]}&{window}"
+                  for n in sorted(n for n in names if n.startswith("gpu:"))[:32]]
+        paths.append("/api/events?from=-30d&limit=2000")
+        for path in (paths[0], paths[-2]):
+            t = time.monotonic()
+            get(path)
+            out.append((f"one: {path.split('&')[0]}", time.monotonic() - t))
+        t1 = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(get, paths))
+        out.append((f"{len(paths)} series and events, 6 at a time", time.monotonic() - t1))
+        out.append(("total", time.monotonic() - t0))
+        return out
+    finally:
+        router.terminate()
+        router.wait(10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=20)
@@ -54,6 +107,8 @@ def main() -> int:
     ap.add_argument("--models", type=int, default=10)
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--scale-to", type=int, default=500, help="hosts to extrapolate the host part to")
+    ap.add_argument("--read", action="store_true", help="then time what the dashboard reads for 30 days, through a "
+                                                         "router, with --scale-to hosts listed")
     args = ap.parse_args()
     resolutions = parse_resolutions("10s:24h,5m:30d")
     keys = Keys()
@@ -90,6 +145,7 @@ def main() -> int:
                                 fields["slots"] = 30
                             pipe.hset(key, mapping=fields)
                             pipe.expire(key, res.keep)
+                        pipe.hset(keys.history_series(), series, int(now))
                         pipe.execute()
             models = used(r) - base - hosts
             with r.pipeline(transaction=False) as pipe:
@@ -99,6 +155,8 @@ def main() -> int:
                                        for i in range(args.events)])
                 pipe.execute()
             events = used(r) - base - hosts - models
+            if args.read:
+                read_times = dashboard_reads(server.url, args.scale_to, args.gpus)
         finally:
             server.stop()
     mib = 1 << 20
@@ -108,6 +166,9 @@ def main() -> int:
     print(f"models: {models / mib:.1f} MiB for {args.models} busy models (+ coverage)")
     print(f"events: {events / mib:.1f} MiB for {args.events}")
     print(f"full retention, {args.scale_to} hosts x {args.gpus} GPUs x {args.models} models: {total / mib:.0f} MiB")
+    if args.read:
+        for what, seconds in read_times:
+            print(f"dashboard, 30 d: {what}: {seconds:.2f} s")
     return 0
 
 

@@ -188,8 +188,9 @@ class DevicesResult(Ok, kw_only=True):
 class HistoryResult(Ok, kw_only=True):
     """``GET /api/history``: one series over ``[from, to)`` in points of ``step`` seconds, read
     from the finest resolution kept that long (``resolution``). A point's values are null where
-    nothing was recorded (Redis or the writer was away): a gap, never a zero. ``available``:
-    every series recorded (``model:{id}``, ``gpu:{host}:{index}``, ``host:{host}``)."""
+    nothing was recorded (Redis or the writer was away): a gap, never a zero. ``available``
+    (without ``series`` only, else empty): every series recorded (``model:{id}``,
+    ``gpu:{host}:{index}``, ``host:{host}``)."""
 
     series: str
     start: float = msgspec.field(name="from")

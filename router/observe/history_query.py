@@ -24,11 +24,10 @@ from llm_lab_router.timeline import (
     HOST_FIELDS,
     CHUNK,
     GPU_SLOTS,
+    RECORD,
     Resolution,
-    average,
     bucket_fields,
     gauge_chunk,
-    unpack,
     event_of,
     gpu_series,
     host_series,
@@ -37,25 +36,27 @@ from llm_lab_router.timeline import (
 )
 from redis.asyncio import Redis
 
-# Sums a request series' slots in groups of ARGV[1], in Redis: 30 days are 8,640 slot hashes (and
-# as many coverage ones), which cost the router ~0.8 s to decode one by one and Redis ~20 ms to
-# add up here. KEYS = the series' slots, then the coverage slots, in order; ARGV[2] = 1 for the
-# finest resolution (a coverage slot counts 1 if written), else its ``slots`` field counts.
-# Returns, per group: the fine slots covered, then [field, sum, ...] of the series.
+# Sums a request series' slots in groups, in Redis: 30 days are 8,640 slot hashes (and as many
+# coverage ones), which cost the router ~0.8 s to decode one by one and Redis ~20 ms to add up
+# here. The slot keys are built here from their prefixes (one key string per slot sent from the
+# router cost more than the sums): ARGV = the series' key prefix, the coverage's, the first and
+# last slot, the slots per group, 1 for the finest resolution (a coverage slot counts 1 if
+# written) else 0 (its ``slots`` field counts). Returns, per group: the fine slots covered, then
+# [field, sum, ...] of the series.
 SUM_SCRIPT = """
-local per, fine = tonumber(ARGV[1]), ARGV[2] == '1'
-local n = #KEYS / 2
+local series, cover = ARGV[1], ARGV[2]
+local first, last, per, fine = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local out = {}
-for first = 1, n, per do
+for g = first, last, per do
   local sums, order, covered = {}, {}, 0
-  for i = first, math.min(first + per - 1, n) do
-    local row = redis.call('HGETALL', KEYS[i])
+  for slot = g, math.min(g + per - 1, last) do
+    local row = redis.call('HGETALL', series .. slot)
     for j = 1, #row, 2 do
       local f = row[j]
       if not sums[f] then sums[f] = 0; order[#order + 1] = f end
       sums[f] = sums[f] + tonumber(row[j + 1])
     end
-    local c = redis.call('HGETALL', KEYS[n + i])
+    local c = redis.call('HGETALL', cover .. slot)
     if #c > 0 then
       if fine then covered = covered + 1 else
         for j = 1, #c, 2 do if c[j] == 'slots' then covered = covered + tonumber(c[j + 1]) end end
@@ -102,10 +103,11 @@ def _ints(row: dict) -> dict[str, int]:
 async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str, start: float,
                        end: float, step: int, now: float, sum_slots) -> HistoryResult:
     """``sum_slots``: ``SUM_SCRIPT`` registered on ``redis``."""
-    index = await redis.hgetall(keys.history_series())
-    available = sorted(k.decode() if isinstance(k, bytes) else k for k in index)
     fields = list(series_fields(series))
+    available: list[str] = []
     if not series:
+        index = await redis.hgetall(keys.history_series())
+        available = sorted(k.decode() if isinstance(k, bytes) else k for k in index)
         return HistoryResult(series="", start=start, end=end, step=step, resolution=resolutions[0].step,
                              fields=[], points=[], available=available)
     end = min(end, now + resolutions[0].step)  # nothing is recorded ahead: the slots read stay bounded
@@ -119,9 +121,8 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
         return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
                              points=points, available=available)
     fine_res = res is resolutions[0]
-    summed = await sum_slots(keys=[*(keys.history(res.step, series, x) for x in slots),
-                                   *(keys.history(res.step, COVERAGE, x) for x in slots)],
-                             args=[per, int(fine_res)])
+    summed = await sum_slots(keys=[], args=[keys.history(res.step, series, 0)[:-1],
+                                            keys.history(res.step, COVERAGE, 0)[:-1], first, last, per, int(fine_res)])
     points = []
     for g, (covered, flat) in enumerate(zip(summed[::2], summed[1::2])):
         t = float((first + g * per) * res.step)
@@ -148,22 +149,36 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
             pipe.get(gauge_chunk(keys, res.step, host, chunk * CHUNK)[0])
         meta, *data = await pipe.execute()
     meta = _ints(meta)
-    blobs = {c: b or b"" for c, b in zip(chunks, data)}
+    # the records as tuples (``RECORD.iter_unpack``: 30 days of a host in milliseconds), and the
+    # places in them of the values wanted: (name, tuple index or None for a total from ``meta``)
+    records: dict[int, list[tuple]] = {}
+    for chunk, blob in zip(chunks, data):
+        blob = blob or b""
+        records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
+    if kind == "gpu":
+        wanted = [("memory_used", 3 + 2 * gpu), ("memory_total", None), ("utilization", 4 + 2 * gpu)]
+        total = float(meta.get(f"gpu{gpu}_memory_total", 0))
+        known = 0 <= gpu < min(meta.get("gpus", 0), GPU_SLOTS)
+    else:
+        wanted = [("cpu_percent", 1), ("memory_used", 2), ("memory_total", None)]
+        total = float(meta.get("memory_total", 0))
+        known = True
     points: list[dict[str, float | None]] = []
     for g in range(0, len(slots), per):
         group = slots[g:g + per]
-        avg = average([unpack(blobs[s // CHUNK], s % CHUNK, GPU_SLOTS) for s in group])
-        values: dict[str, float | None]
-        if not avg.samples or (kind == "gpu" and not 0 <= gpu < min(meta.get("gpus", 0), len(avg.gpus))):
-            values = dict.fromkeys(GPU_FIELDS if kind == "gpu" else HOST_FIELDS)
-        elif kind == "gpu":
-            used, util = avg.gpus[gpu]
-            values = {"memory_used": float(used), "memory_total": float(meta.get(f"gpu{gpu}_memory_total", 0)),
-                      "utilization": float(util)}
-        else:
-            values = {"cpu_percent": float(avg.cpu_percent), "memory_used": float(avg.memory_used),
-                      "memory_total": float(meta.get("memory_total", 0))}
-        points.append({"t": float(group[0] * res.step), **values})
+        n, sums = 0, [0] * len(wanted)
+        for s in group:
+            rows = records[s // CHUNK]
+            row = rows[s % CHUNK] if s % CHUNK < len(rows) else None
+            if row is None or not row[0] or not known:
+                continue
+            n += row[0]
+            for i, (_, at) in enumerate(wanted):
+                if at is not None:
+                    sums[i] += row[at] * row[0]
+        points.append({"t": float(group[0] * res.step),
+                       **{name: (None if not n else total if at is None else round(sums[i] / n))
+                          for i, (name, at) in enumerate(wanted)}})
     return points
 
 
