@@ -92,7 +92,13 @@ def parse_resolutions(text: str) -> tuple[Resolution, ...]:
 
 
 def resolutions(env: Mapping[str, str] = os.environ) -> tuple[Resolution, ...]:
-    return parse_resolutions(env.get(RESOLUTIONS_ENV) or DEFAULT_RESOLUTIONS)
+    """The resolutions in force (``LLM_ROUTER_HISTORY_RESOLUTIONS``); a bad value raises
+    ``ValueError`` naming the variable."""
+    text = env.get(RESOLUTIONS_ENV) or DEFAULT_RESOLUTIONS
+    try:
+        return parse_resolutions(text)
+    except ValueError as exc:
+        raise ValueError(str(exc) if RESOLUTIONS_ENV in str(exc) else f"{RESOLUTIONS_ENV}={text!r}: {exc}") from None
 
 
 def model_series(model: str) -> str:

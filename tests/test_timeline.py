@@ -32,6 +32,7 @@ from llm_lab_router.timeline import (
     event_of,
     parse_resolutions,
     percentile,
+    resolutions,
 )
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
@@ -47,6 +48,21 @@ def test_resolutions_parse_and_refuse_what_cannot_be_rolled_up() -> None:
     for bad in ("10s:24h,15s:1d", "0s:1h", "10x:1h", "10s:5s,1m:1h"):
         with pytest.raises(ValueError):
             parse_resolutions(bad)
+
+
+def test_a_router_and_a_worker_refuse_bad_resolutions_in_one_line(procs, tmp_path) -> None:
+    import sys
+
+    from helpers import model_block, write_config
+    bad = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "10s:24h,7s:1d"}
+    with pytest.raises(ValueError, match="LLM_ROUTER_HISTORY_RESOLUTIONS"):
+        resolutions(bad)
+    config = write_config(tmp_path / "host.toml", model_block("one"))
+    for argv in (["serve", "--port", str(free_port())], ["worker", "--config", str(config)]):
+        proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", *argv, "--redis", "redis://127.0.0.1:1"],
+                           name="refused", env=bad)
+        assert proc.wait(20) == 2
+        assert "LLM_ROUTER_HISTORY_RESOLUTIONS" in procs.log(proc) and "Traceback" not in procs.log(proc)
 
 
 def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile() -> None:

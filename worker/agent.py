@@ -497,6 +497,11 @@ def main(cfg: HostConfig, redis_url: str, prefix: str = "llm:") -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
     try:
+        resolutions()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
         import uvloop
 
         runner = uvloop.run

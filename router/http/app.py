@@ -23,6 +23,7 @@ from llm_lab_router.router.http.dashboard import dashboard_routes
 from llm_lab_router.router.http.exchange import Dispatcher
 from llm_lab_router.router.http.slowbody import BodyTimeoutServer
 from llm_lab_router.router.services import Services
+from llm_lab_router.timeline import resolutions
 
 log = logging.getLogger("router")
 access_log = logging.getLogger("router.access")
@@ -137,6 +138,7 @@ def main(redis_url: str, prefix: str = "llm:", host: str = "127.0.0.1", port: in
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         options = options or RouterOptions.from_env()
+        resolutions()  # the timeline's (LLM_ROUTER_HISTORY_RESOLUTIONS): refused here, in one line
     except ValueError as exc:
         log.error("%s", exc)
         return 2
