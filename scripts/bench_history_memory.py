@@ -52,29 +52,17 @@ def dashboard_reads(url: str, hosts: int, gpus: int) -> list[tuple[str, float]]:
     the first 32 GPUs', the events), six at a time as a browser does; the series of ``hosts``
     hosts are listed (only the measured ones have records)."""
     import json
-    import subprocess
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from llm_lab_router.redis_server import free_port
+    from scripts.timeline_demo import router_on
 
     r = redis.Redis.from_url(url)
     with r.pipeline(transaction=False) as pipe:
         for h in range(hosts):
             gauge_meta_ops(pipe, Keys(), f"host-{h:04d}", 86400, 515000, [81920] * gpus, time.time())
         pipe.execute()
-    port = free_port()
-    router = subprocess.Popen([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", url, "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**__import__("os").environ, "LLM_ROUTER_ACCESS_LOG": "0"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with router_on(url) as base:
         get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=60))  # noqa: E731
         out = []
         t0 = time.monotonic()
@@ -95,9 +83,6 @@ def dashboard_reads(url: str, hosts: int, gpus: int) -> list[tuple[str, float]]:
         out.append((f"{len(paths)} series and events, 6 at a time", time.monotonic() - t1))
         out.append(("total", time.monotonic() - t0))
         return out
-    finally:
-        router.terminate()
-        router.wait(10)
 
 
 def main() -> int:

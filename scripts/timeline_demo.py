@@ -25,7 +25,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,6 +109,27 @@ async def fill(url: str, hours: float, models: int, hosts: int, seed: int = 7) -
     await redis.aclose()
 
 
+@contextmanager
+def router_on(redis_url: str) -> Iterator[str]:
+    """``llm-router serve`` on ``redis_url`` (no access log) for the block; yields its URL once it answers."""
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", redis_url,
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "LLM_ROUTER_ACCESS_LOG": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        router.terminate()
+        router.wait(10)
+
+
 def shot(url: str, path: Path, width: int = 1440, height: int = 1300) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -128,30 +151,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp), extra=["--appendonly", "no", "--save", ""])
         server.start()
-        router = None
         try:
             started = time.monotonic()
             asyncio.run(fill(server.url, args.hours, args.models, args.hosts))
             print(f"filled {args.hours:g} h of {args.models} models and {args.hosts} hosts in "
                   f"{time.monotonic() - started:.1f} s")
-            port = free_port()
-            router = subprocess.Popen([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", server.url,
-                                       "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      env={**os.environ, "LLM_ROUTER_ACCESS_LOG": "0"})
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"{url}/health", timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            if args.shot:
-                shot(url, args.shot)
-                print(f"screenshot: {args.shot}")
+            with router_on(server.url) as url:
+                if args.shot:
+                    shot(url, args.shot)
+                    print(f"screenshot: {args.shot}")
         finally:
-            if router is not None:
-                router.terminate()
-                router.wait(10)
             server.stop()
     return 0
 
