@@ -164,6 +164,10 @@ class ClusterView:
             except TimeoutError:
                 pass
 
+    async def next_change(self) -> None:
+        """Until the view changes next (any worker, instance, catalog or device update)."""
+        await self._changed.wait()
+
     def _notify(self) -> None:
         self._gen += 1
         self._changed.set()
