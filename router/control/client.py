@@ -246,8 +246,13 @@ class ControlClient:
     def _start_done(self, model: str, task: asyncio.Task) -> None:
         if self._starts.get(model) is task:
             del self._starts[model]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
 
     async def _start(self, model: str, timeout: float) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
