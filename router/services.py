@@ -55,7 +55,7 @@ class Services:
                                      socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
         self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
-                                resync_interval=self.options.resync_interval,
+                                resync_interval=self.options.resync_interval, pubsub_check=self.options.pubsub_check,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
