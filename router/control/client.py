@@ -219,13 +219,18 @@ class ControlClient:
         """The running instances of ``model`` (on ``host`` only, when given)."""
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
-    async def ensure_running(self, model: str, timeout: float, host: str | None = None) -> None:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None,
+                             by_operator: bool = False) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
-        needed (shared start)."""
-        if not self.running_on(model, host):
-            await self.start(model, timeout, host)
+        needed (shared start).
 
-    async def start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+        ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
+        restart budget on its worker; a start for a request is a restart of a failed model,
+        counted, backed off and bounded there (``Command.on_demand``)."""
+        if not self.running_on(model, host):
+            await self.start(model, timeout, host, by_operator)
+
+    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
@@ -236,18 +241,19 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
-    def start_in_background(self, model: str, timeout: float, host: str | None = None) -> asyncio.Task[Reply]:
+    def start_in_background(self, model: str, timeout: float, host: str | None = None,
+                            by_operator: bool = False) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout, host), name=f"start-{model}")
+            task = asyncio.create_task(self._start(model, timeout, host, by_operator), name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -261,10 +267,15 @@ class ControlClient:
         model = key[0]
         if self._starts.get(key) is task:
             del self._starts[key]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
 
-    async def _start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -288,7 +299,8 @@ class ControlClient:
                     order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
                 for wid in order:
                     try:
-                        return await self._start_on(wid, model, deadline, anywhere=host is None)
+                        return await self._start_on(wid, model, deadline, anywhere=host is None,
+                                                    by_operator=by_operator)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -394,14 +406,15 @@ class ControlClient:
     def _left(deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True) -> Reply:
+    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True,
+                        by_operator: bool = False) -> Reply:
         """Start ``model`` on ``wid`` and wait until it serves (``anywhere``: or another host serves it)."""
         view = self.view
         timeout = self._left(deadline)
         was = next((i for i in view.instances(model) if i.worker == wid), None)
         before = was.updated_at if was else -1.0
         sent = time.monotonic()
-        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
             error = NoRoom if reply.no_room else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
