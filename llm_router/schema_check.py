@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Any, Callable, Literal, get_args, get_origin
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 from llm_lab_router.toml_text import TablePath
 
 # (table, key in that table, detail after the key such as "[2]", message)
 Report = Callable[[TablePath, str, str, str], None]
-_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.DOTALL)
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:

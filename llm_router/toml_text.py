@@ -59,7 +59,7 @@ class TomlLines:
     open_bracket: int | None = None  # the line of a [ or { still open at the end
 
     @classmethod
-    def scan(cls, text: str) -> "TomlLines":
+    def scan(cls, text: str) -> TomlLines:
         found = cls()
         _Scanner(found).feed(text)
         return found

@@ -10,6 +10,7 @@ import asyncio
 import pytest
 from conftest import wait_for
 from helpers import request
+
 from scripts.bench.sections.affinity import PrefixCost, Workload, prefix_cost, ttft_target
 
 
