@@ -224,7 +224,8 @@ class _Collector:
         line = self.lines.line_of(table, key, "engine") if table[:1] == ("models",) and len(table) == 2 else \
             self.lines.line(table, key or None)
         self.problems.append(Problem(self.source, line, subject, path.lstrip(".") + detail, message))
-        self.failed.add(table[:2] if table[:1] == ("models",) else table[:1])
+        where = (*table, key)  # the model, the worker or the top-level key it belongs to
+        self.failed.add(where[:2] if where[:1] == ("models",) else where[:1])
 
     def subject(self, table: TablePath) -> tuple[str, TablePath]:
         """(``model 'id'`` or ``worker`` or "", the rest of the table's path)."""

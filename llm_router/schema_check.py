@@ -55,10 +55,17 @@ def check_value(value: Any, hint: Any, at: TablePath, key: str, report: Report) 
         if isinstance(value, dict):
             header = ".".join(str(p) for p in (*at, key) if isinstance(p, str))
             return report(at, key, "", f"expected an array of tables: write [[{header}]] (two brackets) for each entry")
-        if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        if isinstance(value, list):
             for j, item in enumerate(value):
-                check_table(item, element, (*at, key, j), report)
+                if isinstance(item, dict):
+                    check_table(item, element, (*at, key, j), report)
+                else:
+                    report(at, key, f"[{j}]", f"expected a table, got {type(item).__name__}")
             return None
+    if get_origin(bare) is dict and isinstance(value, dict) and len(get_args(bare)) == 2:
+        for name, item in value.items():  # each entry at its own key (env.PATH), not "env[...]"
+            check_value(item, get_args(bare)[1], (*at, key), str(name), report)
+        return None
     if get_origin(bare) is Literal and isinstance(value, str) and value not in get_args(bare):
         valid = [str(v) for v in get_args(bare)]
         return report(at, key, "", f"{value!r} is not valid; valid values: {', '.join(valid)}"

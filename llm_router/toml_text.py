@@ -67,7 +67,7 @@ class TomlLines:
     def line_of(self, table: TablePath, key: str, instead: str) -> int | None:
         """The line of ``key`` if written in ``table``, else of ``instead`` (a model's ``engine``,
         whose preset supplied the field), else as ``line``."""
-        return self.keys.get((table, key)) or self.line(table, instead)
+        return self.keys.get((table, key)) or self.tables.get((*table, key)) or self.line(table, instead)
 
     def line(self, table: TablePath, key: str | None = None) -> int | None:
         """The line of ``key`` in ``table``; else the table's header; else the line of the key
