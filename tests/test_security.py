@@ -44,9 +44,9 @@ def bearer(key: str) -> dict[str, str]:
 def test_keys_are_kept_as_digests_and_checked_by_role() -> None:
     ring = KeyRing(parse_keys(f"# clients\n{CLIENT_KEY}\n", "f"), parse_keys(ADMIN_KEY, "g"))
     assert CLIENT_KEY.encode() not in b"".join(ring.client)  # digests only
-    assert ring.role_of(CLIENT_KEY) is Role.CLIENT
-    assert ring.role_of(ADMIN_KEY) is Role.ADMIN
-    assert ring.role_of(CLIENT_KEY + "x") is None and ring.role_of("") is None
+    assert ring.identify(CLIENT_KEY) == (Role.CLIENT, None)  # a plain key: no profile
+    assert ring.identify(ADMIN_KEY) == (Role.ADMIN, None)
+    assert ring.identify(CLIENT_KEY + "x") == (None, None) and ring.identify("") == (None, None)
     with pytest.raises(KeyFileError):
         parse_keys("short", "f")
     with pytest.raises(KeyFileError):

@@ -195,13 +195,10 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self.client or self.admin)
 
-    def role_of(self, key: str) -> Role | None:
-        """The role ``key`` grants, ``None`` if it is no key of ours. Every digest is compared."""
-        return self.identify(key)[0]
-
     def identify(self, key: str) -> tuple[Role | None, KeyProfile | None]:
-        """The role ``key`` grants and its profile (``None``: a plain key, no limits). The
-        profile is looked up only once the key matched (constant-time) as one of ours."""
+        """The role ``key`` grants (``None``: no key of ours; every digest is compared) and its
+        profile (``None``: a plain key, no limits). The profile is looked up only once the key
+        matched (constant-time) as one of ours."""
         d = digest(key)
         is_admin = _any_equal(d, self.admin)
         is_client = _any_equal(d, self.client)

@@ -103,11 +103,6 @@ class Limits:
         gate = self._gates.get(model)
         return gate.queued if gate else 0
 
-    def queued_by_lane(self, model: str) -> dict[str, int]:
-        """Requests waiting for a slot of ``model``, per lane (key name; ``""``: anonymous)."""
-        gate = self._gates.get(model)
-        return {name: len(e.waiters) for name, e in gate.lanes.items() if e.waiters} if gate else {}
-
     @asynccontextmanager
     async def admit(self, model: str, capacity: int, lane: str = ANONYMOUS, priority: int = 0,
                     weight: float = 1.0) -> AsyncIterator[None]:
