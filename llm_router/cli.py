@@ -21,6 +21,26 @@ prefix_option = click.option("--prefix", envvar="LLM_ROUTER_PREFIX", default="ll
                              help="Namespace of every Redis key.")
 
 
+worker_id_option = click.option("--worker-id", default=None,
+                                help="Override the worker id (default: the config's [worker] id, else the host name).")
+state_dir_option = click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                                help="Override the worker's state directory (log spool, lock; default: the "
+                                     "config's [worker] state_dir, else $LLM_ROUTER_STATE_DIR, else "
+                                     "~/.local/state/llm-router).")
+
+
+def _override(cfg, worker_id: str | None, state_dir: str | None) -> list[str]:
+    """Apply ``--worker-id``/``--state-dir`` to ``cfg``; returns them as a worker's argv."""
+    argv: list[str] = []
+    if worker_id:
+        cfg.worker.id = worker_id
+        argv += ["--worker-id", worker_id]
+    if state_dir:
+        cfg.worker.state_dir = os.path.abspath(state_dir)
+        argv += ["--state-dir", cfg.worker.state_dir]
+    return argv
+
+
 def security_options(command):
     """API-key options shared by ``serve`` and ``up`` (see docs/security.md)."""
     for option in reversed([
@@ -75,17 +95,18 @@ def main() -> None:
               help="Model config (TOML) of this host. Default: examples/models.toml.")
 @redis_option
 @prefix_option
-@click.option("--worker-id", default=None, help="Override the worker id (default: config or host name).")
+@worker_id_option
+@state_dir_option
 @click.option("--stop-models", is_flag=True,
               help="Do not run: stop the models a worker of this id left running (after SIGTERM or a crash).")
-def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None, stop_models: bool) -> None:
+def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None, state_dir: str | None,
+           stop_models: bool) -> None:
     """Run the worker agent of this host: launch, supervise and publish model processes.
 
     SIGTERM makes it exit and leave its models running, for the next worker of its id to adopt
     (within [worker] adopt_timeout); SIGINT (Ctrl-C) stops its models first."""
     cfg = _load(config_path)
-    if worker_id:
-        cfg.worker.id = worker_id
+    _override(cfg, worker_id, state_dir)
     if stop_models:
         from llm_lab_router.worker.handover import stop_models_now
 
@@ -150,18 +171,25 @@ def _supervise(argv: list[str], count: int, host: str, port: int, redis_url: str
               help="Where a private redis-server keeps its data.")
 @click.option("--router-workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Router processes (serve --workers); 0: one per core.")
+@worker_id_option
+@state_dir_option
 @security_options
 def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str,
-       router_workers: int, api_keys_file: str | None, admin_keys_file: str | None, read_access: str,
-       insecure: bool) -> None:
-    """Run everything on this host: Redis (if none answers), one worker, one router."""
-    from llm_lab_router.up import run_up
+       router_workers: int, worker_id: str | None, state_dir: str | None, api_keys_file: str | None,
+       admin_keys_file: str | None, read_access: str, insecure: bool) -> None:
+    """Run everything on this host: Redis (if none answers), one worker, one router.
+
+    A second ``up`` on one host needs another --port and another --worker-id. The client
+    commands (``llm-router models`` ...) find the router of the running ``up`` by themselves."""
+    from llm_lab_router.up import WorkerArgs, run_up
 
     cfg = _load(config_path)  # fail here, with one line, before anything starts
+    worker_argv = _override(cfg, worker_id, state_dir)
     _access(host, api_keys_file, admin_keys_file, read_access, insecure)
     serve_args = ["--workers", str(router_workers),
                   *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
-    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args))
+    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args,
+                    WorkerArgs(cfg.worker_id, worker_argv)))
 
 
 @main.group("config")

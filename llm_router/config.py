@@ -64,9 +64,15 @@ class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def state_dir(self) -> Path:
         """This worker's own state directory (log spool, lock): see ``WorkerSettings.state_dir``."""
-        base = self.worker.state_dir or os.environ.get("LLM_ROUTER_STATE_DIR") or \
-            os.path.join(os.path.expanduser("~"), ".local", "state", "llm-router")
-        return Path(base).expanduser() / self.worker_id
+        return state_base(self.worker.state_dir) / self.worker_id
+
+
+def state_base(configured: str = "") -> Path:
+    """Where this host's llm-router state lives: ``configured`` (``[worker] state_dir``,
+    ``--state-dir``), else ``$LLM_ROUTER_STATE_DIR``, else ``~/.local/state/llm-router``."""
+    base = configured or os.environ.get("LLM_ROUTER_STATE_DIR") or \
+        os.path.join(os.path.expanduser("~"), ".local", "state", "llm-router")
+    return Path(base).expanduser()
 
 
 def _check(cfg: HostConfig) -> None:

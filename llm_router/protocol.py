@@ -4,7 +4,7 @@ This is the one module that knows how keys are spelled and how messages are enco
 (the redis-py lesson: one place owns the wire format). Routers and workers import
 ``Keys`` and the structs from here; nothing else builds a key string by hand.
 
-Layout (prefix ``llm:`` by default; the README documents each key for ``redis-cli``):
+Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``):
 
 ==============================  ==========  ======  ==================================================
 key                             type        writer  content

@@ -15,6 +15,7 @@ without running the checkout's editable-install hooks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import stat
@@ -157,3 +158,46 @@ def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
     text = acl_text(passwords, prefix="lab:")
     assert "user default off" in text and not [pw for pw in passwords.values() if pw in text]
     assert "~lab:*" in text and "&lab:events" in text and "llm:" not in text
+
+
+def up_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llm_lab_router.cli", "up", *args]
+
+
+def test_up_on_a_busy_port_says_so_in_one_line_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(up_argv("--port", str(port), "--data-dir", str(tmp_path / "data")),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port}" in lines[0] and "--port" in lines[0], done.stderr
+    assert "serving" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # no Redis was started
+
+
+def test_up_with_its_own_port_worker_id_and_state_dir_is_found_by_the_cli(procs, redis_url: str,
+                                                                        tmp_path: Path) -> None:
+    port, wid = free_port(), f"up{os.getpid()}"
+    env = {"LLM_ROUTER_STATE_DIR": str(tmp_path / "user-state")}  # where up records its URL
+    proc = procs.start(up_argv("--redis", redis_url, "--port", str(port), "--worker-id", wid,
+                               "--state-dir", str(tmp_path / "wstate")), name="up-ids", env=env)
+    wait_for(lambda: "up: serving" in procs.log(proc) or proc.poll() is not None, timeout=60, message="up serving")
+    output = procs.log(proc)
+    assert f"serving http://127.0.0.1:{port} " in output, output
+    # printed once the router answers, not when it was spawned
+    assert output.index("router listening on") < output.index("up: serving"), output
+    assert (tmp_path / "wstate" / wid).is_dir()  # the worker's state under --state-dir, by its id
+    wait_for(lambda: any(i["worker"] == wid for m in get_json(f"http://127.0.0.1:{port}/v1/models")["data"]
+                         for i in m["instances"]), timeout=20, message="the worker by its --worker-id")
+
+    # no --url, no LLM_ROUTER_URL: the client commands find this up's router, not :8000
+    cli_env = {k: v for k, v in os.environ.items() if k != "LLM_ROUTER_URL"} | env
+    models = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "models"], env=cli_env,
+                            capture_output=True, text=True, timeout=30)
+    assert models.returncode == 0 and "demo-chat" in models.stdout and wid in models.stdout, models.stderr
+
+    assert procs.stop(proc) == 0, procs.log(proc)
+    assert not list((tmp_path / "user-state" / "up").glob("*.json"))  # the record goes with it

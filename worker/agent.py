@@ -262,6 +262,7 @@ class WorkerAgent:
             log.error("config reload failed, keeping the config in force: %s", exc)
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
+        new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
         if new.worker != self.settings:
             log.warning("[worker] settings changed in %s: they apply when the worker restarts", new.path)
         new.worker = self.settings

@@ -79,7 +79,7 @@ def _ref(cls: type) -> Json:
 
 CAUSES = {400: "bad request or parameter (unknown, repeated, empty or invalid query parameter, ...)",
           401: "missing or invalid API key (keys on)", 403: "admin key needed (keys on)",
-          404: "unknown model or route", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
+          404: "unknown model, route or worker", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
           502: "engine unreachable", 503: "model not running / start failed / Redis unreachable", 504: "engine timeout"}
 
 

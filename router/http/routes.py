@@ -23,8 +23,9 @@ from typing import Any, Mapping
 import msgspec
 import tornado.web
 from llm_lab_router.router.core.responses import (
+    AllStopped,
+    Cleared,
     DevicesResult,
-    Done,
     Health,
     LogStatsResult,
     ModelCard,
@@ -32,6 +33,8 @@ from llm_lab_router.router.core.responses import (
     ModelList,
     Restarted,
     ServerInfo,
+    Started,
+    Stopped,
 )
 from llm_lab_router.router.http import handlers as h
 from llm_lab_router.router.http.auth import Access
@@ -152,12 +155,14 @@ ROUTES: tuple[Route, ...] = (
           ops={"post": Op(summary="stop every model, then start every auto_start model", ok=Restarted,
                           errors=(503,))}),
     Route(path="/api/models/stop-all", access="admin", handler=h.StopAllHandler,
-          ops={"post": Op(summary="stop every model on every host", ok=Done, errors=(503,))}),
-    Route(path="/api/models/{alias}/start", access="admin", handler=h.StartHandler, query=("wait",),
-          ops={"post": Op(summary="start a model and wait until it serves", ok=Done, errors=(404, 503),
+          ops={"post": Op(summary="stop every model on every host", ok=AllStopped, errors=(503,))}),
+    Route(path="/api/models/{alias}/start", access="admin", handler=h.StartHandler, query=("wait", "worker"),
+          ops={"post": Op(summary="start a model (on one host with worker) and wait until it serves", ok=Started,
+                          errors=(404, 503),
                           accepted="wait=false: the start has begun, the model is not running yet")}),
-    Route(path="/api/models/{alias}/stop", access="admin", handler=h.StopHandler,
-          ops={"post": Op(summary="stop a model on every host", ok=Done, errors=(404, 503))}),
+    Route(path="/api/models/{alias}/stop", access="admin", handler=h.StopHandler, query=("worker",),
+          ops={"post": Op(summary="stop a model on every host (on one host with worker)", ok=Stopped,
+                          errors=(404, 503))}),
     Route(path="/api/models/{alias}/info", access="read", handler=h.ModelInfoHandler,
           ops={"get": Op(summary="one model in detail, with each instance", ok=ModelInfo, errors=(404,))}),
     Route(path="/api/models/{alias}/logs/stream", access="read", handler=h.LogStreamHandler,
@@ -168,7 +173,7 @@ ROUTES: tuple[Route, ...] = (
     Route(path="/api/logs/stats", access="read", handler=h.LogStatsHandler,
           ops={"get": Op(summary="log entries per model, summed", ok=LogStatsResult, errors=(503,))}),
     Route(path="/api/logs/{alias}/clear", access="admin", handler=h.LogClearHandler, query=("keep_minutes",),
-          ops={"post": Op(summary="delete a model's log entries older than keep_minutes", ok=Done,
+          ops={"post": Op(summary="delete a model's log entries older than keep_minutes", ok=Cleared,
                           errors=(404, 503))}),
     Route(path="/api/devices/info", access="read", handler=h.DevicesHandler,
           ops={"get": Op(summary="devices of every host: the cluster total, then per host", ok=DevicesResult,
