@@ -37,6 +37,7 @@ def response_types(routes: tuple[Route, ...]) -> tuple[type, ...]:
 
 
 def request_types(routes: tuple[Route, ...]) -> tuple[type, ...]:
+    """The request bodies documented (the forwarded operations': the engine parses them)."""
     return tuple({op.body: None for r in routes if r.documented for op in r.ops.values() if op.body is not None})
 
 
