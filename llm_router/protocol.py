@@ -65,17 +65,11 @@ class Keys:
     def instance(self, model: str, wid: str) -> str:
         return f"{self.prefix}instance:{model}:{wid}"
 
-    def instance_pattern(self, wid: str = "*") -> str:
-        return f"{self.prefix}instance:*:{wid}"
-
     def devices(self, wid: str) -> str:
         return f"{self.prefix}devices:{wid}"
 
     def logs(self, model: str) -> str:
         return f"{self.prefix}logs:{model}"
-
-    def logs_pattern(self) -> str:
-        return f"{self.prefix}logs:*"
 
     def log_position(self, wid: str, model: str, stream: str) -> str:
         """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""

@@ -21,7 +21,7 @@ import msgspec
 import redis.asyncio as aredis
 import redis.exceptions
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
-from llm_lab_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
+from llm_lab_router.protocol import COMMAND_GROUP, Command, CommandOp, Keys, Reply, command_of, to_json, trim_logs
 from llm_lab_router.worker.process import ModelProcess
 
 log = logging.getLogger("llm_router.worker")
@@ -38,10 +38,17 @@ class Operations:
         self.models = models  # the agent's own dict: a reload changes it in place
         self.redis = redis
         self.keys = keys
+        # What runs each command of the protocol (``CommandOp``; msgspec refuses any other op).
+        self.ops: dict[CommandOp, Callable[[Command], Awaitable[Reply]]] = {
+            "start": self._op_start,
+            "stop": self._op_stop,
+            "stop_all": self._op_stop_all,
+            "restart_autostart": self._op_restart_autostart,
+            "clear_logs": self._op_clear_logs,
+        }
 
     async def execute(self, cmd: Command) -> Reply:
-        handler = getattr(self, f"_op_{cmd.op}")
-        return await handler(cmd)
+        return await self.ops[cmd.op](cmd)
 
     def _reply(self, cmd: Command, ok: bool, message: str, **fields) -> Reply:
         return Reply(id=cmd.id, worker=self.worker_id, ok=ok, message=message, **fields)

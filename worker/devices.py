@@ -67,7 +67,6 @@ class DeviceProbe:
         self._initialised = False
         self._init_error = ""
         self._next_init_at: float | None = None  # None: never tried yet
-        self.init_attempts = 0  # for operators and tests: how often nvmlInit was tried
 
     # --- public API ---
 
@@ -132,7 +131,6 @@ class DeviceProbe:
         now = self._clock()
         if self._next_init_at is not None and now < self._next_init_at:
             return False
-        self.init_attempts += 1
         self._next_init_at = now + self._retry_interval
         try:
             if self._nvml is None:

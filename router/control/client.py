@@ -95,12 +95,6 @@ def start_wait(timeout: float, entries: Iterable[CatalogEntry]) -> float:
     return max([timeout, *(e.startup_timeout + START_MARGIN for e in entries if e.startup_timeout > 0)])
 
 
-def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
-    """``start_order`` for models without GPU needs: the first candidate to try, if any."""
-    order, _ = start_order(model, {w: CatalogEntry(id=model) for w in candidates}, {}, instances)
-    return order[0] if order else None
-
-
 class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
