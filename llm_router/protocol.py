@@ -34,6 +34,7 @@ import uuid
 from typing import Literal
 
 import msgspec
+from llm_lab_router.clock import CLOCK
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 Mode = Literal["chat", "base", "embedding"]
@@ -212,7 +213,9 @@ class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
     model: str = ""
     keep_minutes: int = 0
     sent_at: float = msgspec.field(default_factory=time.time)
-    deadline: float = 0.0  # unix time after which the sender no longer waits; 0 = none
+    # s the sender waits for the reply, from the moment Redis added the entry (its id is
+    # Redis's time): the worker does not run it later (worker.commands.expired); 0 = no bound.
+    timeout: float = 0.0
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -475,7 +478,7 @@ async def trim_logs(redis, keys: Keys, model: str, keep_minutes: int) -> int:
         if before:
             await redis.xtrim(key, maxlen=0, approximate=False)
     else:
-        min_id = max(0, int((time.time() - keep_minutes * 60) * 1000))  # more than all: keep all
+        min_id = max(0, int((CLOCK.now() - keep_minutes * 60) * 1000))  # ids are Redis's time  # more than all: keep all
         await redis.xtrim(key, minid=f"{min_id}-0", approximate=False)
     after = await redis.xlen(key)
     return max(0, before - after)

@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
 from llm_lab_router.router.control.admin import Manager
@@ -81,6 +82,7 @@ class Services:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
     async def start(self) -> None:
+        self._clock_task = await CLOCK.start(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
         self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
@@ -98,7 +100,7 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task"):
+        for name in ("_usage_task", "_quota_task", "_claims_task", "_clock_task"):
             if task := getattr(self, name, None):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -36,6 +36,7 @@ import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.redis_url import async_client
@@ -121,11 +122,13 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        clock = await CLOCK.start(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
         await self._adopt()
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
             ("idle", self.idle.run)]]
+        loops.append(clock)
         intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
         reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))

@@ -6,6 +6,8 @@ Throttled: at most one write per model per ``interval`` — except that a model 
 to busy is reported at once, so an eviction or idle unload elsewhere sees the request within a
 Redis round trip. While requests are in flight the entry is rewritten every ``interval``;
 readers ignore entries older than ``USAGE_STALE``, so a router that died cannot pin a model.
+Every stamp (``last_used``, ``at``) is on Redis's clock (``llm_lab_router.clock``): the worker
+that reads them to unload an idle model runs on another host, with its own wall clock.
 
 Readers: the worker's idle reaper (``worker.idle``) and this router's eviction planning
 (``protocol.read_usage``). The hot path only touches in-memory counters.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import USED_LAST, USED_ROUTER, Keys, RouterUsage, to_json
 
 log = logging.getLogger("router.usage")
@@ -32,7 +34,7 @@ USED_TTL = 7 * 24 * 3600  # llm:used:{model} outlives any sensible idle_ttl, but
 
 class UsageReporter:
     def __init__(self, redis: Redis, keys: Keys, router_id: str, interval: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = CLOCK.now) -> None:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
