@@ -36,7 +36,7 @@ from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
-                              merge_waiters)
+                              merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
@@ -337,10 +337,11 @@ class ControlClient:
         usage = await self._usage({i.model for i in loaded})
         waiters = await self._waiters(model, began)
         now = CLOCK.now()
-        specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
+        # each instance by its own host's config: two hosts may give a model different residencies
+        specs = {where(i): view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
-                               {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
-                               {m: s.idle_release for m, s in specs.items()})
+                               {w: s.min_residency for w, s in specs.items()}, now, self.scheduler,
+                               {w: s.idle_release for w, s in specs.items()})
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:
