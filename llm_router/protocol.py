@@ -274,8 +274,11 @@ class RouterUsage(msgspec.Struct, kw_only=True):
     a model."""
 
     inflight: int = 0  # requests queued or being served by this router now
-    last_used: float = 0.0  # unix time of this router's last request start or end
-    at: float = 0.0
+    last_used: float = 0.0  # unix time (Redis's clock) of this router's last request start or end
+    at: float = 0.0  # Redis's clock
+    # Of ``inflight``, those being served now, per worker id (the instance they were sent to);
+    # the rest are queued, not yet sent to any instance.
+    serving: dict[str, int] = {}
 
 
 USAGE_STALE = 10.0  # seconds after which a router's usage entry no longer counts
@@ -285,10 +288,19 @@ USED_ROUTER = "router:"  # prefix of the per-router fields of ``llm:used:{model}
 
 class ModelUsage(msgspec.Struct, kw_only=True):
     """``llm:used:{model}`` read back: when it was last used and how many requests are in
-    flight now across live routers."""
+    flight now across live routers (``serving``: of those, the ones being served, per worker)."""
 
     last_used: float = 0.0
     inflight: int = 0
+    serving: dict[str, int] = {}
+
+    def requests_on(self, worker: str) -> int:
+        """The requests that stopping the model's instance on ``worker`` would cut or send back
+        to wait: those it serves, and those queued (not yet sent to any instance: any copy may be
+        the one that serves them). Requests served by a copy on another host do not count: an
+        idle copy may go while a busy one serves (drain is per instance)."""
+        queued = max(0, self.inflight - sum(self.serving.values()))
+        return self.serving.get(worker, 0) + queued
 
 
 def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
@@ -307,6 +319,8 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             out.last_used = max(out.last_used, entry.last_used)
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
+                for wid, n in entry.serving.items():
+                    out.serving[wid] = out.serving.get(wid, 0) + n
     return out
 
 

@@ -4,7 +4,7 @@ batching, turn and starvation, and the plain LRU policy kept for comparison."""
 from __future__ import annotations
 
 import msgspec
-from llm_lab_router.protocol import CatalogEntry, ModelUsage, WaitEntry
+from llm_lab_router.protocol import CatalogEntry, ModelUsage, RouterUsage, WaitEntry, to_json, usage_of
 from llm_lab_router.router.control.host_rank import Eviction
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.scheduler import (
@@ -74,6 +74,36 @@ def test_residency_is_per_instance_an_older_copy_elsewhere_does_not_end_it():
     # idle_release too: set on z's copy only, it ends no residency on h
     d = decide(instances=copies, entries=entries, residency={"a": 60}, idle_release={("a", "z"): 1}, snaps=snaps)
     assert d.action == "wait"
+
+
+def test_drain_is_per_instance_an_idle_copy_may_go_while_another_copy_serves():
+    """a runs on h and z; b fits only on h. A request served by z's copy does not hold h's;
+    one served by h's copy does, and so does one still queued (any copy may serve it)."""
+    entries = {"h": entry("b", (["cuda:0"], 16000))}
+    snaps = {"h": snap("h", 24000), "z": snap("z", 24000)}
+    copies = [inst("a", "h", started_at=NOW - 500), inst("a", "z", started_at=NOW - 500)]
+    on_z = {"a": ModelUsage(inflight=1, serving={"z": 1})}
+    d = decide(instances=copies, entries=entries, usage=on_z, snaps=snaps)
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+    on_h = {"a": ModelUsage(inflight=1, serving={"h": 1})}
+    d = decide(instances=copies, entries=entries, usage=on_h, snaps=snaps)
+    assert (d.action, d.blocked) == ("wait", [Blocked(kind="draining", model="a", requests=1)])
+    queued = {"a": ModelUsage(inflight=2, serving={"z": 1})}
+    d = decide(instances=copies, entries=entries, usage=queued, snaps=snaps)
+    assert (d.action, d.blocked) == ("wait", [Blocked(kind="draining", model="a", requests=1)])
+    # the plain policy drains per instance alike
+    d = decide(instances=copies, entries=entries, usage=on_z, snaps=snaps, policy="lru")
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+
+
+def test_usage_sums_each_live_routers_requests_per_worker():
+    rows = {"router:r1": to_json(RouterUsage(inflight=2, serving={"h": 1}, at=NOW)),
+            "router:r2": to_json(RouterUsage(inflight=1, serving={"h": 1}, at=NOW - 1)),
+            "router:dead": to_json(RouterUsage(inflight=5, serving={"z": 5}, at=NOW - 60))}
+    got = usage_of(rows, NOW)
+    assert (got.inflight, got.serving) == (3, {"h": 2})
+    assert (got.requests_on("h"), got.requests_on("z")) == (3, 1)  # one queued: it holds every copy
+    assert usage_of(rows, NOW, exclude="r1").serving == {"h": 1}
 
 
 def test_idle_release_ends_residency_early_only_when_set_and_the_model_is_unused():

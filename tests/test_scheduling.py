@@ -18,7 +18,7 @@ import msgspec
 from conftest import wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router
 from llm_lab_router.protocol import Command, Keys, Reply, WaitEntry, command_fields, from_json, log_entry
-from test_placement import gpu_model, gpu_worker, instances, running_on, uid, wait_devices
+from test_placement import SLOW, gpu_model, gpu_worker, instances, open_stream, running_on, uid, wait_devices
 
 
 def ask(results: dict, key: str, router, model: str) -> threading.Thread:
@@ -285,3 +285,30 @@ def test_residency_is_per_instance_across_two_workers(procs, redis_url, rds, tmp
     assert results["b"].status == 200, results["b"].body[:600]
     assert held >= residency - 1, held  # not at once
     assert running_on(router, "b") == [h] and running_on(router, "a") == [z]
+
+
+def test_drain_is_per_instance_across_two_workers(procs, redis_url, rds, tmp_path):
+    """a runs on z, serving a long stream, and on h, serving nothing. b fits only on h: it
+    evicts h's idle copy at once, and the stream on z's copy goes on (a drain per model id held
+    b back until the stream ended)."""
+    h, z = uid("h"), uid("z")
+    gpu_worker(procs, redis_url, tmp_path, z, [20000], gpu_model("a", 12000, engine_args=SLOW))
+    gpu_worker(procs, redis_url, tmp_path, h, [20000], gpu_model("a", 12000, engine_args=SLOW),
+               gpu_model("b", 12000))
+    router = start_router(procs, redis_url)
+    wait_devices(router, h, z)
+    assert start_on(rds, z, "a").ok
+    wait_for(lambda: running_on(router, "a") == [z], timeout=10, message="a running on z")
+    stream = open_stream(router, "a")  # served by z's copy, the only one
+    try:
+        assert start_on(rds, h, "a").ok
+        wait_for(lambda: sorted(running_on(router, "a")) == sorted([h, z]), timeout=10, message="a on h and z")
+        results: dict = {}
+        thread = ask(results, "b", router, "b")
+        thread.join(20)
+        assert "b" in results, "b waited for a stream that h's copy does not serve"
+        assert results["b"].status == 200, results["b"].body[:600]
+        assert running_on(router, "b") == [h] and running_on(router, "a") == [z]
+        assert stream.event()  # still being served
+    finally:
+        stream.close()

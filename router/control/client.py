@@ -374,6 +374,8 @@ class ControlClient:
         usage = await read_usage(self.redis, self.keys, models, CLOCK.now(), exclude=self.usage.router_id)
         for m, u in usage.items():
             u.inflight += self.usage.inflight(m)
+            for wid, n in self.usage.serving_on(m).items():
+                u.serving[wid] = u.serving.get(wid, 0) + n
         return usage
 
     @staticmethod

@@ -1,7 +1,8 @@
 """What this router tells the cluster about model use: requests in flight and last use.
 
 Each router writes, per model, one field ``router:{rid}`` of the hash ``llm:used:{model}`` (a
-JSON ``RouterUsage``: in-flight count, last use, when written) and the field ``last_used``.
+JSON ``RouterUsage``: in-flight count, of which served per worker, last use, when written) and
+the field ``last_used``.
 Throttled: at most one write per model per ``interval`` — except that a model going from idle
 to busy is reported at once, so an eviction or idle unload elsewhere sees the request within a
 Redis round trip. While requests are in flight the entry is rewritten every ``interval``;
@@ -41,6 +42,7 @@ class UsageReporter:
         self.interval = interval
         self.clock = clock
         self._inflight: dict[str, int] = {}
+        self._serving: dict[str, dict[str, int]] = {}  # model -> worker -> requests sent there now
         self._last_used: dict[str, float] = {}
         self._reported: dict[str, int] = {}  # in-flight count last written, per model
         self._dirty: set[str] = set()
@@ -62,6 +64,32 @@ class UsageReporter:
         finally:
             self._inflight[model] -= 1
             self._touch(model)
+
+    def serving_on(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker."""
+        return dict(self._serving.get(model, {}))
+
+    @contextmanager
+    def serving(self, model: str, worker: str) -> Iterator[None]:
+        """Count one request of ``model`` (already in ``track``) as served by the instance on
+        ``worker`` for the duration of the block: drain protects that instance, not every copy
+        of the model (``ModelUsage.requests_on``). Written at the next flush: meanwhile the
+        request counts as queued, which protects every copy."""
+        self._serve(model, worker, 1)
+        try:
+            yield
+        finally:
+            self._serve(model, worker, -1)
+
+    def _serve(self, model: str, worker: str, delta: int) -> None:
+        on = self._serving.setdefault(model, {})
+        if n := on.get(worker, 0) + delta:
+            on[worker] = n
+        else:
+            on.pop(worker, None)
+        if not on:
+            del self._serving[model]
+        self._dirty.add(model)
 
     def _touch(self, model: str) -> None:
         self._last_used[model] = self.clock()
@@ -93,7 +121,8 @@ class UsageReporter:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for m in models:
-                    entry = RouterUsage(inflight=counts[m], last_used=self._last_used.get(m, 0.0), at=now)
+                    entry = RouterUsage(inflight=counts[m], last_used=self._last_used.get(m, 0.0), at=now,
+                                        serving=self.serving_on(m))
                     pipe.hset(self.keys.used(m), mapping={USED_LAST: f"{entry.last_used:.3f}",
                                                           USED_ROUTER + self.router_id: to_json(entry)})
                     pipe.expire(self.keys.used(m), USED_TTL)

@@ -10,8 +10,10 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
   evicted (``Instance.started_at`` is when it became running). Per instance: a copy of the
   model on host h keeps its own residency (its host's ``min_residency``, its own start), however
   long ago another copy started elsewhere;
-- **drain**: a model with requests queued or in flight on any live router (``ModelUsage.
-  inflight``) is not evicted until they are served; nothing is ever aborted;
+- **drain**: an instance with requests queued for its model or being served by it on any
+  live router (``ModelUsage.requests_on``) is not evicted until they are served; nothing is
+  ever aborted. Per instance too: a copy that serves nothing may go while another copy of the
+  model, on another host, serves a stream;
 - **batching**: every request waiting for one model shares one swap (one start per router,
   and routers share the waiting entry per model, so all of them wait for the same start);
 - **turn**: the waiting model that has waited longest (its earliest request across routers)
@@ -98,8 +100,8 @@ def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: f
     """What keeps ``victim`` loaded now, if anything: its requests (drain, always), then its
     residency (unless the waiter is starving, or, with ``idle_release`` > 0, the victim has had
     no request for that long: see ``idle``)."""
-    if usage.inflight > 0:
-        return Blocked(kind="draining", model=victim.model, requests=usage.inflight)
+    if (requests := usage.requests_on(victim.worker)) > 0:
+        return Blocked(kind="draining", model=victim.model, requests=requests)
     if (not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency
             and not idle(victim, usage, idle_release, now)):
         return Blocked(kind="residency", model=victim.model, until=victim.started_at + min_residency)
@@ -115,7 +117,7 @@ def idle(victim: Instance, usage: ModelUsage, idle_release: float, now: float) -
     shared GPU the tail is the waits behind such idle residencies (docs/BENCHMARKS.md, the
     scheduling section). Set ``idle_release`` above the gaps inside a user's session (tool time,
     reading), so that a session is not split by a swap."""
-    return (idle_release > 0 and usage.inflight == 0
+    return (idle_release > 0 and usage.requests_on(victim.worker) == 0
             and now - max(usage.last_used, victim.started_at) >= idle_release)
 
 
