@@ -24,7 +24,16 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
-from helpers import SseStream, chat_body, model_block, request, start_router, start_worker, wait_models, write_config
+from helpers import (
+    SseStream,
+    chat_body,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    wait_models,
+    write_config,
+)
 from llm_lab_router.protocol import Command, Keys, Reply, from_json
 from test_placement import gpu_model, idle_stop_at, uid, wait_devices
 from test_scheduling import ask, waiting

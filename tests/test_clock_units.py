@@ -7,11 +7,11 @@ import asyncio
 import time
 
 import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from llm_lab_router.clock import RedisClock
 from llm_lab_router.protocol import Command
 from llm_lab_router.worker.commands import expired
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 
 class Stepped:
