@@ -258,18 +258,24 @@ def start_on(rds, wid: str, model: str) -> Reply:
     return from_json(got[1], Reply)
 
 
+def a_on_two_hosts(procs, redis_url, tmp_path, **a_settings):
+    """Workers h and z (named so that h sorts first), each a stand-in GPU that holds one model
+    of 12000 MiB; a (with ``a_settings``) on both, b on h only; one router. Returns (h, z, router)."""
+    h, z = uid("h"), uid("z")
+    gpu_worker(procs, redis_url, tmp_path, z, [20000], gpu_model("a", 12000, **a_settings))
+    gpu_worker(procs, redis_url, tmp_path, h, [20000], gpu_model("a", 12000, **a_settings), gpu_model("b", 12000))
+    router = start_router(procs, redis_url)
+    wait_devices(router, h, z)
+    return h, z, router
+
+
 def test_residency_is_per_instance_across_two_workers(procs, redis_url, rds, tmp_path):
     """a runs on two hosts with the same 3 s residency: on z since long enough that its copy's is
     over, on h since a moment ago. b fits only on h, by evicting h's copy: it waits for that
     copy's residency, whatever z's copy says (workers sort h before z: a guard per model id took
     z's copy's verdict, and h's copy was evicted at once)."""
-    h, z = uid("h"), uid("z")
     residency = 3.0
-    gpu_worker(procs, redis_url, tmp_path, z, [20000], gpu_model("a", 12000, min_residency=residency))
-    gpu_worker(procs, redis_url, tmp_path, h, [20000], gpu_model("a", 12000, min_residency=residency),
-               gpu_model("b", 12000))
-    router = start_router(procs, redis_url)
-    wait_devices(router, h, z)
+    h, z, router = a_on_two_hosts(procs, redis_url, tmp_path, min_residency=residency)
     assert start_on(rds, z, "a").ok
     z_started = time.monotonic()
     wait_for(lambda: time.monotonic() - z_started > residency, timeout=residency + 1, message="z's copy past residency")
@@ -291,12 +297,7 @@ def test_drain_is_per_instance_across_two_workers(procs, redis_url, rds, tmp_pat
     """a runs on z, serving a long stream, and on h, serving nothing. b fits only on h: it
     evicts h's idle copy at once, and the stream on z's copy goes on (a drain per model id held
     b back until the stream ended)."""
-    h, z = uid("h"), uid("z")
-    gpu_worker(procs, redis_url, tmp_path, z, [20000], gpu_model("a", 12000, engine_args=SLOW))
-    gpu_worker(procs, redis_url, tmp_path, h, [20000], gpu_model("a", 12000, engine_args=SLOW),
-               gpu_model("b", 12000))
-    router = start_router(procs, redis_url)
-    wait_devices(router, h, z)
+    h, z, router = a_on_two_hosts(procs, redis_url, tmp_path, engine_args=SLOW)
     assert start_on(rds, z, "a").ok
     wait_for(lambda: running_on(router, "a") == [z], timeout=10, message="a running on z")
     stream = open_stream(router, "a")  # served by z's copy, the only one
