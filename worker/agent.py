@@ -337,7 +337,7 @@ class WorkerAgent:
 
     async def _publish_all(self) -> None:
         """Lease, catalog, every instance and the events saying so, in one transaction."""
-        self.info.heartbeat_at = time.time()
+        self.info.heartbeat_at = CLOCK.now()
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -381,7 +381,7 @@ class WorkerAgent:
         link = RedisLink("heartbeat", max_delay=self.settings.heartbeat_interval)
         while True:
             stop_if_cancelled()
-            self.info.heartbeat_at = time.time()
+            self.info.heartbeat_at = CLOCK.now()
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)
