@@ -56,7 +56,7 @@ class Services:
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
-                                   interval=self.options.usage_interval)
+                                   interval=self.options.usage_interval, serving=self._serving)
         self.metrics = RouterMetrics(self.view)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
                                      scheduler=self.options.scheduler, metrics=self.metrics)
@@ -71,6 +71,11 @@ class Services:
         self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)
         self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
+
+    def _serving(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker: the balancer's
+        outstanding count of each running instance (drain per instance, ``llm:used:{model}``)."""
+        return {i.worker: n for i in self.view.running_instances(model) if (n := self.balancer.outstanding(i.url))}
 
     def finished(self, rec: RequestRecord, status: int) -> None:
         """A forwarded request is over: count it and log it (the usage is parsed once, for both)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -35,14 +35,18 @@ USED_TTL = 7 * 24 * 3600  # llm:used:{model} outlives any sensible idle_ttl, but
 
 class UsageReporter:
     def __init__(self, redis: Redis, keys: Keys, router_id: str, interval: float = 1.0,
-                 clock: Callable[[], float] = CLOCK.now) -> None:
+                 clock: Callable[[], float] = CLOCK.now,
+                 serving: Callable[[str], Mapping[str, int]] | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
         self.interval = interval
         self.clock = clock
+        # Of a model's requests in flight, those sent to an instance, per worker: read at each
+        # write (the balancer counts them anyway: nothing more on the hot path), so they lag by
+        # up to ``interval``, meanwhile counting as queued, which holds every copy of the model.
+        self.serving = serving
         self._inflight: dict[str, int] = {}
-        self._serving: dict[str, dict[str, int]] = {}  # model -> worker -> requests sent there now
         self._last_used: dict[str, float] = {}
         self._reported: dict[str, int] = {}  # in-flight count last written, per model
         self._dirty: set[str] = set()
@@ -66,30 +70,8 @@ class UsageReporter:
             self._touch(model)
 
     def serving_on(self, model: str) -> dict[str, int]:
-        """This router's requests of ``model`` being served now, per worker."""
-        return dict(self._serving.get(model, {}))
-
-    @contextmanager
-    def serving(self, model: str, worker: str) -> Iterator[None]:
-        """Count one request of ``model`` (already in ``track``) as served by the instance on
-        ``worker`` for the duration of the block: drain protects that instance, not every copy
-        of the model (``ModelUsage.requests_on``). Written at the next flush: meanwhile the
-        request counts as queued, which protects every copy."""
-        self._serve(model, worker, 1)
-        try:
-            yield
-        finally:
-            self._serve(model, worker, -1)
-
-    def _serve(self, model: str, worker: str, delta: int) -> None:
-        on = self._serving.setdefault(model, {})
-        if n := on.get(worker, 0) + delta:
-            on[worker] = n
-        else:
-            on.pop(worker, None)
-        if not on:
-            del self._serving[model]
-        self._dirty.add(model)
+        """This router's requests of ``model`` being served now, per worker (``serving``)."""
+        return dict(self.serving(model)) if self.serving is not None else {}
 
     def _touch(self, model: str) -> None:
         self._last_used[model] = self.clock()

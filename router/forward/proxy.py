@@ -385,8 +385,7 @@ class Proxy:
         """One upstream exchange. Raises ``ConnectFailed`` only while nothing was sent to the
         client (so the caller may retry elsewhere); a failure after that ends the answer here."""
         overhead_ms = (time.monotonic() - req.received_at) * 1000  # router time before going upstream
-        # served by this instance: drain protects it, not the model's copies on other hosts
-        with self.balancer.track(inst.url), self.usage.serving(inst.model, inst.worker) if self.usage else _NOOP:
+        with self.balancer.track(inst.url):
             resp, chunk = await self._first_chunk(inst, req, rec)
             rec.worker, rec.streamed, rec.error = inst.worker, resp.content_type == "text/event-stream", ""
             complete = False
