@@ -11,7 +11,7 @@ How: a Redis call per stamp would put a round trip on the hot path, so each proc
 the offset between Redis ``TIME`` and its own monotonic clock (``sync``: a few samples, the one
 with the shortest round trip wins, error at most half of it) and ``now()`` is the monotonic
 clock plus that offset: no I/O, and immune to this host's wall clock being wrong or stepped.
-``start`` measures it, then again every ``RESYNC`` s (the monotonic clock drifts by parts per
+``first`` measures it, ``keep`` again every ``RESYNC`` s (the monotonic clock drifts by parts per
 million). Until the first measurement succeeds (Redis away at start) ``now()`` is this host's
 wall clock, and a line in the log says so.
 
@@ -74,14 +74,14 @@ class RedisClock:
         assert best is not None
         self.adopt(*best)
 
-    async def start(self, redis, interval: float = RESYNC) -> asyncio.Task:
-        """Measure the offset now (so that the process's first stamps are already on Redis's
-        clock; a failure is logged and retried), then keep it measured every ``interval`` s in
-        the task returned (the caller cancels it at shutdown)."""
+    async def first(self, redis) -> None:
+        """Measure the offset before the process's first stamp (a failure is logged; ``keep``
+        tries again)."""
         await self._measure(redis)
-        return asyncio.create_task(self._resync(redis, interval), name="clock")
 
-    async def _resync(self, redis, interval: float) -> None:
+    async def keep(self, redis, interval: float = RESYNC) -> None:
+        """Measure the offset again every ``interval`` s, forever (a background loop: run it
+        under ``llm_lab_router.loops.supervised``)."""
         while True:
             await asyncio.sleep(interval)
             await self._measure(redis)

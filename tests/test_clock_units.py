@@ -56,8 +56,7 @@ def test_sync_failure_keeps_the_wall_clock_and_the_process_running():
         client = aredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,  # nothing listens
                               retry=Retry(NoBackoff(), 0))
         clock = RedisClock()
-        task = await clock.start(client, interval=3600)
-        task.cancel()
+        await clock.first(client)
         await client.aclose()
         return clock
 
