@@ -92,9 +92,9 @@ class RedisClock:
             await self.sync(redis)
         except (*REDIS_ERRORS, ResponseError) as exc:  # ResponseError: an ACL without +time
             if not self._warned:
-                what = "keeping the last offset" if self.synced else "using this host's wall clock meanwhile"
-                log.warning("clock: cannot read Redis TIME (%s): %s; clock skew between hosts now "
-                            "counts (docs/deploy.md)", exc, what)
+                what = ("keeping the last offset" if self.synced else
+                        "using this host's wall clock meanwhile: skew between hosts counts (docs/deploy.md, Clocks)")
+                log.warning("clock: cannot read Redis TIME (%s): %s", exc, what)
             self._warned = True
             return
         if self._warned:
