@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import psutil
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
 
 MIB = 1024 * 1024
@@ -74,7 +75,7 @@ class DeviceProbe:
         """Take one reading of every device; never raises for a device problem."""
         with self._lock:
             cuda = self._cuda()
-        return DeviceSnapshot(worker=worker_id, host=host, ts=time.time(), cuda=cuda, cpu=self._cpu())
+        return DeviceSnapshot(worker=worker_id, host=host, ts=CLOCK.now(), cuda=cuda, cpu=self._cpu())
 
     def close(self) -> None:
         """Release NVML (``nvmlShutdown``) if this probe initialised it."""
