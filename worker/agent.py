@@ -30,7 +30,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import psutil
 import redis.asyncio as aredis
