@@ -32,14 +32,13 @@ from collections import deque
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.redis_url import async_client
-from llm_lab_router.worker.adoption import find_engines, matches
+from llm_lab_router.worker.adoption import FoundEngine, find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
 from llm_lab_router.worker.devices import DeviceProbe
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
@@ -47,7 +46,9 @@ from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
+from llm_lab_router.worker.ownership import Records
 from llm_lab_router.worker.placement import Placement, Placer
+from llm_lab_router.worker.private import private_dir
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
@@ -85,7 +86,7 @@ class WorkerAgent:
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
-                                learner=self.learner)
+                                learner=self.learner, records=Records(self.state_dir))
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
@@ -121,6 +122,9 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
+        if self.lock.host is not None and self.lock.host.sock is not None:
+            asyncio.get_running_loop().add_reader(self.lock.host.sock, self.lock.host.drop_probes)
         await self._adopt()
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
@@ -189,8 +193,8 @@ class WorkerAgent:
     async def _adopt(self) -> None:
         """Adopt the engines a previous run of this worker id left running, if they match the
         config and answer their health check; stop the others (see ``adoption``)."""
-        found = await asyncio.to_thread(find_engines, self.wid)
-        rejected: list[tuple[int, str, str]] = []  # pid, model, why
+        found = await asyncio.to_thread(find_engines, self.wid, self.state_dir)
+        rejected: list[tuple[FoundEngine, str]] = []  # engine, why
         claims = {}
         for engine in found:
             mp = self.models.get(engine.model)
@@ -198,21 +202,23 @@ class WorkerAgent:
                    else "another engine of this model was adopted" if mp in claims
                    else matches(engine, mp.model, self.settings, self.host.config_dir))
             if why:
-                rejected.append((engine.pid, engine.model, why))
+                rejected.append((engine, why))
             else:
                 claims[mp] = engine
         results = await asyncio.gather(*(mp.adopt(engine, Placement(
-            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port,
-            index=engine.profile))
+            profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.port,
+            index=engine.record.profile))
             for mp, engine in claims.items()))
-        rejected += [(engine.pid, engine.model, "it did not answer its health check")
+        rejected += [(engine, "it did not answer its health check")
                      for (mp, engine), ok in zip(claims.items(), results) if not ok]
         if not rejected:
             return
-        procs = [p for p in (_process(pid) for pid, _, _ in rejected) if p is not None]
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-        killed = await asyncio.to_thread(stop_processes, procs, grace)
-        for pid, model_id, why in rejected:
+        killed = await asyncio.to_thread(stop_processes, [engine.handle for engine, _ in rejected], grace)
+        for engine, why in rejected:
+            engine.handle.close()
+            self.host.records.remove(engine.pid)
+            pid, model_id = engine.pid, engine.model
             how = "killed (SIGKILL)" if pid in killed else "stopped"
             log.warning("%s pid %d (model %s) left by a previous run: %s", how, pid, model_id or "?", why)
             if model_id in self.models:
@@ -416,13 +422,6 @@ class WorkerAgent:
         for model_id, vram in grown.items():
             if (mp := self.models.get(model_id)) is not None:
                 mp.grew(vram)
-
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
 
 
 async def _wait(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
