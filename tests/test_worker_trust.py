@@ -237,3 +237,16 @@ def test_up_and_serve_workers_children_import_nothing_from_their_cwd(procs, plan
     wait_for(lambda: listed(serve_port, serve), timeout=30, interval=0.2, message="serve --workers 2 answering")
     assert procs.stop(up, signal.SIGINT) == 0 and procs.stop(serve) == 0
     assert not marker.exists(), marker.read_text()
+
+
+def test_a_pidfd_handle_refuses_a_reused_pid_and_signals_nothing_once_its_process_is_gone(procs):
+    from llm_lab_router.worker.ownership import ProcHandle, proc_starttime
+
+    proc = procs.start([sys.executable, "-c", "import time; time.sleep(60)"], name="sleeper")
+    started = proc_starttime(proc.pid)
+    assert ProcHandle.open(proc.pid, started + 1) is None  # the same pid, another process
+    handle = ProcHandle.open(proc.pid, started)
+    assert handle is not None and handle.alive()
+    procs.stop(proc)
+    assert not handle.alive() and not handle.signal(signal.SIGKILL)  # never what holds the pid now
+    handle.close()
