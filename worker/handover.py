@@ -159,19 +159,22 @@ def acquire_worker_lock(state_dir: Path, worker_id: str, wait: float) -> WorkerL
     host = HostIdLock(worker_id)
     if not host.try_acquire():
         pid, uid = host.holder()
-        raise WorkerIdInUse(f"worker id {worker_id!r} is in use on this host (pid {pid}, uid {uid}, whatever its "
-                            "state directory); give this one another id (--worker-id)")
+        raise _in_use(worker_id, f"pid {pid}, uid {uid}, whatever its state directory")
     lock = WorkerLock(state_dir)
     deadline = time.monotonic() + wait
     while not lock.try_acquire("worker"):
         pid, role = lock.holder()
         if (role == "worker" and pid != os.getpid() and psutil.pid_exists(pid)) or time.monotonic() > deadline:
             host.release()
-            raise WorkerIdInUse(f"worker id {worker_id!r} is in use by a running worker on this host "
-                                f"(pid {pid}); give this one another id (--worker-id)")
+            raise _in_use(worker_id, f"pid {pid}")
         time.sleep(0.05)
     lock.host = host
     return lock
+
+
+def _in_use(worker_id: str, holder: str) -> WorkerIdInUse:
+    return WorkerIdInUse(f"worker id {worker_id!r} is in use by a running worker on this host ({holder}); "
+                         "give this one another id (--worker-id)")
 
 
 def start_linger(state_dir: Path, worker_id: str, timeout: float, grace: float) -> None:
