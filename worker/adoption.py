@@ -56,22 +56,6 @@ class FoundEngine:
     handle: ProcHandle
     record: EngineRecord
 
-    @property
-    def pid(self) -> int:
-        return self.record.pid
-
-    @property
-    def model(self) -> str:
-        return self.record.model
-
-    @property
-    def port(self) -> int:
-        return self.record.port
-
-    @property
-    def created(self) -> float:
-        return self.record.created
-
 
 def find_engines(worker_id: str, state_dir: Path) -> list[FoundEngine]:
     """The engines this worker's spawn records name and that are still those processes

@@ -197,7 +197,7 @@ class WorkerAgent:
         rejected: list[tuple[FoundEngine, str]] = []  # engine, why
         claims = {}
         for engine in found:
-            mp = self.models.get(engine.model)
+            mp = self.models.get(engine.record.model)
             why = ("its model is no longer in the config" if mp is None
                    else "another engine of this model was adopted" if mp in claims
                    else matches(engine, mp.model, self.settings, self.host.config_dir))
@@ -206,7 +206,7 @@ class WorkerAgent:
             else:
                 claims[mp] = engine
         results = await asyncio.gather(*(mp.adopt(engine, Placement(
-            profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.port,
+            profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.record.port,
             index=engine.record.profile))
             for mp, engine in claims.items()))
         rejected += [(engine, "it did not answer its health check")
@@ -217,8 +217,8 @@ class WorkerAgent:
         killed = await asyncio.to_thread(stop_processes, [engine.handle for engine, _ in rejected], grace)
         for engine, why in rejected:
             engine.handle.close()
-            self.host.records.remove(engine.pid)
-            pid, model_id = engine.pid, engine.model
+            pid, model_id = engine.record.pid, engine.record.model
+            self.host.records.remove(pid)
             how = "killed (SIGKILL)" if pid in killed else "stopped"
             log.warning("%s pid %d (model %s) left by a previous run: %s", how, pid, model_id or "?", why)
             if model_id in self.models:

@@ -14,6 +14,7 @@ worker with the same id on the same host is refused (``WorkerIdInUse``).
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from llm_lab_router.worker.ownership import (
 
 __all__ = ["MODEL_ENV", "WORKER_ENV", "Orphan", "WorkerIdInUse", "find_engine_handles", "is_gone", "reap_orphans",
            "stop_processes"]
+
+
+log = logging.getLogger("llm_router.worker")
 
 
 class WorkerIdInUse(Exception):
@@ -55,8 +59,11 @@ def find_engine_handles(worker_id: str, state_dir: Path) -> list[tuple[ProcHandl
     found = []
     for record in records.load():
         handle, why = verify(record, state_dir / "spool")
-        if handle is None:
+        if why == "gone":
             records.remove(record.pid)
+        elif handle is None:  # the process we spawned, changed: neither adopted nor stopped; said each time
+            log.warning("pid %d, spawned for model %s, is left alone: %s", record.pid, record.model, why)
+        if handle is None:
             continue
         found.append((handle, record))
     log_claimants(worker_id, {h.pid for h, _ in found})

@@ -226,20 +226,21 @@ class ModelProcess:
         """Take over ``found``, an engine a previous worker started for this model, if it
         answers its health check within ``ADOPT_PROBE`` s: state running, same pid and URL."""
         host = _local_address(self.host.settings.bind_host)
+        rec = found.record
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADOPT_PROBE
         self.host.placer.hold(self.model.id, placement)  # its port and VRAM are taken meanwhile
-        while await http_status(host, found.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
+        while await http_status(host, rec.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
             if loop.time() >= deadline:
                 self.host.placer.release(self.model.id)
                 return False
             await asyncio.sleep(HEALTH_POLL)
-        run = _Run(found.handle, placement, f"http://{self.host.settings.advertise_host}:{found.port}")
+        run = _Run(found.handle, placement, f"http://{self.host.settings.advertise_host}:{rec.port}")
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
-        self._set(state="running", pid=found.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
-                  vram_mb=placement.vram_mb, started_at=found.created, last_error="")
-        self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
+        self._set(state="running", pid=rec.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
+                  vram_mb=placement.vram_mb, started_at=rec.created, last_error="")
+        self._event(f"adopted pid {rec.pid} on {run.url}, left running by a previous worker")
         return True
 
     @property
