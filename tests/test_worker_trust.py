@@ -251,3 +251,17 @@ def test_a_pidfd_handle_refuses_a_reused_pid_and_signals_nothing_once_its_proces
     procs.stop(proc)
     assert not handle.alive() and not handle.signal(signal.SIGKILL)  # never what holds the pid now
     handle.close()
+
+
+def test_what_a_leader_left_in_its_group_is_signalled_through_pidfds(procs):
+    import psutil
+    from llm_lab_router.worker.ownership import ProcHandle
+
+    leader = procs.start(["sh", "-c", "sleep 60 & sleep 1"], name="group")  # its own group and session
+    handle = ProcHandle.open(leader.pid)
+    child = wait_for(lambda: psutil.Process(leader.pid).children(), message="the child in the group")[0]
+    leader.wait(10)  # the leader exits (and is reaped: its pid is free), the child stays
+    assert not handle.alive() and alive(child.pid)
+    handle.signal_group(signal.SIGKILL)
+    wait_for(lambda: not alive(child.pid), message="the group's leftover killed")
+    handle.close()

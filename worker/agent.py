@@ -123,8 +123,9 @@ class WorkerAgent:
             self.probe.close()
             raise
         private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
-        if self.lock.host is not None and self.lock.host.sock is not None:
-            asyncio.get_running_loop().add_reader(self.lock.host.sock, self.lock.host.drop_probes)
+        host_lock = self.lock.host.sock if self.lock.host is not None else None
+        if host_lock is not None:  # answer "who holds this id?" probes (``HostIdLock.holder``)
+            asyncio.get_running_loop().add_reader(host_lock, self.lock.host.drop_probes)
         await self._adopt()
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
@@ -142,7 +143,7 @@ class WorkerAgent:
                 await self._leave(intake, loops, [*autostart, *self._starts])
             else:
                 await self._shutdown(intake, loops, [*autostart, *self._starts])
-            self.lock.release()
+            self._release_lock()
 
     async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
         """Exit for an upgrade: the models keep running and the lease is left to expire, so
@@ -162,9 +163,14 @@ class WorkerAgent:
         self.probe.close()
         if any(mp.instance.pid for mp in self.models.values()):
             grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-            self.lock.release()  # before the linger looks at it
+            self._release_lock()  # before the linger looks at it
             start_linger(self.state_dir, self.wid, self.settings.adopt_timeout, grace)
         log.info("worker %s exited, models left running", self.wid)
+
+    def _release_lock(self) -> None:
+        if self.lock.host is not None and self.lock.host.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.lock.host.sock)
+        self.lock.release()
 
     async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""

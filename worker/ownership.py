@@ -44,6 +44,7 @@ MODEL_ENV = "LLM_ROUTER_MODEL"
 NONCE_ENV = "LLM_ROUTER_NONCE"
 PORT_ENV = "LLM_ROUTER_PORT"
 RECORDS_DIR = "engines"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/PID/stat's start time
 
 
 class EngineRecord(msgspec.Struct, kw_only=True):
@@ -123,7 +124,7 @@ class ProcHandle:
         self.pid = pid
         self.fd = fd
         self.starttime = starttime
-        self.exited_at = 0.0  # unix time the exit was first seen (0: not yet)
+        self.exited_ticks = 0  # when the exit was first seen, in /proc/PID/stat starttime units (0: not yet)
 
     @classmethod
     def open(cls, pid: int, starttime: int | None = None) -> ProcHandle | None:
@@ -142,10 +143,10 @@ class ProcHandle:
 
     def alive(self) -> bool:
         """Not exited yet (a pidfd becomes readable once its process exits)."""
-        if self.fd < 0 or self.exited_at:
+        if self.fd < 0 or self.exited_ticks:
             return False
         if select.select([self.fd], [], [], 0)[0]:
-            self.exited_at = time.time()
+            self.exited_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS) + 1
             return False
         return True
 
@@ -160,35 +161,31 @@ class ProcHandle:
             return False
 
     def signal_group(self, sig: int) -> None:
-        """``sig`` to the process and the group it leads. While the leader lives its pid cannot
-        be anybody's process group, so ``killpg`` is safe; after it exited, only the members
-        that were already there when it exited are signalled (each through its own pidfd)."""
+        """``sig`` to the process and every member of the group it leads, each through its own
+        pidfd (no ``killpg``: a group id, like a pid, can be reused once its group is gone).
+        While the leader lives its pid cannot be another group's, so every process in that
+        group is its member; after it exited, only the members that were already there when it
+        exited are."""
         if self.fd < 0:
             return
         if self.alive():
             self.signal(sig)
-            try:
-                os.killpg(self.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            return
-        for member in self._leftovers():
+        for member in self._members():
             member.signal(sig)
             member.close()
 
-    def _leftovers(self) -> list[ProcHandle]:
-        exited = self.exited_at or time.time()
+    def _members(self) -> list[ProcHandle]:
+        born_by = None if self.alive() else self.exited_ticks
         members = []
         for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.pid == self.pid or os.getpgid(proc.pid) != self.pid or proc.create_time() > exited:
-                    continue
-            except (psutil.Error, OSError):
+            if proc.pid == self.pid or _pgid(proc.pid) != self.pid:
                 continue
-            handle = ProcHandle.open(proc.pid)
-            if handle is not None and _created(handle.pid) <= exited:
+            handle = ProcHandle.open(proc.pid)  # then checked again: the pidfd is that process
+            if handle is None:
+                continue
+            if _pgid(proc.pid) == self.pid and (born_by is None or handle.starttime <= born_by):
                 members.append(handle)
-            elif handle is not None:
+            else:
                 handle.close()
         return members
 
@@ -283,8 +280,8 @@ def _environ(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
-def _created(pid: int) -> float:
+def _pgid(pid: int) -> int:
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return float("inf")
+        return os.getpgid(pid)
+    except OSError:
+        return -1
