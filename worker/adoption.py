@@ -23,7 +23,7 @@ import msgspec
 import psutil
 from llm_lab_router.config import DeviceProfile, ModelConfig, WorkerSettings, expand_command
 from llm_lab_router.worker.orphans import WORKER_ENV, find_engine_handles
-from llm_lab_router.worker.ownership import EngineRecord, ProcHandle
+from llm_lab_router.worker.ownership import EngineRecord, ProcHandle, pgid_of
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,35 @@ def matches(found: FoundEngine, model: ModelConfig, settings: WorkerSettings, co
     return "" if same else "its command, env, cwd or devices differ from the config"
 
 
+def listeners(port: int) -> list[int]:
+    """The pids of the processes listening on TCP ``port`` (any address). Blocking."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return []
+    return [c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid]
+
+
 def foreign_engine_on(port: int, pgid: int) -> int:
     """The pid of another model process (any worker's: it carries ``LLM_ROUTER_WORKER``) that
     listens on ``port`` and is not in process group ``pgid``, else 0. Two workers on one host
     may pick the same free port at once; the loser's health check is then answered by the
     winner's engine. Blocking: run it in a thread."""
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return 0
-    for conn in conns:
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            try:
-                if os.getpgid(conn.pid) != pgid and WORKER_ENV in psutil.Process(conn.pid).environ():
-                    return conn.pid
-            except (psutil.Error, OSError):
-                continue
+    for pid in listeners(port):
+        try:
+            if os.getpgid(pid) != pgid and WORKER_ENV in psutil.Process(pid).environ():
+                return pid
+        except (psutil.Error, OSError):
+            continue
     return 0
+
+
+def serves_its_port(found: FoundEngine) -> bool:
+    """Whether every listener on the recorded port is in the engine's process group: the
+    health check an adoption relies on is then answered by the engine, not by a process of
+    another user that took the port. Blocking: run it in a thread."""
+    pids = listeners(found.record.port)
+    return bool(pids) and all(pgid_of(pid) == found.record.pid for pid in pids)
 
 
 async def wait_exit(handle: ProcHandle) -> None:

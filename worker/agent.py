@@ -215,8 +215,7 @@ class WorkerAgent:
             profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.record.port,
             index=engine.record.profile))
             for mp, engine in claims.items()))
-        rejected += [(engine, "it did not answer its health check")
-                     for (mp, engine), ok in zip(claims.items(), results) if not ok]
+        rejected += [(engine, why) for (mp, engine), why in zip(claims.items(), results) if why]
         if not rejected:
             return
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)

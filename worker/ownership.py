@@ -178,12 +178,12 @@ class ProcHandle:
         born_by = None if self.alive() else self.exited_ticks
         members = []
         for proc in psutil.process_iter(["pid"]):
-            if proc.pid == self.pid or _pgid(proc.pid) != self.pid:
+            if proc.pid == self.pid or pgid_of(proc.pid) != self.pid:
                 continue
             handle = ProcHandle.open(proc.pid)  # then checked again: the pidfd is that process
             if handle is None:
                 continue
-            if _pgid(proc.pid) == self.pid and (born_by is None or handle.starttime <= born_by):
+            if pgid_of(proc.pid) == self.pid and (born_by is None or handle.starttime <= born_by):
                 members.append(handle)
             else:
                 handle.close()
@@ -280,7 +280,8 @@ def _environ(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
-def _pgid(pid: int) -> int:
+def pgid_of(pid: int) -> int:
+    """The process group of ``pid`` (-1: gone)."""
     try:
         return os.getpgid(pid)
     except OSError:

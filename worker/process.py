@@ -26,7 +26,7 @@ from llm_lab_router.config import ModelConfig, WorkerSettings
 from llm_lab_router.hostcheck import find_program, missing_program
 from llm_lab_router.protocol import Instance, LogSource
 from llm_lab_router.redact import Redactor, redact_argv
-from llm_lab_router.worker.adoption import FoundEngine, engine_spec, foreign_engine_on, wait_exit
+from llm_lab_router.worker.adoption import FoundEngine, engine_spec, foreign_engine_on, serves_its_port, wait_exit
 from llm_lab_router.worker.engine_env import engine_env
 from llm_lab_router.worker.learning import Learner, RunningEngine
 from llm_lab_router.worker.logpipe import LogPipe
@@ -222,26 +222,32 @@ class ModelProcess:
             if task is not None:
                 task.cancel()
 
-    async def adopt(self, found: FoundEngine, placement: Placement) -> bool:
-        """Take over ``found``, an engine a previous worker started for this model, if it
-        answers its health check within ``ADOPT_PROBE`` s: state running, same pid and URL."""
+    async def adopt(self, found: FoundEngine, placement: Placement) -> str:
+        """Take over ``found``, an engine a previous worker started for this model, if it alone
+        listens on its port and answers its health check within ``ADOPT_PROBE`` s: state
+        running, same pid and URL. Returns "" or why not."""
         host = _local_address(self.host.settings.bind_host)
         rec = found.record
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADOPT_PROBE
         self.host.placer.hold(self.model.id, placement)  # its port and VRAM are taken meanwhile
-        while await http_status(host, rec.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
+        why = "" if await asyncio.to_thread(serves_its_port, found) else f"port {rec.port} is not its own"
+        while not why and await http_status(host, rec.port, self.model.health,
+                                            min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
             if loop.time() >= deadline:
-                self.host.placer.release(self.model.id)
-                return False
-            await asyncio.sleep(HEALTH_POLL)
+                why = "it did not answer its health check"
+            else:
+                await asyncio.sleep(HEALTH_POLL)
+        if why:
+            self.host.placer.release(self.model.id)
+            return why
         run = _Run(found.handle, placement, f"http://{self.host.settings.advertise_host}:{rec.port}")
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
         self._set(state="running", pid=rec.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
                   vram_mb=placement.vram_mb, started_at=rec.created, last_error="")
         self._event(f"adopted pid {rec.pid} on {run.url}, left running by a previous worker")
-        return True
+        return ""
 
     @property
     def engine(self) -> RunningEngine | None:
