@@ -422,7 +422,7 @@ class ModelProcess:
                 run.exited.set_result(code)
         if self._run is run and self.state == "running":
             self._run = None
-            run.handle.signal_group(signal.SIGKILL)  # whatever the crashed server left behind
+            run.handle.signal_group(signal.SIGKILL)  # whatever the crashed server left behind (rare: inline)
             run.handle.close()
             self.host.placer.release(self.model.id)
             self._fail(exit_reason(code))
@@ -443,15 +443,16 @@ class ModelProcess:
     async def _terminate(self, run: _Run) -> None:
         """SIGTERM the process group, SIGKILL it after ``stop_grace``; wait for the exit."""
         grace = self.model.stop_grace
+        # signal_group reads /proc for the group's members: off the event loop
         if not run.exited.done():
-            run.handle.signal_group(signal.SIGTERM)
+            await asyncio.to_thread(run.handle.signal_group, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(run.exited), grace)
             except asyncio.TimeoutError:
                 self._event(f"still running {grace:g}s after SIGTERM: sending SIGKILL")
-                run.handle.signal_group(signal.SIGKILL)
+                await asyncio.to_thread(run.handle.signal_group, signal.SIGKILL)
                 await asyncio.shield(run.exited)
-        run.handle.signal_group(signal.SIGKILL)  # children that outlived their parent
+        await asyncio.to_thread(run.handle.signal_group, signal.SIGKILL)  # children that outlived their parent
         run.handle.close()
         if self._run is run:
             self._run = None
