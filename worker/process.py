@@ -387,14 +387,20 @@ class ModelProcess:
             os.close(out)
             os.close(err)
         handle = ProcHandle.open(proc.pid)  # our unreaped child: the pid is still that process
-        if handle is None:
-            proc.kill()
+        try:
+            if handle is None:
+                raise OSError(errno.ESRCH, "the engine vanished at once")
+            self._record(EngineRecord(
+                pid=proc.pid, starttime=handle.starttime, euid=os.geteuid(), model=self.model.id, argv=argv,
+                cmdline=argv, port=placement.port, profile=self.model.device_profiles().index(placement.profile),
+                gpus=placement.gpus, spec_hash=spec.hash, nonce=nonce, stdout=outputs[0], stderr=outputs[1],
+                created=time.time()))
+        except OSError as exc:  # an engine no later worker could tell from an impostor is not left running
+            os.killpg(proc.pid, signal.SIGKILL)  # our unreaped child leads its group: the group is ours
             proc.wait()
-            raise OSError(errno.ESRCH, "the engine vanished at once")
-        self._record(EngineRecord(
-            pid=proc.pid, starttime=handle.starttime, euid=os.geteuid(), model=self.model.id, argv=argv, cmdline=argv,
-            port=placement.port, profile=self.model.device_profiles().index(placement.profile), gpus=placement.gpus,
-            spec_hash=spec.hash, nonce=nonce, stdout=outputs[0], stderr=outputs[1], created=time.time()))
+            if handle is not None:
+                handle.close()
+            raise OSError(exc.errno, f"cannot record the engine: {exc.strerror or exc}") from exc
         run = _Run(handle, placement, f"http://{settings.advertise_host}:{placement.port}", proc)
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
@@ -430,8 +436,6 @@ class ModelProcess:
         try:
             code = await run.wait()
             self.host.logs.seal(self.model.id)  # its last line, even without a newline
-            if self.host.records is not None:
-                self.host.records.remove(run.pid)
         finally:
             if not run.exited.done():
                 run.exited.set_result(code)
@@ -469,6 +473,8 @@ class ModelProcess:
                 await asyncio.shield(run.exited)
         await asyncio.to_thread(run.handle.signal_group, signal.SIGKILL)  # children that outlived their parent
         run.handle.close()
+        if self.host.records is not None:
+            self.host.records.remove(run.pid)
         if self._run is run:
             self._run = None
         self.host.placer.release(self.model.id)
@@ -512,8 +518,17 @@ class ModelProcess:
     # --- bookkeeping ---
 
     def _record(self, record: EngineRecord) -> None:
-        if self.host.records is not None:
-            self.host.records.write(record)
+        """Write the spawn record of a new engine, then drop this model's older ones (engines
+        that crashed: a record is not removed at a crash, so that a full disk does not get
+        room back in the middle of the crash handling; ``ownership.verify`` drops any that
+        outlived its process anyway)."""
+        records = self.host.records
+        if records is None:
+            return
+        records.write(record)
+        for old in records.load():
+            if old.model == record.model and old.pid != record.pid:
+                records.remove(old.pid)
 
     def _record_cmdline(self, run: _Run) -> None:
         """Record the command line the engine shows once running: an ``exec`` wrapper (``sh -c
