@@ -25,7 +25,7 @@ from helpers import get_json
 from llm_lab_router.config import load_config
 from llm_lab_router.redis_server import free_port
 from llm_lab_router.worker.adoption import engine_spec
-from worker_helpers import KEYS, Worker, alive, model, worker  # noqa: F401 (fixture)
+from worker_helpers import Worker, alive, model, processes_of, worker  # noqa: F401 (fixture)
 
 OTHER_UID = 4242
 FAKE_ENGINE = '''
@@ -182,6 +182,16 @@ def test_the_state_directory_is_the_workers_own(worker, procs):
     assert {"worker.lock", "linger.log", f"{pid}.json", "stdout.log", "stderr.log", "stdout.pos"} <= names, names
     assert {str(d): oct(d.stat().st_mode & 0o777) for d in dirs} == {str(d): "0o700" for d in dirs}
     assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): "0o600" for f in files}
+
+
+def test_an_engine_whose_spawn_record_cannot_be_written_is_not_left_running(worker):
+    state = state_dir(worker)
+    state.mkdir(parents=True)
+    (state / "engines").write_text("not a directory")  # every record write fails
+    worker.start([model("m1")])
+    reply = worker.command("start", "m1")
+    assert not reply.ok and "cannot record the engine" in worker.instance("m1").last_error, reply
+    assert processes_of(worker.wid) == []  # no engine nobody could identify later
 
 
 # --- python -m children import nothing from their cwd ---

@@ -8,7 +8,9 @@ files 0600, whatever the umask, and a directory that exists already is narrowed 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -22,6 +24,8 @@ def private_dir(path: Path) -> Path:
     for p in reversed(missing):  # ``mkdir -p`` would create the parents with the umask's mode
         p.mkdir(mode=DIR_MODE, exist_ok=True)
     st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     if st.st_uid == os.geteuid() and st.st_mode & 0o777 != DIR_MODE:
         path.chmod(DIR_MODE)
     return path
