@@ -12,6 +12,7 @@ import click
 from llm_lab_router import __version__, client, presets
 from llm_lab_router.config import ConfigError, default_config_path, load_config
 from llm_lab_router.redact import redact_argv
+from llm_lab_router.safepath import safe_python_m
 from llm_lab_router.shipped import MissingFile
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -132,8 +133,8 @@ def serve(redis_url: str, prefix: str, host: str, port: int, workers: int, api_k
 
     access = _access(host, api_keys_file, admin_keys_file, read_access, insecure)
     if (count := worker_count(workers)) > 1:
-        argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", "--prefix", prefix, "--host", host,
-                "--port", str(port), *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
+        argv = safe_python_m("llm_lab_router.cli", "serve", "--prefix", prefix, "--host", host, "--port", str(port),
+                             *_access_args(api_keys_file, admin_keys_file, read_access, insecure))
         sys.exit(_supervise(argv, count, host, port, redis_url))
     sys.exit(router_main(redis_url=redis_url, prefix=prefix, host=host, port=port, access=access,
                          insecure=insecure))

@@ -35,6 +35,7 @@ from llm_lab_router.redact import redact_url
 from llm_lab_router.redis_server import RedisServer, free_port
 from llm_lab_router.redis_url import parse_sentinel_url, sync_client
 from llm_lab_router.redis_users import PrivateUsers
+from llm_lab_router.safepath import safe_python_m
 from llm_lab_router.up_url import client_url, forget, record
 
 HEALTH_POLL = 0.1  # s between checks that the router answers
@@ -154,11 +155,11 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix)
             worker_url, router_url = urls["worker"], urls["router"]
         env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
-        cli = [sys.executable, "-m", "llm_lab_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path, *worker.argv],
+        # -P: nothing is imported from the cwd (see ``safepath``); the cwd stays, for relative paths
+        stack.spawn("worker", safe_python_m("llm_lab_router.cli", "worker", "--config", config_path, *worker.argv),
                     {**env, "LLM_ROUTER_REDIS_URL": worker_url}, stop_signal=signal.SIGINT)
-        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
-                    {**env, "LLM_ROUTER_REDIS_URL": router_url})
+        stack.spawn("router", safe_python_m("llm_lab_router.cli", "serve", "--host", host, "--port", str(port),
+                                            *(serve_args or [])), {**env, "LLM_ROUTER_REDIS_URL": router_url})
         url = client_url(host, port)
         while not stopping and not stack.dead_child() and not router_answers(url):
             time.sleep(HEALTH_POLL)

@@ -156,13 +156,15 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], name: str = "proc", env: dict | None = None,
-              cwd: str | os.PathLike | None = None, stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
+              cwd: str | os.PathLike | None = None, stop_signal: int = signal.SIGTERM,
+              uid: int | None = None) -> subprocess.Popen:
         """``stop_signal``: how teardown (and ``stop`` by default) asks it to stop; a worker's
-        is SIGINT, which stops its models (SIGTERM leaves them running for the next worker)."""
+        is SIGINT, which stops its models (SIGTERM leaves them running for the next worker).
+        ``uid``: run it as that user (and group), as another local user of the host would."""
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True,
-                                preexec_fn=die_with_parent(stop_signal))  # even if pytest is killed
+                                preexec_fn=_as_user(uid, die_with_parent(stop_signal)))  # even if pytest is killed
         proc.log_path = log.name  # type: ignore[attr-defined]
         proc.stop_signal = stop_signal  # type: ignore[attr-defined]
         log.close()
@@ -181,6 +183,22 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+
+
+def _as_user(uid: int | None, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn``: become ``uid`` (its own group, no others), then run ``then`` (a
+    parent-death signal must be armed after the switch: changing uids clears it)."""
+    if uid is None:
+        return then
+
+    def switch() -> None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if then is not None:
+            then()
+
+    return switch
 
 
 @pytest.fixture

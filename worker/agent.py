@@ -31,7 +31,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
@@ -40,7 +39,7 @@ from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_con
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.loops import supervised
 from llm_lab_router.redis_url import async_client
-from llm_lab_router.worker.adoption import find_engines, matches
+from llm_lab_router.worker.adoption import FoundEngine, find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
 from llm_lab_router.worker.devices import DeviceProbe
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
@@ -48,7 +47,9 @@ from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
+from llm_lab_router.worker.ownership import Records
 from llm_lab_router.worker.placement import Placement, Placer
+from llm_lab_router.worker.private import private_dir
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
@@ -86,7 +87,7 @@ class WorkerAgent:
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
-                                learner=self.learner)
+                                learner=self.learner, records=Records(self.state_dir))
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
@@ -123,6 +124,10 @@ class WorkerAgent:
             self.probe.close()
             raise
         await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
+        private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
+        host_lock = self.lock.host.sock if self.lock.host is not None else None
+        if host_lock is not None:  # answer "who holds this id?" probes (``HostIdLock.holder``)
+            asyncio.get_running_loop().add_reader(host_lock, self.lock.host.drop_probes)
         await self._adopt()
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
@@ -140,7 +145,7 @@ class WorkerAgent:
                 await self._leave(intake, loops, [*autostart, *self._starts])
             else:
                 await self._shutdown(intake, loops, [*autostart, *self._starts])
-            self.lock.release()
+            self._release_lock()
 
     async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
         """Exit for an upgrade: the models keep running and the lease is left to expire, so
@@ -160,9 +165,14 @@ class WorkerAgent:
         self.probe.close()
         if any(mp.instance.pid for mp in self.models.values()):
             grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-            self.lock.release()  # before the linger looks at it
+            self._release_lock()  # before the linger looks at it
             start_linger(self.state_dir, self.wid, self.settings.adopt_timeout, grace)
         log.info("worker %s exited, models left running", self.wid)
+
+    def _release_lock(self) -> None:
+        if self.lock.host is not None and self.lock.host.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.lock.host.sock)
+        self.lock.release()
 
     async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
@@ -191,30 +201,31 @@ class WorkerAgent:
     async def _adopt(self) -> None:
         """Adopt the engines a previous run of this worker id left running, if they match the
         config and answer their health check; stop the others (see ``adoption``)."""
-        found = await asyncio.to_thread(find_engines, self.wid)
-        rejected: list[tuple[int, str, str]] = []  # pid, model, why
+        found = await asyncio.to_thread(find_engines, self.wid, self.state_dir)
+        rejected: list[tuple[FoundEngine, str]] = []  # engine, why
         claims = {}
         for engine in found:
-            mp = self.models.get(engine.model)
+            mp = self.models.get(engine.record.model)
             why = ("its model is no longer in the config" if mp is None
                    else "another engine of this model was adopted" if mp in claims
                    else matches(engine, mp.model, self.settings, self.host.config_dir))
             if why:
-                rejected.append((engine.pid, engine.model, why))
+                rejected.append((engine, why))
             else:
                 claims[mp] = engine
         results = await asyncio.gather(*(mp.adopt(engine, Placement(
-            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port,
-            index=engine.profile))
+            profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.record.port,
+            index=engine.record.profile))
             for mp, engine in claims.items()))
-        rejected += [(engine.pid, engine.model, "it did not answer its health check")
-                     for (mp, engine), ok in zip(claims.items(), results) if not ok]
+        rejected += [(engine, why) for (mp, engine), why in zip(claims.items(), results) if why]
         if not rejected:
             return
-        procs = [p for p in (_process(pid) for pid, _, _ in rejected) if p is not None]
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-        killed = await asyncio.to_thread(stop_processes, procs, grace)
-        for pid, model_id, why in rejected:
+        killed = await asyncio.to_thread(stop_processes, [engine.handle for engine, _ in rejected], grace)
+        for engine, why in rejected:
+            engine.handle.close()
+            pid, model_id = engine.record.pid, engine.record.model
+            self.host.records.remove(pid)
             how = "killed (SIGKILL)" if pid in killed else "stopped"
             log.warning("%s pid %d (model %s) left by a previous run: %s", how, pid, model_id or "?", why)
             if model_id in self.models:
@@ -419,13 +430,6 @@ class WorkerAgent:
         for model_id, vram in grown.items():
             if (mp := self.models.get(model_id)) is not None:
                 mp.grew(vram)
-
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
 
 
 async def _wait(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
