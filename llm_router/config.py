@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from llm_lab_router.presets import Engine, apply_preset
-from llm_lab_router.protocol import CatalogEntry, Mode, Routing
+from llm_lab_router.protocol import CatalogEntry, Mode, Routing, valid_worker_id
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
@@ -177,9 +177,20 @@ def _check(cfg: HostConfig) -> None:
                 raise ConfigError(f"models[{i}].fallbacks: {name!r} is not another model's id or alias")
         if m.health and not m.health.startswith("/"):
             raise ConfigError(f"models[{i}].health: must be a path starting with '/', got {m.health!r}")
+    if cfg.worker.id:
+        check_worker_id(cfg.worker.id, "worker.id")
     lo, hi = cfg.worker.port_range
     if not 0 < lo <= hi <= 65535:
         raise ConfigError(f"worker.port_range: {cfg.worker.port_range} is not [low, high] within 1..65535")
+
+
+def check_worker_id(wid: str, where: str = "worker id") -> str:
+    """A worker id names its Redis user and its keys (``llm:w:{wid}:*``, an ACL pattern): no ``:``
+    and no glob character, so no worker's pattern can cover another's keys."""
+    if not valid_worker_id(wid):
+        raise ConfigError(f"{where}: {wid!r} is not 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit "
+                          "(set [worker] id or --worker-id)")
+    return wid
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:

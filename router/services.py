@@ -3,7 +3,9 @@
 Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
 command replies, the ``llm:events`` subscription), with no socket timeout and no silent
-reconnect, so the view notices a lost subscription and resyncs; for log viewers,
+reconnect, so the view notices a lost subscription and resyncs; ``view_redis`` and
+``view_blocking``, the same two for the cluster view, logged in as the read-only user of
+``redis_read_url`` when one is given (the workers' records: docs/security.md); for log viewers,
 ``log_pages`` (history and catch-up pages) and ``log_readers`` (one ``XREAD BLOCK`` per
 watched model). ``redis`` and the log pools are bounded and a caller waits for a free
 connection rather than failing; the control plane's pools never serve a log read, so no
@@ -50,7 +52,12 @@ class Services:
         self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
                                      socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
-        self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
+        self.view_redis, self.view_blocking = self.redis, self.blocking
+        if (read_url := self.options.redis_read_url) and read_url != redis_url:
+            self.view_redis = pooled(read_url, self.options.redis_connections, wait=5.0)
+            self.view_blocking = async_client(read_url, socket_timeout=None, socket_connect_timeout=2,
+                                              socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.view = ClusterView(self.view_redis, self.keys, pubsub_redis=self.view_blocking,
                                 resync_interval=self.options.resync_interval,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
@@ -109,5 +116,5 @@ class Services:
         await self.logs.close()
         await self.log_pages.aclose()
         await self.log_readers.aclose()
-        await self.redis.aclose()
-        await self.blocking.aclose()
+        for client in {id(c): c for c in (self.redis, self.blocking, self.view_redis, self.view_blocking)}.values():
+            await client.aclose()

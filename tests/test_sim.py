@@ -26,7 +26,7 @@ MODELS = model_ids(10)
 
 def truth(rds: redis_sync.Redis, keys: Keys) -> dict[tuple[str, str], str]:
     """(model, worker) -> state, as the simulated workers wrote it."""
-    wids = rds.hkeys(keys.versions())
+    wids = rds.smembers(keys.workers())
     pipe = rds.pipeline(transaction=False)
     for wid in wids:
         for model in MODELS:

@@ -4,10 +4,10 @@ The logic lives elsewhere (``ModelProcess``: the state machine; ``LogPipe``: log
 ``placement``: where a model runs; ``commands``: the command stream; ``orphans``: leftovers of
 a previous run). This module only connects them and owns the worker's own keys:
 
-- the lease ``llm:worker:{wid}`` (heartbeat, with a TTL), the catalog, the instance hashes and
-  the events on ``llm:events``, all written by one publisher task in order, so an old state can
-  never overwrite a newer one;
-- the device snapshot ``llm:devices:{wid}``.
+- the lease ``llm:w:{wid}:lease`` (heartbeat, with a TTL), the catalog, the instance hashes and
+  the events on ``llm:events:{wid}``, all written by one publisher task in order, so an old state
+  can never overwrite a newer one;
+- the device snapshot ``llm:w:{wid}:devices``.
 
 Redis may vanish at any time: every loop logs one line, backs off, and the whole state is
 published again when Redis answers (it may have restarted empty). Model processes keep running
@@ -75,7 +75,7 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
-        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
+        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:w:{wid}:version``)
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -382,7 +382,7 @@ class WorkerAgent:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)
-                    added, _ = await pipe.execute()
+                    added, *_ = await pipe.execute()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 await link.pause()

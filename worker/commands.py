@@ -205,7 +205,7 @@ class CommandIntake:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     if reply is not None:
-                        key = self.keys.reply(reply.id)
+                        key = self.keys.reply(self.worker_id, reply.id)
                         pipe.lpush(key, to_json(reply))
                         pipe.expire(key, REPLY_TTL)
                     pipe.xack(self.stream, COMMAND_GROUP, entry_id)

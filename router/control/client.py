@@ -192,7 +192,7 @@ class ControlClient:
         try:
             # The asyncio bound is a backstop should Redis stall without closing the socket.
             async with asyncio.timeout(timeout + 5):
-                got = await self.blocking.blpop([self.keys.reply(cmd.id)], timeout=max(timeout, 0.01))
+                got = await self.blocking.blpop([self.keys.reply(wid, cmd.id)], timeout=max(timeout, 0.01))
         except TimeoutError:
             got = None
         if got is None:
