@@ -32,7 +32,7 @@ from typing import Callable, Iterable, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from llm_lab_router.backoff import Backoff
 from llm_lab_router.protocol import (
@@ -523,8 +523,11 @@ class ClusterView:
             log.info("redis reachable: cluster view synced (%d workers, %d models)",
                      len(self._workers), len(self._models))
         elif not ok and (self.redis_ok or not self._tasks):
-            log.warning("redis unreachable (%s: %s): keeping the last cluster view, retrying",
-                        type(exc).__name__, exc)
+            hint = (" (the view's Redis user may not read the workers' records: give the router the "
+                    "reader user's URL in LLM_ROUTER_REDIS_READ_URL, docs/security.md)"
+                    if isinstance(exc, NoPermissionError) else "")
+            log.warning("redis unreachable (%s: %s)%s: keeping the last cluster view, retrying",
+                        type(exc).__name__, exc, hint)
         self.redis_ok = ok
 
     async def _resync_loop(self) -> None:
