@@ -131,6 +131,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_spool_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0  # per model: log lines kept on disk until shipped
     # After SIGTERM (an upgrade) the models keep running this long for the next worker to adopt.
     adopt_timeout: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Upgrade window to per-worker Redis users: also write the key layout routers of older
+    # releases read, and take their commands (worker/legacy.py; docs/deploy.md). Needs the old
+    # shared ``worker`` Redis user; turn it off (and log in as ``worker.<id>``) once every router is new.
+    legacy_keys: bool = False
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

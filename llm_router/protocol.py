@@ -156,6 +156,56 @@ class Keys:
         return f"{self.prefix}waiting"
 
 
+class LegacyKeys(Keys):
+    """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
+    their routers read: ``llm:worker:{wid}``, ``llm:catalog:{wid}``, ``llm:instance:{model}:{wid}``,
+    ``llm:devices:{wid}``, the ``llm:versions`` hash, the ``llm:events`` channel,
+    ``llm:commands:{wid}`` and ``llm:reply:{id}``. Only for the upgrade window: a worker with
+    ``legacy_keys = true`` writes its records under these names too and takes commands from
+    both streams, so routers of either release see it (docs/deploy.md). Nothing else uses it."""
+
+    def worker(self, wid: str) -> str:
+        return f"{self.prefix}worker:{wid}"
+
+    def catalog(self, wid: str) -> str:
+        return f"{self.prefix}catalog:{wid}"
+
+    def instance(self, model: str, wid: str) -> str:
+        return f"{self.prefix}instance:{model}:{wid}"
+
+    def devices(self, wid: str) -> str:
+        return f"{self.prefix}devices:{wid}"
+
+    def versions(self) -> str:
+        return f"{self.prefix}versions"
+
+    def events(self, wid: str = "") -> str:
+        return f"{self.prefix}events"
+
+    def commands(self, wid: str) -> str:
+        return f"{self.prefix}commands:{wid}"
+
+    def reply(self, wid: str, command_id: str) -> str:
+        return f"{self.prefix}reply:{command_id}"
+
+    def of(self, key: str, keys: Keys) -> tuple[str, str] | None:
+        """The legacy name of one of ``keys``' worker-owned keys or channels: (kind, name), kind
+        ``version`` (a field ``name`` of ``versions()``) or ``key``; None: routers of older
+        releases read no such key (log positions, measurements, the index of workers)."""
+        rest = key[len(keys.prefix):] if key.startswith(keys.prefix) else ""
+        if rest.startswith("events:"):
+            return "key", self.events()
+        if not rest.startswith("w:"):
+            return None
+        wid, _, what = rest[2:].partition(":")
+        if what == "version":
+            return "version", wid
+        if what.startswith("instance:"):
+            return "key", self.instance(what[len("instance:"):], wid)
+        named = {"lease": self.worker, "catalog": self.catalog, "devices": self.devices}.get(what)
+        return ("key", named(wid)) if named else None
+
+
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
 

@@ -37,7 +37,7 @@ import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, LegacyKeys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
@@ -49,6 +49,7 @@ from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.process import HostContext, ModelProcess
+from llm_lab_router.worker.legacy import LegacyMirror
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
 from redis.asyncio.retry import Retry
@@ -68,6 +69,7 @@ class WorkerAgent:
         self.settings = cfg.worker
         self.wid = cfg.worker_id
         self.keys = Keys(prefix)
+        self.legacy = LegacyKeys(prefix) if self.settings.legacy_keys else None  # worker.legacy
         self.hostname = socket.gethostname()
         # No retries inside redis-py: our loops retry with their own back-off and log once.
         self.redis = async_client(redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -92,8 +94,9 @@ class WorkerAgent:
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
         self.idle = IdleReaper(self.redis, self.keys, self.models)
-        self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
-                                    before_reply=self.changes_published)
+        self.intakes = [CommandIntake(self.redis, keys, self.wid, self.operations.execute,
+                                      before_reply=self.changes_published)
+                        for keys in (self.keys, self.legacy) if keys is not None]
         self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
         self._queued = 0  # instance changes so far
         self._done = 0  # the last change known to be in Redis
@@ -126,7 +129,7 @@ class WorkerAgent:
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
             ("idle", self.idle.run)]]
-        intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
+        intakes = [asyncio.create_task(_forever("commands", i.run), name="commands") for i in self.intakes]
         reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
                      for mp in self.models.values() if mp.model.auto_start]
@@ -135,19 +138,20 @@ class WorkerAgent:
         finally:
             await _cancel([reloads])  # from here on, no reload adds or starts a model
             if self.leave_models_running:
-                await self._leave(intake, loops, [*autostart, *self._starts])
+                await self._leave(intakes, loops, [*autostart, *self._starts])
             else:
-                await self._shutdown(intake, loops, [*autostart, *self._starts])
+                await self._shutdown(intakes, loops, [*autostart, *self._starts])
             self.lock.release()
 
-    async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
+    async def _leave(self, intakes: list[asyncio.Task], loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
         """Exit for an upgrade: the models keep running and the lease is left to expire, so
         routers keep routing to them; commands in flight stay pending for the next worker.
         A linger stops the models if no worker adopts them within ``adopt_timeout``."""
         log.info("worker %s exiting; its models keep running for the next worker (adopt_timeout %gs)",
                  self.wid, self.settings.adopt_timeout)
-        await _cancel([intake])
-        await self.intake.drain(timeout=0)  # not answered: re-run by the next worker
+        await _cancel(intakes)
+        for intake in self.intakes:
+            await intake.drain(timeout=0)  # not answered: re-run by the next worker
         for mp in self.models.values():
             mp.detach()
         await _cancel(starts)
@@ -162,13 +166,15 @@ class WorkerAgent:
             start_linger(self.state_dir, self.wid, self.settings.adopt_timeout, grace)
         log.info("worker %s exited, models left running", self.wid)
 
-    async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
+    async def _shutdown(self, intakes: list[asyncio.Task], loops: list[asyncio.Task],
+                        autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
         log.info("worker %s shutting down", self.wid)
-        await _cancel([intake])
+        await _cancel(intakes)
         await self._stop_models()
         await _wait(autostart, SHUTDOWN_TIMEOUT)
-        await self.intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
+        for intake in self.intakes:
+            await intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
         await _cancel(loops)
         await self._publish_goodbye()
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
@@ -226,7 +232,11 @@ class WorkerAgent:
         async with self.redis.pipeline(transaction=False) as pipe:
             for model_id in self.models:
                 pipe.hgetall(self.keys.instance(model_id, self.wid))
+                if self.legacy:  # the previous run may be of an older release
+                    pipe.hgetall(self.legacy.instance(model_id, self.wid))
             rows = await pipe.execute()
+        if self.legacy:
+            rows = [new or old for new, old in zip(rows[::2], rows[1::2])]
         stopped_on_purpose = take_stopped_mark(self.state_dir)
         await self.learner.load(list(self.models))
         for mp, row in zip(list(self.models.values()), rows):
@@ -338,7 +348,7 @@ class WorkerAgent:
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
-            publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
+            publish_all_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl,
                             [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
@@ -347,21 +357,26 @@ class WorkerAgent:
 
     async def _publish_instance(self, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            change_ops(pipe, self.keys, self.wid, inst, self.version)
+            change_ops(self._mirrored(pipe), self.keys, self.wid, inst, self.version)
             await pipe.execute()
+
+    def _mirrored(self, pipe):
+        """The pipeline the publish steps write to: in the upgrade window (``legacy_keys``), one
+        that also writes the old key names (``worker.legacy``)."""
+        return LegacyMirror(pipe, self.keys, self.legacy) if self.legacy else pipe
 
     def _sync_log_counts(self) -> None:
         self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
 
     def _lease_ops(self, pipe) -> None:
         self._sync_log_counts()
-        lease_ops(pipe, self.keys, self.info, self.settings.lease_ttl)
+        lease_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl)
 
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
+                goodbye_ops(self._mirrored(pipe), self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -400,7 +415,7 @@ class WorkerAgent:
             snap = await self.snapshot()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    devices_ops(pipe, self.keys, snap, interval)
+                    devices_ops(self._mirrored(pipe), self.keys, snap, interval)
                     await pipe.execute()
                 link.ok()
             except REDIS_ERRORS as exc:
