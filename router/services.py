@@ -2,7 +2,7 @@
 
 Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
-command replies, the ``llm:events`` subscription), with no socket timeout and no silent
+command replies, the ``llm:events:*`` subscription), with no socket timeout and no silent
 reconnect, so the view notices a lost subscription and resyncs; ``view_redis`` and
 ``view_blocking``, the same two for the cluster view, logged in as the read-only user of
 ``redis_read_url`` when one is given (the workers' records: docs/security.md); for log viewers,

@@ -1,8 +1,8 @@
 """``ControlClient``: the router's side of worker commands.
 
-A command is one ``XADD`` to ``llm:commands:{wid}`` (the worker reads it through a consumer
+A command is one ``XADD`` to ``llm:cmd:{wid}`` (the worker reads it through a consumer
 group, so it is not lost if the worker restarts); its outcome is one ``Reply`` the worker
-pushes to ``llm:reply:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
+pushes to ``llm:reply:{wid}:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
 connection for its duration, so it runs on the blocking client (redis.asyncio pools give each
 caller its own connection and nothing else waits behind it).
 
