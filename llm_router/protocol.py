@@ -24,15 +24,15 @@ llm:w:{wid}:instance:{model}        hash        worker  ``Instance``: state, url
 llm:w:{wid}:devices                 string,TTL  worker  JSON ``DeviceSnapshot``
 llm:w:{wid}:logpos:{model}:{s}      string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
 llm:w:{wid}:learned:{model}         list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
-llm:workers                         set         worker  worker ids: the index routers read instead of a SCAN (a hint only)
+llm:workers                         set         worker  worker ids: the routers' index instead of a SCAN (a hint)
 llm:events:{wid}                    pub/sub     worker  JSON ``Event`` on every change of worker ``wid``
 llm:logs:{model}                    stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
 llm:cmd:{wid}                       stream      router  ``Command`` fields; consumer group ``workers``
 llm:reply:{wid}:{command id}        list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
 llm:used:{model}                    hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
-llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (router/limits/quotas.py)
+llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (limits/quotas)
 llm:quota:{scope}:{name}:inflight   zset,TTL    router  leases of requests in flight, score = deadline (ms)
-llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
+llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (waiting for a swap)
 ==================================  ==========  ======  ==================================================
 """
 

@@ -179,7 +179,8 @@ class ClusterView:
     # --- applying updates (no I/O: unit-testable) ---
 
     def apply_event(self, event: Event) -> str | None:
-        """Apply one ``llm:events:{wid}`` message (its channel already checked); return a worker id the caller should re-read.
+        """Apply one ``llm:events:{wid}`` message (its channel already checked); return a worker
+        id the caller should re-read.
 
         Instance events are applied as carried. A worker that announces its end leaves at
         once; any other worker or catalog event (or an instance of a worker not yet known)
