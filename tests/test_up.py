@@ -159,3 +159,23 @@ def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
     assert "user default off" in text and not [pw for pw in [*passwords.values(), "pw-gpu1"] if pw in text]
     assert "~lab:cmd:*" in text and "&lab:events:*" in text and "llm:" not in text and "WORKER-ID" not in text
     assert "user worker.gpu1 on #" in text and " ~lab:w:gpu1:* ~lab:cmd:gpu1 " in text and " &lab:events:gpu1 " in text
+
+
+def test_up_users_one_per_worker_and_the_old_shared_worker_user_gone(tmp_path: Path) -> None:
+    """A data directory of an older release (one shared ``worker`` user) gets the worker's own
+    user at the next ``up``; the old user's password and URL file go."""
+    from llm_lab_router.redis_users import PrivateUsers
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir(mode=0o700)
+    (rdir / "passwords.json").write_text(json.dumps({"admin": "a" * 48, "worker": "w" * 48, "router": "r" * 48}))
+    (rdir / "worker.url").write_text("redis://worker:" + "w" * 48 + "@127.0.0.1:1/0\n")
+    users = PrivateUsers(rdir, workers=["gpu1"])
+    assert users.passwords["admin"] == "a" * 48 and users.passwords["router"] == "r" * 48  # kept
+    assert set(users.passwords) == {"admin", "router", "reader", "worker.gpu1"}
+    text = users.acl_file().read_text()
+    assert "user worker.gpu1 on #" in text and "user worker " not in text and "w" * 48 not in text
+    urls = users.urls("redis://127.0.0.1:7000/0")
+    assert urls["worker.gpu1"].startswith("redis://worker.gpu1:") and not (rdir / "worker.url").exists()
+    assert sorted(p.name for p in rdir.glob("*.url")) == ["admin.url", "reader.url", "router.url", "worker.gpu1.url"]
+    assert all(mode(p) == 0o600 for p in rdir.iterdir())
