@@ -246,12 +246,13 @@ def redis_user_add_worker(worker_id: str, prefix: str, password_file: str | None
     click.echo(line)
     click.echo(f"password of Redis user {worker_user(worker_id)} written to {path} (mode 0600)", err=True)
     if apply:
+        import redis as redis_sync
         from llm_lab_router.redis_url import sync_client
 
         client_ = sync_client(redis_url)
         try:
             saved = apply_worker_user(client_, worker_id, line)
-        except Exception as exc:  # redis-py's errors: a wrong URL, not an admin
+        except (redis_sync.RedisError, OSError) as exc:  # a wrong URL, Redis away, not an admin
             click.echo(f"error: could not create the user in Redis: {exc}", err=True)
             sys.exit(1)
         finally:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from llm_lab_router.protocol import valid_worker_id
 from llm_lab_router.shipped import REDIS_USERS, shipped
+from redis.exceptions import ResponseError
 
 ROLES = ("admin", "router", "reader")  # the users of a lab as a whole; workers have one each
 DEFAULT_PREFIX = "llm:"  # the key prefix the shipped patterns name
@@ -101,7 +102,7 @@ def apply_worker_user(admin_client, wid: str, acl_line: str) -> bool:
     admin_client.execute_command("ACL", "SETUSER", worker_user(wid), "reset", *acl_line.split()[2:])
     try:
         admin_client.execute_command("ACL", "SAVE")
-    except Exception as exc:  # redis-py's ResponseError: "This Redis instance is not configured to use an ACL file"
+    except ResponseError as exc:  # "This Redis instance is not configured to use an ACL file"
         if "ACL file" not in str(exc):
             raise
         return False

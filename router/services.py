@@ -44,19 +44,24 @@ def pooled(redis_url: str, size: int, wait: float) -> Redis:
                          retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
 
+def blocking(redis_url: str) -> Redis:
+    """A client for what legitimately waits (``BLPOP``, a subscription): no socket timeout, no
+    silent reconnect (the caller notices a lost connection)."""
+    return async_client(redis_url, socket_timeout=None, socket_connect_timeout=2, socket_keepalive=True,
+                        retry=Retry(NoBackoff(), 0))
+
+
 class Services:
     def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
         self.redis = pooled(redis_url, self.options.redis_connections, wait=5.0)
-        self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
-                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.blocking = blocking(redis_url)
         self.shutdown = asyncio.Event()
         self.view_redis, self.view_blocking = self.redis, self.blocking
         if (read_url := self.options.redis_read_url) and read_url != redis_url:
             self.view_redis = pooled(read_url, self.options.redis_connections, wait=5.0)
-            self.view_blocking = async_client(read_url, socket_timeout=None, socket_connect_timeout=2,
-                                              socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+            self.view_blocking = blocking(read_url)
         self.view = ClusterView(self.view_redis, self.keys, pubsub_redis=self.view_blocking,
                                 resync_interval=self.options.resync_interval,
                                 empty_grace=self.options.empty_grace)

@@ -45,11 +45,11 @@ from llm_lab_router.worker.devices import DeviceProbe
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
+from llm_lab_router.worker.legacy import LegacyMirror
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.process import HostContext, ModelProcess
-from llm_lab_router.worker.legacy import LegacyMirror
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
 from redis.asyncio.retry import Retry

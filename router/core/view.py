@@ -399,7 +399,6 @@ class ClusterView:
             log.warning("ignoring %s written by worker %r: a worker speaks only for itself "
                         "(a compromised host? docs/security.md); further ones are dropped silently", what, wid)
 
-
     def _lease(self, wid: str, data: dict) -> WorkerInfo | None:
         return _decode(lambda: from_hash(data, WorkerInfo), f"lease of worker {wid}") if data else None
 
@@ -575,9 +574,10 @@ class ClusterView:
         sender = self.keys.worker_of_channel(channel)
         if not valid_worker_id(sender):
             return
-        if event.worker != sender or (event.instance is not None and not self._owned(sender, event.instance)):
-            if event.worker != sender:
-                self._forged(sender, f"an event of worker {event.worker!r}")
+        if event.worker != sender:
+            self._forged(sender, f"an event of worker {event.worker!r}")
+            return
+        if event.instance is not None and not self._owned(sender, event.instance):
             return
         wid = self.apply_event(event)
         if wid is not None:
