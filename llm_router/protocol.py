@@ -4,7 +4,7 @@ This is the one module that knows how keys are spelled and how messages are enco
 (the redis-py lesson: one place owns the wire format). Routers and workers import
 ``Keys`` and the structs from here; nothing else builds a key string by hand.
 
-Layout (prefix ``llm:`` by default; the README documents each key for ``redis-cli``).
+Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``).
 
 Who may write what is part of the wire format (docs/security.md, examples/redis-users.acl):
 everything a worker owns is under ``llm:w:{wid}:`` (its id in a fixed place, which Redis 6.2 ACL
@@ -257,6 +257,7 @@ class Instance(msgspec.Struct, kw_only=True):
     started_at: float = 0.0
     updated_at: float = 0.0
     last_error: str = ""
+    last_error_at: float = 0.0  # unix time (the worker's) of last_error; both stay after a recovery
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
@@ -296,7 +297,7 @@ class WorkerVersion:
 
 
 class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A request to a worker, added to ``llm:commands:{wid}``."""
+    """A request to a worker, added to ``llm:cmd:{wid}``."""
 
     op: CommandOp
     id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
@@ -304,6 +305,9 @@ class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
     keep_minutes: int = 0
     sent_at: float = msgspec.field(default_factory=time.time)
     deadline: float = 0.0  # unix time after which the sender no longer waits; 0 = none
+    # start: for a request (True) or an operator (False). An on-demand start of a failed model is a
+    # restart (counted, backed off, bounded by max_restarts); only an operator's resets the budget.
+    on_demand: bool = False
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -6,6 +6,10 @@ worker and one router. Each child gets its own process group; Ctrl-C or SIGTERM 
 router, then the worker (which stops its models), then Redis — nothing is left running.
 If a child dies on its own, everything is stopped and ``up`` exits 1.
 
+The port is checked before anything starts (a busy one is one line naming it and ``--port``,
+exit 1), and ``serving http://…`` is printed only once the router answers there; then the URL
+is recorded for the client commands (``llm_router.up_url``) until ``up`` stops.
+
 A private Redis is locked down as a lab's is: data directory 0700, ``default`` user off, the
 shipped ACL users with passwords generated once and kept in the data directory
 (``redis_users.PrivateUsers``), the worker logging in as its own user (``worker.<id>``), the
@@ -19,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +35,9 @@ from llm_lab_router.redact import redact_url
 from llm_lab_router.redis_server import RedisServer, free_port
 from llm_lab_router.redis_url import parse_sentinel_url, sync_client
 from llm_lab_router.redis_users import PrivateUsers, worker_user
+from llm_lab_router.up_url import client_url, forget, record
+
+HEALTH_POLL = 0.1  # s between checks that the router answers
 
 
 def redis_answers(url: str) -> bool:
@@ -98,11 +107,32 @@ def start_private_redis(data_dir: Path, port: int, prefix: str, worker_id: str) 
     return server, urls
 
 
+def router_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class WorkerArgs:
+    """What ``up`` passes on to its worker (``--worker-id``, ``--state-dir``)."""
+
+    worker_id: str  # as the worker will call itself (the config's, the host name, or the override)
+    argv: list[str] = field(default_factory=list)
+
+
 def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str,
-           serve_args: list[str] | None = None, worker_id: str = "") -> int:
-    """``worker_id``: the worker's (its config's), whose own Redis user a private Redis gets."""
+           serve_args: list[str] | None = None, worker: WorkerArgs | None = None) -> int:
+    if not port_is_free(host, port):
+        print(f"llm-router up: port {port} on {host} is in use (another llm-router up?); "
+              f"choose a free one with --port", file=sys.stderr)
+        return 1
+    worker = worker or WorkerArgs(worker_id="")
     stack = Stack()
     stopping = False
+    recorded: Path | None = None
 
     def on_signal(signum, _frame) -> None:
         nonlocal stopping
@@ -121,16 +151,21 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
                 print(f"llm-router up: no Redis answers at {redact_url(redis_url)}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None
             rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
-            stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix, worker_id)
-            worker_url, router_url, reader_url = urls[worker_user(worker_id)], urls["router"], urls["reader"]
+            stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix, worker.worker_id)
+            worker_url, router_url, reader_url = urls[worker_user(worker.worker_id)], urls["router"], urls["reader"]
         env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
         cli = [sys.executable, "-m", "llm_lab_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url},
-                    stop_signal=signal.SIGINT)
+        stack.spawn("worker", [*cli, "worker", "--config", config_path, *worker.argv],
+                    {**env, "LLM_ROUTER_REDIS_URL": worker_url}, stop_signal=signal.SIGINT)
         stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
                     {**env, "LLM_ROUTER_REDIS_URL": router_url, "LLM_ROUTER_REDIS_READ_URL": reader_url})
-        print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",
-              file=sys.stderr)
+        url = client_url(host, port)
+        while not stopping and not stack.dead_child() and not router_answers(url):
+            time.sleep(HEALTH_POLL)
+        if not stopping and not stack.dead_child():
+            recorded = record(url, worker.worker_id)
+            print(f"llm-router up: serving {url} (config {config_path}); Ctrl-C stops everything",
+                  file=sys.stderr)
         while not stopping:
             dead = stack.dead_child()
             if dead:
@@ -143,5 +178,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        if recorded is not None:
+            forget(recorded)
         stack.stop()
         print("llm-router up: stopped", file=sys.stderr)

@@ -15,9 +15,11 @@ number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
+from llm_lab_router.loops import supervised
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
 from llm_lab_router.router.control.admin import Manager
@@ -36,6 +38,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+
+log = logging.getLogger("router")
 
 def pooled(redis_url: str, size: int, wait: float) -> Redis:
     """A client on a pool of at most ``size`` connections, where a caller
@@ -63,7 +67,7 @@ class Services:
             self.view_redis = pooled(read_url, self.options.redis_connections, wait=5.0)
             self.view_blocking = blocking(read_url)
         self.view = ClusterView(self.view_redis, self.keys, pubsub_redis=self.view_blocking,
-                                resync_interval=self.options.resync_interval,
+                                resync_interval=self.options.resync_interval, pubsub_check=self.options.pubsub_check,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
@@ -94,10 +98,10 @@ class Services:
 
     async def start(self) -> None:
         await self.view.start()
-        self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
-        self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
+        loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity)]
         if self.options.scheduler == "swap":
-            self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
+            loops.append(("claims", self.control.watch_claims))
+        self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -110,10 +114,9 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task"):
-            if task := getattr(self, name, None):
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        for task in getattr(self, "_loops", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_loops", []), return_exceptions=True)
         await self.quotas.close()
         await self.view.close()
         await self.upstream.close()

@@ -254,6 +254,8 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
                        for ln in lines), lines
             instances = await page.js(text_of("row-tiny"))
             assert "pid " in instances and "127.0.0.1:" in instances, instances
+            # the engine's address is text: a link to 127.0.0.1 is wrong from another machine
+            assert await page.js("!document.querySelector('[data-testid=row-tiny] a')"), "an instance links its engine"
             await page.wait("!!document.querySelector('[data-testid=stop-tiny]')", message="a Stop button")
 
             await asyncio.sleep(0.5)  # let the bars' width transition settle for the picture
@@ -263,6 +265,17 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
             await page.click("stop-tiny")
             await page.wait(f"{text_of('status-tiny')} === 'stopped'", timeout=20, message="tiny stopped")
             await page.wait("!!document.querySelector('[data-testid=start-tiny]')", message="Start offered again")
+
+            # each instance has its own Start/Stop, which name its host (?worker=)
+            await page.js("""window.__posts = []; const realFetch = window.fetch;
+                window.fetch = (url, opts) => { if (opts?.method === 'POST') window.__posts.push(String(url));
+                                                return realFetch(url, opts); }; true""")
+            await page.click(f"start-tiny@{WORKER}")
+            await page.wait(f"{text_of('status-tiny')} === 'running'", timeout=30, message="tiny running on its host")
+            await page.click(f"stop-tiny@{WORKER}")
+            await page.wait(f"{text_of('status-tiny')} === 'stopped'", timeout=20, message="tiny stopped on its host")
+            assert await page.js("window.__posts") == [f"/api/models/tiny/start?worker={WORKER}&wait=false",
+                                                       f"/api/models/tiny/stop?worker={WORKER}"]
             assert page.errors == [], page.errors
         except BaseException:
             await page.screenshot(SCREENSHOT.with_name("dashboard-failure.png"))  # what the page showed

@@ -335,3 +335,34 @@ def test_cluster_metrics_follow_changes_after_being_cached() -> None:
     second = metrics.render().decode()
     assert 'llm_router_instances{model="chat",worker="w1",state="running"} 1.0' in second
     assert 'state="stopped"' not in second and 'worker="w2"' not in second
+
+
+def test_a_background_start_that_fails_unexpectedly_leaves_a_log_line(caplog):
+    """``?wait=false`` starts run with nobody waiting: a failure other than ``ControlError``
+    (a Redis error, a bug) was dropped without a word."""
+    import asyncio
+    import logging
+
+    from llm_lab_router.protocol import Keys
+    from llm_lab_router.router.control.client import ControlClient, ControlError
+
+    async def scenario() -> None:
+        client = ControlClient(None, None, Keys(), None)  # type: ignore[arg-type]  (nothing reaches Redis)
+
+        async def broken(model: str, *args):
+            raise RuntimeError("boom")
+
+        async def refused(model: str, *args):
+            raise ControlError("no room")
+
+        client._start = broken  # type: ignore[method-assign]
+        await asyncio.gather(client.start_in_background("m", 1.0), return_exceptions=True)
+        client._start = refused  # type: ignore[method-assign]
+        await asyncio.gather(client.start_in_background("n", 1.0), return_exceptions=True)
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING, logger="router.control"):
+        asyncio.run(scenario())
+    lines = {r.getMessage(): r for r in caplog.records if r.name == "router.control"}
+    assert "start of m failed" in lines and "boom" in str(lines["start of m failed"].exc_info[1])
+    assert "start of n failed: no room" in lines

@@ -75,12 +75,13 @@ class Worker:
         self.config.write_text("\n".join(lines) + "\n")
         return self.config
 
-    def start(self, models: list[dict] | None = None, wait: bool = True, **settings) -> subprocess.Popen:
+    def start(self, models: list[dict] | None = None, wait: bool = True, env: dict[str, str] | None = None,
+              **settings) -> subprocess.Popen:
         if models is not None or self.config is None:
             self.write_config(models or [], **settings)
         self.proc = self.procs.start([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(self.config),
                                       "--redis", role_url(self.redis_url, "worker", self.wid), "--worker-id", self.wid],
-                                     name="worker", stop_signal=signal.SIGINT)
+                                     name="worker", stop_signal=signal.SIGINT, env=env)
         if wait:
             wait_for(lambda: self.rds.hget(KEYS.worker(self.wid), "pid") == str(self.proc.pid)
                      or self.proc.poll() is not None, message="the worker's lease")  # not a dead one's

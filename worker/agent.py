@@ -38,6 +38,7 @@ from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, LegacyKeys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.loops import supervised
 from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
@@ -126,11 +127,11 @@ class WorkerAgent:
             raise
         await self._adopt()
         self.logs.start()
-        loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
+        loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
             ("idle", self.idle.run)]]
-        intakes = [asyncio.create_task(_forever("commands", i.run), name="commands") for i in self.intakes]
-        reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
+        intakes = [supervised("commands", i.run, log) for i in self.intakes]
+        reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
                      for mp in self.models.values() if mp.model.auto_start]
         try:
@@ -272,6 +273,7 @@ class WorkerAgent:
             log.error("config reload failed, keeping the config in force: %s", exc)
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
+        new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
         if new.worker != self.settings:
             log.warning("[worker] settings changed in %s: they apply when the worker restarts", new.path)
         new.worker = self.settings
@@ -453,19 +455,6 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
     for task in tasks:
         task.cancel()
     await _wait(tasks, SHUTDOWN_TIMEOUT)
-
-
-async def _forever(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
-    """Run a loop; if it dies of a bug, log the traceback and start it again a second later."""
-    while True:
-        try:
-            await loop_fn()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s loop failed; restarting it", name)
-            await asyncio.sleep(1.0)
 
 
 def _safe_url(client: aredis.Redis) -> str:

@@ -55,10 +55,11 @@ class Operations:
         mp = self._find(cmd.model)
         if mp is None:
             return self._unknown(cmd)
-        inst = await mp.ensure_running()
+        inst = await mp.ensure_running(on_demand=cmd.on_demand)
         if inst.state == "running":
             return self._reply(cmd, True, f"model '{inst.model}' is running at {inst.url}", state=inst.state)
-        return self._reply(cmd, False, inst.last_error or f"model '{inst.model}' is {inst.state}",
+        why = "; ".join(filter(None, [inst.last_error, mp.refusal])) or f"model '{inst.model}' is {inst.state}"
+        return self._reply(cmd, False, why,
                            state=inst.state, log_tail=mp.log_tail(TAIL_IN_REPLY),
                            no_room=mp.host.placer.lost_on_vram(mp.model.id))
 

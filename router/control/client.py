@@ -105,14 +105,16 @@ class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
-def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
-    """How a start on ``wid`` stands: ``running`` (some instance serves the model),
+def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
+                  anywhere: bool = True) -> str:
+    """How a start on ``wid`` stands: ``running`` (some instance serves the model; with
+    ``anywhere`` false, a start on that host only, the instance on ``wid``),
     ``failed`` (the instance on ``wid`` failed, updated after ``since``: the ``updated_at`` it
     had when the command was sent, so only the worker's clock is compared), ``lost`` (it became
     running after ``since`` but is stopping or stopped already), ``gone`` (the worker left) or
     ``""`` (still waiting)."""
     instances = list(instances)
-    if any(i.state == "running" and i.url for i in instances):
+    if any(i.state == "running" and i.url and (anywhere or i.worker == wid) for i in instances):
         return "running"
     if wid not in set(live):
         return "gone"
@@ -144,7 +146,7 @@ class ControlClient:
         self.scheduler = scheduler
         self.metrics = metrics
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
-        self._starts: dict[str, asyncio.Task[Reply]] = {}
+        self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
         self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
@@ -213,13 +215,24 @@ class ControlClient:
 
     # --- model lifecycle ---
 
-    async def ensure_running(self, model: str, timeout: float) -> None:
-        """Return once some instance of ``model`` runs, starting it if needed (shared start)."""
-        if not self.view.running_instances(model):
-            await self.start(model, timeout)
+    def running_on(self, model: str, host: str | None = None) -> list[Instance]:
+        """The running instances of ``model`` (on ``host`` only, when given)."""
+        return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
-    async def start(self, model: str, timeout: float) -> Reply:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None,
+                             by_operator: bool = False) -> None:
+        """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
+        needed (shared start).
+
+        ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
+        restart budget on its worker; a start for a request is a restart of a failed model,
+        counted, backed off and bounded there (``Command.on_demand``)."""
+        if not self.running_on(model, host):
+            await self.start(model, timeout, host, by_operator)
+
+    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
+        ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
@@ -228,36 +241,50 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
-    def start_in_background(self, model: str, timeout: float) -> asyncio.Task[Reply]:
+    def start_in_background(self, model: str, timeout: float, host: str | None = None,
+                            by_operator: bool = False) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
-        task = self._starts.get(model)
+        key = (model, host)
+        task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout), name=f"start-{model}")
-            self._starts[model] = task
-            task.add_done_callback(lambda t: self._start_done(model, t))
+            task = asyncio.create_task(self._start(model, timeout, host, by_operator), name=f"start-{model}")
+            self._starts[key] = task
+            task.add_done_callback(lambda t: self._start_done(key, t))
         return task
 
-    def _start_done(self, model: str, task: asyncio.Task) -> None:
-        if self._starts.get(model) is task:
-            del self._starts[model]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+    def _candidates(self, model: str, host: str | None) -> dict[str, CatalogEntry]:
+        """The hosts a start may use: every live one whose catalog has ``model``, or ``host`` alone."""
+        entries = self.view.catalog_entries(model)
+        return entries if host is None else {w: e for w, e in entries.items() if w == host}
 
-    async def _start(self, model: str, timeout: float) -> Reply:
+    def _start_done(self, key: tuple[str, str | None], task: asyncio.Task) -> None:
+        model = key[0]
+        if self._starts.get(key) is task:
+            del self._starts[key]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
+
+    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
-        (``router.control.scheduler``: residency, drain, turn), waiting in ``llm:waiting`` meanwhile."""
+        (``router.control.scheduler``: residency, drain, turn), waiting in ``llm:waiting`` meanwhile.
+        With ``host``, the same with that one host as the only candidate."""
         view = self.view
-        entries = view.catalog_entries(model)
+        entries = self._candidates(model, host)
         if not entries:
-            raise ControlError(f"no live worker can run model '{model}'")
+            raise ControlError(f"no live worker can run model '{model}'" + (f" on '{host}'" if host else ""))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + start_wait(timeout, entries.values())
         began = time.time()
@@ -272,7 +299,8 @@ class ControlClient:
                     order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
                 for wid in order:
                     try:
-                        return await self._start_on(wid, model, deadline)
+                        return await self._start_on(wid, model, deadline, anywhere=host is None,
+                                                    by_operator=by_operator)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -288,7 +316,7 @@ class ControlClient:
                 if decision.action == "evict" and decision.plan is not None:
                     await self._evict(decision.plan, model, deadline)
                     try:
-                        return await self._start_on(decision.plan.worker, model, deadline)
+                        return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
                         continue  # the room went to another start (a router not yet aware of us)
                     finally:
@@ -304,7 +332,7 @@ class ControlClient:
                 await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
-                entries = view.catalog_entries(model) or entries
+                entries = self._candidates(model, host) or entries
         finally:
             self.pending.pop(model, None)
             try:
@@ -378,19 +406,21 @@ class ControlClient:
     def _left(deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    async def _start_on(self, wid: str, model: str, deadline: float) -> Reply:
+    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True,
+                        by_operator: bool = False) -> Reply:
+        """Start ``model`` on ``wid`` and wait until it serves (``anywhere``: or another host serves it)."""
         view = self.view
         timeout = self._left(deadline)
         was = next((i for i in view.instances(model) if i.worker == wid), None)
         before = was.updated_at if was else -1.0
         sent = time.monotonic()
-        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
             error = NoRoom if reply.no_room else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
-            lambda: start_outcome(view.instances(model), wid, view.workers(), before), self._left(deadline))
+            lambda: start_outcome(view.instances(model), wid, view.workers(), before, anywhere), self._left(deadline))
         if outcome == "running":
             if self.metrics is not None and (was is None or was.state not in ACTIVE_STATES):
                 self.metrics.cold_started(model, time.monotonic() - sent)
@@ -406,11 +436,12 @@ class ControlClient:
             raise NoRoom(f"model '{model}' was stopped on '{wid}' right after it started")
         raise ControlError(f"model '{model}' did not become ready within {timeout:g}s")
 
-    async def stop(self, model: str, timeout: float) -> list[Reply]:
+    async def stop(self, model: str, timeout: float, host: str | None = None) -> list[Reply]:
         """Stop ``model`` everywhere: every live worker that can run it is asked (idempotent
-        on the worker), so a start this router has not seen yet is stopped too."""
-        wids = sorted(set(self.view.catalog_workers(model)) |
-                      {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        on the worker), so a start this router has not seen yet is stopped too. ``host``: that
+        worker only."""
+        wids = [host] if host is not None else sorted(
+            set(self.view.catalog_workers(model)) | {i.worker for i in self.view.instances(model) if i.state != "stopped"})
         return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
 
     async def stop_all(self, timeout: float) -> list[Reply]:

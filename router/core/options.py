@@ -36,6 +36,7 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
     scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
+    pubsub_check: Seconds = 1.0  # a silent events subscription is PINGed this often; dead after 3 silent checks
     # The Redis URL the cluster view reads the workers' records with (LLM_ROUTER_REDIS_READ_URL):
     # a read-only user (``reader`` in examples/redis-users.acl), because on Redis 6.2 a user that
     # may read a key may write it with any command it has, and the router's own user must not

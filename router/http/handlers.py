@@ -243,17 +243,20 @@ class ModelHandler(BaseHandler):
 
 
 class StartHandler(BaseHandler):
-    QUERY = ("wait",)
+    QUERY = ("wait", "worker")
 
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
-        status, body = await self.services.manager.start(alias, wait)
+        worker = self.params.worker.parse(self.query_args)
+        status, body = await self.services.manager.start(alias, wait, worker)
         self.reply(body, status)
 
 
 class StopHandler(BaseHandler):
+    QUERY = ("worker",)
+
     async def post(self, alias: str) -> None:
-        self.reply(await self.services.manager.stop(alias))
+        self.reply(await self.services.manager.stop(alias, self.params.worker.parse(self.query_args)))
 
 
 class StopAllHandler(BaseHandler):

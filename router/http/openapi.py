@@ -25,8 +25,9 @@ from llm_lab_router import __version__
 from llm_lab_router.router.core.errors import Failure, OpenAIError
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
+    AllStopped,
+    Cleared,
     DevicesResult,
-    Done,
     Health,
     LogStatsResult,
     ModelCard,
@@ -34,6 +35,8 @@ from llm_lab_router.router.core.responses import (
     ModelList,
     Restarted,
     ServerInfo,
+    Started,
+    Stopped,
 )
 from llm_lab_router.router.http.debug import DebugStats
 from llm_lab_router.router.http.query import route_params
@@ -41,8 +44,8 @@ from llm_lab_router.router.logs.stream import LogEvent
 
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
-RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Done, Restarted, LogStatsResult, DevicesResult,
-             DebugStats, LogEvent, Failure, OpenAIError)
+RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Started, Stopped, AllStopped, Cleared, Restarted,
+             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError)
 
 
 # --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
@@ -114,7 +117,7 @@ def _ref(cls: type) -> Json:
 
 CAUSES = {400: "bad request or parameter (unknown, repeated, empty or invalid query parameter, ...)",
           401: "missing or invalid API key (keys on)", 403: "admin key needed (keys on)",
-          404: "unknown model or route", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
+          404: "unknown model, route or worker", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
           502: "engine unreachable", 503: "model not running / start failed / Redis unreachable", 504: "engine timeout"}
 
 
@@ -183,13 +186,14 @@ def paths(options: RouterOptions) -> Json:
                                        openai=True, body=EmbeddingRequest)},
         "/api/models/restart-autostart": {"post": _op("stop every model, then start every auto_start model",
                                                       _ref(Restarted), 503, admin=True)},
-        "/api/models/stop-all": {"post": _op("stop every model on every host", _ref(Done), 503, admin=True)},
+        "/api/models/stop-all": {"post": _op("stop every model on every host", _ref(AllStopped), 503, admin=True)},
         "/api/models/{alias}/start": {"post": _op(
-            "start a model and wait until it serves", _ref(Done), 404, 503, admin=True,
-            params=[_alias(), q.wait.openapi()],
-            also={"202": _json(_ref(Done), "wait=false: the start has begun, the model is not running yet")})},
-        "/api/models/{alias}/stop": {"post": _op("stop a model on every host", _ref(Done), 404, 503,
-                                                 params=[_alias()], admin=True)},
+            "start a model (on one host with worker) and wait until it serves", _ref(Started), 404, 503, admin=True,
+            params=[_alias(), q.wait.openapi(), q.worker.openapi()],
+            also={"202": _json(_ref(Started), "wait=false: the start has begun, the model is not running yet")})},
+        "/api/models/{alias}/stop": {"post": _op("stop a model on every host (on one host with worker)",
+                                                 _ref(Stopped), 404, 503, params=[_alias(), q.worker.openapi()],
+                                                 admin=True)},
         "/api/models/{alias}/info": {"get": _op("one model in detail, with each instance", _ref(ModelInfo), 404,
                                                 params=[_alias()])},
         "/api/models/{alias}/logs/stream": {"get": _op(
@@ -200,7 +204,7 @@ def paths(options: RouterOptions) -> Json:
             ok_type="text/event-stream")},
         "/api/logs/stats": {"get": _op("log entries per model, summed", _ref(LogStatsResult), 503)},
         "/api/logs/{alias}/clear": {"post": _op("delete a model's log entries older than keep_minutes",
-                                                _ref(Done), 404, 503, params=[_alias(), q.keep_minutes.openapi()],
+                                                _ref(Cleared), 404, 503, params=[_alias(), q.keep_minutes.openapi()],
                                                 admin=True)},
         "/api/devices/info": {"get": _op("devices of every host: the cluster total, then per host",
                                          _ref(DevicesResult), 503)},

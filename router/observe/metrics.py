@@ -91,6 +91,8 @@ class RouterMetrics:
                                     "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
                                     "start; slot: for a concurrency slot)", ["model", "cause"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_restarts = Counter("llm_router_loop_restarts", "Background loops (usage, quotas, claims, "
+                                     "capacity) restarted after an unexpected exception", ["loop"], registry=r)
         self._children: dict[tuple, object] = {}
         self.scraped = r
         if shared_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -118,6 +120,9 @@ class RouterMetrics:
 
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
+
+    def loop_restarted(self, loop: str) -> None:
+        self._child(self.loop_restarts, loop).inc()
 
     def swapped(self, model: str) -> None:
         """Models were evicted to make room for ``model``."""
