@@ -280,7 +280,7 @@ def redis_user_add_worker(worker_id: str, prefix: str, password_file: str | None
     try:
         password, line = new_worker(check_worker_id(worker_id), prefix)
         path = write_secret(password_file or f"worker.{worker_id}.password", password + "\n")
-    except (ConfigError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(line)
@@ -305,7 +305,7 @@ def _worker_id(cfg) -> str:
     """The host's worker id, or exit 2 with one line when it cannot name a Redis user and keys."""
     try:
         return check_worker_id(cfg.worker_id)
-    except ConfigError as exc:
+    except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

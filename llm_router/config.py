@@ -335,10 +335,10 @@ def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collecto
 WORKER_ID_RULE = "is not 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
 
 
-def check_worker_id(wid: str, where: str = "worker id") -> str:
-    """``wid`` if it is a valid worker id (``WORKER_ID_RULE``), else ``ConfigError``."""
+def check_worker_id(wid: str) -> str:
+    """``wid`` if it is a valid worker id (``WORKER_ID_RULE``), else ``ValueError`` saying so."""
     if not valid_worker_id(wid):
-        raise ConfigError(f"{where}: {wid!r} {WORKER_ID_RULE} (set [worker] id or --worker-id)")
+        raise ValueError(f"worker id {wid!r} {WORKER_ID_RULE} (set [worker] id or --worker-id)")
     return wid
 
 

@@ -232,3 +232,7 @@ def test_a_worker_id_that_could_cover_anothers_keys_is_refused(redis_url, tmp_pa
                                "--redis", redis_url, "--worker-id", wid or " "], capture_output=True, text=True,
                               timeout=30)
         assert done.returncode == 2 and "is not 1-64 of" in done.stderr, done.stderr
+    (tmp_path / "bad.toml").write_text('[worker]\nid = "gpu1:x"\n' + config.read_text().split("\n", 1)[1])
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(tmp_path / "bad.toml"),
+                           "--redis", redis_url], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "bad.toml:2: worker: id: 'gpu1:x' is not 1-64 of" in done.stderr, done.stderr
