@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 from llm_lab_router import __version__, client, presets
-from llm_lab_router.config import ConfigError, default_config_path, load_config
+from llm_lab_router.config import ConfigError, check_worker_id, default_config_path, load_config
 from llm_lab_router.redact import redact_argv
 from llm_lab_router.safepath import safe_python_m
 from llm_lab_router.shipped import MissingFile
@@ -108,6 +108,7 @@ def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str 
     (within [worker] adopt_timeout); SIGINT (Ctrl-C) stops its models first."""
     cfg = _load(config_path)
     _override(cfg, worker_id, state_dir)
+    _worker_id(cfg)
     if stop_models:
         from llm_lab_router.worker.handover import stop_models_now
 
@@ -190,7 +191,7 @@ def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, p
     serve_args = ["--workers", str(router_workers),
                   *_access_args(api_keys_file, admin_keys_file, read_access, insecure)]
     sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args,
-                    WorkerArgs(cfg.worker_id, worker_argv)))
+                    WorkerArgs(_worker_id(cfg), worker_argv)))
 
 
 @main.group("config")
@@ -253,6 +254,61 @@ main.add_command(config_check, "config-check")  # the first spelling, kept for s
 def _show_argv(argv: list[str]) -> str:
     """An argv as a shell line, placeholders such as ``{port}`` left unquoted for reading."""
     return " ".join(a if re.fullmatch(r"[\w@%+=:,./{}-]+", a) else shlex.quote(a) for a in argv)
+
+
+@main.group("redis-user")
+def redis_user_group() -> None:
+    """Redis ACL users of a lab (examples/redis-users.acl, docs/security.md)."""
+
+
+@redis_user_group.command("add-worker")
+@click.argument("worker_id")
+@prefix_option
+@click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the new password (mode 0600, never overwritten). Default: ./worker.<ID>.password.")
+@click.option("--apply", is_flag=True,
+              help="Also create the user in the Redis at --redis, as its admin (ACL SETUSER, then ACL SAVE). "
+                   "Give the admin's URL in LLM_ROUTER_REDIS_URL: a command line is visible to every local user.")
+@redis_option
+def redis_user_add_worker(worker_id: str, prefix: str, password_file: str | None, apply: bool, redis_url: str) -> None:
+    """Make the Redis user of worker WORKER_ID (a new host): print its ACL line, write its password.
+
+    The user may write only that worker's records and read only its command stream. Add the
+    line to the ACL file Redis loads (or use --apply); the worker then logs in with
+    LLM_ROUTER_REDIS_URL=redis://worker.<ID>:<password>@<redis host>:6379/0."""
+    from llm_lab_router.redis_users import apply_worker_user, new_worker, worker_user, write_secret
+
+    try:
+        password, line = new_worker(check_worker_id(worker_id), prefix)
+        path = write_secret(password_file or f"worker.{worker_id}.password", password + "\n")
+    except (ValueError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(line)
+    click.echo(f"password of Redis user {worker_user(worker_id)} written to {path} (mode 0600)", err=True)
+    if apply:
+        import redis as redis_sync
+        from llm_lab_router.redis_url import sync_client
+
+        client_ = sync_client(redis_url)
+        try:
+            saved = apply_worker_user(client_, worker_id, line)
+        except (redis_sync.RedisError, OSError) as exc:  # a wrong URL, Redis away, not an admin
+            click.echo(f"error: could not create the user in Redis: {exc}", err=True)
+            sys.exit(1)
+        finally:
+            client_.close()
+        click.echo("created in Redis" + (" and saved to its ACL file" if saved else
+                                         "; it has no ACL file: add the line to its config"), err=True)
+
+
+def _worker_id(cfg) -> str:
+    """The host's worker id, or exit 2 with one line when it cannot name a Redis user and keys."""
+    try:
+        return check_worker_id(cfg.worker_id)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 def _load(config_path: str | None):

@@ -21,6 +21,7 @@ from typing import Annotated
 import msgspec
 from llm_lab_router.model_config import DeviceProfile, ModelConfig
 from llm_lab_router.presets import apply_preset
+from llm_lab_router.protocol import valid_worker_id
 from llm_lab_router.schema_check import check_table
 from llm_lab_router.toml_text import TablePath, TomlLines, syntax_problem
 
@@ -75,6 +76,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_spool_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0  # per model: log lines kept on disk until shipped
     # After SIGTERM (an upgrade) the models keep running this long for the next worker to adopt.
     adopt_timeout: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Upgrade window to per-worker Redis users: also write the key layout routers of older
+    # releases read, and take their commands (worker/legacy.py; docs/deploy.md). Needs the old
+    # shared ``worker`` Redis user; turn it off (and log in as ``worker.<id>``) once every router is new.
+    legacy_keys: bool = False
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -184,9 +189,12 @@ def check_config(text: str | bytes, source: str = "<config>") -> Checked:
             for name in _written_names(written):
                 seen.setdefault(name, str(written.get("id")))
     if ("worker",) not in report.failed:
-        lo, hi = msgspec.convert(raw.get("worker", {}), WorkerSettings).port_range
+        settings = msgspec.convert(raw.get("worker", {}), WorkerSettings)
+        lo, hi = settings.port_range
         if not 0 < lo <= hi <= 65535:
             report(("worker",), "port_range", "", f"{[lo, hi]} is not [low, high] within 1..65535")
+        if settings.id and not valid_worker_id(settings.id):
+            report(("worker",), "id", "", f"{settings.id!r} {WORKER_ID_RULE}")
     if report.problems:
         return Checked(None, report.problems, lines)
     cfg = msgspec.convert({k: v for k, v in raw.items() if k != "models"}, HostConfig)
@@ -234,6 +242,18 @@ def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collecto
             report(at, "fallbacks", "", f"{name!r} is not another model's id or alias")
     if m.health and not m.health.startswith("/"):
         report(at, "health", "", f"must be a path starting with '/', got {m.health!r}")
+
+
+# A worker id names its Redis user and its keys (``llm:w:{wid}:*``, an ACL pattern): no ``:``
+# and no glob character, so no worker's pattern can cover another's keys.
+WORKER_ID_RULE = "is not 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+
+
+def check_worker_id(wid: str) -> str:
+    """``wid`` if it is a valid worker id (``WORKER_ID_RULE``), else ``ValueError`` saying so."""
+    if not valid_worker_id(wid):
+        raise ValueError(f"worker id {wid!r} {WORKER_ID_RULE} (set [worker] id or --worker-id)")
+    return wid
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:

@@ -96,7 +96,7 @@ def secret_model(model_id: str, *extra: str) -> str:
 
 
 def test_engine_environment_has_no_worker_secrets(procs, redis_url, rds, tmp_path: Path) -> None:
-    worker_url = role_url(redis_url, "worker")
+    worker_url = role_url(redis_url, "worker", "w-env")
     password = worker_url.split("@")[0].rsplit(":", 1)[1]
     config = write_config(tmp_path / "env.toml", model_block("envy", auto_start=True)
                           + 'env = { MY_SETTING = "on-purpose" }\n')

@@ -202,7 +202,8 @@ def test_non_loopback_without_keys_refuses_to_start(command, tmp_path) -> None:
 def test_insecure_flag_lets_it_start(procs, redis_url) -> None:
     port = free_port()
     proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", role_url(redis_url, "router"),
-                        "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure")
+                        "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure",
+                       env={"LLM_ROUTER_REDIS_READ_URL": role_url(redis_url, "reader")})
 
     def up() -> bool:
         assert proc.poll() is None, procs.log(proc)

@@ -4,10 +4,10 @@ The logic lives elsewhere (``ModelProcess``: the state machine; ``LogPipe``: log
 ``placement``: where a model runs; ``commands``: the command stream; ``orphans``: leftovers of
 a previous run). This module only connects them and owns the worker's own keys:
 
-- the lease ``llm:worker:{wid}`` (heartbeat, with a TTL), the catalog, the instance hashes and
-  the events on ``llm:events``, all written by one publisher task in order, so an old state can
-  never overwrite a newer one;
-- the device snapshot ``llm:devices:{wid}``.
+- the lease ``llm:w:{wid}:lease`` (heartbeat, with a TTL), the catalog, the instance hashes and
+  the events on ``llm:events:{wid}``, all written by one publisher task in order, so an old state
+  can never overwrite a newer one;
+- the device snapshot ``llm:w:{wid}:devices``.
 
 Redis may vanish at any time: every loop logs one line, backs off, and the whole state is
 published again when Redis answers (it may have restarted empty). Model processes keep running
@@ -36,7 +36,7 @@ from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, LegacyKeys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.loops import supervised
 from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import FoundEngine, find_engines, matches
@@ -45,6 +45,7 @@ from llm_lab_router.worker.devices import DeviceProbe
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
+from llm_lab_router.worker.legacy import LegacyMirror
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.ownership import Records
@@ -70,6 +71,7 @@ class WorkerAgent:
         self.settings = cfg.worker
         self.wid = cfg.worker_id
         self.keys = Keys(prefix)
+        self.legacy = LegacyKeys(prefix) if self.settings.legacy_keys else None  # worker.legacy
         self.hostname = socket.gethostname()
         # No retries inside redis-py: our loops retry with their own back-off and log once.
         self.redis = async_client(redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -77,7 +79,7 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
-        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
+        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:w:{wid}:version``)
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -94,8 +96,9 @@ class WorkerAgent:
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
         self.idle = IdleReaper(self.redis, self.keys, self.models)
-        self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
-                                    before_reply=self.changes_published)
+        self.intakes = [CommandIntake(self.redis, keys, self.wid, self.operations.execute,
+                                      before_reply=self.changes_published)
+                        for keys in (self.keys, self.legacy) if keys is not None]
         self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
         self._queued = 0  # instance changes so far
         self._done = 0  # the last change known to be in Redis
@@ -133,7 +136,7 @@ class WorkerAgent:
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
             ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis))]]
-        intake = supervised("commands", self.intake.run, log)
+        intakes = [supervised("commands", i.run, log) for i in self.intakes]
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
                      for mp in self.models.values() if mp.model.auto_start]
@@ -142,19 +145,20 @@ class WorkerAgent:
         finally:
             await _cancel([reloads])  # from here on, no reload adds or starts a model
             if self.leave_models_running:
-                await self._leave(intake, loops, [*autostart, *self._starts])
+                await self._leave(intakes, loops, [*autostart, *self._starts])
             else:
-                await self._shutdown(intake, loops, [*autostart, *self._starts])
+                await self._shutdown(intakes, loops, [*autostart, *self._starts])
             self._release_lock()
 
-    async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
+    async def _leave(self, intakes: list[asyncio.Task], loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
         """Exit for an upgrade: the models keep running and the lease is left to expire, so
         routers keep routing to them; commands in flight stay pending for the next worker.
         A linger stops the models if no worker adopts them within ``adopt_timeout``."""
         log.info("worker %s exiting; its models keep running for the next worker (adopt_timeout %gs)",
                  self.wid, self.settings.adopt_timeout)
-        await _cancel([intake])
-        await self.intake.drain(timeout=0)  # not answered: re-run by the next worker
+        await _cancel(intakes)
+        for intake in self.intakes:
+            await intake.drain(timeout=0)  # not answered: re-run by the next worker
         for mp in self.models.values():
             mp.detach()
         await _cancel(starts)
@@ -174,13 +178,15 @@ class WorkerAgent:
             asyncio.get_running_loop().remove_reader(self.lock.host.sock)
         self.lock.release()
 
-    async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
+    async def _shutdown(self, intakes: list[asyncio.Task], loops: list[asyncio.Task],
+                        autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
         log.info("worker %s shutting down", self.wid)
-        await _cancel([intake])
+        await _cancel(intakes)
         await self._stop_models()
         await _wait(autostart, SHUTDOWN_TIMEOUT)
-        await self.intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
+        for intake in self.intakes:
+            await intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
         await _cancel(loops)
         await self._publish_goodbye()
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
@@ -239,7 +245,11 @@ class WorkerAgent:
         async with self.redis.pipeline(transaction=False) as pipe:
             for model_id in self.models:
                 pipe.hgetall(self.keys.instance(model_id, self.wid))
+                if self.legacy:  # the previous run may be of an older release
+                    pipe.hgetall(self.legacy.instance(model_id, self.wid))
             rows = await pipe.execute()
+        if self.legacy:
+            rows = [new or old for new, old in zip(rows[::2], rows[1::2])]
         stopped_on_purpose = take_stopped_mark(self.state_dir)
         await self.learner.load(list(self.models))
         for mp, row in zip(list(self.models.values()), rows):
@@ -352,7 +362,7 @@ class WorkerAgent:
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
-            publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
+            publish_all_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl,
                             [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
@@ -361,21 +371,27 @@ class WorkerAgent:
 
     async def _publish_instance(self, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            change_ops(pipe, self.keys, self.wid, inst, self.version)
+            change_ops(self._mirrored(pipe), self.keys, self.wid, inst, self.version)
             await pipe.execute()
+
+    def _mirrored(self, pipe):
+        """The pipeline the publish steps write to: in the upgrade window (``legacy_keys``), one
+        that also writes the old key names (``worker.legacy``)."""
+        return LegacyMirror(pipe, self.keys, self.legacy) if self.legacy else pipe
 
     def _sync_log_counts(self) -> None:
         self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
 
     def _lease_ops(self, pipe) -> None:
         self._sync_log_counts()
-        lease_ops(pipe, self.keys, self.info, self.settings.lease_ttl)
+        lease_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl)
 
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
+                goodbye_ops(self._mirrored(pipe), self.keys, self.wid, [mp.instance for mp in self.models.values()],
+                            self.version)
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -396,7 +412,7 @@ class WorkerAgent:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)
-                    added, _ = await pipe.execute()
+                    added, *_ = await pipe.execute()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 await link.pause()
@@ -414,7 +430,7 @@ class WorkerAgent:
             snap = await self.snapshot()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    devices_ops(pipe, self.keys, snap, interval)
+                    devices_ops(self._mirrored(pipe), self.keys, snap, interval)
                     await pipe.execute()
                 link.ok()
             except REDIS_ERRORS as exc:

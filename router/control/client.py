@@ -1,8 +1,8 @@
 """``ControlClient``: the router's side of worker commands.
 
-A command is one ``XADD`` to ``llm:commands:{wid}`` (the worker reads it through a consumer
+A command is one ``XADD`` to ``llm:cmd:{wid}`` (the worker reads it through a consumer
 group, so it is not lost if the worker restarts); its outcome is one ``Reply`` the worker
-pushes to ``llm:reply:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
+pushes to ``llm:reply:{wid}:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
 connection for its duration, so it runs on the blocking client (redis.asyncio pools give each
 caller its own connection and nothing else waits behind it).
 
@@ -189,7 +189,7 @@ class ControlClient:
         try:
             # The asyncio bound is a backstop should Redis stall without closing the socket.
             async with asyncio.timeout(timeout + 5):
-                got = await self.blocking.blpop([self.keys.reply(cmd.id)], timeout=max(timeout, 0.01))
+                got = await self.blocking.blpop([self.keys.reply(wid, cmd.id)], timeout=max(timeout, 0.01))
         except TimeoutError:
             got = None
         if got is None:

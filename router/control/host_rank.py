@@ -3,7 +3,7 @@
 Pure decisions over the cluster view (state in, decision out), tested without I/O:
 
 - ``host_free``: a host's free VRAM per GPU as the router sees it: its published device
-  snapshot (``llm:devices:{wid}``) minus what the instances on it hold (``Instance.gpus`` and
+  snapshot (``llm:w:{wid}:devices``) minus what the instances on it hold (``Instance.gpus`` and
   ``Instance.vram_mb``, written by the worker from the moment it places a model), with the same
   rule the worker uses (``llm_router.vram.free_vram``);
 - ``rank_hosts``: the hosts where some device profile of the model fits, best first;

@@ -37,6 +37,11 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
     pubsub_check: Seconds = 1.0  # a silent events subscription is PINGed this often; dead after 3 silent checks
+    # The Redis URL the cluster view reads the workers' records with (LLM_ROUTER_REDIS_READ_URL):
+    # a read-only user (``reader`` in examples/redis-users.acl), because on Redis 6.2 a user that
+    # may read a key may write it with any command it has, and the router's own user must not
+    # be able to write a worker's records. "" = the ``--redis`` URL (one user for both).
+    redis_read_url: str = ""
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.
     empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Limits: requests beyond a model's max_concurrency wait in a queue of at most queue_limit
