@@ -216,7 +216,7 @@ def test_the_linger_imports_nothing_from_the_workers_cwd(worker, procs, planted)
     where, marker = planted
     worker.write_config([model("m1", auto_start=True)], adopt_timeout=0.5)
     worker.proc = procs.start(cli("worker", "--config", str(worker.config), "--redis",
-                                  role_url(worker.redis_url, "worker"), "--worker-id", worker.wid),
+                                  role_url(worker.redis_url, "worker", worker.wid), "--worker-id", worker.wid),
                               name="worker", cwd=where, stop_signal=signal.SIGINT)
     pid = worker.wait_state("m1", "running").pid
     assert procs.stop(worker.proc, signal.SIGTERM) == 0
@@ -234,7 +234,8 @@ def test_up_and_serve_workers_children_import_nothing_from_their_cwd(procs, plan
     up = procs.start(cli("up", "--config", str(config), "--port", str(up_port), "--data-dir", str(tmp_path / "data")),
                      name="up", cwd=where, stop_signal=signal.SIGINT)
     serve = procs.start(cli("serve", "--workers", "2", "--port", str(serve_port)), name="serve", cwd=where,
-                        env={"LLM_ROUTER_REDIS_URL": role_url(redis_url, "router")})
+                        env={"LLM_ROUTER_REDIS_URL": role_url(redis_url, "router"),
+                             "LLM_ROUTER_REDIS_READ_URL": role_url(redis_url, "reader")})
 
     def listed(port: int, proc) -> bool:
         assert proc.poll() is None, procs.log(proc)
