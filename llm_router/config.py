@@ -18,9 +18,9 @@ import msgspec
 from llm_lab_router.presets import Engine, apply_preset
 from llm_lab_router.protocol import CatalogEntry, Mode, Routing
 
-MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"  # \Z: $ would accept a trailing newline
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
-DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
 
 
 class ConfigError(ValueError):
@@ -169,7 +169,7 @@ def _check(cfg: HostConfig) -> None:
             seen[alias] = m.id
         for j, p in enumerate(m.device_profiles()):
             for d in p.devices:
-                if not DEVICE.match(d):
+                if not DEVICE.fullmatch(d):
                     where = f"models[{i}].profiles[{j}].devices" if m.profiles else f"models[{i}].devices"
                     raise ConfigError(f"{where}: {d!r} is not 'cpu', 'cuda' or 'cuda:N'")
         for name in m.fallbacks:

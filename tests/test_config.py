@@ -98,6 +98,8 @@ def test_example_config_is_valid():
     ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b c"]\n', "models[0].aliases: 'b c' is not a valid alias"),
     ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["a/b"]\n', "models[0].aliases: 'a/b' is not a valid alias"),
     ('[[models]]\nid = "a"\ncommand = ["x"]\ndevices = ["gpu0"]\n', "models[0].devices: 'gpu0' is not"),
+    ('[[models]]\nid = "a"\ncommand = ["x"]\ndevices = ["cpu\\n"]\n', "models[0].devices: 'cpu\\n' is not"),
+    ('[[models]]\nid = "a\\n"\ncommand = ["x"]\n', "`$.models[0].id`"),  # `$` would take the newline
     ('[[models]]\nid = "a"\ncommand = ["x"]\n[[models.profiles]]\ndevices = ["cuda:x"]\n',
      "models[0].profiles[0].devices: 'cuda:x' is not"),
     ('[[models]\n', "Expected ']]' at the end of an array declaration"),

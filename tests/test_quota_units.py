@@ -153,6 +153,7 @@ def test_a_plain_key_file_still_works_without_profiles(tmp_path):
     ({"name": "a", "key": A_KEY, "rpm": "x"}, "keys[0] ('a'): field 'rpm': Expected `int`"),
     ({"name": "a", "key": A_KEY, "tpmm": 1}, "keys[0] ('a'): Object contains unknown field `tpmm`"),
     ({"name": "a b", "key": A_KEY}, "keys[0] ('a b'): field 'name'"),
+    ({"name": "a\n", "key": A_KEY}, "keys[0] ('a\\n'): field 'name'"),  # `$` would take the newline
     ({"key": A_KEY}, "keys[0]: Object missing required field `name`"),
     ({"name": "a", "key": "short"}, "keys[0] ('a'): field 'key': a key must be"),
     ({"name": "a", "key": A_KEY, "group": "g"}, "keys[0] ('a'): field 'group': no group 'g'"),
@@ -175,6 +176,8 @@ def test_duplicate_names_and_keys_are_refused():
         parse_structured_keys("[[keys]\n", "k.toml", json_form=False)
     with pytest.raises(KeyFileError, match="group 'lab': field 'rpm'"):
         parse_structured_keys(json.dumps({"groups": {"lab": {"rpm": -1}}}), "k.json", json_form=True)
+    with pytest.raises(KeyFileError, match=r"group 'lab\\n': bad name"):
+        parse_structured_keys(json.dumps({"groups": {"lab\n": {"rpm": 1}}}), "k.json", json_form=True)
 
 
 # --- what a quota charges and says ------------------------------------------------------------

@@ -42,10 +42,10 @@ COOKIE = "llm_router_key"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 ENV_CLIENT_KEYS = "LLM_ROUTER_API_KEYS"
 ENV_ADMIN_KEYS = "LLM_ROUTER_ADMIN_KEYS"
-DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+DIGEST = re.compile(r"sha256:([0-9a-fA-F]{64})")
 # Token characters only (base64, URL-safe base64, hex): a key must fit in a header, a cookie
 # and a comma-separated environment variable unchanged.
-KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")
+KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
@@ -73,9 +73,9 @@ def parse_keys(text: str, source: str) -> list[bytes]:
         item = raw.split("#", 1)[0].strip()
         if not item:
             continue
-        if m := DIGEST.match(item):
+        if m := DIGEST.fullmatch(item):
             found.append(bytes.fromhex(m.group(1)))
-        elif not KEY.match(item):
+        elif not KEY.fullmatch(item):
             raise KeyFileError(f"{source}: a key must be 16 to 512 of the characters A-Z a-z 0-9 - . _ ~ + / = "
                                "(e.g. `openssl rand -hex 32`)")
         else:
