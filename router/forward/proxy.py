@@ -21,7 +21,7 @@ import asyncio
 import re
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Instance, Mode
@@ -65,6 +65,17 @@ class Sniff(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    # The answer's token bound, reserved against a key's tpm at admission (router/limits/quotas.py);
+    # any JSON value: what it means is the engine's to judge.
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+
+    def token_bound(self) -> int:
+        """``max_completion_tokens`` (else ``max_tokens``) when it is a whole number, else 0."""
+        for value in (self.max_completion_tokens, self.max_tokens):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
 
 
 _sniff_decoder = msgspec.json.Decoder(Sniff)
@@ -209,7 +220,7 @@ class Proxy:
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
-            rec.lease = await self.quotas.admit(rec.caller, len(req.body))
+            rec.lease = await self.quotas.admit(rec.caller, len(req.body), sniffed.token_bound())
             if rec.lease is not None and rec.lease.counts_tokens:
                 rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
             if rec.lease is not None and rec.lease.member:
