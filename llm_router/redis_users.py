@@ -52,8 +52,8 @@ class PrivateUsers:
     - ``passwords.json``: one generated password per role, reused by every later ``up``;
     - ``users.acl``: what redis-server loads (``--aclfile``), hashes only;
     - ``admin.url``, ``worker.url``, ``router.url``: each role's URL with its password, for
-      the operator's ``redis-cli -u "$(cat .llm-router/redis/admin.url)"`` or another
-      ``llm-router worker --redis "$(cat .../worker.url)"``, rewritten at each ``up`` (the
+      another ``llm-router worker --redis-url-file .../worker.url`` (never ``--redis "$(cat
+      …)"``: ``ps`` shows a command line to every local user), rewritten at each ``up`` (the
       port may change)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:

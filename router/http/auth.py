@@ -49,6 +49,7 @@ KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
+LogsRead = Literal["client", "admin"]
 
 
 class Role(IntEnum):
@@ -236,6 +237,7 @@ def startup_refusal(host: str, ring: KeyRing, insecure: bool) -> str | None:
 # Routes, by path shape. Everything that changes state is an admin route.
 ADMIN_ROUTES = re.compile(r"^/api/models/(?:[^/]+/(?:start|stop)|stop-all|restart-autostart)$"
                           r"|^/api/logs/[^/]+/clear$|^/debug/")
+LOG_ROUTES = re.compile(r"/api/models/[^/]+/logs/stream")  # engine output: may hold others' prompts
 PUBLIC_ROUTES = re.compile(r"^/health$|^/openapi\.json$|^/ui(?:/|$)")
 READ_ROUTES = re.compile(r"^/$|^/v1/models(?:/[^/]+)?$|^/api/")
 
@@ -262,9 +264,11 @@ def presented_key(method: str, authorization: str | None, cookie: str | None) ->
 class AccessPolicy:
     """The router's access rule: keys (possibly none) and how open the read-only routes are."""
 
-    def __init__(self, ring: KeyRing | None = None, read_access: ReadAccess = "client") -> None:
+    def __init__(self, ring: KeyRing | None = None, read_access: ReadAccess = "client",
+                 logs_read: LogsRead = "client") -> None:
         self.ring = ring or KeyRing()
         self.read_access = read_access
+        self.logs_read = logs_read  # "admin": log streams need an admin key (``--logs-read``)
 
     @property
     def enabled(self) -> bool:
@@ -276,7 +280,8 @@ class AccessPolicy:
         key's profile (name, limits) when the keys file gave it one."""
         if not self.ring.enabled:
             return None
-        need = required_role(method, path, self.read_access)
+        admin_logs = self.logs_read == "admin" and LOG_ROUTES.fullmatch(path) is not None
+        need = Role.ADMIN if admin_logs else required_role(method, path, self.read_access)
         if need is Role.PUBLIC:
             return None
         key = presented_key(method, authorization, cookie)
@@ -286,5 +291,7 @@ class AccessPolicy:
         if role is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
         if role < need:
-            raise ApiError(403, "this route needs an admin key", "admin_key_required")
+            raise ApiError(403, "this route needs an admin key" + (" (--logs-read admin: engine logs may hold "
+                                                                   "other users' prompts)" if admin_logs else ""),
+                           "admin_key_required")
         return profile
