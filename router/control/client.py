@@ -37,6 +37,7 @@ from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
                               merge_waiters)
 from llm_lab_router.router.control.in_use import UsageReporter
+from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
 
@@ -135,7 +136,7 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -144,6 +145,7 @@ class ControlClient:
         self.scheduler = scheduler
         self.metrics = metrics
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
+        self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[str, asyncio.Task[Reply]] = {}
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
@@ -179,7 +181,7 @@ class ControlClient:
             return None
         if any(i.state == "starting" for i in view.instances(model)):
             return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
-        if (got := self.pending.get(model)) is not None:
+        if (got := self.pending.get(model) or self.backoff.reason(model)) is not None:
             return got
         return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
                            USAGE_STALE)
@@ -214,8 +216,11 @@ class ControlClient:
     # --- model lifecycle ---
 
     async def ensure_running(self, model: str, timeout: float) -> None:
-        """Return once some instance of ``model`` runs, starting it if needed (shared start)."""
+        """Return once some instance of ``model`` runs, starting it if needed (shared start);
+        a model in back-off (its last start failed) raises at once."""
         if not self.view.running_instances(model):
+            if model not in self._starts and (why := self.backoff.reason(model)) is not None:
+                raise ControlError(why.message, reason=why)
             await self.start(model, timeout)
 
     async def start(self, model: str, timeout: float) -> Reply:
@@ -246,8 +251,15 @@ class ControlClient:
     def _start_done(self, model: str, task: asyncio.Task) -> None:
         if self._starts.get(model) is task:
             del self._starts[model]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.backoff.succeeded(model)
+        elif isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+            if exc.reason is None and not isinstance(exc, NoRoom):  # it failed, not waited or found no room
+                self.backoff.failed(model, exc.message)
 
     async def _start(self, model: str, timeout: float) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after

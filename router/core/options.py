@@ -31,6 +31,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # clients, proxies and load balancers do not cut the idle connection (router/forward/loading_stream.py).
     loading_keepalive: Seconds = 5.0
     stop_timeout: Seconds = 120.0  # stop, stop-all, restart-autostart replies
+    # A model whose on-demand start failed is not started on demand again for this long (its
+    # requests get a 503 at once, or a fallback): router/control/start_backoff.py. 0: off.
+    start_backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Who may evict whom when a model fits nowhere (router/control/scheduler.py): "swap" honours each
     # model's min_residency, drains busy models and serves the longest-waiting model first
     # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
