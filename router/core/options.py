@@ -86,6 +86,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     max_header_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024
     max_api_body_size: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # /api routes take no real body
     max_json_depth: Annotated[int, msgspec.Meta(ge=1)] = 128  # of forwarded JSON bodies
+    # Web pages (router/http/origin.py): origins (comma-separated scheme://host[:port]) whose
+    # pages may make state-changing requests and read answers (CORS); none by default.
+    allow_origins: str = ""
     # /debug/stats (tasks, fds, RSS: for leak tests and operators); admin key when keys are on.
     debug_endpoints: bool = False
     # One JSON line per forwarded request on stderr (router/observe/accesslog.py), written in batches.

@@ -226,7 +226,7 @@ function errorText(m) {
 
 function instanceHtml(i) {
   const bits = [];
-  if (i.url) bits.push(`<a href="${esc(i.url)}/v1/models" target="_blank" rel="noopener">${esc(hostOf(i.url))}</a>`);
+  if (/^https?:\/\//i.test(i.url || "")) bits.push(`<a href="${esc(i.url)}/v1/models" target="_blank" rel="noopener">${esc(hostOf(i.url))}</a>`);
   if (i.pid) bits.push(`pid ${esc(i.pid)}`);
   if (i.restarts) bits.push(`<span class="warn" title="restarts">↻ ${esc(i.restarts)}</span>`);
   if (i.state === "running" && i.started_at) bits.push(`up ${fmtDuration(Date.now() / 1000 - i.started_at)}`);
