@@ -84,6 +84,11 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # send_timeout, 60 s). Counted in llm_router_requests_aborted_total{reason="write_timeout"}.
     write_timeout: Seconds = 60.0
     max_header_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024
+    # Client connections (router/http/fdguard.py): at most max_connections open (0: half of what
+    # NOFILE leaves after the Redis pools and 64), at most max_connections_per_address of them
+    # from one address (0: all but a tenth of max_connections); more are closed as accepted.
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_connections_per_address: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_api_body_size: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # /api routes take no real body
     max_json_depth: Annotated[int, msgspec.Meta(ge=1)] = 128  # of forwarded JSON bodies
     # Web pages (router/http/origin.py): origins (comma-separated scheme://host[:port]) whose

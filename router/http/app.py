@@ -22,7 +22,7 @@ from llm_lab_router.router.http.auth import AccessPolicy, startup_refusal
 from llm_lab_router.router.http.dashboard import dashboard_routes
 from llm_lab_router.router.http.exchange import Dispatcher
 from llm_lab_router.router.http.origin import SitePolicy, parse_origins
-from llm_lab_router.router.http.slowbody import BodyTimeoutServer
+from llm_lab_router.router.http.fdguard import ConnectionCaps, GuardedServer, default_caps
 from llm_lab_router.router.services import Services
 
 log = logging.getLogger("router")
@@ -79,15 +79,15 @@ def own_v1_routes() -> list[re.Pattern[str]]:
 
 
 def make_server(services: Services, access: AccessPolicy | None = None,
-                site: SitePolicy | None = None) -> BodyTimeoutServer:
+                site: SitePolicy | None = None) -> GuardedServer:
     """Forwarded ``/v1`` requests take the lean path (router/http/exchange.py), the rest the app;
     ``site`` checks every request a browser may have made first (router/http/origin.py)."""
     access = access or AccessPolicy()
     options = services.options
     dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_routes(), site)
-    return BodyTimeoutServer(dispatcher, max_body_size=options.max_body_size,
-                             max_header_size=options.max_header_size,
-                             head_timeout=options.header_timeout, body_timeout=options.body_timeout)
+    caps = ConnectionCaps(*default_caps(options), services.metrics)  # within NOFILE (router/http/fdguard.py)
+    return GuardedServer(dispatcher, max_body_size=options.max_body_size, max_header_size=options.max_header_size,
+                         head_timeout=options.header_timeout, body_timeout=options.body_timeout, caps=caps)
 
 
 def raise_fd_limit() -> None:
