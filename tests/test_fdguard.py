@@ -9,7 +9,6 @@ Real router processes (NOFILE set before exec), real sockets, the flood and the 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 from conftest import ROOT

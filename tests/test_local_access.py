@@ -61,19 +61,10 @@ def test_redis_url_file_keeps_the_password_off_the_command_line(procs, redis_url
     url_file.write_text(url + "\n")
     url_file.chmod(0o600)
     FakeWorker(rds, "w-url").publish(CHAT)
-    port = free_port()
-    proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis-url-file", str(url_file),
-                        "--port", str(port)], name="router-url-file")
-
-    def listed() -> bool:
-        assert proc.poll() is None, procs.log(proc)
-        try:
-            return request("GET", f"http://127.0.0.1:{port}/v1/models/chat", timeout=1).status == 200
-        except OSError:
-            return False
-
-    wait_for(listed, timeout=20, message="the router reads the catalog through the URL file's user")
-    assert not any(password in arg for arg in psutil.Process(proc.pid).cmdline())
+    router = start_router(procs, "", args=["--redis-url-file", str(url_file)])
+    wait_for(lambda: request("GET", f"{router.url}/v1/models/chat").status == 200, timeout=20,
+             message="the router reads the catalog through the URL file's user")
+    assert not any(password in arg for arg in psutil.Process(router.proc.pid).cmdline())
     both = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis-url-file", str(url_file),
                            "--redis", url, "--port", str(free_port())], capture_output=True, text=True, timeout=30,
                           cwd=ROOT)
