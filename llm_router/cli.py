@@ -50,6 +50,13 @@ prefix_option = click.option("--prefix", envvar="LLM_ROUTER_PREFIX", default="ll
                              help="Namespace of every Redis key.")
 
 
+def _export_origins(ctx: click.Context, param: click.Parameter, origins: tuple[str, ...]) -> None:
+    """``--allow-origin``: the router (and the routers ``up``/``--workers`` start) read
+    ``LLM_ROUTER_ALLOW_ORIGINS``, as every router tunable (router/core/options.py)."""
+    if origins:
+        os.environ["LLM_ROUTER_ALLOW_ORIGINS"] = ",".join(origins)
+
+
 def security_options(command):
     """API-key options shared by ``serve`` and ``up`` (see docs/security.md)."""
     for option in reversed([
@@ -63,6 +70,10 @@ def security_options(command):
                      help="With keys on: whether read-only routes (/, /v1/models, /api/... GETs) need a key."),
         click.option("--insecure", is_flag=True,
                      help="Allow a router on a non-loopback address without keys (anyone reaching it may use it)."),
+        click.option("--allow-origin", multiple=True, expose_value=False, callback=_export_origins,
+                     help="A web app's origin (scheme://host[:port]) whose pages may call the router: its "
+                          "cross-site writes pass, its answers get CORS headers (repeatable; also "
+                          "LLM_ROUTER_ALLOW_ORIGINS=a,b). None by default (docs/security.md)."),
         click.option("--logs-read", type=click.Choice(["client", "admin"]), envvar="LLM_ROUTER_LOGS_READ",
                      default="client", show_default=True,
                      help="Which key may stream a model's engine log (it may hold other users' prompts); "

@@ -137,8 +137,9 @@ def test_allowed_origins_pass_and_get_cors(procs, redis_url, stack, rds) -> None
 
 def test_a_bad_allowed_origin_stops_the_router_with_one_line(redis_url) -> None:
     done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", redis_url,
-                           "--port", str(free_port())], capture_output=True, text=True, timeout=30, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "LLM_ROUTER_ALLOW_ORIGINS": "app.lab.example"})
+                           "--port", str(free_port()), "--allow-origin", "https://ok.example",
+                           "--allow-origin", "app.lab.example"], capture_output=True, text=True, timeout=30,
+                          cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 2
     assert "LLM_ROUTER_ALLOW_ORIGINS: allowed origin 'app.lab.example': expected scheme://host[:port]" in done.stderr
 

@@ -114,7 +114,8 @@ def _ref(cls: type) -> Json:
 
 CAUSES = {400: "bad request or parameter (unknown, repeated, empty or invalid query parameter, ...)",
           401: "missing or invalid API key (keys on)", 403: "admin key needed (keys on)",
-          404: "unknown model or route", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
+          404: "unknown model or route", 413: "body too large",
+          415: "body not labelled JSON (router/http/origin.py)", 429: "model at its concurrency limit (Retry-After)",
           502: "engine unreachable", 503: "model not running / start failed / Redis unreachable", 504: "engine timeout"}
 
 
@@ -160,7 +161,7 @@ FORWARDED_DESCRIPTION = (" (the engine's status and body; with \"stream\": true,
 
 def paths(options: RouterOptions) -> Json:
     q = route_params(options)
-    forwarded = (400, 404, 413, 429, 502, 503, 504)
+    forwarded = (400, 404, 413, 415, 429, 502, 503, 504)
     stream_ok = {"200": {"description": "ok" + FORWARDED_DESCRIPTION,
                          "content": {"application/json": {"schema": FORWARDED},
                                      "text/event-stream": {"schema": _sse_event({"type": "string"})}}}}
