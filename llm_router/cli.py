@@ -57,6 +57,26 @@ def _export_origins(ctx: click.Context, param: click.Parameter, origins: tuple[s
         os.environ["LLM_ROUTER_ALLOW_ORIGINS"] = ",".join(origins)
 
 
+worker_id_option = click.option("--worker-id", default=None,
+                                help="Override the worker id (default: the config's [worker] id, else the host name).")
+state_dir_option = click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                                help="Override the worker's state directory (log spool, lock; default: the "
+                                     "config's [worker] state_dir, else $LLM_ROUTER_STATE_DIR, else "
+                                     "~/.local/state/llm-router).")
+
+
+def _override(cfg, worker_id: str | None, state_dir: str | None) -> list[str]:
+    """Apply ``--worker-id``/``--state-dir`` to ``cfg``; returns them as a worker's argv."""
+    argv: list[str] = []
+    if worker_id:
+        cfg.worker.id = worker_id
+        argv += ["--worker-id", worker_id]
+    if state_dir:
+        cfg.worker.state_dir = os.path.abspath(state_dir)
+        argv += ["--state-dir", cfg.worker.state_dir]
+    return argv
+
+
 def security_options(command):
     """API-key options shared by ``serve`` and ``up`` (see docs/security.md)."""
     for option in reversed([
@@ -125,17 +145,18 @@ def main() -> None:
               help="Model config (TOML) of this host. Default: examples/models.toml.")
 @redis_option
 @prefix_option
-@click.option("--worker-id", default=None, help="Override the worker id (default: config or host name).")
+@worker_id_option
+@state_dir_option
 @click.option("--stop-models", is_flag=True,
               help="Do not run: stop the models a worker of this id left running (after SIGTERM or a crash).")
-def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None, stop_models: bool) -> None:
+def worker(config_path: str | None, redis_url: str, prefix: str, worker_id: str | None, state_dir: str | None,
+           stop_models: bool) -> None:
     """Run the worker agent of this host: launch, supervise and publish model processes.
 
     SIGTERM makes it exit and leave its models running, for the next worker of its id to adopt
     (within [worker] adopt_timeout); SIGINT (Ctrl-C) stops its models first."""
     cfg = _load(config_path)
-    if worker_id:
-        cfg.worker.id = worker_id
+    _override(cfg, worker_id, state_dir)
     if stop_models:
         from llm_lab_router.worker.handover import stop_models_now
 
@@ -200,18 +221,25 @@ def _supervise(argv: list[str], count: int, host: str, port: int, redis_url: str
               help="Where a private redis-server keeps its data.")
 @click.option("--router-workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Router processes (serve --workers); 0: one per core.")
+@worker_id_option
+@state_dir_option
 @security_options
 def up(config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int, data_dir: str,
-       router_workers: int, api_keys_file: str | None, admin_keys_file: str | None, read_access: str,
-       insecure: bool, logs_read: str) -> None:
-    """Run everything on this host: Redis (if none answers), one worker, one router."""
-    from llm_lab_router.up import run_up
+       router_workers: int, worker_id: str | None, state_dir: str | None, api_keys_file: str | None,
+       admin_keys_file: str | None, read_access: str, insecure: bool, logs_read: str) -> None:
+    """Run everything on this host: Redis (if none answers), one worker, one router.
+
+    A second ``up`` on one host needs another --port and another --worker-id. The client
+    commands (``llm-router models`` ...) find the router of the running ``up`` by themselves."""
+    from llm_lab_router.up import WorkerArgs, run_up
 
     cfg = _load(config_path)  # fail here, with one line, before anything starts
+    worker_argv = _override(cfg, worker_id, state_dir)
     _access(host, api_keys_file, admin_keys_file, read_access, insecure, logs_read)
     serve_args = ["--workers", str(router_workers),
                   *_access_args(api_keys_file, admin_keys_file, read_access, insecure, logs_read)]
-    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args))
+    sys.exit(run_up(os.path.abspath(cfg.path), redis_url, host, port, prefix, data_dir, serve_args,
+                    WorkerArgs(cfg.worker_id, worker_argv)))
 
 
 @main.group("config")
@@ -222,37 +250,50 @@ def config_group() -> None:
 @config_group.command("check")
 @click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--portable", is_flag=True,
-              help="Only validate the file: skip the checks against this host (programs, model files).")
+              help="Only validate the file: skip the checks against this host (programs, Python modules, "
+                   "model files).")
 def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
     """Validate config files; list each model with its engine and resolved command.
 
-    A bad file is one line on stderr and exit status 2. Then, unless --portable, what will
-    surely fail on this host (a program not on the model's PATH, a missing model file, a
-    health path the engine does not serve): one ``error:`` line each, exit status 1.
-    Warnings (valid, but probably not what was meant) go to stderr too."""
+    Every problem of a file at once, one ``error: file:line: model 'id': field: problem`` line
+    each on stderr; a file that is not valid makes the exit status 2. Then, for a valid file and
+    unless --portable, what will surely fail on this host (a program not on the model's PATH, a
+    Python module its interpreter cannot find, a missing model file, a health path the engine
+    does not serve), in the same form: exit status 1. Warnings (valid, but probably not what
+    was meant) go to stderr too."""
+    status = max(_check_one(path, portable) for path in config_paths)
+    if status:
+        sys.exit(status)
+
+
+def _check_one(config_path: str, portable: bool) -> int:
+    """``config check`` of one file: its exit status (0 ok, 1 problems on this host, 2 invalid)."""
+    from llm_lab_router.config import Problem, read_config
     from llm_lab_router.hostcheck import host_problems
 
-    failed = False
-    for config_path in config_paths:
-        cfg = _load(config_path)
-        config_dir = str(Path(config_path).resolve().parent)
-        problems = 0
-        for m in cfg.models:
-            click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
-            click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
-            for warning in presets.warnings(m):
-                click.echo(f"warning: {warning}", err=True)
-            for problem in [] if portable else host_problems(m, config_dir):
-                click.echo(f"error: {config_path}: {m.id}: {problem}", err=True)
-                problems += 1
-        if problems:
-            failed = True
-            click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host "
-                       f"({len(cfg.models)} models)")
-        else:
-            click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
-    if failed:
-        sys.exit(1)
+    checked = read_config(config_path)
+    for problem in checked.problems:
+        click.echo(f"error: {problem}", err=True)
+    if (cfg := checked.config) is None:
+        click.echo(f"{config_path}: not valid ({len(checked.problems)} problem{'s' * (len(checked.problems) != 1)})")
+        return 2
+    config_dir = str(Path(config_path).resolve().parent)
+    problems = 0
+    for i, m in enumerate(cfg.models):
+        click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
+        click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
+        for warning in presets.warnings(m):
+            click.echo(f"warning: {warning}", err=True)
+        for found in [] if portable else host_problems(m, config_dir):
+            field, _, message = found.partition(": ")
+            click.echo(f"error: {Problem(config_path, checked.line(i, field), f'model {m.id!r}', field, message)}",
+                       err=True)
+            problems += 1
+    if problems:
+        click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host ({len(cfg.models)} models)")
+        return 1
+    click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+    return 0
 
 
 main.add_command(config_check, "config-check")  # the first spelling, kept for scripts
@@ -264,11 +305,15 @@ def _show_argv(argv: list[str]) -> str:
 
 
 def _load(config_path: str | None):
+    """The config to run, or exit 2 with one ``error:`` line per problem of the file."""
     try:
         return load_config(config_path or os.environ.get("LLM_ROUTER_CONFIG") or default_config_path())
-    except (ConfigError, MissingFile) as exc:
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+    except MissingFile as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    sys.exit(2)
 
 
 client.register(main)

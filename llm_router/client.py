@@ -16,6 +16,11 @@ Exit codes are part of the interface, so scripts can branch on them:
 ====  ===========================================================
 
 ``--json`` prints the router's JSON as is (one document, or one per line for ``logs``).
+Otherwise the commands print their own English, worded from the answer's fields (``model``,
+``workers``, ``deleted`` ...), never the API's ``message``, which keeps the manual's Chinese.
+
+The router: ``--url``, else ``LLM_ROUTER_URL``, else the URL a running ``llm-router up`` on
+this host recorded (``llm_router.up_url``), else ``http://127.0.0.1:8000``.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ POLL_INTERVAL = 0.5
 class CliError(click.ClickException):
     """A failure worded for the operator, carrying its exit code (click prints ``Error: …``)."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, body: Any = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.body = body  # the router's error body, when it sent one
 
 
 def _exit_code_for(status: int) -> int:
@@ -90,7 +96,8 @@ class Api:
 
     def _unreachable(self, exc: BaseException) -> CliError:
         reason = getattr(exc, "reason", exc)
-        return CliError(f"cannot reach the router at {self.url}: {reason}", EXIT_UNREACHABLE)
+        return CliError(f"cannot reach the router at {self.url}: {reason} (give its URL with --url or "
+                        f"LLM_ROUTER_URL)", EXIT_UNREACHABLE)
 
     def call(self, method: str, path: str, *, ok_statuses: tuple[int, ...] = (), **params: Any) -> tuple[int, Any]:
         """One request; returns (status, decoded JSON). Raises ``CliError`` on an error status
@@ -104,7 +111,8 @@ class Api:
             body = _decode(exc.read())
             if exc.code in ok_statuses:
                 return exc.code, body
-            raise CliError(_error_message(body, f"HTTP {exc.code} {exc.reason}"), _exit_code_for(exc.code)) from None
+            raise CliError(_error_message(body, f"HTTP {exc.code} {exc.reason}"), _exit_code_for(exc.code),
+                           body) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
 
@@ -193,18 +201,52 @@ def _alias_path(alias: str) -> str:
 
 # --- options shared by every command ---
 
+def router_url(given: str | None) -> str:
+    """``--url`` or ``LLM_ROUTER_URL`` (``given``), else the running ``up``'s, else the default."""
+    from llm_lab_router.up_url import recorded_url
+
+    return given or recorded_url() or DEFAULT_URL
+
+
 def api_command(func: Callable[..., None]) -> Callable[..., None]:
     """Adds ``--url`` and ``--json`` to a command and hands it an ``Api`` and the json flag."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print the router's raw JSON (for scripts).")
-    @click.option("--url", envvar="LLM_ROUTER_URL", default=DEFAULT_URL, show_default=True,
-                  help="Router base URL (also LLM_ROUTER_URL).")
+    @click.option("--url", envvar="LLM_ROUTER_URL", default=None,
+                  help="Router base URL (also LLM_ROUTER_URL). Default: the URL of the llm-router up running "
+                       f"on this host, else {DEFAULT_URL}.")
     @functools.wraps(func)
-    def wrapper(url: str, as_json: bool, **kwargs: Any) -> None:
-        api = Api(url, os.environ.get("LLM_ROUTER_API_KEY", ""))
+    def wrapper(url: str | None, as_json: bool, **kwargs: Any) -> None:
+        api = Api(router_url(url), os.environ.get("LLM_ROUTER_API_KEY", ""))
         func(api, as_json, **kwargs)
 
     return wrapper
+
+
+def post_action(api: Api, path: str, what: str, **params: Any) -> Any:
+    """POST an action; a failure on some hosts (``failed``: worker -> why) is worded here, in
+    English, rather than the API's message."""
+    try:
+        return api.post(path, **params)
+    except CliError as exc:
+        failed = exc.body.get("failed") if isinstance(exc.body, dict) else None
+        if not isinstance(failed, dict):
+            raise
+        reasons = "; ".join(f"{worker}: {why}" for worker, why in failed.items())
+        raise CliError(f"could not {what} on {plural(len(failed), 'host')} ({reasons})", exc.exit_code) from None
+
+
+def hosts_text(workers: list[str]) -> str:
+    return ", ".join(workers) if workers else "no host"
+
+
+def plural(count: int, word: str, many: str = "") -> str:
+    """``1 host``, ``2 hosts``; ``many``: an irregular plural."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+worker_option = click.option("--worker", "worker", default=None, metavar="ID",
+                             help="On this host only (a worker id, as `models` lists them).")
 
 
 def _echo_json(data: Any) -> None:
@@ -266,15 +308,23 @@ class LatestLog:
             self._thread.join(2)
 
 
+def progress(model: dict, worker: str | None) -> str:
+    """How a start stands: the model's status, or, for a start on one host, its instance's state."""
+    if worker is None:
+        return model.get("status", "")
+    return next((i.get("state", "") for i in model.get("instances", []) if i.get("worker") == worker), "stopped")
+
+
 @click.command()
 @api_command
 @click.argument("alias")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for the model to be running.")
-def start(api: Api, as_json: bool, alias: str, timeout: float) -> None:
+@worker_option
+def start(api: Api, as_json: bool, alias: str, timeout: float, worker: str | None) -> None:
     """Start a model and follow it until it is running (exit 0) or failed (exit 1)."""
     path = f"/api/models/{_alias_path(alias)}"
-    api.post(f"{path}/start", wait="false")
+    api.post(f"{path}/start", wait="false", worker=worker)
     tty = sys.stdout.isatty() and not as_json
     latest = LatestLog(api, alias)
     deadline = time.monotonic() + timeout
@@ -282,7 +332,7 @@ def start(api: Api, as_json: bool, alias: str, timeout: float) -> None:
     try:
         while True:
             model = api.get(f"{path}/info").get("model", {})
-            status = model.get("status", "")
+            status = progress(model, worker)
             seen_starting = seen_starting or status == "starting"
             done = status in ("running", "failed") or (status == "stopped" and seen_starting)
             # "stopped" before any "starting" only means the worker has not picked the command up yet
@@ -304,12 +354,14 @@ def start(api: Api, as_json: bool, alias: str, timeout: float) -> None:
     if as_json:
         _echo_json(model)
     if status == "running":
-        urls = [f"{i.get('worker')} {i.get('url')}" for i in model.get("instances", []) if i.get("state") == "running"]
+        urls = [f"{i.get('worker')} {i.get('url')}" for i in model.get("instances", [])
+                if i.get("state") == "running" and worker in (None, i.get("worker"))]
         if not as_json:
             click.echo(f"{model.get('id', alias)} is running on {', '.join(urls)}")
         return
     if status in ("failed", "stopped"):
-        errors = [f"{i.get('worker')}: {i['last_error']}" for i in model.get("instances", []) if i.get("last_error")]
+        errors = [f"{i.get('worker')}: {i['last_error']}" for i in model.get("instances", [])
+                  if i.get("last_error") and worker in (None, i.get("worker"))]
         raise CliError(f"{alias} failed to start" + (f" ({'; '.join(errors)})" if errors else ""))
     raise CliError(f"{alias} is still {status or 'not running'} after {timeout:g}s")
 
@@ -317,12 +369,25 @@ def start(api: Api, as_json: bool, alias: str, timeout: float) -> None:
 @click.command()
 @api_command
 @click.argument("alias")
-def stop(api: Api, as_json: bool, alias: str) -> None:
-    """Stop a model on every host."""
-    body = api.post(f"/api/models/{_alias_path(alias)}/stop")
+@worker_option
+def stop(api: Api, as_json: bool, alias: str, worker: str | None) -> None:
+    """Stop a model on every host (or on one, with --worker)."""
+    body = post_action(api, f"/api/models/{_alias_path(alias)}/stop", f"stop {alias}", worker=worker)
     if as_json:
         return _echo_json(body)
-    click.echo(body.get("message") or f"{alias} stopped")
+    click.echo(f"{body.get('model', alias)} stopped on {hosts_text(body.get('workers', []))}")
+
+
+@click.command("stop-all")
+@api_command
+def stop_all(api: Api, as_json: bool) -> None:
+    """Stop every model on every host."""
+    body = post_action(api, "/api/models/stop-all", "stop every model")
+    if as_json:
+        return _echo_json(body)
+    models, workers = body.get("models", []), body.get("workers", [])
+    stopped = f"stopped {plural(len(models), 'model')}" + (f" ({', '.join(models)})" if models else "")
+    click.echo(f"{stopped} on {plural(len(workers), 'host')}")
 
 
 @click.command()
@@ -330,8 +395,16 @@ def stop(api: Api, as_json: bool, alias: str) -> None:
 @click.argument("alias")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 @click.option("--tail", type=click.IntRange(min=0), default=None, help="Only the last N lines of history.")
-def logs(api: Api, as_json: bool, alias: str, follow: bool, tail: int | None) -> None:
-    """Print a model's log (history, then live lines with -f)."""
+@click.option("--clear", is_flag=True, help="Delete the model's log instead (all of it, or see --keep-minutes).")
+@click.option("--keep-minutes", type=click.IntRange(min=0), default=None,
+              help="With --clear: keep the entries of the last N minutes.")
+def logs(api: Api, as_json: bool, alias: str, follow: bool, tail: int | None, clear: bool,
+         keep_minutes: int | None) -> None:
+    """Print a model's log (history, then live lines with -f), or delete it (--clear)."""
+    if keep_minutes is not None and not clear:
+        raise click.UsageError("--keep-minutes goes with --clear")
+    if clear:
+        return clear_logs(api, as_json, alias, keep_minutes)
     query = f"?tail={tail}" if tail is not None else ""  # else the router's default history
     resp, sock = api.open_stream(f"/api/models/{_alias_path(alias)}/logs/stream{query}")
     history: list[dict] = []
@@ -367,6 +440,16 @@ def logs(api: Api, as_json: bool, alias: str, follow: bool, tail: int | None) ->
         return
     finally:
         sock.close()
+
+
+def clear_logs(api: Api, as_json: bool, alias: str, keep_minutes: int | None) -> None:
+    """``logs --clear``: one POST, one English line."""
+    body = api.post(f"/api/logs/{_alias_path(alias)}/clear", keep_minutes=keep_minutes)
+    if as_json:
+        return _echo_json(body)
+    kept = f", kept the last {plural(body['keep_minutes'], 'minute')}" if body.get("keep_minutes") else ""
+    click.echo(f"deleted {plural(int(body.get('deleted', 0)), 'log entry', 'log entries')} of "
+               f"{body.get('model', alias)}{kept}")
 
 
 @click.command()
@@ -463,7 +546,7 @@ def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
             {"url": describe(url), "master": nodes.master, "replicas": nodes.replicas, "via": nodes.via})
 
 
-COMMANDS = [models, start, stop, logs, devices, status]
+COMMANDS = [models, start, stop, stop_all, logs, devices, status]
 
 
 def register(group: click.Group) -> None:

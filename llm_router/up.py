@@ -6,6 +6,10 @@ worker and one router. Each child gets its own process group; Ctrl-C or SIGTERM 
 router, then the worker (which stops its models), then Redis — nothing is left running.
 If a child dies on its own, everything is stopped and ``up`` exits 1.
 
+The port is checked before anything starts (a busy one is one line naming it and ``--port``,
+exit 1), and ``serving http://…`` is printed only once the router answers there; then the URL
+is recorded for the client commands (``llm_router.up_url``) until ``up`` stops.
+
 A private Redis is locked down as a lab's is: data directory 0700, ``default`` user off, the
 shipped ACL users with passwords generated once and kept in the data directory
 (``redis_users.PrivateUsers``), the worker and the router logging in as their own
@@ -19,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +35,9 @@ from llm_lab_router.redact import redact_url
 from llm_lab_router.redis_server import RedisServer, free_port
 from llm_lab_router.redis_url import parse_sentinel_url, sync_client
 from llm_lab_router.redis_users import PrivateUsers
+from llm_lab_router.up_url import client_url, forget, record
+
+HEALTH_POLL = 0.1  # s between checks that the router answers
 
 
 def redis_answers(url: str) -> bool:
@@ -99,10 +108,32 @@ def start_private_redis(data_dir: Path, port: int, prefix: str) -> tuple[RedisSe
     return server, urls
 
 
+def router_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class WorkerArgs:
+    """What ``up`` passes on to its worker (``--worker-id``, ``--state-dir``)."""
+
+    worker_id: str  # as the worker will call itself (the config's, the host name, or the override)
+    argv: list[str] = field(default_factory=list)
+
+
 def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix: str, data_dir: str,
-           serve_args: list[str] | None = None) -> int:
+           serve_args: list[str] | None = None, worker: WorkerArgs | None = None) -> int:
+    if not port_is_free(host, port):
+        print(f"llm-router up: port {port} on {host} is in use (another llm-router up?); "
+              f"choose a free one with --port", file=sys.stderr)
+        return 1
+    worker = worker or WorkerArgs(worker_id="")
     stack = Stack()
     stopping = False
+    recorded: Path | None = None
 
     def on_signal(signum, _frame) -> None:
         nonlocal stopping
@@ -126,12 +157,17 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
         # each child gets its URL in LLM_ROUTER_REDIS_URL (out of ps); a URL file of ours would win over it
         env = {**{k: v for k, v in os.environ.items() if k != "LLM_ROUTER_REDIS_URL_FILE"}, "LLM_ROUTER_PREFIX": prefix}
         cli = [sys.executable, "-m", "llm_lab_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path], {**env, "LLM_ROUTER_REDIS_URL": worker_url},
-                    stop_signal=signal.SIGINT)
+        stack.spawn("worker", [*cli, "worker", "--config", config_path, *worker.argv],
+                    {**env, "LLM_ROUTER_REDIS_URL": worker_url}, stop_signal=signal.SIGINT)
         stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
                     {**env, "LLM_ROUTER_REDIS_URL": router_url})
-        print(f"llm-router up: serving http://{host}:{port} (config {config_path}); Ctrl-C stops everything",
-              file=sys.stderr)
+        url = client_url(host, port)
+        while not stopping and not stack.dead_child() and not router_answers(url):
+            time.sleep(HEALTH_POLL)
+        if not stopping and not stack.dead_child():
+            recorded = record(url, worker.worker_id)
+            print(f"llm-router up: serving {url} (config {config_path}); Ctrl-C stops everything",
+                  file=sys.stderr)
         while not stopping:
             dead = stack.dead_child()
             if dead:
@@ -144,5 +180,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        if recorded is not None:
+            forget(recorded)
         stack.stop()
         print("llm-router up: stopped", file=sys.stderr)

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -47,6 +48,62 @@ def log(line: str) -> None:
     """One stdout line, flushed at once: the worker tails our stdout line by line."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+LIBCUDA_ENV = "LLM_ROUTER_LIBCUDA"  # the CUDA driver library to load (default: libcuda.so.1)
+MIB = 1024 * 1024
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+class CudaHold:
+    """Real GPU memory held through the CUDA driver API (``--gpu-mb``), so NVML sees a real
+    process using real memory: ``cuInit``, then on each device this process sees (the driver
+    applies ``CUDA_VISIBLE_DEVICES``) a context and one ``cuMemAlloc`` of ``mib`` MiB, kept
+    until the process exits. No toolkit, no torch: ``ctypes`` on the driver library alone.
+    ``lib`` is the loaded library (a stand-in in tests)."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.contexts: list[ctypes.c_void_p] = []
+        self.pointers: list[int] = []
+
+    @classmethod
+    def load(cls, path: str = "") -> "CudaHold":
+        path = path or os.environ.get(LIBCUDA_ENV) or "libcuda.so.1"
+        try:
+            return cls(ctypes.CDLL(path))
+        except OSError as exc:
+            raise CudaError(f"--gpu-mb needs the NVIDIA driver's {path}, which cannot be loaded ({exc})") from None
+
+    def _check(self, what: str, result: int) -> None:
+        if result != 0:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(result, ctypes.byref(text))
+            name = text.value.decode() if text.value else "unknown error"
+            raise CudaError(f"{what} failed: CUDA error {result} ({name})")
+
+    def hold(self, mib: int) -> int:
+        """Allocate ``mib`` MiB on every visible device; returns how many devices."""
+        self._check("cuInit", self.lib.cuInit(0))
+        count = ctypes.c_int()
+        self._check("cuDeviceGetCount", self.lib.cuDeviceGetCount(ctypes.byref(count)))
+        if count.value == 0:
+            raise CudaError("no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+        for ordinal in range(count.value):
+            device = ctypes.c_int()
+            self._check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(device), ordinal))
+            ctx = ctypes.c_void_p()
+            self._check("cuCtxCreate", self.lib.cuCtxCreate_v2(ctypes.byref(ctx), 0, device))
+            self.contexts.append(ctx)
+            pointer = ctypes.c_uint64()
+            self._check(f"cuMemAlloc of {mib} MiB on device {ordinal}",
+                        self.lib.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(mib * MIB)))
+            self.pointers.append(pointer.value)
+        return count.value
 
 
 EXIT_CODE = 1  # of a crash (--exit-code)
@@ -631,6 +688,12 @@ async def serve(opts: argparse.Namespace) -> None:
                 pass
 
     claim = claim_fake_vram(opts.vram_mb, opts.fake_nvml_dir)
+    if opts.gpu_mb > 0:
+        try:
+            devices = CudaHold.load().hold(opts.gpu_mb)
+        except CudaError as exc:
+            die(str(exc))
+        log(f"holding {opts.gpu_mb} MiB on each of {devices} GPU(s)")
     engine = Engine(
         model=opts.model, words=opts.response.split() or ["mock"], max_tokens=opts.max_tokens,
         tokens_per_second=opts.tokens_per_second, embedding_dim=opts.embedding_dim,
@@ -702,12 +765,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="once loaded, use N MiB on each GPU of CUDA_VISIBLE_DEVICES (stand-in NVML only)")
     p.add_argument("--fake-nvml-dir", default="", metavar="DIR",
                    help="where the stand-in NVML (tests/fake_nvml.py, LLM_ROUTER_FAKE_NVML_DIR) reads --vram-mb")
+    p.add_argument("--gpu-mb", type=int, default=0, metavar="N",
+                   help="once loaded, hold N MiB of real memory on each GPU it sees (CUDA driver API; "
+                        "exits with one line where no driver is)")
     p.add_argument("--chatty", type=int, default=0, metavar="N", help="print N log lines per second")
     p.add_argument("--quiet", action="store_true", help="no access-log line per request")
     p.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     opts = p.parse_args(argv)
     if opts.embedding_dim < 1 or opts.max_tokens < 0 or opts.tokens_per_second < 0:
         p.error("--embedding-dim must be >= 1, --max-tokens and --tokens-per-second >= 0")
+    if opts.gpu_mb < 0 or opts.vram_mb < 0:
+        p.error("--gpu-mb and --vram-mb must be >= 0")
     if opts.prefix_cache < 0 or opts.ttft_base < 0 or opts.ttft_per_token < 0:
         p.error("--prefix-cache, --ttft-base and --ttft-per-token must be >= 0")
     return opts

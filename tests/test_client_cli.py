@@ -71,6 +71,7 @@ class Fake:
              "stream": "stderr" if i == 2 else "stdout"} for i in range(4)
         ]
         self.auth_headers: list[str] = []
+        self.workers: list[str | None] = []  # the worker query parameter of each start/stop
         self.health = "healthy"
 
     def resolve(self, alias: str) -> str:
@@ -118,10 +119,12 @@ class Start(FakeHandler):
             return
         mid = self.fake.resolve(alias)
         assert self.get_query_argument("wait") == "false", "the CLI must not block the start request"
+        self.fake.workers.append(self.get_query_argument("worker", None))
         self.fake.models[mid]["status"] = "starting"
         asyncio.get_running_loop().call_later(1.2, self._settle, mid)
         self.set_status(202)
-        self.write({"success": True, "message": f"model '{mid}' starting"})
+        self.write({"success": True, "message": f"模型 '{alias}' 正在启动", "model": mid, "state": "starting",
+                    "workers": []})
 
     def _settle(self, mid: str) -> None:
         m = self.fake.models[mid]
@@ -132,8 +135,23 @@ class Start(FakeHandler):
 class Stop(FakeHandler):
     def post(self, alias: str) -> None:
         mid = self.fake.resolve(alias)
+        worker = self.get_query_argument("worker", None)
+        self.fake.workers.append(worker)
         self.fake.models[mid]["status"] = "stopped"
-        self.write({"success": True, "message": f"模型 '{mid}' 停止成功"})
+        self.write({"success": True, "message": f"模型 '{alias}' 停止成功", "model": mid,
+                    "workers": [worker] if worker else ["w1", "w2"]})
+
+
+class StopAll(FakeHandler):
+    def post(self) -> None:
+        self.write({"success": True, "message": "所有模型已关闭", "models": ["tiny", "broken"], "workers": ["w1"]})
+
+
+class Clear(FakeHandler):
+    def post(self, alias: str) -> None:
+        keep = int(self.get_query_argument("keep_minutes", "0"))
+        self.write({"success": True, "message": f"模型 '{alias}' 已清空全部日志，删除 1 条", "model": self.fake.resolve(alias),
+                    "deleted": 1 if keep else 4, "keep_minutes": keep})
 
 
 class Info(FakeHandler):
@@ -193,9 +211,10 @@ def fake_api():
         kw = {"fake": fake}
         app = tornado.web.Application([
             (r"/health", Health, kw), (r"/v1/models", Models, kw),
-            (r"/api/models/([^/]+)/start", Start, kw), (r"/api/models/([^/]+)/stop", Stop, kw),
+            (r"/api/models/stop-all", StopAll, kw), (r"/api/models/([^/]+)/start", Start, kw), (r"/api/models/([^/]+)/stop", Stop, kw),
             (r"/api/models/([^/]+)/info", Info, kw), (r"/api/models/([^/]+)/logs/stream", LogStream, kw),
             (r"/api/devices/info", Devices, kw),
+            (r"/api/logs/([^/]+)/clear", Clear, kw),
         ])
         server = HTTPServer(app)
         server.add_sockets(sockets)
@@ -302,13 +321,34 @@ def test_start_on_a_tty_updates_one_line_with_the_latest_log(fake_api) -> None:
     assert text.count("\n") <= 3, "progress must rewrite one line, not scroll"
 
 
-def test_stop_prints_the_routers_message(fake_api) -> None:
+def test_stop_prints_english_from_the_answers_fields(fake_api) -> None:
     url, fake = fake_api
     fake.models["tiny"]["status"] = "running"
-    result = run_cli("stop", "tiny", "--url", url)
+    result = run_cli("stop", "gpt-3.5-turbo", "--url", url)
     assert result.exit_code == 0
-    assert result.output.strip() == "模型 'tiny' 停止成功"
+    assert result.output.strip() == "tiny stopped on w1, w2"  # not the API's message (the manual's Chinese)
     assert fake.models["tiny"]["status"] == "stopped"
+    assert fake.workers == [None]
+
+
+def test_start_and_stop_on_one_host_send_the_worker(fake_api) -> None:
+    url, fake = fake_api
+    assert run_cli("start", "tiny", "--worker", "w1", "--url", url, "--timeout", "10").exit_code == 0
+    result = run_cli("stop", "tiny", "--worker", "w1", "--url", url)
+    assert result.output.strip() == "tiny stopped on w1"
+    assert fake.workers == ["w1", "w1"]
+
+
+def test_stop_all_and_logs_clear_print_english(fake_api) -> None:
+    url, _ = fake_api
+    result = run_cli("stop-all", "--url", url)
+    assert result.exit_code == 0 and result.output.strip() == "stopped 2 models (tiny, broken) on 1 host"
+    result = run_cli("logs", "gpt-3.5-turbo", "--clear", "--url", url)
+    assert result.exit_code == 0 and result.output.strip() == "deleted 4 log entries of tiny"
+    result = run_cli("logs", "tiny", "--clear", "--keep-minutes", "10", "--url", url)
+    assert result.output.strip() == "deleted 1 log entry of tiny, kept the last 10 minutes"
+    assert json.loads(run_cli("stop-all", "--json", "--url", url).output)["message"] == "所有模型已关闭"  # raw: as is
+    assert CliRunner().invoke(cli_group(), ["logs", "tiny", "--keep-minutes", "1", "--url", url]).exit_code == 2
 
 
 def test_logs_prints_history_and_exits_at_historical_complete(fake_api) -> None:
@@ -399,7 +439,35 @@ def test_unreachable_router_is_one_line_and_exit_3(command: str) -> None:
     result = CliRunner().invoke(cli_group(), [*command.split(), "--url", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 3
     assert result.output.startswith(f"Error: cannot reach the router at http://127.0.0.1:{port}")
+    assert "--url" in result.output and "LLM_ROUTER_URL" in result.output  # how to point it elsewhere
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_the_url_is_the_flag_then_the_env_then_the_running_ups_then_the_default(fake_api, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    from llm_lab_router import up_url
+
+    url, _ = fake_api
+    monkeypatch.setenv("LLM_ROUTER_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("LLM_ROUTER_URL", raising=False)
+    assert client.router_url(None) == client.DEFAULT_URL  # no up recorded: the default
+
+    up_url.record(url, "w1")  # as a running `up --port N` does (this process stands for it: it is alive)
+    assert run_cli("models").exit_code == 0  # found through the record
+    elsewhere = dead_url()
+    result = CliRunner().invoke(cli_group(), ["models"], env={"LLM_ROUTER_URL": elsewhere})
+    assert result.exit_code == 3 and elsewhere in result.output  # the environment wins over the record
+    assert run_cli("models", "--url", url, env={"LLM_ROUTER_URL": elsewhere}).exit_code == 0  # --url wins
+
+    stale = tmp_path / "up" / "999999999.json"  # an up that was killed: its record is ignored and removed
+    stale.write_text(json.dumps({"url": elsewhere, "pid": 999999999, "worker_id": "old", "started_at": 2e9}))
+    assert run_cli("models").exit_code == 0 and not stale.exists()
 
 
 # --------------------------------------------------------------------------- the real stack

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,9 @@ import tornado.web
 from conftest import ROOT, wait_for
 from helpers import STACK_WORKER as WORKER
 from helpers import start_stack
-from llm_lab_router.router.http.dashboard import STATIC_DIR, dashboard_routes
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.http.app import make_app
+from llm_lab_router.router.http.dashboard import STATIC_DIR
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
@@ -35,7 +38,9 @@ SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
 
 @pytest.fixture
 def app() -> tornado.web.Application:
-    return tornado.web.Application(dashboard_routes())
+    """The router's application (its /ui routes come from router/http/routes.py); no API route
+    is called, so the services are a stand-in with the options only."""
+    return make_app(SimpleNamespace(options=RouterOptions()))  # type: ignore[arg-type]
 
 
 @pytest.mark.gen_test
@@ -197,7 +202,7 @@ def start_dashboard_stack(procs, redis_url: str, tmp_path: Path) -> str:
     try:
         urllib.request.urlopen(f"{url}/ui/", timeout=5).close()
     except urllib.error.HTTPError as exc:
-        raise AssertionError(f"{url}/ui/ answers {exc.code}: add *dashboard_routes() to the router's routes") from None
+        raise AssertionError(f"{url}/ui/ answers {exc.code}: the /ui rows of router/http/routes.py are missing") from None
     return url
 
 
@@ -254,6 +259,8 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
                        for ln in lines), lines
             instances = await page.js(text_of("row-tiny"))
             assert "pid " in instances and "127.0.0.1:" in instances, instances
+            # the engine's address is text: a link to 127.0.0.1 is wrong from another machine
+            assert await page.js("!document.querySelector('[data-testid=row-tiny] a')"), "an instance links its engine"
             await page.wait("!!document.querySelector('[data-testid=stop-tiny]')", message="a Stop button")
 
             await asyncio.sleep(0.5)  # let the bars' width transition settle for the picture
@@ -263,6 +270,17 @@ async def drive_dashboard(url: str, devtools_port: int) -> None:
             await page.click("stop-tiny")
             await page.wait(f"{text_of('status-tiny')} === 'stopped'", timeout=20, message="tiny stopped")
             await page.wait("!!document.querySelector('[data-testid=start-tiny]')", message="Start offered again")
+
+            # each instance has its own Start/Stop, which name its host (?worker=)
+            await page.js("""window.__posts = []; const realFetch = window.fetch;
+                window.fetch = (url, opts) => { if (opts?.method === 'POST') window.__posts.push(String(url));
+                                                return realFetch(url, opts); }; true""")
+            await page.click(f"start-tiny@{WORKER}")
+            await page.wait(f"{text_of('status-tiny')} === 'running'", timeout=30, message="tiny running on its host")
+            await page.click(f"stop-tiny@{WORKER}")
+            await page.wait(f"{text_of('status-tiny')} === 'stopped'", timeout=20, message="tiny stopped on its host")
+            assert await page.js("window.__posts") == [f"/api/models/tiny/start?worker={WORKER}&wait=false",
+                                                       f"/api/models/tiny/stop?worker={WORKER}"]
             assert page.errors == [], page.errors
         except BaseException:
             await page.screenshot(SCREENSHOT.with_name("dashboard-failure.png"))  # what the page showed

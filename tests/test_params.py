@@ -118,7 +118,8 @@ def test_a_blank_keep_minutes_clears_nothing_and_an_absent_one_clears_all(procs,
     kept = request("POST", f"{router.url}/api/logs/chat/clear?keep_minutes=60")
     assert kept.status == 200 and rds.xlen(KEYS.logs("chat")) == 5  # all recent: all kept
     cleared = request("POST", f"{router.url}/api/logs/chat/clear")  # absent: the manual's "clear all"
-    assert cleared.json() == {"success": True, "message": "模型 'chat' 已清空全部日志，删除 5 条"}
+    assert cleared.json() == {"success": True, "message": "模型 'chat' 已清空全部日志，删除 5 条", "model": "chat",
+                              "deleted": 5, "keep_minutes": 0}
     assert rds.xlen(KEYS.logs("chat")) == 0
 
 

@@ -96,7 +96,8 @@ def test_start_info_stop(procs, redis_url, tmp_path) -> None:
     c = cluster(procs, redis_url, tmp_path)
     router = c.router
     resp = request("POST", f"{router.url}/api/models/chatgpt/start")
-    assert resp.status == 200 and resp.json() == {"success": True, "message": "模型 'chatgpt' 启动成功"}
+    assert resp.status == 200 and resp.json() == {"success": True, "message": "模型 'chatgpt' 启动成功",
+                                                  "model": "demo-chat", "state": "running", "workers": [W1]}
     info = get_json(f"{router.url}/api/models/gpt-3.5-turbo/info")
     assert info["success"] is True and info["model"]["id"] == "demo-chat" and info["model"]["status"] == "running"
     (inst,) = info["model"]["instances"]
@@ -107,7 +108,8 @@ def test_start_info_stop(procs, redis_url, tmp_path) -> None:
     assert request("POST", f"{router.url}/v1/chat/completions", chat_body("chatgpt", max_tokens=2)).status == 200
 
     resp = request("POST", f"{router.url}/api/models/chatgpt/stop")
-    assert resp.status == 200 and resp.json() == {"success": True, "message": "模型 'chatgpt' 停止成功"}
+    assert resp.status == 200 and resp.json() == {"success": True, "message": "模型 'chatgpt' 停止成功",
+                                                  "model": "demo-chat", "workers": [W1]}
     assert wait_status(router, "chatgpt", "stopped")["instances"][0]["pid"] == 0
     wait_for(lambda: not c.engines("demo-chat"), timeout=5, message="the engine process gone")
 
@@ -117,7 +119,9 @@ def test_start_without_waiting_answers_202_at_once(procs, redis_url, tmp_path) -
     c = cluster(procs, redis_url, tmp_path, slow)
     router = c.router
     resp = request("POST", f"{router.url}/api/models/slow/start?wait=false")
-    assert resp.status == 202 and resp.json()["success"] is True and resp.seconds < 1
+    assert resp.status == 202 and resp.seconds < 1
+    assert resp.json() == {"success": True, "message": "模型 'slow' 正在启动", "model": "slow", "state": "starting",
+                           "workers": []}
     wait_status(router, "slow", "running", timeout=15)
     assert request("POST", f"{router.url}/api/models/slow/start?wait=maybe").status == 400
 
@@ -183,7 +187,8 @@ def test_restart_autostart_and_stop_all(procs, redis_url, tmp_path) -> None:
     wait_status(router, "auto-a", "running")
 
     resp = request("POST", f"{router.url}/api/models/stop-all", timeout=30)
-    assert resp.status == 200 and resp.json() == {"success": True, "message": "所有模型已关闭"}
+    assert resp.status == 200 and resp.json() == {"success": True, "message": "所有模型已关闭",
+                                                  "models": ["auto-a"], "workers": [W1]}
     wait_for(lambda: {m["status"] for m in get_json(f"{router.url}/v1/models")["data"]} == {"stopped"},
              message="every model stopped")
 
@@ -239,7 +244,8 @@ def test_log_stats_and_clear(procs, redis_url, rds, tmp_path) -> None:
 
     resp = request("POST", f"{router.url}/api/logs/text-embedding-ada-002/clear?keep_minutes=60")
     assert resp.status == 200
-    assert resp.json() == {"success": True, "message": "模型 'text-embedding-ada-002' 已清理 60 分钟前的日志，删除 3 条"}
+    assert resp.json() == {"success": True, "message": "模型 'text-embedding-ada-002' 已清理 60 分钟前的日志，删除 3 条",
+                           "model": "demo-embed", "deleted": 3, "keep_minutes": 60}
     assert rds.xlen(KEYS.logs("demo-embed")) == 1
 
     for bad in ("-1", "abc", "1.5"):

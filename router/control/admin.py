@@ -22,7 +22,8 @@ from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
     DevicesResult,
-    Done,
+    AllStopped,
+    Cleared,
     Health,
     InstanceDetail,
     InstanceRef,
@@ -34,6 +35,8 @@ from llm_lab_router.router.core.responses import (
     ModelList,
     Restarted,
     ServerInfo,
+    Started,
+    Stopped,
 )
 from llm_lab_router.router.core.view import ClusterView
 from redis.asyncio import Redis
@@ -45,8 +48,13 @@ def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
     return f"模型 '{alias}' 已清空全部日志，删除 {deleted} 条"
 
 
-def failures(replies: list[Reply]) -> str:
-    return "; ".join(f"worker '{r.worker}': {r.message or 'failed'}" for r in replies if not r.ok)
+def failures(replies: list[Reply]) -> dict[str, str]:
+    """The workers whose reply failed, with their reason."""
+    return {r.worker: r.message or "failed" for r in replies if not r.ok}
+
+
+def failures_text(failed: dict[str, str]) -> str:
+    return "; ".join(f"worker '{w}': {why}" for w, why in failed.items())
 
 
 class Manager:
@@ -65,6 +73,19 @@ class Manager:
         if model is None:
             raise ApiError(404, f"model '{alias}' is not in the catalog of any live worker", "model_not_found")
         return model
+
+    def host_for(self, alias: str, model: str, worker: str | None) -> str | None:
+        """``worker`` checked for an action on one host: live, with ``model`` in its catalog
+        (``None``: every host). A 404 otherwise, naming the hosts that would do."""
+        if worker is None:
+            return None
+        if worker not in self.view.workers():
+            live = ", ".join(sorted(self.view.workers())) or "none"
+            raise ApiError(404, f"worker '{worker}' is not live (live workers: {live})", "worker_not_found")
+        if worker not in (hosts := self.view.catalog_workers(model)):
+            raise ApiError(404, f"model '{alias}' is not in the catalog of worker '{worker}' (it is in the catalog "
+                                f"of: {', '.join(hosts)})", "model_not_on_worker")
+        return worker
 
     async def log_model(self, alias: str) -> str:
         """The model whose logs ``alias`` names: a catalog model, or one whose worker is gone
@@ -110,7 +131,7 @@ class Manager:
         model = self.model_for(alias)
         e = self._entry(model)
         instances = [InstanceDetail(i.worker, i.state, i.url, i.pid, i.started_at, i.updated_at, i.last_error,
-                                    i.restarts, i.gpus) for i in self.view.instances(model)]
+                                    i.restarts, i.gpus, i.last_error_at) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
                                      self.view.catalog_workers(model), instances, self.control.reason(model)))
@@ -125,36 +146,44 @@ class Manager:
 
     # --- actions ---
 
-    async def start(self, alias: str, wait: bool) -> tuple[int, Done]:
-        """Start and wait until it serves (200), or only begin (202, ``wait=false``)."""
+    async def start(self, alias: str, wait: bool, worker: str | None = None) -> tuple[int, Started]:
+        """Start and wait until it serves (200), or only begin (202, ``wait=false``); on
+        ``worker`` only, when given (``on``: the manual's message, naming that host)."""
         model = self.model_for(alias)
-        if not wait and not self.view.running_instances(model):
-            self.control.start_in_background(model, self.options.start_timeout)
-            return 202, Done(message=f"模型 '{alias}' 正在启动")
+        host = self.host_for(alias, model, worker)
+        on = f" (worker '{host}')" if host else ""
+        if not wait and not self.control.running_on(model, host):
+            self.control.start_in_background(model, self.options.start_timeout, host, by_operator=True)
+            return 202, Started(message=f"模型 '{alias}' 正在启动{on}", model=model, state="starting",
+                                workers=[host] if host else [])
         try:
-            await self.control.ensure_running(model, self.options.start_timeout)
+            await self.control.ensure_running(model, self.options.start_timeout, host, by_operator=True)
         except ControlError as exc:
-            raise start_failed(f"模型 '{alias}' 启动失败: {describe_failure(exc)}", exc) from None
-        return 200, Done(message=f"模型 '{alias}' 启动成功")
+            raise start_failed(f"模型 '{alias}' 启动失败{on}: {describe_failure(exc)}", exc) from None
+        return 200, Started(message=f"模型 '{alias}' 启动成功{on}", model=model, state="running",
+                            workers=[i.worker for i in self.control.running_on(model, host)])
 
-    async def stop(self, alias: str) -> Done:
-        replies = await self.control.stop(self.model_for(alias), self.options.stop_timeout)
+    async def stop(self, alias: str, worker: str | None = None) -> Stopped:
+        model = self.model_for(alias)
+        host = self.host_for(alias, model, worker)
+        on = f" (worker '{host}')" if host else ""
+        replies = await self.control.stop(model, self.options.stop_timeout, host)
         if bad := failures(replies):
-            raise ApiError(503, f"模型 '{alias}' 停止失败: {bad}", "model_stop_failed")
-        return Done(message=f"模型 '{alias}' 停止成功")
+            raise ApiError(503, f"模型 '{alias}' 停止失败{on}: {failures_text(bad)}", "model_stop_failed", failed=bad)
+        return Stopped(message=f"模型 '{alias}' 停止成功{on}", model=model, workers=[r.worker for r in replies])
 
-    async def stop_all(self) -> Done:
+    async def stop_all(self) -> AllStopped:
         replies = await self.control.stop_all(self.options.stop_timeout)
         if bad := failures(replies):
-            raise ApiError(503, f"部分模型未能关闭: {bad}", "stop_all_failed")
-        return Done(message="所有模型已关闭")
+            raise ApiError(503, f"部分模型未能关闭: {failures_text(bad)}", "stop_all_failed", failed=bad)
+        return AllStopped(message="所有模型已关闭", models=merged_models(replies), workers=[r.worker for r in replies])
 
     async def restart_autostart(self) -> Restarted:
         replies = await self.control.restart_autostart(self.options.start_timeout)
         started = merged_models(replies)
         if bad := failures(replies):
-            raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: {bad}",
-                           "restart_autostart_failed")
+            raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: "
+                                f"{failures_text(bad)}", "restart_autostart_failed", failed=bad)
         return Restarted(message=f"已重启 {len(started)} 个autostart模型", started_models=started)
 
     async def log_stats(self) -> LogStatsResult:
@@ -165,7 +194,8 @@ class Manager:
         counts = await pipe.execute() if models else []
         return LogStatsResult(stats=LogStats(len(models), sum(counts), sum(1 for c in counts if c)))
 
-    async def clear_logs(self, alias: str, keep_minutes: int) -> Done:
+    async def clear_logs(self, alias: str, keep_minutes: int) -> Cleared:
         model = await self.log_model(alias)
         deleted = await trim_logs(self.redis, self.keys, model, keep_minutes)
-        return Done(message=clear_message(alias, keep_minutes, deleted))
+        return Cleared(message=clear_message(alias, keep_minutes, deleted), model=model, deleted=deleted,
+                       keep_minutes=keep_minutes)

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from redis.exceptions import RedisError
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
     from_json, read_usage,
@@ -35,7 +36,7 @@ from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
-                              merge_waiters)
+                              merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
 from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView
@@ -70,7 +71,7 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
 def start_failed(message: str, exc: ControlError) -> ApiError:
     """The 503 of a start that failed or gave up (code ``model_start_failed``), with the reason
     (``error.reason``) and a ``Retry-After`` from its ETA when the scheduler knows them."""
-    headers = {"Retry-After": retry_after(exc.reason, time.time())} if exc.reason else None
+    headers = {"Retry-After": retry_after(exc.reason, CLOCK.now())} if exc.reason else None
     return ApiError(503, message, "model_start_failed", headers, exc.reason)
 
 
@@ -96,24 +97,20 @@ def start_wait(timeout: float, entries: Iterable[CatalogEntry]) -> float:
     return max([timeout, *(e.startup_timeout + START_MARGIN for e in entries if e.startup_timeout > 0)])
 
 
-def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
-    """``start_order`` for models without GPU needs: the first candidate to try, if any."""
-    order, _ = start_order(model, {w: CatalogEntry(id=model) for w in candidates}, {}, instances)
-    return order[0] if order else None
-
-
 class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
-def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float) -> str:
-    """How a start on ``wid`` stands: ``running`` (some instance serves the model),
+def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
+                  anywhere: bool = True) -> str:
+    """How a start on ``wid`` stands: ``running`` (some instance serves the model; with
+    ``anywhere`` false, a start on that host only, the instance on ``wid``),
     ``failed`` (the instance on ``wid`` failed, updated after ``since``: the ``updated_at`` it
     had when the command was sent, so only the worker's clock is compared), ``lost`` (it became
     running after ``since`` but is stopping or stopped already), ``gone`` (the worker left) or
     ``""`` (still waiting)."""
     instances = list(instances)
-    if any(i.state == "running" and i.url for i in instances):
+    if any(i.state == "running" and i.url and (anywhere or i.worker == wid) for i in instances):
         return "running"
     if wid not in set(live):
         return "gone"
@@ -146,7 +143,7 @@ class ControlClient:
         self.metrics = metrics
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
-        self._starts: dict[str, asyncio.Task[Reply]] = {}
+        self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
         self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
@@ -158,7 +155,7 @@ class ControlClient:
         while True:
             try:
                 self.line = await self.board.read()
-                self.closing = closing(self.line, time.time(), USAGE_STALE)
+                self.closing = closing(self.line, CLOCK.now(), USAGE_STALE)
             except RedisError:
                 self.closing = set()  # nobody can claim without Redis either
             await asyncio.sleep(CLAIM_POLL)
@@ -180,15 +177,15 @@ class ControlClient:
         if view.running_instances(model):
             return None
         if any(i.state == "starting" for i in view.instances(model)):
-            return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
+            return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
         if (got := self.pending.get(model) or self.backoff.reason(model)) is not None:
             return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
+        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
                            USAGE_STALE)
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
-        cmd.deadline = time.time() + timeout
+        cmd.timeout = timeout
         await self.redis.xadd(self.keys.commands(wid), command_fields(cmd),
                               maxlen=COMMANDS_MAXLEN, approximate=True)
         try:
@@ -215,16 +212,27 @@ class ControlClient:
 
     # --- model lifecycle ---
 
-    async def ensure_running(self, model: str, timeout: float) -> None:
-        """Return once some instance of ``model`` runs, starting it if needed (shared start);
-        a model in back-off (its last start failed) raises at once."""
-        if not self.view.running_instances(model):
-            if model not in self._starts and (why := self.backoff.reason(model)) is not None:
-                raise ControlError(why.message, reason=why)
-            await self.start(model, timeout)
+    def running_on(self, model: str, host: str | None = None) -> list[Instance]:
+        """The running instances of ``model`` (on ``host`` only, when given)."""
+        return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
-    async def start(self, model: str, timeout: float) -> Reply:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None,
+                             by_operator: bool = False) -> None:
+        """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
+        needed (shared start).
+
+        ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
+        restart budget on its worker; a start for a request is a restart of a failed model,
+        counted, backed off and bounded there (``Command.on_demand``), and this router does not
+        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises."""
+        if not self.running_on(model, host):
+            if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
+                raise ControlError(why.message, reason=why)  # its last start failed a moment ago
+            await self.start(model, timeout, host, by_operator)
+
+    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
+        ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
@@ -233,24 +241,32 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
-    def start_in_background(self, model: str, timeout: float) -> asyncio.Task[Reply]:
+    def start_in_background(self, model: str, timeout: float, host: str | None = None,
+                            by_operator: bool = False) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
-        task = self._starts.get(model)
+        key = (model, host)
+        task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout), name=f"start-{model}")
-            self._starts[model] = task
-            task.add_done_callback(lambda t: self._start_done(model, t))
+            task = asyncio.create_task(self._start(model, timeout, host, by_operator), name=f"start-{model}")
+            self._starts[key] = task
+            task.add_done_callback(lambda t: self._start_done(key, t))
         return task
 
-    def _start_done(self, model: str, task: asyncio.Task) -> None:
-        if self._starts.get(model) is task:
-            del self._starts[model]
+    def _candidates(self, model: str, host: str | None) -> dict[str, CatalogEntry]:
+        """The hosts a start may use: every live one whose catalog has ``model``, or ``host`` alone."""
+        entries = self.view.catalog_entries(model)
+        return entries if host is None else {w: e for w, e in entries.items() if w == host}
+
+    def _start_done(self, key: tuple[str, str | None], task: asyncio.Task) -> None:
+        model = key[0]
+        if self._starts.get(key) is task:
+            del self._starts[key]
         if task.cancelled():
             return
         exc = task.exception()
@@ -260,19 +276,22 @@ class ControlClient:
             log.warning("start of %s failed: %s", model, exc)
             if exc.reason is None and not isinstance(exc, NoRoom):  # it failed, not waited or found no room
                 self.backoff.failed(model, exc.message)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
 
-    async def _start(self, model: str, timeout: float) -> Reply:
+    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
-        (``router.control.scheduler``: residency, drain, turn), waiting in ``llm:waiting`` meanwhile."""
+        (``router.control.scheduler``: residency, drain, turn), waiting in ``llm:waiting`` meanwhile.
+        With ``host``, the same with that one host as the only candidate."""
         view = self.view
-        entries = view.catalog_entries(model)
+        entries = self._candidates(model, host)
         if not entries:
-            raise ControlError(f"no live worker can run model '{model}'")
+            raise ControlError(f"no live worker can run model '{model}'" + (f" on '{host}'" if host else ""))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + start_wait(timeout, entries.values())
-        began = time.time()
+        began = CLOCK.now()
         try:
             while True:
                 await view.refresh_details()  # devices and leases, read on demand (at most once a second)
@@ -280,11 +299,12 @@ class ControlClient:
                 order, ahead = fits, []
                 if self.scheduler == "swap" and fits:  # free room goes to the models ahead in the line first
                     waiters = await self._waiters(model, began)
-                    ahead = ahead_of(model, waiters, view.all_instances(), time.time())
+                    ahead = ahead_of(model, waiters, view.all_instances(), CLOCK.now())
                     order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
                 for wid in order:
                     try:
-                        return await self._start_on(wid, model, deadline)
+                        return await self._start_on(wid, model, deadline, anywhere=host is None,
+                                                    by_operator=by_operator)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -300,23 +320,23 @@ class ControlClient:
                 if decision.action == "evict" and decision.plan is not None:
                     await self._evict(decision.plan, model, deadline)
                     try:
-                        return await self._start_on(decision.plan.worker, model, deadline)
+                        return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
                         continue  # the room went to another start (a router not yet aware of us)
                     finally:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
-                reason = self.pending[model] = swap_reason(model, decision, waiters, time.time(), cold)
+                reason = self.pending[model] = swap_reason(model, decision, waiters, CLOCK.now(), cold)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
-                    raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
+                    raise ControlError(f"model '{model}' waited {CLOCK.now() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
+                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
-                entries = view.catalog_entries(model) or entries
+                entries = self._candidates(model, host) or entries
         finally:
             self.pending.pop(model, None)
             try:
@@ -329,7 +349,7 @@ class ControlClient:
 
     def _waited(self, model: str, began: float) -> None:
         if self.metrics is not None:
-            self.metrics.waited(model, "swap", time.time() - began)
+            self.metrics.waited(model, "swap", CLOCK.now() - began)
 
     async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
         try:
@@ -347,17 +367,18 @@ class ControlClient:
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
         usage = await self._usage({i.model for i in loaded})
         waiters = await self._waiters(model, began)
-        now = time.time()
-        specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
+        now = CLOCK.now()
+        # each instance by its own host's config: two hosts may give a model different residencies
+        specs = {where(i): view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
-                               {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
-                               {m: s.idle_release for m, s in specs.items()})
+                               {w: s.min_residency for w, s in specs.items()}, now, self.scheduler,
+                               {w: s.idle_release for w, s in specs.items()})
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:
         """The line (``merge_waiters``) from ``llm:waiting``, with this router's own entry for
         ``model`` as it is now, not as last written."""
-        now = time.time()
+        now = CLOCK.now()
         mine = WaitEntry(model=model, router=self.board.router_id, since=began,
                          count=self._waiting.get(model, 1), at=now)
         board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
@@ -380,29 +401,33 @@ class ControlClient:
     async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
-            return await read_usage(self.redis, self.keys, models, time.time())
-        usage = await read_usage(self.redis, self.keys, models, time.time(), exclude=self.usage.router_id)
+            return await read_usage(self.redis, self.keys, models, CLOCK.now())
+        usage = await read_usage(self.redis, self.keys, models, CLOCK.now(), exclude=self.usage.router_id)
         for m, u in usage.items():
             u.inflight += self.usage.inflight(m)
+            for wid, n in self.usage.serving_on(m).items():
+                u.serving[wid] = u.serving.get(wid, 0) + n
         return usage
 
     @staticmethod
     def _left(deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    async def _start_on(self, wid: str, model: str, deadline: float) -> Reply:
+    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True,
+                        by_operator: bool = False) -> Reply:
+        """Start ``model`` on ``wid`` and wait until it serves (``anywhere``: or another host serves it)."""
         view = self.view
         timeout = self._left(deadline)
         was = next((i for i in view.instances(model) if i.worker == wid), None)
         before = was.updated_at if was else -1.0
         sent = time.monotonic()
-        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
             error = NoRoom if reply.no_room else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
-            lambda: start_outcome(view.instances(model), wid, view.workers(), before), self._left(deadline))
+            lambda: start_outcome(view.instances(model), wid, view.workers(), before, anywhere), self._left(deadline))
         if outcome == "running":
             if self.metrics is not None and (was is None or was.state not in ACTIVE_STATES):
                 self.metrics.cold_started(model, time.monotonic() - sent)
@@ -418,11 +443,12 @@ class ControlClient:
             raise NoRoom(f"model '{model}' was stopped on '{wid}' right after it started")
         raise ControlError(f"model '{model}' did not become ready within {timeout:g}s")
 
-    async def stop(self, model: str, timeout: float) -> list[Reply]:
+    async def stop(self, model: str, timeout: float, host: str | None = None) -> list[Reply]:
         """Stop ``model`` everywhere: every live worker that can run it is asked (idempotent
-        on the worker), so a start this router has not seen yet is stopped too."""
-        wids = sorted(set(self.view.catalog_workers(model)) |
-                      {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        on the worker), so a start this router has not seen yet is stopped too. ``host``: that
+        worker only."""
+        wids = [host] if host is not None else sorted(
+            set(self.view.catalog_workers(model)) | {i.worker for i in self.view.instances(model) if i.state != "stopped"})
         return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
 
     async def stop_all(self, timeout: float) -> list[Reply]:

@@ -11,20 +11,20 @@ operator who fixed the cause retries); a success ends the back-off.
 
 from __future__ import annotations
 
-import time
-
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.router.core.errors import WaitReason
 
 
 class StartBackoff:
-    """The failed starts of one router, each until its back-off ends."""
+    """The failed starts of one router, each until its back-off ends (on the deployment's clock,
+    like every ``eta``)."""
 
     def __init__(self, period: float) -> None:
         self.period = period
         self._until: dict[str, tuple[float, str]] = {}  # model -> (unix time it ends, the failure)
 
     def failed(self, model: str, message: str, now: float | None = None) -> None:
-        self._until[model] = ((now or time.time()) + self.period, message)
+        self._until[model] = ((CLOCK.now() if now is None else now) + self.period, message)
 
     def succeeded(self, model: str) -> None:
         self._until.pop(model, None)
@@ -34,7 +34,7 @@ class StartBackoff:
         got = self._until.get(model)
         if got is None:
             return None
-        now = now or time.time()
+        now = CLOCK.now() if now is None else now
         until, message = got
         if until <= now:
             del self._until[model]

@@ -53,13 +53,15 @@ class ApiError(Exception):
     ``code`` is the machine-readable OpenAI ``error.code`` (``model_not_found``...)."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None, reason: WaitReason | None = None) -> None:
+                 headers: dict[str, str] | None = None, reason: WaitReason | None = None,
+                 failed: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers or {}  # extra response headers (``Retry-After`` of a 429)
         self.reason = reason  # why a request could not be served (yet): ``error.reason`` (router.control.explain)
+        self.failed = failed  # an action on several hosts: each host that failed, with its reason
 
 
 def redis_unavailable(exc: BaseException) -> ApiError:
@@ -97,13 +99,14 @@ class Failure(msgspec.Struct, kw_only=True):
     success: bool = False
     message: str
     reason: WaitReason | msgspec.UnsetType = msgspec.UNSET
+    failed: dict[str, str] | msgspec.UnsetType = msgspec.UNSET  # worker id -> why (a stop that failed on some)
 
 
 def error_body(err: ApiError, openai_shape: bool) -> msgspec.Struct:
     if openai_shape:
         kind = OPENAI_ERROR_TYPES.get(err.status, "internal_error" if err.status >= 500 else "invalid_request_error")
         return OpenAIError(OpenAIErrorBody(err.message, kind, err.code, err.reason or msgspec.UNSET))
-    return Failure(message=err.message, reason=err.reason or msgspec.UNSET)
+    return Failure(message=err.message, reason=err.reason or msgspec.UNSET, failed=err.failed or msgspec.UNSET)
 
 
 _encoder = msgspec.json.Encoder()

@@ -60,9 +60,10 @@ class InstanceDetail(msgspec.Struct):
     pid: int
     started_at: float
     updated_at: float
-    last_error: str
+    last_error: str  # the last failure, kept after a recovery (with its time)
     restarts: int
     gpus: str
+    last_error_at: float = 0.0  # unix time of last_error (0: none yet)
 
 
 class ModelDetail(msgspec.Struct):
@@ -93,6 +94,30 @@ class ModelInfo(Ok, kw_only=True):
 
 class Done(Ok, kw_only=True):
     message: str
+
+
+class Started(Done, kw_only=True):
+    """A start's outcome, for programs (the CLI words its own text from these fields)."""
+
+    model: str  # the model id the alias names
+    state: str  # "running" (200), or "starting" (202, wait=false)
+    workers: list[str]  # the hosts it runs on now; while starting, the one asked for (or none yet)
+
+
+class Stopped(Done, kw_only=True):
+    model: str
+    workers: list[str]  # the hosts asked to stop it: each stopped it or had it stopped already
+
+
+class AllStopped(Done, kw_only=True):
+    models: list[str]  # the models stopped, on any host
+    workers: list[str]  # the hosts asked
+
+
+class Cleared(Done, kw_only=True):
+    model: str
+    deleted: int  # log entries deleted
+    keep_minutes: int  # entries of the last keep_minutes minutes were kept (0: none)
 
 
 class Restarted(Ok, kw_only=True):

@@ -128,6 +128,17 @@ class StreamId(Param):
         return {"type": "string", "pattern": STREAM_ID.pattern.join("^$")}
 
 
+@dataclass(frozen=True, kw_only=True)
+class Name(Param):
+    """A name as given (a worker id): any text but empty or blank, which ``raw`` refuses."""
+
+    def parse(self, args: Args) -> str | None:
+        return self.raw(args)
+
+    def schema(self) -> Json:
+        return {"type": "string", "minLength": 1}
+
+
 @dataclass(frozen=True)
 class RouteParams:
     """Every query parameter of the API, with the defaults and limits of this router's options."""
@@ -136,9 +147,10 @@ class RouteParams:
     tail: Count
     last_event_id: StreamId
     keep_minutes: Count
+    worker: Name
 
     def by_name(self) -> dict[str, Param]:
-        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes)}
+        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker)}
 
 
 @functools.cache
@@ -157,4 +169,8 @@ def route_params(options: RouterOptions) -> RouteParams:
         keep_minutes=Count(name="keep_minutes", default=0,
                            description="minutes of recent log entries to keep; older ones are deleted, 0 deletes all",
                            absent="0, every entry of the model's log is deleted, as the manual says"),
+        worker=Name(name="worker", description="act on this host only (a worker id, as GET /api/models/{alias}/info "
+                                               "lists them); unknown, not live, or without the model in its "
+                                               "catalog: 404",
+                    absent="every host: a start goes where the scheduler places it, a stop reaches every host"),
     )

@@ -224,16 +224,25 @@ function errorText(m) {
   return (m.instances || []).map((i) => i.last_error).filter(Boolean).join("; ");
 }
 
-function instanceHtml(i) {
+// One host's instance of model ``id``, with its own Start/Stop (``?worker=``: that host only).
+// The engine's address is text, not a link: it is the worker's loopback or LAN address, which a
+// remote browser cannot reach, and requests belong to the router anyway.
+function instanceHtml(id, i) {
   const bits = [];
-  if (/^https?:\/\//i.test(i.url || "")) bits.push(`<a href="${esc(i.url)}/v1/models" target="_blank" rel="noopener">${esc(hostOf(i.url))}</a>`);
+  if (i.url) bits.push(`<span class="inst-url" title="the engine's own address (clients go through the router)">${esc(hostOf(i.url))}</span>`);
   if (i.pid) bits.push(`pid ${esc(i.pid)}`);
   if (i.restarts) bits.push(`<span class="warn" title="restarts">↻ ${esc(i.restarts)}</span>`);
   if (i.state === "running" && i.started_at) bits.push(`up ${fmtDuration(Date.now() / 1000 - i.started_at)}`);
   const err = i.last_error && i.state !== "running"
     ? `<div class="inst-error" title="${esc(i.last_error)}">${esc(i.last_error)}</div>` : "";
+  const key = `${esc(id)}@${esc(i.worker)}`;
+  const button = i.state === "stopped" || i.state === "failed"
+    ? `<button class="btn tiny" data-action="start" data-worker="${esc(i.worker)}" data-testid="start-${key}" title="start on ${esc(i.worker)} only">Start</button>`
+    : i.state === "running" || i.state === "starting"
+      ? `<button class="btn tiny" data-action="stop" data-worker="${esc(i.worker)}" data-testid="stop-${key}" title="stop on ${esc(i.worker)} only">Stop</button>`
+      : "";
   return `<div class="inst"><span class="sdot s-${esc(i.state)}" title="${esc(i.state)}"></span>`
-    + `<b>${esc(i.worker)}</b><span class="muted">${bits.join(" · ")}</span>${err}</div>`;
+    + `<b>${esc(i.worker)}</b><span class="muted">${bits.join(" · ")}</span>${button}${err}</div>`;
 }
 
 // Why a model waits (router/explain.py), the same on every router: its reason and position,
@@ -263,7 +272,7 @@ function rowHtml(m) {
     canStop ? `<button class="btn" data-action="stop" data-testid="stop-${esc(m.id)}" ${status === "stopping" ? "disabled" : ""}>Stop</button>` : "",
   ].join("");
   const instances = (m.instances || []).length
-    ? (m.instances || []).map(instanceHtml).join("") : `<span class="muted">no host</span>`;
+    ? (m.instances || []).map((i) => instanceHtml(m.id, i)).join("") : `<span class="muted">no host</span>`;
   return `<td class="model-cell"><div class="mid">${esc(m.id)}</div>`
     + (aliases.length ? `<div class="aliases">${aliases.map((a) => `<span class="chip">${esc(a)}</span>`).join("")}</div>` : "")
     + `${latest}${waitWhy}</td>`
@@ -297,6 +306,19 @@ function renderModels() {
   }
   for (const tr of [...body.children]) if (!keep.has(tr.dataset.model)) tr.remove();
   byTestId("models-empty").hidden = state.models.length > 0;
+}
+
+// One host's Start/Stop: no row-wide pending state (the model may run elsewhere all along);
+// the instance's own state shows the progress at the next refresh.
+async function actOn(id, action, worker) {
+  const query = new URLSearchParams({worker, ...(action === "start" ? {wait: "false"} : {})});
+  try {
+    await api("POST", `/api/models/${encodeURIComponent(id)}/${action}?${query}`);
+  } catch (e) {
+    toast(`${action} ${id} on ${worker}: ${e.message}`);
+  }
+  syncWatchers();
+  refresh();
 }
 
 async function act(id, action) {
@@ -477,6 +499,7 @@ function init() {
     const tr = ev.target.closest("tr[data-model]");
     if (!tr) return;
     const button = ev.target.closest("button[data-action]");
+    if (button?.dataset.worker) { actOn(tr.dataset.model, button.dataset.action, button.dataset.worker); return; }
     if (button) { act(tr.dataset.model, button.dataset.action); return; }
     if (ev.target.closest("a")) return;
     logView.open(tr.dataset.model);
