@@ -101,6 +101,12 @@ class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
+class StartFailed(ControlError):
+    """The model itself failed to start (its instance is ``failed``: it exited or failed its
+    health check), as opposed to a start that was cancelled, timed out or found no room: the
+    one failure that puts the model in back-off (router/control/start_backoff.py)."""
+
+
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
                   anywhere: bool = True) -> str:
     """How a start on ``wid`` stands: ``running`` (some instance serves the model; with
@@ -274,7 +280,7 @@ class ControlClient:
             self.backoff.succeeded(model)
         elif isinstance(exc, ControlError):
             log.warning("start of %s failed: %s", model, exc)
-            if exc.reason is None and not isinstance(exc, NoRoom):  # it failed, not waited or found no room
+            if isinstance(exc, StartFailed):  # not cancelled, timed out, waited or without room
                 self.backoff.failed(model, exc.message)
         elif exc is not None:  # not an expected failure: no caller may be waiting to report it
             log.error("start of %s failed", model, exc_info=exc)
@@ -423,7 +429,7 @@ class ControlClient:
         sent = time.monotonic()
         reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
-            error = NoRoom if reply.no_room else ControlError
+            error = NoRoom if reply.no_room else StartFailed if reply.state == "failed" else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
@@ -435,8 +441,8 @@ class ControlClient:
             return reply
         if outcome == "failed":
             inst = next((i for i in view.instances(model) if i.worker == wid), None)
-            raise ControlError(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
-                               reply.log_tail)
+            raise StartFailed(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
+                              reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
         if outcome == "lost":  # the scheduler's callers start it again
