@@ -124,6 +124,8 @@ def test_allowed_origins_pass_and_get_cors(procs, redis_url, stack, rds) -> None
     resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("chat"),
                    headers={"Origin": app, "Sec-Fetch-Site": "cross-site"})
     assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == app, resp.body
+    listed = request("GET", f"{router.url}/v1/models", headers={"Origin": app})  # the app's own routes too
+    assert listed.status == 200 and listed.headers["Access-Control-Allow-Origin"] == app
     status, headers, _ = raw(router, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                                      b"Origin: https://app.lab.example\r\nAccess-Control-Request-Method: POST\r\n"
                                      b"Access-Control-Request-Headers: authorization, content-type\r\n")
