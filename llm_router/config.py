@@ -26,7 +26,7 @@ from llm_lab_router.schema_check import check_table
 from llm_lab_router.toml_text import TablePath, TomlLines, syntax_problem
 
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
-DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collecto
             seen[name] = m.id
     for j, p in enumerate(m.device_profiles()):
         for d in p.devices:
-            if not DEVICE.match(d):
+            if not DEVICE.fullmatch(d):
                 table = (*at, "profiles", j) if m.profiles else at
                 report(table, "devices", "", f"{d!r} is not 'cpu', 'cuda' or 'cuda:N'")
     for name in m.fallbacks:

@@ -124,8 +124,9 @@ class PrivateUsers:
       ``worker`` user of older releases, is dropped: its user is gone at the next start);
     - ``users.acl``: what redis-server loads (``--aclfile``), hashes only;
     - ``<user>.url`` (``admin.url``, ``router.url``, ``reader.url``, ``worker.<id>.url``): each
-      user's URL with its password, for the operator's ``redis-cli -u "$(cat
-      .llm-router/redis/admin.url)"``, rewritten at each ``up`` (the port may change)."""
+      user's URL with its password, for another ``llm-router worker --redis-url-file
+      .../worker.<id>.url`` (never ``--redis "$(cat …)"``: ``ps`` shows a command line to every
+      local user), rewritten at each ``up`` (the port may change)."""
 
     def __init__(self, directory: str | os.PathLike, workers: Iterable[str] = ()) -> None:
         self.directory = Path(directory).resolve()  # redis-server chdirs to its data dir first

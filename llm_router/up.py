@@ -103,7 +103,8 @@ def start_private_redis(data_dir: Path, port: int, prefix: str, worker_id: str) 
     urls = users.urls(server.url)
     print(f"llm-router up: started redis-server at {server.url} (data in {server.data_dir}, mode 0700); "
           f"default user off, users {'/'.join(users.users)}; their URLs, with passwords, are in "
-          f"{users.directory}/<user>.url (mode 0600), e.g. redis-cli -u \"$(cat {users.url_file('admin')})\"",
+          f"{users.directory}/<user>.url (mode 0600; admin.url for redis-cli, with the password in "
+          f"REDISCLI_AUTH), e.g. llm-router worker --redis-url-file {users.url_file(worker_user(worker_id))}",
           file=sys.stderr)
     return server, urls
 
@@ -154,7 +155,8 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
             rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
             stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix, worker.worker_id)
             worker_url, router_url, reader_url = urls[worker_user(worker.worker_id)], urls["router"], urls["reader"]
-        env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
+        # each child gets its URL in LLM_ROUTER_REDIS_URL (out of ps); a URL file of ours would win over it
+        env = {**{k: v for k, v in os.environ.items() if k != "LLM_ROUTER_REDIS_URL_FILE"}, "LLM_ROUTER_PREFIX": prefix}
         # -P: nothing is imported from the cwd (see ``safepath``); the cwd stays, for relative paths
         stack.spawn("worker", safe_python_m("llm_lab_router.cli", "worker", "--config", config_path, *worker.argv),
                     {**env, "LLM_ROUTER_REDIS_URL": worker_url}, stop_signal=signal.SIGINT)

@@ -75,7 +75,8 @@ class Services:
                                    interval=self.options.usage_interval, serving=self._serving)
         self.metrics = RouterMetrics(self.view)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics)
+                                     scheduler=self.options.scheduler, metrics=self.metrics,
+                                     start_backoff=self.options.start_backoff)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,

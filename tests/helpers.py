@@ -151,10 +151,11 @@ def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None
                  prefix: str | None = None, timeout: float = 20, host: str = "127.0.0.1",
                  wrap: Callable[[list[str]], list[str]] = list, args: Iterable[str] = ()) -> Router:
     """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
-    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more options."""
+    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more
+    options (``redis_url`` ``""``: no ``--redis``, e.g. with ``--redis-url-file`` in ``args``)."""
     port = free_port()  # in a namespace the port is surely free too: nothing else binds there
-    argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
-            "--port", str(port), *args]
+    redis = ["--redis", process_url(redis_url, "router", prefix)] if redis_url else []
+    argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", *redis, "--port", str(port), *args]
     if host != "127.0.0.1":
         argv += ["--host", host]
     if prefix:

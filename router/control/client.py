@@ -38,6 +38,7 @@ from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
                               merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
+from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
 
@@ -100,6 +101,12 @@ class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
+class StartFailed(ControlError):
+    """The model itself failed to start (its instance is ``failed``: it exited or failed its
+    health check), as opposed to a start that was cancelled, timed out or found no room: the
+    one failure that puts the model in back-off (router/control/start_backoff.py)."""
+
+
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
                   anywhere: bool = True) -> str:
     """How a start on ``wid`` stands: ``running`` (some instance serves the model; with
@@ -132,7 +139,7 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -141,6 +148,7 @@ class ControlClient:
         self.scheduler = scheduler
         self.metrics = metrics
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
+        self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
@@ -176,7 +184,7 @@ class ControlClient:
             return None
         if any(i.state == "starting" for i in view.instances(model)):
             return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
-        if (got := self.pending.get(model)) is not None:
+        if (got := self.pending.get(model) or self.backoff.reason(model)) is not None:
             return got
         return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
                            USAGE_STALE)
@@ -221,8 +229,11 @@ class ControlClient:
 
         ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
         restart budget on its worker; a start for a request is a restart of a failed model,
-        counted, backed off and bounded there (``Command.on_demand``)."""
+        counted, backed off and bounded there (``Command.on_demand``), and this router does not
+        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises."""
         if not self.running_on(model, host):
+            if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
+                raise ControlError(why.message, reason=why)  # its last start failed a moment ago
             await self.start(model, timeout, host, by_operator)
 
     async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
@@ -265,8 +276,12 @@ class ControlClient:
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, ControlError):
+        if exc is None:
+            self.backoff.succeeded(model)
+        elif isinstance(exc, ControlError):
             log.warning("start of %s failed: %s", model, exc)
+            if isinstance(exc, StartFailed):  # not cancelled, timed out, waited or without room
+                self.backoff.failed(model, exc.message)
         elif exc is not None:  # not an expected failure: no caller may be waiting to report it
             log.error("start of %s failed", model, exc_info=exc)
 
@@ -414,7 +429,7 @@ class ControlClient:
         sent = time.monotonic()
         reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
-            error = NoRoom if reply.no_room else ControlError
+            error = NoRoom if reply.no_room else StartFailed if reply.state == "failed" else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
@@ -426,8 +441,8 @@ class ControlClient:
             return reply
         if outcome == "failed":
             inst = next((i for i in view.instances(model) if i.worker == wid), None)
-            raise ControlError(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
-                               reply.log_tail)
+            raise StartFailed(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
+                              reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
         if outcome == "lost":  # the scheduler's callers start it again

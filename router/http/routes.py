@@ -48,7 +48,7 @@ from llm_lab_router.router.logs.stream import LogEvent
 
 Json = dict[str, Any]
 PARAM = re.compile(r"\{([^}]+)\}")
-FORWARDED_ERRORS = (400, 404, 413, 429, 502, 503, 504)
+FORWARDED_ERRORS = (400, 404, 413, 415, 429, 502, 503, 504)  # 415: router/http/origin.py
 FORWARDED_ACCESS: Access = "client"  # every forwarded /v1 path, documented here or not (router/http/exchange.py)
 
 
@@ -165,7 +165,7 @@ ROUTES: tuple[Route, ...] = (
                           errors=(404, 503))}),
     Route(path="/api/models/{alias}/info", access="read", handler=h.ModelInfoHandler,
           ops={"get": Op(summary="one model in detail, with each instance", ok=ModelInfo, errors=(404,))}),
-    Route(path="/api/models/{alias}/logs/stream", access="read", handler=h.LogStreamHandler,
+    Route(path="/api/models/{alias}/logs/stream", access="logs", handler=h.LogStreamHandler,
           query=("tail", "last_event_id"),
           ops={"get": Op(summary="the model's log as server-sent events: historical entries, historical_complete, "
                                  "then realtime entries; each data: is a LogEvent, each entry event carries its "
