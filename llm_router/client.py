@@ -551,7 +551,5 @@ COMMANDS = [models, start, stop, stop_all, logs, devices, status]
 
 def register(group: click.Group) -> None:
     """Add the client commands to the ``llm-router`` group (called once by ``llm_router.cli``)."""
-    from llm_lab_router.client_timeline import COMMANDS as TIMELINE_COMMANDS
-
-    for command in [*COMMANDS, *TIMELINE_COMMANDS]:
+    for command in COMMANDS:
         group.add_command(command)

@@ -4,9 +4,8 @@ This is the one module that knows how keys are spelled and how messages are enco
 (the redis-py lesson: one place owns the wire format). Routers and workers import
 ``Keys`` and the structs from here; nothing else builds a key string by hand.
 
-Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``):
+Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``).
 
-==============================  ==========  ======  ==================================================
 key                             type        writer  content
 ==============================  ==========  ======  ==================================================
 llm:worker:{wid}                hash, TTL   worker  ``WorkerInfo``: the worker's lease
@@ -31,15 +30,52 @@ llm:hist:series                 hash        both    series name -> unix time it 
 llm:hist:rolled:{step}          hash        router  slot -> routers that tried to roll it up (the one that got 1 did)
 llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
 ==============================  ==========  ======  ==================================================
+=======
+Who may write what is part of the wire format (docs/security.md, examples/redis-users.acl):
+everything a worker owns is under ``llm:w:{wid}:`` (its id in a fixed place, which Redis 6.2 ACL
+key patterns can express: worker ``wid``'s user gets ``~llm:w:{wid}:*``), as are its command
+stream, its replies and its event channel (``llm:cmd:{wid}``, ``llm:reply:{wid}:*``,
+``llm:events:{wid}``); routers write only the keys they own and read the workers' through a
+read-only user. Worker ids are ``WORKER_ID`` (no ``:`` and no glob character), so no worker's
+pattern covers another's keys.
+
+==================================  ==========  ======  ==================================================
+key                                 type        writer  content
+==================================  ==========  ======  ==================================================
+llm:w:{wid}:lease                   hash, TTL   worker  ``WorkerInfo``: the worker's lease
+llm:w:{wid}:version                 string      worker  ``<epoch>:<n>`` (``WorkerVersion``), bumped with every change
+llm:w:{wid}:catalog                 hash        worker  model id -> JSON ``CatalogEntry``
+llm:w:{wid}:instance:{model}        hash        worker  ``Instance``: state, url, pid, last error
+llm:w:{wid}:devices                 string,TTL  worker  JSON ``DeviceSnapshot``
+llm:w:{wid}:logpos:{model}:{s}      string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
+llm:w:{wid}:learned:{model}         list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
+llm:workers                         set         worker  worker ids: the routers' index instead of a SCAN (a hint)
+llm:events:{wid}                    pub/sub     worker  JSON ``Event`` on every change of worker ``wid``
+llm:logs:{model}                    stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:cmd:{wid}                       stream      router  ``Command`` fields; consumer group ``workers``
+llm:reply:{wid}:{command id}        list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
+llm:used:{model}                    hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (limits/quotas)
+llm:quota:{scope}:{name}:inflight   zset,TTL    router  leases of requests in flight, score = deadline (ms)
+llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (waiting for a swap)
+llm:hist:{step}:{series}:{slot}     hash, TTL   router  one time slot of a request series: counters, histogram buckets (``timeline``)
+llm:hist:series                     hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}              hash        router  slot -> routers that claimed its roll-up (the one that got 1 did it)
+llm:timeline                        stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
+llm:w:{wid}:hist:{step}:{chunk}     string,TTL  worker  the host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:w:{wid}:hist:gauges             hash, TTL   worker  the host's totals (MiB) and GPU count
+==================================  ==========  ======  ==================================================
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
 
 import msgspec
+from llm_lab_router.clock import CLOCK
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 Mode = Literal["chat", "base", "embedding"]
@@ -50,56 +86,91 @@ LogSource = Literal["stdout", "stderr", "event"]
 COMMAND_GROUP = "workers"
 
 
+# A worker id: the host name by default. No ``:`` (a worker's ACL pattern ``llm:w:{wid}:*``
+# must not cover a worker whose id starts with ``{wid}:``) and no glob character (``* ? [ ] \``).
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_worker_id(wid: str) -> bool:
+    return WORKER_ID.fullmatch(wid) is not None
+
+
 class Keys:
     """Builds every key name from one prefix, so deployments can share a Redis."""
 
     def __init__(self, prefix: str = "llm:") -> None:
         self.prefix = prefix
 
+    # --- owned by worker ``wid``: all under ``owned(wid)``, its ACL user's key pattern ---
+
+    def owned(self, wid: str) -> str:
+        """The pattern of every key worker ``wid`` owns (its ACL user's ``~`` pattern)."""
+        return f"{self.prefix}w:{wid}:*"
+
+    def _own(self, wid: str, what: str) -> str:
+        return f"{self.prefix}w:{wid}:{what}"
+
     def worker(self, wid: str) -> str:
-        return f"{self.prefix}worker:{wid}"
+        return self._own(wid, "lease")
 
     def worker_pattern(self) -> str:
-        return f"{self.prefix}worker:*"
+        return f"{self.prefix}w:*:lease"
 
     def worker_id_of(self, key: str) -> str:
-        return key[len(self.prefix) + len("worker:"):]
+        return key[len(self.prefix) + len("w:"): -len(":lease")]
+
+    def version(self, wid: str) -> str:
+        """The worker's change counter (``WorkerVersion``): routers re-read only the workers
+        whose version moved (events were missed)."""
+        return self._own(wid, "version")
+
+    def workers(self) -> str:
+        """The set of worker ids, so routers find workers without a keyspace SCAN. Every worker
+        adds itself; it is a hint only (what a router trusts is read from each worker's own keys)."""
+        return f"{self.prefix}workers"
 
     def catalog(self, wid: str) -> str:
-        return f"{self.prefix}catalog:{wid}"
+        return self._own(wid, "catalog")
 
     def instance(self, model: str, wid: str) -> str:
-        return f"{self.prefix}instance:{model}:{wid}"
-
-    def instance_pattern(self, wid: str = "*") -> str:
-        return f"{self.prefix}instance:*:{wid}"
+        return self._own(wid, f"instance:{model}")
 
     def devices(self, wid: str) -> str:
-        return f"{self.prefix}devices:{wid}"
+        return self._own(wid, "devices")
+
+    def log_position(self, wid: str, model: str, stream: str) -> str:
+        """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
+        return self._own(wid, f"logpos:{model}:{stream}")
+
+    def learned(self, wid: str, model: str) -> str:
+        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
+        return self._own(wid, f"learned:{model}")
+
+    def events(self, wid: str) -> str:
+        """Worker ``wid``'s event channel: only its ACL user may publish there, so the channel
+        a router got an event on, not the event's content, says whose it is."""
+        return f"{self.prefix}events:{wid}"
+
+    def events_pattern(self) -> str:
+        return f"{self.prefix}events:*"
+
+    def worker_of_channel(self, channel: str) -> str:
+        return channel[len(self.prefix) + len("events:"):]
+
+    def commands(self, wid: str) -> str:
+        """Commands to worker ``wid``: routers add, only that worker reads."""
+        return f"{self.prefix}cmd:{wid}"
+
+    def reply(self, wid: str, command_id: str) -> str:
+        """Worker ``wid``'s answer to one command: no other worker may push it."""
+        return f"{self.prefix}reply:{wid}:{command_id}"
+
+    # --- shared by all workers of a model ---
 
     def logs(self, model: str) -> str:
         return f"{self.prefix}logs:{model}"
 
-    def logs_pattern(self) -> str:
-        return f"{self.prefix}logs:*"
-
-    def log_position(self, wid: str, model: str, stream: str) -> str:
-        """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
-        return f"{self.prefix}logpos:{wid}:{model}:{stream}"
-
-    def commands(self, wid: str) -> str:
-        return f"{self.prefix}commands:{wid}"
-
-    def reply(self, command_id: str) -> str:
-        return f"{self.prefix}reply:{command_id}"
-
-    def events(self) -> str:
-        return f"{self.prefix}events"
-
-    def versions(self) -> str:
-        """Worker id -> its version (``WorkerVersion``): routers find workers here without a
-        keyspace SCAN and re-read only those whose version moved (events were missed)."""
-        return f"{self.prefix}versions"
+    # --- owned by routers ---
 
     def used(self, model: str) -> str:
         return f"{self.prefix}used:{model}"
@@ -116,10 +187,6 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
-    def learned(self, wid: str, model: str) -> str:
-        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
-        return f"{self.prefix}learned:{wid}:{model}"
-
     def history(self, step: int, series: str, slot: int) -> str:
         """One ``step``-second slot of a history series (``llm_router.timeline``)."""
         return f"{self.prefix}hist:{step}:{series}:{slot}"
@@ -129,8 +196,13 @@ class Keys:
         return f"{self.prefix}hist:series"
 
     def history_gauges(self, wid: str) -> str:
-        """Host ``wid``'s gauge totals (RAM and each GPU's memory, MiB) and GPU count (``timeline``)."""
-        return f"{self.prefix}hist:gauges:{wid}"
+        """Host ``wid``'s gauge totals (RAM and each GPU's memory, MiB) and GPU count (``timeline``):
+        its worker's own key, as are its records (``gauge_chunk``)."""
+        return f"{self.prefix}w:{wid}:hist:gauges"
+
+    def gauge_chunk(self, wid: str, step: int, chunk: int) -> str:
+        """Host ``wid``'s gauge records of ``CHUNK`` ``step``-second slots (``timeline.RECORD``)."""
+        return f"{self.prefix}w:{wid}:hist:{step}:{chunk}"
 
     def history_rolled(self, step: int) -> str:
         """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""
@@ -140,6 +212,55 @@ class Keys:
         """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""
         return f"{self.prefix}timeline"
 
+
+class LegacyKeys(Keys):
+    """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
+    their routers read: ``llm:worker:{wid}``, ``llm:catalog:{wid}``, ``llm:instance:{model}:{wid}``,
+    ``llm:devices:{wid}``, the ``llm:versions`` hash, the ``llm:events`` channel,
+    ``llm:commands:{wid}`` and ``llm:reply:{id}``. Only for the upgrade window: a worker with
+    ``legacy_keys = true`` writes its records under these names too and takes commands from
+    both streams, so routers of either release see it (docs/deploy.md). Nothing else uses it."""
+
+    def worker(self, wid: str) -> str:
+        return f"{self.prefix}worker:{wid}"
+
+    def catalog(self, wid: str) -> str:
+        return f"{self.prefix}catalog:{wid}"
+
+    def instance(self, model: str, wid: str) -> str:
+        return f"{self.prefix}instance:{model}:{wid}"
+
+    def devices(self, wid: str) -> str:
+        return f"{self.prefix}devices:{wid}"
+
+    def versions(self) -> str:
+        return f"{self.prefix}versions"
+
+    def events(self, wid: str = "") -> str:
+        return f"{self.prefix}events"
+
+    def commands(self, wid: str) -> str:
+        return f"{self.prefix}commands:{wid}"
+
+    def reply(self, wid: str, command_id: str) -> str:
+        return f"{self.prefix}reply:{command_id}"
+
+    def of(self, key: str, keys: Keys) -> tuple[str, str] | None:
+        """The legacy name of one of ``keys``' worker-owned keys or channels: (kind, name), kind
+        ``version`` (a field ``name`` of ``versions()``) or ``key``; None: routers of older
+        releases read no such key (log positions, measurements, the index of workers)."""
+        rest = key[len(keys.prefix):] if key.startswith(keys.prefix) else ""
+        if rest.startswith("events:"):
+            return "key", self.events()
+        if not rest.startswith("w:"):
+            return None
+        wid, _, what = rest[2:].partition(":")
+        if what == "version":
+            return "version", wid
+        if what.startswith("instance:"):
+            return "key", self.instance(what[len("instance:"):], wid)
+        named = {"lease": self.worker, "catalog": self.catalog, "devices": self.devices}.get(what)
+        return ("key", named(wid)) if named else None
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
@@ -192,6 +313,7 @@ class Instance(msgspec.Struct, kw_only=True):
     started_at: float = 0.0
     updated_at: float = 0.0
     last_error: str = ""
+    last_error_at: float = 0.0  # unix time (the worker's) of last_error; both stay after a recovery
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
@@ -203,7 +325,7 @@ class Instance(msgspec.Struct, kw_only=True):
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Published on ``llm:events``. Instance events carry the whole instance, so a router
+    """Published on ``llm:events:{worker}``. Instance events carry the whole instance, so a router
     updates its view without reading Redis; catalog and worker events make it re-read
     that worker."""
 
@@ -211,7 +333,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     worker: str
     instance: Instance | None = None
     alive: bool = True
-    # The worker's ``llm:versions`` entry written with this change ("" from older workers):
+    # The worker's version (``llm:w:{wid}:version``) written with this change ("" from older workers):
     # a router that holds the one before knows it missed nothing; otherwise it re-reads the worker.
     version: str = ""
 
@@ -231,14 +353,19 @@ class WorkerVersion:
 
 
 class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A request to a worker, added to ``llm:commands:{wid}``."""
+    """A request to a worker, added to ``llm:cmd:{wid}``."""
 
     op: CommandOp
     id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
     model: str = ""
     keep_minutes: int = 0
     sent_at: float = msgspec.field(default_factory=time.time)
-    deadline: float = 0.0  # unix time after which the sender no longer waits; 0 = none
+    # s the sender waits for the reply, from the moment Redis added the entry (its id is
+    # Redis's time): the worker does not run it later (worker.commands.expired); 0 = no bound.
+    timeout: float = 0.0
+    # start: for a request (True) or an operator (False). An on-demand start of a failed model is a
+    # restart (counted, backed off, bounded by max_restarts); only an operator's resets the budget.
+    on_demand: bool = False
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -297,8 +424,11 @@ class RouterUsage(msgspec.Struct, kw_only=True):
     a model."""
 
     inflight: int = 0  # requests queued or being served by this router now
-    last_used: float = 0.0  # unix time of this router's last request start or end
-    at: float = 0.0
+    last_used: float = 0.0  # unix time (Redis's clock) of this router's last request start or end
+    at: float = 0.0  # Redis's clock
+    # Of ``inflight``, those being served now, per worker id (the instance they were sent to);
+    # the rest are queued, not yet sent to any instance.
+    serving: dict[str, int] = {}
 
 
 USAGE_STALE = 10.0  # seconds after which a router's usage entry no longer counts
@@ -308,10 +438,19 @@ USED_ROUTER = "router:"  # prefix of the per-router fields of ``llm:used:{model}
 
 class ModelUsage(msgspec.Struct, kw_only=True):
     """``llm:used:{model}`` read back: when it was last used and how many requests are in
-    flight now across live routers."""
+    flight now across live routers (``serving``: of those, the ones being served, per worker)."""
 
     last_used: float = 0.0
     inflight: int = 0
+    serving: dict[str, int] = {}
+
+    def requests_on(self, worker: str) -> int:
+        """The requests that stopping the model's instance on ``worker`` would cut or send back
+        to wait: those it serves, and those queued (not yet sent to any instance: any copy may be
+        the one that serves them). Requests served by a copy on another host do not count: an
+        idle copy may go while a busy one serves (drain is per instance)."""
+        queued = max(0, self.inflight - sum(self.serving.values()))
+        return self.serving.get(worker, 0) + queued
 
 
 def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
@@ -330,6 +469,8 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             out.last_used = max(out.last_used, entry.last_used)
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
+                for wid, n in entry.serving.items():
+                    out.serving[wid] = out.serving.get(wid, 0) + n
     return out
 
 
@@ -501,7 +642,7 @@ async def trim_logs(redis, keys: Keys, model: str, keep_minutes: int) -> int:
         if before:
             await redis.xtrim(key, maxlen=0, approximate=False)
     else:
-        min_id = max(0, int((time.time() - keep_minutes * 60) * 1000))  # more than all: keep all
+        min_id = max(0, int((CLOCK.now() - keep_minutes * 60) * 1000))  # ids are Redis's time  # more than all: keep all
         await redis.xtrim(key, minid=f"{min_id}-0", approximate=False)
     after = await redis.xlen(key)
     return max(0, before - after)

@@ -11,9 +11,9 @@ construction. Series: ``model:{id}`` (counters and histograms, added to by every
 ``HINCRBY``) and ``routers`` (``flushes``: one per router per slot flushed, so a slot no router
 could write, Redis being away, reads as a gap, not as zero). A host's gauges (its GPUs' memory
 and utilisation, its CPU and RAM: series ``gpu:{host}:{index}`` and ``host:{host}``) are
-binary records (``RECORD``) in strings of ``CHUNK`` slots, ``llm:hist:{step}:gauges:{host}:{chunk}``,
-written by the host's worker alone (its own roll-up included), with its totals in
-``llm:hist:gauges:{host}``.
+binary records (``RECORD``) in strings of ``CHUNK`` slots, ``llm:w:{host}:hist:{step}:{chunk}``,
+written by the host's worker alone (its own keys; its own roll-up included), with its totals in
+``llm:w:{host}:hist:gauges``; routers read them as the read-only user that reads workers' keys.
 
 **Mergeable histograms.** TTFT, total latency and wait are counted per bucket of fixed
 boundaries (``BOUNDS``): field ``ttft:3`` = requests whose TTFT fell in bucket 3. Buckets of
@@ -244,7 +244,7 @@ def average(records: Sequence[Gauges]) -> Gauges:
 
 def gauge_chunk(keys: Keys, step: int, wid: str, slot: int) -> tuple[str, int]:
     """The string holding ``slot`` of host ``wid``'s gauges, and the record's offset in it."""
-    return keys.history(step, f"gauges:{wid}", slot // CHUNK), (slot % CHUNK) * RECORD.size
+    return keys.gauge_chunk(wid, step, slot // CHUNK), (slot % CHUNK) * RECORD.size
 
 
 def gauge_ops(pipe, keys: Keys, res: Resolution, wid: str, slot: int, record: Gauges) -> None:

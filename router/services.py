@@ -2,8 +2,10 @@
 
 Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
-command replies, the ``llm:events`` subscription), with no socket timeout and no silent
-reconnect, so the view notices a lost subscription and resyncs; for log viewers,
+command replies, the ``llm:events:*`` subscription), with no socket timeout and no silent
+reconnect, so the view notices a lost subscription and resyncs; ``view_redis`` and
+``view_blocking``, the same two for the cluster view, logged in as the read-only user of
+``redis_read_url`` when one is given (the workers' records: docs/security.md); for log viewers,
 ``log_pages`` (history and catch-up pages) and ``log_readers`` (one ``XREAD BLOCK`` per
 watched model). ``redis`` and the log pools are bounded and a caller waits for a free
 connection rather than failing; the control plane's pools never serve a log read, so no
@@ -13,9 +15,12 @@ number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
+from llm_lab_router.clock import CLOCK
+from llm_lab_router.loops import supervised
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
 from llm_lab_router.router.control.admin import Manager
@@ -38,6 +43,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 
+log = logging.getLogger("router")
+
 def pooled(redis_url: str, size: int, wait: float) -> Redis:
     """A client on a pool of at most ``size`` connections, where a caller
     waits up to ``wait`` s for a free one (then ``ConnectionError``) instead of failing at once."""
@@ -45,25 +52,37 @@ def pooled(redis_url: str, size: int, wait: float) -> Redis:
                          retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
 
+def blocking(redis_url: str) -> Redis:
+    """A client for what legitimately waits (``BLPOP``, a subscription): no socket timeout, no
+    silent reconnect (the caller notices a lost connection)."""
+    return async_client(redis_url, socket_timeout=None, socket_connect_timeout=2, socket_keepalive=True,
+                        retry=Retry(NoBackoff(), 0))
+
+
 class Services:
     def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
         self.redis = pooled(redis_url, self.options.redis_connections, wait=5.0)
-        self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
-                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.blocking = blocking(redis_url)
         self.shutdown = asyncio.Event()
-        self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
-                                resync_interval=self.options.resync_interval,
+        self.view_redis, self.view_blocking = self.redis, self.blocking
+        if (read_url := self.options.redis_read_url) and read_url != redis_url:
+            self.view_redis = pooled(read_url, self.options.redis_connections, wait=5.0)
+            self.view_blocking = blocking(read_url)
+        self.view = ClusterView(self.view_redis, self.keys, pubsub_redis=self.view_blocking,
+                                resync_interval=self.options.resync_interval, pubsub_check=self.options.pubsub_check,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
-                                   interval=self.options.usage_interval)
-        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions())
-        self.timeline = TimelineReader(self.redis, self.keys, self.history.resolutions)
+                                   interval=self.options.usage_interval, serving=self._serving)
+        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions(), clock=CLOCK.now)
+        # gauges are the workers' own keys: read as the read-only user when there is one
+        self.timeline = TimelineReader(self.redis, self.view_redis, self.keys, self.history.resolutions)
         self.metrics = RouterMetrics(self.view, self.history)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics, history=self.history)
+                                     scheduler=self.options.scheduler, metrics=self.metrics,
+                                     start_backoff=self.options.start_backoff, history=self.history)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
@@ -77,6 +96,11 @@ class Services:
         self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
+    def _serving(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker: the balancer's
+        outstanding count of each running instance (drain per instance, ``llm:used:{model}``)."""
+        return {i.worker: n for i in self.view.running_instances(model) if (n := self.balancer.outstanding(i.url))}
+
     def finished(self, rec: RequestRecord, status: int) -> None:
         """A forwarded request is over: count it and log it (the usage is parsed once, for both)."""
         ended_at = time.monotonic()
@@ -87,12 +111,13 @@ class Services:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
     async def start(self) -> None:
+        await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
-        self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
-        self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
-        self._history_task = asyncio.create_task(self.history.run(), name="history")
+        loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
+                 ("clock", lambda: CLOCK.keep(self.redis)), ("history", self.history.run)]
         if self.options.scheduler == "swap":
-            self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
+            loops.append(("claims", self.control.watch_claims))
+        self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -105,10 +130,9 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task", "_history_task"):
-            if task := getattr(self, name, None):
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        for task in getattr(self, "_loops", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_loops", []), return_exceptions=True)
         await self.history.flush(final=True)  # the current slot too: a restart leaves no hole
         await self.quotas.close()
         await self.view.close()
@@ -117,5 +141,5 @@ class Services:
         await self.logs.close()
         await self.log_pages.aclose()
         await self.log_readers.aclose()
-        await self.redis.aclose()
-        await self.blocking.aclose()
+        for client in {id(c): c for c in (self.redis, self.blocking, self.view_redis, self.view_blocking)}.values():
+            await client.aclose()

@@ -32,7 +32,7 @@ from worker_helpers import (  # noqa: F401  (worker: the fixture)
 
 def test_publishes_lease_catalog_instances_and_devices(worker, rds):
     pubsub = rds.pubsub()
-    pubsub.subscribe(KEYS.events())
+    pubsub.subscribe(KEYS.events(worker.wid))
     worker.start([model("m-chat", aliases=["chatty-alias"], created=1700000000),
                   model("m-embed", mode="embedding")])
 
@@ -94,10 +94,13 @@ def test_start_and_stop_by_command(worker, rds):
 
 def test_unknown_model_and_expired_command(worker):
     worker.start([model("m1")])
+    # A command added (the stream id is Redis's time) 60 s ago whose sender waited 30 s: not
+    # run. The first entry of the stream may carry any id, so it goes first.
+    secs, _ = worker.rds.time()
+    expired = worker.reply(worker.send("start", "m1", entry_id=f"{(secs - 60) * 1000}-1", timeout=30))
+    assert not expired.ok and expired.message == "expired"
     reply = worker.command("start", "nope")
     assert not reply.ok and "unknown model" in reply.message
-    expired = worker.command("start", "m1", deadline=time.time() - 1)
-    assert not expired.ok and expired.message == "expired"
     assert worker.instance("m1").state == "stopped"
 
 
@@ -253,7 +256,7 @@ def test_sigint_stops_models_and_withdraws_the_lease(worker, rds, procs):
     pids = processes_of(worker.wid)
     assert len(pids) == 2
     pubsub = rds.pubsub()
-    pubsub.subscribe(KEYS.events())
+    pubsub.subscribe(KEYS.events(worker.wid))
     assert procs.stop(worker.proc, signal.SIGINT) == 0
     assert not rds.exists(KEYS.worker(worker.wid))
     assert worker.instance("m1").state == worker.instance("m2").state == "stopped"

@@ -131,7 +131,7 @@ class Manager:
         model = self.model_for(alias)
         e = self._entry(model)
         instances = [InstanceDetail(i.worker, i.state, i.url, i.pid, i.started_at, i.updated_at, i.last_error,
-                                    i.restarts, i.gpus) for i in self.view.instances(model)]
+                                    i.restarts, i.gpus, i.last_error_at) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
                                      self.view.catalog_workers(model), instances, self.control.reason(model)))
@@ -159,11 +159,11 @@ class Manager:
         host = self.host_for(alias, model, worker)
         on = f" (worker '{host}')" if host else ""
         if not wait and not self.control.running_on(model, host):
-            self.control.start_in_background(model, self.options.start_timeout, host)
+            self.control.start_in_background(model, self.options.start_timeout, host, by_operator=True)
             return 202, Started(message=f"模型 '{alias}' 正在启动{on}", model=model, state="starting",
                                 workers=[host] if host else [])
         try:
-            await self.control.ensure_running(model, self.options.start_timeout, host)
+            await self.control.ensure_running(model, self.options.start_timeout, host, by_operator=True)
         except ControlError as exc:
             raise start_failed(f"模型 '{alias}' 启动失败{on}: {describe_failure(exc)}", exc) from None
         return 200, Started(message=f"模型 '{alias}' 启动成功{on}", model=model, state="running",

@@ -1,8 +1,8 @@
 """``ControlClient``: the router's side of worker commands.
 
-A command is one ``XADD`` to ``llm:commands:{wid}`` (the worker reads it through a consumer
+A command is one ``XADD`` to ``llm:cmd:{wid}`` (the worker reads it through a consumer
 group, so it is not lost if the worker restarts); its outcome is one ``Reply`` the worker
-pushes to ``llm:reply:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
+pushes to ``llm:reply:{wid}:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
 connection for its duration, so it runs on the blocking client (redis.asyncio pools give each
 caller its own connection and nothing else waits behind it).
 
@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from redis.exceptions import RedisError
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
     from_json, read_usage,
@@ -36,8 +37,9 @@ from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
-                              merge_waiters)
+                              merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
+from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
 
@@ -70,7 +72,7 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
 def start_failed(message: str, exc: ControlError) -> ApiError:
     """The 503 of a start that failed or gave up (code ``model_start_failed``), with the reason
     (``error.reason``) and a ``Retry-After`` from its ETA when the scheduler knows them."""
-    headers = {"Retry-After": retry_after(exc.reason, time.time())} if exc.reason else None
+    headers = {"Retry-After": retry_after(exc.reason, CLOCK.now())} if exc.reason else None
     return ApiError(503, message, "model_start_failed", headers, exc.reason)
 
 
@@ -96,14 +98,14 @@ def start_wait(timeout: float, entries: Iterable[CatalogEntry]) -> float:
     return max([timeout, *(e.startup_timeout + START_MARGIN for e in entries if e.startup_timeout > 0)])
 
 
-def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
-    """``start_order`` for models without GPU needs: the first candidate to try, if any."""
-    order, _ = start_order(model, {w: CatalogEntry(id=model) for w in candidates}, {}, instances)
-    return order[0] if order else None
-
-
 class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
+
+
+class StartFailed(ControlError):
+    """The model itself failed to start (its instance is ``failed``: it exited or failed its
+    health check), as opposed to a start that was cancelled, timed out or found no room: the
+    one failure that puts the model in back-off (router/control/start_backoff.py)."""
 
 
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
@@ -138,7 +140,8 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None, history: History | None = None) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0,
+                 history: History | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -148,6 +151,7 @@ class ControlClient:
         self.metrics = metrics
         self.history = history  # the timeline: starts requested, evictions (router.observe.history)
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
+        self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
@@ -160,7 +164,7 @@ class ControlClient:
         while True:
             try:
                 self.line = await self.board.read()
-                self.closing = closing(self.line, time.time(), USAGE_STALE)
+                self.closing = closing(self.line, CLOCK.now(), USAGE_STALE)
             except RedisError:
                 self.closing = set()  # nobody can claim without Redis either
             await asyncio.sleep(CLAIM_POLL)
@@ -182,21 +186,21 @@ class ControlClient:
         if view.running_instances(model):
             return None
         if any(i.state == "starting" for i in view.instances(model)):
-            return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
-        if (got := self.pending.get(model)) is not None:
+            return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
+        if (got := self.pending.get(model) or self.backoff.reason(model)) is not None:
             return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
+        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
                            USAGE_STALE)
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
-        cmd.deadline = time.time() + timeout
+        cmd.timeout = timeout
         await self.redis.xadd(self.keys.commands(wid), command_fields(cmd),
                               maxlen=COMMANDS_MAXLEN, approximate=True)
         try:
             # The asyncio bound is a backstop should Redis stall without closing the socket.
             async with asyncio.timeout(timeout + 5):
-                got = await self.blocking.blpop([self.keys.reply(cmd.id)], timeout=max(timeout, 0.01))
+                got = await self.blocking.blpop([self.keys.reply(wid, cmd.id)], timeout=max(timeout, 0.01))
         except TimeoutError:
             got = None
         if got is None:
@@ -221,13 +225,23 @@ class ControlClient:
         """The running instances of ``model`` (on ``host`` only, when given)."""
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
-    async def ensure_running(self, model: str, timeout: float, host: str | None = None, by: str = "") -> None:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None,
+                             by_operator: bool = False, key_name: str = "") -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
-        needed (shared start). ``by``: the key's name that asked (the timeline shows it)."""
-        if not self.running_on(model, host):
-            await self.start(model, timeout, host, by)
+        needed (shared start).
 
-    async def start(self, model: str, timeout: float, host: str | None = None, by: str = "") -> Reply:
+        ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
+        restart budget on its worker; a start for a request is a restart of a failed model,
+        counted, backed off and bounded there (``Command.on_demand``), and this router does not
+        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises.
+        ``key_name``: the API key's name that asked (the timeline shows it)."""
+        if not self.running_on(model, host):
+            if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
+                raise ControlError(why.message, reason=why)  # its last start failed a moment ago
+            await self.start(model, timeout, host, by_operator, key_name)
+
+    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False,
+                    key_name: str = "") -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
@@ -238,22 +252,22 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host, by))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator, key_name))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
     def start_in_background(self, model: str, timeout: float, host: str | None = None,
-                            by: str = "") -> asyncio.Task[Reply]:
+                            by_operator: bool = False, key_name: str = "") -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``);
-        the first caller's ``by`` is the one the timeline names."""
+        the first caller's ``key_name`` is the one the timeline names."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
             if self.history is not None:
-                self.history.event("start_requested", model=model, host=host or "", key=by)
-            task = asyncio.create_task(self._start(model, timeout, host, by), name=f"start-{model}")
+                self.history.event("start_requested", model=model, host=host or "", key=key_name)
+            task = asyncio.create_task(self._start(model, timeout, host, by_operator, key_name), name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -267,10 +281,20 @@ class ControlClient:
         model = key[0]
         if self._starts.get(key) is task:
             del self._starts[key]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.backoff.succeeded(model)
+        elif isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+            if isinstance(exc, StartFailed):  # not cancelled, timed out, waited or without room
+                self.backoff.failed(model, exc.message)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
 
-    async def _start(self, model: str, timeout: float, host: str | None = None, by: str = "") -> Reply:
+    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False,
+                     key_name: str = "") -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -282,7 +306,7 @@ class ControlClient:
             raise ControlError(f"no live worker can run model '{model}'" + (f" on '{host}'" if host else ""))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + start_wait(timeout, entries.values())
-        began = time.time()
+        began = CLOCK.now()
         try:
             while True:
                 await view.refresh_details()  # devices and leases, read on demand (at most once a second)
@@ -290,11 +314,12 @@ class ControlClient:
                 order, ahead = fits, []
                 if self.scheduler == "swap" and fits:  # free room goes to the models ahead in the line first
                     waiters = await self._waiters(model, began)
-                    ahead = ahead_of(model, waiters, view.all_instances(), time.time())
+                    ahead = ahead_of(model, waiters, view.all_instances(), CLOCK.now())
                     order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
                 for wid in order:
                     try:
-                        return await self._start_on(wid, model, deadline, anywhere=host is None)
+                        return await self._start_on(wid, model, deadline, anywhere=host is None,
+                                                    by_operator=by_operator)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -308,7 +333,7 @@ class ControlClient:
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
                 if decision.action == "evict" and decision.plan is not None:
-                    await self._evict(decision.plan, model, deadline, by)
+                    await self._evict(decision.plan, model, deadline, key_name)
                     try:
                         return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
@@ -317,16 +342,16 @@ class ControlClient:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
                 first_wait = model not in self.pending
-                reason = self.pending[model] = swap_reason(model, decision, waiters, time.time(), cold)
+                reason = self.pending[model] = swap_reason(model, decision, waiters, CLOCK.now(), cold)
                 if first_wait and self.history is not None:
-                    self.history.event("swap_wait", model=model, key=by, detail=reason.message)
+                    self.history.event("swap_wait", model=model, key=key_name, detail=reason.message)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
-                    raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
+                    raise ControlError(f"model '{model}' waited {CLOCK.now() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
+                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = self._candidates(model, host) or entries
@@ -342,7 +367,7 @@ class ControlClient:
 
     def _waited(self, model: str, began: float) -> None:
         if self.metrics is not None:
-            self.metrics.waited(model, "swap", time.time() - began)
+            self.metrics.waited(model, "swap", CLOCK.now() - began)
 
     async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
         try:
@@ -360,17 +385,18 @@ class ControlClient:
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
         usage = await self._usage({i.model for i in loaded})
         waiters = await self._waiters(model, began)
-        now = time.time()
-        specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
+        now = CLOCK.now()
+        # each instance by its own host's config: two hosts may give a model different residencies
+        specs = {where(i): view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
-                               {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
-                               {m: s.idle_release for m, s in specs.items()})
+                               {w: s.min_residency for w, s in specs.items()}, now, self.scheduler,
+                               {w: s.idle_release for w, s in specs.items()})
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:
         """The line (``merge_waiters``) from ``llm:waiting``, with this router's own entry for
         ``model`` as it is now, not as last written."""
-        now = time.time()
+        now = CLOCK.now()
         mine = WaitEntry(model=model, router=self.board.router_id, since=began,
                          count=self._waiting.get(model, 1), at=now)
         board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
@@ -380,10 +406,10 @@ class ControlClient:
         """The ``max_wait`` of each waiting model, from its catalog entry."""
         return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
-    async def _evict(self, plan: Eviction, model: str, deadline: float, by: str = "") -> None:
+    async def _evict(self, plan: Eviction, model: str, deadline: float, key_name: str = "") -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
         if self.history is not None:
-            self.history.event("evicted", model=model, models=list(plan.victims), host=plan.worker, key=by,
+            self.history.event("evicted", model=model, models=list(plan.victims), host=plan.worker, key=key_name,
                                detail=f"stopped {', '.join(plan.victims)} to make room for {model}")
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
@@ -401,7 +427,7 @@ class ControlClient:
         """``model``'s requests in flight on every live router, and of those the ones waiting for
         a swap (the line as last read: ``watch_claims``); this router's own counts alone when
         Redis cannot be read."""
-        now = time.time()
+        now = CLOCK.now()
         queued = sum(e.count for e in self.line if e.model == model and now - e.at <= USAGE_STALE)
         try:
             inflight = (await self._usage([model]))[model].inflight
@@ -412,26 +438,29 @@ class ControlClient:
     async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
-            return await read_usage(self.redis, self.keys, models, time.time())
-        usage = await read_usage(self.redis, self.keys, models, time.time(), exclude=self.usage.router_id)
+            return await read_usage(self.redis, self.keys, models, CLOCK.now())
+        usage = await read_usage(self.redis, self.keys, models, CLOCK.now(), exclude=self.usage.router_id)
         for m, u in usage.items():
             u.inflight += self.usage.inflight(m)
+            for wid, n in self.usage.serving_on(m).items():
+                u.serving[wid] = u.serving.get(wid, 0) + n
         return usage
 
     @staticmethod
     def _left(deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True) -> Reply:
+    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True,
+                        by_operator: bool = False) -> Reply:
         """Start ``model`` on ``wid`` and wait until it serves (``anywhere``: or another host serves it)."""
         view = self.view
         timeout = self._left(deadline)
         was = next((i for i in view.instances(model) if i.worker == wid), None)
         before = was.updated_at if was else -1.0
         sent = time.monotonic()
-        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
-            error = NoRoom if reply.no_room else ControlError
+            error = NoRoom if reply.no_room else StartFailed if reply.state == "failed" else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
@@ -443,8 +472,8 @@ class ControlClient:
             return reply
         if outcome == "failed":
             inst = next((i for i in view.instances(model) if i.worker == wid), None)
-            raise ControlError(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
-                               reply.log_tail)
+            raise StartFailed(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
+                              reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
         if outcome == "lost":  # the scheduler's callers start it again

@@ -24,7 +24,7 @@ class HostRoom(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
-    kind: Literal["no_room", "starting", "queued"]
+    kind: Literal["no_room", "starting", "queued", "backoff"]
     message: str
     eta: float = 0.0  # unix time it should be served / scheduled; 0 = unknown
     position: int = 0  # 1 = next

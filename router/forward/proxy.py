@@ -21,7 +21,7 @@ import asyncio
 import re
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Instance, Mode
@@ -65,6 +65,17 @@ class Sniff(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    # The answer's token bound, reserved against a key's tpm at admission (router/limits/quotas.py);
+    # any JSON value: what it means is the engine's to judge.
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+
+    def token_bound(self) -> int:
+        """``max_completion_tokens`` (else ``max_tokens``) when it is a whole number, else 0."""
+        for value in (self.max_completion_tokens, self.max_tokens):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
 
 
 _sniff_decoder = msgspec.json.Decoder(Sniff)
@@ -103,6 +114,19 @@ def sniff(body: bytes, content_type: str = "", max_depth: int = 0) -> Sniff:
         raise ApiError(400, f"invalid request body: {exc}", "invalid_request") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def serving_order(chain: list[str], running: Callable[[str], bool]) -> list[str]:
+    """A fallback chain in the order a request tries it: the members that run now, then the
+    others, each part in chain order."""
+    up = [m for m in chain if running(m)]
+    return up + [m for m in chain if m not in up]
+
+
+def started_nothing(exc: ApiError) -> bool:
+    """A start refused at once: the model fits nowhere, or its last start failed a moment ago
+    (back-off). Nothing was started."""
+    return exc.reason is not None and exc.reason.kind in ("no_room", "backoff")
 
 
 def mode_error(path: str, mode: Mode, name: str) -> str | None:
@@ -209,7 +233,7 @@ class Proxy:
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
-            rec.lease = await self.quotas.admit(rec.caller, len(req.body))
+            rec.lease = await self.quotas.admit(rec.caller, len(req.body), sniffed.token_bound())
             if rec.lease is not None and rec.lease.counts_tokens:
                 rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
             if rec.lease is not None and rec.lease.member:
@@ -223,26 +247,39 @@ class Proxy:
                                     rec: RequestRecord, stream: bool) -> None:
         """Serve with ``model``, else with the next model of its fallback chain that can
         (router/forward/fallbacks.py), as long as nothing reached the client. A fallback gets the body
-        with its own id as ``model``; the answer says who served in ``X-Router-Model``."""
-        chain = fallback_chain(model, self.view.catalog_entry, self.view.resolve)
-        first: Unservable | None = None
-        for n, served in enumerate(chain):
+        with its own id as ``model``; the answer says who served in ``X-Router-Model``.
+
+        Members that run already go first (``serving_order``), so a request never cold-starts
+        (or evicts for) a model while another of its chain serves; at most one member is
+        started per request (a refusal for lack of room, or a member whose start failed recently and
+        is skipped at once, router/control/start_backoff.py, starts nothing and does not count)."""
+        chain = [m for n, m in enumerate(fallback_chain(model, self.view.catalog_entry, self.view.resolve))
+                 if (e := self.view.catalog_entry(m)) is not None and not (n and mode_error(req.path, e.mode, m))]
+        order = serving_order(chain, lambda m: bool(self.view.running_instances(m)))
+        reasons: dict[str, Unservable] = {}
+        started = False
+        for n, served in enumerate(order):
             entry = self.view.catalog_entry(served)
-            if entry is None or (n and mode_error(req.path, entry.mode, served)):
+            if entry is None:
                 continue
-            if n:
-                req = msgspec.structs.replace(req, body=with_model(req.body, served)) if not is_form(
-                    req.content_type) else req
-                rec.served = served
+            starts = entry.on_demand and not self.view.running_instances(served)
+            if starts and started:
+                continue  # one start per request: the chain's others serve only once running
+            fallback = served != model
+            body = req
+            if fallback and not is_form(req.content_type):
+                body = msgspec.structs.replace(req, body=with_model(req.body, served))
+            rec.served = served if fallback else ""
             try:
-                await self._serve_model(served, name if not n else served, entry, req, sink, rec, stream,
-                                        fallback=n < len(chain) - 1)
+                await self._serve_model(served, served if fallback else name, entry, body, sink, rec, stream,
+                                        fallback=n < len(order) - 1)
                 return
             except Unservable as exc:
-                first = first or exc
+                reasons.setdefault(served, exc)
+                started = started or (starts and not started_nothing(exc))
         rec.served = ""
-        assert first is not None  # the chain starts with ``model``, whose entry exists
-        raise first  # the requested model's own reason
+        raise reasons.get(model) or next(iter(reasons.values()), None) or Unservable(
+            503, f"model '{name}' is not running", "model_not_running")  # the requested model's own reason
 
     async def _serve_model(self, model: str, name: str, entry: CatalogEntry, req: ProxyRequest, sink: Sink,
                            rec: RequestRecord, stream: bool, fallback: bool = False) -> None:
@@ -267,7 +304,7 @@ class Proxy:
         self.metrics.started(model)
         try:
             await self.control.ensure_running(model, self.options.start_timeout,
-                                              by=rec.caller.name if rec.caller is not None else "")
+                                              key_name=rec.caller.name if rec.caller is not None else "")
         except ControlError as exc:
             raise Unservable.of(start_failed(f"model '{name}' could not be started: {describe_failure(exc)}",
                                              exc)) from None
@@ -323,14 +360,27 @@ class Proxy:
         finally:
             self.metrics.ended(model)
 
+    def _capacity(self, model: str, max_concurrency: int) -> int:
+        """This router process's share of ``max_concurrency`` × the running instances."""
+        capacity = max_concurrency * len(self.view.running_instances(model))
+        return process_share(capacity, self.options.process_index, self.options.processes)
+
     def _slot(self, model: str, max_concurrency: int, rec: RequestRecord) -> AbstractAsyncContextManager[None]:
         """A concurrency slot of ``model`` (queued in the key's lane, or 429); without
         ``max_concurrency``, a shared no-op: no limiter machinery on the hot path."""
         if max_concurrency <= 0:
             return _NOOP
-        capacity = max_concurrency * len(self.view.running_instances(model))
-        return self._queued_slot(model, process_share(capacity, self.options.process_index, self.options.processes),
-                                 rec)
+        return self._queued_slot(model, self._capacity(model, max_concurrency), rec)
+
+    async def follow_capacity(self) -> None:
+        """Whenever the view changes, give models with queued requests their new capacity (a
+        second instance came up): the waiters are admitted at once, not at the next release."""
+        while True:
+            await self.view.next_change()
+            for model in self.limits.waiting_models():
+                entry = self.view.catalog_entry(model)
+                if entry is not None and entry.max_concurrency > 0:
+                    self.limits.resize(model, self._capacity(model, entry.max_concurrency))
 
     @asynccontextmanager
     async def _queued_slot(self, model: str, capacity: int, rec: RequestRecord) -> AsyncIterator[None]:

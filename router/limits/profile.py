@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # a Redis key part and a metric label
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]  # a Redis key part and a metric label; \Z, not $ (a trailing newline)
 
 
 class LimitSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

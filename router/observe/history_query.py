@@ -100,9 +100,9 @@ def _ints(row: dict) -> dict[str, int]:
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in row.items()}
 
 
-async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str, start: float,
-                       end: float, step: int, now: float, sum_slots) -> HistoryResult:
-    """``sum_slots``: ``SUM_SCRIPT`` registered on ``redis``."""
+async def read_history(redis: Redis, reader: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str,
+                       start: float, end: float, step: int, now: float, sum_slots) -> HistoryResult:
+    """``sum_slots``: ``SUM_SCRIPT`` registered on ``redis``; ``reader`` reads the hosts' gauges."""
     fields = list(series_fields(series))
     available: list[str] = []
     if not series:
@@ -117,7 +117,7 @@ async def read_history(redis: Redis, keys: Keys, resolutions: Sequence[Resolutio
     last = max(first, math.ceil(end / res.step) - 1)  # the slot holding ``end``
     slots = range(first, last + 1)
     if not series.startswith("model:"):
-        points = await _gauge_points(redis, keys, res, series, slots, per)
+        points = await _gauge_points(reader, keys, res, series, slots, per)
         return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
                              points=points, available=available)
     fine_res = res is resolutions[0]
@@ -227,8 +227,10 @@ async def read_events(redis: Redis, keys: Keys, start: float, end: float, limit:
 class TimelineReader:
     """What ``/api/history`` and ``/api/events`` call: the series named by the query, read back."""
 
-    def __init__(self, redis: Redis, keys: Keys, resolutions: Sequence[Resolution]) -> None:
+    def __init__(self, redis: Redis, reader: Redis, keys: Keys, resolutions: Sequence[Resolution]) -> None:
+        """``reader``: the client that may read the workers' own keys (a host's gauge records)."""
         self.redis = redis
+        self.reader = reader
         self.keys = keys
         self.resolutions = resolutions
         self.sum_slots = redis.register_script(SUM_SCRIPT)
@@ -246,8 +248,8 @@ class TimelineReader:
             if not host:
                 raise ApiError(400, f"series={kind} needs host=<worker id>", "invalid_parameter")
             series = gpu_series(host, gpu) if kind == "gpu" else host_series(host)
-        return await read_history(self.redis, self.keys, self.resolutions, series, start, end, step, now,
-                                  self.sum_slots)
+        return await read_history(self.redis, self.reader, self.keys, self.resolutions, series, start, end, step,
+                                  now, self.sum_slots)
 
     async def events(self, start: float, end: float, limit: int, model: str | None, host: str | None,
                      kind: str | None) -> EventsResult:

@@ -25,6 +25,7 @@ no known model), ``route`` one of ``ROUTES`` or ``other``.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -42,7 +43,8 @@ ROUTES = frozenset({
 })
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COLD_START_BUCKETS = (.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
-WAIT_CAUSES = ("swap", "start", "slot")  # queue wait causes: a swap (scheduler), a cold start, a concurrency slot
+# why a request waited (the ``cause`` label): a swap (the scheduler), a cold start, a concurrency slot
+WaitCause = Literal["swap", "start", "slot"]
 TTFB_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -93,6 +95,15 @@ class RouterMetrics:
                                     "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
                                     "start; slot: for a concurrency slot)", ["model", "cause"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.connections = Gauge("llm_router_client_connections", "Client connections open now "
+                                 "(router/http/fdguard.py)", registry=r, multiprocess_mode="livesum")
+        self.refused_connections = Counter("llm_router_connections_refused", "Client connections closed as "
+                                           "accepted, over a cap (limit: max_connections; per_address: "
+                                           "max_connections_per_address)", ["reason"], registry=r)
+        self.accept_pauses = Counter("llm_router_accept_paused", "accept() failures for lack of descriptors "
+                                     "(EMFILE...), each followed by a 100 ms pause of accepting", registry=r)
+        self.loop_restarts = Counter("llm_router_loop_restarts", "Background loops (usage, quotas, claims, "
+                                     "capacity) restarted after an unexpected exception", ["loop"], registry=r)
         self._children: dict[tuple, object] = {}
         self.scraped = r
         if shared_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -121,6 +132,18 @@ class RouterMetrics:
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
 
+    def client_connections(self, count: int) -> None:
+        self.connections.set(count)
+
+    def connection_refused(self, reason: str) -> None:
+        self._child(self.refused_connections, reason).inc()
+
+    def accept_paused(self) -> None:
+        self.accept_pauses.inc()
+
+    def loop_restarted(self, loop: str) -> None:
+        self._child(self.loop_restarts, loop).inc()
+
     def swapped(self, model: str) -> None:
         """Models were evicted to make room for ``model``."""
         self._child(self.swaps, model).inc()
@@ -128,8 +151,8 @@ class RouterMetrics:
     def cold_started(self, model: str, seconds: float) -> None:
         self._child(self.cold_start, model).observe(seconds)
 
-    def waited(self, model: str, cause: str, seconds: float) -> None:
-        """A wait of ``cause`` (``WAIT_CAUSES``) ended after ``seconds``."""
+    def waited(self, model: str, cause: WaitCause, seconds: float) -> None:
+        """A wait of ``cause`` ended after ``seconds``."""
         self._child(self.queue_wait, model, cause).observe(seconds)
         if self.history is not None:
             self.history.waited(model, seconds)
