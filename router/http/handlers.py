@@ -12,6 +12,7 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
@@ -262,7 +263,7 @@ class HistoryHandler(BaseHandler):
     """``GET /api/history``: one series of the timeline (router/observe/history_query.py)."""
 
     async def get(self) -> None:
-        q, args, now = TIMELINE, self.query_args, time.time()
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
         self.reply(await self.services.timeline.history(
             q.series.parse(args), q.model.parse(args), q.host.parse(args), q.gpu.parse(args),
             q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.step.parse(args), now))
@@ -272,7 +273,7 @@ class EventsHandler(BaseHandler):
     """``GET /api/events``: what happened, oldest first (router/observe/history_query.py)."""
 
     async def get(self) -> None:
-        q, args, now = TIMELINE, self.query_args, time.time()
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
         self.reply(await self.services.timeline.events(
             q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.limit.parse(args),
             q.model.parse(args), q.host.parse(args), q.kind.parse(args)))
