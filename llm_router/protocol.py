@@ -153,6 +153,9 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
     measured_vram_mb: list[int] = []
     cold_start_s: float = 0.0
+    # Estimated from the model's files on this host (llm_router.estimate), per device profile:
+    # MiB per GPU (0 = no estimate, or a CPU profile); used where neither declared nor measured.
+    estimated_vram_mb: list[int] = []
 
 
 class Instance(msgspec.Struct, kw_only=True):

@@ -43,6 +43,7 @@ from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
 from llm_lab_router.worker.devices import DeviceProbe
+from llm_lab_router.worker.estimates import FileEstimates
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
@@ -82,10 +83,12 @@ class WorkerAgent:
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
                             spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
+        self.estimates = FileEstimates(config_dir)  # VRAM from the model files, before a first run
         self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.logs, self.snapshot,
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
-                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
+                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured,
+                                              estimated=self.estimates.mb),
                                 learner=self.learner)
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
@@ -341,7 +344,8 @@ class WorkerAgent:
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
             publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
-                            [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
+                            [self.estimates.annotate(self.learner.annotate(m.catalog_entry()), m)
+                             for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn
@@ -408,6 +412,8 @@ class WorkerAgent:
             except REDIS_ERRORS as exc:
                 link.failed(exc)
             await self._sample_peaks(snap)
+            if self.estimates.observe(snap):
+                self._request_resync()  # estimates that take a share of the GPU changed with it
             await asyncio.sleep(interval)
 
     async def _sample_peaks(self, snap: DeviceSnapshot) -> None:

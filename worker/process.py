@@ -347,7 +347,7 @@ class ModelProcess:
         env = engine_env(os.environ, spec.env,
                          markers={WORKER_ENV: self.host.worker_id, WORKER_PID_ENV: str(os.getpid()),
                                   MODEL_ENV: self.model.id, SPEC_HASH_ENV: spec.hash, PORT_ENV: str(placement.port),
-                                  PROFILE_ENV: str(self.model.device_profiles().index(placement.profile))})
+                                  PROFILE_ENV: str(placement.index)})
         if placement.gpus:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's = ours
         self._redact = Redactor.for_model(self.model)

@@ -39,6 +39,7 @@ from llm_lab_router.router.core.responses import (
     Stopped,
 )
 from llm_lab_router.router.core.view import ClusterView
+from llm_lab_router.router.observe.vram_figures import vram_figures
 from redis.asyncio import Redis
 
 
@@ -134,7 +135,9 @@ class Manager:
                                     i.restarts, i.gpus, i.last_error_at) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
-                                     self.view.catalog_workers(model), instances, self.control.reason(model)))
+                                     self.view.catalog_workers(model), instances, self.control.reason(model),
+                                     [row for w, entry in self.view.catalog_entries(model).items()
+                                      for row in vram_figures(w, entry)]))
 
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()

@@ -48,7 +48,8 @@ def profiles_of(entry: CatalogEntry) -> list[DeviceProfile]:
         return [DeviceProfile(devices=["cpu"])]
     vram = list(entry.vram_mb) + [0] * (len(entry.devices) - len(entry.vram_mb))
     declared = [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
-    return effective_profiles(declared, entry.measured_vram_mb)  # the worker's measurement, where above
+    # the worker's measurement where above; its estimate where neither is known
+    return effective_profiles(declared, entry.measured_vram_mb, entry.estimated_vram_mb)
 
 
 def held_by(instances: Iterable[Instance]) -> list[Held]:

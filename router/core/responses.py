@@ -66,6 +66,20 @@ class InstanceDetail(msgspec.Struct):
     last_error_at: float = 0.0  # unix time of last_error (0: none yet)
 
 
+class VramFigures(msgspec.Struct, kw_only=True):
+    """One GPU profile of a model on one host: its VRAM per GPU (MiB) as declared, estimated
+    from the files (llm_router.estimate) and measured (worker.learning); 0 = unknown.
+    ``estimate_error``: (estimated - measured) / measured, once both are known."""
+
+    worker: str
+    profile: int  # index into the model's device profiles
+    devices: list[str]
+    declared_mb: int
+    estimated_mb: int
+    measured_mb: int
+    estimate_error: float | None = None
+
+
 class ModelDetail(msgspec.Struct):
     id: str
     aliases: list[str]
@@ -80,6 +94,7 @@ class ModelDetail(msgspec.Struct):
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
     pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
+    vram: list[VramFigures] = []  # per host and GPU profile: declared, estimated, measured
 
 
 class Ok(msgspec.Struct, kw_only=True):
