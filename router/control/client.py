@@ -361,7 +361,7 @@ class ControlClient:
         view = self.view
         instances = view.all_instances()
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
-        usage = await self._usage({i.model for i in loaded})
+        usage = await self.usage_of({i.model for i in loaded})
         waiters = await self._waiters(model, began)
         now = time.time()
         specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
@@ -393,7 +393,7 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.swapped(model)
 
-    async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
+    async def usage_of(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
             return await read_usage(self.redis, self.keys, models, time.time())

@@ -107,6 +107,58 @@ class ModelInfo(Ok, kw_only=True):
     model: ModelDetail
 
 
+class PlanGpu(msgspec.Struct, kw_only=True):
+    index: int
+    name: str
+    total_mb: int
+    free_mb: int  # as placement counts it: NVML's free minus what placed models hold
+    resident: list[str]  # models holding VRAM on it now
+
+
+class PlanProfile(msgspec.Struct, kw_only=True):
+    devices: list[str]
+    vram_mb: int  # per GPU, as placement uses it
+    source: str  # measured, declared, estimated, unknown (a GPU profile with no figure) or cpu
+
+
+class PlanModel(msgspec.Struct, kw_only=True):
+    """One model of a host's catalog: what starting it there now would do."""
+
+    model: str
+    state: str  # its instance's state on this host
+    profiles: list[PlanProfile]
+    fits_alone: bool  # some profile fits this host's GPUs with nothing else loaded
+    now: str  # running (or starting, stopping), fits, evicts or no_room
+    profile: int | None = None  # the profile it runs with (by its GPUs) or would get now
+    evicts: list[str] = []  # now = evicts: the idle models stopped first, least recently used first
+    why: str = ""  # now = no_room: each profile and why it does not fit
+
+
+class HostPlan(msgspec.Struct, kw_only=True):
+    worker: str
+    gpus: list[PlanGpu]
+    models: list[PlanModel]
+    together: list[list[str]]  # the largest sets of its GPU models that fit its GPUs at once
+    together_complete: bool = True  # false: too many models to try every set (the first found)
+    gpu_error: str = ""  # why no GPU is known (NVML offline, no snapshot yet)
+
+
+class Nowhere(msgspec.Struct, kw_only=True):
+    model: str
+    reasons: dict[str, str]  # host -> why no profile fits even an empty host
+
+
+class Disagreement(msgspec.Struct, kw_only=True):
+    model: str
+    figures: VramFigures
+
+
+class PlanResult(Ok, kw_only=True):
+    hosts: list[HostPlan]
+    nowhere: list[Nowhere]  # models that fit no live host even with nothing else loaded
+    disagree: list[Disagreement]  # estimates off the measurement by more than the plan's tolerance
+
+
 class Done(Ok, kw_only=True):
     message: str
 

@@ -293,6 +293,14 @@ class DevicesHandler(BaseHandler):
         self.reply(self.services.manager.devices())
 
 
+class PlanHandler(BaseHandler):
+    QUERY = ("worker",)
+
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
+        self.reply(await self.services.manager.plan(self.params.worker.parse(self.query_args)))
+
+
 class LogStreamHandler(BaseHandler):
     QUERY = ("tail", "last_event_id")
 

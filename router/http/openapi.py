@@ -33,6 +33,7 @@ from llm_lab_router.router.core.responses import (
     ModelCard,
     ModelInfo,
     ModelList,
+    PlanResult,
     Restarted,
     ServerInfo,
     Started,
@@ -45,7 +46,7 @@ from llm_lab_router.router.logs.stream import LogEvent
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
 RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Started, Stopped, AllStopped, Cleared, Restarted,
-             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError)
+             LogStatsResult, DevicesResult, PlanResult, DebugStats, LogEvent, Failure, OpenAIError)
 
 
 # --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
@@ -208,6 +209,9 @@ def paths(options: RouterOptions) -> Json:
                                                 admin=True)},
         "/api/devices/info": {"get": _op("devices of every host: the cluster total, then per host",
                                          _ref(DevicesResult), 503)},
+        "/api/plan": {"get": _op("what fits where: per host and GPU, models that fit together, what a start "
+                                 "now would evict, models that fit nowhere, estimates far from measurements",
+                                 _ref(PlanResult), 404, params=[q.worker.openapi()])},
     }
 
 
