@@ -162,6 +162,13 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_spool_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0  # per model: log lines kept on disk until shipped
     # After SIGTERM (an upgrade) the models keep running this long for the next worker to adopt.
     adopt_timeout: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Prefetch (worker/prefetch.py): a model waiting to start here has its weight files read
+    # into the page cache, at most prefetch_budget_mb (0 = no cap but RAM) and never below
+    # prefetch_reserve_mb of MemAvailable, at prefetch_rate_mb MiB/s (0 = as fast as the disk).
+    prefetch: bool = True
+    prefetch_budget_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    prefetch_reserve_mb: Annotated[int, msgspec.Meta(ge=0)] = 4096
+    prefetch_rate_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

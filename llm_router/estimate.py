@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import msgspec
-from llm_lab_router.config import ModelConfig, expand_command
+from llm_lab_router.config import DeviceProfile, ModelConfig, expand_command
 
 MIB = 1024 * 1024
 LLAMA_DEFAULT_CTX = 4096  # llama-server's -c when not given
@@ -376,21 +376,24 @@ class Estimator:
         return self._seen[key]
 
 
+def model_weights(model: ModelConfig, profile: DeviceProfile, config_dir: str) -> tuple[str, list[str]]:
+    """The model file or folder ``model`` runs with ``profile`` ("" = its command names none),
+    as a path on this host, and the argv it is served with."""
+    argv = expand_command(model, profile, port=0, host="127.0.0.1", config_dir=config_dir)
+    path = weights_path(argv, model.model_path.replace("{config_dir}", config_dir))
+    return (str(Path(config_dir, model.cwd) / Path(path).expanduser()) if path else ""), argv
+
+
 def profile_estimates(model: ModelConfig, config_dir: str, estimator: Estimator) -> list[Estimate | str | None]:
     """Per device profile of ``model``: its estimate, why there is none (a message), or None
     for a CPU-only profile (it needs no VRAM)."""
     out: list[Estimate | str | None] = []
-    cwd = Path(config_dir, model.cwd)
     for profile in model.device_profiles():
         if not any(d != "cpu" for d in profile.devices):
             out.append(None)
             continue
-        argv = expand_command(model, profile, port=0, host="127.0.0.1", config_dir=config_dir)
-        path = weights_path(argv, model.model_path.replace("{config_dir}", config_dir))
-        if not path:
-            out.append("no model file in its command")
-            continue
-        out.append(estimator.get(str(cwd / Path(path).expanduser()), argv, model.engine))
+        path, argv = model_weights(model, profile, config_dir)
+        out.append(estimator.get(path, argv, model.engine) if path else "no model file in its command")
     return out
 
 

@@ -50,6 +50,7 @@ from llm_lab_router.worker.learning import Learner
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.placement import Placement, Placer
+from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
@@ -91,6 +92,10 @@ class WorkerAgent:
                                               estimated=self.estimates.mb),
                                 learner=self.learner)
         self.models = {m.id: self._supervise(m) for m in cfg.models}
+        self.prefetcher = Prefetcher(self.redis, self.keys, self.wid, config_dir, self.settings,
+                                     lambda: {i: mp.model for i, mp in self.models.items()},
+                                     lambda m: (mp := self.models.get(m)) is not None and mp.idle,
+                                     self._prefetched)
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
@@ -129,7 +134,7 @@ class WorkerAgent:
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run)]]
+            ("idle", self.idle.run), ("prefetch", self.prefetcher.run)]]
         intake = supervised("commands", self.intake.run, log)
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -248,6 +253,10 @@ class WorkerAgent:
         self._restored = True
 
     # --- config reload (see worker.reload) ---
+
+    def _prefetched(self, model_id: str, done: int, total: int) -> None:
+        if (mp := self.models.get(model_id)) is not None:
+            mp.prefetched(done, total)
 
     def _supervise(self, model: ModelConfig) -> ModelProcess:
         return ModelProcess(model, self.host, self._instance_changed)

@@ -329,7 +329,7 @@ class ControlClient:
                     raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
+                await self._publish_wait(model, began, claims(decision, me, time.time()), reason, decision.worker)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = self._candidates(model, host) or entries
@@ -347,9 +347,11 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.waited(model, "swap", time.time() - began)
 
-    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
+    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason,
+                            worker: str = "") -> None:
         try:
-            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta)
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta,
+                                 worker)
         except RedisError as exc:
             log.warning("could not publish the waiting entry of %s: %s", model, exc)
 

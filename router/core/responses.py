@@ -53,6 +53,13 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
+class Prefetching(msgspec.Struct):
+    """A model's weight files read into the host's page cache before its start (worker.prefetch)."""
+
+    done: int  # bytes read
+    total: int  # bytes to read (its files, within the host's prefetch budget)
+
+
 class InstanceDetail(msgspec.Struct):
     worker: str
     state: str
@@ -64,6 +71,7 @@ class InstanceDetail(msgspec.Struct):
     restarts: int
     gpus: str
     last_error_at: float = 0.0  # unix time of last_error (0: none yet)
+    prefetching: Prefetching | None = None  # while it waits to start on this host (done = total: all read)
 
 
 class VramFigures(msgspec.Struct, kw_only=True):
