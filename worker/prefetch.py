@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -108,6 +109,7 @@ def next_target(entries: Iterable[WaitEntry], wid: str, models: Mapping[str, Mod
     return min(fresh, key=lambda e: (e.since, e.model)).model if fresh else None
 
 
+@dataclass(eq=False)
 class Prefetcher:
     """Follows ``llm:waiting`` and prefetches the model next in line for this host.
 
@@ -115,19 +117,16 @@ class Prefetcher:
     ``models()``: this worker's model configs now (a reload changes them); ``idle(model)``:
     whether it is stopped (or failed) here; ``report(model, done, total)``: publish progress."""
 
-    def __init__(self, redis: Redis, keys: Keys, wid: str, config_dir: str,
-                 settings: WorkerSettings, models: Callable[[], Mapping[str, ModelConfig]],
-                 idle: Callable[[str], bool], report: Callable[[str, int, int], None]) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.wid = wid
-        self.config_dir = config_dir
-        self.settings = settings
-        self.models = models
-        self.idle = idle
-        self.report = report
-        self.target: str | None = None
-        self._task: asyncio.Task | None = None
+    redis: Redis
+    keys: Keys
+    wid: str
+    config_dir: str
+    settings: WorkerSettings
+    models: Callable[[], Mapping[str, ModelConfig]]
+    idle: Callable[[str], bool]
+    report: Callable[[str, int, int], None]
+    target: str | None = None  # the model being prefetched (or done, while it still waits)
+    _task: asyncio.Task | None = None
 
     async def run(self) -> None:
         try:
