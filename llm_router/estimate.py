@@ -358,6 +358,8 @@ class Estimator:
     """Estimates by (path, its size and mtime, args), so that publishing a catalog every few
     seconds reads no header twice; a failure is remembered too (and says why)."""
 
+    KEEP = 256  # entries: the oldest go first
+
     def __init__(self) -> None:
         self._seen: dict[tuple, Estimate | str] = {}
 
@@ -369,6 +371,8 @@ class Estimator:
         except OSError as exc:
             return f"{path}: {exc.strerror}"
         if key not in self._seen:
+            while len(self._seen) >= self.KEEP:  # old versions of files, args since changed
+                del self._seen[next(iter(self._seen))]
             try:
                 self._seen[key] = estimate_files(path, args, engine)
             except (OSError, EstimateError) as exc:

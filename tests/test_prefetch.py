@@ -142,6 +142,9 @@ def test_a_model_waiting_in_line_is_prefetched_then_shown_done(procs, redis_url,
              message="b prefetched")
     assert prefetching(router, b, wid) == {"done": 24 * MIB, "total": 24 * MIB}
     assert resident(file) == 24 * MIB
+    reason = pending(router, b)  # the wait reason says it too
+    assert reason["prefetching"] == {wid: {"done": 24 * MIB, "total": 24 * MIB}}
+    assert reason["message"].endswith(f"; prefetched its weights on '{wid}' (24 of 24 MiB)")
     assert request("POST", f"{router.url}/api/models/{a}/stop", timeout=30).status == 200  # b's turn
     thread.join(60)
     assert results["b"].status == 200 and running_on(router, b) == [wid]

@@ -19,7 +19,7 @@ from llm_lab_router.router.control.client import (
 )
 from llm_lab_router.router.control.device_report import cpu_summary, cuda_summary, host_detail
 from llm_lab_router.router.control.plan import build_plan
-from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.core.errors import ApiError, Prefetching
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
     DevicesResult,
@@ -35,7 +35,6 @@ from llm_lab_router.router.core.responses import (
     ModelInfo,
     ModelList,
     PlanResult,
-    Prefetching,
     Restarted,
     ServerInfo,
     Started,

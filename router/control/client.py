@@ -29,7 +29,13 @@ from llm_lab_router.protocol import (
     from_json, read_usage,
 )
 from llm_lab_router.router.core.errors import WaitReason
-from llm_lab_router.router.control.explain import no_room_reason, retry_after, starting_reason, swap_reason
+from llm_lab_router.router.control.explain import (
+    no_room_reason,
+    retry_after,
+    starting_reason,
+    swap_reason,
+    with_prefetch,
+)
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
@@ -181,10 +187,9 @@ class ControlClient:
             return None
         if any(i.state == "starting" for i in view.instances(model)):
             return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
-        if (got := self.pending.get(model)) is not None:
-            return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
-                           USAGE_STALE)
+        got = self.pending.get(model) or line_reason(model, self.line, view.all_instances(),
+                                                     self._max_waits(self.line), time.time(), USAGE_STALE)
+        return with_prefetch(got, view.instances(model)) if got is not None else None
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 from llm_lab_router.protocol import CpuInfo, CudaInfo
-from llm_lab_router.router.core.errors import WaitReason
+from llm_lab_router.router.core.errors import Prefetching, WaitReason
 
 # --- success shapes (the manual's fields first; multi-host detail beside them) ---
 
@@ -51,13 +51,6 @@ class ModelCard(msgspec.Struct, kw_only=True):
 class ModelList(msgspec.Struct, kw_only=True):
     object: str = "list"
     data: list[ModelCard]
-
-
-class Prefetching(msgspec.Struct):
-    """A model's weight files read into the host's page cache before its start (worker.prefetch)."""
-
-    done: int  # bytes read
-    total: int  # bytes to read (its files, within the host's prefetch budget)
 
 
 class InstanceDetail(msgspec.Struct):
