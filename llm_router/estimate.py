@@ -46,13 +46,14 @@ VLLM_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 SGLANG_FRACTION = 0.88  # SGLang's default --mem-fraction-static (for a large GPU)
 MAX_HEADER = 256 * MIB  # a GGUF or safetensors header larger than this is not believed
 
-# ggml types: (block size in elements, bytes per block). ggml.h's ggml_type ids.
+# ggml types: (block size in elements, bytes per block), by ggml.h's ggml_type ids (the same as the
+# gguf package's GGML_QUANT_SIZES: tests/test_estimate.py compares them where it is installed).
 GGML_TYPES: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
     10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
     16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
     22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
 }
 # llama.cpp's -ctk/-ctv names -> (block size, bytes per block)
 CACHE_TYPES: dict[str, tuple[int, int]] = {

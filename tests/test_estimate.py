@@ -134,6 +134,24 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
                                                           overhead_mb=CUDA_CONTEXT_MB)
 
 
+def test_the_gguf_reader_agrees_with_the_gguf_package_on_the_project_s_own_model(tmp_path):
+    """Where the ``real`` extra is installed: the block sizes are ggml's, and the tiny model of
+    scripts/make_tiny_gguf.py (written by the ``gguf`` package) reads the same as its reader."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.constants import GGML_QUANT_SIZES
+    from llm_lab_router.estimate import GGML_TYPES
+
+    known = {int(k): tuple(v) for k, v in GGML_QUANT_SIZES.items()}
+    assert {k: v for k, v in known.items() if k in GGML_TYPES} == GGML_TYPES  # a newer type: counted as f32
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from make_tiny_gguf import write
+
+    write(str(tmp_path / "tiny.gguf"))
+    ref = {t.name: (int(t.n_bytes), tuple(int(d) for d in t.shape), int(t.tensor_type))
+           for t in gguf.GGUFReader(tmp_path / "tiny.gguf").tensors}
+    assert {t.name: (t.nbytes, t.dims, t.type) for t in read_gguf(tmp_path / "tiny.gguf").tensors} == ref
+
+
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
     """A safetensors file (header + data); returns the data's bytes."""
     size = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}
