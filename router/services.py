@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.loops import supervised
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
@@ -59,7 +60,7 @@ class Services:
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
-                                   interval=self.options.usage_interval)
+                                   interval=self.options.usage_interval, serving=self._serving)
         self.metrics = RouterMetrics(self.view)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
                                      scheduler=self.options.scheduler, metrics=self.metrics)
@@ -75,6 +76,11 @@ class Services:
         self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
+    def _serving(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker: the balancer's
+        outstanding count of each running instance (drain per instance, ``llm:used:{model}``)."""
+        return {i.worker: n for i in self.view.running_instances(model) if (n := self.balancer.outstanding(i.url))}
+
     def finished(self, rec: RequestRecord, status: int) -> None:
         """A forwarded request is over: count it and log it (the usage is parsed once, for both)."""
         ended_at = time.monotonic()
@@ -85,8 +91,10 @@ class Services:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
     async def start(self) -> None:
+        await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
-        loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity)]
+        loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
+                 ("clock", lambda: CLOCK.keep(self.redis))]
         if self.options.scheduler == "swap":
             loops.append(("claims", self.control.watch_claims))
         self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]

@@ -88,9 +88,10 @@ class Worker:
             assert self.proc.poll() is None, self.procs.log(self.proc)
         return self.proc
 
-    def send(self, op: str, model: str = "", **fields) -> Command:
+    def send(self, op: str, model: str = "", entry_id: str = "*", **fields) -> Command:
+        """Add a command; ``entry_id``: its stream id (as Redis would stamp it at that time)."""
         cmd = Command(op=op, model=model, **fields)
-        self.rds.xadd(KEYS.commands(self.wid), command_fields(cmd))
+        self.rds.xadd(KEYS.commands(self.wid), command_fields(cmd), id=entry_id)
         return cmd
 
     def reply(self, cmd: Command, timeout: float = 15) -> Reply:

@@ -30,12 +30,12 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.loops import supervised
@@ -130,11 +130,12 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
         await self._adopt()
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("prefetch", self.prefetcher.run)]]
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run)]]
         intake = supervised("commands", self.intake.run, log)
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -348,7 +349,7 @@ class WorkerAgent:
 
     async def _publish_all(self) -> None:
         """Lease, catalog, every instance and the events saying so, in one transaction."""
-        self.info.heartbeat_at = time.time()
+        self.info.heartbeat_at = CLOCK.now()
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -393,7 +394,7 @@ class WorkerAgent:
         link = RedisLink("heartbeat", max_delay=self.settings.heartbeat_interval)
         while True:
             stop_if_cancelled()
-            self.info.heartbeat_at = time.time()
+            self.info.heartbeat_at = CLOCK.now()
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Mapping
 import msgspec
 import psutil
 from llm_lab_router.backoff import REDIS_ERRORS
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ModelConfig, WorkerSettings
 from llm_lab_router.estimate import model_weights
 from llm_lab_router.protocol import USAGE_STALE, Keys, WaitEntry, from_json
@@ -151,7 +152,7 @@ class Prefetcher:
                 entries.append(from_json(value, WaitEntry))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-        target = next_target(entries, self.wid, self.models(), self.idle, time.time())
+        target = next_target(entries, self.wid, self.models(), self.idle, CLOCK.now())  # `at` is on Redis's clock
         if target == self.target and (target is None or self._task is not None):
             return
         await self.cancel()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import msgspec
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ModelConfig, WorkerSettings
 from llm_lab_router.hostcheck import find_program, missing_program
 from llm_lab_router.protocol import Instance, LogSource
@@ -126,7 +127,7 @@ class ModelProcess:
         self.model = model
         self.host = host
         self._on_change = on_change
-        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=time.time(),
+        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=CLOCK.now(),
                                   api_key=model.api_key)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._redact = Redactor.for_model(model)  # renewed at each spawn: a reload may change the model
@@ -246,7 +247,8 @@ class ModelProcess:
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
         self._set(state="running", pid=found.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
-                  vram_mb=placement.vram_mb, started_at=found.created, last_error="")
+                  vram_mb=placement.vram_mb, started_at=CLOCK.now() - max(0.0, time.time() - found.created),
+                  last_error="")  # its age, by this host's clock, on the shared one
         self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
         return True
 
@@ -329,7 +331,7 @@ class ModelProcess:
                 if learner is not None:
                     self.grew(await learner.started(self.model, placement, run.pid, time.monotonic() - spawned,
                                                     before, alone))
-                self._set(state="running", url=run.url, started_at=time.time())
+                self._set(state="running", url=run.url, started_at=CLOCK.now())
                 self._event(f"running on {run.url} (pid {run.pid})")
                 return
             if why == STOP_CANCELLED:
@@ -428,7 +430,7 @@ class ModelProcess:
     async def _stop(self, run: _Run, reason: str = "") -> None:
         """running/starting → stopping → stopped. ``reason``: why a start did not complete."""
         try:
-            self._set(state="stopping", **({"last_error": reason, "last_error_at": time.time()} if reason else {}))
+            self._set(state="stopping", **({"last_error": reason, "last_error_at": CLOCK.now()} if reason else {}))
             self._event("stopping")
             await self._terminate(run)
             self._set(state="stopped", pid=0, url="")
@@ -493,13 +495,13 @@ class ModelProcess:
 
     def _set(self, **changes) -> None:
         check_transition(self._instance.state, changes.get("state"))
-        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time(),
+        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=CLOCK.now(),
                                                  seq=self._instance.seq + 1)
         self._on_change(self.instance)
 
     def _fail(self, reason: str) -> None:
         reason = self._redact.scrub(reason)
-        self._set(state="failed", last_error=reason, last_error_at=time.time(), pid=0, url="")
+        self._set(state="failed", last_error=reason, last_error_at=CLOCK.now(), pid=0, url="")
         self._event(reason)
 
     def _event(self, message: str) -> None:

@@ -203,18 +203,6 @@ class ClusterView:
             return None
         return event.worker
 
-    def apply_snapshot(self, snap: Snapshot) -> None:
-        """Replace the view with a full read of every worker (unless every lease just vanished)."""
-        if self._all_leases_just_vanished(snap):
-            return
-        old = self._instances
-        self._workers = dict(snap.workers)
-        self._catalogs = dict(snap.catalogs)
-        self._devices = dict(snap.devices)
-        self._versions = {w: snap.versions.get(w, "") for w in snap.workers}
-        self._instances = {}
-        self._merge_instances(snap, [i for by_w in old.values() for i in by_w.values()])
-
     def apply_worker(self, wid: str, snap: Snapshot) -> None:
         """Replace what the view knows of one worker with a read of just that worker."""
         self.apply_workers([wid], snap)
@@ -262,9 +250,6 @@ class ClusterView:
         if rebuild:
             self._rebuild_models()
         self._notify()
-
-    def _all_leases_just_vanished(self, snap: Snapshot) -> bool:
-        return self._all_vanished(bool(snap.workers))
 
     def _all_vanished(self, any_lease: bool) -> bool:
         if any_lease or not self._workers:

@@ -5,42 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
 import msgspec
 import tornado.web
 from redis.exceptions import RedisError
-from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
-from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
-from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
-from llm_lab_router.router.http.validate import check_forward_path, check_query
+from llm_lab_router.router.http.validate import check_query
 from llm_lab_router.router.observe.metrics import CONTENT_TYPE
-from llm_lab_router.router.http.openapi import document_bytes
-from llm_lab_router.router.forward.proxy import ProxyRequest
 from llm_lab_router.router.http.query import RouteParams, route_params
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.services import Services
 
 JSON = "application/json"
-SERVER = f"TornadoServer/{tornado.version}"
-UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
 log = logging.getLogger("router")
-_date: tuple[int, str] = (0, "")
-
-
-def http_date() -> str:
-    """The ``Date`` header's value, formatted once a second."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, format_timestamp(now))
-    return _date[1]
 
 
 async def await_write(written: Awaitable[None], timeout: float, timed_out: Callable[[float], None]) -> None:
@@ -52,20 +34,6 @@ async def await_write(written: Awaitable[None], timeout: float, timed_out: Calla
             timed_out(timeout)
             raise StreamClosedError()
     await written
-
-
-def add_relayed(out: HTTPHeaders, headers: list[tuple[str, str]]) -> bool:
-    """Add an answer's headers to ``out``; ``False`` (nothing added) if a value is unsafe. The
-    engine's header names are tokens already (llm_router/http1.py) and the router's constants:
-    one check of all the values at once, then plain sets."""
-    if UNSAFE_VALUE.search("".join(v for _, v in headers)):
-        return False
-    for name, value in headers:
-        if name in out:
-            out.add(name, value)
-        else:
-            out[name] = value
-    return True
 
 
 def cut_short(task: asyncio.Task, gone: bool, shutdown: asyncio.Event, headers_written: bool,
@@ -92,10 +60,13 @@ class BaseHandler(tornado.web.RequestHandler):
     request costs the router no memory. ``/api`` routes read no body: it is dropped as it comes."""
 
     services: Services
-    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (names of router/http/query.py's RouteParams)
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Services, access: Access = "read", query: tuple[str, ...] = ()) -> None:
+        """``access`` and ``query``: the route's (router/http/routes.py); a path no route
+        matches (``NotFoundHandler``) is a ``read`` one with no parameters."""
         self.services = services
+        self.access = access
+        self.query = query  # the query parameters this route takes (names of router/http/query.py's RouteParams)
         self._work: asyncio.Task | None = None
         self._client_gone = False
         self.caller: KeyProfile | None = None  # the key's name and limits (structured keys files)
@@ -103,18 +74,18 @@ class BaseHandler(tornado.web.RequestHandler):
     # --- checks before the body ---
 
     def prepare(self) -> None:
-        access: AccessPolicy | None = self.settings.get("access")
-        if access is not None and access.enabled:  # no keys: no work at all
+        policy: AccessPolicy | None = self.settings.get("access")
+        if policy is not None and policy.enabled:  # no keys: no work at all
             req = self.request
             method = req.method or "GET"
             authorization = req.headers.get("Authorization")
             # the cookie counts only without a header and on a safe method: parse it only then
             cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
-            self.caller = access.check(method, req.path, authorization, cookie)
+            self.caller = policy.check(method, self.access, authorization, cookie)
         self.check_request()
 
     def check_request(self) -> None:
-        check_query(self.request.query_arguments, self.QUERY)
+        check_query(self.request.query_arguments, self.query)
         self.check_length(self.services.options.max_api_body_size)
 
     @property
@@ -243,8 +214,6 @@ class ModelHandler(BaseHandler):
 
 
 class StartHandler(BaseHandler):
-    QUERY = ("wait", "worker")
-
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
         worker = self.params.worker.parse(self.query_args)
@@ -253,8 +222,6 @@ class StartHandler(BaseHandler):
 
 
 class StopHandler(BaseHandler):
-    QUERY = ("worker",)
-
     async def post(self, alias: str) -> None:
         self.reply(await self.services.manager.stop(alias, self.params.worker.parse(self.query_args)))
 
@@ -280,8 +247,6 @@ class LogStatsHandler(BaseHandler):
 
 
 class LogClearHandler(BaseHandler):
-    QUERY = ("keep_minutes",)
-
     async def post(self, alias: str) -> None:
         keep_minutes = self.params.keep_minutes.parse(self.query_args)
         self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
@@ -294,16 +259,12 @@ class DevicesHandler(BaseHandler):
 
 
 class PlanHandler(BaseHandler):
-    QUERY = ("worker",)
-
     async def get(self) -> None:
         await self.services.view.refresh_details()
         self.reply(await self.services.manager.plan(self.params.worker.parse(self.query_args)))
 
 
 class LogStreamHandler(BaseHandler):
-    QUERY = ("tail", "last_event_id")
-
     async def get(self, alias: str) -> None:
         params = self.params
         tail = params.tail.parse(self.query_args)
@@ -318,74 +279,6 @@ class LogStreamHandler(BaseHandler):
         await self.run_cancellable(self.services.logs.stream(model, self.send, tail=tail, last_id=last_id))
 
 
-class ProxyHandler(BaseHandler):
-    """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.forward.proxy``).
-
-    The query string is the engine's business and passes as is; the path must be plain
-    (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
-    (``router.forward.proxy.sniff``, where the body kind is decided once).
-
-    ``serve`` relays these requests on the lean path (router/http/exchange.py), which keeps this
-    handler's guarantees; here remain the methods the proxy does not take (Tornado's 405) and
-    an ``Application`` served on its own."""
-
-    def prepare(self) -> None:
-        self._received_at = time.monotonic()
-        self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
-        self._chunks: list[bytes] = []
-        super().prepare()
-        self._record.caller = self.caller
-
-    def check_request(self) -> None:
-        check_forward_path(self.request.path)
-        self.check_length(self.services.options.max_body_size)
-
-    def data_received(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    async def _forward(self, *_: str) -> None:
-        req = ProxyRequest(method=self.request.method or "GET", path=self.request.path,
-                           query=self.request.query, headers=list(self.request.headers.get_all()),
-                           body=b"".join(self._chunks), received_at=self._received_at)
-        self._chunks = []
-        await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
-
-    get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
-
-    def clear(self) -> None:
-        """Tornado's reset of the response, less what a relayed answer does not need: no
-        default ``Content-Type`` (the engine's is relayed, an error reply sets its own) and a
-        ``Date`` formatted once a second, not per request (~6 µs a request)."""
-        headers = HTTPHeaders()
-        headers["Server"] = SERVER
-        headers["Date"] = http_date()
-        self._headers = headers
-        self._write_buffer = []
-        self._status_code = 200
-        self._reason = "OK"
-
-    # --- the proxy's Sink ---
-
-    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
-        """The answer's head. The engine's header names are tokens already (llm_router/http1.py)
-        and the router's are constants: one check of all the values at once, then plain sets,
-        instead of ``add_header``'s three regular expressions per header."""
-        self.set_status(status)
-        headers = headers if isinstance(headers, list) else list(headers)
-        if not add_relayed(self._headers, headers):
-            for name, value in headers:
-                self.add_header(name, value)  # refuses the bad one, as before
-
-    def metrics_model(self) -> str:
-        rec = getattr(self, "_record", None)
-        return rec.model if rec is not None else ""
-
-    def on_finish(self) -> None:
-        """Access log and metrics, once the answer is over (also after an error reply)."""
-        if (rec := getattr(self, "_record", None)) is not None:
-            self.services.finished(rec, CLIENT_GONE if self._client_gone else self.get_status())
-
-
 class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format (router/observe/metrics.py, docs/metrics.md)."""
 
@@ -396,9 +289,11 @@ class MetricsHandler(BaseHandler):
 
 
 class OpenApiHandler(BaseHandler):
+    """``GET /openapi.json``: the document ``make_app`` rendered from the route table."""
+
     def get(self) -> None:
         self.set_header("Content-Type", JSON)
-        self.finish(document_bytes(self.services.options))
+        self.finish(self.settings["openapi"])
 
 
 class DebugStatsHandler(BaseHandler):

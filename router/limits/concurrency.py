@@ -103,11 +103,6 @@ class Limits:
         gate = self._gates.get(model)
         return gate.queued if gate else 0
 
-    def queued_by_lane(self, model: str) -> dict[str, int]:
-        """Requests waiting for a slot of ``model``, per lane (key name; ``""``: anonymous)."""
-        gate = self._gates.get(model)
-        return {name: len(e.waiters) for name, e in gate.lanes.items() if e.waiters} if gate else {}
-
     def waiting_models(self) -> list[str]:
         """Models with requests waiting for a slot (their capacity may have grown since)."""
         return [model for model, gate in self._gates.items() if gate.queued]
