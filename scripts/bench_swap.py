@@ -34,10 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import redis as redis_sync  # noqa: E402
-from llm_lab_router.protocol import Keys, log_entry  # noqa: E402
-from llm_lab_router.redis_server import RedisServer, free_port  # noqa: E402
-from scripts.bench.procs import Procs  # noqa: E402
+import redis as redis_sync
+from llm_lab_router.protocol import Keys, log_entry
+from llm_lab_router.redis_server import RedisServer, free_port
+
+from scripts.bench.procs import Procs
 
 MOCK = ROOT / "scripts" / "mock_engine.py"
 CONFIGS = ("cold", "prefetch")
@@ -47,8 +48,7 @@ LOADED = re.compile(r"loaded (\d+) MiB of \S+ in ([\d.]+)s")
 def write_weights(path: Path, mib: int) -> None:
     block = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        for _ in range(mib):
-            f.write(block)
+        f.writelines(block for _ in range(mib))
         f.flush()
         os.fsync(f.fileno())
 

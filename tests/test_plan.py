@@ -6,7 +6,14 @@ from __future__ import annotations
 from click.testing import CliRunner
 from conftest import wait_for
 from fake_nvml import FAKE_DIR_ENV, fake_gpu_env
-from helpers import get_json, model_block, request, start_router, start_worker, write_config
+from helpers import (
+    get_json,
+    model_block,
+    request,
+    start_router,
+    start_worker,
+    write_config,
+)
 from llm_lab_router.cli import main as cli_group
 from llm_lab_router.protocol import CatalogEntry, Keys, from_json
 from test_estimate import big_llama

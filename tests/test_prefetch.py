@@ -16,7 +16,12 @@ import pytest
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
 from helpers import request, start_router, start_worker, write_config
-from llm_lab_router.worker.prefetch import CHUNK, allowance, read_into_cache, weight_files
+from llm_lab_router.worker.prefetch import (
+    CHUNK,
+    allowance,
+    read_into_cache,
+    weight_files,
+)
 from test_placement import gpu_model, instances, running_on, uid, wait_devices
 from test_scheduling import ask, pending
 
@@ -57,8 +62,7 @@ def evict(path: Path) -> None:
 def weights(path: Path, mib: int) -> Path:
     """A weight file of ``mib`` MiB on disk, out of the page cache."""
     with open(path, "wb") as f:
-        for _ in range(mib):
-            f.write(os.urandom(MIB))
+        f.writelines(os.urandom(MIB) for _ in range(mib))
     evict(path)
     assert resident(path) < path.stat().st_size // 4, "the file system keeps the file cached"
     return path

@@ -11,11 +11,18 @@ which one it is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from itertools import combinations
-from typing import Mapping, Sequence
 
 from llm_lab_router.protocol import CatalogEntry, DeviceSnapshot, Instance, ModelUsage
-from llm_lab_router.router.control.host_rank import HOLDING, Fit, fit_on, host_free, plan_eviction, profiles_of
+from llm_lab_router.router.control.host_rank import (
+    HOLDING,
+    Fit,
+    fit_on,
+    host_free,
+    plan_eviction,
+    profiles_of,
+)
 from llm_lab_router.router.core.responses import (
     Disagreement,
     HostPlan,
