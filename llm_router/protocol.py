@@ -245,6 +245,9 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
     measured_vram_mb: list[int] = []
     cold_start_s: float = 0.0
+    # Estimated from the model's files on this host (llm_router.estimate), per device profile:
+    # MiB per GPU (0 = no estimate, or a CPU profile); used where neither declared nor measured.
+    estimated_vram_mb: list[int] = []
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -262,6 +265,10 @@ class Instance(msgspec.Struct, kw_only=True):
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
+    # Its weight files being read into the page cache before a start (worker.prefetch): bytes
+    # read of the total to read (0, 0 = not prefetching; done = total: prefetched).
+    prefetch_done: int = 0
+    prefetch_total: int = 0
     api_key: str = ""  # the engine's own key (model config); routers send it upstream, the API never shows it
     # The writer's count of changes to this record (+1 each; from 0 again when the worker
     # restarts, which a router's next resync settles). Routers order an event against a read
@@ -447,6 +454,9 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     # time, 0 = unknown): every router shows the same reason for it (router.control.pending).
     blocked: list[Blocked] = []
     eta: float = 0.0
+    # The host it will start on once unblocked ("" = not decided: behind another model's turn);
+    # that host's worker prefetches its weight files (worker.prefetch).
+    worker: str = ""
 
 
 class Learned(msgspec.Struct, kw_only=True):

@@ -31,6 +31,7 @@ from llm_lab_router.router.core.responses import (
     ModelCard,
     ModelInfo,
     ModelList,
+    PlanResult,
     Restarted,
     ServerInfo,
     Started,
@@ -178,6 +179,10 @@ ROUTES: tuple[Route, ...] = (
     Route(path="/api/devices/info", access="read", handler=h.DevicesHandler,
           ops={"get": Op(summary="devices of every host: the cluster total, then per host", ok=DevicesResult,
                          errors=(503,))}),
+    Route(path="/api/plan", access="read", handler=h.PlanHandler, query=("worker",),
+          ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
+                                 "would evict, models that fit nowhere, estimates far from measurements",
+                         ok=PlanResult, errors=(404,))}),
     # The operator dashboard (router/http/dashboard.py): static files, no API of its own.
     Route(path="/ui", access="public", handler=tornado.web.RedirectHandler, args={"url": "/ui/"},
           ops={"get": Op(summary="to /ui/", ok=PAGE)}, documented=False),
