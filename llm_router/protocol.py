@@ -156,6 +156,12 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
+    def hint(self, wid: str) -> str:
+        """The ``waiting`` entries that name worker ``wid`` as the host a swap will start on,
+        copied there by the routers: its prefetcher reads them (the worker's Redis user may read
+        this key, never the routers' line itself, which it could then also write)."""
+        return f"{self.prefix}hint:{wid}"
+
 
 class LegacyKeys(Keys):
     """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
