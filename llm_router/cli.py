@@ -270,7 +270,8 @@ def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
 def _check_one(config_path: str, portable: bool) -> int:
     """``config check`` of one file: its exit status (0 ok, 1 problems on this host, 2 invalid)."""
     from llm_lab_router.config import Problem, read_config
-    from llm_lab_router.hostcheck import host_problems
+    from llm_lab_router.estimate import Estimator
+    from llm_lab_router.hostcheck import host_problems, vram_lines
 
     checked = read_config(config_path)
     for problem in checked.problems:
@@ -280,11 +281,14 @@ def _check_one(config_path: str, portable: bool) -> int:
         return 2
     config_dir = str(Path(config_path).resolve().parent)
     problems = 0
+    estimator = Estimator()
     for i, m in enumerate(cfg.models):
         click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
         click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
         for warning in presets.warnings(m):
             click.echo(f"warning: {warning}", err=True)
+        for line in [] if portable else vram_lines(m, config_dir, estimator):
+            click.echo(f"    {line}")
         for found in [] if portable else host_problems(m, config_dir):
             field, _, message = found.partition(": ")
             click.echo(f"error: {Problem(config_path, checked.line(i, field), f'model {m.id!r}', field, message)}",

@@ -546,7 +546,21 @@ def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
             {"url": describe(url), "master": nodes.master, "replicas": nodes.replicas, "via": nodes.via})
 
 
-COMMANDS = [models, start, stop, stop_all, logs, devices, status]
+@click.command()
+@click.option("--host", "host", default=None, metavar="ID", help="This host only (a worker id).")
+@api_command
+def plan(api: Api, as_json: bool, host: str | None) -> None:
+    """What fits where: per host and GPU, what starting a model now would evict, models that
+    fit nowhere, estimates far from their measurement (VRAM in MiB per GPU)."""
+    from llm_lab_router.plan_text import plan_text
+
+    body = api.get("/api/plan", **({"worker": host} if host else {}))
+    if as_json:
+        return _echo_json(body)
+    click.echo(plan_text(body))
+
+
+COMMANDS = [models, start, stop, stop_all, logs, devices, status, plan]
 
 
 def register(group: click.Group) -> None:

@@ -80,6 +80,13 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # releases read, and take their commands (worker/legacy.py; docs/deploy.md). Needs the old
     # shared ``worker`` Redis user; turn it off (and log in as ``worker.<id>``) once every router is new.
     legacy_keys: bool = False
+    # Prefetch (worker/prefetch.py): a model waiting to start here has its weight files read
+    # into the page cache, at most prefetch_budget_mb (0 = no cap but RAM) and never below
+    # prefetch_reserve_mb of MemAvailable, at prefetch_rate_mb MiB/s (0 = as fast as the disk).
+    prefetch: bool = True
+    prefetch_budget_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    prefetch_reserve_mb: Annotated[int, msgspec.Meta(ge=0)] = 4096
+    prefetch_rate_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -187,6 +187,12 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
+    def hint(self, wid: str) -> str:
+        """The ``waiting`` entries that name worker ``wid`` as the host a swap will start on,
+        copied there by the routers: its prefetcher reads them (the worker's Redis user may read
+        this key, never the routers' line itself, which it could then also write)."""
+        return f"{self.prefix}hint:{wid}"
+
     def history(self, step: int, series: str, slot: int) -> str:
         """One ``step``-second slot of a history series (``llm_router.timeline``)."""
         return f"{self.prefix}hist:{step}:{series}:{slot}"
@@ -300,6 +306,9 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
     measured_vram_mb: list[int] = []
     cold_start_s: float = 0.0
+    # Estimated from the model's files on this host (llm_router.estimate), per device profile:
+    # MiB per GPU (0 = no estimate, or a CPU profile); used where neither declared nor measured.
+    estimated_vram_mb: list[int] = []
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -317,6 +326,10 @@ class Instance(msgspec.Struct, kw_only=True):
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
+    # Its weight files being read into the page cache before a start (worker.prefetch): bytes
+    # read of the total to read (0, 0 = not prefetching; done = total: prefetched).
+    prefetch_done: int = 0
+    prefetch_total: int = 0
     api_key: str = ""  # the engine's own key (model config); routers send it upstream, the API never shows it
     # The writer's count of changes to this record (+1 each; from 0 again when the worker
     # restarts, which a router's next resync settles). Routers order an event against a read
@@ -502,6 +515,9 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     # time, 0 = unknown): every router shows the same reason for it (router.control.pending).
     blocked: list[Blocked] = []
     eta: float = 0.0
+    # The host it will start on once unblocked ("" = not decided: behind another model's turn);
+    # that host's worker prefetches its weight files (worker.prefetch).
+    worker: str = ""
 
 
 class Learned(msgspec.Struct, kw_only=True):

@@ -61,7 +61,8 @@ def test_redis_url_file_keeps_the_password_off_the_command_line(procs, redis_url
     url_file.write_text(url + "\n")
     url_file.chmod(0o600)
     FakeWorker(rds, "w-url").publish(CHAT)
-    router = start_router(procs, "", args=["--redis-url-file", str(url_file)])
+    router = start_router(procs, "", args=["--redis-url-file", str(url_file)],
+                          env={"LLM_ROUTER_REDIS_READ_URL": role_url(redis_url, "reader")})
     wait_for(lambda: request("GET", f"{router.url}/v1/models/chat").status == 200, timeout=20,
              message="the router reads the catalog through the URL file's user")
     assert not any(password in arg for arg in psutil.Process(router.proc.pid).cmdline())

@@ -42,6 +42,7 @@ from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import FoundEngine, find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
 from llm_lab_router.worker.devices import DeviceProbe
+from llm_lab_router.worker.estimates import FileEstimates
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
@@ -51,6 +52,7 @@ from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.ownership import Records
 from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.private import private_dir
+from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
@@ -87,14 +89,20 @@ class WorkerAgent:
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
                             spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
+        self.estimates = FileEstimates(config_dir)  # VRAM from the model files, before a first run
         self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.logs, self.snapshot,
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
-                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
+                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured,
+                                              estimated=self.estimates.mb),
                                 learner=self.learner, records=Records(self.state_dir))
         self.timeline = InstanceEvents(self.wid, self.hostname, clock=CLOCK.now)  # for llm:timeline (worker.timeline)
         self.gauges = GaugeRecorder(self.keys, self.wid, resolutions())  # its GPU and host series
         self.models = {m.id: self._supervise(m) for m in cfg.models}
+        self.prefetcher = Prefetcher(self.redis, self.keys, self.wid, config_dir, self.settings,
+                                     lambda: {i: mp.model for i, mp in self.models.items()},
+                                     lambda m: (mp := self.models.get(m)) is not None and mp.idle,
+                                     self._prefetched)
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
@@ -140,7 +148,7 @@ class WorkerAgent:
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis))]]
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run)]]
         intakes = [supervised("commands", i.run, log) for i in self.intakes]
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -278,6 +286,10 @@ class WorkerAgent:
 
     # --- config reload (see worker.reload) ---
 
+    def _prefetched(self, model_id: str, done: int, total: int) -> None:
+        if (mp := self.models.get(model_id)) is not None:
+            mp.prefetched(done, total)
+
     def _supervise(self, model: ModelConfig) -> ModelProcess:
         return ModelProcess(model, self.host, self._instance_changed)
 
@@ -378,7 +390,8 @@ class WorkerAgent:
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
             publish_all_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl,
-                            [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
+                            [self.estimates.annotate(self.learner.annotate(m.catalog_entry()), m)
+                             for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn
@@ -468,6 +481,8 @@ class WorkerAgent:
             except REDIS_ERRORS as exc:
                 link.failed(exc)
             await self._sample_peaks(snap)
+            if self.estimates.observe(snap):
+                self._request_resync()  # estimates that take a share of the GPU changed with it
             await asyncio.sleep(interval)
 
     async def _sample_peaks(self, snap: DeviceSnapshot) -> None:

@@ -280,6 +280,17 @@ class ModelProcess:
             self.host.placer.raise_vram(self.model.id, vram_mb)
             self._set(vram_mb=vram_mb)
 
+    def prefetched(self, done: int, total: int) -> None:
+        """Its weight files are being read into the page cache (worker.prefetch): publish how
+        far (0, 0: no prefetch, or it ended because the model starts or stopped waiting)."""
+        if (done, total) != (self._instance.prefetch_done, self._instance.prefetch_total):
+            self._set(prefetch_done=done, prefetch_total=total)
+
+    @property
+    def idle(self) -> bool:
+        """Not loaded here: nothing runs, starts or stops (a prefetch would be worth it)."""
+        return self._instance.state in ("stopped", "failed")
+
     def keep_counters(self, restarts: int, started_at: float) -> None:
         """Carry over what the previous worker published for the adopted engine."""
         self._set(restarts=restarts, started_at=started_at or self._instance.started_at)
@@ -394,7 +405,7 @@ class ModelProcess:
                 raise OSError(errno.ESRCH, "the engine vanished at once")
             self._record(EngineRecord(
                 pid=proc.pid, starttime=handle.starttime, euid=os.geteuid(), model=self.model.id, argv=argv,
-                cmdline=argv, port=placement.port, profile=self.model.device_profiles().index(placement.profile),
+                cmdline=argv, port=placement.port, profile=placement.index,
                 gpus=placement.gpus, spec_hash=spec.hash, nonce=nonce, stdout=outputs[0], stderr=outputs[1],
                 created=time.time()))
         except OSError as exc:  # an engine no later worker could tell from an impostor is not left running

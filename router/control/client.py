@@ -30,7 +30,13 @@ from llm_lab_router.protocol import (
     from_json, read_usage,
 )
 from llm_lab_router.router.core.errors import WaitReason
-from llm_lab_router.router.control.explain import no_room_reason, retry_after, starting_reason, swap_reason
+from llm_lab_router.router.control.explain import (
+    no_room_reason,
+    retry_after,
+    starting_reason,
+    swap_reason,
+    with_prefetch,
+)
 from llm_lab_router.router.observe.history import History
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
@@ -187,10 +193,11 @@ class ControlClient:
             return None
         if any(i.state == "starting" for i in view.instances(model)):
             return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
-        if (got := self.pending.get(model) or self.backoff.reason(model)) is not None:
-            return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
-                           USAGE_STALE)
+        got = self.pending.get(model) or self.backoff.reason(model)
+        if got is None:
+            got = line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
+                              USAGE_STALE)
+        return with_prefetch(got, view.instances(model)) if got is not None else None
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
@@ -351,7 +358,7 @@ class ControlClient:
                     raise ControlError(f"model '{model}' waited {CLOCK.now() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason)
+                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason, decision.worker)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = self._candidates(model, host) or entries
@@ -369,9 +376,11 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.waited(model, "swap", CLOCK.now() - began)
 
-    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
+    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason,
+                            worker: str = "") -> None:
         try:
-            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta)
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta,
+                                 worker)
         except RedisError as exc:
             log.warning("could not publish the waiting entry of %s: %s", model, exc)
 
@@ -383,7 +392,7 @@ class ControlClient:
         view = self.view
         instances = view.all_instances()
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
-        usage = await self._usage({i.model for i in loaded})
+        usage = await self.usage_of({i.model for i in loaded})
         waiters = await self._waiters(model, began)
         now = CLOCK.now()
         # each instance by its own host's config: two hosts may give a model different residencies
@@ -430,12 +439,12 @@ class ControlClient:
         now = CLOCK.now()
         queued = sum(e.count for e in self.line if e.model == model and now - e.at <= USAGE_STALE)
         try:
-            inflight = (await self._usage([model]))[model].inflight
+            inflight = (await self.usage_of([model]))[model].inflight
         except RedisError:
             inflight = self.usage.inflight(model) if self.usage is not None else 0
         return inflight, max(queued, self._waiting.get(model, 0))
 
-    async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
+    async def usage_of(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
             return await read_usage(self.redis, self.keys, models, CLOCK.now())

@@ -279,6 +279,12 @@ class EventsHandler(BaseHandler):
             q.model.parse(args), q.host.parse(args), q.kind.parse(args)))
 
 
+class PlanHandler(BaseHandler):
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
+        self.reply(await self.services.manager.plan(self.params.worker.parse(self.query_args)))
+
+
 class LogStreamHandler(BaseHandler):
     async def get(self, alias: str) -> None:
         params = self.params

@@ -33,6 +33,7 @@ from llm_lab_router.router.core.responses import (
     ModelCard,
     ModelInfo,
     ModelList,
+    PlanResult,
     Restarted,
     ServerInfo,
     Started,
@@ -191,6 +192,10 @@ ROUTES: tuple[Route, ...] = (
           ops={"get": Op(summary="timeline events (starts requested and by which key, swap waits, ready with the "
                                  "cold start, stops and why, evictions, crashes, restarts, adoptions, reloads, Redis "
                                  "outages), oldest first", ok=EventsResult, errors=(503,))}),
+    Route(path="/api/plan", access="read", handler=h.PlanHandler, query=("worker",),
+          ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
+                                 "would evict, models that fit nowhere, estimates far from measurements",
+                         ok=PlanResult, errors=(404,))}),
     # The operator dashboard (router/http/dashboard.py): static files, no API of its own.
     Route(path="/ui", access="public", handler=tornado.web.RedirectHandler, args={"url": "/ui/"},
           ops={"get": Op(summary="to /ui/", ok=PAGE)}, documented=False),
