@@ -267,7 +267,7 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     assert (evicted["model"], evicted["models"], evicted["key"], evicted["host"]) == ("second", ["first"], "alice", wid)
     ready = [e for e in events if e["kind"] == "ready"]
     assert all(0.3 <= e["seconds"] < 20 and e["host"] == wid for e in ready)
-    assert [e["kind"] for e in api(f"/api/events?from=-5m&kind=ready&model=first")["events"]] == ["ready"]
+    assert [e["kind"] for e in api("/api/events?from=-5m&kind=ready&model=first")["events"]] == ["ready"]
     assert api("/api/events?from=-5m&kind=worker_started")["events"][0]["host"] == wid
     gpu = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")) and
                    any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
@@ -349,7 +349,7 @@ def test_requests_in_flight_show_in_model_info_and_the_timeline_before_they_end(
 def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_routers, rds, tmp_path) -> None:
     import asyncio
 
-    from test_dashboard import CHROMIUM, SCREENSHOT, launch_chromium
+    from test_dashboard import CHROMIUM, launch_chromium
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     from llm_lab_router.timeline import Gauges, gauge_meta_ops, gauge_ops, parse_resolutions
