@@ -6,6 +6,31 @@ This is the one module that knows how keys are spelled and how messages are enco
 
 Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``).
 
+key                             type        writer  content
+==============================  ==========  ======  ==================================================
+llm:worker:{wid}                hash, TTL   worker  ``WorkerInfo``: the worker's lease
+llm:catalog:{wid}               hash        worker  model id -> JSON ``CatalogEntry``
+llm:instance:{model}:{wid}      hash        worker  ``Instance``: state, url, pid, last error
+llm:devices:{wid}               string,TTL  worker  JSON ``DeviceSnapshot``
+llm:logs:{model}                stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:logpos:{wid}:{model}:{s}    string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
+llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
+llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
+llm:events                      pub/sub     worker  JSON ``Event`` on every change
+llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``, bumped with every change
+llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/limits/quotas.py)
+llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
+llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
+llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
+llm:hist:{step}:{series}:{slot} hash, TTL   both    one time slot of a series: counters, histogram buckets, gauges (``timeline``)
+llm:hist:{step}:gauges:{wid}:{chunk} string,TTL worker  a host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:hist:gauges:{wid}           hash, TTL   worker  that host's totals (MiB) and GPU count
+llm:hist:series                 hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}          hash        router  slot -> routers that tried to roll it up (the one that got 1 did)
+llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
+==============================  ==========  ======  ==================================================
+=======
 Who may write what is part of the wire format (docs/security.md, examples/redis-users.acl):
 everything a worker owns is under ``llm:w:{wid}:`` (its id in a fixed place, which Redis 6.2 ACL
 key patterns can express: worker ``wid``'s user gets ``~llm:w:{wid}:*``), as are its command
@@ -33,6 +58,12 @@ llm:used:{model}                    hash        router  ``last_used`` + one JSON
 llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (limits/quotas)
 llm:quota:{scope}:{name}:inflight   zset,TTL    router  leases of requests in flight, score = deadline (ms)
 llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (waiting for a swap)
+llm:hist:{step}:{series}:{slot}     hash, TTL   router  one time slot of a request series: counters, histogram buckets (``timeline``)
+llm:hist:series                     hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}              hash        router  slot -> routers that claimed its roll-up (the one that got 1 did it)
+llm:timeline                        stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
+llm:w:{wid}:hist:{step}:{chunk}     string,TTL  worker  the host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:w:{wid}:hist:gauges             hash, TTL   worker  the host's totals (MiB) and GPU count
 ==================================  ==========  ======  ==================================================
 """
 
@@ -162,6 +193,31 @@ class Keys:
         this key, never the routers' line itself, which it could then also write)."""
         return f"{self.prefix}hint:{wid}"
 
+    def history(self, step: int, series: str, slot: int) -> str:
+        """One ``step``-second slot of a history series (``llm_router.timeline``)."""
+        return f"{self.prefix}hist:{step}:{series}:{slot}"
+
+    def history_series(self) -> str:
+        """Every history series -> when it was last written (readers list series here, no SCAN)."""
+        return f"{self.prefix}hist:series"
+
+    def history_gauges(self, wid: str) -> str:
+        """Host ``wid``'s gauge totals (RAM and each GPU's memory, MiB) and GPU count (``timeline``):
+        its worker's own key, as are its records (``gauge_chunk``)."""
+        return f"{self.prefix}w:{wid}:hist:gauges"
+
+    def gauge_chunk(self, wid: str, step: int, chunk: int) -> str:
+        """Host ``wid``'s gauge records of ``CHUNK`` ``step``-second slots (``timeline.RECORD``)."""
+        return f"{self.prefix}w:{wid}:hist:{step}:{chunk}"
+
+    def history_rolled(self, step: int) -> str:
+        """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""
+        return f"{self.prefix}hist:rolled:{step}"
+
+    def timeline(self) -> str:
+        """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""
+        return f"{self.prefix}timeline"
+
 
 class LegacyKeys(Keys):
     """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
@@ -211,7 +267,6 @@ class LegacyKeys(Keys):
             return "key", self.instance(what[len("instance:"):], wid)
         named = {"lease": self.worker, "catalog": self.catalog, "devices": self.devices}.get(what)
         return ("key", named(wid)) if named else None
-
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""

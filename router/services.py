@@ -34,7 +34,10 @@ from llm_lab_router.router.forward.upstream import Upstream
 from llm_lab_router.router.limits.quotas import Quotas
 from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
+from llm_lab_router.router.observe.history import History
+from llm_lab_router.router.observe.history_query import TimelineReader
 from llm_lab_router.router.observe.metrics import RouterMetrics
+from llm_lab_router.timeline import resolutions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -73,14 +76,18 @@ class Services:
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval, serving=self._serving)
-        self.metrics = RouterMetrics(self.view)
+        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions(), clock=CLOCK.now)
+        # gauges are the workers' own keys: read as the read-only user when there is one
+        self.timeline = TimelineReader(self.redis, self.view_redis, self.keys, self.history.resolutions)
+        self.metrics = RouterMetrics(self.view, self.history)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
                                      scheduler=self.options.scheduler, metrics=self.metrics,
-                                     start_backoff=self.options.start_backoff)
+                                     start_backoff=self.options.start_backoff, history=self.history)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
                              self.options.quota_redis_down, self.metrics)
+        self.history.inflight, self.history.queued = self.usage.all_inflight, self.control.waiting_now
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
                            usage=self.usage, quotas=self.quotas)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
@@ -107,7 +114,7 @@ class Services:
         await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
         loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
-                 ("clock", lambda: CLOCK.keep(self.redis))]
+                 ("clock", lambda: CLOCK.keep(self.redis)), ("history", self.history.run)]
         if self.options.scheduler == "swap":
             loops.append(("claims", self.control.watch_claims))
         self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]
@@ -126,6 +133,7 @@ class Services:
         for task in getattr(self, "_loops", []):
             task.cancel()
         await asyncio.gather(*getattr(self, "_loops", []), return_exceptions=True)
+        await self.history.flush(final=True)  # the current slot too: a restart leaves no hole
         await self.quotas.close()
         await self.view.close()
         await self.upstream.close()

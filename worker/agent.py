@@ -56,6 +56,8 @@ from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
+from llm_lab_router.worker.timeline import GaugeRecorder, InstanceEvents
+from llm_lab_router.timeline import event_ops, resolutions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -94,6 +96,8 @@ class WorkerAgent:
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured,
                                               estimated=self.estimates.mb),
                                 learner=self.learner, records=Records(self.state_dir))
+        self.timeline = InstanceEvents(self.wid, self.hostname, clock=CLOCK.now)  # for llm:timeline (worker.timeline)
+        self.gauges = GaugeRecorder(self.keys, self.wid, resolutions())  # its GPU and host series
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.prefetcher = Prefetcher(self.redis, self.keys, self.wid, config_dir, self.settings,
                                      lambda: {i: mp.model for i, mp in self.models.items()},
@@ -103,7 +107,7 @@ class WorkerAgent:
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
-        self.idle = IdleReaper(self.redis, self.keys, self.models)
+        self.idle = IdleReaper(self.redis, self.keys, self.models, on_idle=self.timeline.cause)
         self.intakes = [CommandIntake(self.redis, keys, self.wid, self.operations.execute,
                                       before_reply=self.changes_published)
                         for keys in (self.keys, self.legacy) if keys is not None]
@@ -134,6 +138,7 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        self.timeline.note("worker_started", detail=f"pid {os.getpid()}, version {__version__}")
         await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
         private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
         host_lock = self.lock.host.sock if self.lock.host is not None else None
@@ -171,6 +176,11 @@ class WorkerAgent:
             mp.detach()
         await _cancel(starts)
         await self.changes_published(SHUTDOWN_TIMEOUT)
+        self.timeline.note("worker_stopped", detail="exiting: its models keep running for the next worker")
+        try:
+            await asyncio.wait_for(self._publish_events(), SHUTDOWN_TIMEOUT)
+        except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("could not record the worker's exit in the timeline (redis: %s)", exc)
         await _cancel(loops)
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
         await self.redis.aclose()
@@ -295,6 +305,8 @@ class WorkerAgent:
             new = await asyncio.to_thread(load_config, self.cfg.path)
         except ConfigError as exc:
             log.error("config reload failed, keeping the config in force: %s", exc)
+            self.timeline.note("reload_failed", detail=str(exc))
+            self._wake.set()
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
         new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
@@ -303,6 +315,7 @@ class WorkerAgent:
         new.worker = self.settings
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
+        self.timeline.note("reload", detail=plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
         self.cfg = new
         self._withdrawn.update(plan.removed)
@@ -315,6 +328,7 @@ class WorkerAgent:
     # --- publishing: one task writes the worker's keys, in order ---
 
     def _instance_changed(self, inst: Instance) -> None:
+        self.timeline.changed(inst)
         self._queued += 1
         self._changes.append((self._queued, inst))
         self._wake.set()
@@ -342,7 +356,7 @@ class WorkerAgent:
         link = RedisLink("publish")
         while True:
             stop_if_cancelled()
-            if not (self._resync or self._changes):
+            if not (self._resync or self._changes or self.timeline.pending):
                 await self._wake.wait()
             self._wake.clear()
             try:
@@ -361,6 +375,7 @@ class WorkerAgent:
                     await self._publish_instance(inst)
                     self._changes.popleft()
                     await self._advance(number)
+                await self._publish_events()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 self._request_resync()  # whatever was lost is re-sent in full
@@ -387,6 +402,18 @@ class WorkerAgent:
             change_ops(self._mirrored(pipe), self.keys, self.wid, inst, self.version)
             await pipe.execute()
 
+    async def _publish_events(self) -> None:
+        """The timeline events of the changes just published (kept for the next try on failure)."""
+        if not (events := self.timeline.take()):
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                event_ops(pipe, self.keys, events)
+                await pipe.execute()
+        except REDIS_ERRORS:
+            self.timeline.put_back(events)
+            raise
+
     def _mirrored(self, pipe):
         """The pipeline the publish steps write to: in the upgrade window (``legacy_keys``), one
         that also writes the old key names (``worker.legacy``)."""
@@ -402,9 +429,11 @@ class WorkerAgent:
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
+            self.timeline.note("worker_stopped", detail="its models stopped")
             async with self.redis.pipeline(transaction=True) as pipe:
                 goodbye_ops(self._mirrored(pipe), self.keys, self.wid, [mp.instance for mp in self.models.values()],
                             self.version)
+                event_ops(pipe, self.keys, self.timeline.take())
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -444,7 +473,10 @@ class WorkerAgent:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     devices_ops(self._mirrored(pipe), self.keys, snap, interval)
+                    recorded = self.gauges.ops(pipe, snap)  # at most one record per fine slot
                     await pipe.execute()
+                if recorded:
+                    await self.gauges.roll_up(self.redis, snap.ts)
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
@@ -488,6 +520,11 @@ def main(cfg: HostConfig, redis_url: str, prefix: str = "llm:") -> int:
     """Run the worker agent until SIGTERM or SIGINT; 0 after a clean shutdown."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
+    try:
+        resolutions()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         import uvloop
 

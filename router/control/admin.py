@@ -147,6 +147,12 @@ class Manager:
                                      [row for w, entry in self.view.catalog_entries(model).items()
                                       for row in vram_figures(w, entry)]))
 
+    async def model_info_now(self, alias: str) -> ModelInfo:
+        """``model_info`` with the requests in flight and queued now, over every router."""
+        info = self.model_info(alias)
+        info.model.inflight, info.model.queued = await self.control.load(info.model.id)
+        return info
+
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()
         if not snaps:

@@ -37,6 +37,7 @@ from llm_lab_router.router.control.explain import (
     swap_reason,
     with_prefetch,
 )
+from llm_lab_router.router.observe.history import History
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
@@ -145,7 +146,8 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0,
+                 history: History | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -153,6 +155,7 @@ class ControlClient:
         self.usage = usage  # this router's own requests in flight (for eviction)
         self.scheduler = scheduler
         self.metrics = metrics
+        self.history = history  # the timeline: starts requested, evictions (router.observe.history)
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
@@ -230,20 +233,22 @@ class ControlClient:
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
     async def ensure_running(self, model: str, timeout: float, host: str | None = None,
-                             by_operator: bool = False) -> None:
+                             by_operator: bool = False, key_name: str = "") -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
         needed (shared start).
 
         ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
         restart budget on its worker; a start for a request is a restart of a failed model,
         counted, backed off and bounded there (``Command.on_demand``), and this router does not
-        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises."""
+        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises.
+        ``key_name``: the API key's name that asked (the timeline shows it)."""
         if not self.running_on(model, host):
             if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
                 raise ControlError(why.message, reason=why)  # its last start failed a moment ago
-            await self.start(model, timeout, host, by_operator)
+            await self.start(model, timeout, host, by_operator, key_name)
 
-    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
+    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False,
+                    key_name: str = "") -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
 
@@ -254,19 +259,22 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator, key_name))
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
     def start_in_background(self, model: str, timeout: float, host: str | None = None,
-                            by_operator: bool = False) -> asyncio.Task[Reply]:
-        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
+                            by_operator: bool = False, key_name: str = "") -> asyncio.Task[Reply]:
+        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``);
+        the first caller's ``key_name`` is the one the timeline names."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout, host, by_operator), name=f"start-{model}")
+            if self.history is not None:
+                self.history.event("start_requested", model=model, host=host or "", key=key_name)
+            task = asyncio.create_task(self._start(model, timeout, host, by_operator, key_name), name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -292,7 +300,8 @@ class ControlClient:
         elif exc is not None:  # not an expected failure: no caller may be waiting to report it
             log.error("start of %s failed", model, exc_info=exc)
 
-    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
+    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False,
+                     key_name: str = "") -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -331,7 +340,7 @@ class ControlClient:
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
                 if decision.action == "evict" and decision.plan is not None:
-                    await self._evict(decision.plan, model, deadline)
+                    await self._evict(decision.plan, model, deadline, key_name)
                     try:
                         return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
@@ -339,7 +348,10 @@ class ControlClient:
                     finally:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
+                first_wait = model not in self.pending
                 reason = self.pending[model] = swap_reason(model, decision, waiters, CLOCK.now(), cold)
+                if first_wait and self.history is not None:
+                    self.history.event("swap_wait", model=model, key=key_name, detail=reason.message)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
@@ -403,8 +415,11 @@ class ControlClient:
         """The ``max_wait`` of each waiting model, from its catalog entry."""
         return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
-    async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
+    async def _evict(self, plan: Eviction, model: str, deadline: float, key_name: str = "") -> None:
         log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
+        if self.history is not None:
+            self.history.event("evicted", model=model, models=list(plan.victims), host=plan.worker, key=key_name,
+                               detail=f"stopped {', '.join(plan.victims)} to make room for {model}")
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
         if not all(r.ok for r in replies):
@@ -412,6 +427,22 @@ class ControlClient:
                                + "; ".join(r.message for r in replies if not r.ok))
         if self.metrics is not None:
             self.metrics.swapped(model)
+
+    def waiting_now(self) -> dict[str, int]:
+        """Requests of this router waiting for a start or a swap, per model."""
+        return dict(self._waiting)
+
+    async def load(self, model: str) -> tuple[int, int]:
+        """``model``'s requests in flight on every live router, and of those the ones waiting for
+        a swap (the line as last read: ``watch_claims``); this router's own counts alone when
+        Redis cannot be read."""
+        now = CLOCK.now()
+        queued = sum(e.count for e in self.line if e.model == model and now - e.at <= USAGE_STALE)
+        try:
+            inflight = (await self.usage_of([model]))[model].inflight
+        except RedisError:
+            inflight = self.usage.inflight(model) if self.usage is not None else 0
+        return inflight, max(queued, self._waiting.get(model, 0))
 
     async def usage_of(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
@@ -464,6 +495,8 @@ class ControlClient:
         worker only."""
         wids = [host] if host is not None else sorted(
             set(self.view.catalog_workers(model)) | {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        if self.history is not None:
+            self.history.event("stop_requested", model=model, host=host or "", detail="stop asked through the API")
         return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
 
     async def stop_all(self, timeout: float) -> list[Reply]:

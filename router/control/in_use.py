@@ -56,6 +56,10 @@ class UsageReporter:
     def inflight(self, model: str) -> int:
         return self._inflight.get(model, 0)
 
+    def all_inflight(self) -> dict[str, int]:
+        """Every model with requests of this router in flight now (queued or served)."""
+        return {m: n for m, n in self._inflight.items() if n}
+
     @contextmanager
     def track(self, model: str) -> Iterator[None]:
         """Count one request of ``model`` (queued or served) for the duration of the block."""

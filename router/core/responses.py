@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 from llm_lab_router.protocol import CpuInfo, CudaInfo
+from llm_lab_router.timeline import TimelineEvent
 from llm_lab_router.router.core.errors import Prefetching, WaitReason
 
 # --- success shapes (the manual's fields first; multi-host detail beside them) ---
@@ -96,6 +97,10 @@ class ModelDetail(msgspec.Struct):
     instances: list[InstanceDetail]
     pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
     vram: list[VramFigures] = []  # per host and GPU profile: declared, estimated, measured
+    # Now, over every live router: its requests in flight (being served, or waiting for a start,
+    # a swap or a slot), and of those, the ones waiting for a swap (llm:used, llm:waiting).
+    inflight: int = 0
+    queued: int = 0
 
 
 class Ok(msgspec.Struct, kw_only=True):
@@ -247,3 +252,27 @@ class HostDevices(msgspec.Struct):
 class DevicesResult(Ok, kw_only=True):
     devices: DeviceSummary
     hosts: dict[str, HostDevices]  # by worker id
+
+
+class HistoryResult(Ok, kw_only=True):
+    """``GET /api/history``: one series over ``[from, to)`` in points of ``step`` seconds, read
+    from the finest resolution kept that long (``resolution``). A point's values are null where
+    nothing was recorded (Redis or the writer was away): a gap, never a zero. ``available``
+    (without ``series`` only, else empty): every series recorded (``model:{id}``,
+    ``gpu:{host}:{index}``, ``host:{host}``)."""
+
+    series: str
+    start: float = msgspec.field(name="from")
+    end: float = msgspec.field(name="to")
+    step: int
+    resolution: int
+    fields: list[str]
+    points: list[dict[str, float | None]]
+    available: list[str]
+
+
+class EventsResult(Ok, kw_only=True):
+    """``GET /api/events``: timeline events, oldest first (at most ``limit``; ``more`` when cut)."""
+
+    events: list[TimelineEvent]
+    more: bool = False

@@ -12,12 +12,13 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
 from llm_lab_router.router.http.validate import check_query
 from llm_lab_router.router.observe.metrics import CONTENT_TYPE
-from llm_lab_router.router.http.query import RouteParams, route_params
+from llm_lab_router.router.http.query import TIMELINE, RouteParams, route_params
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.services import Services
 
@@ -237,8 +238,8 @@ class RestartAutostartHandler(BaseHandler):
 
 
 class ModelInfoHandler(BaseHandler):
-    def get(self, alias: str) -> None:
-        self.reply(self.services.manager.model_info(alias))
+    async def get(self, alias: str) -> None:
+        self.reply(await self.services.manager.model_info_now(alias))
 
 
 class LogStatsHandler(BaseHandler):
@@ -256,6 +257,26 @@ class DevicesHandler(BaseHandler):
     async def get(self) -> None:
         await self.services.view.refresh_details()
         self.reply(self.services.manager.devices())
+
+
+class HistoryHandler(BaseHandler):
+    """``GET /api/history``: one series of the timeline (router/observe/history_query.py)."""
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
+        self.reply(await self.services.timeline.history(
+            q.series.parse(args), q.model.parse(args), q.host.parse(args), q.gpu.parse(args),
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.step.parse(args), now))
+
+
+class EventsHandler(BaseHandler):
+    """``GET /api/events``: what happened, oldest first (router/observe/history_query.py)."""
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
+        self.reply(await self.services.timeline.events(
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.limit.parse(args),
+            q.model.parse(args), q.host.parse(args), q.kind.parse(args)))
 
 
 class PlanHandler(BaseHandler):

@@ -139,6 +139,89 @@ class Name(Param):
         return {"type": "string", "minLength": 1}
 
 
+TIME = re.compile(r"(?:[0-9]{1,12}(?:\.[0-9]{1,6})?|-[0-9]{1,9}[smhd]|now)")
+TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Time(Param):
+    """A moment: unix seconds (``1700000000``, ``1700000000.5``), ``now``, or a time ago
+    (``-15m``, ``-1h``, ``-7d``, ``-30s``)."""
+
+    def parse(self, args: Args, now: float, default: float) -> float:
+        text = self.raw(args)
+        if text is None:
+            return default
+        if not TIME.fullmatch(text):
+            raise invalid(f"{self.name} must be unix seconds, 'now', or a time ago like -15m, -1h, -7d, got {text!r}")
+        if text == "now":
+            return now
+        if text.startswith("-"):
+            return now - int(text[1:-1]) * TIME_UNITS[text[-1]]
+        return float(text)
+
+    def schema(self) -> Json:
+        return {"type": "string", "pattern": TIME.pattern.join("^$")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice(Param):
+    """One of a few words."""
+
+    choices: tuple[str, ...]
+
+    def parse(self, args: Args) -> str | None:
+        text = self.raw(args)
+        if text is not None and text not in self.choices:
+            raise invalid(f"{self.name} must be one of {', '.join(self.choices)}, got {text!r}")
+        return text
+
+    def schema(self) -> Json:
+        return {"type": "string", "enum": list(self.choices)}
+
+
+@dataclass(frozen=True)
+class TimelineParams:
+    """The query parameters of ``/api/history`` and ``/api/events``."""
+
+    series: Choice
+    model: Name
+    host: Name
+    gpu: Count
+    start: Time
+    end: Time
+    step: Count
+    kind: Name
+    limit: Count
+
+    def all(self) -> tuple[Param, ...]:
+        return (self.series, self.model, self.host, self.gpu, self.start, self.end, self.step, self.kind, self.limit)
+
+
+TIMELINE = TimelineParams(
+    series=Choice(name="series", choices=("model", "gpu", "host"),
+                  description="which series: model (requests, errors, tokens, TTFT, latency and wait of model), "
+                              "gpu (memory and utilisation of GPU gpu of host), host (CPU and RAM of host)",
+                  absent="no points: only the list of recorded series (available)"),
+    model=Name(name="model", description="a model id (series=model), or events concerning it",
+               absent="series=model: 400; events: every model"),
+    host=Name(name="host", description="a worker id (series=gpu or host), or events on it",
+              absent="series=gpu or host: 400; events: every host"),
+    gpu=Count(name="gpu", default=0, maximum=1023, description="the GPU index on host (series=gpu)",
+              absent="GPU 0"),
+    start=Time(name="from", description="the start: unix seconds, 'now', or a time ago (-15m, -1h, -24h, -7d)",
+               absent="one hour ago"),
+    end=Time(name="to", description="the end: unix seconds, 'now', or a time ago", absent="now"),
+    step=Count(name="step", default=0, maximum=30 * 86400,
+               description="seconds per point (rounded up to a multiple of the resolution read)",
+               absent="the resolution read: 10 s within the last 24 h, 5 min beyond (by default)"),
+    kind=Name(name="kind", description="only events of this kind (ready, evicted, crashed, ...)",
+              absent="every kind"),
+    limit=Count(name="limit", default=1000, maximum=10000, description="at most this many events",
+                absent="1000"),
+)
+
+
 @dataclass(frozen=True)
 class RouteParams:
     """Every query parameter of the API, with the defaults and limits of this router's options."""
@@ -150,7 +233,8 @@ class RouteParams:
     worker: Name
 
     def by_name(self) -> dict[str, Param]:
-        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker)}
+        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker,
+                                    *TIMELINE.all())}
 
 
 @functools.cache

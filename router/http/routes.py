@@ -26,7 +26,9 @@ from llm_lab_router.router.core.responses import (
     AllStopped,
     Cleared,
     DevicesResult,
+    EventsResult,
     Health,
+    HistoryResult,
     LogStatsResult,
     ModelCard,
     ModelInfo,
@@ -179,6 +181,17 @@ ROUTES: tuple[Route, ...] = (
     Route(path="/api/devices/info", access="read", handler=h.DevicesHandler,
           ops={"get": Op(summary="devices of every host: the cluster total, then per host", ok=DevicesResult,
                          errors=(503,))}),
+    # The lab's timeline (router/observe/history_query.py, docs/api.md#timeline).
+    Route(path="/api/history", access="read", handler=h.HistoryHandler,
+          query=("series", "model", "host", "gpu", "from", "to", "step"),
+          ops={"get": Op(summary="one series of the timeline (requests, errors, tokens, in flight, TTFT/latency/wait "
+                                 "percentiles of a model; memory and utilisation of a GPU; CPU and RAM of a host) in "
+                                 "points of step seconds; null values: a gap", ok=HistoryResult, errors=(503,))}),
+    Route(path="/api/events", access="read", handler=h.EventsHandler,
+          query=("from", "to", "model", "host", "kind", "limit"),
+          ops={"get": Op(summary="timeline events (starts requested and by which key, swap waits, ready with the "
+                                 "cold start, stops and why, evictions, crashes, restarts, adoptions, reloads, Redis "
+                                 "outages), oldest first", ok=EventsResult, errors=(503,))}),
     Route(path="/api/plan", access="read", handler=h.PlanHandler, query=("worker",),
           ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
                                  "would evict, models that fit nowhere, estimates far from measurements",

@@ -143,9 +143,9 @@ async function refresh() {
   }
 }
 
-// /v1/models has worker/state/url per instance; pid, restarts, errors and prefetch progress
-// come from /info, fetched only for models that are not stopped or that wait (few, and the ones
-// an operator looks at).
+// /v1/models has worker/state/url per instance; pid, restarts, errors, prefetch progress and the
+// requests in flight and queued on every router come from /info, fetched only for models that
+// are not stopped or that wait (few, and the ones an operator looks at).
 async function enrich(models) {
   await Promise.all(models.map(async (m) => {
     if (!m.pending && !ACTIVE.has(m.status) && !(m.instances || []).some((i) => ACTIVE.has(i.state))) return;
@@ -153,6 +153,8 @@ async function enrich(models) {
       const info = await api("GET", `/api/models/${encodeURIComponent(m.id)}/info`);
       const detail = new Map((info.model?.instances || []).map((i) => [i.worker, i]));
       m.instances = (m.instances || []).map((i) => ({...detail.get(i.worker), ...i}));
+      m.inflight = info.model?.inflight || 0;
+      m.queued = info.model?.queued || 0;
     } catch { /* keep the summary we have */ }
   }));
   return models;
@@ -288,9 +290,16 @@ function rowHtml(m) {
     + `${latest}${waitWhy}</td>`
     + `<td><span class="mode">${esc(m.mode || "-")}</span></td>`
     + `<td class="status-cell"><span class="badge b-${esc(status)}" data-testid="status-${esc(m.id)}">${esc(status)}</span>`
-    + `<span class="muted small">${elapsed}</span></td>`
+    + `<span class="muted small">${elapsed}</span>${loadHtml(m)}</td>`
     + `<td class="inst-cell">${instances}</td>`
     + `<td class="actions">${buttons}</td>`;
+}
+
+// Requests of the model in flight now on every router, and of those the ones waiting for a swap.
+function loadHtml(m) {
+  if (!m.inflight && !m.queued) return "";
+  const queued = m.queued ? ` · ${m.queued} queued` : "";
+  return `<div class="load small" data-testid="load-${esc(m.id)}">${m.inflight || 0} in flight${queued}</div>`;
 }
 
 function renderModels() {
