@@ -219,6 +219,13 @@ class ControlClient:
         """The running instances of ``model`` (on ``host`` only, when given)."""
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
+    def start_underway(self, model: str) -> bool:
+        """Whether ``model`` is being started for someone already: an instance is starting, a
+        start of this router is in flight, or some router's requests wait for its swap."""
+        return (any(i.state == "starting" for i in self.view.instances(model))
+                or any(m == model for m, _ in self._starts)
+                or any(e.model == model for e in self.line))
+
     async def ensure_running(self, model: str, timeout: float, host: str | None = None) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
         needed (shared start)."""

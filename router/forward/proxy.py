@@ -46,6 +46,7 @@ from llm_lab_router.router.forward.upstream import (
     UpstreamTimeout,
     forward_headers,
 )
+from llm_lab_router.router.limits.access import names_of
 from llm_lab_router.router.limits.concurrency import Limits, process_share
 from llm_lab_router.router.limits.quotas import Lease, Quotas
 from llm_lab_router.router.observe.accesslog import RequestRecord
@@ -208,6 +209,8 @@ class Proxy:
         rec.model = model
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
+        if rec.caller is not None and rec.caller.access is not None:  # keys with permissions only
+            rec.caller.access.check_use(name, names_of(name, model, entry.aliases))
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
             rec.lease = await self.quotas.admit(rec.caller, len(req.body))
             if rec.lease is not None and rec.lease.counts_tokens:
@@ -228,7 +231,7 @@ class Proxy:
         first: Unservable | None = None
         for n, served in enumerate(chain):
             entry = self.view.catalog_entry(served)
-            if entry is None or (n and mode_error(req.path, entry.mode, served)):
+            if entry is None or (n and (mode_error(req.path, entry.mode, served) or not self._may_use(rec, entry))):
                 continue
             if n:
                 req = msgspec.structs.replace(req, body=with_model(req.body, served)) if not is_form(
@@ -253,12 +256,31 @@ class Proxy:
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise Unservable(503, f"model '{name}' is not running", "model_not_running")
+            self._check_start(model, name, entry, rec)
             if stream:
                 await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec,
                                           fallback)
                 return
             await self._ensure_running(model, name)
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
+
+    @staticmethod
+    def _may_use(rec: RequestRecord, entry: CatalogEntry) -> bool:
+        """Whether the caller may use ``entry`` (a fallback it may not use is skipped)."""
+        access = rec.caller.access if rec.caller is not None else None
+        return access is None or access.may_use((entry.id, *entry.aliases))
+
+    def _check_start(self, model: str, name: str, entry: CatalogEntry, rec: RequestRecord) -> None:
+        """A 403 when this request would start ``model`` and its key may not (``start``); none
+        when a start is already under way for someone else: the request waits for it."""
+        access = rec.caller.access if rec.caller is not None else None
+        if access is None or access.may_start(names_of(name, model, entry.aliases)):
+            return
+        if not self.control.start_underway(model):
+            try:
+                access.check_start(name, names_of(name, model, entry.aliases))
+            except ApiError as exc:
+                raise Unservable.of(exc) from None  # a fallback that runs may serve
 
     async def _ensure_running(self, model: str, name: str) -> None:
         """Start ``model`` on demand (shared with other requests) and wait until it runs.

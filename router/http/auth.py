@@ -32,11 +32,12 @@ import re
 import tomllib
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, TypeVar
 
 import msgspec
 from llm_lab_router.router.core.errors import ApiError
-from llm_lab_router.router.limits.profile import KeyProfile, KeySpec, LimitSpec, Name
+from llm_lab_router.router.limits.access import access_of
+from llm_lab_router.router.limits.profile import GroupSpec, KeyProfile, KeySpec, LimitSpec, Name
 
 COOKIE = "llm_router_key"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
@@ -49,6 +50,7 @@ KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
+T = TypeVar("T")
 
 
 class Role(IntEnum):
@@ -116,10 +118,10 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
     groups_raw = data.get("groups", {})
     if not isinstance(groups_raw, dict):
         raise KeyFileError(f"{source}: 'groups' must be a table of group name -> limits")
-    groups: dict[str, LimitSpec] = {}
+    groups: dict[str, GroupSpec] = {}
     for gname, raw in groups_raw.items():
         _entry(gname, Name, f"{source}: group {gname!r}: bad name")
-        groups[gname] = _entry(raw, LimitSpec, f"{source}: group {gname!r}")  # type: ignore[assignment]
+        groups[gname] = _entry(raw, GroupSpec, f"{source}: group {gname!r}")  # type: ignore[assignment]
     entries = data.get("keys", [])
     if not isinstance(entries, list):
         raise KeyFileError(f"{source}: 'keys' must be a list of key entries ([[keys]] in TOML)")
@@ -139,11 +141,23 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
         if digests[0] in found:
             raise KeyFileError(f"{where}: field 'key': the same key as another entry")
         names.add(spec.name)
+        group = groups[spec.group] if spec.group else GroupSpec()
         found[digests[0]] = KeyProfile(
             name=spec.name, group=spec.group, priority=spec.priority, weight=spec.weight,
-            key_limits=LimitSpec(rpm=spec.rpm, tpm=spec.tpm, max_concurrent=spec.max_concurrent),
-            group_limits=groups[spec.group] if spec.group else LimitSpec())
+            key_limits=limits_of(spec), group_limits=limits_of(group), access=access_of(
+                spec.name, own_or_group(spec.models, group.models), own_or_group(spec.start, group.start),
+                own_or_group(spec.admin, group.admin)))
     return found
+
+
+def limits_of(spec: LimitSpec) -> LimitSpec:
+    """Only the limits of an entry (what ``router.limits.quotas`` counts)."""
+    return LimitSpec(rpm=spec.rpm, tpm=spec.tpm, max_concurrent=spec.max_concurrent)
+
+
+def own_or_group(own: T | None, group: T | None) -> T | None:
+    """A key's own permission field wins over its group's."""
+    return own if own is not None else group
 
 
 def key_file_form(path: str | os.PathLike) -> Literal["plain", "toml", "json"]:
@@ -189,6 +203,9 @@ class KeyRing:
                 found = read_key_file(path)
                 into += found
                 profiles.update({d: p for d, p in found.items() if p is not None})
+        # a key with an admin scope is an admin key, for the models of its scope only
+        admin += [d for d, p in profiles.items() if p.access is not None and p.access.admin is not None
+                  and d not in admin]
         return cls(client, admin, profiles)
 
     @property

@@ -17,6 +17,8 @@ from tornado.iostream import StreamClosedError
 
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from llm_lab_router.router.control.admin import InScope
+from llm_lab_router.router.limits.access import Access
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
 from llm_lab_router.router.http.validate import check_forward_path, check_query
@@ -112,6 +114,26 @@ class BaseHandler(tornado.web.RequestHandler):
             cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
             self.caller = access.check(method, req.path, authorization, cookie)
         self.check_request()
+
+    @property
+    def access(self) -> Access | None:
+        """The caller's permissions (``None``: none set, everything its role allows)."""
+        return self.caller.access if self.caller is not None else None
+
+    def visible(self) -> InScope | None:
+        """The models the caller may use, as a test (``None``: all)."""
+        access = self.access
+        return access.may_use if access is not None and access.models is not None else None
+
+    def admin_scope(self) -> InScope | None:
+        """The caller's admin scope, as a test (``None``: the whole lab)."""
+        access = self.access
+        return access.may_administer if access is not None and access.admin is not None else None
+
+    def check_scope(self, alias: str) -> None:
+        """403 unless the model ``alias`` is within the caller's admin scope."""
+        if (access := self.access) is not None and access.admin is not None:
+            access.check_admin(alias, self.services.manager.names(alias))
 
     def check_request(self) -> None:
         check_query(self.request.query_arguments, self.QUERY)
@@ -232,13 +254,15 @@ class HealthHandler(BaseHandler):
 
 class ModelsHandler(BaseHandler):
     def get(self) -> None:
-        self.reply(self.services.manager.model_list())
+        self.reply(self.services.manager.model_list(self.visible()))
 
 
 class ModelHandler(BaseHandler):
     """``GET /v1/models/{id}`` (OpenAI's retrieve)."""
 
     def get(self, name: str) -> None:
+        if (access := self.access) is not None:
+            access.check_use(name, self.services.manager.names(name))
         self.reply(self.services.manager.model(name))
 
 
@@ -248,6 +272,7 @@ class StartHandler(BaseHandler):
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
         worker = self.params.worker.parse(self.query_args)
+        self.check_scope(alias)
         status, body = await self.services.manager.start(alias, wait, worker)
         self.reply(body, status)
 
@@ -256,17 +281,19 @@ class StopHandler(BaseHandler):
     QUERY = ("worker",)
 
     async def post(self, alias: str) -> None:
-        self.reply(await self.services.manager.stop(alias, self.params.worker.parse(self.query_args)))
+        worker = self.params.worker.parse(self.query_args)
+        self.check_scope(alias)
+        self.reply(await self.services.manager.stop(alias, worker))
 
 
 class StopAllHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.stop_all())
+        self.reply(await self.services.manager.stop_all(self.admin_scope()))
 
 
 class RestartAutostartHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.restart_autostart())
+        self.reply(await self.services.manager.restart_autostart(self.admin_scope()))
 
 
 class ModelInfoHandler(BaseHandler):
@@ -284,6 +311,7 @@ class LogClearHandler(BaseHandler):
 
     async def post(self, alias: str) -> None:
         keep_minutes = self.params.keep_minutes.parse(self.query_args)
+        self.check_scope(alias)
         self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
 
 
