@@ -47,6 +47,7 @@ ACTIVE_STATES = ("starting", "running")
 START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, eviction, Redis round trips
 SWAP_POLL = 0.5  # s between re-decisions of a start that waits for a swap (usage changes send no event)
 CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starving waiters
+PRIORITY_ANY = 2 ** 31  # an operator's start (admin API): above every key priority, so no priority holds it back
 
 
 class ControlError(Exception):
@@ -148,6 +149,7 @@ class ControlClient:
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
+        self._priorities: dict[str, list[int]] = {}  # their key priorities, per model (a swap's priority)
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
         self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
         self.line: list[WaitEntry] = []  # llm:waiting as last read (watch_claims): every router's waiters
@@ -226,28 +228,41 @@ class ControlClient:
                 or any(m == model for m, _ in self._starts)
                 or any(e.model == model for e in self.line))
 
-    async def ensure_running(self, model: str, timeout: float, host: str | None = None) -> None:
+    async def ensure_running(self, model: str, timeout: float, host: str | None = None,
+                             priority: int | None = None) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
         needed (shared start)."""
         if not self.running_on(model, host):
-            await self.start(model, timeout, host)
+            await self.start(model, timeout, host, priority)
 
-    async def start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+    async def start(self, model: str, timeout: float, host: str | None = None, priority: int | None = None) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
+        ``priority``: the key priority of a request's start (``None``: an admin's start, which
+        no priority holds back); the start evicts with the highest priority of its callers.
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
+        prios = self._priorities.setdefault(model, [])
+        prios.append(PRIORITY_ANY if priority is None else priority)
         try:
             # Counted as in flight (llm:used): once loaded, the model drains its waiting
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
-            with self.usage.track(model) if track else contextlib.nullcontext():
+            with self.usage.track(model, priority or 0) if track else contextlib.nullcontext():
                 return await asyncio.shield(self.start_in_background(model, timeout, host))
         finally:
             self._waiting[model] -= 1
+            prios.remove(PRIORITY_ANY if priority is None else priority)
             if not self._waiting[model]:
                 del self._waiting[model]
+            if not prios:
+                self._priorities.pop(model, None)
+
+    def priority(self, model: str) -> int:
+        """The priority a swap for ``model`` evicts with: the highest of its waiting callers'
+        (a start with no caller waiting, ``?wait=false``, is an admin's: no priority holds it)."""
+        return max(self._priorities.get(model, ()), default=PRIORITY_ANY)
 
     def start_in_background(self, model: str, timeout: float, host: str | None = None) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
@@ -362,7 +377,7 @@ class ControlClient:
         specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
                                {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
-                               {m: s.idle_release for m, s in specs.items()})
+                               {m: s.idle_release for m, s in specs.items()}, self.priority(model))
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:

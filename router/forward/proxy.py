@@ -261,7 +261,7 @@ class Proxy:
                 await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec,
                                           fallback)
                 return
-            await self._ensure_running(model, name)
+            await self._ensure_running(model, name, rec)
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
 
     @staticmethod
@@ -282,13 +282,15 @@ class Proxy:
             except ApiError as exc:
                 raise Unservable.of(exc) from None  # a fallback that runs may serve
 
-    async def _ensure_running(self, model: str, name: str) -> None:
-        """Start ``model`` on demand (shared with other requests) and wait until it runs.
+    async def _ensure_running(self, model: str, name: str, rec: RequestRecord) -> None:
+        """Start ``model`` on demand (shared with other requests) and wait until it runs; a
+        swap it needs evicts with the key's priority (router/control/scheduler.py).
         The wait counts in the in-flight gauge (docs/metrics.md): the client is connected
         and waiting on this router, minutes long for a cold vLLM."""
         self.metrics.started(model)
         try:
-            await self.control.ensure_running(model, self.options.start_timeout)
+            await self.control.ensure_running(model, self.options.start_timeout,
+                                              priority=rec.caller.priority if rec.caller is not None else 0)
         except ControlError as exc:
             raise Unservable.of(start_failed(f"model '{name}' could not be started: {describe_failure(exc)}",
                                              exc)) from None
@@ -305,7 +307,7 @@ class Proxy:
         With a ``fallback`` to go to, the head waits for the first ``loading_keepalive``: a start
         refused at once (no room) or failed within it raises ``Unservable`` and the fallback
         serves; once the head is out, no fallback is taken (it would follow the first bytes)."""
-        start = asyncio.ensure_future(self._ensure_running(model, name))
+        start = asyncio.ensure_future(self._ensure_running(model, name, rec))
         if fallback:
             try:
                 await asyncio.wait({start}, timeout=self.options.loading_keepalive)
@@ -333,7 +335,8 @@ class Proxy:
         admitted = False
         try:
             # Counted as use of the model (idle unload, eviction) while queued or served.
-            with self.usage.track(model) if self.usage else _NOOP:
+            with self.usage.track(model, rec.caller.priority if rec.caller is not None else 0) \
+                    if self.usage else _NOOP:
                 async with self._slot(model, max_concurrency, rec):
                     admitted = True
                     await self._relay(model, name, req, sink, rec)
