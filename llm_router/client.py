@@ -546,7 +546,27 @@ def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
             {"url": describe(url), "master": nodes.master, "replicas": nodes.replicas, "via": nodes.via})
 
 
-COMMANDS = [models, start, stop, stop_all, logs, devices, status]
+@click.command()
+@api_command
+@click.option("--since", default="1d", show_default=True, help="How far back: 90s, 15m, 12h, 1d, 2w.")
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=1000, show_default=True,
+              help="At most this many entries, the latest ones.")
+def audit(api: Api, as_json: bool, since: str, limit: int) -> None:
+    """Who started, stopped, evicted or cleared what, when and from where (an admin key)."""
+    body = api.get("/api/audit", since=since, limit=limit)
+    if as_json:
+        return _echo_json(body)
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("at", 0))), e.get("who", "-"),
+             e.get("action", "-"), e.get("model") or ",".join(e.get("models", [])) or "-", e.get("host") or "-",
+             e.get("client") or "-", e.get("result", "ok"),
+             "; ".join(x for x in (", ".join(e.get("models", [])) if e.get("model") else "", e.get("detail", ""))
+                       if x)]
+            for e in body.get("entries", [])]
+    click.echo(table(["WHEN", "WHO", "ACTION", "MODEL", "HOST", "CLIENT", "RESULT", "DETAIL"], rows)
+               if rows else f"no action recorded in the last {since}")
+
+
+COMMANDS = [models, start, stop, stop_all, logs, devices, status, audit]
 
 
 def register(group: click.Group) -> None:

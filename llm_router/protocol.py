@@ -110,6 +110,10 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
+    def audit(self) -> str:
+        """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
+        return f"{self.prefix}audit"
+
     def learned(self, wid: str, model: str) -> str:
         """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
         return f"{self.prefix}learned:{wid}:{model}"

@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 
+from llm_lab_router.audit import AuditTrail
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
 from llm_lab_router.router.control.admin import Manager
@@ -57,8 +58,9 @@ class Services:
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
         self.metrics = RouterMetrics(self.view)
+        self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics)
+                                     scheduler=self.options.scheduler, metrics=self.metrics, audit=self.audit)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,

@@ -35,6 +35,7 @@ from typing import Awaitable, Callable
 import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
+from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
@@ -76,6 +77,7 @@ class WorkerAgent:
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
         self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
+        self.audit = AuditTrail(self.redis, self.keys, f"worker:{self.wid}", audit_maxlen())  # reloads, adoption
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -207,6 +209,11 @@ class WorkerAgent:
             for mp, engine in claims.items()))
         rejected += [(engine.pid, engine.model, "it did not answer its health check")
                      for (mp, engine), ok in zip(claims.items(), results) if not ok]
+        if found:
+            await self.audit.record(f"worker:{self.wid}", "adopt", host=self.wid,
+                                    models=[mp.model.id for mp, ok in zip(claims, results) if ok],
+                                    detail="; ".join(f"not adopted: pid {pid} ({model or '?'}): {why}"
+                                                     for pid, model, why in rejected))
         if not rejected:
             return
         procs = [p for p in (_process(pid) for pid, _, _ in rejected) if p is not None]
@@ -260,6 +267,7 @@ class WorkerAgent:
             new = await asyncio.to_thread(load_config, self.cfg.path)
         except ConfigError as exc:
             log.error("config reload failed, keeping the config in force: %s", exc)
+            await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, result=f"config error: {exc}")
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
         new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
@@ -268,6 +276,7 @@ class WorkerAgent:
         new.worker = self.settings
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
+        await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, detail=plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
         self.cfg = new
         self._withdrawn.update(plan.removed)

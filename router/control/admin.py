@@ -16,6 +16,7 @@ from llm_lab_router.protocol import CatalogEntry, Keys, Reply, trim_logs
 from llm_lab_router.router.control.client import (
     ControlClient,
     ControlError,
+    Origin,
     describe_failure,
     merged_models,
     start_failed,
@@ -161,18 +162,20 @@ class Manager:
 
     # --- actions ---
 
-    async def start(self, alias: str, wait: bool, worker: str | None = None) -> tuple[int, Started]:
+    async def start(self, alias: str, wait: bool, worker: str | None = None,
+                    origin: Origin | None = None) -> tuple[int, Started]:
         """Start and wait until it serves (200), or only begin (202, ``wait=false``); on
-        ``worker`` only, when given (``on``: the manual's message, naming that host)."""
+        ``worker`` only, when given (``on``: the manual's message, naming that host).
+        ``origin``: the caller, named in the audit trail of an eviction the start makes."""
         model = self.model_for(alias)
         host = self.host_for(alias, model, worker)
         on = f" (worker '{host}')" if host else ""
         if not wait and not self.control.running_on(model, host):
-            self.control.start_in_background(model, self.options.start_timeout, host)
+            self.control.start_in_background(model, self.options.start_timeout, host, origin)
             return 202, Started(message=f"模型 '{alias}' 正在启动{on}", model=model, state="starting",
                                 workers=[host] if host else [])
         try:
-            await self.control.ensure_running(model, self.options.start_timeout, host)
+            await self.control.ensure_running(model, self.options.start_timeout, host, origin=origin)
         except ControlError as exc:
             raise start_failed(f"模型 '{alias}' 启动失败{on}: {describe_failure(exc)}", exc) from None
         return 200, Started(message=f"模型 '{alias}' 启动成功{on}", model=model, state="running",

@@ -24,6 +24,8 @@ from redis.asyncio import Redis
 
 from redis.exceptions import RedisError
 
+import msgspec
+from llm_lab_router.audit import NO_NAME, AuditTrail
 from llm_lab_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
     from_json, read_usage,
@@ -48,6 +50,15 @@ START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, evicti
 SWAP_POLL = 0.5  # s between re-decisions of a start that waits for a swap (usage changes send no event)
 CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starving waiters
 PRIORITY_ANY = 2 ** 31  # an operator's start (admin API): above every key priority, so no priority holds it back
+
+
+class Origin(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a start is for (the audit trail): the key's name and the client's address;
+    ``on_demand``: a request's start (recorded here), else an admin's (its handler records it)."""
+
+    who: str = NO_NAME
+    client: str = ""
+    on_demand: bool = True
 
 
 class ControlError(Exception):
@@ -138,7 +149,7 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, audit: AuditTrail | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -146,6 +157,7 @@ class ControlClient:
         self.usage = usage  # this router's own requests in flight (for eviction)
         self.scheduler = scheduler
         self.metrics = metrics
+        self.audit = audit  # on-demand starts and evictions, with the key they were for
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
@@ -229,17 +241,19 @@ class ControlClient:
                 or any(e.model == model for e in self.line))
 
     async def ensure_running(self, model: str, timeout: float, host: str | None = None,
-                             priority: int | None = None) -> None:
+                             priority: int | None = None, origin: Origin | None = None) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
         needed (shared start)."""
         if not self.running_on(model, host):
-            await self.start(model, timeout, host, priority)
+            await self.start(model, timeout, host, priority, origin)
 
-    async def start(self, model: str, timeout: float, host: str | None = None, priority: int | None = None) -> Reply:
+    async def start(self, model: str, timeout: float, host: str | None = None, priority: int | None = None,
+                    origin: Origin | None = None) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
         ``priority``: the key priority of a request's start (``None``: an admin's start, which
         no priority holds back); the start evicts with the highest priority of its callers.
+        ``origin``: who it is for, in the audit trail (the caller that began it).
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
@@ -250,7 +264,7 @@ class ControlClient:
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
             with self.usage.track(model, priority or 0) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host))
+                return await asyncio.shield(self.start_in_background(model, timeout, host, origin))
         finally:
             self._waiting[model] -= 1
             prios.remove(PRIORITY_ANY if priority is None else priority)
@@ -264,12 +278,14 @@ class ControlClient:
         (a start with no caller waiting, ``?wait=false``, is an admin's: no priority holds it)."""
         return max(self._priorities.get(model, ()), default=PRIORITY_ANY)
 
-    def start_in_background(self, model: str, timeout: float, host: str | None = None) -> asyncio.Task[Reply]:
+    def start_in_background(self, model: str, timeout: float, host: str | None = None,
+                            origin: Origin | None = None) -> asyncio.Task[Reply]:
         """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout, host), name=f"start-{model}")
+            task = asyncio.create_task(self._start_for(model, timeout, host, origin or Origin(on_demand=False)),
+                                       name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -286,7 +302,21 @@ class ControlClient:
         if not task.cancelled() and isinstance(task.exception(), ControlError):
             log.warning("start of %s failed: %s", model, task.exception())
 
-    async def _start(self, model: str, timeout: float, host: str | None = None) -> Reply:
+    async def _start_for(self, model: str, timeout: float, host: str | None, origin: Origin) -> Reply:
+        """``_start``, recorded in the audit trail when it is a request's (on demand)."""
+        if not origin.on_demand or self.audit is None:
+            return await self._start(model, timeout, host, origin)
+        try:
+            reply = await self._start(model, timeout, host, origin)
+        except ControlError as exc:
+            await self.audit.record(origin.who, "on_demand_start", model=model, client=origin.client,
+                                    result=exc.message)
+            raise
+        await self.audit.record(origin.who, "on_demand_start", model=model, client=origin.client, host=reply.worker)
+        return reply
+
+    async def _start(self, model: str, timeout: float, host: str | None = None,
+                     origin: Origin = Origin(on_demand=False)) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -324,7 +354,7 @@ class ControlClient:
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
                 if decision.action == "evict" and decision.plan is not None:
-                    await self._evict(decision.plan, model, deadline)
+                    await self._evict(decision.plan, model, deadline, origin)
                     try:
                         return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
@@ -393,13 +423,17 @@ class ControlClient:
         """The ``max_wait`` of each waiting model, from its catalog entry."""
         return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
-    async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
-        log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
+    async def _evict(self, plan: Eviction, model: str, deadline: float, origin: Origin) -> None:
+        log.info("evicting %s on %s to make room for %s (key %s)", plan.victims, plan.worker, model, origin.who)
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
-        if not all(r.ok for r in replies):
-            raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': "
-                               + "; ".join(r.message for r in replies if not r.ok))
+        failed = "; ".join(r.message for r in replies if not r.ok)
+        if self.audit is not None:
+            await self.audit.record(origin.who, "evict", model=model, models=list(plan.victims), host=plan.worker,
+                                    client=origin.client, result=failed or "ok",
+                                    detail=f"to make room for '{model}' (key '{origin.who}')")
+        if failed:
+            raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': {failed}")
         if self.metrics is not None:
             self.metrics.swapped(model)
 

@@ -12,6 +12,7 @@ import os
 from typing import Annotated, Literal, Mapping
 
 import msgspec
+from llm_lab_router.audit import DEFAULT_MAXLEN as DEFAULT_AUDIT_MAXLEN
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 ENV_PREFIX = "LLM_ROUTER_"
@@ -52,6 +53,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     affinity_load_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.25
     # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
     usage_interval: Seconds = 1.0
+    # The audit trail (llm:audit, llm_router/audit.py) keeps about this many entries (workers:
+    # the same LLM_ROUTER_AUDIT_MAXLEN).
+    audit_maxlen: Annotated[int, msgspec.Meta(ge=100)] = DEFAULT_AUDIT_MAXLEN
     # Log streaming (SSE).
     keepalive_interval: Seconds = 15.0
     log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt

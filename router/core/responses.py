@@ -8,6 +8,7 @@ the caller expects: the OpenAI error shape on ``/v1/*`` so SDKs raise the right 
 from __future__ import annotations
 
 import msgspec
+from llm_lab_router.audit import AuditEntry
 from llm_lab_router.protocol import CpuInfo, CudaInfo
 from llm_lab_router.router.core.errors import WaitReason
 
@@ -122,6 +123,31 @@ class Cleared(Done, kw_only=True):
 class Restarted(Ok, kw_only=True):
     message: str
     started_models: list[str]
+
+
+class AuditList(Ok, kw_only=True):
+    """``GET /api/audit``: entries of ``llm:audit``, oldest first."""
+
+    entries: list[AuditEntry]
+
+
+class Outcome:
+    """An admin action's answer, once it has one (``BaseHandler.audited`` records it)."""
+
+    body: Done | Restarted | None = None
+
+
+def audit_fields(body: Done | Restarted | None, model: str) -> dict:
+    """What an action's answer tells the audit trail: the model (as resolved), the models it
+    stopped or started, the hosts, and a start's state (``starting``: begun, ``wait=false``)."""
+    fields: dict = {"model": getattr(body, "model", "") or model}
+    if models := getattr(body, "models", None) or getattr(body, "started_models", None):
+        fields["models"] = list(models)
+    if workers := getattr(body, "workers", None):
+        fields["host"] = ",".join(workers)
+    if (state := getattr(body, "state", "")) and state != "running":
+        fields["detail"] = f"state {state}"
+    return fields
 
 
 class LogStats(msgspec.Struct):

@@ -48,6 +48,7 @@ ROUTES = [
     (r"/api/logs/stats", h.LogStatsHandler),
     (rf"/api/logs/{ALIAS}/clear", h.LogClearHandler),
     (r"/api/devices/info", h.DevicesHandler),
+    (r"/api/audit", h.AuditHandler),
     (r"/openapi.json", h.OpenApiHandler),
     (r"/debug/stats", h.DebugStatsHandler),
     (r"/metrics", h.MetricsHandler),

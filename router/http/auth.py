@@ -252,7 +252,7 @@ def startup_refusal(host: str, ring: KeyRing, insecure: bool) -> str | None:
 
 # Routes, by path shape. Everything that changes state is an admin route.
 ADMIN_ROUTES = re.compile(r"^/api/models/(?:[^/]+/(?:start|stop)|stop-all|restart-autostart)$"
-                          r"|^/api/logs/[^/]+/clear$|^/debug/")
+                          r"|^/api/logs/[^/]+/clear$|^/api/audit$|^/debug/")
 PUBLIC_ROUTES = re.compile(r"^/health$|^/openapi\.json$|^/ui(?:/|$)")
 READ_ROUTES = re.compile(r"^/$|^/v1/models(?:/[^/]+)?$|^/api/")
 

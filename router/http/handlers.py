@@ -7,7 +7,8 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import msgspec
 import tornado.web
@@ -17,7 +18,10 @@ from tornado.iostream import StreamClosedError
 
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from llm_lab_router.audit import NO_NAME, Action
 from llm_lab_router.router.control.admin import InScope
+from llm_lab_router.router.control.client import Origin
+from llm_lab_router.router.core.responses import AuditList, Outcome, audit_fields
 from llm_lab_router.router.limits.access import Access
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
@@ -134,6 +138,28 @@ class BaseHandler(tornado.web.RequestHandler):
         """403 unless the model ``alias`` is within the caller's admin scope."""
         if (access := self.access) is not None and access.admin is not None:
             access.check_admin(alias, self.services.manager.names(alias))
+
+    @property
+    def origin(self) -> Origin:
+        """The caller as the audit trail names it: its key's name and its address."""
+        return Origin(who=self.caller.name if self.caller is not None else NO_NAME,
+                      client=self.request.remote_ip or "", on_demand=False)
+
+    @asynccontextmanager
+    async def audited(self, action: Action, model: str = "") -> AsyncIterator[Outcome]:
+        """Record the admin action run in the block in the audit trail, however it ends: the
+        caller, the model(s) and hosts its answer (``Outcome.body``) names, or the error."""
+        out = Outcome()
+        origin = self.origin
+        try:
+            yield out
+        except Exception as exc:
+            err = as_api_error(500, exc)
+            await self.services.audit.record(origin.who, action, model=model, client=origin.client,
+                                             result=f"{err.status} {err.message}")
+            raise
+        await self.services.audit.record(origin.who, action, client=origin.client,
+                                         **audit_fields(out.body, model))
 
     def check_request(self) -> None:
         check_query(self.request.query_arguments, self.QUERY)
@@ -272,9 +298,10 @@ class StartHandler(BaseHandler):
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
         worker = self.params.worker.parse(self.query_args)
-        self.check_scope(alias)
-        status, body = await self.services.manager.start(alias, wait, worker)
-        self.reply(body, status)
+        async with self.audited("start", alias) as out:
+            self.check_scope(alias)
+            status, out.body = await self.services.manager.start(alias, wait, worker, self.origin)
+        self.reply(out.body, status)
 
 
 class StopHandler(BaseHandler):
@@ -282,18 +309,24 @@ class StopHandler(BaseHandler):
 
     async def post(self, alias: str) -> None:
         worker = self.params.worker.parse(self.query_args)
-        self.check_scope(alias)
-        self.reply(await self.services.manager.stop(alias, worker))
+        async with self.audited("stop", alias) as out:
+            self.check_scope(alias)
+            out.body = await self.services.manager.stop(alias, worker)
+        self.reply(out.body)
 
 
 class StopAllHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.stop_all(self.admin_scope()))
+        async with self.audited("stop_all") as out:
+            out.body = await self.services.manager.stop_all(self.admin_scope())
+        self.reply(out.body)
 
 
 class RestartAutostartHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.restart_autostart(self.admin_scope()))
+        async with self.audited("restart_autostart") as out:
+            out.body = await self.services.manager.restart_autostart(self.admin_scope())
+        self.reply(out.body)
 
 
 class ModelInfoHandler(BaseHandler):
@@ -311,8 +344,21 @@ class LogClearHandler(BaseHandler):
 
     async def post(self, alias: str) -> None:
         keep_minutes = self.params.keep_minutes.parse(self.query_args)
-        self.check_scope(alias)
-        self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
+        async with self.audited("clear_logs", alias) as out:
+            self.check_scope(alias)
+            out.body = await self.services.manager.clear_logs(alias, keep_minutes)
+        self.reply(out.body)
+
+
+class AuditHandler(BaseHandler):
+    """``GET /api/audit``: the audit trail (admin), oldest first (llm_router/audit.py)."""
+
+    QUERY = ("since", "limit")
+
+    async def get(self) -> None:
+        since = self.params.since.parse(self.query_args)
+        limit = self.params.limit.parse(self.query_args)
+        self.reply(AuditList(entries=await self.services.audit.read(time.time() - since, limit)))
 
 
 class DevicesHandler(BaseHandler):
@@ -352,6 +398,7 @@ class ProxyHandler(BaseHandler):
     def prepare(self) -> None:
         self._received_at = time.monotonic()
         self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
+        self._record.conn = self.request.connection
         self._chunks: list[bytes] = []
         super().prepare()
         self._record.caller = self.caller

@@ -26,6 +26,7 @@ from llm_lab_router.router.core.errors import Failure, OpenAIError
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
     AllStopped,
+    AuditList,
     Cleared,
     DevicesResult,
     Health,
@@ -45,7 +46,7 @@ from llm_lab_router.router.logs.stream import LogEvent
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
 RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Started, Stopped, AllStopped, Cleared, Restarted,
-             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError)
+             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError, AuditList)
 
 
 # --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
@@ -208,6 +209,9 @@ def paths(options: RouterOptions) -> Json:
                                                 admin=True)},
         "/api/devices/info": {"get": _op("devices of every host: the cluster total, then per host",
                                          _ref(DevicesResult), 503)},
+        "/api/audit": {"get": _op("the audit trail: who started, stopped, evicted, cleared what, when, from "
+                                  "where, with what result (oldest first)", _ref(AuditList), 503,
+                                  params=[q.since.openapi(), q.limit.openapi()], admin=True)},
     }
 
 

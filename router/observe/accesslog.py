@@ -32,7 +32,7 @@ class RequestRecord:
     """What one forwarded request did; filled in by the handler and the proxy."""
 
     __slots__ = ("method", "path", "received_at", "model", "worker", "first_byte_at", "streamed", "tail",
-                 "prev_tail", "retries", "error", "caller", "lease", "events", "route", "served")
+                 "prev_tail", "retries", "error", "caller", "lease", "events", "route", "served", "conn")
 
     def __init__(self, method: str, path: str, received_at: float) -> None:
         self.method = method
@@ -51,6 +51,7 @@ class RequestRecord:
         self.events = -1  # SSE events relayed, counted (from 0) only to estimate tokens for a quota
         self.route = ""  # how the instance was chosen: affinity, spill, least (router/forward/balancer.py)
         self.served = ""  # the fallback model that served, when ``model`` could not
+        self.conn = None  # the client's connection (its address is read only when needed: ``client``)
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte_at == 0.0:
@@ -58,6 +59,10 @@ class RequestRecord:
         self.prev_tail, self.tail = self.tail, data
         if self.events >= 0:
             self.events += data.count(b"\ndata:") + data.startswith(b"data:")
+
+    def client(self) -> str:
+        """The client's address (for the audit trail of an on-demand start: not per request)."""
+        return getattr(getattr(self.conn, "context", None), "remote_ip", "") or ""
 
     def recent(self, n: int = TAIL_BYTES) -> bytes:
         """The last ``n`` bytes relayed (as far as the last two chunks reach)."""
