@@ -24,6 +24,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.config import env_int
 from llm_lab_router.protocol import Keys
 
 log = logging.getLogger("audit")
@@ -54,14 +55,8 @@ class AuditEntry(msgspec.Struct, kw_only=True):
 
 
 def maxlen_from(env: Mapping[str, str] = os.environ) -> int:
-    """``LLM_ROUTER_AUDIT_MAXLEN``, else the default; a bad value is the default with a warning."""
-    raw = env.get(MAXLEN_ENV, "")
-    if not raw:
-        return DEFAULT_MAXLEN
-    if raw.isdigit() and int(raw) >= 100:
-        return int(raw)
-    log.warning("%s=%r is not an integer >= 100: keeping %d entries", MAXLEN_ENV, raw, DEFAULT_MAXLEN)
-    return DEFAULT_MAXLEN
+    """``LLM_ROUTER_AUDIT_MAXLEN``, else the default (a worker's setting; routers: RouterOptions)."""
+    return env_int(MAXLEN_ENV, DEFAULT_MAXLEN, 100, env)
 
 
 _encoder = msgspec.json.Encoder()

@@ -25,6 +25,7 @@ this host recorded (``llm_router.up_url``), else ``http://127.0.0.1:8000``.
 
 from __future__ import annotations
 
+import csv
 import functools
 import http.client
 import json
@@ -566,7 +567,30 @@ def audit(api: Api, as_json: bool, since: str, limit: int) -> None:
                if rows else f"no action recorded in the last {since}")
 
 
-COMMANDS = [models, start, stop, stop_all, logs, devices, status, audit]
+USAGE_COLUMNS = ("requests", "errors", "tokens_in", "tokens_out", "tokens_estimated", "gpu_hours")
+
+
+@click.command()
+@api_command
+@click.option("--since", default="30d", show_default=True, help="How far back: 12h, 7d, 30d, 2w.")
+@click.option("--by", type=click.Choice(["group", "key", "model"]), default="key", show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="Comma-separated values, a header line first.")
+def usage(api: Api, as_json: bool, since: str, by: str, as_csv: bool) -> None:
+    """Requests, errors, tokens and GPU hours per key, group or model (a client key: its own)."""
+    body = api.get("/api/usage", since=since, by=by)
+    if as_json:
+        return _echo_json(body)
+    rows = [[r.get("name", ""), *(r.get(c, 0) for c in USAGE_COLUMNS)] for r in [*body.get("rows", []), body["total"]]]
+    if as_csv:
+        out = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+        out.writerow((by, *USAGE_COLUMNS))
+        out.writerows(rows)
+        return
+    click.echo(table([by.upper(), "REQUESTS", "ERRORS", "TOKENS IN", "TOKENS OUT", "ESTIMATED", "GPU HOURS"],
+                     [[str(v) if not isinstance(v, float) else f"{v:.3f}" for v in row] for row in rows]))
+
+
+COMMANDS = [models, start, stop, stop_all, logs, devices, status, audit, usage]
 
 
 def register(group: click.Group) -> None:

@@ -110,6 +110,10 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
+    def ledger(self, hour: int) -> str:
+        """The usage ledger of the hour starting at unix time ``hour``, see ``llm_router.ledger``."""
+        return f"{self.prefix}ledger:{hour}"
+
     def audit(self) -> str:
         """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
         return f"{self.prefix}audit"

@@ -30,6 +30,7 @@ from llm_lab_router.router.forward.upstream import Upstream
 from llm_lab_router.router.limits.quotas import Quotas
 from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
+from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -58,6 +59,7 @@ class Services:
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval)
         self.metrics = RouterMetrics(self.view)
+        self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
         self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
                                      scheduler=self.options.scheduler, metrics=self.metrics, audit=self.audit)
@@ -79,6 +81,7 @@ class Services:
         usage = usage_of(rec, status)
         self.metrics.observe(rec, status, ended_at, usage)
         self.access_log.add(rec, status, ended_at, usage)
+        self.ledger.add(rec, status, usage)
         if rec.lease is not None:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
@@ -86,6 +89,7 @@ class Services:
         await self.view.start()
         self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
         self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
+        self._ledger_task = asyncio.create_task(self.ledger.run(), name="ledger")
         if self.options.scheduler == "swap":
             self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
 
@@ -100,11 +104,12 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task"):
+        for name in ("_usage_task", "_quota_task", "_claims_task", "_ledger_task"):
             if task := getattr(self, name, None):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.quotas.close()
+        await self.ledger.flush()  # the last second's requests
         await self.view.close()
         await self.upstream.close()
         self.access_log.flush()

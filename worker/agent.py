@@ -36,6 +36,7 @@ import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
+from llm_lab_router.ledger import retention_days as ledger_retention_days
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
@@ -51,6 +52,7 @@ from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
 from llm_lab_router.worker.placement import Placement, Placer
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from llm_lab_router.worker.gpu_time import GpuClock
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -78,6 +80,7 @@ class WorkerAgent:
                                started_at=time.time(), heartbeat_at=time.time())
         self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
         self.audit = AuditTrail(self.redis, self.keys, f"worker:{self.wid}", audit_maxlen())  # reloads, adoption
+        self.gpu_clock = GpuClock(self.redis, self.keys, self.wid, ledger_retention_days(), log)  # the usage ledger
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -127,7 +130,7 @@ class WorkerAgent:
         self.logs.start()
         loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run)]]
+            ("idle", self.idle.run), ("gpu time", self._gpu_time)]]
         intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
         reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -400,6 +403,14 @@ class WorkerAgent:
             if link.ok() or added:
                 self._request_resync()
                 self.logs.check_tail()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _gpu_time(self) -> None:
+        """Add the running models' GPU-seconds to the usage ledger, every heartbeat interval."""
+        while True:
+            stop_if_cancelled()
+            self.gpu_clock.tick(mp.instance for mp in self.models.values())
+            await self.gpu_clock.flush()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _devices(self) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Mapping
 
 import msgspec
 from llm_lab_router.audit import DEFAULT_MAXLEN as DEFAULT_AUDIT_MAXLEN
+from llm_lab_router.ledger import DEFAULT_RETENTION_DAYS
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 ENV_PREFIX = "LLM_ROUTER_"
@@ -56,6 +57,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # The audit trail (llm:audit, llm_router/audit.py) keeps about this many entries (workers:
     # the same LLM_ROUTER_AUDIT_MAXLEN).
     audit_maxlen: Annotated[int, msgspec.Meta(ge=100)] = DEFAULT_AUDIT_MAXLEN
+    # The usage ledger (llm:ledger:{hour}, llm_router/ledger.py) keeps each hour this many days
+    # (workers: the same LLM_ROUTER_LEDGER_RETENTION_DAYS); routers write it once a second.
+    ledger_retention_days: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_RETENTION_DAYS
     # Log streaming (SSE).
     keepalive_interval: Seconds = 15.0
     log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt

@@ -131,6 +131,29 @@ class AuditList(Ok, kw_only=True):
     entries: list[AuditEntry]
 
 
+class UsageRow(msgspec.Struct, kw_only=True):
+    """One line of the report: a key, group or model over the period."""
+
+    name: str
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_estimated: int = 0  # the part of tokens_in + tokens_out estimated (no usage reported)
+    gpu_hours: float = 0.0
+
+
+class UsageReport(Ok, kw_only=True):
+    """``GET /api/usage``: the ledger over ``[since, until]`` (unix times, whole hours), one row
+    per ``by`` (key, group or model), and their total."""
+
+    since: float
+    until: float
+    by: str
+    rows: list[UsageRow]
+    total: UsageRow
+
+
 class Outcome:
     """An admin action's answer, once it has one (``BaseHandler.audited`` records it)."""
 

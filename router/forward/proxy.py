@@ -208,14 +208,15 @@ class Proxy:
         if model is None or entry is None:
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found")
         rec.model = model
+        # the tokens' estimate when no usage comes back (the ledger, a key's tpm): body bytes / 4
+        # for the prompt, one token per SSE event relayed
+        rec.prompt_estimate, rec.events = len(req.body) // 4, 0
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
         if rec.caller is not None and rec.caller.access is not None:  # keys with permissions only
             rec.caller.access.check_use(name, names_of(name, model, entry.aliases))
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
             rec.lease = await self.quotas.admit(rec.caller, len(req.body))
-            if rec.lease is not None and rec.lease.counts_tokens:
-                rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
             if rec.lease is not None and rec.lease.member:
                 sink = Releasing(sink, self.quotas, rec.lease)
         if not entry.fallbacks:

@@ -49,6 +49,7 @@ ROUTES = [
     (rf"/api/logs/{ALIAS}/clear", h.LogClearHandler),
     (r"/api/devices/info", h.DevicesHandler),
     (r"/api/audit", h.AuditHandler),
+    (r"/api/usage", h.UsageHandler),
     (r"/openapi.json", h.OpenApiHandler),
     (r"/debug/stats", h.DebugStatsHandler),
     (r"/metrics", h.MetricsHandler),

@@ -288,6 +288,16 @@ class AccessPolicy:
         """Keys are on. Without keys the handler skips the check, cookie parsing included."""
         return self.ring.enabled
 
+    def role(self, method: str, authorization: str | None, cookie: str | None) -> tuple[Role, KeyProfile | None]:
+        """The role the presented key grants and its profile, for a route that answers each
+        role differently (``/api/usage``), whatever ``read_access`` says: ``ADMIN`` with keys
+        off (everyone may do everything), ``PUBLIC`` for no key or an unknown one."""
+        if not self.ring.enabled:
+            return Role.ADMIN, None
+        key = presented_key(method, authorization, cookie)
+        role, profile = self.ring.identify(key) if key else (None, None)
+        return role or Role.PUBLIC, profile
+
     def check(self, method: str, path: str, authorization: str | None, cookie: str | None) -> KeyProfile | None:
         """Raise 401 (no or unknown key) or 403 (a client key on an admin route); return the
         key's profile (name, limits) when the keys file gave it one."""

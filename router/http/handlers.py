@@ -17,11 +17,13 @@ from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
-from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
+from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy, Role
 from llm_lab_router.audit import NO_NAME, Action
 from llm_lab_router.router.control.admin import InScope
 from llm_lab_router.router.control.client import Origin
-from llm_lab_router.router.core.responses import AuditList, Outcome, audit_fields
+from llm_lab_router.ledger import hour_of
+from llm_lab_router.router.core.responses import AuditList, Outcome, UsageReport, audit_fields
+from llm_lab_router.router.observe.ledger import read_hours, report, totals
 from llm_lab_router.router.limits.access import Access
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
@@ -138,6 +140,20 @@ class BaseHandler(tornado.web.RequestHandler):
         """403 unless the model ``alias`` is within the caller's admin scope."""
         if (access := self.access) is not None and access.admin is not None:
             access.check_admin(alias, self.services.manager.names(alias))
+
+    def role(self) -> tuple[Role, KeyProfile | None]:
+        """The caller's role and profile (a route that answers each role differently); 401
+        without a key."""
+        access: AccessPolicy | None = self.settings.get("access")
+        if access is None:
+            return Role.ADMIN, None
+        req = self.request
+        authorization = req.headers.get("Authorization")
+        cookie = self.get_cookie(COOKIE) if not authorization and req.method in SAFE_METHODS else None
+        role, profile = access.role(req.method or "GET", authorization, cookie)
+        if role is Role.PUBLIC:
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        return role, profile
 
     @property
     def origin(self) -> Origin:
@@ -348,6 +364,22 @@ class LogClearHandler(BaseHandler):
             self.check_scope(alias)
             out.body = await self.services.manager.clear_logs(alias, keep_minutes)
         self.reply(out.body)
+
+
+class UsageHandler(BaseHandler):
+    """``GET /api/usage``: the usage ledger (router/observe/ledger.py); an admin key sees every
+    key, a client key its own rows only."""
+
+    QUERY = ("since", "by")
+
+    async def get(self) -> None:
+        since = self.params.since.parse(self.query_args)
+        by = self.params.by.parse(self.query_args)
+        role, caller = self.role()
+        only = None if role is Role.ADMIN else caller.name if caller is not None else NO_NAME
+        until = time.time()
+        rows = report(await read_hours(self.services.redis, self.services.keys, until - since, until), by, only)
+        self.reply(UsageReport(since=hour_of(until - since), until=until, by=by, rows=rows, total=totals(rows)))
 
 
 class AuditHandler(BaseHandler):

@@ -27,6 +27,7 @@ from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
     AllStopped,
     AuditList,
+    UsageReport,
     Cleared,
     DevicesResult,
     Health,
@@ -46,7 +47,7 @@ from llm_lab_router.router.logs.stream import LogEvent
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
 RESPONSES = (ServerInfo, Health, ModelList, ModelCard, ModelInfo, Started, Stopped, AllStopped, Cleared, Restarted,
-             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError, AuditList)
+             LogStatsResult, DevicesResult, DebugStats, LogEvent, Failure, OpenAIError, AuditList, UsageReport)
 
 
 # --- request bodies of the forwarded OpenAI operations (documentation only: the engine parses them) ---
@@ -212,6 +213,9 @@ def paths(options: RouterOptions) -> Json:
         "/api/audit": {"get": _op("the audit trail: who started, stopped, evicted, cleared what, when, from "
                                   "where, with what result (oldest first)", _ref(AuditList), 503,
                                   params=[q.since.openapi(), q.limit.openapi()], admin=True)},
+        "/api/usage": {"get": _op("the usage ledger: requests, errors, tokens and GPU hours per key, group or "
+                                  "model (an admin key: every key; a client key: its own)", _ref(UsageReport), 503,
+                                  params=[q.since.openapi(), q.by.openapi()])},
     }
 
 

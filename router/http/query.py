@@ -170,6 +170,25 @@ class Duration(Param):
         return {"type": "string", "pattern": DURATION.pattern.join("^$"), "default": self.default}
 
 
+@dataclass(frozen=True, kw_only=True)
+class Choice(Param):
+    """One of a few words."""
+
+    choices: tuple[str, ...]
+    default: str
+
+    def parse(self, args: Args) -> str:
+        text = self.raw(args)
+        if text is None:
+            return self.default
+        if text not in self.choices:
+            raise invalid(f"{self.name} must be one of {', '.join(self.choices)}, got {text!r}")
+        return text
+
+    def schema(self) -> Json:
+        return {"type": "string", "enum": list(self.choices), "default": self.default}
+
+
 @dataclass(frozen=True)
 class RouteParams:
     """Every query parameter of the API, with the defaults and limits of this router's options."""
@@ -181,10 +200,11 @@ class RouteParams:
     worker: Name
     since: Duration
     limit: Count
+    by: Choice
 
     def by_name(self) -> dict[str, Param]:
         return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker,
-                                    self.since, self.limit)}
+                                    self.since, self.limit, self.by)}
 
 
 @functools.cache
@@ -207,9 +227,11 @@ def route_params(options: RouterOptions) -> RouteParams:
                                                "lists them); unknown, not live, or without the model in its "
                                                "catalog: 404",
                     absent="every host: a start goes where the scheduler places it, a stop reaches every host"),
-        since=Duration(name="since", default="1d", description="how far back, e.g. 90s, 15m, 12h, 1d, 2w",
+        since=Duration(name="since", default="1d", description="how far back, e.g. 90s, 15m, 12h, 1d, 30d, 2w",
                        absent="1d, the last day"),
         limit=Count(name="limit", default=1000, minimum=1, maximum=100_000,
                     description="at most this many entries, the latest ones",
                     absent="1000, the latest 1000 entries"),
+        by=Choice(name="by", choices=("key", "group", "model"), default="key",
+                  description="one row per key, group or model", absent="key"),
     )
