@@ -27,6 +27,7 @@ from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.forward.balancer import Balancer
 from llm_lab_router.router.forward.proxy import Proxy
 from llm_lab_router.router.forward.upstream import Upstream
+from llm_lab_router.router.limits.budgets import Budgets
 from llm_lab_router.router.limits.quotas import Quotas
 from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
@@ -67,8 +68,9 @@ class Services:
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
                              self.options.quota_redis_down, self.metrics)
+        self.budgets = Budgets(self.redis, self.keys, self.options.quota_redis_down, self.options.budget_refresh)
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
-                           usage=self.usage, quotas=self.quotas)
+                           usage=self.usage, quotas=self.quotas, budgets=self.budgets)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
         self.log_pages = pooled(redis_url, self.options.log_connections, wait=30.0)
         self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)

@@ -5,12 +5,11 @@ with a real TOML keys file."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT, wait_for
 from helpers import (
+    assert_bad_keys_file,
     chat_body,
     model_block,
     request,
@@ -161,20 +160,13 @@ def test_a_scoped_admin_key_acts_within_its_scope_only(lab) -> None:
     ("admin = []", "keys[0] ('a'): field 'admin'"),
 ])
 def test_a_bad_permission_stops_the_router_with_one_line(tmp_path, entry, message) -> None:
-    path = tmp_path / "keys.toml"
-    path.write_text(f'[[keys]]\nname = "a"\nkey = "0123456789abcdef0123"\n{entry}\n')
-    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--api-keys-file", str(path)],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and str(path) in done.stderr and message in done.stderr, done.stderr
+    assert_bad_keys_file(tmp_path / "keys.toml", f'[[keys]]\nname = "a"\nkey = "0123456789abcdef0123"\n{entry}\n',
+                         message)
 
 
 def test_a_bad_group_permission_names_the_group(tmp_path) -> None:
-    path = tmp_path / "keys.toml"
-    path.write_text('[groups.g]\nstart = "all"\n[[keys]]\nname = "a"\nkey = "0123456789abcdef0123"\ngroup = "g"\n')
-    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--api-keys-file", str(path)],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and "group 'g': field 'start'" in done.stderr, done.stderr
+    assert_bad_keys_file(tmp_path / "keys.toml", '[groups.g]\nstart = "all"\n[[keys]]\nname = "a"\n'
+                         'key = "0123456789abcdef0123"\ngroup = "g"\n', "group 'g': field 'start'")
 
 
 def test_access_rules() -> None:

@@ -49,6 +49,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # unreachable, "open" admits unchecked, "closed" refuses (503).
     quota_lease_ttl: Annotated[float, msgspec.Meta(ge=0.3)] = 10.0
     quota_redis_down: Literal["open", "closed"] = "open"
+    # GPU-time budgets (router/limits/budgets.py): a group's use is re-read at most this often,
+    # when one of its requests would start a model; quota_redis_down applies to them too.
+    budget_refresh: Seconds = 10.0
     # Prefix-affinity routing (router/forward/affinity.py): no instance gets more than this factor × the
     # mean outstanding requests (this router's counts); a full preferred instance spills over.
     affinity_load_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.25

@@ -143,6 +143,16 @@ class UsageRow(msgspec.Struct, kw_only=True):
     gpu_hours: float = 0.0
 
 
+class BudgetState(msgspec.Struct, kw_only=True):
+    """A group's GPU-time budget as the usage report shows it (router/limits/budgets.py)."""
+
+    group: str
+    gpu_hours: float  # the budget
+    period: str  # day, week or month (UTC)
+    used_gpu_hours: float  # this period, so far
+    resets_at: float  # unix time the period ends
+
+
 class UsageReport(Ok, kw_only=True):
     """``GET /api/usage``: the ledger over ``[since, until]`` (unix times, whole hours), one row
     per ``by`` (key, group or model), and their total."""
@@ -152,6 +162,7 @@ class UsageReport(Ok, kw_only=True):
     by: str
     rows: list[UsageRow]
     total: UsageRow
+    budgets: list[BudgetState] = []  # the groups' GPU-time budgets this period (an admin's report)
 
 
 class Outcome:

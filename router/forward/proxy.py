@@ -48,6 +48,7 @@ from llm_lab_router.router.forward.upstream import (
     forward_headers,
 )
 from llm_lab_router.router.limits.access import names_of
+from llm_lab_router.router.limits.budgets import Budgets
 from llm_lab_router.router.limits.concurrency import Limits, process_share
 from llm_lab_router.router.limits.quotas import Lease, Quotas
 from llm_lab_router.router.observe.accesslog import RequestRecord
@@ -185,8 +186,10 @@ class ProxyRequest(msgspec.Struct, kw_only=True):
 class Proxy:
     def __init__(self, view: ClusterView, control: ControlClient, balancer: Balancer, upstream: Upstream,
                  options: RouterOptions, metrics: RouterMetrics | None = None,
-                 usage: UsageReporter | None = None, quotas: Quotas | None = None) -> None:
+                 usage: UsageReporter | None = None, quotas: Quotas | None = None,
+                 budgets: Budgets | None = None) -> None:
         self.metrics = metrics or RouterMetrics()
+        self.budgets = budgets  # GPU-time budgets of groups that have one (router/limits/budgets.py)
         self.quotas = quotas  # cluster-wide limits of keys that have some (router/limits/quotas.py)
         self.usage = usage  # reports use of each model (idle unload, eviction)
         self.limits = Limits(options.queue_limit, options.queue_timeout)
@@ -259,6 +262,7 @@ class Proxy:
             if not entry.on_demand:
                 raise Unservable(503, f"model '{name}' is not running", "model_not_running")
             self._check_start(model, name, entry, rec)
+            await self._check_budget(model, rec)
             if stream:
                 await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec,
                                           fallback)
@@ -283,6 +287,17 @@ class Proxy:
                 access.check_start(name, names_of(name, model, entry.aliases))
             except ApiError as exc:
                 raise Unservable.of(exc) from None  # a fallback that runs may serve
+
+    async def _check_budget(self, model: str, rec: RequestRecord) -> None:
+        """A 429 when this request would start ``model`` and its group has used its GPU-time
+        budget; none when a start is already under way for someone else."""
+        budget = rec.caller.budget if rec.caller is not None else None
+        if budget is None or self.budgets is None or self.control.start_underway(model):
+            return
+        try:
+            await self.budgets.check(budget)
+        except ApiError as exc:
+            raise Unservable.of(exc) from None  # a fallback that runs may serve
 
     async def _ensure_running(self, model: str, name: str, rec: RequestRecord) -> None:
         """Start ``model`` on demand (shared with other requests) and wait until it runs; a

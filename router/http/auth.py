@@ -37,6 +37,7 @@ from typing import Iterable, Literal, Mapping, TypeVar
 import msgspec
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.limits.access import access_of
+from llm_lab_router.router.limits.budgets import Budget
 from llm_lab_router.router.limits.profile import GroupSpec, KeyProfile, KeySpec, LimitSpec, Name
 
 COOKIE = "llm_router_key"
@@ -135,6 +136,8 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
             raise KeyFileError(f"{where}: the name {spec.name!r} is given twice (names label metrics and quotas)")
         if spec.group is not None and spec.group not in groups:
             raise KeyFileError(f"{where}: field 'group': no group {spec.group!r} in 'groups'")
+        if spec.gpu_hours is not None:
+            raise KeyFileError(f"{where}: field 'gpu_hours': a GPU-time budget belongs to a group ([groups.*])")
         digests = parse_keys(spec.key, f"{where}: field 'key'")
         if len(digests) != 1:
             raise KeyFileError(f"{where}: field 'key': exactly one key (plain or sha256:<hex>)")
@@ -146,7 +149,9 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
             name=spec.name, group=spec.group, priority=spec.priority, weight=spec.weight,
             key_limits=limits_of(spec), group_limits=limits_of(group), access=access_of(
                 spec.name, own_or_group(spec.models, group.models), own_or_group(spec.start, group.start),
-                own_or_group(spec.admin, group.admin)))
+                own_or_group(spec.admin, group.admin)),
+            budget=Budget(group=spec.group, gpu_hours=group.gpu_hours, period=group.budget_period)
+            if spec.group and group.gpu_hours is not None else None)
     return found
 
 
@@ -211,6 +216,11 @@ class KeyRing:
     @property
     def enabled(self) -> bool:
         return bool(self.client or self.admin)
+
+    def budgets(self) -> list[Budget]:
+        """The groups' GPU-time budgets, once each, by group."""
+        found = {p.budget.group: p.budget for p in self.profiles.values() if p.budget is not None}
+        return [found[g] for g in sorted(found)]
 
     def role_of(self, key: str) -> Role | None:
         """The role ``key`` grants, ``None`` if it is no key of ours. Every digest is compared."""

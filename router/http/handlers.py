@@ -379,7 +379,13 @@ class UsageHandler(BaseHandler):
         only = None if role is Role.ADMIN else caller.name if caller is not None else NO_NAME
         until = time.time()
         rows = report(await read_hours(self.services.redis, self.services.keys, until - since, until), by, only)
-        self.reply(UsageReport(since=hour_of(until - since), until=until, by=by, rows=rows, total=totals(rows)))
+        access: AccessPolicy | None = self.settings.get("access")
+        if role is Role.ADMIN:  # every group's budget; a client: its own group's
+            budgets = access.ring.budgets() if access is not None else []
+        else:
+            budgets = [caller.budget] if caller is not None and caller.budget is not None else []
+        self.reply(UsageReport(since=hour_of(until - since), until=until, by=by, rows=rows, total=totals(rows),
+                               budgets=await self.services.budgets.states(budgets)))
 
 
 class AuditHandler(BaseHandler):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from llm_lab_router.router.limits.access import Access
+from llm_lab_router.router.limits.budgets import Budget
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a model id, alias or glob
@@ -33,6 +34,9 @@ class GroupSpec(LimitSpec, kw_only=True, frozen=True, forbid_unknown_fields=True
     models: Patterns | None = None  # what its keys may use (absent: everything)
     start: Literal["any", "listed", "none"] | None = None  # which models their requests may start
     admin: Patterns | None = None  # an admin scope: the models its keys may start, stop, clear
+    # a GPU-time budget (groups only): over it, the group's requests may not start models
+    gpu_hours: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    budget_period: Literal["day", "week", "month"] = "month"
 
 
 class KeySpec(GroupSpec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -55,3 +59,4 @@ class KeyProfile(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     weight: float = 1.0
     access: Access | None = None  # its permissions; None: everything its role allows (no cost)
+    budget: Budget | None = None  # its group's GPU-time budget (router/limits/budgets.py)
