@@ -7,6 +7,8 @@ One hash per hour, ``llm:ledger:{hour}`` (``hour``: the unix time the hour start
   client gone), ``in``/``out`` (prompt/completion tokens, reported or estimated), ``est_in``/
   ``est_out`` (the part of them estimated: the answer reported no usage); ``key``/``group``:
   names from the keys file, ``-`` for none);
+- ``load|{key}|{group}|{model}`` (routers): starts of the model for that key (a request's on
+  demand, an operator's ``/start``): the model's GPU time nobody uses is charged to it;
 - ``gpu|{model}|{worker}`` (workers): GPU-seconds the model was resident there (time running ×
   its GPUs).
 
@@ -31,6 +33,7 @@ SEP = "|"
 NONE = "-"  # a key or group without a name
 METRICS = ("req", "err", "in", "out", "est_in", "est_out")
 GPU = "gpu"
+LOAD = "load"  # load|{key}|{group}|{model}: starts of the model by that key (its unused GPU time is theirs)
 
 
 def hour_of(t: float) -> int:

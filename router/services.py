@@ -63,7 +63,8 @@ class Services:
         self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
         self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics, audit=self.audit)
+                                     scheduler=self.options.scheduler, metrics=self.metrics, audit=self.audit,
+                                     ledger=self.ledger)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,

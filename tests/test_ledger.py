@@ -1,6 +1,6 @@
 """The usage ledger (llm_router/ledger.py, router/observe/ledger.py, worker/gpu_time.py), end to
 end: two real routers and a real worker on a stand-in 40 GB GPU; two keys in two groups use two
-models through both routers; a third model is started by an operator and used by nobody. The
+models through both routers; a third model (auto_start) is used by nobody. The
 ledger's sums equal the engines' own request counts; GPU time is split by tokens; idle
 residency goes to ``idle``."""
 
@@ -60,7 +60,8 @@ def rows(body: dict) -> dict[str, dict]:
 
 def test_the_ledger_counts_every_request_once_across_routers_and_splits_gpu_time(procs, redis_url, tmp_path):
     wid, b, c, d = uid("w"), uid("b"), uid("c"), uid("d")
-    config = write_config(tmp_path / "host.toml", gpu_model(b, 10000), gpu_model(c, 10000), gpu_model(d, 10000))
+    config = write_config(tmp_path / "host.toml", gpu_model(b, 10000), gpu_model(c, 10000),
+                          gpu_model(d, 10000, auto_start=True))
     start_worker(procs, redis_url, config, wid, env=fake_gpu_env(40000))
     keys = tmp_path / "keys.toml"
     keys.write_text(KEYS_TOML)
@@ -77,7 +78,6 @@ def test_the_ledger_counts_every_request_once_across_routers_and_splits_gpu_time
                        body=chat_body(c, stream=True, max_tokens=4))  # no usage asked for: estimated
     assert stream.status == 200 and stream.events_until(lambda ev: ev.get("data") == "[DONE]")[-1]["data"] == "[DONE]"
     stream.close()
-    assert request("POST", f"{r1.url}/api/models/{d}/start", headers=auth("ops"), timeout=30).status == 200
     served = sum(engine_stats(instances(r1, m)[wid]["url"])["requests"] for m in (b, c))
     assert served == 11
 
@@ -96,7 +96,7 @@ def test_the_ledger_counts_every_request_once_across_routers_and_splits_gpu_time
     wait_for(lambda: all(rows(usage(r1, query="?by=model")).get(m, {}).get("gpu_hours", 0) > 0 for m in (b, c, d)),
              timeout=10, message="GPU time of the three models")
     body = usage(r1, query="?by=model")
-    assert "idle" in rows(usage(r1)) and rows(usage(r1))["idle"]["requests"] == 0  # d: nobody used it
+    assert "idle" in rows(usage(r1)) and rows(usage(r1))["idle"]["requests"] == 0  # d: auto_start, unused
     by_key_total = sum(r["gpu_hours"] for r in usage(r1)["rows"])
     assert abs(by_key_total - body["total"]["gpu_hours"]) < 1e-3
 
@@ -120,12 +120,16 @@ def test_gpu_time_splits_by_tokens_then_requests_and_goes_to_idle_unused() -> No
     hour = {"gpu|m|w1": "30", "gpu|m|w2": "30", "gpu|n|w1": "10", "gpu|u|w1": "7",
             "req|a|g|m": "1", "in|a|g|m": "30", "req|b|-|m": "3", "in|b|-|m": "10",
             "req|a|g|n": "2", "req|b|-|n": "3"}
-    counts, gpu = parse_hour(hour)
-    assert gpu == {"m": 60.0, "n": 10.0, "u": 7.0}
+    counts, gpu, loads = parse_hour(hour)
+    assert (gpu, loads) == ({"m": 60.0, "n": 10.0, "u": 7.0}, {})
     shares = gpu_shares(counts, gpu)
     assert shares == {("a", "g", "m"): 45.0, ("b", "-", "m"): 15.0, ("a", "g", "n"): 4.0, ("b", "-", "n"): 6.0,
                       ("idle", "idle", "u"): 7.0}
     by_key = {r.name: r for r in report({0: hour}, "key")}
-    assert (by_key["a"].requests, round(by_key["a"].gpu_hours * 3600, 3)) == (3, 49.0)
+    assert by_key["a"].requests == 3 and abs(by_key["a"].gpu_hours * 3600 - 49.0) < 0.01
     assert [r.name for r in report({0: hour}, "key", only_key="b")] == ["b"]
+    # u was started by c in an earlier hour and left unused since: its GPU time is c's
+    earlier = {"load|c|g2|u": "1", "gpu|u|w1": "5"}
+    by_key = {r.name: r for r in report({0: earlier, HOUR: hour}, "key")}
+    assert abs(by_key["c"].gpu_hours * 3600 - 12.0) < 0.01 and "idle" not in by_key
     assert split_by_hour(HOUR - 10, HOUR + 5) == [(0, 10), (HOUR, 5)]

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from redis.asyncio import Redis
 
@@ -32,6 +32,7 @@ from llm_lab_router.protocol import (
 )
 from llm_lab_router.router.core.errors import WaitReason
 from llm_lab_router.router.control.explain import no_room_reason, retry_after, starting_reason, swap_reason
+from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
@@ -52,13 +53,28 @@ CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starvin
 PRIORITY_ANY = 2 ** 31  # an operator's start (admin API): above every key priority, so no priority holds it back
 
 
+class Caller(Protocol):
+    """What a start needs of a key (``router.limits.profile.KeyProfile`` has it)."""
+
+    name: str
+    group: str | None
+
+
 class Origin(msgspec.Struct, frozen=True, kw_only=True):
     """Who a start is for (the audit trail): the key's name and the client's address;
     ``on_demand``: a request's start (recorded here), else an admin's (its handler records it)."""
 
     who: str = NO_NAME
+    group: str = NO_NAME  # the key's group: the usage ledger charges it the load's idle GPU time
     client: str = ""
     on_demand: bool = True
+
+    @classmethod
+    def of(cls, caller: Caller | None, client: str, on_demand: bool = True) -> "Origin":
+        """The origin of a request or action of ``caller`` (``None``: a key without a name)."""
+        if caller is None:
+            return cls(client=client, on_demand=on_demand)
+        return cls(who=caller.name, group=caller.group or NO_NAME, client=client, on_demand=on_demand)
 
 
 class ControlError(Exception):
@@ -149,7 +165,8 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None, audit: AuditTrail | None = None) -> None:
+                 metrics: RouterMetrics | None = None, audit: AuditTrail | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -158,6 +175,7 @@ class ControlClient:
         self.scheduler = scheduler
         self.metrics = metrics
         self.audit = audit  # on-demand starts and evictions, with the key they were for
+        self.ledger = ledger  # who started each model: its unused GPU time is theirs
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
@@ -303,16 +321,20 @@ class ControlClient:
             log.warning("start of %s failed: %s", model, task.exception())
 
     async def _start_for(self, model: str, timeout: float, host: str | None, origin: Origin) -> Reply:
-        """``_start``, recorded in the audit trail when it is a request's (on demand)."""
-        if not origin.on_demand or self.audit is None:
-            return await self._start(model, timeout, host, origin)
+        """``_start``, recorded in the audit trail when it is a request's (on demand) and, once
+        it runs, in the usage ledger as loaded by ``origin``."""
+        audit = self.audit if origin.on_demand else None
         try:
             reply = await self._start(model, timeout, host, origin)
         except ControlError as exc:
-            await self.audit.record(origin.who, "on_demand_start", model=model, client=origin.client,
-                                    result=exc.message)
+            if audit is not None:
+                await audit.record(origin.who, "on_demand_start", model=model, client=origin.client,
+                                   result=exc.message)
             raise
-        await self.audit.record(origin.who, "on_demand_start", model=model, client=origin.client, host=reply.worker)
+        if self.ledger is not None:
+            self.ledger.loaded(origin.who, origin.group, model)
+        if audit is not None:
+            await audit.record(origin.who, "on_demand_start", model=model, client=origin.client, host=reply.worker)
         return reply
 
     async def _start(self, model: str, timeout: float, host: str | None = None,

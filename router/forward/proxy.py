@@ -25,7 +25,6 @@ from typing import AsyncIterator, Iterable
 
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Instance, Mode
-from llm_lab_router.audit import NO_NAME
 from llm_lab_router.router.control.client import ControlClient, ControlError, Origin, describe_failure, start_failed
 from llm_lab_router.router.control.explain import slot_reason
 from llm_lab_router.router.control.in_use import UsageReporter
@@ -309,7 +308,7 @@ class Proxy:
             caller = rec.caller
             await self.control.ensure_running(
                 model, self.options.start_timeout, priority=caller.priority if caller is not None else 0,
-                origin=Origin(who=caller.name if caller is not None else NO_NAME, client=rec.client()))
+                origin=Origin.of(caller, rec.client()))
         except ControlError as exc:
             raise Unservable.of(start_failed(f"model '{name}' could not be started: {describe_failure(exc)}",
                                              exc)) from None

@@ -158,8 +158,7 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def origin(self) -> Origin:
         """The caller as the audit trail names it: its key's name and its address."""
-        return Origin(who=self.caller.name if self.caller is not None else NO_NAME,
-                      client=self.request.remote_ip or "", on_demand=False)
+        return Origin.of(self.caller, self.request.remote_ip or "", on_demand=False)
 
     @asynccontextmanager
     async def audited(self, action: Action, model: str = "") -> AsyncIterator[Outcome]:

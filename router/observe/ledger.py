@@ -10,7 +10,9 @@ A router killed with ``kill -9`` loses at most its last second.
 GPU time: workers add each model's resident GPU-seconds per hour (``worker.gpu_time``); the
 report gives each key the share of a model's GPU time, in that hour, that its tokens are of
 the model's tokens (its requests' share, when no tokens were counted). An hour a model was
-resident and nobody used goes to ``idle``.
+resident and nobody used goes to the key that last started it (a request's on-demand start,
+or an operator's ``/start``: ``Ledger.loaded``), else (``auto_start``, a start before the
+report's period) to ``idle``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
-from llm_lab_router.ledger import GPU, HOUR, METRICS, NONE, SEP, expire_at, hour_of, usage_field
+from llm_lab_router.ledger import GPU, HOUR, LOAD, METRICS, NONE, SEP, expire_at, hour_of, usage_field
 from llm_lab_router.protocol import Keys
 from llm_lab_router.router.core.responses import UsageRow
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord, Usage, token_counts
@@ -62,6 +64,12 @@ class Ledger:
             if value:
                 field = (hour, usage_field(metric, key, group, model))
                 pending[field] = pending.get(field, 0) + value
+
+    def loaded(self, key: str, group: str, model: str) -> None:
+        """``key`` (of ``group``) started ``model`` (on demand, or an operator's start): the
+        model's GPU time nobody uses is charged to it (``gpu_shares``)."""
+        field = (hour_of(self.clock()), usage_field(LOAD, key, group, model))
+        self._pending[field] = self._pending.get(field, 0) + 1
 
     async def run(self) -> None:
         while True:
@@ -117,25 +125,32 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def parse_hour(fields: dict[str, str]) -> tuple[list[Counts], dict[str, float]]:
-    """One hour's hash: each key's counters per model, and GPU-seconds per model (all hosts)."""
+def parse_hour(fields: dict[str, str]) -> tuple[list[Counts], dict[str, float], dict[str, tuple[str, str]]]:
+    """One hour's hash: each key's counters per model, GPU-seconds per model (all hosts), and
+    who started each model that hour (of several, the first by name: any is right)."""
     counts: dict[tuple[str, str, str], Counts] = {}
     gpu: dict[str, float] = {}
-    for field, value in fields.items():
+    loads: dict[str, tuple[str, str]] = {}
+    for field, value in sorted(fields.items()):
         parts = field.split(SEP)
         if parts[0] == GPU and len(parts) >= 3:
             model = SEP.join(parts[1:-1])
             gpu[model] = gpu.get(model, 0.0) + float(value)
+        elif parts[0] == LOAD and len(parts) >= 4:
+            loads.setdefault(SEP.join(parts[3:]), (parts[1], parts[2]))
         elif parts[0] in METRICS and len(parts) >= 4:
             key, group, model = parts[1], parts[2], SEP.join(parts[3:])
             c = counts.setdefault((key, group, model), Counts(key=key, group=group, model=model))
             c.values[parts[0]] = c.values.get(parts[0], 0) + int(value)
-    return list(counts.values()), gpu
+    return list(counts.values()), gpu, loads
 
 
-def gpu_shares(counts: list[Counts], gpu: dict[str, float]) -> dict[tuple[str, str, str], float]:
+def gpu_shares(counts: list[Counts], gpu: dict[str, float],
+               loaders: dict[str, tuple[str, str]] | None = None) -> dict[tuple[str, str, str], float]:
     """GPU-seconds per (key, group, model) of one hour: each model's time split by its keys'
-    tokens (their requests, when none were counted); a model nobody used goes to ``idle``."""
+    tokens (their requests, when none were counted); a model nobody used goes to the key that
+    started it (``loaders``: model -> (key, group)), else (``auto_start``, or started before
+    the report's period) to ``idle``."""
     shares: dict[tuple[str, str, str], float] = {}
     for model, seconds in gpu.items():
         users = [c for c in counts if c.model == model]
@@ -144,7 +159,8 @@ def gpu_shares(counts: list[Counts], gpu: dict[str, float]) -> dict[tuple[str, s
             weights = [c.values.get("req", 0) for c in users]
         total = sum(weights)
         if not total:
-            shares[(IDLE, IDLE, model)] = shares.get((IDLE, IDLE, model), 0.0) + seconds
+            key, group = (loaders or {}).get(model, (IDLE, IDLE))
+            shares[(key, group, model)] = shares.get((key, group, model), 0.0) + seconds
             continue
         for c, w in zip(users, weights):
             shares[(c.key, c.group, model)] = shares.get((c.key, c.group, model), 0.0) + seconds * w / total
@@ -156,9 +172,11 @@ def report(hours: dict[int, dict[str, str]], by: By, only_key: str | None = None
     ``only_key``: a client's own rows only."""
     rows: dict[str, UsageRow] = {}
     pick = {"key": 0, "group": 1, "model": 2}[by]
-    for fields in hours.values():
-        counts, gpu = parse_hour(fields)
-        for (key, group, model), seconds in gpu_shares(counts, gpu).items():
+    loaders: dict[str, tuple[str, str]] = {}  # model -> who last started it, hour by hour
+    for _, fields in sorted(hours.items()):
+        counts, gpu, loads = parse_hour(fields)
+        loaders.update(loads)
+        for (key, group, model), seconds in gpu_shares(counts, gpu, loaders).items():
             if only_key is None or key == only_key:
                 row = rows.setdefault((key, group, model)[pick], UsageRow(name=(key, group, model)[pick]))
                 row.gpu_hours += seconds / 3600
