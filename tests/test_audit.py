@@ -15,13 +15,12 @@ import sys
 import pytest
 import redis.asyncio as aredis
 from conftest import wait_for
-from helpers import chat_body, request, start_router, start_worker
+from fake_nvml import fake_gpu_env
+from helpers import chat_body, request, start_router, start_worker, write_config
 from llm_lab_router.audit import AuditTrail
 from llm_lab_router.protocol import Keys
 from llm_lab_router.router.http.query import parse_duration
 from test_placement import gpu_model, uid, wait_devices
-from fake_nvml import fake_gpu_env
-from helpers import write_config
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "ops": "ops-admin-key-0123456789abcdef",
         "sam": "sam-scoped-key-0123456789abcdef"}

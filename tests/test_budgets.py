@@ -5,12 +5,18 @@ reset time); another key may, and then the group uses that model too."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 
+import pytest
+import redis.asyncio as aredis
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
 from helpers import assert_bad_keys_file, chat_body, request, start_router, start_worker, write_config
-from llm_lab_router.router.limits.budgets import period_bounds
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.limits.budgets import Budget, Budgets, period_bounds
 from test_placement import gpu_model, uid, wait_devices
 
 KEYS = {"tiny": "tiny-budget-key-0123456789", "free": "free-budget-key-0123456789",
@@ -88,3 +94,18 @@ def test_periods_are_utc_days_iso_weeks_and_calendar_months() -> None:
     assert [(d.month, d.day, d.hour) for d in day] == [(2, 18, 0), (2, 19, 0)]
     assert [(d.month, d.day) for d in week] == [(2, 16), (2, 23)]
     assert [(d.month, d.day) for d in month] == [(2, 1), (3, 1)]
+
+
+def test_with_redis_down_a_budget_follows_the_quota_policy() -> None:
+
+    async def check(policy: str) -> None:
+        down = aredis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
+        try:
+            await Budgets(down, Keys(), policy).check(Budget(group="g", gpu_hours=1.0))  # type: ignore[arg-type]
+        finally:
+            await down.aclose()
+
+    asyncio.run(check("open"))  # admitted unchecked
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(check("closed"))
+    assert (refused.value.status, refused.value.code) == (503, "quota_unavailable")

@@ -6,17 +6,22 @@ residency goes to ``idle``."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
 import subprocess
 import sys
 
+import redis.asyncio as aredis
 from conftest import wait_for
 from fake_nvml import fake_gpu_env
 from helpers import SseStream, chat_body, engine_stats, request, start_router, start_worker, write_config
 from llm_lab_router.ledger import HOUR
-from llm_lab_router.router.observe.ledger import gpu_shares, parse_hour, report
+from llm_lab_router.protocol import Keys
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.router.observe.accesslog import RequestRecord
+from llm_lab_router.router.observe.ledger import Ledger, gpu_shares, parse_hour, report
 from llm_lab_router.worker.gpu_time import split_by_hour
 from test_placement import gpu_model, instances, uid, wait_devices
 
@@ -133,3 +138,30 @@ def test_gpu_time_splits_by_tokens_then_requests_and_goes_to_idle_unused() -> No
     by_key = {r.name: r for r in report({0: earlier, HOUR: hour}, "key")}
     assert abs(by_key["c"].gpu_hours * 3600 - 12.0) < 0.01 and "idle" not in by_key
     assert split_by_hour(HOUR - 10, HOUR + 5) == [(0, 10), (HOUR, 5)]
+
+
+def test_a_ledger_write_redis_refused_is_added_later(redis_url) -> None:
+    """Redis unreachable: the counts are kept and written once it answers (no loss, no double)."""
+
+    async def run() -> dict:
+        keys = Keys(f"ledger-{uid('t')}:")
+        down = aredis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
+        up = aredis.Redis.from_url(redis_url, decode_responses=True)
+        ledger = Ledger(down, keys, retention_days=1, clock=lambda: 7200.5)
+        rec = RequestRecord("POST", "/v1/chat/completions", 0.0)
+        rec.model, rec.prompt_estimate = "m", 10
+        for status in (200, 200, 503):
+            ledger.add(rec, status, None)
+        await ledger.flush()  # refused: kept
+        ledger.add(rec, 200, None)
+        ledger.redis = up
+        await ledger.flush()
+        await ledger.flush()  # nothing left: nothing written twice
+        try:
+            return await up.hgetall(keys.ledger(7200))
+        finally:
+            await up.delete(keys.ledger(7200))
+            await up.aclose()
+            await down.aclose()
+
+    assert asyncio.run(run()) == {"req|-|-|m": "4", "err|-|-|m": "1", "in|-|-|m": "40", "est_in|-|-|m": "40"}
