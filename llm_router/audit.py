@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Literal, Mapping
 
 import msgspec
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import env_int
 from llm_lab_router.protocol import Keys
 
@@ -41,7 +41,7 @@ Action = Literal["start", "stop", "stop_all", "restart_autostart", "clear_logs",
 class AuditEntry(msgspec.Struct, kw_only=True):
     """One action, as ``GET /api/audit`` returns it (``id``: its stream id, set when read)."""
 
-    at: float  # unix time, the writer's clock, when the action ended
+    at: float  # unix time (Redis's clock: llm_router/clock.py) when the action ended
     who: str  # the key's name (``-``: no name), or ``worker:{id}`` for a worker's own action
     action: Action
     model: str = ""  # the model acted on ("" for stop_all, restart_autostart, reload)
@@ -75,7 +75,7 @@ class AuditTrail:
 
     async def record(self, who: str, action: Action, **fields) -> AuditEntry:
         """Append one entry (now); never raises for Redis: the action stands either way."""
-        entry = AuditEntry(at=time.time(), who=who, action=action, by=self.by, **fields)
+        entry = AuditEntry(at=CLOCK.now(), who=who, action=action, by=self.by, **fields)
         try:
             await self.redis.xadd(self.keys.audit(), {FIELD: _encoder.encode(entry)}, maxlen=self.maxlen,
                                   approximate=True)

@@ -200,37 +200,50 @@ def config_group() -> None:
 @config_group.command("check")
 @click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--portable", is_flag=True,
-              help="Only validate the file: skip the checks against this host (programs, model files).")
+              help="Only validate the file: skip the checks against this host (programs, Python modules, "
+                   "model files).")
 def config_check(config_paths: tuple[str, ...], portable: bool) -> None:
     """Validate config files; list each model with its engine and resolved command.
 
-    A bad file is one line on stderr and exit status 2. Then, unless --portable, what will
-    surely fail on this host (a program not on the model's PATH, a missing model file, a
-    health path the engine does not serve): one ``error:`` line each, exit status 1.
-    Warnings (valid, but probably not what was meant) go to stderr too."""
+    Every problem of a file at once, one ``error: file:line: model 'id': field: problem`` line
+    each on stderr; a file that is not valid makes the exit status 2. Then, for a valid file and
+    unless --portable, what will surely fail on this host (a program not on the model's PATH, a
+    Python module its interpreter cannot find, a missing model file, a health path the engine
+    does not serve), in the same form: exit status 1. Warnings (valid, but probably not what
+    was meant) go to stderr too."""
+    status = max(_check_one(path, portable) for path in config_paths)
+    if status:
+        sys.exit(status)
+
+
+def _check_one(config_path: str, portable: bool) -> int:
+    """``config check`` of one file: its exit status (0 ok, 1 problems on this host, 2 invalid)."""
+    from llm_lab_router.config import Problem, read_config
     from llm_lab_router.hostcheck import host_problems
 
-    failed = False
-    for config_path in config_paths:
-        cfg = _load(config_path)
-        config_dir = str(Path(config_path).resolve().parent)
-        problems = 0
-        for m in cfg.models:
-            click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
-            click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
-            for warning in presets.warnings(m):
-                click.echo(f"warning: {warning}", err=True)
-            for problem in [] if portable else host_problems(m, config_dir):
-                click.echo(f"error: {config_path}: {m.id}: {problem}", err=True)
-                problems += 1
-        if problems:
-            failed = True
-            click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host "
-                       f"({len(cfg.models)} models)")
-        else:
-            click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
-    if failed:
-        sys.exit(1)
+    checked = read_config(config_path)
+    for problem in checked.problems:
+        click.echo(f"error: {problem}", err=True)
+    if (cfg := checked.config) is None:
+        click.echo(f"{config_path}: not valid ({len(checked.problems)} problem{'s' * (len(checked.problems) != 1)})")
+        return 2
+    config_dir = str(Path(config_path).resolve().parent)
+    problems = 0
+    for i, m in enumerate(cfg.models):
+        click.echo(f"{m.id:24} {m.engine:16} {m.mode:10} {', '.join(m.aliases)}")
+        click.echo(f"    {_show_argv(redact_argv(m.command))}")  # keys in flags stay off screens and CI logs
+        for warning in presets.warnings(m):
+            click.echo(f"warning: {warning}", err=True)
+        for found in [] if portable else host_problems(m, config_dir):
+            field, _, message = found.partition(": ")
+            click.echo(f"error: {Problem(config_path, checked.line(i, field), f'model {m.id!r}', field, message)}",
+                       err=True)
+            problems += 1
+    if problems:
+        click.echo(f"{config_path}: {problems} problem{'s' * (problems != 1)} on this host ({len(cfg.models)} models)")
+        return 1
+    click.echo(f"{config_path}: ok ({len(cfg.models)} models)")
+    return 0
 
 
 main.add_command(config_check, "config-check")  # the first spelling, kept for scripts
@@ -242,11 +255,15 @@ def _show_argv(argv: list[str]) -> str:
 
 
 def _load(config_path: str | None):
+    """The config to run, or exit 2 with one ``error:`` line per problem of the file."""
     try:
         return load_config(config_path or os.environ.get("LLM_ROUTER_CONFIG") or default_config_path())
-    except (ConfigError, MissingFile) as exc:
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+    except MissingFile as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    sys.exit(2)
 
 
 client.register(main)

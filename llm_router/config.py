@@ -1,8 +1,11 @@
 """A host's model config: one TOML file, decoded with msgspec into typed structs.
 
-A bad file is a ``ConfigError`` whose message is one line naming the file, the field and
-the problem (``models.toml: Expected `int`, got `str` - at `$.models[0].port```), never a
-traceback. The CLI prints it and exits with status 2.
+A bad file is a ``ConfigError`` carrying every problem found in it at once, each one line
+``file:line: model 'id': field: problem (did you mean ...)`` (``Problem``), never a traceback:
+the schema is checked field by field (``schema_check``), the rules types cannot say after it
+(unique names, devices, ...), and a TOML syntax error is reworded with its line
+(``toml_text``). The CLI prints one line each and exits with status 2; the worker logs them
+and keeps the config in force (reload).
 """
 
 from __future__ import annotations
@@ -11,106 +14,47 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Mapping
+from typing import Annotated, Mapping
 
 import msgspec
-from llm_lab_router.presets import Engine, apply_preset
-from llm_lab_router.protocol import CatalogEntry, Mode, Routing
+from llm_lab_router.model_config import DeviceProfile, ModelConfig
+from llm_lab_router.presets import apply_preset
+from llm_lab_router.schema_check import check_table
+from llm_lab_router.toml_text import TablePath, TomlLines, syntax_problem
 
-MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file, said where it is so that it can be fixed without
+    reading the schema: ``file:line: model 'id': field: problem (did you mean ...)``.
+
+    ``subject`` is ``model 'id'`` (``models[i]`` while the id itself is missing), ``worker``, or
+    empty for the top level and for syntax errors; ``line`` is None where no line applies (an
+    unreadable file)."""
+
+    source: str
+    line: int | None
+    subject: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return ": ".join(part for part in (where, self.subject, self.field, self.message) if part)
+
+
 class ConfigError(ValueError):
-    """A config problem, worded for the operator: ``file: field: problem``."""
+    """A bad config file: every ``Problem`` found in it (its ``str`` joins them with "; ", one
+    log line; the CLI prints one line each)."""
 
-
-class DeviceProfile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One way to run a model. ``devices``: ``cuda:N`` (that GPU), ``cuda`` (any one GPU),
-    ``cpu``; ``vram_mb`` is needed on each GPU. ``args``/``env`` are added for this profile
-    only (e.g. ``-ngl 0`` for the CPU profile)."""
-
-    devices: list[str] = msgspec.field(default_factory=lambda: ["cpu"])
-    vram_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
-    args: list[str] = []
-    env: dict[str, str] = {}
-
-
-class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    id: Annotated[str, msgspec.Meta(pattern=MODEL_ID)]
-    # ``engine`` other than "command": ``model_path`` + the preset give command, health, timeouts
-    # and mode (see ``presets``); fields written in the file override the preset.
-    engine: Engine = "command"
-    command: list[str] = []  # required when engine = "command"; after parse_config, always set
-    model_path: str = ""  # GGUF file (llama.cpp), Hub id or folder (vllm, sglang, tei)
-    engine_args: list[str] = []  # appended to the command (preset or explicit)
-    aliases: list[str] = []
-    mode: Mode = "chat"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0 = auto-assigned from port_range
-    env: dict[str, str] = {}
-    cwd: str = ""
-    health: str = "/health"
-    startup_timeout: Annotated[float, msgspec.Meta(gt=0)] = 120.0
-    stop_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
-    auto_start: bool = False
-    on_demand: bool = True  # start when a request for it arrives
-    idle_ttl: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # seconds unused before unload; 0 = never
-    max_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0  # per instance; 0 = unlimited
-    # Swap-aware scheduling (router/control/scheduler.py): once loaded, stay at least min_residency s
-    # before a waiting model may evict it; a request waiting max_wait s overrides residency.
-    min_residency: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    max_wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0 = no bound
-    # Opt-in: residency ends early once the model has had nothing queued or in flight for
-    # idle_release s (0 = off: it stays its whole min_residency, used or not).
-    idle_release: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    restart: Literal["no", "on-failure", "always"] = "on-failure"
-    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3  # within restart_window, then `failed`
-    restart_window: Annotated[float, msgspec.Meta(gt=0)] = 300.0
-    owned_by: str = "llm-router"
-    created: int = 0
-    api_key: str = ""  # the engine's own key, if its server wants one: routers send it as Bearer
-    devices: list[str] = []  # shorthand for one profile
-    vram_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
-    profiles: list[DeviceProfile] = []  # ordered fallbacks; the first that fits is used
-    # Among several running instances: "affinity" (same conversation, same instance: its KV
-    # cache) or "least-outstanding". fallbacks: models (ids or aliases, on any host) tried in
-    # order when this one cannot serve a request (no room, failed start, unreachable, 429).
-    routing: Routing = "affinity"
-    fallbacks: list[str] = []
-
-    @property
-    def names(self) -> list[str]:
-        """The id and every alias: all the names a request may use."""
-        return [self.id, *[a for a in self.aliases if a != self.id]]
-
-    def device_profiles(self) -> list[DeviceProfile]:
-        if self.profiles:
-            return self.profiles
-        return [DeviceProfile(devices=self.devices or ["cpu"], vram_mb=self.vram_mb)]
-
-    def catalog_entry(self) -> CatalogEntry:
-        return CatalogEntry(
-            id=self.id,
-            aliases=self.names,
-            mode=self.mode,
-            owned_by=self.owned_by,
-            created=self.created,
-            auto_start=self.auto_start,
-            on_demand=self.on_demand,
-            idle_ttl=self.idle_ttl,
-            max_concurrency=self.max_concurrency,
-            vram_mb=[p.vram_mb if any(d.startswith("cuda") for d in p.devices) else 0
-                     for p in self.device_profiles()],
-            devices=[list(p.devices) for p in self.device_profiles()],
-            startup_timeout=self.startup_timeout,
-            routing=self.routing,
-            fallbacks=list(self.fallbacks),
-            min_residency=self.min_residency,
-            max_wait=self.max_wait,
-            idle_release=self.idle_release,
-        )
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(map(str, problems)))
 
 
 class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -162,59 +106,153 @@ def state_base(configured: str = "") -> Path:
     return Path(base).expanduser()
 
 
-def _check(cfg: HostConfig) -> None:
-    """Rules msgspec's types cannot say: unique names, sane aliases and devices."""
+@dataclass
+class Checked:
+    """What ``check_config`` found: the config (None unless the file is valid), every problem,
+    and where the file's keys are (``config check`` places the host's problems with it)."""
+
+    config: HostConfig | None
+    problems: list[Problem]
+    lines: TomlLines
+
+    def line(self, model: int, field: str) -> int | None:
+        """The line of a model's ``field``; its ``engine`` line when the preset supplied the
+        field (not written in the file); else the model's header."""
+        return self.lines.line_of(("models", model), field, "engine")
+
+    def valid(self) -> HostConfig:
+        """The config; ``ConfigError`` with every problem if the file is not valid."""
+        if self.config is None:
+            raise ConfigError(self.problems)
+        return self.config
+
+
+class _Collector:
+    """Collects ``Problem``s for one file, each placed by table and key (``schema_check.Report``)."""
+
+    def __init__(self, source: str, lines: TomlLines, raw: dict) -> None:
+        self.source, self.lines = source, lines
+        models = raw.get("models")
+        self.models = models if isinstance(models, list) else []
+        self.problems: list[Problem] = []
+        self.failed: set[TablePath] = set()  # ("worker",), ("models", i): tables with a problem
+
+    def __call__(self, table: TablePath, key: str, detail: str, message: str) -> None:
+        subject, inner = self.subject(table)
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*inner, key) if p != "")
+        line = self.lines.line_of(table, key, "engine") if table[:1] == ("models",) and len(table) == 2 else \
+            self.lines.line(table, key or None)
+        self.problems.append(Problem(self.source, line, subject, path.lstrip(".") + detail, message))
+        where = (*table, key)  # the model, the worker or the top-level key it belongs to
+        self.failed.add(where[:2] if where[:1] == ("models",) else where[:1])
+
+    def subject(self, table: TablePath) -> tuple[str, TablePath]:
+        """(``model 'id'`` or ``worker`` or "", the rest of the table's path)."""
+        if table[:1] == ("worker",):
+            return "worker", table[1:]
+        if table[:1] == ("models",) and len(table) > 1 and isinstance(table[1], int):
+            entry = self.models[table[1]] if table[1] < len(self.models) else None
+            mid = entry.get("id") if isinstance(entry, dict) else None
+            return (f"model {mid!r}" if isinstance(mid, str) and mid else f"models[{table[1]}]"), table[2:]
+        return "", table
+
+
+def check_config(text: str | bytes, source: str = "<config>") -> Checked:
+    """Every problem of a config text at once, each ``file:line: model 'id': field: problem``
+    (a TOML syntax error stops the reading: it is the one problem then)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = text[:exc.start].count(b"\n") + 1
+            return Checked(None, [Problem(source, line, "", "", "not UTF-8 text")], TomlLines())
+    lines = TomlLines.scan(text)
+    try:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as exc:
+        line, message = syntax_problem(str(exc), lines)
+        return Checked(None, [Problem(source, line, "", "", message)], lines)
+    report = _Collector(source, lines, raw)
+    check_table(raw, HostConfig, (), report)
+    models: list[ModelConfig] = []
     seen: dict[str, str] = {}
-    for i, m in enumerate(cfg.models):
-        for alias in m.names:
-            if not alias or ALIAS_FORBIDDEN.search(alias):
-                raise ConfigError(f"models[{i}].aliases: {alias!r} is not a valid alias "
+    for i, written in enumerate(report.models):
+        if isinstance(written, dict) and ("models", i) not in report.failed and (model := _model(i, written, report)):
+            _model_rules(i, model, seen, report)
+            models.append(model)
+        elif isinstance(written, dict):  # an entry with problems: its names still count against the next ones
+            for name in _written_names(written):
+                seen.setdefault(name, str(written.get("id")))
+    if ("worker",) not in report.failed:
+        lo, hi = msgspec.convert(raw.get("worker", {}), WorkerSettings).port_range
+        if not 0 < lo <= hi <= 65535:
+            report(("worker",), "port_range", "", f"{[lo, hi]} is not [low, high] within 1..65535")
+    if report.problems:
+        return Checked(None, report.problems, lines)
+    cfg = msgspec.convert({k: v for k, v in raw.items() if k != "models"}, HostConfig)
+    cfg.models, cfg.path = models, source
+    return Checked(cfg, [], lines)
+
+
+def _model(i: int, written: dict, report: _Collector) -> ModelConfig | None:
+    """The entry with its engine preset applied (the keys ``written`` in the file win); None,
+    reported, if the preset cannot complete it."""
+    try:
+        return apply_preset(msgspec.convert(written, ModelConfig), given=written.keys())
+    except (ValueError, msgspec.ValidationError) as exc:  # apply_preset says "field: problem"
+        field, _, message = str(exc).partition(": ")
+        report(("models", i), field, "", message)
+        return None
+
+
+def _written_names(written: dict) -> list[str]:
+    """The id and aliases as written in an entry, those that are strings."""
+    aliases = written.get("aliases")
+    return [n for n in [written.get("id"), *(aliases if isinstance(aliases, list) else [])] if isinstance(n, str)]
+
+
+def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collector) -> None:
+    """Rules msgspec's types cannot say: unique names (``seen``: name -> model, across the
+    file), sane aliases, devices, fallbacks and health path."""
+    at = ("models", i)
+    for name in m.names:
+        field = "id" if name == m.id else "aliases"
+        if not name or ALIAS_FORBIDDEN.search(name):
+            report(at, field, "", f"{name!r} is not a valid alias "
                                   "(no spaces, control characters, '/', '?', '#', '%' or '\\')")
-            if alias in seen:
-                raise ConfigError(f"models[{i}].aliases: {alias!r} is already used by model {seen[alias]!r}")
-            seen[alias] = m.id
-        for j, p in enumerate(m.device_profiles()):
-            for d in p.devices:
-                if not DEVICE.match(d):
-                    where = f"models[{i}].profiles[{j}].devices" if m.profiles else f"models[{i}].devices"
-                    raise ConfigError(f"{where}: {d!r} is not 'cpu', 'cuda' or 'cuda:N'")
-        for name in m.fallbacks:
-            if name in m.names or not name or ALIAS_FORBIDDEN.search(name):
-                raise ConfigError(f"models[{i}].fallbacks: {name!r} is not another model's id or alias")
-        if m.health and not m.health.startswith("/"):
-            raise ConfigError(f"models[{i}].health: must be a path starting with '/', got {m.health!r}")
-    lo, hi = cfg.worker.port_range
-    if not 0 < lo <= hi <= 65535:
-        raise ConfigError(f"worker.port_range: {cfg.worker.port_range} is not [low, high] within 1..65535")
+        elif name in seen:
+            report(at, field, "", f"{name!r} is already used by model {seen[name]!r}")
+        else:
+            seen[name] = m.id
+    for j, p in enumerate(m.device_profiles()):
+        for d in p.devices:
+            if not DEVICE.match(d):
+                table = (*at, "profiles", j) if m.profiles else at
+                report(table, "devices", "", f"{d!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    for name in m.fallbacks:
+        if name in m.names or not name or ALIAS_FORBIDDEN.search(name):
+            report(at, "fallbacks", "", f"{name!r} is not another model's id or alias")
+    if m.health and not m.health.startswith("/"):
+        report(at, "health", "", f"must be a path starting with '/', got {m.health!r}")
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:
-    try:
-        raw = msgspec.toml.decode(text)
-        cfg = msgspec.convert(raw, HostConfig)
-        cfg.models = [_complete(i, m, raw["models"][i]) for i, m in enumerate(cfg.models)]
-        _check(cfg)
-    except (msgspec.ValidationError, msgspec.DecodeError, ConfigError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    cfg.path = source
-    return cfg
+    """The config of a valid text; else ``ConfigError`` with every problem (``check_config``)."""
+    return check_config(text, source).valid()
 
 
-def _complete(i: int, model: ModelConfig, written: dict) -> ModelConfig:
-    """The entry with its engine preset applied; the keys ``written`` in the file win."""
-    try:
-        return apply_preset(model, given=written.keys())
-    except ValueError as exc:
-        raise ConfigError(f"models[{i}].{exc}") from None
-
-
-def load_config(path: str | os.PathLike) -> HostConfig:
+def read_config(path: str | os.PathLike) -> Checked:
+    """``check_config`` of a file; an unreadable file is its one problem."""
     p = Path(path)
     try:
         text = p.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
-    return parse_config(text, str(p))
+        return Checked(None, [Problem(str(p), None, "", "", f"cannot read: {exc.strerror}")], TomlLines())
+    return check_config(text, str(p))
+
+
+def load_config(path: str | os.PathLike) -> HostConfig:
+    return read_config(path).valid()
 
 
 def expand_command(model: ModelConfig, profile: DeviceProfile, *, port: int, host: str,

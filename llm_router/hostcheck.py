@@ -1,7 +1,8 @@
 """What will surely fail on this host, said before a start fails with a less helpful message.
 
 A config can be valid TOML with valid fields and still name a program that is not installed, a
-GGUF file that is not there, or a health path the engine does not serve (the worker would then
+Python module its interpreter cannot import (``python3 -m sglang.launch_server`` with SGLang in
+another virtualenv), a GGUF file that is not there, or a health path the engine does not serve (the worker would then
 poll 404s for the whole start timeout). ``llm-router config check`` reports these per model;
 the worker uses ``find_program`` before each spawn, so a missing binary is named together with
 the PATH that was searched (``exec`` alone says "No such file or directory", and under uvloop
@@ -11,7 +12,9 @@ without even the file name).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from llm_lab_router.config import ModelConfig, expand_command
@@ -19,6 +22,18 @@ from llm_lab_router.presets import PRESETS
 
 # Engines whose model_path is always a local file; the others also take a Hub id ("org/name").
 LOCAL_FILE_ENGINES = ("llama.cpp", "llama-cpp-python")
+PYTHON = re.compile(r"python(\d+(\.\d+)*)?")  # the name of an interpreter: python, python3, python3.11
+# Run by the model's own interpreter: exit 0 if it can import the module argv[1], 3 if not.
+# Only the top-level package is looked up by importlib.util.find_spec; its submodules are found
+# on the package's path without importing the package (sglang's __init__ would import torch).
+FIND_MODULE = """import importlib.machinery, importlib.util, sys
+parts = sys.argv[1].split(".")
+spec = importlib.util.find_spec(parts[0])
+for n in range(2, len(parts) + 1):
+    places = spec and spec.submodule_search_locations
+    spec = places and importlib.machinery.PathFinder.find_spec(".".join(parts[:n]), places)
+sys.exit(0 if spec else 3)
+"""
 
 
 def find_program(program: str, path: str, cwd: str) -> str | None:
@@ -42,18 +57,59 @@ def missing_program(program: str, path: str) -> str:
     return f"program {program!r} not found on PATH={path}"
 
 
+def python_module(argv: list[str]) -> str | None:
+    """The module of a ``python3 [options] -m MODULE ...`` command (SGLang, llama-cpp-python), else None."""
+    if not argv or not PYTHON.fullmatch(Path(argv[0]).name):
+        return None
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "-m":
+            return next(args, None)
+        if arg in ("-X", "-W"):
+            next(args, None)  # the option's value
+        elif not arg.startswith("-"):
+            return None  # a script
+    return None
+
+
+def missing_module(interpreter: str, module: str, env: dict[str, str], cwd: str) -> str | None:
+    """Why ``interpreter`` (the model's, with the model's environment) cannot run ``-m module``,
+    or None if it can. Asked of that interpreter: the worker's own may have other packages."""
+    try:
+        done = subprocess.run([interpreter, "-c", FIND_MODULE, module], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot ask {interpreter} for module {module!r}: {exc}"
+    if done.returncode == 3:
+        return (f"Python module {module!r} is not installed for {interpreter} (install it there, or set "
+                "env.PATH to the environment that has it)")
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"cannot ask {interpreter} for module {module!r}: exit status {done.returncode}: {last}"
+    return None
+
+
 def host_problems(model: ModelConfig, config_dir: str) -> list[str]:
     """What will surely fail when ``model`` starts on this host (empty: nothing found)."""
-    problems = []
+    problems: list[str] = []
+    asked: list[tuple] = []
     cwd = str(Path(config_dir, model.cwd))
     if not Path(cwd).is_dir():
         problems.append(f"cwd: {cwd} is not a directory")
     for profile in model.device_profiles():
         path = profile.env.get("PATH", program_env_path(model))
         argv = expand_command(model, profile, port=0, host="127.0.0.1", config_dir=config_dir)
-        if argv and find_program(argv[0], path, cwd) is None:
+        program = find_program(argv[0], path, cwd) if argv else ""
+        if program is None:
             problems.append(f"command: {missing_program(argv[0], path)}")
             break
+        module = python_module(argv)
+        question = (program, module, path, sorted(profile.env.items()))
+        if program and module and Path(cwd).is_dir() and question not in asked:  # profiles differing in args: once
+            asked.append(question)
+            if why := missing_module(program, module, {**os.environ, **model.env, **profile.env, "PATH": path}, cwd):
+                problems.append(f"command: {why}")
+                break
     if model.model_path:
         weights = model.model_path.replace("{config_dir}", config_dir)
         local = model.engine in LOCAL_FILE_ENGINES or weights.startswith(("/", "./", "../", "~"))

@@ -42,16 +42,12 @@ whole template.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Literal, get_args
+from typing import Callable, Collection, Literal
 
 import msgspec
+from llm_lab_router.model_config import ENGINES, ModelConfig
 from llm_lab_router.protocol import Mode
 
-if TYPE_CHECKING:
-    from llm_lab_router.config import ModelConfig
-
-Engine = Literal["command", "llama.cpp", "vllm", "sglang", "tei", "llama-cpp-python"]
-ENGINES: tuple[str, ...] = get_args(Engine)
 ServedNames = Literal["any", "all", "one"]
 
 
@@ -63,7 +59,7 @@ class Preset:
     ``one`` accepts only the id (aliases are refused by the server). ``unserved``: paths the
     server answers 404, so a ``health`` set to one of them can never pass (``config check``)."""
 
-    argv: Callable[["ModelConfig"], list[str]]
+    argv: Callable[[ModelConfig], list[str]]
     health: str = "/health"
     startup_timeout: float = 120.0
     stop_grace: float = 10.0

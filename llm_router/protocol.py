@@ -34,6 +34,7 @@ import uuid
 from typing import Literal
 
 import msgspec
+from llm_lab_router.clock import CLOCK
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 Mode = Literal["chat", "base", "embedding"]
@@ -65,17 +66,11 @@ class Keys:
     def instance(self, model: str, wid: str) -> str:
         return f"{self.prefix}instance:{model}:{wid}"
 
-    def instance_pattern(self, wid: str = "*") -> str:
-        return f"{self.prefix}instance:*:{wid}"
-
     def devices(self, wid: str) -> str:
         return f"{self.prefix}devices:{wid}"
 
     def logs(self, model: str) -> str:
         return f"{self.prefix}logs:{model}"
-
-    def logs_pattern(self) -> str:
-        return f"{self.prefix}logs:*"
 
     def log_position(self, wid: str, model: str, stream: str) -> str:
         """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
@@ -174,6 +169,7 @@ class Instance(msgspec.Struct, kw_only=True):
     started_at: float = 0.0
     updated_at: float = 0.0
     last_error: str = ""
+    last_error_at: float = 0.0  # unix time (the worker's) of last_error; both stay after a recovery
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
@@ -220,7 +216,12 @@ class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
     model: str = ""
     keep_minutes: int = 0
     sent_at: float = msgspec.field(default_factory=time.time)
-    deadline: float = 0.0  # unix time after which the sender no longer waits; 0 = none
+    # s the sender waits for the reply, from the moment Redis added the entry (its id is
+    # Redis's time): the worker does not run it later (worker.commands.expired); 0 = no bound.
+    timeout: float = 0.0
+    # start: for a request (True) or an operator (False). An on-demand start of a failed model is a
+    # restart (counted, backed off, bounded by max_restarts); only an operator's resets the budget.
+    on_demand: bool = False
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -279,11 +280,14 @@ class RouterUsage(msgspec.Struct, kw_only=True):
     a model."""
 
     inflight: int = 0  # requests queued or being served by this router now
-    last_used: float = 0.0  # unix time of this router's last request start or end
-    at: float = 0.0
-    # key priority -> unix time of this router's last use of the model at that priority (``at``
-    # while such a request is in flight): a swap for a lower priority may not evict it
-    # (router/control/scheduler.py, ``protection``)
+    last_used: float = 0.0  # unix time (Redis's clock) of this router's last request start or end
+    at: float = 0.0  # Redis's clock
+    # Of ``inflight``, those being served now, per worker id (the instance they were sent to);
+    # the rest are queued, not yet sent to any instance.
+    serving: dict[str, int] = {}
+    # key priority -> unix time (Redis's clock) of this router's last use of the model at that
+    # priority (``at`` while such a request is in flight): a swap for a lower priority may not
+    # evict it (router/control/scheduler.py, ``held_by_priority``)
     priorities: dict[int, float] = {}
 
 
@@ -294,11 +298,20 @@ USED_ROUTER = "router:"  # prefix of the per-router fields of ``llm:used:{model}
 
 class ModelUsage(msgspec.Struct, kw_only=True):
     """``llm:used:{model}`` read back: when it was last used and how many requests are in
-    flight now across live routers."""
+    flight now across live routers (``serving``: of those, the ones being served, per worker)."""
 
     last_used: float = 0.0
     inflight: int = 0
     priorities: dict[int, float] = {}  # key priority -> last use at it, any router
+    serving: dict[str, int] = {}
+
+    def requests_on(self, worker: str) -> int:
+        """The requests that stopping the model's instance on ``worker`` would cut or send back
+        to wait: those it serves, and those queued (not yet sent to any instance: any copy may be
+        the one that serves them). Requests served by a copy on another host do not count: an
+        idle copy may go while a busy one serves (drain is per instance)."""
+        queued = max(0, self.inflight - sum(self.serving.values()))
+        return self.serving.get(worker, 0) + queued
 
 
 def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
@@ -319,6 +332,8 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
                 out.priorities[prio] = max(at, out.priorities.get(prio, 0.0))
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
+                for wid, n in entry.serving.items():
+                    out.serving[wid] = out.serving.get(wid, 0) + n
     return out
 
 
@@ -493,7 +508,7 @@ async def trim_logs(redis, keys: Keys, model: str, keep_minutes: int) -> int:
         if before:
             await redis.xtrim(key, maxlen=0, approximate=False)
     else:
-        min_id = max(0, int((time.time() - keep_minutes * 60) * 1000))  # more than all: keep all
+        min_id = max(0, int((CLOCK.now() - keep_minutes * 60) * 1000))  # ids are Redis's time  # more than all: keep all
         await redis.xtrim(key, minid=f"{min_id}-0", approximate=False)
     after = await redis.xlen(key)
     return max(0, before - after)

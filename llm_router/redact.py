@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterable
 from llm_lab_router.redis_url import describe as redact_url  # noqa: F401  (the one URL redaction, Sentinel forms too)
 
 if TYPE_CHECKING:
-    from llm_lab_router.config import ModelConfig
+    from llm_lab_router.model_config import ModelConfig
 
 MASK = "***"
 SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credential", "credentials"})

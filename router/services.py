@@ -13,10 +13,13 @@ number of log viewers can starve ``/health``, ``start`` or on-demand starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
 from llm_lab_router.audit import AuditTrail
+from llm_lab_router.clock import CLOCK
+from llm_lab_router.loops import supervised
 from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client, pooled_client
 from llm_lab_router.router.control.admin import Manager
@@ -38,6 +41,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 
+log = logging.getLogger("router")
+
 def pooled(redis_url: str, size: int, wait: float) -> Redis:
     """A client on a pool of at most ``size`` connections, where a caller
     waits up to ``wait`` s for a free one (then ``ConnectionError``) instead of failing at once."""
@@ -54,11 +59,11 @@ class Services:
                                      socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self.shutdown = asyncio.Event()
         self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
-                                resync_interval=self.options.resync_interval,
+                                resync_interval=self.options.resync_interval, pubsub_check=self.options.pubsub_check,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
-                                   interval=self.options.usage_interval)
+                                   interval=self.options.usage_interval, serving=self._serving)
         self.metrics = RouterMetrics(self.view)
         self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
         self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
@@ -78,6 +83,11 @@ class Services:
         self.logs = LogStreamer(self.log_pages, self.log_readers, self.keys, self.options, self.shutdown)
         self.requests: set[asyncio.Task] = set()  # long requests (streams) in flight, for shutdown
 
+    def _serving(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker: the balancer's
+        outstanding count of each running instance (drain per instance, ``llm:used:{model}``)."""
+        return {i.worker: n for i in self.view.running_instances(model) if (n := self.balancer.outstanding(i.url))}
+
     def finished(self, rec: RequestRecord, status: int) -> None:
         """A forwarded request is over: count it and log it (the usage is parsed once, for both)."""
         ended_at = time.monotonic()
@@ -89,12 +99,13 @@ class Services:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
     async def start(self) -> None:
+        await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
-        self._usage_task = asyncio.create_task(self.usage.run(), name="usage")
-        self._quota_task = asyncio.create_task(self.quotas.run(), name="quotas")
-        self._ledger_task = asyncio.create_task(self.ledger.run(), name="ledger")
+        loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
+                 ("clock", lambda: CLOCK.keep(self.redis)), ("ledger", self.ledger.run)]
         if self.options.scheduler == "swap":
-            self._claims_task = asyncio.create_task(self.control.watch_claims(), name="claims")
+            loops.append(("claims", self.control.watch_claims))
+        self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]
 
     async def drain(self) -> None:
         """Shutdown, first part: log streams say ``stream_end``; in-flight requests get
@@ -107,10 +118,9 @@ class Services:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        for name in ("_usage_task", "_quota_task", "_claims_task", "_ledger_task"):
-            if task := getattr(self, name, None):
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        for task in getattr(self, "_loops", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_loops", []), return_exceptions=True)
         await self.quotas.close()
         await self.ledger.flush()  # the last second's requests
         await self.view.close()

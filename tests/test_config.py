@@ -44,14 +44,14 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def config_error(tmp_path: Path, text: str) -> str:
+def problems(tmp_path: Path, text: str) -> list[str]:
+    """Every problem ``load_config`` raises for ``text``, each without the file's path."""
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: ")
-    return message
+    lines = [str(p) for p in info.value.problems]
+    assert "\n" not in str(info.value) and all(line.startswith(f"{path}") for line in lines)
+    return [line[len(str(path)):] for line in lines]
 
 
 def test_good_file(tmp_path):
@@ -87,27 +87,97 @@ def test_example_config_is_valid():
     assert cfg.model("text-embedding-ada-002").mode == "embedding"
 
 
+M = '[[models]]\nid = "a"\ncommand = ["x"]\n'  # a valid model, lines 1-3
+
+
 @pytest.mark.parametrize("text, expected", [
-    ('bogus = 1\n', "unknown field `bogus`"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\ncolour = "red"\n', "unknown field `colour` - at `$.models[0]`"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\nport = "80"\n', "Expected `int`, got `str` - at `$.models[0].port`"),
-    ('[worker]\nheartbeat_interval = -1\n', "`$.worker.heartbeat_interval`"),
-    ('[[models]]\nid = "a"\n', 'models[0].command: required when engine is "command"'),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b"]\n[[models]]\nid = "b"\ncommand = ["x"]\n',
-     "models[1].aliases: 'b' is already used by model 'a'"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b c"]\n', "models[0].aliases: 'b c' is not a valid alias"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["a/b"]\n', "models[0].aliases: 'a/b' is not a valid alias"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\ndevices = ["gpu0"]\n', "models[0].devices: 'gpu0' is not"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\n[[models.profiles]]\ndevices = ["cuda:x"]\n',
-     "models[0].profiles[0].devices: 'cuda:x' is not"),
-    ('[[models]\n', "Expected ']]' at the end of an array declaration"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\nrouting = "random"\n',
-     "Invalid enum value 'random' - at `$.models[0].routing`"),
-    ('[[models]]\nid = "a"\ncommand = ["x"]\naliases = ["b"]\nfallbacks = ["b"]\n',
-     "models[0].fallbacks: 'b' is not another model's id or alias"),
+    ('bogus = 1\n', ":1: bogus: unknown field"),
+    (M + 'colour = "red"\n', ":4: model 'a': colour: unknown field"),
+    (M + 'engine_arg = ["-v"]\n', ":4: model 'a': engine_arg: unknown field (did you mean 'engine_args'?)"),
+    ('[worker]\nlease_tl = 3\n', ":2: worker: lease_tl: unknown field (did you mean 'lease_ttl'?)"),
+    (M + 'port = "80"\n', ":4: model 'a': port: expected `int`, got `str`"),
+    ('[worker]\nheartbeat_interval = -1\n', ":2: worker: heartbeat_interval: expected `float` > 0.0"),
+    ('[[models]]\nid = "a"\n', ':1: model \'a\': command: required when engine is "command" (the default); '
+                               "or set engine to one of llama.cpp, vllm, sglang, tei, llama-cpp-python"),
+    ('[[models]]\ncommand = ["x"]\n', ":1: models[0]: id: required"),
+    (M + 'engine = "llamacpp"\n', ":4: model 'a': engine: 'llamacpp' is not valid; valid values: command, "
+                                   "llama.cpp, vllm, sglang, tei, llama-cpp-python (did you mean 'llama.cpp'?)"),
+    (M + 'routing = "random"\n', ":4: model 'a': routing: 'random' is not valid; valid values: affinity, "
+                                  "least-outstanding"),
+    (M + 'aliases = ["b"]\n[[models]]\nid = "b"\ncommand = ["x"]\n', ":6: model 'b': id: 'b' is already used "
+                                                                    "by model 'a'"),
+    (M + 'aliases = ["b c"]\n', ":4: model 'a': aliases: 'b c' is not a valid alias (no spaces, control "
+                                 "characters, '/', '?', '#', '%' or '\\')"),
+    (M + 'aliases = ["a/b"]\n', ":4: model 'a': aliases: 'a/b' is not a valid alias"),
+    (M + 'devices = ["gpu0"]\n', ":4: model 'a': devices: 'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
+    (M + '[[models.profiles]]\ndevices = ["cuda:x"]\n', ":5: model 'a': profiles[0].devices: 'cuda:x' is not"),
+    (M + '[[models.profiles]]\ndevices = ["cpu"]\n[[models.profiles]]\nvram = 1\n',
+     ":7: model 'a': profiles[1].vram: unknown field (did you mean 'vram_mb'?)"),
+    (M + 'aliases = [\n  "b",\n  3,\n]\n', ":4: model 'a': aliases[1]: expected `str`, got `int`"),
+    (M + 'env = { A = 1 }\n', ":4: model 'a': env.A: expected `str`, got `int`"),
+    (M + '[models.env]\nB = "ok"\nA = 1\n', ":6: model 'a': env.A: expected `str`, got `int`"),
+    (M + 'aliases = ["b"]\nfallbacks = ["b"]\n', ":5: model 'a': fallbacks: 'b' is not another model's id or alias"),
+    ('[models]\nid = "a"\n', ":1: models: expected an array of tables: write [[models]] (two brackets) for each entry"),
+    ('models = [\n  { id = "a", command = ["x"] },\n  { id = "b", command = ["x"], port = "p" },\n]\n',
+     ":1: model 'b': port: expected `int`, got `str`"),  # an inline array: the line of `models =`
+    ('[worker]\nport_range = [20, 10]\n', ":2: worker: port_range: [20, 10] is not [low, high] within 1..65535"),
 ])
-def test_bad_file_is_one_line_naming_the_field(tmp_path, text, expected):
-    assert expected in config_error(tmp_path, text)
+def test_each_problem_is_one_line_with_its_line_model_and_field(tmp_path, text, expected):
+    assert any(line.startswith(expected) for line in problems(tmp_path, text)), problems(tmp_path, text)
+
+
+def test_every_problem_of_a_file_at_once(tmp_path):
+    text = """
+bogus = 1
+[worker]
+lease_tl = 3
+
+[[models]]
+id = "a"
+command = ["x"]
+port = "80"
+colour = "red"
+
+[[models]]
+id = "b"
+engine = "ollama"
+model_path = "m"
+
+[[models]]
+id = "c"
+command = ["x"]
+aliases = ["a"]
+"""
+    assert problems(tmp_path, text) == [
+        ":2: bogus: unknown field",
+        ":4: worker: lease_tl: unknown field (did you mean 'lease_ttl'?)",
+        ":9: model 'a': port: expected `int`, got `str`",
+        ":10: model 'a': colour: unknown field",
+        ":14: model 'b': engine: 'ollama' is not valid; valid values: command, llama.cpp, vllm, sglang, tei, "
+        "llama-cpp-python",
+        ":20: model 'c': aliases: 'a' is already used by model 'a'"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[[models]]\nid = "a"\ncommand = ["x]\nport = 1\n', ":3: unterminated string"),  # tomllib: "Illegal character '\n'"
+    ("[[models]]\nid = 'a\ncommand = ['x']\n", ":2: unterminated string"),  # tomllib: at the end of the document
+    ('a = 1\nb = """x\n\n', ":2: unterminated string"),
+    ('[[models]\n', ":1: an [[array]] header must end with ']]'"),
+    ('[worker]\nid = "a"\n\nid = "b"\n', ":4: 'id' is set twice (first on line 2)"),
+    ('[[models]]\nid = gpu\n', ":2: missing or invalid value after '=' (text needs quotes: \"like this\")"),
+    ('[[models]]\nid = "a"\ncommand = ["x"\n', ":3: unclosed array: a ']' is missing"),
+])
+def test_a_toml_syntax_error_has_its_line_and_plain_words(tmp_path, text, expected):
+    (line,) = problems(tmp_path, text)
+    assert line.startswith(expected), line
+    assert "Illegal character" not in line and "(at " not in line
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_bytes(b'[worker]\nid = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"models\.toml:2: not UTF-8 text$"):
+        load_config(path)
 
 
 def test_unreadable_file(tmp_path):
@@ -127,7 +197,30 @@ def test_config_check_cli(tmp_path):
 
     bad = run_cli("config-check", str(write(tmp_path, '[[models]]\nid = "a"\ncommand = ["x"]\nport = "80"\n')))
     assert bad.returncode == 2
-    assert bad.stdout == ""
-    lines = bad.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in bad.stderr
-    assert lines[0].startswith("error: ") and "$.models[0].port" in lines[0]
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines() == [f"error: {tmp_path / 'models.toml'}:4: model 'a': port: expected `int`, got `str`"]
+    assert bad.stdout == f"{tmp_path / 'models.toml'}: not valid (1 problem)\n"
+
+
+def test_config_check_cli_lists_every_problem_of_every_file(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[models]]\nid = "a"\ncommand = ["x"]\nidle_tl = 5\n\n[[models]]\nid = "b"\nengine = "vlm"\n')
+    done = run_cli("config", "check", "--portable", str(bad), str(good))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {bad}:4: model 'a': idle_tl: unknown field (did you mean 'idle_ttl'?)",
+        f"error: {bad}:8: model 'b': engine: 'vlm' is not valid; valid values: command, llama.cpp, vllm, sglang, tei, "
+        "llama-cpp-python (did you mean 'vllm'?)"]
+    assert f"{bad}: not valid (2 problems)" in done.stdout and f"{good}: ok (2 models)" in done.stdout
+
+
+def test_worker_refuses_a_bad_file_with_every_problem(tmp_path):
+    path = write(tmp_path, '[worker]\nid = 3\n[[models]]\nid = "a"\ncommand = ["x"]\nmode = "chatt"\n')
+    done = run_cli("worker", "--config", str(path), "--redis", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {path}:2: worker: id: expected `str`, got `int`",
+        f"error: {path}:6: model 'a': mode: 'chatt' is not valid; valid values: chat, base, embedding "
+        "(did you mean 'chat'?)"]

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,9 @@ import tornado.web
 from conftest import ROOT, wait_for
 from helpers import STACK_WORKER as WORKER
 from helpers import start_stack
-from llm_lab_router.router.http.dashboard import STATIC_DIR, dashboard_routes
+from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.http.app import make_app
+from llm_lab_router.router.http.dashboard import STATIC_DIR
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
@@ -35,7 +38,9 @@ SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
 
 @pytest.fixture
 def app() -> tornado.web.Application:
-    return tornado.web.Application(dashboard_routes())
+    """The router's application (its /ui routes come from router/http/routes.py); no API route
+    is called, so the services are a stand-in with the options only."""
+    return make_app(SimpleNamespace(options=RouterOptions()))  # type: ignore[arg-type]
 
 
 @pytest.mark.gen_test
@@ -197,7 +202,7 @@ def start_dashboard_stack(procs, redis_url: str, tmp_path: Path) -> str:
     try:
         urllib.request.urlopen(f"{url}/ui/", timeout=5).close()
     except urllib.error.HTTPError as exc:
-        raise AssertionError(f"{url}/ui/ answers {exc.code}: add *dashboard_routes() to the router's routes") from None
+        raise AssertionError(f"{url}/ui/ answers {exc.code}: the /ui rows of router/http/routes.py are missing") from None
     return url
 
 

@@ -113,8 +113,66 @@ def test_config_check_fails_on_what_will_surely_fail_here(tmp_path):
     done = subprocess.run([*run, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        f"error: {path}: m: command: program 'llama-server' not found on PATH={tmp_path}",
-        f"error: {path}: m: model_path: /no/such.gguf does not exist on this host"]
+        f"error: {path}:3: model 'm': command: program 'llama-server' not found on PATH={tmp_path}",
+        f"error: {path}:4: model 'm': model_path: /no/such.gguf does not exist on this host"]
     assert f"{path}: 2 problems on this host (1 models)" in done.stdout
     portable = subprocess.run([*run, "--portable", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert portable.returncode == 0 and f"{path}: ok (1 models)" in portable.stdout
+
+
+def test_a_python_module_engine_is_checked_by_its_own_interpreter(tmp_path):
+    """SGLang and llama-cpp-python start as ``python3 -m MODULE``: python3 being on PATH says
+    nothing about the module. The interpreter the model would run (here a ``python3`` on the
+    model's PATH) is asked, with the model's environment (its ``PYTHONPATH``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    engine = tmp_path / "lib" / "fakeengine"
+    engine.mkdir(parents=True)
+    (engine / "__init__.py").write_text("raise SystemExit('the package is not imported by the check')\n")
+    (engine / "server.py").write_text("")
+    cfg = parse_config(f"""
+[[models]]
+id = "sglang"
+engine = "sglang"
+model_path = "org/model"
+env = {{ PATH = "{bin_dir}" }}
+
+[[models]]
+id = "here"
+command = ["python3", "-u", "-m", "fakeengine.server", "--port", "{{port}}"]
+env = {{ PATH = "{bin_dir}", PYTHONPATH = "{tmp_path / 'lib'}" }}
+
+[[models]]
+id = "no-sub"
+command = ["python3", "-m", "fakeengine.launch"]
+env = {{ PATH = "{bin_dir}", PYTHONPATH = "{tmp_path / 'lib'}" }}
+
+[[models]]
+id = "script"
+command = ["python3", "serve.py", "-m", "not.a.module"]
+env = {{ PATH = "{bin_dir}" }}
+""")
+    sglang, here, no_sub, script = (host_problems(m, str(tmp_path)) for m in cfg.models)
+    python3 = str(bin_dir / "python3")
+    assert sglang == [f"command: Python module 'sglang.launch_server' is not installed for {python3} (install it "
+                      "there, or set env.PATH to the environment that has it)"]
+    assert here == [] and script == []
+    assert no_sub == [f"command: Python module 'fakeengine.launch' is not installed for {python3} (install it "
+                      "there, or set env.PATH to the environment that has it)"]
+
+
+def test_config_check_reports_a_missing_module_for_the_model(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    path = tmp_path / "host.toml"
+    path.write_text(f'[[models]]\nid = "lcp"\nengine = "llama-cpp-python"\nmodel_path = "{{config_dir}}/m.gguf"\n'
+                    f'env = {{ PATH = "{bin_dir}" }}\n')
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "config", "check", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: {path}:3: model 'lcp': command: Python module 'llama_cpp.server' is not installed for "
+        f"{bin_dir / 'python3'} (install it there, or set env.PATH to the environment that has it)"]

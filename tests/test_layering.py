@@ -111,3 +111,75 @@ def test_the_check_flags_an_upward_and_a_sideways_import(tmp_path):
         "router/control/client.py:1: control imports llm_lab_router.router.limits.quotas (limits is not below it)",
         "router/core/errors.py:1: core imports llm_lab_router.router.control.explain (control is not below it)",
     ]
+
+
+FOLDERS = {"llm_router": TOP, "router": f"{TOP}.router", "worker": f"{TOP}.worker"}
+
+
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """Dotted name -> source file of every module of llm_router/, router/ and worker/."""
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the project's modules it imports, at any depth (``TYPE_CHECKING`` included).
+    ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module."""
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                edges |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                          for a in node.names}
+        graph[module] = {m for m in edges if m in files and m != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each back edge a depth-first search meets (empty: the graph is a DAG)."""
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_module_takes_part_in_an_import_cycle():
+    """An import cycle (``TYPE_CHECKING`` ones too) means two modules share a concern that
+    belongs in one of them, or in a third both import."""
+    assert cycles(import_graph(module_files())) == []
+
+
+def test_the_cycle_check_finds_a_type_checking_cycle(tmp_path):
+    (tmp_path / "llm_router").mkdir()
+    (tmp_path / "llm_router" / "a.py").write_text("from llm_lab_router import b\n")
+    (tmp_path / "llm_router" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                                  "    from llm_lab_router.a import A\n")
+    for folder in ("router", "worker"):
+        (tmp_path / folder).mkdir()
+    graph = import_graph(module_files(tmp_path))
+    assert graph["llm_lab_router.a"] == {"llm_lab_router.b"} and cycles(graph) == [
+        ["llm_lab_router.a", "llm_lab_router.b", "llm_lab_router.a"]]

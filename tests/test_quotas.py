@@ -180,6 +180,22 @@ def test_a_client_that_has_its_answer_has_nothing_in_flight(procs, redis_url, en
         s.close()
 
 
+def test_a_stalled_redis_does_not_hold_an_answers_last_bytes(procs, redis_url, engine, rds, keys_file) -> None:
+    """The lease is dropped before the answer's last bytes, but within a bound (250 ms): with
+    Redis paused for writes (``CLIENT PAUSE … WRITE``: scripts wait) the answer still ends at
+    once, and the release goes on in the background (it waited the whole pause before)."""
+    (router,) = routers(procs, redis_url, keys_file, count=1)
+    s = stream(router, "ivy", 6)  # admitted (its lease taken) before the pause
+    rds.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+    try:
+        began = time.monotonic()
+        assert s.events_until(lambda ev: ev.get("data") == "[DONE]")[-1]["data"] == "[DONE]"
+        assert time.monotonic() - began < 2.5  # 6 tokens at 50/s, plus at most the bound
+    finally:
+        rds.execute_command("CLIENT", "UNPAUSE")
+        s.close()
+
+
 def test_group_limit_is_shared_by_its_keys(procs, redis_url, engine, keys_file) -> None:
     r1, r2 = routers(procs, redis_url, keys_file)
     assert [chat(r1, "dave", max_tokens=1).status for _ in range(2)] == [200, 200]

@@ -6,10 +6,12 @@ import os
 import signal
 
 from conftest import wait_for
-from llm_lab_router.config import parse_config
+import msgspec
+import pytest
+from llm_lab_router.config import DeviceProfile, ModelConfig, parse_config
 from llm_lab_router.protocol import CatalogEntry, from_json
 from llm_lab_router.worker.idle import poll_interval
-from llm_lab_router.worker.reload import plan_reload
+from llm_lab_router.worker.reload import LIVE_FIELDS, PROCESS_FIELDS, needs_restart, plan_reload
 from worker_helpers import KEYS, alive, events, model, worker  # noqa: F401  (worker: the fixture)
 
 BASE = """
@@ -52,6 +54,37 @@ def test_plan_sorts_models_by_what_a_change_means_for_their_process():
     assert [m.id for m in plan_reload(old, env_change).restarted] == ["keep"]
 
 
+# One changed value per field of ModelConfig (from the defaults of ``BASE_MODEL``).
+CHANGES = {
+    "id": "other", "engine": "vllm", "command": ["y"], "model_path": "/other.gguf", "engine_args": ["-c", "4096"],
+    "aliases": ["a"], "mode": "embedding", "port": 9999, "env": {"A": "1"}, "cwd": "/tmp", "health": "/ready",
+    "startup_timeout": 5.0, "stop_grace": 1.0, "auto_start": True, "on_demand": False, "idle_ttl": 60.0,
+    "max_concurrency": 4, "min_residency": 30.0, "max_wait": 60.0, "idle_release": 10.0, "restart": "always",
+    "max_restarts": 9, "restart_window": 60.0, "owned_by": "lab", "created": 1, "api_key": "k",
+    "devices": ["cuda"], "vram_mb": 1000, "profiles": [DeviceProfile(devices=["cuda"], vram_mb=1)],
+    "routing": "least-outstanding", "fallbacks": ["b"],
+}
+BASE_MODEL = ModelConfig(id="m", command=["x"])
+
+
+def test_every_model_field_is_classified_as_restarting_the_engine_or_not():
+    fields = set(ModelConfig.__struct_fields__)
+    unclassified = fields - PROCESS_FIELDS - LIVE_FIELDS
+    assert not unclassified, f"classify {sorted(unclassified)} in worker/reload.py (PROCESS_FIELDS or LIVE_FIELDS)"
+    assert not PROCESS_FIELDS & LIVE_FIELDS and (PROCESS_FIELDS | LIVE_FIELDS) <= fields
+    assert set(CHANGES) == fields, f"give tests/test_reload.py CHANGES a value for {sorted(fields ^ set(CHANGES))}"
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_a_change_restarts_the_engine_only_for_fields_of_the_process(field):
+    changed = msgspec.structs.replace(BASE_MODEL, **{field: CHANGES[field]})
+    assert getattr(changed, field) != getattr(BASE_MODEL, field)
+    assert needs_restart(BASE_MODEL, changed) == (field in PROCESS_FIELDS)
+    # what only routers read (routing, fallbacks, residency) never restarts an engine
+    if field in ("routing", "fallbacks", "min_residency", "max_wait", "idle_release"):
+        assert not needs_restart(BASE_MODEL, changed)
+
+
 def catalog(rds, wid: str) -> dict[str, CatalogEntry]:
     return {k: from_json(v, CatalogEntry) for k, v in rds.hgetall(KEYS.catalog(wid)).items()}
 
@@ -67,7 +100,7 @@ def test_sighup_applies_the_new_file_and_leaves_unchanged_models_alone(worker, r
     os.kill(worker.proc.pid, signal.SIGHUP)
     wait_for(lambda: "config reload failed" in worker.log(), message="the reload error in the log")
     failures = [line for line in worker.log().splitlines() if "config reload failed" in line]
-    assert len(failures) == 1 and "$.models[4].port" in failures[0]
+    assert len(failures) == 1 and "model 'x': port: expected `int`, got `str`" in failures[0]
     assert set(catalog(rds, worker.wid)) == {"keep", "changed", "gone", "live"}
 
     pubsub = rds.pubsub()

@@ -323,10 +323,10 @@ def test_shutdown_lets_a_stream_in_flight_finish(procs, redis_url, fake, mock_en
 def test_only_forwarded_v1_requests_take_the_lean_path() -> None:
     """router/http/exchange.py takes the proxy's /v1 requests; the router's own /v1 routes and
     methods the proxy does not take stay with the Tornado application."""
-    from llm_lab_router.router.http.app import own_v1_routes
     from llm_lab_router.router.http.exchange import Dispatcher
+    from llm_lab_router.router.http.routes import own_v1_patterns
 
-    d = Dispatcher(None, None, None, own_v1_routes())  # type: ignore[arg-type]
+    d = Dispatcher(None, None, None, own_v1_patterns())  # type: ignore[arg-type]
     assert d.forwards("POST", "/v1/chat/completions") and d.forwards("HEAD", "/v1/embeddings")
     assert d.forwards("GET", "/v1/models/chat/extra") and d.forwards("GET", "/v1/models/")
     assert not d.forwards("GET", "/v1/models") and not d.forwards("GET", "/v1/models/chat")

@@ -8,13 +8,14 @@ import time
 
 import msgspec
 import pytest
+from helpers import FakeWorker
 from llm_lab_router.protocol import CatalogEntry, Event, Instance, Keys, Reply, WorkerInfo
 from llm_lab_router.router.control.admin import clear_message
 from llm_lab_router.router.control.client import (
     ControlError,
-    choose_worker,
     describe_failure,
     merged_models,
+    start_order,
     start_outcome,
 )
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
@@ -36,6 +37,12 @@ def inst(model: str, worker: str, state: str = "running", url: str | None = None
 
 def lease(wid: str) -> WorkerInfo:
     return WorkerInfo(id=wid, host=wid, pid=1, version="t", started_at=0, heartbeat_at=0)
+
+
+def read(view: ClusterView, snap: Snapshot) -> None:
+    """What ``resync`` does with a read of Redis: every worker the view knew or the read found
+    is re-read (``apply_workers``); one without a lease in the read leaves."""
+    view.apply_workers(sorted(view.workers().keys() | snap.workers.keys()), snap)
 
 
 def snapshot(catalogs: dict[str, list[CatalogEntry]], instances: list[Instance] = (), began: int = 0) -> Snapshot:
@@ -85,7 +92,7 @@ def test_balancer_forgets_urls_with_nothing_outstanding() -> None:
 
 def test_view_resolves_ids_and_aliases_of_live_workers_only() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [inst("chat", "w1")]))
+    read(view, snapshot({"w1": [CHAT, EMBED]}, [inst("chat", "w1")]))
     assert view.resolve("gpt-3.5-turbo") == "chat" and view.resolve("chat") == "chat"
     assert view.resolve("ada") == "embed" and view.resolve("nope") is None
     assert [i.worker for i in view.running_instances("chat")] == ["w1"]
@@ -96,7 +103,7 @@ def test_view_resolves_ids_and_aliases_of_live_workers_only() -> None:
 def test_view_merges_one_model_served_by_two_hosts() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
     other = CatalogEntry(id="chat", aliases=["chat", "chatgpt"], mode="chat")
-    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [other]}, [inst("chat", "w1"), inst("chat", "w2")]))
+    read(view, snapshot({"w1": [CHAT], "w2": [other]}, [inst("chat", "w1"), inst("chat", "w2")]))
     assert [m.id for m in view.models()] == ["chat"]
     assert view.catalog_entry("chat").aliases == ["chat", "gpt-3.5-turbo", "chatgpt"]
     assert view.resolve("chatgpt") == "chat"
@@ -106,7 +113,7 @@ def test_view_merges_one_model_served_by_two_hosts() -> None:
 
 def test_view_applies_instance_events_without_reading_redis() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped")]))
+    read(view, snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped")]))
     assert view.status("chat") == "stopped"
     assert view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running"))) is None
     assert view.status("chat") == "running"
@@ -119,15 +126,15 @@ def test_view_applies_instance_events_without_reading_redis() -> None:
 
 def test_view_keeps_an_event_newer_than_a_racing_resync() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)]))
+    read(view, snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)]))
     view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", "running", seq=2)))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)], began=0))
+    read(view, snapshot({"w1": [CHAT]}, [inst("chat", "w1", "starting", seq=1)], began=0))
     assert view.status("chat") == "running"
     # an instance the read did not see yet, announced after the read began, is kept too
     view.apply_event(Event(kind="instance", worker="w1", instance=inst("embed", "w1", seq=1)))
-    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], began=1))
+    read(view, snapshot({"w1": [CHAT, EMBED]}, [], began=1))
     assert view.status("embed") == "running"
-    view.apply_snapshot(snapshot({"w1": [CHAT, EMBED]}, [], began=2))
+    read(view, snapshot({"w1": [CHAT, EMBED]}, [], began=2))
     assert view.status("embed") == "stopped"
 
 
@@ -137,39 +144,59 @@ def test_view_orders_by_the_writers_seq_never_by_its_clock() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
     future = time.time() + 3600
     view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", updated_at=future, seq=1)))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [], began=1))  # a read after the event: the key is gone
+    read(view, snapshot({"w1": [CHAT]}, [], began=1))  # a read after the event: the key is gone
     assert view.status("chat") == "stopped" and view.running_instances("chat") == []
     # an event that raced a read but is older than what the read found loses, whatever its clock says
     view.apply_event(Event(kind="instance", worker="w1", instance=inst("chat", "w1", updated_at=future, seq=4)))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped", updated_at=1.0, seq=5)], began=1))
+    read(view, snapshot({"w1": [CHAT]}, [inst("chat", "w1", "stopped", updated_at=1.0, seq=5)], began=1))
     assert view.status("chat") == "stopped"
 
 
 def test_view_worker_read_replaces_only_that_worker() -> None:
     view = ClusterView(None, None)  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1"), inst("chat", "w2")]))
+    read(view, snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1"), inst("chat", "w2")]))
     view.apply_worker("w2", snapshot({"w2": [CHAT]}, [inst("chat", "w2", "stopped", updated_at=2.0)]))
     assert [i.state for i in view.instances("chat")] == ["running", "stopped"]
     view.apply_worker("w2", Snapshot())  # lease gone
     assert view.workers().keys() == {"w1"}
 
 
-def test_view_keeps_its_state_a_while_when_every_lease_vanishes_at_once() -> None:
+def test_view_keeps_its_state_a_while_when_every_lease_vanishes_at_once(rds, redis_url) -> None:
+    """``resync`` against a real Redis: one host gone leaves at once; every lease gone at once
+    (Redis restarted empty) keeps the view for ``empty_grace``."""
+    from redis.asyncio import Redis
+
     now = [100.0]
-    view = ClusterView(None, None, empty_grace=5, clock=lambda: now[0])  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [EMBED]}, [inst("chat", "w1")]))
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1")]))  # one host gone: it leaves at once
-    assert view.resolve("embed") is None
-    view.apply_snapshot(Snapshot())  # Redis restarted empty: kept...
-    now[0] += 4
-    view.apply_snapshot(Snapshot())
-    assert view.running_instances("chat")
-    view.apply_snapshot(snapshot({"w1": [CHAT]}, [inst("chat", "w1")]))  # ...and the worker is back
-    view.apply_snapshot(Snapshot())
-    now[0] += 5.1
-    assert view.resolve("chat") == "chat"
-    view.apply_snapshot(Snapshot())  # still nothing after the grace: the cluster is really gone
-    assert view.resolve("chat") is None
+    w1, w2 = FakeWorker(rds, "w1"), FakeWorker(rds, "w2")
+
+    async def scenario() -> None:
+        client = Redis.from_url(redis_url)
+        view = ClusterView(client, Keys(), empty_grace=5, clock=lambda: now[0])
+        try:
+            w1.publish(CHAT, instances=[inst("chat", "w1")])
+            w2.publish(EMBED)
+            await view.resync()
+            assert view.resolve("embed") == "embed"
+            w2.leave()
+            await view.resync()  # one host gone: it leaves at once
+            assert view.resolve("embed") is None
+            rds.flushall()  # Redis restarted empty: kept...
+            await view.resync()
+            now[0] += 4
+            await view.resync()
+            assert view.running_instances("chat")
+            w1.publish(CHAT, instances=[inst("chat", "w1")])  # ...and the worker is back
+            await view.resync()
+            rds.flushall()
+            await view.resync()
+            now[0] += 5.1
+            assert view.resolve("chat") == "chat"
+            await view.resync()  # still nothing after the grace: the cluster is really gone
+            assert view.resolve("chat") is None
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_model_status_prefers_running_then_starting() -> None:
@@ -182,7 +209,7 @@ def test_model_status_prefers_running_then_starting() -> None:
 def test_wait_until_wakes_on_an_update_not_by_polling() -> None:
     async def scenario() -> tuple[bool, bool, list]:
         view = ClusterView(None, None)  # type: ignore[arg-type]
-        view.apply_snapshot(snapshot({"w1": [CHAT]}))
+        read(view, snapshot({"w1": [CHAT]}))
         waiter = asyncio.create_task(view.wait_until(lambda: view.running_instances("chat"), timeout=60))
         await asyncio.sleep(0)  # it looks, finds nothing, and waits
         assert not waiter.done()
@@ -203,12 +230,17 @@ def test_wait_until_wakes_on_an_update_not_by_polling() -> None:
 # --------------------------------------------------------------------------- placement and control
 
 
-def test_choose_worker_prefers_where_it_runs_then_healthy_then_least_loaded() -> None:
-    assert choose_worker("m", [], []) is None
-    assert choose_worker("m", ["a", "b"], [inst("m", "b", "starting")]) == "b"
-    assert choose_worker("m", ["a", "b"], [inst("m", "a", "failed")]) == "b"
-    assert choose_worker("m", ["a", "b"], [inst("x", "a"), inst("y", "a"), inst("z", "b")]) == "b"
-    assert choose_worker("m", ["b", "a"], []) == "a"  # ties: by id, deterministic
+def test_start_order_prefers_where_it_runs_then_healthy_then_least_loaded() -> None:
+    """``start_order`` for models without GPU needs (no device snapshots): the first host to try."""
+    def first(candidates: list[str], instances: list[Instance]) -> str | None:
+        order, _ = start_order("m", {w: CatalogEntry(id="m") for w in candidates}, {}, instances)
+        return order[0] if order else None
+
+    assert first([], []) is None
+    assert first(["a", "b"], [inst("m", "b", "starting")]) == "b"
+    assert first(["a", "b"], [inst("m", "a", "failed")]) == "b"
+    assert first(["a", "b"], [inst("x", "a"), inst("y", "a"), inst("z", "b")]) == "b"
+    assert first(["b", "a"], []) == "a"  # ties: by id, deterministic
 
 
 def test_start_outcome() -> None:
@@ -326,7 +358,7 @@ def test_cluster_metrics_follow_changes_after_being_cached() -> None:
     from llm_lab_router.router.observe.cluster_metrics import ClusterMetrics
 
     view = ClusterView(None, Keys())  # type: ignore[arg-type]
-    view.apply_snapshot(snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1", "stopped"), inst("chat", "w2")]))
+    read(view, snapshot({"w1": [CHAT], "w2": [CHAT]}, [inst("chat", "w1", "stopped"), inst("chat", "w2")]))
     metrics = ClusterMetrics(view)
     first = metrics.render().decode()
     assert 'llm_router_instances{model="chat",worker="w1",state="stopped"} 1.0' in first
@@ -335,3 +367,34 @@ def test_cluster_metrics_follow_changes_after_being_cached() -> None:
     second = metrics.render().decode()
     assert 'llm_router_instances{model="chat",worker="w1",state="running"} 1.0' in second
     assert 'state="stopped"' not in second and 'worker="w2"' not in second
+
+
+def test_a_background_start_that_fails_unexpectedly_leaves_a_log_line(caplog):
+    """``?wait=false`` starts run with nobody waiting: a failure other than ``ControlError``
+    (a Redis error, a bug) was dropped without a word."""
+    import asyncio
+    import logging
+
+    from llm_lab_router.protocol import Keys
+    from llm_lab_router.router.control.client import ControlClient, ControlError
+
+    async def scenario() -> None:
+        client = ControlClient(None, None, Keys(), None)  # type: ignore[arg-type]  (nothing reaches Redis)
+
+        async def broken(model: str, *args):
+            raise RuntimeError("boom")
+
+        async def refused(model: str, *args):
+            raise ControlError("no room")
+
+        client._start = broken  # type: ignore[method-assign]
+        await asyncio.gather(client.start_in_background("m", 1.0), return_exceptions=True)
+        client._start = refused  # type: ignore[method-assign]
+        await asyncio.gather(client.start_in_background("n", 1.0), return_exceptions=True)
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING, logger="router.control"):
+        asyncio.run(scenario())
+    lines = {r.getMessage(): r for r in caplog.records if r.name == "router.control"}
+    assert "start of m failed" in lines and "boom" in str(lines["start of m failed"].exc_info[1])
+    assert "start of n failed: no room" in lines

@@ -4,7 +4,7 @@ batching, turn and starvation, and the plain LRU policy kept for comparison."""
 from __future__ import annotations
 
 import msgspec
-from llm_lab_router.protocol import CatalogEntry, ModelUsage, WaitEntry
+from llm_lab_router.protocol import CatalogEntry, ModelUsage, RouterUsage, WaitEntry, to_json, usage_of
 from llm_lab_router.router.control.host_rank import Eviction
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.scheduler import (
@@ -30,9 +30,18 @@ def loaded(started_at: float = NOW - 100, model: str = "a") -> list:
 
 
 def decide(instances=None, usage=None, waiters=(), residency=None, policy="swap", now=NOW, model="b",
-           entries=BIG, idle_release=None, priority=0):
-    return decide_swap(model, entries, SNAPS, instances if instances is not None else loaded(), usage or {},
-                       list(waiters), residency or {}, now, policy, idle_release, priority)
+           entries=BIG, idle_release=None, snaps=SNAPS, priority=0):
+    """``residency`` and ``idle_release``: per model id (every instance of it alike), or per
+    (model, worker) instance."""
+    instances = instances if instances is not None else loaded()
+    return decide_swap(model, entries, snaps, instances, usage or {}, list(waiters),
+                       per_instance(residency, instances), now, policy, per_instance(idle_release, instances), priority)
+
+
+def per_instance(settings: dict | None, instances) -> dict:
+    got = {k: v for k, v in (settings or {}).items() if isinstance(k, tuple)}
+    return got | {(i.model, i.worker): v for m, v in (settings or {}).items() if isinstance(m, str)
+                  for i in instances if i.model == m}
 
 
 def test_an_idle_model_past_its_residency_is_evicted():
@@ -46,6 +55,55 @@ def test_residency_keeps_a_fresh_model_and_gives_the_time_it_ends():
     assert d.blocked == [Blocked(kind="residency", model="a", until=NOW + 50)]
     assert d.eta == NOW + 50
     assert decide(instances=loaded(started_at=NOW - 10), residency={"a": 60}, now=NOW + 50).action == "evict"
+
+
+def test_residency_is_per_instance_an_older_copy_elsewhere_does_not_end_it():
+    """A model 10 s into its 60 s residency on host h is not evicted because an older copy of
+    it (out of its residency) runs on host z: each copy has its own, by its own host's config."""
+    entries = {"h": entry("b", (["cuda:0"], 16000))}  # b fits only on h, by evicting a
+    snaps = {"h": snap("h", 24000), "z": snap("z", 24000)}
+    copies = [inst("a", "h", started_at=NOW - 10), inst("a", "z", started_at=NOW - 500)]
+    for order in (copies, copies[::-1]):  # whichever copy is listed last
+        d = decide(instances=order, entries=entries, residency={"a": 60}, snaps=snaps)
+        assert (d.action, d.blocked) == ("wait", [Blocked(kind="residency", model="a", until=NOW + 50)]), d
+    # per host too: z's config gives a no residency, h's 60 s: h's copy is still protected
+    d = decide(instances=copies, entries=entries, residency={("a", "h"): 60, ("a", "z"): 0}, snaps=snaps)
+    assert d.action == "wait"
+    d = decide(instances=copies, entries=entries, residency={("a", "h"): 0, ("a", "z"): 60}, snaps=snaps)
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+    # idle_release too: set on z's copy only, it ends no residency on h
+    d = decide(instances=copies, entries=entries, residency={"a": 60}, idle_release={("a", "z"): 1}, snaps=snaps)
+    assert d.action == "wait"
+
+
+def test_drain_is_per_instance_an_idle_copy_may_go_while_another_copy_serves():
+    """a runs on h and z; b fits only on h. A request served by z's copy does not hold h's;
+    one served by h's copy does, and so does one still queued (any copy may serve it)."""
+    entries = {"h": entry("b", (["cuda:0"], 16000))}
+    snaps = {"h": snap("h", 24000), "z": snap("z", 24000)}
+    copies = [inst("a", "h", started_at=NOW - 500), inst("a", "z", started_at=NOW - 500)]
+    on_z = {"a": ModelUsage(inflight=1, serving={"z": 1})}
+    d = decide(instances=copies, entries=entries, usage=on_z, snaps=snaps)
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+    on_h = {"a": ModelUsage(inflight=1, serving={"h": 1})}
+    d = decide(instances=copies, entries=entries, usage=on_h, snaps=snaps)
+    assert (d.action, d.blocked) == ("wait", [Blocked(kind="draining", model="a", requests=1)])
+    queued = {"a": ModelUsage(inflight=2, serving={"z": 1})}
+    d = decide(instances=copies, entries=entries, usage=queued, snaps=snaps)
+    assert (d.action, d.blocked) == ("wait", [Blocked(kind="draining", model="a", requests=1)])
+    # the plain policy drains per instance alike
+    d = decide(instances=copies, entries=entries, usage=on_z, snaps=snaps, policy="lru")
+    assert (d.action, d.plan) == ("evict", Eviction("h", ["a"]))
+
+
+def test_usage_sums_each_live_routers_requests_per_worker():
+    rows = {"router:r1": to_json(RouterUsage(inflight=2, serving={"h": 1}, at=NOW)),
+            "router:r2": to_json(RouterUsage(inflight=1, serving={"h": 1}, at=NOW - 1)),
+            "router:dead": to_json(RouterUsage(inflight=5, serving={"z": 5}, at=NOW - 60))}
+    got = usage_of(rows, NOW)
+    assert (got.inflight, got.serving) == (3, {"h": 2})
+    assert (got.requests_on("h"), got.requests_on("z")) == (3, 1)  # one queued: it holds every copy
+    assert usage_of(rows, NOW, exclude="r1").serving == {"h": 1}
 
 
 def test_idle_release_ends_residency_early_only_when_set_and_the_model_is_unused():

@@ -17,8 +17,8 @@ from typing import Iterator
 import msgspec
 from conftest import wait_for
 from helpers import SseStream, chat_body, get_json, request, start_router
-from llm_lab_router.protocol import Keys, WaitEntry, from_json, log_entry
-from test_placement import gpu_model, gpu_worker, instances, running_on, uid, wait_devices
+from llm_lab_router.protocol import Command, Keys, Reply, WaitEntry, command_fields, from_json, log_entry
+from test_placement import SLOW, gpu_model, gpu_worker, instances, open_stream, running_on, uid, wait_devices
 
 
 def ask(results: dict, key: str, router, model: str) -> threading.Thread:
@@ -246,3 +246,70 @@ def test_every_router_shows_the_same_pending_line(procs, redis_url, tmp_path):
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("waiting")), "")
         assert b in line and "position 1" in line and "1 request(s) waiting for " in line and "ETA" in line, out.stdout
     wait_for(lambda: pending(r2, b) is None, timeout=10, message="the line empty on router 2 too")
+
+
+def start_on(rds, wid: str, model: str) -> Reply:
+    """Start ``model`` on worker ``wid`` itself (a command as a router sends it): a router's
+    start of a model that runs elsewhere already is a no-op."""
+    cmd = Command(op="start", model=model, timeout=30)
+    rds.xadd(Keys().commands(wid), command_fields(cmd))
+    got = rds.blpop([Keys().reply(cmd.id)], 30)
+    assert got is not None, f"no reply from {wid}"
+    return from_json(got[1], Reply)
+
+
+def a_on_two_hosts(procs, redis_url, tmp_path, **a_settings):
+    """Workers h and z (named so that h sorts first), each a stand-in GPU that holds one model
+    of 12000 MiB; a (with ``a_settings``) on both, b on h only; one router. Returns (h, z, router)."""
+    h, z = uid("h"), uid("z")
+    gpu_worker(procs, redis_url, tmp_path, z, [20000], gpu_model("a", 12000, **a_settings))
+    gpu_worker(procs, redis_url, tmp_path, h, [20000], gpu_model("a", 12000, **a_settings), gpu_model("b", 12000))
+    router = start_router(procs, redis_url)
+    wait_devices(router, h, z)
+    return h, z, router
+
+
+def test_residency_is_per_instance_across_two_workers(procs, redis_url, rds, tmp_path):
+    """a runs on two hosts with the same 3 s residency: on z since long enough that its copy's is
+    over, on h since a moment ago. b fits only on h, by evicting h's copy: it waits for that
+    copy's residency, whatever z's copy says (workers sort h before z: a guard per model id took
+    z's copy's verdict, and h's copy was evicted at once)."""
+    residency = 3.0
+    h, z, router = a_on_two_hosts(procs, redis_url, tmp_path, min_residency=residency)
+    assert start_on(rds, z, "a").ok
+    z_started = time.monotonic()
+    wait_for(lambda: time.monotonic() - z_started > residency, timeout=residency + 1, message="z's copy past residency")
+    assert start_on(rds, h, "a").ok
+    h_started = time.monotonic()
+    wait_for(lambda: sorted(running_on(router, "a")) == sorted([h, z]), timeout=10, message="a running on h and z")
+    results: dict = {}
+    thread = ask(results, "b", router, "b")
+    wait_for(lambda: rds.hget(Keys().instance("a", h), "state") != "running", timeout=residency + 6,
+             message="h's copy evicted")
+    held = time.monotonic() - h_started
+    thread.join(60)
+    assert results["b"].status == 200, results["b"].body[:600]
+    assert held >= residency - 1, held  # not at once
+    assert running_on(router, "b") == [h] and running_on(router, "a") == [z]
+
+
+def test_drain_is_per_instance_across_two_workers(procs, redis_url, rds, tmp_path):
+    """a runs on z, serving a long stream, and on h, serving nothing. b fits only on h: it
+    evicts h's idle copy at once, and the stream on z's copy goes on (a drain per model id held
+    b back until the stream ended)."""
+    h, z, router = a_on_two_hosts(procs, redis_url, tmp_path, engine_args=SLOW)
+    assert start_on(rds, z, "a").ok
+    wait_for(lambda: running_on(router, "a") == [z], timeout=10, message="a running on z")
+    stream = open_stream(router, "a")  # served by z's copy, the only one
+    try:
+        assert start_on(rds, h, "a").ok
+        wait_for(lambda: sorted(running_on(router, "a")) == sorted([h, z]), timeout=10, message="a on h and z")
+        results: dict = {}
+        thread = ask(results, "b", router, "b")
+        thread.join(20)
+        assert "b" in results, "b waited for a stream that h's copy does not serve"
+        assert results["b"].status == 200, results["b"].body[:600]
+        assert running_on(router, "b") == [h] and running_on(router, "a") == [z]
+        assert stream.event()  # still being served
+    finally:
+        stream.close()

@@ -6,6 +6,7 @@ Unit tests for ``router.http.auth`` first, then real router processes with keys 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ from llm_lab_router.router.http.auth import (
     required_role,
     startup_refusal,
 )
+from llm_lab_router.router.http.routes import ROUTES
 from raw_engine import engine  # noqa: F401  (the fixture)
 
 CLIENT_KEY = "client-key-0123456789abcdef"
@@ -44,9 +46,9 @@ def bearer(key: str) -> dict[str, str]:
 def test_keys_are_kept_as_digests_and_checked_by_role() -> None:
     ring = KeyRing(parse_keys(f"# clients\n{CLIENT_KEY}\n", "f"), parse_keys(ADMIN_KEY, "g"))
     assert CLIENT_KEY.encode() not in b"".join(ring.client)  # digests only
-    assert ring.role_of(CLIENT_KEY) is Role.CLIENT
-    assert ring.role_of(ADMIN_KEY) is Role.ADMIN
-    assert ring.role_of(CLIENT_KEY + "x") is None and ring.role_of("") is None
+    assert ring.identify(CLIENT_KEY) == (Role.CLIENT, None)  # a plain key: no profile
+    assert ring.identify(ADMIN_KEY) == (Role.ADMIN, None)
+    assert ring.identify(CLIENT_KEY + "x") == (None, None) and ring.identify("") == (None, None)
     with pytest.raises(KeyFileError):
         parse_keys("short", "f")
     with pytest.raises(KeyFileError):
@@ -64,25 +66,30 @@ def test_keys_are_kept_as_digests_and_checked_by_role() -> None:
     ("GET", "/debug/stats", Role.ADMIN),
 ])
 def test_required_roles(method: str, path: str, need: Role) -> None:
-    assert required_role(method, path, "client") is need
+    """The role each route of the table (router/http/routes.py) needs, with reads for clients
+    and for anyone (``read_access = "public"``)."""
+    access = next(r.access for r in ROUTES if re.fullmatch(r.tornado_pattern, path))
+    assert required_role(access, method, "client") is need
     public_read = Role.PUBLIC if need is Role.CLIENT and method == "GET" and not path.startswith("/v1/chat") else need
-    assert required_role(method, path, "public") is public_read
+    assert required_role(access, method, "public") is public_read
+    if access == "read":
+        assert required_role(access, "POST", "public") is Role.CLIENT  # a read is GET/HEAD only
 
 
 def test_policy_answers_401_and_403_and_takes_the_cookie_for_reads_only() -> None:
     policy = AccessPolicy(KeyRing.load(env=KEY_ENV))
-    policy.check("GET", "/v1/models", f"Bearer {CLIENT_KEY}", None)
-    policy.check("GET", "/v1/models", None, CLIENT_KEY)  # the dashboard's cookie
-    policy.check("POST", "/api/models/stop-all", f"Bearer {ADMIN_KEY}", None)
-    for method, path, auth, cookie, status in [
-        ("GET", "/v1/models", None, None, 401), ("GET", "/v1/models", "Bearer nope-nope-nope-nope", None, 401),
-        ("GET", "/v1/models", f"Basic {CLIENT_KEY}", None, 401),
-        ("POST", "/api/models/stop-all", f"Bearer {CLIENT_KEY}", None, 403),
-        ("POST", "/api/models/stop-all", None, ADMIN_KEY, 401),  # no cookie on a state change (CSRF)
+    policy.check("GET", "read", f"Bearer {CLIENT_KEY}", None)
+    policy.check("GET", "read", None, CLIENT_KEY)  # the dashboard's cookie
+    policy.check("POST", "admin", f"Bearer {ADMIN_KEY}", None)
+    for method, access, auth, cookie, status in [
+        ("GET", "read", None, None, 401), ("GET", "read", "Bearer nope-nope-nope-nope", None, 401),
+        ("GET", "read", f"Basic {CLIENT_KEY}", None, 401),
+        ("POST", "admin", f"Bearer {CLIENT_KEY}", None, 403),
+        ("POST", "admin", None, ADMIN_KEY, 401),  # no cookie on a state change (CSRF)
     ]:
         with pytest.raises(ApiError) as err:
-            policy.check(method, path, auth, cookie)
-        assert err.value.status == status, (method, path, auth, cookie)
+            policy.check(method, access, auth, cookie)
+        assert err.value.status == status, (method, access, auth, cookie)
 
 
 def test_only_loopback_may_run_without_keys() -> None:
@@ -157,6 +164,20 @@ def test_read_access_public(procs, redis_url) -> None:
     assert request("GET", f"{router.url}/v1/models").status == 200
     assert request("GET", f"{router.url}/api/logs/stats").status == 200
     assert request("POST", f"{router.url}/api/models/stop-all").status == 401
+
+
+def test_every_route_and_method_answers_as_its_access_says(procs, redis_url) -> None:
+    """A live router with keys (reads public): each route of the table, each of its methods,
+    without a key and with a client key. Nothing runs: state changes are admin routes, refused."""
+    router = start_router(procs, redis_url, env={**KEY_ENV, "LLM_ROUTER_READ_ACCESS": "public"})
+    for route in ROUTES:
+        url = router.url + re.sub(r"\{[^}]+\}", "nope", route.path)
+        for method in route.ops:
+            anonymous = request(method.upper(), url).status
+            client = request(method.upper(), url, headers=bearer(CLIENT_KEY)).status
+            opened = route.access == "public" or (route.access == "read" and method in ("get", "head"))
+            assert (anonymous == 401) is not opened, (method, route.path, anonymous)
+            assert client == 403 if route.access == "admin" else client not in (401, 403), (method, route.path, client)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -7,13 +7,17 @@ data directory 0700, ``default`` user off, the worker and the router logging in 
 users, passwords generated once, kept 0600 in the data directory, reused by the next ``up``
 and never printed.
 
-The venv holds only the wheel; its dependencies come from this test's own environment
-through a ``.pth`` line (no network, no index), which adds a directory to ``sys.path``
-without running the checkout's editable-install hooks.
+The venv holds only the wheel, installed beside two stand-ins for the registry's ``router`` and
+``worker`` distributions (each owning a top-level package of that name, as theirs do): the
+project's one import name, ``llm_lab_router``, must leave both alone. Its dependencies come
+from this test's own environment through a ``.pth`` line (no network, no index), which adds a
+directory to ``sys.path`` without running the checkout's editable-install hooks.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +26,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +59,9 @@ def wheel_venv(tmp_path_factory) -> Path:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
+    standins = [standin_wheel(tmp / "dist", name) for name in STANDINS]
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", *map(str, standins)],
+                   check=True, timeout=120)
     subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
                    check=True, timeout=120)
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -64,6 +72,42 @@ def wheel_venv(tmp_path_factory) -> Path:
                            check=True, capture_output=True, text=True, cwd=tmp).stdout
     assert where.startswith(site), where  # the wheel's code, not the checkout's
     return venv
+
+
+STANDINS = ("router", "worker")  # distributions on the registry, each with a top-level package of its name
+
+
+def standin_wheel(folder: Path, name: str) -> Path:
+    """A minimal wheel of distribution ``name`` whose one package, ``name``, says whose it is."""
+    files = {f"{name}/__init__.py": f"OWNER = 'the {name} distribution'\n",
+             f"{name}-9.9.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 9.9\n",
+             f"{name}-9.9.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test_up\nRoot-Is-Purelib: true\n"
+                                           "Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-9.9.dist-info/RECORD"] = "\n".join([*record, f"{name}-9.9.dist-info/RECORD,,"]) + "\n"
+    path = folder / f"{name}-9.9-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for member, text in files.items():
+            whl.writestr(member, text)
+    return path
+
+
+def test_the_wheel_installs_beside_the_registrys_router_and_worker(wheel_venv: Path, tmp_path: Path) -> None:
+    (wheel,) = (wheel_venv.parent / "dist").glob("llm_lab_router-*.whl")
+    tops = {member.split("/")[0] for member in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"llm_lab_router"}  # one import name, nothing else
+    python, cli = str(wheel_venv / "bin" / "python"), str(wheel_venv / "bin" / "llm-router")
+    help_text = subprocess.run([cli, "--help"], check=True, capture_output=True, text=True, cwd=tmp_path,
+                               timeout=60).stdout
+    assert "config" in help_text and "up" in help_text
+    owners = subprocess.run([python, "-c", "import llm_lab_router.router.http.app, llm_lab_router.worker.agent, "
+                                           "router, worker; print(router.OWNER, '|', worker.OWNER)"],
+                            check=True, capture_output=True, text=True, cwd=tmp_path, timeout=60).stdout
+    assert owners.strip() == "the router distribution | the worker distribution"
+    listed = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--python", python, "list",
+                             "--format", "json"], check=True, capture_output=True, text=True, timeout=60).stdout
+    assert {d["name"] for d in json.loads(listed)} >= {"llm-lab-router", "router", "worker"}
 
 
 def start_up(procs: Processes, venv: Path, workdir: Path, port: int):

@@ -89,3 +89,25 @@ def test_a_request_beginning_during_a_write_keeps_its_count(redis_url):
         assert await inflight(admin) == 0
 
     run(redis_url, scenario)
+
+
+def test_each_report_says_which_workers_serve_the_requests(redis_url):
+    """``serving`` (the balancer's outstanding requests per instance) is read at each write:
+    readers tell a copy that serves from one that does not (drain per instance)."""
+    async def main() -> None:
+        client = aredis.Redis.from_url(redis_url)
+        served: dict[str, int] = {}
+        reporter = UsageReporter(client, KEYS, "r1", serving=lambda model: served)
+        try:
+            with reporter.track("m"), reporter.track("m"):
+                await reporter.flush()  # both queued: they hold every copy
+                got = (await read_usage(client, KEYS, ["m"], time.time()))["m"]
+                assert (got.serving, got.requests_on("h"), got.requests_on("z")) == ({}, 2, 2)
+                served["z"] = 1  # one sent to z's copy
+                await reporter.flush()
+                got = (await read_usage(client, KEYS, ["m"], time.time()))["m"]
+                assert (got.serving, got.requests_on("h"), got.requests_on("z")) == ({"z": 1}, 1, 2)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())

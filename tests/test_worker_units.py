@@ -365,3 +365,14 @@ def test_process_gives_up_after_max_restarts(redis_url, tmp_path):
         assert mp.log_tail(1) == ["not restarting: 0 restarts within 300s (max_restarts = 0)"]
 
     supervise(redis_url, tmp_path, scenario, restart="always", max_restarts=0)
+
+
+def test_every_command_of_the_protocol_has_an_operation() -> None:
+    """``Operations.ops`` is the dispatch table: one entry per ``CommandOp``, each a method."""
+    from typing import get_args
+
+    from llm_lab_router.protocol import CommandOp
+    from llm_lab_router.worker.commands import Operations
+
+    ops = Operations("w", {}, None, Keys()).ops  # type: ignore[arg-type]
+    assert set(ops) == set(get_args(CommandOp)) and all(callable(op) for op in ops.values())

@@ -75,21 +75,23 @@ class Worker:
         self.config.write_text("\n".join(lines) + "\n")
         return self.config
 
-    def start(self, models: list[dict] | None = None, wait: bool = True, **settings) -> subprocess.Popen:
+    def start(self, models: list[dict] | None = None, wait: bool = True, env: dict[str, str] | None = None,
+              **settings) -> subprocess.Popen:
         if models is not None or self.config is None:
             self.write_config(models or [], **settings)
         self.proc = self.procs.start([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(self.config),
                                       "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
-                                     name="worker", stop_signal=signal.SIGINT)
+                                     name="worker", stop_signal=signal.SIGINT, env=env)
         if wait:
             wait_for(lambda: self.rds.hget(KEYS.worker(self.wid), "pid") == str(self.proc.pid)
                      or self.proc.poll() is not None, message="the worker's lease")  # not a dead one's
             assert self.proc.poll() is None, self.procs.log(self.proc)
         return self.proc
 
-    def send(self, op: str, model: str = "", **fields) -> Command:
+    def send(self, op: str, model: str = "", entry_id: str = "*", **fields) -> Command:
+        """Add a command; ``entry_id``: its stream id (as Redis would stamp it at that time)."""
         cmd = Command(op=op, model=model, **fields)
-        self.rds.xadd(KEYS.commands(self.wid), command_fields(cmd))
+        self.rds.xadd(KEYS.commands(self.wid), command_fields(cmd), id=entry_id)
         return cmd
 
     def reply(self, cmd: Command, timeout: float = 15) -> Reply:

@@ -30,7 +30,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import psutil
 import redis.asyncio as aredis
@@ -38,8 +37,10 @@ from llm_lab_router import __version__
 from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
 from llm_lab_router.ledger import retention_days as ledger_retention_days
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
 from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.loops import supervised
 from llm_lab_router.redis_url import async_client
 from llm_lab_router.worker.adoption import find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
@@ -126,13 +127,15 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
         await self._adopt()
         self.logs.start()
-        loops = [asyncio.create_task(_forever(name, fn), name=name) for name, fn in [
+        loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("gpu time", self._gpu_time)]]
-        intake = asyncio.create_task(_forever("commands", self.intake.run), name="commands")
-        reloads = asyncio.create_task(_forever("reload", self._reloads), name="reload")
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)),
+            ("gpu time", self._gpu_time)]]
+        intake = supervised("commands", self.intake.run, log)
+        reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
                      for mp in self.models.values() if mp.model.auto_start]
         try:
@@ -347,7 +350,7 @@ class WorkerAgent:
 
     async def _publish_all(self) -> None:
         """Lease, catalog, every instance and the events saying so, in one transaction."""
-        self.info.heartbeat_at = time.time()
+        self.info.heartbeat_at = CLOCK.now()
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -391,7 +394,7 @@ class WorkerAgent:
         link = RedisLink("heartbeat", max_delay=self.settings.heartbeat_interval)
         while True:
             stop_if_cancelled()
-            self.info.heartbeat_at = time.time()
+            self.info.heartbeat_at = CLOCK.now()
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)
@@ -458,19 +461,6 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
     for task in tasks:
         task.cancel()
     await _wait(tasks, SHUTDOWN_TIMEOUT)
-
-
-async def _forever(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
-    """Run a loop; if it dies of a bug, log the traceback and start it again a second later."""
-    while True:
-        try:
-            await loop_fn()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s loop failed; restarting it", name)
-            await asyncio.sleep(1.0)
 
 
 def _safe_url(client: aredis.Redis) -> str:

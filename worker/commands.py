@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aredis
 import redis.exceptions
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
-from llm_lab_router.protocol import COMMAND_GROUP, Command, Keys, Reply, command_of, to_json, trim_logs
+from llm_lab_router.clock import CLOCK
+from llm_lab_router.protocol import COMMAND_GROUP, Command, CommandOp, Keys, Reply, command_of, to_json, trim_logs
 from llm_lab_router.worker.process import ModelProcess
 
 log = logging.getLogger("llm_router.worker")
@@ -38,10 +38,17 @@ class Operations:
         self.models = models  # the agent's own dict: a reload changes it in place
         self.redis = redis
         self.keys = keys
+        # What runs each command of the protocol (``CommandOp``; msgspec refuses any other op).
+        self.ops: dict[CommandOp, Callable[[Command], Awaitable[Reply]]] = {
+            "start": self._op_start,
+            "stop": self._op_stop,
+            "stop_all": self._op_stop_all,
+            "restart_autostart": self._op_restart_autostart,
+            "clear_logs": self._op_clear_logs,
+        }
 
     async def execute(self, cmd: Command) -> Reply:
-        handler = getattr(self, f"_op_{cmd.op}")
-        return await handler(cmd)
+        return await self.ops[cmd.op](cmd)
 
     def _reply(self, cmd: Command, ok: bool, message: str, **fields) -> Reply:
         return Reply(id=cmd.id, worker=self.worker_id, ok=ok, message=message, **fields)
@@ -55,10 +62,11 @@ class Operations:
         mp = self._find(cmd.model)
         if mp is None:
             return self._unknown(cmd)
-        inst = await mp.ensure_running()
+        inst = await mp.ensure_running(on_demand=cmd.on_demand)
         if inst.state == "running":
             return self._reply(cmd, True, f"model '{inst.model}' is running at {inst.url}", state=inst.state)
-        return self._reply(cmd, False, inst.last_error or f"model '{inst.model}' is {inst.state}",
+        why = "; ".join(filter(None, [inst.last_error, mp.refusal])) or f"model '{inst.model}' is {inst.state}"
+        return self._reply(cmd, False, why,
                            state=inst.state, log_tail=mp.log_tail(TAIL_IN_REPLY),
                            no_room=mp.host.placer.lost_on_vram(mp.model.id))
 
@@ -105,6 +113,21 @@ class Operations:
 
     def _unknown(self, cmd: Command) -> Reply:
         return self._reply(cmd, False, f"unknown model '{cmd.model}'")
+
+
+def expired(cmd: Command, entry_id: str, now: float) -> bool:
+    """Whether the sender of ``cmd`` no longer waits for it: its ``timeout`` has passed since
+    the entry was added, on Redis's clock at both ends (``now``: ``CLOCK.now()``). The entry id
+    is the time Redis added it (ms), so neither the sender's clock nor a deadline computed on it
+    is involved: a router whose clock is off by minutes gets its commands run, and a command
+    that waited in the stream longer than its sender (the worker was away) is not run late."""
+    if cmd.timeout <= 0:
+        return False
+    try:
+        added = int(entry_id.split("-", 1)[0]) / 1000
+    except ValueError:  # not an id Redis generated: only the sender's word is left
+        return False
+    return now > added + cmd.timeout
 
 
 class CommandIntake:
@@ -184,7 +207,7 @@ class CommandIntake:
             log.warning("ignoring malformed command %s: %s", entry_id, exc)
             await self._answer(entry_id, None)
             return
-        if cmd.deadline and time.time() > cmd.deadline:
+        if expired(cmd, entry_id, CLOCK.now()):
             log.info("command %s (%s %s) expired before it could run", cmd.id, cmd.op, cmd.model)
             reply = Reply(id=cmd.id, worker=self.worker_id, ok=False, message="expired")
         else:

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import psutil
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo
 
 MIB = 1024 * 1024
@@ -67,7 +68,6 @@ class DeviceProbe:
         self._initialised = False
         self._init_error = ""
         self._next_init_at: float | None = None  # None: never tried yet
-        self.init_attempts = 0  # for operators and tests: how often nvmlInit was tried
 
     # --- public API ---
 
@@ -75,7 +75,7 @@ class DeviceProbe:
         """Take one reading of every device; never raises for a device problem."""
         with self._lock:
             cuda = self._cuda()
-        return DeviceSnapshot(worker=worker_id, host=host, ts=time.time(), cuda=cuda, cpu=self._cpu())
+        return DeviceSnapshot(worker=worker_id, host=host, ts=CLOCK.now(), cuda=cuda, cpu=self._cpu())
 
     def close(self) -> None:
         """Release NVML (``nvmlShutdown``) if this probe initialised it."""
@@ -132,7 +132,6 @@ class DeviceProbe:
         now = self._clock()
         if self._next_init_at is not None and now < self._next_init_at:
             return False
-        self.init_attempts += 1
         self._next_init_at = now + self._retry_interval
         try:
             if self._nvml is None:

@@ -1,8 +1,8 @@
 """GPU time for the usage ledger: each running model's resident GPU-seconds (time running × its
 GPUs), per hour, added to ``llm:ledger:{hour}`` as ``gpu|{model}|{worker}`` (llm_router/ledger.py).
 
-Measured by this worker alone (its own clock, its own instances), so hosts never count a
-second twice; a write Redis refused is kept and added to the next one. Each tick charges the
+Measured by this worker alone (its own instances; Redis's clock, as the instances'
+``started_at``), so hosts never count a second twice; a write Redis refused is kept and added to the next one. Each tick charges the
 time since the previous one (or since the instance became running, if later), split at hour
 boundaries; an instance that stops between two ticks loses the part of the interval it ran
 (at most one tick, a few seconds).
@@ -10,12 +10,12 @@ boundaries; an instance that stops between two ticks loses the part of the inter
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable
 
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.ledger import HOUR, expire_at, gpu_field, hour_of
 from llm_lab_router.protocol import Instance, Keys
 
@@ -37,7 +37,7 @@ def split_by_hour(start: float, end: float) -> list[tuple[int, float]]:
 
 class GpuClock:
     def __init__(self, redis, keys: Keys, worker: str, retention_days: int, log,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = CLOCK.now) -> None:
         self.redis = redis
         self.keys = keys
         self.worker = worker

@@ -7,17 +7,21 @@ worker reads it for its running models every ``poll_interval`` and stops those `
 names, by each model's ``idle_ttl`` as it is now (a config reload may add, change or remove
 it). A model with a request in flight (on any live router) is never stopped; when Redis
 cannot be read, nothing is stopped (unknown use is not idleness).
+
+Every time compared here is on Redis's clock (``llm_lab_router.clock``): the routers' last use
+and the freshness of their entries, this worker's ``started_at``, and now. A router whose clock
+is off by minutes neither gets a model unloaded under its requests nor keeps an idle one loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Iterable, Mapping
 
 import redis.asyncio as aredis
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import Instance, Keys, ModelUsage, read_usage
 from llm_lab_router.worker.process import ModelProcess
 
@@ -78,7 +82,7 @@ class IdleReaper:
                    if mp.state == "running" and mp.model.idle_ttl > 0]
         if not running:
             return []
-        now = time.time()
+        now = CLOCK.now()  # the routers' stamps are on Redis's clock, as is started_at
         usage = await read_usage(self.redis, self.keys, [inst.model for inst, _ in running], now)
         idle = idle_models(now, running, usage)
         for model in idle:

@@ -40,13 +40,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import msgspec
 import psutil
 from llm_lab_router.backoff import REDIS_ERRORS
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ModelConfig
 from llm_lab_router.protocol import CatalogEntry, DeviceSnapshot, Keys, Learned, from_json, to_json
 from llm_lab_router.worker.devices import DeviceProbe
@@ -219,7 +219,7 @@ class Learner:
         names = {g.index: g.name for g in after.cuda.gpus} if after is not None else {}
         device = names.get(placement.gpus[0], "") if placement.gpus else "cpu"
         item = Learned(profile=placement.index, gpus=",".join(map(str, placement.gpus)), device=device,
-                       cold_start_s=round(seconds, 3), vram_mb=vram, how=how, at=time.time())
+                       cold_start_s=round(seconds, 3), vram_mb=vram, how=how, at=CLOCK.now())
         self._remember(model.id, item, newest=True)
         self._warn_if_over(model, placement, vram, how)
         await self._store(model.id, item, replace_newest=False)
@@ -275,7 +275,7 @@ class Learner:
             item = msgspec.structs.replace(peak.record, vram_mb=peak.peak, how=how)
         else:
             item = Learned(profile=r.placement.index, gpus=",".join(map(str, r.placement.gpus)), device=device,
-                           vram_mb=peak.peak, how=how, at=time.time())
+                           vram_mb=peak.peak, how=how, at=CLOCK.now())
         peak.record, peak.recorded = item, peak.peak
         self._vram.setdefault(model.id, {})[item.profile] = peak.peak
         self._newest[model.id] = item

@@ -79,6 +79,8 @@ class LogPipe:
         self.spool_bytes = spool_bytes
         self.shipped = 0  # lines that reached Redis (for operators and benchmarks)
         self.dropped = 0  # lines dropped because a spool hit its bound
+        self.unwritten = 0  # event lines lost because the spool could not be written (a full disk)
+        self._write_error = ""  # the current write failure, logged once until writes work again
         self._spools: dict[str, ModelSpool] = {}
         self._sinks: dict[str, Callable[[LogSource, str], None]] = {}
         self._redactors: dict[str, Redactor] = {}
@@ -123,8 +125,25 @@ class LogPipe:
         self._wake.set()
 
     def write(self, model: str, stream: LogSource, message: str) -> None:
-        """Append one worker line about ``model`` (``stream`` "event") to its spool, stamped now."""
-        self.spool(model).write_event(time.time(), message)
+        """Append one worker line about ``model`` (``stream`` "event") to its spool, stamped now.
+
+        Never raises: its callers are the supervisor's state changes, and a crashed model must
+        still be restarted when the disk is full (ENOSPC) or the spool unwritable. The line is
+        lost then, counted in ``unwritten``, and the failure is logged once until a write works
+        again."""
+        try:
+            self.spool(model).write_event(time.time(), message)
+        except OSError as exc:
+            self.unwritten += 1
+            if not self._write_error:
+                self._write_error = str(exc)
+                log.error("cannot write worker events to the spool (%s): they are dropped until the disk has "
+                          "room; models are still supervised", exc)
+            return
+        if self._write_error:
+            log.warning("the spool is writable again (%d event lines were lost: %s)", self.unwritten,
+                        self._write_error)
+            self._write_error = ""
 
     def engine_output(self, model: str) -> tuple[int, int]:
         """Descriptors for a new engine's stdout and stderr; the caller closes them once spawned."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import msgspec
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ModelConfig, WorkerSettings
 from llm_lab_router.hostcheck import find_program, missing_program
 from llm_lab_router.protocol import Instance, LogSource
@@ -126,7 +127,7 @@ class ModelProcess:
         self.model = model
         self.host = host
         self._on_change = on_change
-        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=time.time(),
+        self._instance = Instance(model=model.id, worker=host.worker_id, updated_at=CLOCK.now(),
                                   api_key=model.api_key)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._redact = Redactor.for_model(model)  # renewed at each spawn: a reload may change the model
@@ -136,6 +137,7 @@ class ModelProcess:
         self._restart_task: asyncio.Task | None = None
         self._cancel_start: asyncio.Future | None = None  # resolved: the start in flight gives up
         self._restart_times: deque[float] = deque()  # monotonic times of recent restarts
+        self.refusal = ""  # why the last restart was refused (out of budget), for the start reply
         self._closed = False  # the worker is shutting down: nothing may start any more
         host.logs.attach(model.id, self._line)
         host.logs.redact(model.id, self._redact)
@@ -155,11 +157,17 @@ class ModelProcess:
         """The last ``n`` lines of this model's log (output and events), oldest first."""
         return list(self._tail)[-n:]
 
-    async def ensure_running(self, persistent: bool = False) -> Instance:
+    async def ensure_running(self, persistent: bool = False, on_demand: bool = False) -> Instance:
         """Start the model unless it runs already; return the instance once settled.
 
         ``persistent`` (``auto_start``, or a model that was running before a worker restart):
-        a start that fails is retried with the restart policy's back-off, as a crash is."""
+        a start that fails is retried with the restart policy's back-off, as a crash is.
+
+        ``on_demand`` (a router starting it for a request): a restart already scheduled is
+        waited for, not cut short, and a start of a failed model is a restart — counted, backed
+        off and bounded by ``max_restarts`` within ``restart_window`` — so steady traffic cannot
+        restart a crash-looping engine as fast as requests arrive. Only an operator's start
+        (not ``on_demand``) cancels the back-off and gives a fresh restart budget."""
         while True:
             if self._stop_task is not None:
                 await asyncio.wait([self._stop_task])
@@ -172,8 +180,16 @@ class ModelProcess:
                 break
             if self.state == "running" or self._closed:
                 break
+            if on_demand and self._restart_task is not None:
+                await asyncio.wait([self._restart_task])  # its start follows at once
+                continue
+            if on_demand and self.state == "failed":
+                if not self._schedule_restart(on_demand=True):
+                    break  # out of restarts: it stays failed, and the reply says why
+                continue
             self._cancel_restart()
             self._restart_times.clear()  # an operator's start gets a fresh restart budget
+            self.refusal = ""
             self._begin_start(restart=persistent)
         return self.instance
 
@@ -231,7 +247,8 @@ class ModelProcess:
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
         self._set(state="running", pid=found.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
-                  vram_mb=placement.vram_mb, started_at=found.created, last_error="")
+                  vram_mb=placement.vram_mb, started_at=CLOCK.now() - max(0.0, time.time() - found.created),
+                  last_error="")  # its age, by this host's clock, on the shared one
         self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
         return True
 
@@ -272,7 +289,7 @@ class ModelProcess:
 
     async def _start_once(self, cancel: asyncio.Future) -> None:
         self._tail.clear()  # a failure quotes this attempt's lines, not the previous one's
-        self._set(state="starting", last_error="", url="", pid=0, gpus="", vram_mb=0, started_at=0.0)
+        self._set(state="starting", url="", pid=0, gpus="", vram_mb=0, started_at=0.0)  # last_error stays
         for attempt in range(PORT_RETRIES + 1):
             try:
                 placement = await self.host.placer.place(self.model)
@@ -303,7 +320,7 @@ class ModelProcess:
                 if learner is not None:
                     self.grew(await learner.started(self.model, placement, run.pid, time.monotonic() - spawned,
                                                     before, alone))
-                self._set(state="running", url=run.url, started_at=time.time())
+                self._set(state="running", url=run.url, started_at=CLOCK.now())
                 self._event(f"running on {run.url} (pid {run.pid})")
                 return
             if why == STOP_CANCELLED:
@@ -402,7 +419,7 @@ class ModelProcess:
     async def _stop(self, run: _Run, reason: str = "") -> None:
         """running/starting → stopping → stopped. ``reason``: why a start did not complete."""
         try:
-            self._set(state="stopping", **({"last_error": reason} if reason else {}))
+            self._set(state="stopping", **({"last_error": reason, "last_error_at": CLOCK.now()} if reason else {}))
             self._event("stopping")
             await self._terminate(run)
             self._set(state="stopped", pid=0, url="")
@@ -427,23 +444,29 @@ class ModelProcess:
             self._run = None
         self.host.placer.release(self.model.id)
 
-    def _schedule_restart(self) -> None:
-        """Apply the restart policy after a crash (or a failed restart). Any exit the worker did
-        not ask for is a failure, whatever its code: "on-failure" and "always" both restart."""
+    def _schedule_restart(self, on_demand: bool = False) -> bool:
+        """Apply the restart policy after a crash (or a failed restart); ``on_demand``: a
+        request asks for a failed model, which restarts it whatever the policy, within the
+        same budget. Any exit the worker did not ask for is a failure, whatever its code:
+        "on-failure" and "always" both restart. Returns whether a restart is scheduled."""
         policy = self.model.restart
-        if policy == "no" or self._closed:
-            return
+        self.refusal = ""
+        if (policy == "no" and not on_demand) or self._closed:
+            return False
         now = time.monotonic()
         while self._restart_times and now - self._restart_times[0] > self.model.restart_window:
             self._restart_times.popleft()
         recent = len(self._restart_times)
         if recent >= self.model.max_restarts:
-            self._event(f"not restarting: {recent} restarts within {self.model.restart_window:g}s "
-                        f"(max_restarts = {self.model.max_restarts})")
-            return
+            refused = (f"not restarting: {recent} restarts within {self.model.restart_window:g}s "
+                       f"(max_restarts = {self.model.max_restarts})")
+            self._event(refused)
+            self.refusal = f"{refused}; an operator's start resets this"
+            return False
         delay = min(MAX_BACKOFF, 2.0 ** recent)
-        self._event(f"restarting in {delay:g}s (restart = {policy!r})")
+        self._event(f"restarting in {delay:g}s ({'for a request' if on_demand else f'restart = {policy!r}'})")
         self._restart_task = asyncio.create_task(self._restart_after(delay), name=f"restart {self.model.id}")
+        return True
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)  # cancelled here by ensure_running/ensure_stopped
@@ -461,13 +484,13 @@ class ModelProcess:
 
     def _set(self, **changes) -> None:
         check_transition(self._instance.state, changes.get("state"))
-        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=time.time(),
+        self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=CLOCK.now(),
                                                  seq=self._instance.seq + 1)
         self._on_change(self.instance)
 
     def _fail(self, reason: str) -> None:
         reason = self._redact.scrub(reason)
-        self._set(state="failed", last_error=reason, pid=0, url="")
+        self._set(state="failed", last_error=reason, last_error_at=CLOCK.now(), pid=0, url="")
         self._event(reason)
 
     def _event(self, message: str) -> None:

@@ -5,10 +5,12 @@
 - added: a new ``ModelProcess``, started if ``auto_start``;
 - removed: stopped for good, then withdrawn from the catalog and its instance hash deleted;
 - changed in a way the running process depends on (command, env, cwd, port, devices,
-  profiles: any field not in ``LIVE_FIELDS``): stopped and replaced by a new supervisor,
+  placement: a field of ``PROCESS_FIELDS``): stopped and replaced by a new supervisor,
   started again if it was running or starting (left stopped otherwise);
-- changed only in ``LIVE_FIELDS`` (aliases, idle_ttl, timeouts, restart policy ...): the
-  supervisor takes the new entry as it is; its process keeps running (same pid);
+- changed in any other field (aliases, idle_ttl, timeouts, restart policy, routing, fallbacks,
+  residency ...: ``LIVE_FIELDS``, read by this worker's supervisor or by the routers): the
+  supervisor takes the new entry as it is; its process keeps running (same pid), and so does
+  its prompt cache;
 - unchanged: untouched.
 
 Engine presets are already resolved (``parse_config``), so a new alias of a vLLM model shows
@@ -33,16 +35,24 @@ WATCH_INTERVAL = 2.0  # seconds between two looks at the file's mtime (``watch_c
 # Fields read by routers or by the supervisor at its next start/stop/crash, never by the
 # running process: changing one needs no restart. (engine, model_path and engine_args only
 # matter through the ``command`` they resolve to.)
+# What the engine process is made of: its argv (engine, model_path and engine_args are resolved
+# into ``command`` by parse_config), environment, directory, port, and the GPUs placement gives it
+# (devices, vram_mb and profiles decide its CUDA_VISIBLE_DEVICES). An allow-list: a change to any
+# other field never restarts an engine.
+PROCESS_FIELDS = frozenset({"id", "command", "port", "env", "cwd", "devices", "vram_mb", "profiles"})
+# Every other field, by name, so that a field added later must be classified
+# (tests/test_reload.py walks ModelConfig).
 LIVE_FIELDS = frozenset({
     "aliases", "mode", "owned_by", "created", "auto_start", "on_demand", "idle_ttl", "max_concurrency",
     "restart", "max_restarts", "restart_window", "health", "startup_timeout", "stop_grace",
-    "engine", "model_path", "engine_args",
+    "engine", "model_path", "engine_args", "api_key", "routing", "fallbacks", "min_residency", "max_wait",
+    "idle_release",
 })
 
 
 def needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
     """Whether a process started from ``old`` differs from one started from ``new``."""
-    return any(getattr(old, f) != getattr(new, f) for f in old.__struct_fields__ if f not in LIVE_FIELDS)
+    return any(getattr(old, f) != getattr(new, f) for f in PROCESS_FIELDS)
 
 
 @dataclass

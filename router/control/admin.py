@@ -147,7 +147,7 @@ class Manager:
         model = self.model_for(alias)
         e = self._entry(model)
         instances = [InstanceDetail(i.worker, i.state, i.url, i.pid, i.started_at, i.updated_at, i.last_error,
-                                    i.restarts, i.gpus) for i in self.view.instances(model)]
+                                    i.restarts, i.gpus, i.last_error_at) for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
                                      self.view.catalog_workers(model), instances, self.control.reason(model)))

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 import msgspec
 from llm_lab_router.audit import NO_NAME, AuditTrail
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
     from_json, read_usage,
@@ -38,7 +39,7 @@ from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
-                              merge_waiters)
+                              merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
@@ -97,7 +98,7 @@ def describe_failure(exc: ControlError, lines: int = 20) -> str:
 def start_failed(message: str, exc: ControlError) -> ApiError:
     """The 503 of a start that failed or gave up (code ``model_start_failed``), with the reason
     (``error.reason``) and a ``Retry-After`` from its ETA when the scheduler knows them."""
-    headers = {"Retry-After": retry_after(exc.reason, time.time())} if exc.reason else None
+    headers = {"Retry-After": retry_after(exc.reason, CLOCK.now())} if exc.reason else None
     return ApiError(503, message, "model_start_failed", headers, exc.reason)
 
 
@@ -121,12 +122,6 @@ def start_wait(timeout: float, entries: Iterable[CatalogEntry]) -> float:
     model more (its ``startup_timeout`` + ``START_MARGIN``): a vLLM model loading for 10 minutes
     must not get a 503 from the router at 5 while its worker still waits for it."""
     return max([timeout, *(e.startup_timeout + START_MARGIN for e in entries if e.startup_timeout > 0)])
-
-
-def choose_worker(model: str, candidates: Sequence[str], instances: Iterable[Instance]) -> str | None:
-    """``start_order`` for models without GPU needs: the first candidate to try, if any."""
-    order, _ = start_order(model, {w: CatalogEntry(id=model) for w in candidates}, {}, instances)
-    return order[0] if order else None
 
 
 class NoRoom(ControlError):
@@ -190,7 +185,7 @@ class ControlClient:
         while True:
             try:
                 self.line = await self.board.read()
-                self.closing = closing(self.line, time.time(), USAGE_STALE)
+                self.closing = closing(self.line, CLOCK.now(), USAGE_STALE)
             except RedisError:
                 self.closing = set()  # nobody can claim without Redis either
             await asyncio.sleep(CLAIM_POLL)
@@ -212,15 +207,15 @@ class ControlClient:
         if view.running_instances(model):
             return None
         if any(i.state == "starting" for i in view.instances(model)):
-            return starting_reason(model, view.instances(model), view.catalog_entries(model), time.time())
+            return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
         if (got := self.pending.get(model)) is not None:
             return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), time.time(),
+        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
                            USAGE_STALE)
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
-        cmd.deadline = time.time() + timeout
+        cmd.timeout = timeout
         await self.redis.xadd(self.keys.commands(wid), command_fields(cmd),
                               maxlen=COMMANDS_MAXLEN, approximate=True)
         try:
@@ -317,12 +312,20 @@ class ControlClient:
         model = key[0]
         if self._starts.get(key) is task:
             del self._starts[key]
-        if not task.cancelled() and isinstance(task.exception(), ControlError):
-            log.warning("start of %s failed: %s", model, task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ControlError):
+            log.warning("start of %s failed: %s", model, exc)
+        elif exc is not None:  # not an expected failure: no caller may be waiting to report it
+            log.error("start of %s failed", model, exc_info=exc)
 
     async def _start_for(self, model: str, timeout: float, host: str | None, origin: Origin) -> Reply:
         """``_start``, recorded in the audit trail when it is a request's (on demand) and, once
-        it runs, in the usage ledger as loaded by ``origin``."""
+        it runs, in the usage ledger as loaded by ``origin``. An operator's start (``origin``
+        not on demand) gives a failed model a fresh restart budget on its worker; a start for
+        a request is a restart of a failed model, counted, backed off and bounded there
+        (``Command.on_demand``)."""
         audit = self.audit if origin.on_demand else None
         try:
             reply = await self._start(model, timeout, host, origin)
@@ -350,7 +353,7 @@ class ControlClient:
             raise ControlError(f"no live worker can run model '{model}'" + (f" on '{host}'" if host else ""))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + start_wait(timeout, entries.values())
-        began = time.time()
+        began = CLOCK.now()
         try:
             while True:
                 await view.refresh_details()  # devices and leases, read on demand (at most once a second)
@@ -358,11 +361,12 @@ class ControlClient:
                 order, ahead = fits, []
                 if self.scheduler == "swap" and fits:  # free room goes to the models ahead in the line first
                     waiters = await self._waiters(model, began)
-                    ahead = ahead_of(model, waiters, view.all_instances(), time.time())
+                    ahead = ahead_of(model, waiters, view.all_instances(), CLOCK.now())
                     order = free_room_for(fits, ahead, lambda m: view.catalog_entries(m).keys())
                 for wid in order:
                     try:
-                        return await self._start_on(wid, model, deadline, anywhere=host is None)
+                        return await self._start_on(wid, model, deadline, anywhere=host is None,
+                                                    by_operator=not origin.on_demand)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -384,14 +388,14 @@ class ControlClient:
                     finally:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
-                reason = self.pending[model] = swap_reason(model, decision, waiters, time.time(), cold)
+                reason = self.pending[model] = swap_reason(model, decision, waiters, CLOCK.now(), cold)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
-                    raise ControlError(f"model '{model}' waited {time.time() - began:.0f}s for a swap: "
+                    raise ControlError(f"model '{model}' waited {CLOCK.now() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, time.time()), reason)
+                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = self._candidates(model, host) or entries
@@ -407,7 +411,7 @@ class ControlClient:
 
     def _waited(self, model: str, began: float) -> None:
         if self.metrics is not None:
-            self.metrics.waited(model, "swap", time.time() - began)
+            self.metrics.waited(model, "swap", CLOCK.now() - began)
 
     async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
         try:
@@ -425,17 +429,18 @@ class ControlClient:
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
         usage = await self._usage({i.model for i in loaded})
         waiters = await self._waiters(model, began)
-        now = time.time()
-        specs = {i.model: view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
+        now = CLOCK.now()
+        # each instance by its own host's config: two hosts may give a model different residencies
+        specs = {where(i): view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
-                               {m: s.min_residency for m, s in specs.items()}, now, self.scheduler,
-                               {m: s.idle_release for m, s in specs.items()}, self.priority(model))
+                               {w: s.min_residency for w, s in specs.items()}, now, self.scheduler,
+                               {w: s.idle_release for w, s in specs.items()}, self.priority(model))
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:
         """The line (``merge_waiters``) from ``llm:waiting``, with this router's own entry for
         ``model`` as it is now, not as last written."""
-        now = time.time()
+        now = CLOCK.now()
         mine = WaitEntry(model=model, router=self.board.router_id, since=began,
                          count=self._waiting.get(model, 1), at=now)
         board = [e for e in await self.board.read() if (e.model, e.router) != (model, mine.router)] + [mine]
@@ -462,24 +467,27 @@ class ControlClient:
     async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
-            return await read_usage(self.redis, self.keys, models, time.time())
-        usage = await read_usage(self.redis, self.keys, models, time.time(), exclude=self.usage.router_id)
+            return await read_usage(self.redis, self.keys, models, CLOCK.now())
+        usage = await read_usage(self.redis, self.keys, models, CLOCK.now(), exclude=self.usage.router_id)
         for m, u in usage.items():
             u.inflight += self.usage.inflight(m)
+            for wid, n in self.usage.serving_on(m).items():
+                u.serving[wid] = u.serving.get(wid, 0) + n
         return usage
 
     @staticmethod
     def _left(deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True) -> Reply:
+    async def _start_on(self, wid: str, model: str, deadline: float, anywhere: bool = True,
+                        by_operator: bool = False) -> Reply:
         """Start ``model`` on ``wid`` and wait until it serves (``anywhere``: or another host serves it)."""
         view = self.view
         timeout = self._left(deadline)
         was = next((i for i in view.instances(model) if i.worker == wid), None)
         before = was.updated_at if was else -1.0
         sent = time.monotonic()
-        reply = await self.send(wid, Command(op="start", model=model), timeout)
+        reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
             error = NoRoom if reply.no_room else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)

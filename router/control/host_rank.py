@@ -102,13 +102,13 @@ def plan_eviction(model: str, entries: Mapping[str, CatalogEntry], snapshots: Ma
                   may_evict: Callable[[Instance], bool] | None = None) -> Eviction | None:
     """The fewest idle models to stop on one host so that ``model`` fits there, or None.
 
-    Only ``running`` models with VRAM and no request in flight (``usage``: per model id, across
-    routers) are candidates, least recently used first (the later of their last use and their
+    Only ``running`` models with VRAM and no request in flight on them (``usage``: per model id,
+    across routers; ``ModelUsage.requests_on`` the instance) are candidates, least recently used first (the later of their last use and their
     start). Among hosts, the fewest victims win, then the earlier profile, then the host id.
     ``may_evict`` replaces the in-flight rule (``router.control.scheduler`` adds residency to it)."""
     if may_evict is None:
         def may_evict(i: Instance) -> bool:
-            return usage.get(i.model, ModelUsage()).inflight == 0
+            return usage.get(i.model, ModelUsage()).requests_on(i.worker) == 0
     best: tuple[tuple[int, int, str], Eviction] | None = None
     for wid, entry in entries.items():
         mine = [i for i in instances if i.worker == wid]

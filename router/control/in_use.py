@@ -1,11 +1,14 @@
 """What this router tells the cluster about model use: requests in flight and last use.
 
 Each router writes, per model, one field ``router:{rid}`` of the hash ``llm:used:{model}`` (a
-JSON ``RouterUsage``: in-flight count, last use, when written) and the field ``last_used``.
+JSON ``RouterUsage``: in-flight count, of which served per worker, last use, when written) and
+the field ``last_used``.
 Throttled: at most one write per model per ``interval`` — except that a model going from idle
 to busy is reported at once, so an eviction or idle unload elsewhere sees the request within a
 Redis round trip. While requests are in flight the entry is rewritten every ``interval``;
 readers ignore entries older than ``USAGE_STALE``, so a router that died cannot pin a model.
+Every stamp (``last_used``, ``at``) is on Redis's clock (``llm_lab_router.clock``): the worker
+that reads them to unload an idle model runs on another host, with its own wall clock.
 
 Readers: the worker's idle reaper (``worker.idle``) and this router's eviction planning
 (``protocol.read_usage``). The hot path only touches in-memory counters.
@@ -15,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import USED_LAST, USED_ROUTER, Keys, RouterUsage, to_json
 
 log = logging.getLogger("router.usage")
@@ -32,12 +35,17 @@ USED_TTL = 7 * 24 * 3600  # llm:used:{model} outlives any sensible idle_ttl, but
 
 class UsageReporter:
     def __init__(self, redis: Redis, keys: Keys, router_id: str, interval: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = CLOCK.now,
+                 serving: Callable[[str], Mapping[str, int]] | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
         self.interval = interval
         self.clock = clock
+        # Of a model's requests in flight, those sent to an instance, per worker: read at each
+        # write (the balancer counts them anyway: nothing more on the hot path), so they lag by
+        # up to ``interval``, meanwhile counting as queued, which holds every copy of the model.
+        self.serving = serving
         self._inflight: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         # per (model, key priority): requests in flight, and the last use (start or end)
@@ -67,6 +75,10 @@ class UsageReporter:
             self._inflight[model] -= 1
             self._prio_inflight[key] -= 1
             self._touch(model, key)
+
+    def serving_on(self, model: str) -> dict[str, int]:
+        """This router's requests of ``model`` being served now, per worker (``serving``)."""
+        return dict(self.serving(model)) if self.serving is not None else {}
 
     def _touch(self, model: str, key: tuple[str, int]) -> None:
         self._last_used[model] = self._prio_used[key] = self.clock()
@@ -109,7 +121,7 @@ class UsageReporter:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for m in models:
                     entry = RouterUsage(inflight=counts[m], last_used=self._last_used.get(m, 0.0), at=now,
-                                        priorities=priorities.get(m, {}))
+                                        serving=self.serving_on(m), priorities=priorities.get(m, {}))
                     pipe.hset(self.keys.used(m), mapping={USED_LAST: f"{entry.last_used:.3f}",
                                                           USED_ROUTER + self.router_id: to_json(entry)})
                     pipe.expire(self.keys.used(m), USED_TTL)

@@ -7,9 +7,13 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
 ``llm:waiting``), so that two routers decide the same:
 
 - **residency**: a model that became running less than its ``min_residency`` seconds ago is not
-  evicted (``Instance.started_at`` is when it became running);
-- **drain**: a model with requests queued or in flight on any live router (``ModelUsage.
-  inflight``) is not evicted until they are served; nothing is ever aborted;
+  evicted (``Instance.started_at`` is when it became running). Per instance: a copy of the
+  model on host h keeps its own residency (its host's ``min_residency``, its own start), however
+  long ago another copy started elsewhere;
+- **drain**: an instance with requests queued for its model or being served by it on any
+  live router (``ModelUsage.requests_on``) is not evicted until they are served; nothing is
+  ever aborted. Per instance too: a copy that serves nothing may go while another copy of the
+  model, on another host, serves a stream;
 - **batching**: every request waiting for one model shares one swap (one start per router,
   and routers share the waiting entry per model, so all of them wait for the same start);
 - **priority**: a model that a key of a higher ``priority`` than the waiting requests' is
@@ -42,6 +46,11 @@ from llm_lab_router.router.control.host_rank import Eviction, plan_eviction
 
 Policy = Literal["swap", "lru"]
 POLICIES: tuple[str, ...] = ("swap", "lru")
+Where = tuple[str, str]  # (model id, worker id): one instance, the unit every protection applies to
+
+
+def where(instance: Instance) -> Where:
+    return instance.model, instance.worker
 
 
 class Waiter(msgspec.Struct, kw_only=True, frozen=True):
@@ -95,10 +104,10 @@ def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: f
                waiter_starving: bool, idle_release: float = 0.0, priority: int = 0) -> Blocked | None:
     """What keeps ``victim`` loaded now, if anything: its requests (drain, always), a key of a
     higher priority than the waiter's (``priority``) that used it since it was loaded (always:
-    see ``held_by_priority``), then its residency (unless the waiter is starving, or,
-    with ``idle_release`` > 0, the victim has had no request for that long: see ``idle``)."""
-    if usage.inflight > 0:
-        return Blocked(kind="draining", model=victim.model, requests=usage.inflight)
+    see ``held_by_priority``), then its residency (unless the waiter is starving, or, with
+    ``idle_release`` > 0, the victim has had no request for that long: see ``idle``)."""
+    if (requests := usage.requests_on(victim.worker)) > 0:
+        return Blocked(kind="draining", model=victim.model, requests=requests)
     if usage.priorities and (held := held_by_priority(victim, usage, priority)):
         return held
     if (not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency
@@ -129,7 +138,7 @@ def idle(victim: Instance, usage: ModelUsage, idle_release: float, now: float) -
     shared GPU the tail is the waits behind such idle residencies (docs/BENCHMARKS.md, the
     scheduling section). Set ``idle_release`` above the gaps inside a user's session (tool time,
     reading), so that a session is not split by a swap."""
-    return (idle_release > 0 and usage.inflight == 0
+    return (idle_release > 0 and usage.requests_on(victim.worker) == 0
             and now - max(usage.last_used, victim.started_at) >= idle_release)
 
 
@@ -199,13 +208,15 @@ def after_turn(ahead: Sequence[str]) -> Decision:
 
 def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
                 instances: Sequence[Instance], usage: Mapping[str, ModelUsage], waiters: Sequence[Waiter],
-                min_residency: Mapping[str, float], now: float, policy: Policy = "swap",
-                idle_release: Mapping[str, float] | None = None, priority: int = 0) -> Decision:
+                min_residency: Mapping[Where, float], now: float, policy: Policy = "swap",
+                idle_release: Mapping[Where, float] | None = None, priority: int = 0) -> Decision:
     """Whether ``model`` (which fits nowhere now) may evict, which models, or why it waits.
 
     ``waiters``: the merged waiting models (``merge_waiters``), ``model`` among them or not (it
     is then treated as waiting since ``now``); ``min_residency`` and ``idle_release`` (``idle``):
-    per loaded model id; ``priority``: the highest key priority among its waiting requests.
+    per loaded instance (``where``: each host's own config), and so is every protection: a model
+    running on two hosts has two residencies (one copy's being over says nothing of the other's).
+    ``priority``: the highest key priority among its waiting requests.
     Models that run or start somewhere are not waiting (their entry may lag) and are skipped."""
     unused = ModelUsage()
     if policy == "lru":
@@ -226,19 +237,19 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
     if position > 1:
         return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
     hungry = starving(me, now)
-    guards = {i.model: protection(i, usage.get(i.model, unused), min_residency.get(i.model, 0.0), now, hungry,
-                                  (idle_release or {}).get(i.model, 0.0), priority)
+    guards = {where(i): protection(i, usage.get(i.model, unused), min_residency.get(where(i), 0.0), now, hungry,
+                                   (idle_release or {}).get(where(i), 0.0), priority)
               for i in instances if i.state == "running" and i.model != model}
-    plan = plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: guards.get(i.model) is None)
+    plan = plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: guards.get(where(i)) is None)
     if plan is not None:
         return Decision(action="evict", plan=plan, position=position)
     # Which protections stand in the way: those of the plan that ignores only residency
     # (if drain alone blocks nothing, residency is the reason) else those of any plan.
     unprotected_but_residency = plan_eviction(
         model, entries, snapshots, instances, usage,
-        may_evict=lambda i: guards.get(i.model) is None or guards[i.model].kind == "residency")
+        may_evict=lambda i: guards.get(where(i)) is None or guards[where(i)].kind == "residency")
     plan = unprotected_but_residency or plan_eviction(model, entries, snapshots, instances, usage,
                                                       may_evict=lambda i: True)
-    blocked = [g for m in (plan.victims if plan else []) if (g := guards.get(m)) is not None]
+    blocked = [g for m in (plan.victims if plan else []) if (g := guards.get((m, plan.worker))) is not None]
     eta = max((b.until for b in blocked), default=0.0) if all(b.kind == "residency" for b in blocked) else 0.0
     return Decision(action="wait", blocked=blocked, eta=eta, position=position)

@@ -5,18 +5,19 @@ Each router writes one field ``{model}@{rid}`` per model it has requests waiting
 gave up. While they wait the entry is rewritten every ``WAIT_REFRESH`` s; readers ignore
 entries older than ``USAGE_STALE`` s, so a router that died stops holding the line within
 seconds. Every router reads the whole hash (one ``HGETALL``) before it decides a swap
-(``router.control.scheduler``), so all of them see the same line and agree whose turn it is. Only a
+(``router.control.scheduler``), so all of them see the same line and agree whose turn it is.
+Every stamp (``since``, ``at``, ``eta``) is on Redis's clock (``llm_lab_router.clock``): the
+line is ordered by several routers' stamps, which their own wall clocks would misorder. Only a
 router with a start that must wait for a swap touches it: requests for running models never do.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-
 import msgspec
 from redis.asyncio import Redis
 
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import USAGE_STALE, Blocked, Keys, WaitEntry, from_json, to_json
 
 log = logging.getLogger("router.waiting")
@@ -42,7 +43,7 @@ class WaitBoard:
         by ``blocked`` until ``eta`` (written when the count, the claims or what blocks it
         changed, else every ``WAIT_REFRESH`` s: an ETA alone moves with the clock once the
         model is overdue, and is not worth a write per decision)."""
-        now = time.time()
+        now = CLOCK.now()
         last = self._written.get(model)
         what = (count, claims or [], blocked or [])
         if last is not None and last[1] == what and now - last[0] < WAIT_REFRESH:
@@ -60,7 +61,7 @@ class WaitBoard:
         """Every router's entries (stale ones included: ``merge_waiters`` drops them); very
         old ones are deleted on the way."""
         rows = await self.redis.hgetall(self.keys.waiting())
-        now = time.time()
+        now = CLOCK.now()
         entries, dead = [], []
         for field, value in rows.items():
             try:

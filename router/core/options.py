@@ -38,6 +38,7 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
     scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
+    pubsub_check: Seconds = 1.0  # a silent events subscription is PINGed this often; dead after 3 silent checks
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.
     empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Limits: requests beyond a model's max_concurrency wait in a queue of at most queue_limit

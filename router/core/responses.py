@@ -61,9 +61,10 @@ class InstanceDetail(msgspec.Struct):
     pid: int
     started_at: float
     updated_at: float
-    last_error: str
+    last_error: str  # the last failure, kept after a recovery (with its time)
     restarts: int
     gpus: str
+    last_error_at: float = 0.0  # unix time of last_error (0: none yet)
 
 
 class ModelDetail(msgspec.Struct):

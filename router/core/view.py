@@ -26,6 +26,7 @@ from typing import Callable, Iterable, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import Backoff
@@ -33,6 +34,7 @@ from llm_lab_router.protocol import (
     CatalogEntry, DeviceSnapshot, Event, Instance, Keys, State, WorkerInfo, from_hash, from_json,
 )
 
+PUBSUB_DEAD = 3  # silent checks (``pubsub_check`` s each, a PING sent) before a subscription is dead
 log = logging.getLogger("router.view")
 T = TypeVar("T")
 
@@ -59,15 +61,19 @@ class Snapshot(msgspec.Struct, kw_only=True):
 
 class ClusterView:
     def __init__(self, redis: Redis, keys: Keys, *, pubsub_redis: Redis | None = None,
-                 resync_interval: float = 2.0, empty_grace: float = 5.0,
+                 resync_interval: float = 2.0, empty_grace: float = 5.0, pubsub_check: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``redis`` serves short reads; ``pubsub_redis`` (no socket timeout) holds the
-        subscription, which sits idle for as long as nothing changes."""
+        subscription, which sits idle for as long as nothing changes: after ``pubsub_check``
+        s of silence it is PINGed, and one that stays silent ``PUBSUB_DEAD`` checks long is
+        taken for dead (a master that lost power leaves a half-open socket that TCP keepalive
+        notices only after about 2 h)."""
         self.redis = redis
         self.pubsub_redis = pubsub_redis or redis
         self.keys = keys
         self.resync_interval = resync_interval
         self.empty_grace = empty_grace
+        self.pubsub_check = pubsub_check
         self._clock = clock
         self._emptied_at: float | None = None  # when a read first found no lease at all
         self.redis_ok = False  # set by the first successful read
@@ -164,6 +170,10 @@ class ClusterView:
             except TimeoutError:
                 pass
 
+    async def next_change(self) -> None:
+        """Until the view changes next (any worker, instance, catalog or device update)."""
+        await self._changed.wait()
+
     def _notify(self) -> None:
         self._gen += 1
         self._changed.set()
@@ -192,18 +202,6 @@ class ClusterView:
             self.drop_worker(event.worker)
             return None
         return event.worker
-
-    def apply_snapshot(self, snap: Snapshot) -> None:
-        """Replace the view with a full read of every worker (unless every lease just vanished)."""
-        if self._all_leases_just_vanished(snap):
-            return
-        old = self._instances
-        self._workers = dict(snap.workers)
-        self._catalogs = dict(snap.catalogs)
-        self._devices = dict(snap.devices)
-        self._versions = {w: snap.versions.get(w, "") for w in snap.workers}
-        self._instances = {}
-        self._merge_instances(snap, [i for by_w in old.values() for i in by_w.values()])
 
     def apply_worker(self, wid: str, snap: Snapshot) -> None:
         """Replace what the view knows of one worker with a read of just that worker."""
@@ -252,9 +250,6 @@ class ClusterView:
         if rebuild:
             self._rebuild_models()
         self._notify()
-
-    def _all_leases_just_vanished(self, snap: Snapshot) -> bool:
-        return self._all_vanished(bool(snap.workers))
 
     def _all_vanished(self, any_lease: bool) -> bool:
         if any_lease or not self._workers:
@@ -515,8 +510,7 @@ class ClusterView:
                 await self.resync()
                 self._mark(True)
                 backoff.reset()
-                async for message in pubsub.listen():
-                    await self._on_message(message["data"])
+                await self._follow(pubsub)
             except (RedisError, OSError) as exc:
                 self._mark(False, exc)
             except Exception:  # a bug must not end the subscription for good
@@ -524,6 +518,23 @@ class ClusterView:
             finally:
                 await _quietly(pubsub.aclose())
             await backoff.sleep()
+
+    async def _follow(self, pubsub) -> None:
+        """Apply each event; PING a silent subscription, and raise ``ConnectionError`` when
+        nothing at all (not even the pong) came for ``PUBSUB_DEAD`` checks."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=self.pubsub_check)
+            now = loop.time()
+            if message is not None:
+                heard = now
+                if message["type"] == "message":
+                    await self._on_message(message["data"])
+            elif now - heard >= PUBSUB_DEAD * self.pubsub_check:
+                raise RedisConnectionError(f"the events subscription answered nothing for {now - heard:.1f}s")
+            else:
+                await pubsub.ping()  # its pong is a message: proof of life
 
     async def _on_message(self, data: bytes) -> None:
         try:

@@ -365,14 +365,27 @@ class Proxy:
         finally:
             self.metrics.ended(model)
 
+    def _capacity(self, model: str, max_concurrency: int) -> int:
+        """This router process's share of ``max_concurrency`` × the running instances."""
+        capacity = max_concurrency * len(self.view.running_instances(model))
+        return process_share(capacity, self.options.process_index, self.options.processes)
+
     def _slot(self, model: str, max_concurrency: int, rec: RequestRecord) -> AbstractAsyncContextManager[None]:
         """A concurrency slot of ``model`` (queued in the key's lane, or 429); without
         ``max_concurrency``, a shared no-op: no limiter machinery on the hot path."""
         if max_concurrency <= 0:
             return _NOOP
-        capacity = max_concurrency * len(self.view.running_instances(model))
-        return self._queued_slot(model, process_share(capacity, self.options.process_index, self.options.processes),
-                                 rec)
+        return self._queued_slot(model, self._capacity(model, max_concurrency), rec)
+
+    async def follow_capacity(self) -> None:
+        """Whenever the view changes, give models with queued requests their new capacity (a
+        second instance came up): the waiters are admitted at once, not at the next release."""
+        while True:
+            await self.view.next_change()
+            for model in self.limits.waiting_models():
+                entry = self.view.catalog_entry(model)
+                if entry is not None and entry.max_concurrency > 0:
+                    self.limits.resize(model, self._capacity(model, entry.max_concurrency))
 
     @asynccontextmanager
     async def _queued_slot(self, model: str, capacity: int, rec: RequestRecord) -> AsyncIterator[None]:

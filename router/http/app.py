@@ -1,4 +1,4 @@
-"""The router process: the route table, the Tornado application and ``main``.
+"""The router process: the Tornado application (its routes: router/http/routes.py) and ``main``.
 
 ``main`` runs on asyncio (uvloop when installed). SIGTERM/SIGINT stop it gracefully: the
 listener closes, log streams end with ``stream_end``, in-flight requests get
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import resource
 import signal
 import sys
@@ -19,71 +18,54 @@ from llm_lab_router.redact import redact_url as redact
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.http import handlers as h
 from llm_lab_router.router.http.auth import AccessPolicy, startup_refusal
-from llm_lab_router.router.http.dashboard import dashboard_routes
 from llm_lab_router.router.http.exchange import Dispatcher
+from llm_lab_router.router.http.openapi import document_bytes
+from llm_lab_router.router.http.routes import ROUTES, Route, own_v1_patterns
 from llm_lab_router.router.http.slowbody import BodyTimeoutServer
 from llm_lab_router.router.services import Services
+from tornado.routing import URLSpec
 
 log = logging.getLogger("router")
 access_log = logging.getLogger("router.access")
 
 LISTEN_BACKLOG = 4096
 MAX_FDS = 65536
-ALIAS = r"([^/]+)"
-# Tornado tries the routes in order: the /v1 API routes, then the proxy (every other /v1 path;
-# first after them, so a forwarded request is not matched against every /api route first).
-# A new /v1 route of the router's own goes before the proxy.
-ROUTES = [
-    (r"/v1/models", h.ModelsHandler),
-    (rf"/v1/models/{ALIAS}", h.ModelHandler),
-    (r"/v1/.*", h.ProxyHandler),
-    (r"/", h.RootHandler),
-    (r"/health", h.HealthHandler),
-    (r"/api/models/restart-autostart", h.RestartAutostartHandler),
-    (r"/api/models/stop-all", h.StopAllHandler),
-    (rf"/api/models/{ALIAS}/start", h.StartHandler),
-    (rf"/api/models/{ALIAS}/stop", h.StopHandler),
-    (rf"/api/models/{ALIAS}/info", h.ModelInfoHandler),
-    (rf"/api/models/{ALIAS}/logs/stream", h.LogStreamHandler),
-    (r"/api/logs/stats", h.LogStatsHandler),
-    (rf"/api/logs/{ALIAS}/clear", h.LogClearHandler),
-    (r"/api/devices/info", h.DevicesHandler),
-    (r"/api/audit", h.AuditHandler),
-    (r"/api/usage", h.UsageHandler),
-    (r"/openapi.json", h.OpenApiHandler),
-    (r"/debug/stats", h.DebugStatsHandler),
-    (r"/metrics", h.MetricsHandler),
-]
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """One line per request: method, path, status, milliseconds (never the body, query or
-    headers, which may carry prompts and keys). Forwarded ``/v1`` requests are left to the
-    batched access log (router/observe/accesslog.py), which has more to say at a fraction of the cost."""
-    if isinstance(handler, h.ProxyHandler):
-        return
+    headers, which may carry prompts and keys). Forwarded ``/v1`` requests never reach the
+    application: the batched access log (router/observe/accesslog.py) has more to say of them,
+    at a fraction of the cost."""
     req = handler.request
     access_log.info("%s %s %d %.1fms", req.method, req.path, handler.get_status(), 1000 * req.request_time())
 
 
-def make_app(services: Services, access: AccessPolicy | None = None) -> tornado.web.Application:
+def url_specs(services: Services, routes: tuple[Route, ...]) -> list[URLSpec]:
+    """Tornado's rules: each route with a handler (the forwarded ones go to ``Exchange``), in
+    table order; an API handler is given the route's access and query parameters."""
+    return [URLSpec(r.tornado_pattern, r.handler,
+                    {"services": services, "access": r.access, "query": r.query}
+                    if issubclass(r.handler, h.BaseHandler) else dict(r.args))
+            for r in routes if r.handler is not None]
+
+
+def make_app(services: Services, access: AccessPolicy | None = None,
+             routes: tuple[Route, ...] = ROUTES) -> tornado.web.Application:
+    """The application of the router's own routes (``routes``), with ``/openapi.json`` rendered
+    from the same table; any other path is ``NotFoundHandler``'s 404."""
     return tornado.web.Application(
-        [*[(pattern, handler, {"services": services}) for pattern, handler in ROUTES], *dashboard_routes()],
+        url_specs(services, routes),
         default_handler_class=h.NotFoundHandler, default_handler_args={"services": services},
-        log_function=log_request, compress_response=False, access=access or AccessPolicy())
-
-
-def own_v1_routes() -> list[re.Pattern[str]]:
-    """The ``/v1`` routes before the proxy's, anchored as Tornado anchors them."""
-    proxy = next(i for i, (_, handler) in enumerate(ROUTES) if handler is h.ProxyHandler)
-    return [re.compile(pattern + "$") for pattern, _ in ROUTES[:proxy]]
+        log_function=log_request, compress_response=False, access=access or AccessPolicy(),
+        openapi=document_bytes(services.options, routes))
 
 
 def make_server(services: Services, access: AccessPolicy | None = None) -> BodyTimeoutServer:
     """Forwarded ``/v1`` requests take the lean path (router/http/exchange.py), the rest the app."""
     access = access or AccessPolicy()
     options = services.options
-    dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_routes())
+    dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_patterns())
     return BodyTimeoutServer(dispatcher, max_body_size=options.max_body_size,
                              max_header_size=options.max_header_size,
                              head_timeout=options.header_timeout, body_timeout=options.body_timeout)

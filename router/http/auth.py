@@ -3,7 +3,8 @@
 Three levels: ``PUBLIC`` (``/health``, the dashboard's static files, ``/openapi.json``),
 ``CLIENT`` (``/v1/*`` and, unless ``read_access = "public"``, the read-only ``/api`` routes) and
 ``ADMIN`` (everything that changes state: start/stop, stop-all, restart-autostart, log clear).
-An admin key is also a client key.
+An admin key is also a client key. Each route declares which (``access`` in
+``router/http/routes.py``); a path no route matches is a ``read`` one (its answer is a 404).
 
 Keys are kept only as SHA-256 digests and compared with ``hmac.compare_digest`` against every
 stored digest (no early exit), so neither a log line nor a timing difference gives one away.
@@ -52,12 +53,18 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
 T = TypeVar("T")
+# Who may call a route (each route declares one: router/http/routes.py). ``read``: the
+# read-only routes, which ``read_access = "public"`` opens to callers without a key.
+Access = Literal["public", "read", "client", "admin"]
 
 
 class Role(IntEnum):
     PUBLIC = 0
     CLIENT = 1
     ADMIN = 2
+
+
+ROLES = {"public": Role.PUBLIC, "client": Role.CLIENT, "admin": Role.ADMIN}
 
 
 class KeyFileError(ValueError):
@@ -222,13 +229,10 @@ class KeyRing:
         found = {p.budget.group: p.budget for p in self.profiles.values() if p.budget is not None}
         return [found[g] for g in sorted(found)]
 
-    def role_of(self, key: str) -> Role | None:
-        """The role ``key`` grants, ``None`` if it is no key of ours. Every digest is compared."""
-        return self.identify(key)[0]
-
     def identify(self, key: str) -> tuple[Role | None, KeyProfile | None]:
-        """The role ``key`` grants and its profile (``None``: a plain key, no limits). The
-        profile is looked up only once the key matched (constant-time) as one of ours."""
+        """The role ``key`` grants (``None``: no key of ours; every digest is compared) and its
+        profile (``None``: a plain key, no limits). The profile is looked up only once the key
+        matched (constant-time) as one of ours."""
         d = digest(key)
         is_admin = _any_equal(d, self.admin)
         is_client = _any_equal(d, self.client)
@@ -260,21 +264,12 @@ def startup_refusal(host: str, ring: KeyRing, insecure: bool) -> str | None:
             "--api-keys-file/--admin-keys-file, bind to 127.0.0.1, or pass --insecure to run open on purpose")
 
 
-# Routes, by path shape. Everything that changes state is an admin route.
-ADMIN_ROUTES = re.compile(r"^/api/models/(?:[^/]+/(?:start|stop)|stop-all|restart-autostart)$"
-                          r"|^/api/logs/[^/]+/clear$|^/api/audit$|^/debug/")
-PUBLIC_ROUTES = re.compile(r"^/health$|^/openapi\.json$|^/ui(?:/|$)")
-READ_ROUTES = re.compile(r"^/$|^/v1/models(?:/[^/]+)?$|^/api/")
-
-
-def required_role(method: str, path: str, read_access: ReadAccess) -> Role:
-    if ADMIN_ROUTES.match(path):
-        return Role.ADMIN
-    if PUBLIC_ROUTES.match(path):
-        return Role.PUBLIC
-    if method in SAFE_METHODS and READ_ROUTES.match(path):
-        return Role.PUBLIC if read_access == "public" else Role.CLIENT
-    return Role.CLIENT
+def required_role(access: Access, method: str, read_access: ReadAccess) -> Role:
+    """The role a request needs, from its route's ``access`` (``router/http/routes.py``): a
+    ``read`` route is public for GET/HEAD when ``read_access = "public"``, else a client route."""
+    if access == "read":
+        return Role.PUBLIC if method in SAFE_METHODS and read_access == "public" else Role.CLIENT
+    return ROLES[access]
 
 
 def presented_key(method: str, authorization: str | None, cookie: str | None) -> str | None:
@@ -300,20 +295,22 @@ class AccessPolicy:
 
     def role(self, method: str, authorization: str | None, cookie: str | None) -> tuple[Role, KeyProfile | None]:
         """The role the presented key grants and its profile, for a route that answers each
-        role differently (``/api/usage``), whatever ``read_access`` says: ``ADMIN`` with keys
-        off (everyone may do everything), ``PUBLIC`` for no key or an unknown one."""
+        role differently (``/api/usage``): ``ADMIN`` with keys off (everyone may do
+        everything), ``PUBLIC`` for no key or an unknown one."""
         if not self.ring.enabled:
             return Role.ADMIN, None
         key = presented_key(method, authorization, cookie)
         role, profile = self.ring.identify(key) if key else (None, None)
         return role or Role.PUBLIC, profile
 
-    def check(self, method: str, path: str, authorization: str | None, cookie: str | None) -> KeyProfile | None:
-        """Raise 401 (no or unknown key) or 403 (a client key on an admin route); return the
-        key's profile (name, limits) when the keys file gave it one."""
+    def check(self, method: str, access: Access, authorization: str | None,
+              cookie: str | None) -> KeyProfile | None:
+        """Raise 401 (no or unknown key) or 403 (a client key on an admin route) for a request
+        to a route of ``access``; return the key's profile (name, limits) when the keys file
+        gave it one."""
         if not self.ring.enabled:
             return None
-        need = required_role(method, path, self.read_access)
+        need = required_role(access, method, self.read_access)
         if need is Role.PUBLIC:
             return None
         key = presented_key(method, authorization, cookie)

@@ -1,8 +1,8 @@
 """The operator web dashboard, mounted at ``/ui/``: static files only, no server-side state.
 
 The page (``router/http/static``) is plain HTML/CSS/JS that talks to the same HTTP API as the CLI
-(``/health``, ``/v1/models``, ``/api/...``), so it needs nothing from the router beyond these
-routes. Add them to the application's route list with ``*dashboard_routes()``.
+(``/health``, ``/v1/models``, ``/api/...``), so it needs nothing from the router beyond its
+three routes (``/ui``, ``/ui/``, ``/ui/<file>``: public rows of router/http/routes.py).
 
 Caching: ``index.html`` is served with ``no-cache`` and links ``app.js``/``style.css`` with a
 ``?v=<content hash>`` query, which Tornado's ``StaticFileHandler`` answers with a one-year
@@ -16,7 +16,6 @@ import hashlib
 from pathlib import Path
 
 import tornado.web
-from tornado.routing import URLSpec
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 VERSIONED = ("app.js", "style.css")
@@ -44,12 +43,3 @@ class DashboardStaticHandler(tornado.web.StaticFileHandler):
     def set_extra_headers(self, path: str) -> None:
         if "v" not in self.request.arguments:
             self.set_header("Cache-Control", "no-cache")
-
-
-def dashboard_routes(prefix: str = "/ui") -> list[URLSpec]:
-    """The dashboard's routes: ``/ui`` redirects to ``/ui/``, which serves the page."""
-    return [
-        URLSpec(rf"{prefix}", tornado.web.RedirectHandler, {"url": f"{prefix}/"}),
-        URLSpec(rf"{prefix}/(?:index\.html)?", DashboardIndexHandler),
-        URLSpec(rf"{prefix}/(.+)", DashboardStaticHandler, {"path": str(STATIC_DIR)}),
-    ]

@@ -13,10 +13,11 @@ gets a ``_Dispatch`` that decides at ``headers_received``: a forwarded ``/v1`` p
 method the proxy takes goes to ``Exchange``; anything else (``/v1/models``, ``/api``, the
 dashboard, a method Tornado answers with 405) to the ``tornado.web.Application`` as before.
 
-``Exchange`` keeps what ``handlers.ProxyHandler`` guarantees: the key check and the caller's
-profile, the path and size checks, errors in OpenAI's shape, ``Server``/``Date`` headers, the
-write timeout, cancellation when the client leaves, the shutdown rules of ``run_cancellable``,
-and the access log and metrics once the answer is over.
+``Exchange`` keeps what ``handlers.BaseHandler`` guarantees the router's own routes: the key
+check (a forwarded route's access is ``client``) and the caller's profile, the path and size
+checks, errors in OpenAI's shape, ``Server``/``Date`` headers, the write timeout, cancellation
+when the client leaves, the shutdown rules of ``run_cancellable``; then the access log and
+metrics once the answer is over. It is the one pipeline of forwarded requests.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado import httputil
 from tornado.concurrent import Future
+from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
-from llm_lab_router.router.http.handlers import JSON, SERVER, add_relayed, await_write, cut_short, http_date, log
+from llm_lab_router.router.http.handlers import JSON, await_write, cut_short, log
+from llm_lab_router.router.http.routes import FORWARDED_ACCESS
 from llm_lab_router.router.http.validate import check_forward_path
 from llm_lab_router.router.forward.proxy import ProxyRequest
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
@@ -43,8 +46,36 @@ from llm_lab_router.router.services import Services
 
 app_log = logging.getLogger("tornado.application")
 gen_log = logging.getLogger("tornado.general")
-METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS"})  # ProxyHandler's
+# The methods forwarded: those Tornado's handlers take (``RequestHandler.SUPPORTED_METHODS``);
+# any other (TRACE...) is left to the application, which answers 405 in OpenAI's shape.
+METHODS = frozenset(tornado.web.RequestHandler.SUPPORTED_METHODS)
 NO_CONTENT_HEADERS = ("Content-Encoding", "Content-Language", "Content-Type")  # Tornado drops them on 204/304
+SERVER = f"TornadoServer/{tornado.version}"
+UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, format_timestamp(now))
+    return _date[1]
+
+
+def add_relayed(out: HTTPHeaders, headers: list[tuple[str, str]]) -> bool:
+    """Add an answer's headers to ``out``; ``False`` (nothing added) if a value is unsafe. The
+    engine's header names are tokens already (llm_router/http1.py) and the router's constants:
+    one check of all the values at once, then plain sets."""
+    if UNSAFE_VALUE.search("".join(v for _, v in headers)):
+        return False
+    for name, value in headers:
+        if name in out:
+            out.add(name, value)
+        else:
+            out[name] = value
+    return True
 
 
 class Dispatcher(httputil.HTTPServerConnectionDelegate):
@@ -145,14 +176,14 @@ class Exchange(httputil.HTTPMessageDelegate):
             self._fail(exc)
 
     def _check(self, headers: httputil.HTTPHeaders) -> None:
-        """``BaseHandler.prepare`` and ``ProxyHandler.check_request``, in that order."""
+        """As ``BaseHandler.prepare``: the key, then the path and the announced size."""
         access = self.access
         if access.enabled:
             authorization = headers.get("Authorization")
             cookie = None
             if not authorization and self.method in SAFE_METHODS and "Cookie" in headers:
                 cookie = httputil.parse_cookie(headers["Cookie"]).get(COOKIE)
-            self.record.caller = access.check(self.method, self.path, authorization, cookie)
+            self.record.caller = access.check(self.method, FORWARDED_ACCESS, authorization, cookie)
         check_forward_path(self.path)
         length = headers.get("Content-Length", "0")
         limit = self.services.options.max_body_size
@@ -206,7 +237,8 @@ class Exchange(httputil.HTTPMessageDelegate):
     # --- the proxy's Sink ---
 
     def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
-        """The answer's head (as ``ProxyHandler.begin``: one check of all values, then plain sets)."""
+        """The answer's head: one check of all the values (``add_relayed``), then plain sets,
+        instead of ``add_header``'s three regular expressions per header."""
         self.status = status
         if not add_relayed(self.out, headers if isinstance(headers, list) else list(headers)):
             raise ValueError("Unsafe header value")  # what Tornado's add_header raises

@@ -5,50 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import msgspec
 import tornado.web
 from redis.exceptions import RedisError
-from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.iostream import StreamClosedError
 
-from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
-from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy, Role
 from llm_lab_router.audit import NO_NAME, Action
+from llm_lab_router.clock import CLOCK
+from llm_lab_router.ledger import hour_of
 from llm_lab_router.router.control.admin import InScope
 from llm_lab_router.router.control.client import Origin
-from llm_lab_router.ledger import hour_of
 from llm_lab_router.router.core.responses import AuditList, Outcome, UsageReport, audit_fields
+from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy, Role
+from llm_lab_router.router.limits.access import Access as Permissions
 from llm_lab_router.router.observe.ledger import read_hours, report, totals
-from llm_lab_router.router.limits.access import Access
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
-from llm_lab_router.router.http.validate import check_forward_path, check_query
+from llm_lab_router.router.http.validate import check_query
 from llm_lab_router.router.observe.metrics import CONTENT_TYPE
-from llm_lab_router.router.http.openapi import document_bytes
-from llm_lab_router.router.forward.proxy import ProxyRequest
 from llm_lab_router.router.http.query import RouteParams, route_params
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.services import Services
 
 JSON = "application/json"
-SERVER = f"TornadoServer/{tornado.version}"
-UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # what Tornado refuses in a header value
 log = logging.getLogger("router")
-_date: tuple[int, str] = (0, "")
-
-
-def http_date() -> str:
-    """The ``Date`` header's value, formatted once a second."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, format_timestamp(now))
-    return _date[1]
 
 
 async def await_write(written: Awaitable[None], timeout: float, timed_out: Callable[[float], None]) -> None:
@@ -60,20 +43,6 @@ async def await_write(written: Awaitable[None], timeout: float, timed_out: Calla
             timed_out(timeout)
             raise StreamClosedError()
     await written
-
-
-def add_relayed(out: HTTPHeaders, headers: list[tuple[str, str]]) -> bool:
-    """Add an answer's headers to ``out``; ``False`` (nothing added) if a value is unsafe. The
-    engine's header names are tokens already (llm_router/http1.py) and the router's constants:
-    one check of all the values at once, then plain sets."""
-    if UNSAFE_VALUE.search("".join(v for _, v in headers)):
-        return False
-    for name, value in headers:
-        if name in out:
-            out.add(name, value)
-        else:
-            out[name] = value
-    return True
 
 
 def cut_short(task: asyncio.Task, gone: bool, shutdown: asyncio.Event, headers_written: bool,
@@ -100,10 +69,13 @@ class BaseHandler(tornado.web.RequestHandler):
     request costs the router no memory. ``/api`` routes read no body: it is dropped as it comes."""
 
     services: Services
-    QUERY: tuple[str, ...] = ()  # the query parameters this route takes (names of router/http/query.py's RouteParams)
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Services, access: Access = "read", query: tuple[str, ...] = ()) -> None:
+        """``access`` and ``query``: the route's (router/http/routes.py); a path no route
+        matches (``NotFoundHandler``) is a ``read`` one with no parameters."""
         self.services = services
+        self.access = access
+        self.query = query  # the query parameters this route takes (names of router/http/query.py's RouteParams)
         self._work: asyncio.Task | None = None
         self._client_gone = False
         self.caller: KeyProfile | None = None  # the key's name and limits (structured keys files)
@@ -111,35 +83,35 @@ class BaseHandler(tornado.web.RequestHandler):
     # --- checks before the body ---
 
     def prepare(self) -> None:
-        access: AccessPolicy | None = self.settings.get("access")
-        if access is not None and access.enabled:  # no keys: no work at all
+        policy: AccessPolicy | None = self.settings.get("access")
+        if policy is not None and policy.enabled:  # no keys: no work at all
             req = self.request
             method = req.method or "GET"
             authorization = req.headers.get("Authorization")
             # the cookie counts only without a header and on a safe method: parse it only then
             cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
-            self.caller = access.check(method, req.path, authorization, cookie)
+            self.caller = policy.check(method, self.access, authorization, cookie)
         self.check_request()
 
     @property
-    def access(self) -> Access | None:
+    def permissions(self) -> Permissions | None:
         """The caller's permissions (``None``: none set, everything its role allows)."""
         return self.caller.access if self.caller is not None else None
 
     def visible(self) -> InScope | None:
         """The models the caller may use, as a test (``None``: all)."""
-        access = self.access
-        return access.may_use if access is not None and access.models is not None else None
+        perms = self.permissions
+        return perms.may_use if perms is not None and perms.models is not None else None
 
     def admin_scope(self) -> InScope | None:
         """The caller's admin scope, as a test (``None``: the whole lab)."""
-        access = self.access
-        return access.may_administer if access is not None and access.admin is not None else None
+        perms = self.permissions
+        return perms.may_administer if perms is not None and perms.admin is not None else None
 
     def check_scope(self, alias: str) -> None:
         """403 unless the model ``alias`` is within the caller's admin scope."""
-        if (access := self.access) is not None and access.admin is not None:
-            access.check_admin(alias, self.services.manager.names(alias))
+        if (perms := self.permissions) is not None and perms.admin is not None:
+            perms.check_admin(alias, self.services.manager.names(alias))
 
     def role(self) -> tuple[Role, KeyProfile | None]:
         """The caller's role and profile (a route that answers each role differently); 401
@@ -177,7 +149,7 @@ class BaseHandler(tornado.web.RequestHandler):
                                          **audit_fields(out.body, model))
 
     def check_request(self) -> None:
-        check_query(self.request.query_arguments, self.QUERY)
+        check_query(self.request.query_arguments, self.query)
         self.check_length(self.services.options.max_api_body_size)
 
     @property
@@ -302,14 +274,12 @@ class ModelHandler(BaseHandler):
     """``GET /v1/models/{id}`` (OpenAI's retrieve)."""
 
     def get(self, name: str) -> None:
-        if (access := self.access) is not None:
-            access.check_use(name, self.services.manager.names(name))
+        if (perms := self.permissions) is not None:
+            perms.check_use(name, self.services.manager.names(name))
         self.reply(self.services.manager.model(name))
 
 
 class StartHandler(BaseHandler):
-    QUERY = ("wait", "worker")
-
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
         worker = self.params.worker.parse(self.query_args)
@@ -320,8 +290,6 @@ class StartHandler(BaseHandler):
 
 
 class StopHandler(BaseHandler):
-    QUERY = ("worker",)
-
     async def post(self, alias: str) -> None:
         worker = self.params.worker.parse(self.query_args)
         async with self.audited("stop", alias) as out:
@@ -355,8 +323,6 @@ class LogStatsHandler(BaseHandler):
 
 
 class LogClearHandler(BaseHandler):
-    QUERY = ("keep_minutes",)
-
     async def post(self, alias: str) -> None:
         keep_minutes = self.params.keep_minutes.parse(self.query_args)
         async with self.audited("clear_logs", alias) as out:
@@ -369,14 +335,12 @@ class UsageHandler(BaseHandler):
     """``GET /api/usage``: the usage ledger (router/observe/ledger.py); an admin key sees every
     key, a client key its own rows only."""
 
-    QUERY = ("since", "by")
-
     async def get(self) -> None:
         since = self.params.since.parse(self.query_args)
         by = self.params.by.parse(self.query_args)
         role, caller = self.role()
         only = None if role is Role.ADMIN else caller.name if caller is not None else NO_NAME
-        until = time.time()
+        until = CLOCK.now()  # the ledger's hours are on Redis's clock
         rows = report(await read_hours(self.services.redis, self.services.keys, until - since, until), by, only)
         access: AccessPolicy | None = self.settings.get("access")
         if role is Role.ADMIN:  # every group's budget; a client: its own group's
@@ -390,12 +354,10 @@ class UsageHandler(BaseHandler):
 class AuditHandler(BaseHandler):
     """``GET /api/audit``: the audit trail (admin), oldest first (llm_router/audit.py)."""
 
-    QUERY = ("since", "limit")
-
     async def get(self) -> None:
         since = self.params.since.parse(self.query_args)
         limit = self.params.limit.parse(self.query_args)
-        self.reply(AuditList(entries=await self.services.audit.read(time.time() - since, limit)))
+        self.reply(AuditList(entries=await self.services.audit.read(CLOCK.now() - since, limit)))
 
 
 class DevicesHandler(BaseHandler):
@@ -405,8 +367,6 @@ class DevicesHandler(BaseHandler):
 
 
 class LogStreamHandler(BaseHandler):
-    QUERY = ("tail", "last_event_id")
-
     async def get(self, alias: str) -> None:
         params = self.params
         tail = params.tail.parse(self.query_args)
@@ -421,75 +381,6 @@ class LogStreamHandler(BaseHandler):
         await self.run_cancellable(self.services.logs.stream(model, self.send, tail=tail, last_id=last_id))
 
 
-class ProxyHandler(BaseHandler):
-    """Every other ``/v1/*`` request, any method, relayed to an engine (see ``router.forward.proxy``).
-
-    The query string is the engine's business and passes as is; the path must be plain
-    (``check_forward_path``) and the body within ``max_body_size`` (here) and ``max_json_depth``
-    (``router.forward.proxy.sniff``, where the body kind is decided once).
-
-    ``serve`` relays these requests on the lean path (router/http/exchange.py), which keeps this
-    handler's guarantees; here remain the methods the proxy does not take (Tornado's 405) and
-    an ``Application`` served on its own."""
-
-    def prepare(self) -> None:
-        self._received_at = time.monotonic()
-        self._record = RequestRecord(self.request.method or "GET", self.request.path, self._received_at)
-        self._record.conn = self.request.connection
-        self._chunks: list[bytes] = []
-        super().prepare()
-        self._record.caller = self.caller
-
-    def check_request(self) -> None:
-        check_forward_path(self.request.path)
-        self.check_length(self.services.options.max_body_size)
-
-    def data_received(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    async def _forward(self, *_: str) -> None:
-        req = ProxyRequest(method=self.request.method or "GET", path=self.request.path,
-                           query=self.request.query, headers=list(self.request.headers.get_all()),
-                           body=b"".join(self._chunks), received_at=self._received_at)
-        self._chunks = []
-        await self.run_cancellable(self.services.proxy.forward(req, self, self._record))
-
-    get = post = put = patch = delete = options = head = _forward  # type: ignore[assignment]
-
-    def clear(self) -> None:
-        """Tornado's reset of the response, less what a relayed answer does not need: no
-        default ``Content-Type`` (the engine's is relayed, an error reply sets its own) and a
-        ``Date`` formatted once a second, not per request (~6 µs a request)."""
-        headers = HTTPHeaders()
-        headers["Server"] = SERVER
-        headers["Date"] = http_date()
-        self._headers = headers
-        self._write_buffer = []
-        self._status_code = 200
-        self._reason = "OK"
-
-    # --- the proxy's Sink ---
-
-    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
-        """The answer's head. The engine's header names are tokens already (llm_router/http1.py)
-        and the router's are constants: one check of all the values at once, then plain sets,
-        instead of ``add_header``'s three regular expressions per header."""
-        self.set_status(status)
-        headers = headers if isinstance(headers, list) else list(headers)
-        if not add_relayed(self._headers, headers):
-            for name, value in headers:
-                self.add_header(name, value)  # refuses the bad one, as before
-
-    def metrics_model(self) -> str:
-        rec = getattr(self, "_record", None)
-        return rec.model if rec is not None else ""
-
-    def on_finish(self) -> None:
-        """Access log and metrics, once the answer is over (also after an error reply)."""
-        if (rec := getattr(self, "_record", None)) is not None:
-            self.services.finished(rec, CLIENT_GONE if self._client_gone else self.get_status())
-
-
 class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format (router/observe/metrics.py, docs/metrics.md)."""
 
@@ -500,9 +391,11 @@ class MetricsHandler(BaseHandler):
 
 
 class OpenApiHandler(BaseHandler):
+    """``GET /openapi.json``: the document ``make_app`` rendered from the route table."""
+
     def get(self) -> None:
         self.set_header("Content-Type", JSON)
-        self.finish(document_bytes(self.services.options))
+        self.finish(self.settings["openapi"])
 
 
 class DebugStatsHandler(BaseHandler):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import calendar
 import logging
 import math
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Literal
 
@@ -23,6 +22,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import Keys
 from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.core.responses import BudgetState
@@ -58,7 +58,7 @@ def period_bounds(period: Period, now: float) -> tuple[float, float]:
 
 class Budgets:
     def __init__(self, redis, keys: Keys, redis_down: Literal["open", "closed"] = "open", refresh: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = CLOCK.now) -> None:
         self.redis = redis
         self.refresh = refresh  # how stale a group's GPU time may be when a start is decided
         self.keys = keys

@@ -103,10 +103,21 @@ class Limits:
         gate = self._gates.get(model)
         return gate.queued if gate else 0
 
-    def queued_by_lane(self, model: str) -> dict[str, int]:
-        """Requests waiting for a slot of ``model``, per lane (key name; ``""``: anonymous)."""
+    def waiting_models(self) -> list[str]:
+        """Models with requests waiting for a slot (their capacity may have grown since)."""
+        return [model for model, gate in self._gates.items() if gate.queued]
+
+    def resize(self, model: str, capacity: int) -> None:
+        """``model`` can now take ``capacity`` requests at once (an instance started or
+        stopped): a larger capacity hands its new slots to waiters at once, instead of at the
+        next release (which, with every slot busy on long streams, may be long after the
+        waiters' queue timeout). 0 (unlimited, or no instance running) changes nothing: waiters
+        keep their place."""
         gate = self._gates.get(model)
-        return {name: len(e.waiters) for name, e in gate.lanes.items() if e.waiters} if gate else {}
+        if gate is None or capacity <= 0:
+            return
+        gate.capacity = capacity
+        self._hand_out(gate)
 
     @asynccontextmanager
     async def admit(self, model: str, capacity: int, lane: str = ANONYMOUS, priority: int = 0,
@@ -117,6 +128,8 @@ class Limits:
             yield
             return
         gate = self._gates.setdefault(model, _Gate())
+        if capacity > gate.capacity and gate.queued:
+            self.resize(model, capacity)
         gate.capacity = capacity
         if gate.active >= capacity or gate.queued:
             await self._wait(model, gate, lane, priority, weight)
@@ -148,6 +161,13 @@ class Limits:
 
     def _release(self, model: str, gate: _Gate) -> None:
         gate.active -= 1
+        self._hand_out(gate)
+        if not gate.active and not gate.queued:
+            del self._gates[model]  # models come and go: keep no idle gates
+
+    @staticmethod
+    def _hand_out(gate: _Gate) -> None:
+        """Free slots to the next waiters, in queue order (``_Gate.next_turn``)."""
         while gate.queued and gate.active < gate.capacity:
             turn = gate.next_turn()
             if turn is None:
@@ -155,8 +175,6 @@ class Limits:
             if not turn.done():
                 turn.set_result(None)
                 gate.active += 1
-        if not gate.active and not gate.queued:
-            del self._gates[model]  # models come and go: keep no idle gates
 
 
 def process_share(capacity: int, index: int, count: int) -> int:

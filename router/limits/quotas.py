@@ -51,6 +51,7 @@ from llm_lab_router.router.limits.profile import KeyProfile, LimitSpec
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.core.errors import ApiError
 
+RELEASE_WAIT = 0.25  # s an answer's last bytes wait for its concurrency lease to be dropped
 log = logging.getLogger("router.quotas")
 
 Scope = Literal["key", "group"]
@@ -288,7 +289,10 @@ class Quotas:
         member, lease.member = lease.member, ""
         self._held.pop(member, None)
         keys = [k for s in lease.subjects for k in (s.window, s.leases)]
-        await self._settle_now(keys, [member, 0, *("0" for _ in lease.subjects)])
+        task = self._background(self._settle_now(keys, [member, 0, *("0" for _ in lease.subjects)]))
+        # Bounded: a stalled Redis (socket timeout and a retry: ~20 s) must not hold the answer's
+        # last bytes. Past the bound the release goes on in the background, as settle does.
+        await asyncio.wait([task], timeout=RELEASE_WAIT)
 
     def settle(self, lease: Lease, usage: Usage | None, streamed: bool, events: int) -> None:
         """The request is over: charge its tokens and drop its lease, in the background."""
@@ -301,9 +305,14 @@ class Quotas:
         for s in lease.subjects:
             keys += (s.window, s.leases)
             args.append("1" if s.limits.tpm else "0")
-        task = asyncio.ensure_future(self._settle_now(keys, args))
+        self._background(self._settle_now(keys, args))
+
+    def _background(self, work) -> asyncio.Task:
+        """``work`` as a task that ``close`` waits for."""
+        task = asyncio.ensure_future(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def _settle_now(self, keys: list[str], args: list[str | int]) -> None:
         try:

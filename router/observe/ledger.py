@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Callable, Iterable, Literal
 
 import msgspec
 from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
+from llm_lab_router.clock import CLOCK
 from llm_lab_router.ledger import GPU, HOUR, LOAD, METRICS, NONE, SEP, expire_at, hour_of, usage_field
 from llm_lab_router.protocol import Keys
 from llm_lab_router.router.core.responses import UsageRow
@@ -39,7 +39,7 @@ IDLE = "idle"  # who GPU time nobody used is charged to
 
 class Ledger:
     def __init__(self, redis, keys: Keys, retention_days: int, interval: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = CLOCK.now) -> None:
         self.redis = redis
         self.keys = keys
         self.retention_days = retention_days

@@ -25,6 +25,7 @@ no known model), ``route`` one of ``ROUTES`` or ``other``.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -41,7 +42,8 @@ ROUTES = frozenset({
 })
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COLD_START_BUCKETS = (.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
-WAIT_CAUSES = ("swap", "start", "slot")  # queue wait causes: a swap (scheduler), a cold start, a concurrency slot
+# why a request waited (the ``cause`` label): a swap (the scheduler), a cold start, a concurrency slot
+WaitCause = Literal["swap", "start", "slot"]
 TTFB_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -91,6 +93,8 @@ class RouterMetrics:
                                     "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
                                     "start; slot: for a concurrency slot)", ["model", "cause"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_restarts = Counter("llm_router_loop_restarts", "Background loops (usage, quotas, claims, "
+                                     "capacity) restarted after an unexpected exception", ["loop"], registry=r)
         self._children: dict[tuple, object] = {}
         self.scraped = r
         if shared_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -119,6 +123,9 @@ class RouterMetrics:
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
 
+    def loop_restarted(self, loop: str) -> None:
+        self._child(self.loop_restarts, loop).inc()
+
     def swapped(self, model: str) -> None:
         """Models were evicted to make room for ``model``."""
         self._child(self.swaps, model).inc()
@@ -126,8 +133,8 @@ class RouterMetrics:
     def cold_started(self, model: str, seconds: float) -> None:
         self._child(self.cold_start, model).observe(seconds)
 
-    def waited(self, model: str, cause: str, seconds: float) -> None:
-        """A wait of ``cause`` (``WAIT_CAUSES``) ended after ``seconds``."""
+    def waited(self, model: str, cause: WaitCause, seconds: float) -> None:
+        """A wait of ``cause`` ended after ``seconds``."""
         self._child(self.queue_wait, model, cause).observe(seconds)
 
     def abort(self, model: str, reason: str) -> None:
