@@ -64,5 +64,5 @@ def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
     proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
-    assert "chat,stream,streams,logs,propagation,viewers,quotas,affinity,scaling,scheduling" in "".join(proc.stdout.split())  # wrapped
+    assert "chat,stream,streams,logs,propagation,viewers,quotas,governance,affinity,scaling,scheduling" in "".join(proc.stdout.split())  # wrapped
 
