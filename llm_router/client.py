@@ -548,6 +548,20 @@ def _redis_status(url: str) -> tuple[str, dict[str, Any]]:
 
 
 @click.command()
+@click.option("--host", "host", default=None, metavar="ID", help="This host only (a worker id).")
+@api_command
+def plan(api: Api, as_json: bool, host: str | None) -> None:
+    """What fits where: per host and GPU, what starting a model now would evict, models that
+    fit nowhere, estimates far from their measurement (VRAM in MiB per GPU)."""
+    from llm_lab_router.plan_text import plan_text
+
+    body = api.get("/api/plan", **({"worker": host} if host else {}))
+    if as_json:
+        return _echo_json(body)
+    click.echo(plan_text(body))
+
+
+@click.command()
 @api_command
 @click.option("--since", default="1d", show_default=True, help="How far back: 90s, 15m, 12h, 1d, 2w.")
 @click.option("--limit", type=click.IntRange(min=1, max=100_000), default=1000, show_default=True,
@@ -590,7 +604,7 @@ def usage(api: Api, as_json: bool, since: str, by: str, as_csv: bool) -> None:
                      [[str(v) if not isinstance(v, float) else f"{v:.3f}" for v in row] for row in rows]))
 
 
-COMMANDS = [models, start, stop, stop_all, logs, devices, status, audit, usage]
+COMMANDS = [models, start, stop, stop_all, logs, devices, status, plan, audit, usage]
 
 
 def register(group: click.Group) -> None:

@@ -21,11 +21,12 @@ from typing import Annotated, Mapping
 import msgspec
 from llm_lab_router.model_config import DeviceProfile, ModelConfig
 from llm_lab_router.presets import apply_preset
+from llm_lab_router.protocol import valid_worker_id
 from llm_lab_router.schema_check import check_table
 from llm_lab_router.toml_text import TablePath, TomlLines, syntax_problem
 
 ALIAS_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f/?#%\\]")
-DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,17 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_spool_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0  # per model: log lines kept on disk until shipped
     # After SIGTERM (an upgrade) the models keep running this long for the next worker to adopt.
     adopt_timeout: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Upgrade window to per-worker Redis users: also write the key layout routers of older
+    # releases read, and take their commands (worker/legacy.py; docs/deploy.md). Needs the old
+    # shared ``worker`` Redis user; turn it off (and log in as ``worker.<id>``) once every router is new.
+    legacy_keys: bool = False
+    # Prefetch (worker/prefetch.py): a model waiting to start here has its weight files read
+    # into the page cache, at most prefetch_budget_mb (0 = no cap but RAM) and never below
+    # prefetch_reserve_mb of MemAvailable, at prefetch_rate_mb MiB/s (0 = as fast as the disk).
+    prefetch: bool = True
+    prefetch_budget_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    prefetch_reserve_mb: Annotated[int, msgspec.Meta(ge=0)] = 4096
+    prefetch_rate_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class HostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -184,9 +196,12 @@ def check_config(text: str | bytes, source: str = "<config>") -> Checked:
             for name in _written_names(written):
                 seen.setdefault(name, str(written.get("id")))
     if ("worker",) not in report.failed:
-        lo, hi = msgspec.convert(raw.get("worker", {}), WorkerSettings).port_range
+        settings = msgspec.convert(raw.get("worker", {}), WorkerSettings)
+        lo, hi = settings.port_range
         if not 0 < lo <= hi <= 65535:
             report(("worker",), "port_range", "", f"{[lo, hi]} is not [low, high] within 1..65535")
+        if settings.id and not valid_worker_id(settings.id):
+            report(("worker",), "id", "", f"{settings.id!r} {WORKER_ID_RULE}")
     if report.problems:
         return Checked(None, report.problems, lines)
     cfg = msgspec.convert({k: v for k, v in raw.items() if k != "models"}, HostConfig)
@@ -226,7 +241,7 @@ def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collecto
             seen[name] = m.id
     for j, p in enumerate(m.device_profiles()):
         for d in p.devices:
-            if not DEVICE.match(d):
+            if not DEVICE.fullmatch(d):
                 table = (*at, "profiles", j) if m.profiles else at
                 report(table, "devices", "", f"{d!r} is not 'cpu', 'cuda' or 'cuda:N'")
     for name in m.fallbacks:
@@ -234,6 +249,18 @@ def _model_rules(i: int, m: ModelConfig, seen: dict[str, str], report: _Collecto
             report(at, "fallbacks", "", f"{name!r} is not another model's id or alias")
     if m.health and not m.health.startswith("/"):
         report(at, "health", "", f"must be a path starting with '/', got {m.health!r}")
+
+
+# A worker id names its Redis user and its keys (``llm:w:{wid}:*``, an ACL pattern): no ``:``
+# and no glob character, so no worker's pattern can cover another's keys.
+WORKER_ID_RULE = "is not 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+
+
+def check_worker_id(wid: str) -> str:
+    """``wid`` if it is a valid worker id (``WORKER_ID_RULE``), else ``ValueError`` saying so."""
+    if not valid_worker_id(wid):
+        raise ValueError(f"worker id {wid!r} {WORKER_ID_RULE} (set [worker] id or --worker-id)")
+    return wid
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> HostConfig:

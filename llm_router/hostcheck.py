@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from llm_lab_router.config import ModelConfig, expand_command
+from llm_lab_router.estimate import Estimate, Estimator, profile_estimates
 from llm_lab_router.presets import PRESETS
 
 # Engines whose model_path is always a local file; the others also take a Hub id ("org/name").
@@ -120,3 +121,18 @@ def host_problems(model: ModelConfig, config_dir: str) -> list[str]:
         problems.append(f"health: engine {model.engine!r} does not serve GET {model.health} (it answers 404); "
                         f"the preset's default is {PRESETS[model.engine].health!r}")
     return problems
+
+
+def vram_lines(model: ModelConfig, config_dir: str, estimator: Estimator) -> list[str]:
+    """What ``config check`` says of each GPU profile's VRAM: declared, and estimated from the
+    model's files (what placement uses while nothing is declared or measured)."""
+    lines = []
+    profiles = model.device_profiles()
+    for n, (profile, est) in enumerate(zip(profiles, profile_estimates(model, config_dir, estimator)), 1):
+        if est is None:
+            continue  # a CPU profile
+        which = f"profile {n} " if len(profiles) > 1 else ""
+        declared = f"declared {profile.vram_mb} MiB" if profile.vram_mb else "not declared"
+        guess = f"estimated {est.describe()}" if isinstance(est, Estimate) else f"no estimate: {est}"
+        lines.append(f"vram: {which}[{', '.join(profile.devices)}] {declared}; {guess}")
+    return lines

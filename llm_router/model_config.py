@@ -13,7 +13,7 @@ from typing import Annotated, Literal, get_args
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Mode, Routing
 
-MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"  # \Z: $ would accept a trailing newline
 Engine = Literal["command", "llama.cpp", "vllm", "sglang", "tei", "llama-cpp-python"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 

@@ -4,31 +4,41 @@ This is the one module that knows how keys are spelled and how messages are enco
 (the redis-py lesson: one place owns the wire format). Routers and workers import
 ``Keys`` and the structs from here; nothing else builds a key string by hand.
 
-Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``):
+Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``).
 
-==============================  ==========  ======  ==================================================
-key                             type        writer  content
-==============================  ==========  ======  ==================================================
-llm:worker:{wid}                hash, TTL   worker  ``WorkerInfo``: the worker's lease
-llm:catalog:{wid}               hash        worker  model id -> JSON ``CatalogEntry``
-llm:instance:{model}:{wid}      hash        worker  ``Instance``: state, url, pid, last error
-llm:devices:{wid}               string,TTL  worker  JSON ``DeviceSnapshot``
-llm:logs:{model}                stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
-llm:logpos:{wid}:{model}:{s}    string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
-llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
-llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
-llm:events                      pub/sub     worker  JSON ``Event`` on every change
-llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``, bumped with every change
-llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
-llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/limits/quotas.py)
-llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
-llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
-llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
-==============================  ==========  ======  ==================================================
+Who may write what is part of the wire format (docs/security.md, examples/redis-users.acl):
+everything a worker owns is under ``llm:w:{wid}:`` (its id in a fixed place, which Redis 6.2 ACL
+key patterns can express: worker ``wid``'s user gets ``~llm:w:{wid}:*``), as are its command
+stream, its replies and its event channel (``llm:cmd:{wid}``, ``llm:reply:{wid}:*``,
+``llm:events:{wid}``); routers write only the keys they own and read the workers' through a
+read-only user. Worker ids are ``WORKER_ID`` (no ``:`` and no glob character), so no worker's
+pattern covers another's keys.
+
+==================================  ==========  ======  ==================================================
+key                                 type        writer  content
+==================================  ==========  ======  ==================================================
+llm:w:{wid}:lease                   hash, TTL   worker  ``WorkerInfo``: the worker's lease
+llm:w:{wid}:version                 string      worker  ``<epoch>:<n>`` (``WorkerVersion``), bumped with every change
+llm:w:{wid}:catalog                 hash        worker  model id -> JSON ``CatalogEntry``
+llm:w:{wid}:instance:{model}        hash        worker  ``Instance``: state, url, pid, last error
+llm:w:{wid}:devices                 string,TTL  worker  JSON ``DeviceSnapshot``
+llm:w:{wid}:logpos:{model}:{s}      string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
+llm:w:{wid}:learned:{model}         list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
+llm:workers                         set         worker  worker ids: the routers' index instead of a SCAN (a hint)
+llm:events:{wid}                    pub/sub     worker  JSON ``Event`` on every change of worker ``wid``
+llm:logs:{model}                    stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:cmd:{wid}                       stream      router  ``Command`` fields; consumer group ``workers``
+llm:reply:{wid}:{command id}        list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
+llm:used:{model}                    hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (limits/quotas)
+llm:quota:{scope}:{name}:inflight   zset,TTL    router  leases of requests in flight, score = deadline (ms)
+llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (waiting for a swap)
+==================================  ==========  ======  ==================================================
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
@@ -45,50 +55,91 @@ LogSource = Literal["stdout", "stderr", "event"]
 COMMAND_GROUP = "workers"
 
 
+# A worker id: the host name by default. No ``:`` (a worker's ACL pattern ``llm:w:{wid}:*``
+# must not cover a worker whose id starts with ``{wid}:``) and no glob character (``* ? [ ] \``).
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_worker_id(wid: str) -> bool:
+    return WORKER_ID.fullmatch(wid) is not None
+
+
 class Keys:
     """Builds every key name from one prefix, so deployments can share a Redis."""
 
     def __init__(self, prefix: str = "llm:") -> None:
         self.prefix = prefix
 
+    # --- owned by worker ``wid``: all under ``owned(wid)``, its ACL user's key pattern ---
+
+    def owned(self, wid: str) -> str:
+        """The pattern of every key worker ``wid`` owns (its ACL user's ``~`` pattern)."""
+        return f"{self.prefix}w:{wid}:*"
+
+    def _own(self, wid: str, what: str) -> str:
+        return f"{self.prefix}w:{wid}:{what}"
+
     def worker(self, wid: str) -> str:
-        return f"{self.prefix}worker:{wid}"
+        return self._own(wid, "lease")
 
     def worker_pattern(self) -> str:
-        return f"{self.prefix}worker:*"
+        return f"{self.prefix}w:*:lease"
 
     def worker_id_of(self, key: str) -> str:
-        return key[len(self.prefix) + len("worker:"):]
+        return key[len(self.prefix) + len("w:"): -len(":lease")]
+
+    def version(self, wid: str) -> str:
+        """The worker's change counter (``WorkerVersion``): routers re-read only the workers
+        whose version moved (events were missed)."""
+        return self._own(wid, "version")
+
+    def workers(self) -> str:
+        """The set of worker ids, so routers find workers without a keyspace SCAN. Every worker
+        adds itself; it is a hint only (what a router trusts is read from each worker's own keys)."""
+        return f"{self.prefix}workers"
 
     def catalog(self, wid: str) -> str:
-        return f"{self.prefix}catalog:{wid}"
+        return self._own(wid, "catalog")
 
     def instance(self, model: str, wid: str) -> str:
-        return f"{self.prefix}instance:{model}:{wid}"
+        return self._own(wid, f"instance:{model}")
 
     def devices(self, wid: str) -> str:
-        return f"{self.prefix}devices:{wid}"
+        return self._own(wid, "devices")
+
+    def log_position(self, wid: str, model: str, stream: str) -> str:
+        """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
+        return self._own(wid, f"logpos:{model}:{stream}")
+
+    def learned(self, wid: str, model: str) -> str:
+        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
+        return self._own(wid, f"learned:{model}")
+
+    def events(self, wid: str) -> str:
+        """Worker ``wid``'s event channel: only its ACL user may publish there, so the channel
+        a router got an event on, not the event's content, says whose it is."""
+        return f"{self.prefix}events:{wid}"
+
+    def events_pattern(self) -> str:
+        return f"{self.prefix}events:*"
+
+    def worker_of_channel(self, channel: str) -> str:
+        return channel[len(self.prefix) + len("events:"):]
+
+    def commands(self, wid: str) -> str:
+        """Commands to worker ``wid``: routers add, only that worker reads."""
+        return f"{self.prefix}cmd:{wid}"
+
+    def reply(self, wid: str, command_id: str) -> str:
+        """Worker ``wid``'s answer to one command: no other worker may push it."""
+        return f"{self.prefix}reply:{wid}:{command_id}"
+
+    # --- shared by all workers of a model ---
 
     def logs(self, model: str) -> str:
         return f"{self.prefix}logs:{model}"
 
-    def log_position(self, wid: str, model: str, stream: str) -> str:
-        """How far worker ``wid`` has shipped one spool file of ``model`` (``LOG_SHIP_SCRIPT``)."""
-        return f"{self.prefix}logpos:{wid}:{model}:{stream}"
-
-    def commands(self, wid: str) -> str:
-        return f"{self.prefix}commands:{wid}"
-
-    def reply(self, command_id: str) -> str:
-        return f"{self.prefix}reply:{command_id}"
-
-    def events(self) -> str:
-        return f"{self.prefix}events"
-
-    def versions(self) -> str:
-        """Worker id -> its version (``WorkerVersion``): routers find workers here without a
-        keyspace SCAN and re-read only those whose version moved (events were missed)."""
-        return f"{self.prefix}versions"
+    # --- owned by routers ---
 
     def used(self, model: str) -> str:
         return f"{self.prefix}used:{model}"
@@ -113,9 +164,54 @@ class Keys:
         """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
         return f"{self.prefix}audit"
 
-    def learned(self, wid: str, model: str) -> str:
-        """Measured cold starts and peak VRAM of ``model`` on worker ``wid`` (``Learned``)."""
-        return f"{self.prefix}learned:{wid}:{model}"
+class LegacyKeys(Keys):
+    """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
+    their routers read: ``llm:worker:{wid}``, ``llm:catalog:{wid}``, ``llm:instance:{model}:{wid}``,
+    ``llm:devices:{wid}``, the ``llm:versions`` hash, the ``llm:events`` channel,
+    ``llm:commands:{wid}`` and ``llm:reply:{id}``. Only for the upgrade window: a worker with
+    ``legacy_keys = true`` writes its records under these names too and takes commands from
+    both streams, so routers of either release see it (docs/deploy.md). Nothing else uses it."""
+
+    def worker(self, wid: str) -> str:
+        return f"{self.prefix}worker:{wid}"
+
+    def catalog(self, wid: str) -> str:
+        return f"{self.prefix}catalog:{wid}"
+
+    def instance(self, model: str, wid: str) -> str:
+        return f"{self.prefix}instance:{model}:{wid}"
+
+    def devices(self, wid: str) -> str:
+        return f"{self.prefix}devices:{wid}"
+
+    def versions(self) -> str:
+        return f"{self.prefix}versions"
+
+    def events(self, wid: str = "") -> str:
+        return f"{self.prefix}events"
+
+    def commands(self, wid: str) -> str:
+        return f"{self.prefix}commands:{wid}"
+
+    def reply(self, wid: str, command_id: str) -> str:
+        return f"{self.prefix}reply:{command_id}"
+
+    def of(self, key: str, keys: Keys) -> tuple[str, str] | None:
+        """The legacy name of one of ``keys``' worker-owned keys or channels: (kind, name), kind
+        ``version`` (a field ``name`` of ``versions()``) or ``key``; None: routers of older
+        releases read no such key (log positions, measurements, the index of workers)."""
+        rest = key[len(keys.prefix):] if key.startswith(keys.prefix) else ""
+        if rest.startswith("events:"):
+            return "key", self.events()
+        if not rest.startswith("w:"):
+            return None
+        wid, _, what = rest[2:].partition(":")
+        if what == "version":
+            return "version", wid
+        if what.startswith("instance:"):
+            return "key", self.instance(what[len("instance:"):], wid)
+        named = {"lease": self.worker, "catalog": self.catalog, "devices": self.devices}.get(what)
+        return ("key", named(wid)) if named else None
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
@@ -156,6 +252,9 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     # quartile of the kept starts of the profile last started (worker.learning.typical_cold_start).
     measured_vram_mb: list[int] = []
     cold_start_s: float = 0.0
+    # Estimated from the model's files on this host (llm_router.estimate), per device profile:
+    # MiB per GPU (0 = no estimate, or a CPU profile); used where neither declared nor measured.
+    estimated_vram_mb: list[int] = []
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -173,6 +272,10 @@ class Instance(msgspec.Struct, kw_only=True):
     restarts: int = 0
     gpus: str = ""  # the CUDA_VISIBLE_DEVICES it was started with
     vram_mb: int = 0  # MiB reserved on each of ``gpus`` while starting/running (placement)
+    # Its weight files being read into the page cache before a start (worker.prefetch): bytes
+    # read of the total to read (0, 0 = not prefetching; done = total: prefetched).
+    prefetch_done: int = 0
+    prefetch_total: int = 0
     api_key: str = ""  # the engine's own key (model config); routers send it upstream, the API never shows it
     # The writer's count of changes to this record (+1 each; from 0 again when the worker
     # restarts, which a router's next resync settles). Routers order an event against a read
@@ -181,7 +284,7 @@ class Instance(msgspec.Struct, kw_only=True):
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Published on ``llm:events``. Instance events carry the whole instance, so a router
+    """Published on ``llm:events:{worker}``. Instance events carry the whole instance, so a router
     updates its view without reading Redis; catalog and worker events make it re-read
     that worker."""
 
@@ -189,7 +292,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     worker: str
     instance: Instance | None = None
     alive: bool = True
-    # The worker's ``llm:versions`` entry written with this change ("" from older workers):
+    # The worker's version (``llm:w:{wid}:version``) written with this change ("" from older workers):
     # a router that holds the one before knows it missed nothing; otherwise it re-reads the worker.
     version: str = ""
 
@@ -209,7 +312,7 @@ class WorkerVersion:
 
 
 class Command(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A request to a worker, added to ``llm:commands:{wid}``."""
+    """A request to a worker, added to ``llm:cmd:{wid}``."""
 
     op: CommandOp
     id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
@@ -368,6 +471,9 @@ class WaitEntry(msgspec.Struct, kw_only=True):
     # time, 0 = unknown): every router shows the same reason for it (router.control.pending).
     blocked: list[Blocked] = []
     eta: float = 0.0
+    # The host it will start on once unblocked ("" = not decided: behind another model's turn);
+    # that host's worker prefetches its weight files (worker.prefetch).
+    worker: str = ""
 
 
 class Learned(msgspec.Struct, kw_only=True):

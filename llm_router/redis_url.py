@@ -39,6 +39,20 @@ SSL_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 SENTINEL_TIMEOUT = 1.0
 
 
+
+def read_url_file(path: str) -> str:
+    """The Redis URL kept in the file ``path`` (its first non-empty line): ``--redis-url-file``,
+    so that a password never sits on a command line, which ``ps`` shows to every local user.
+    Raises ``ValueError`` with one line naming the file."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the Redis URL file: {getattr(exc, 'strerror', None) or exc}") from None
+    url = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not url:
+        raise ValueError(f"{path}: no Redis URL in the file")
+    return url
+
 @dataclass(frozen=True)
 class SentinelUrl:
     """A parsed ``redis+sentinel://`` URL."""

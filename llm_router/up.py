@@ -12,8 +12,8 @@ is recorded for the client commands (``llm_router.up_url``) until ``up`` stops.
 
 A private Redis is locked down as a lab's is: data directory 0700, ``default`` user off, the
 shipped ACL users with passwords generated once and kept in the data directory
-(``redis_users.PrivateUsers``), the worker and the router logging in as their own
-least-privileged users. No password is ever printed.
+(``redis_users.PrivateUsers``), the worker logging in as its own user (``worker.<id>``), the
+router as ``router`` and, for its cluster view, ``reader``. No password is ever printed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from llm_lab_router.lifeline import die_with_parent, stop_group
 from llm_lab_router.redact import redact_url
 from llm_lab_router.redis_server import RedisServer, free_port
 from llm_lab_router.redis_url import parse_sentinel_url, sync_client
-from llm_lab_router.redis_users import PrivateUsers
+from llm_lab_router.redis_users import PrivateUsers, worker_user
+from llm_lab_router.safepath import safe_python_m
 from llm_lab_router.up_url import client_url, forget, record
 
 HEALTH_POLL = 0.1  # s between checks that the router answers
@@ -93,16 +94,17 @@ class Stack:
             self.redis.stop()
 
 
-def start_private_redis(data_dir: Path, port: int, prefix: str) -> tuple[RedisServer, dict[str, str]]:
-    """``up``'s own Redis, locked down; returns it and each role's URL (with its password)."""
+def start_private_redis(data_dir: Path, port: int, prefix: str, worker_id: str) -> tuple[RedisServer, dict[str, str]]:
+    """``up``'s own Redis, locked down; returns it and each user's URL (with its password)."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
-    users = PrivateUsers(data_dir / "redis")
+    users = PrivateUsers(data_dir / "redis", workers=[worker_id])
     server = RedisServer(users.directory, port=port, extra=["--aclfile", str(users.acl_file(prefix))]).start()
     urls = users.urls(server.url)
     print(f"llm-router up: started redis-server at {server.url} (data in {server.data_dir}, mode 0700); "
-          f"default user off, users admin/worker/router; their URLs, with passwords, are in "
-          f"{users.directory}/<user>.url (mode 0600), e.g. redis-cli -u \"$(cat {users.url_file('admin')})\"",
+          f"default user off, users {'/'.join(users.users)}; their URLs, with passwords, are in "
+          f"{users.directory}/<user>.url (mode 0600; admin.url for redis-cli, with the password in "
+          f"REDISCLI_AUTH), e.g. llm-router worker --redis-url-file {users.url_file(worker_user(worker_id))}",
           file=sys.stderr)
     return server, urls
 
@@ -143,7 +145,7 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
     try:
         if redis_url and redis_answers(redis_url):
             print(f"llm-router up: using Redis at {redact_url(redis_url)}", file=sys.stderr)
-            worker_url = router_url = redis_url
+            worker_url = router_url = reader_url = redis_url
         else:
             if redis_url and parse_sentinel_url(redis_url):  # a lab's HA Redis: never replace it by a private one
                 raise RuntimeError(f"no Redis master answers through the Sentinels of {redact_url(redis_url)}")
@@ -151,14 +153,16 @@ def run_up(config_path: str, redis_url: str | None, host: str, port: int, prefix
                 print(f"llm-router up: no Redis answers at {redact_url(redis_url)}; starting one", file=sys.stderr)
             wanted = urlparse(redis_url).port if redis_url else None
             rport = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
-            stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix)
-            worker_url, router_url = urls["worker"], urls["router"]
-        env = {**os.environ, "LLM_ROUTER_PREFIX": prefix}
-        cli = [sys.executable, "-m", "llm_lab_router.cli"]
-        stack.spawn("worker", [*cli, "worker", "--config", config_path, *worker.argv],
+            stack.redis, urls = start_private_redis(Path(data_dir), rport, prefix, worker.worker_id)
+            worker_url, router_url, reader_url = urls[worker_user(worker.worker_id)], urls["router"], urls["reader"]
+        # each child gets its URL in LLM_ROUTER_REDIS_URL (out of ps); a URL file of ours would win over it
+        env = {**{k: v for k, v in os.environ.items() if k != "LLM_ROUTER_REDIS_URL_FILE"}, "LLM_ROUTER_PREFIX": prefix}
+        # -P: nothing is imported from the cwd (see ``safepath``); the cwd stays, for relative paths
+        stack.spawn("worker", safe_python_m("llm_lab_router.cli", "worker", "--config", config_path, *worker.argv),
                     {**env, "LLM_ROUTER_REDIS_URL": worker_url}, stop_signal=signal.SIGINT)
-        stack.spawn("router", [*cli, "serve", "--host", host, "--port", str(port), *(serve_args or [])],
-                    {**env, "LLM_ROUTER_REDIS_URL": router_url})
+        stack.spawn("router", safe_python_m("llm_lab_router.cli", "serve", "--host", host, "--port", str(port),
+                                            *(serve_args or [])),
+                    {**env, "LLM_ROUTER_REDIS_URL": router_url, "LLM_ROUTER_REDIS_READ_URL": reader_url})
         url = client_url(host, port)
         while not stopping and not stack.dead_child() and not router_answers(url):
             time.sleep(HEALTH_POLL)

@@ -54,13 +54,18 @@ def fit_profiles(profiles: Iterable[DeviceProfile], free: Mapping[int, int],
     raise NoRoom(f"{NO_ROOM}: " + "; ".join(reasons))
 
 
-def effective_profiles(profiles: Sequence[DeviceProfile], measured: Sequence[int]) -> list[DeviceProfile]:
+def effective_profiles(profiles: Sequence[DeviceProfile], measured: Sequence[int],
+                       estimated: Sequence[int] = ()) -> list[DeviceProfile]:
     """``profiles`` with each GPU profile's ``vram_mb`` raised to what was measured for it
     (``measured``: MiB per profile index, 0 = not measured): a declaration is a floor, never
-    trusted below what the engine was seen to use (worker.learning)."""
+    trusted below what the engine was seen to use (worker.learning). A profile neither declared
+    nor measured takes its estimate from the model's files (``estimated``, llm_router.estimate):
+    a guess is better than placing it as if it needed nothing."""
     out = []
     for i, p in enumerate(profiles):
         seen = measured[i] if i < len(measured) else 0
+        if not seen and not p.vram_mb:
+            seen = estimated[i] if i < len(estimated) else 0
         gpu = any(d != "cpu" for d in p.devices)
         out.append(replace(p, vram_mb=seen) if gpu and seen > p.vram_mb else p)
     return out

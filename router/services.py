@@ -2,8 +2,10 @@
 
 Redis clients: ``redis`` for short commands (socket timeout, so a stalled Redis fails a
 request instead of hanging it) and ``blocking`` for what legitimately waits (``BLPOP`` of
-command replies, the ``llm:events`` subscription), with no socket timeout and no silent
-reconnect, so the view notices a lost subscription and resyncs; for log viewers,
+command replies, the ``llm:events:*`` subscription), with no socket timeout and no silent
+reconnect, so the view notices a lost subscription and resyncs; ``view_redis`` and
+``view_blocking``, the same two for the cluster view, logged in as the read-only user of
+``redis_read_url`` when one is given (the workers' records: docs/security.md); for log viewers,
 ``log_pages`` (history and catch-up pages) and ``log_readers`` (one ``XREAD BLOCK`` per
 watched model). ``redis`` and the log pools are bounded and a caller waits for a free
 connection rather than failing; the control plane's pools never serve a log read, so no
@@ -50,15 +52,25 @@ def pooled(redis_url: str, size: int, wait: float) -> Redis:
                          retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
 
+def blocking(redis_url: str) -> Redis:
+    """A client for what legitimately waits (``BLPOP``, a subscription): no socket timeout, no
+    silent reconnect (the caller notices a lost connection)."""
+    return async_client(redis_url, socket_timeout=None, socket_connect_timeout=2, socket_keepalive=True,
+                        retry=Retry(NoBackoff(), 0))
+
+
 class Services:
     def __init__(self, redis_url: str, prefix: str = "llm:", options: RouterOptions | None = None) -> None:
         self.options = options or RouterOptions()
         self.keys = Keys(prefix)
         self.redis = pooled(redis_url, self.options.redis_connections, wait=5.0)
-        self.blocking = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2,
-                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self.blocking = blocking(redis_url)
         self.shutdown = asyncio.Event()
-        self.view = ClusterView(self.redis, self.keys, pubsub_redis=self.blocking,
+        self.view_redis, self.view_blocking = self.redis, self.blocking
+        if (read_url := self.options.redis_read_url) and read_url != redis_url:
+            self.view_redis = pooled(read_url, self.options.redis_connections, wait=5.0)
+            self.view_blocking = blocking(read_url)
+        self.view = ClusterView(self.view_redis, self.keys, pubsub_redis=self.view_blocking,
                                 resync_interval=self.options.resync_interval, pubsub_check=self.options.pubsub_check,
                                 empty_grace=self.options.empty_grace)
         self.balancer = Balancer(self.options.affinity_load_factor)
@@ -68,8 +80,8 @@ class Services:
         self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
         self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
-                                     scheduler=self.options.scheduler, metrics=self.metrics, audit=self.audit,
-                                     ledger=self.ledger)
+                                     scheduler=self.options.scheduler, metrics=self.metrics,
+                                     start_backoff=self.options.start_backoff, audit=self.audit, ledger=self.ledger)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
@@ -129,5 +141,5 @@ class Services:
         await self.logs.close()
         await self.log_pages.aclose()
         await self.log_readers.aclose()
-        await self.redis.aclose()
-        await self.blocking.aclose()
+        for client in {id(c): c for c in (self.redis, self.blocking, self.view_redis, self.view_blocking)}.values():
+            await client.aclose()

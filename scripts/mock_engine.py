@@ -687,6 +687,11 @@ async def serve(opts: argparse.Namespace) -> None:
             except asyncio.TimeoutError:
                 pass
 
+    if opts.load_file:  # like llama-server reading its GGUF: from the page cache or from the disk
+        began = time.monotonic()
+        size = await asyncio.to_thread(read_whole, opts.load_file)
+        log(f"loaded {size >> 20} MiB of {opts.load_file} in {time.monotonic() - began:.3f}s")
+
     claim = claim_fake_vram(opts.vram_mb, opts.fake_nvml_dir)
     if opts.gpu_mb > 0:
         try:
@@ -731,11 +736,22 @@ def claim_fake_vram(mib: int, folder: str) -> str:
     return path
 
 
+def read_whole(path: str) -> int:
+    """Read ``path`` to its end in 4 MiB chunks (what loading weights costs); its size."""
+    size, buffer = 0, bytearray(4 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            size += n
+    return size
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Mock OpenAI-compatible model server for tests and benchmarks.")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--model", default="mock", help="model id reported by /v1/models")
+    p.add_argument("--load-file", default="", metavar="PATH",
+                   help="read this file whole before listening, as an engine reads its weights")
     p.add_argument("--startup-delay", type=float, default=0.0, metavar="S",
                    help="seconds of 'loading' before the port is bound")
     p.add_argument("--tokens-per-second", type=float, default=0.0, metavar="R",

@@ -5,8 +5,9 @@ session any process still carrying it is a leak: it is killed and the session fa
 
 The session Redis runs with the shipped ACL users (``examples/redis-users.acl``, ``default``
 off): ``redis_url`` is the admin's URL (the test's own view, as an operator's), ``role_url``
-turns it into a worker's or router's (``helpers.start_worker``/``start_router`` do so), and a
-command a role is denied (``ACL LOG``) fails the test that caused it.
+turns it into a router's, a reader's or a worker's (each worker id its own user, created on first
+use, as ``llm-router redis-user add-worker --apply`` would: ``helpers.start_worker``/``start_router``
+do so), and a command a user is denied (``ACL LOG``) fails the test that caused it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ import pytest
 import redis as redis_sync
 from llm_lab_router.lifeline import die_with_parent, processes_with_env, stop_group
 from llm_lab_router.redis_server import RedisServer, free_port
-from llm_lab_router.redis_users import ROLES, acl_text
+from llm_lab_router.redis_users import ROLES, acl_text, apply_worker_user, worker_acl_line, worker_user
 from llm_lab_router.redis_users import with_user as url_with_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +67,7 @@ def no_orphans_at_end():
 
 ACL_FILE = ROOT / "examples" / "redis-users.acl"
 REDIS_PASSWORDS = {role: uuid.uuid4().hex for role in ROLES}
+_WORKERS_MADE: set[tuple[str, str]] = set()  # (server, worker id) whose user exists
 
 
 def with_user(url: str, role: str) -> str:
@@ -72,23 +75,48 @@ def with_user(url: str, role: str) -> str:
     return url_with_user(url, role, REDIS_PASSWORDS[role])
 
 
-def role_url(url: str, role: str) -> str:
-    """The least-privileged URL for a process of ``role`` ("worker", "router") given the URL a
-    test holds: the session Redis's admin URL becomes the role's; any other (a test's private
-    Redis without ACL users, or a URL already naming a user) is returned as it is."""
+def worker_password(wid: str) -> str:
+    """Each worker user's own password (no worker can log in as another)."""
+    return hashlib.sha256(f"{REDIS_PASSWORDS['admin']}:{wid}".encode()).hexdigest()[:32]
+
+
+def worker_url(admin_url: str, wid: str) -> str:
+    """Worker ``wid``'s URL, its user created first (once per server) through ``admin_url``."""
+    parts = urlsplit(admin_url)
+    if (parts.netloc, wid) not in _WORKERS_MADE:
+        admin = redis_sync.Redis.from_url(admin_url)
+        try:
+            apply_worker_user(admin, wid, worker_acl_line(wid, worker_password(wid)))
+        finally:
+            admin.close()
+        _WORKERS_MADE.add((parts.netloc, wid))
+    return url_with_user(admin_url, worker_user(wid), worker_password(wid))
+
+
+def role_url(url: str, role: str, wid: str = "") -> str:
+    """The least-privileged URL for a process of ``role`` ("worker" with its ``wid``, "router",
+    "reader") given the URL a test holds: the session Redis's admin URL becomes the role's; any
+    other (a test's private Redis without ACL users, or a URL already naming a user) is
+    returned as it is."""
     parts = urlsplit(url)
     if parts.username == "admin" and parts.password == REDIS_PASSWORDS["admin"]:
+        if role == "worker":
+            assert wid, "a worker's URL names its worker id"
+            return worker_url(url, wid)
         return with_user(url, role)
     return url
 
 
 @dataclass(frozen=True)
 class RedisUrls:
-    """The session Redis as each role logs in to it."""
+    """The session Redis as each role logs in to it (``worker``: each worker id its own user)."""
 
     admin: str
-    worker: str
     router: str
+    reader: str
+
+    def worker(self, wid: str) -> str:
+        return worker_url(self.admin, wid)
 
 
 @pytest.fixture(scope="session")
@@ -156,13 +184,15 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], name: str = "proc", env: dict | None = None,
-              cwd: str | os.PathLike | None = None, stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
+              cwd: str | os.PathLike | None = None, stop_signal: int = signal.SIGTERM,
+              uid: int | None = None) -> subprocess.Popen:
         """``stop_signal``: how teardown (and ``stop`` by default) asks it to stop; a worker's
-        is SIGINT, which stops its models (SIGTERM leaves them running for the next worker)."""
+        is SIGINT, which stops its models (SIGTERM leaves them running for the next worker).
+        ``uid``: run it as that user (and group), as another local user of the host would."""
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True,
-                                preexec_fn=die_with_parent(stop_signal))  # even if pytest is killed
+                                preexec_fn=_as_user(uid, die_with_parent(stop_signal)))  # even if pytest is killed
         proc.log_path = log.name  # type: ignore[attr-defined]
         proc.stop_signal = stop_signal  # type: ignore[attr-defined]
         log.close()
@@ -181,6 +211,22 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+
+
+def _as_user(uid: int | None, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn``: become ``uid`` (its own group, no others), then run ``then`` (a
+    parent-death signal must be armed after the switch: changing uids clears it)."""
+    if uid is None:
+        return then
+
+    def switch() -> None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if then is not None:
+            then()
+
+    return switch
 
 
 @pytest.fixture

@@ -139,26 +139,29 @@ class Router:
     proc: subprocess.Popen
 
 
-def process_url(redis_url: str, role: str, prefix: str | None = None) -> str:
-    """The URL a ``role`` process gets: its ACL user's, unless it runs under another key
-    ``prefix``, which the shipped users (``~llm:*``, ``&llm:events``) do not cover, by design:
-    a deployment with its own prefix writes its own patterns; the test keeps the admin's URL."""
-    return redis_url if prefix else role_url(redis_url, role)
+def process_url(redis_url: str, role: str, prefix: str | None = None, wid: str = "") -> str:
+    """The URL a ``role`` process gets: its ACL user's (a worker's: ``wid``'s own), unless it runs
+    under another key ``prefix``, which the shipped users (``~llm:...``, ``&llm:...``) do not
+    cover, by design: a deployment with its own prefix writes its own patterns; the test keeps
+    the admin's URL."""
+    return redis_url if prefix else role_url(redis_url, role, wid)
 
 
 def start_router(procs: Processes, redis_url: str, *, env: dict[str, str] | None = None,
                  prefix: str | None = None, timeout: float = 20, host: str = "127.0.0.1",
                  wrap: Callable[[list[str]], list[str]] = list, args: Iterable[str] = ()) -> Router:
     """``llm-router serve`` on a free port of ``host``; returns once ``/health`` answers.
-    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more options."""
+    ``wrap`` turns the argv into the one to run (e.g. inside a network namespace); ``args``: more
+    options (``redis_url`` ``""``: no ``--redis``, e.g. with ``--redis-url-file`` in ``args``)."""
     port = free_port()  # in a namespace the port is surely free too: nothing else binds there
-    argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", process_url(redis_url, "router", prefix),
-            "--port", str(port), *args]
+    redis = ["--redis", process_url(redis_url, "router", prefix)] if redis_url else []
+    argv = [sys.executable, "-m", "llm_lab_router.cli", "serve", *redis, "--port", str(port), *args]
     if host != "127.0.0.1":
         argv += ["--host", host]
     if prefix:
         argv += ["--prefix", prefix]
-    proc = procs.start(wrap(argv), name="router", env={**ROUTER_ENV, **(env or {})})
+    reader = {"LLM_ROUTER_REDIS_READ_URL": process_url(redis_url, "reader", prefix)}  # the cluster view's user
+    proc = procs.start(wrap(argv), name="router", env={**ROUTER_ENV, **reader, **(env or {})})
     url = f"http://{host}:{port}"
 
     def up() -> bool:
@@ -177,7 +180,7 @@ def start_worker(procs: Processes, redis_url: str, config: Path, wid: str,
                  prefix: str | None = None, wrap: Callable[[list[str]], list[str]] = list,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(config),
-            "--redis", process_url(redis_url, "worker", prefix), "--worker-id", wid]
+            "--redis", process_url(redis_url, "worker", prefix, wid), "--worker-id", wid]
     if prefix:
         argv += ["--prefix", prefix]
     return procs.start(wrap(argv), name=f"worker-{wid}", env=env, stop_signal=signal.SIGINT)
@@ -250,18 +253,19 @@ class FakeWorker:
         lease = WorkerInfo(id=self.wid, host="testhost", pid=os.getpid(), version="test", started_at=now,
                            heartbeat_at=now)
         self.rds.hset(self.keys.worker(self.wid), mapping=to_hash(lease))
+        self.rds.sadd(self.keys.workers(), self.wid)
         if models:
             self.rds.hset(self.keys.catalog(self.wid), mapping={m.id: to_json(m) for m in models})
         for inst in instances:
             self.rds.hset(self.keys.instance(inst.model, self.wid), mapping=to_hash(inst))
-        self.rds.publish(self.keys.events(), to_json(Event(kind="catalog", worker=self.wid)))
+        self.rds.publish(self.keys.events(self.wid), to_json(Event(kind="catalog", worker=self.wid)))
 
     def instance(self, model: str, state: str = "running", url: str = "", **fields: Any) -> Instance:
-        """Write one instance hash and announce it on ``llm:events`` (as the worker does)."""
+        """Write one instance hash and announce it on ``llm:events:{wid}`` (as the worker does)."""
         inst = Instance(model=model, worker=self.wid, state=state, url=url,  # type: ignore[arg-type]
                         updated_at=time.time(), **{"seq": next(self.seq), **fields})
         self.rds.hset(self.keys.instance(model, self.wid), mapping=to_hash(inst))
-        self.rds.publish(self.keys.events(), to_json(Event(kind="instance", worker=self.wid, instance=inst)))
+        self.rds.publish(self.keys.events(self.wid), to_json(Event(kind="instance", worker=self.wid, instance=inst)))
         return inst
 
     def leave(self) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 import redis as redis_sync
-from conftest import REDIS_PASSWORDS, ROOT, acl_text, wait_for
+from conftest import REDIS_PASSWORDS, ROOT, acl_text, wait_for, worker_password
+from llm_lab_router.redis_users import apply_worker_user, worker_acl_line, worker_user
 from llm_lab_router.redis_server import RedisServer
 from llm_lab_router.shipped import REDIS_CONF, shipped
 
@@ -81,10 +82,18 @@ class SentinelBed:
 
     # --- URLs and clients ---
 
-    def url(self, role: str, db: int = 0) -> str:
-        """The ``redis+sentinel://`` URL a process of ``role`` is given."""
+    def url(self, role: str, db: int = 0, wid: str = "") -> str:
+        """The ``redis+sentinel://`` URL a process of ``role`` is given (a worker's: ``wid``'s own
+        user, made on every data node: ``ACL SETUSER`` is not replicated)."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return (f"redis+sentinel://{role}:{PASSWORDS[role]}@{hosts}/{SERVICE}/{db}"
+        user, password = role, PASSWORDS.get(role, "")
+        if role == "worker":
+            user, password = worker_user(wid), worker_password(wid)
+            for node in self.nodes:
+                admin = self.admin(node)
+                apply_worker_user(admin, wid, worker_acl_line(wid, password))
+                admin.close()
+        return (f"redis+sentinel://{user}:{password}@{hosts}/{SERVICE}/{db}"
                 f"?sentinel_password={SENTINEL_PASSWORD}")
 
     def admin(self, node: RedisServer) -> redis_sync.Redis:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -230,10 +231,14 @@ def test_no_fallback_once_the_answer_has_begun(procs, redis_url, rds, mock_engin
     assert metric(text, "llm_router_fallbacks_total", model="a", served="b") is None
 
 
-def test_a_failed_start_falls_back_streamed_too_but_not_once_the_loading_head_is_out(procs, redis_url,
-                                                                                   tmp_path) -> None:
+def test_a_failed_start_is_the_request_s_one_start_then_its_model_backs_off_to_the_fallback(
+        procs, redis_url, tmp_path) -> None:
     """A real worker: ``broken`` exits at start, ``late`` fails after loading for longer than
-    the loading keep-alive (the SSE head is out by then); both fall back to ``good``."""
+    the loading keep-alive (the SSE head is out by then); both fall back to ``good``. A request
+    starts at most one model of its chain: the one whose model failed gets that failure, and
+    ``good`` is not cold-started for it too. ``broken`` then backs off (visible in /v1/models and
+    /info): the next requests skip it at once and ``good`` serves, streamed too; once ``good``
+    runs, ``late`` is not started again: a running member of the chain serves first."""
     fail = [sys.executable, "-c", "import sys; sys.exit('no GPU here')"]
     fail_late = [sys.executable, "-c", "import sys, time; time.sleep(9); sys.exit('out of memory')"]
     config = write_config(tmp_path / "models.toml",
@@ -243,13 +248,10 @@ def test_a_failed_start_falls_back_streamed_too_but_not_once_the_loading_head_is
     start_worker(procs, redis_url, config, f"w{os.getpid()}-fb")
     router = start_router(procs, redis_url, env={"LLM_ROUTER_LOADING_KEEPALIVE": "3"})  # room for a slow python start
     wait_models(router, 3)
-    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("broken", max_tokens=2), timeout=30)
-    assert resp.status == 200 and resp.headers["X-Router-Model"] == "good", resp.body
-    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", timeout=30,
-                       body=chat_body("broken", stream=True, max_tokens=2))
-    events = stream.events_until(lambda ev: ev.get("data") == "[DONE]")
-    stream.close()
-    assert stream.headers["X-Router-Model"] == "good" and events[-1]["data"] == "[DONE]", events
+
+    def instances(model: str) -> list[dict]:
+        return get_json(f"{router.url}/api/models/{model}/info")["model"]["instances"]
+
     # the head goes out after the keep-alive interval: from then on no fallback
     late = SseStream(f"{router.url}/v1/chat/completions", method="POST", timeout=30,
                      body=chat_body("late", stream=True, max_tokens=2))
@@ -257,6 +259,28 @@ def test_a_failed_start_falls_back_streamed_too_but_not_once_the_loading_head_is
     late.close()
     assert late.headers["X-Router-Model"] == "late" and events[0] == {"comment": "loading model 'late'"}
     assert events[-1]["data"]["error"]["code"] == "model_start_failed", events
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("broken", max_tokens=2), timeout=30)
+    assert resp.status == 503 and resp.json()["error"]["code"] == "model_start_failed", resp.body
+    assert "no GPU here" in resp.json()["error"]["message"]
+    assert [(i["state"], i["started_at"]) for i in instances("good")] in ([], [("stopped", 0)])  # one start: broken's
+    pending = get_json(f"{router.url}/v1/models/broken")["pending"]
+    assert pending["kind"] == "backoff" and pending["eta"] > time.time() and "exited with code 1" in pending["message"]
+    assert get_json(f"{router.url}/api/models/broken/info")["model"]["pending"]["kind"] == "backoff"
+    failed_at = instances("broken")[0]["updated_at"]
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("broken", max_tokens=2), timeout=30)
+    assert resp.status == 200 and resp.headers["X-Router-Model"] == "good", resp.body
+    stream = SseStream(f"{router.url}/v1/chat/completions", method="POST", timeout=30,
+                       body=chat_body("broken", stream=True, max_tokens=2))
+    events = stream.events_until(lambda ev: ev.get("data") == "[DONE]")
+    stream.close()
+    assert stream.headers["X-Router-Model"] == "good" and events[-1]["data"] == "[DONE]", events
+    assert instances("broken")[0]["updated_at"] == failed_at  # skipped at once: not started again
+    # good runs now: late's requests go to it before any start of late
+    late_at = instances("late")[0]["updated_at"]
+    started = time.monotonic()
+    resp = request("POST", f"{router.url}/v1/chat/completions", chat_body("late", max_tokens=2), timeout=30)
+    assert resp.status == 200 and resp.headers["X-Router-Model"] == "good", resp.body
+    assert time.monotonic() - started < 2 and instances("late")[0]["updated_at"] == late_at
     text = request("GET", f"{router.url}/metrics").body.decode()
     assert metric(text, "llm_router_fallbacks_total", model="broken", served="good") == 2
-    assert metric(text, "llm_router_fallbacks_total", model="late", served="good") is None
+    assert metric(text, "llm_router_fallbacks_total", model="late", served="good") == 1

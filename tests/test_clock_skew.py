@@ -123,7 +123,7 @@ def test_commands_neither_expire_early_nor_outlive_their_sender(procs, redis_url
     finally:
         worker.send_signal(signal.SIGCONT)
     stop = next(c for c in reversed(command_entries(rds, wid)) if c.op == "stop")
-    got = rds.blpop([Keys().reply(stop.id)], 15)
+    got = rds.blpop([Keys().reply(wid, stop.id)], 15)
     assert got is not None, "the worker never answered the late stop"
     reply = from_json(got[1], Reply)
     assert (reply.ok, reply.message) == (False, "expired"), reply

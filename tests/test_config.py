@@ -110,6 +110,8 @@ M = '[[models]]\nid = "a"\ncommand = ["x"]\n'  # a valid model, lines 1-3
                                  "characters, '/', '?', '#', '%' or '\\')"),
     (M + 'aliases = ["a/b"]\n', ":4: model 'a': aliases: 'a/b' is not a valid alias"),
     (M + 'devices = ["gpu0"]\n', ":4: model 'a': devices: 'gpu0' is not 'cpu', 'cuda' or 'cuda:N'"),
+    (M + 'devices = ["cpu\\n"]\n', ":4: model 'a': devices: 'cpu\\n' is not 'cpu', 'cuda' or 'cuda:N'"),  # not `$`
+    ('[[models]]\nid = "a\\n"\ncommand = ["x"]\n', ":2: model 'a\\n': id: expected `str` matching regex"),  # not `$`
     (M + '[[models.profiles]]\ndevices = ["cuda:x"]\n', ":5: model 'a': profiles[0].devices: 'cuda:x' is not"),
     (M + '[[models.profiles]]\ndevices = ["cpu"]\n[[models.profiles]]\nvram = 1\n',
      ":7: model 'a': profiles[1].vram: unknown field (did you mean 'vram_mb'?)"),

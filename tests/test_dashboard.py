@@ -25,7 +25,7 @@ import pytest
 import tornado.web
 from conftest import ROOT, wait_for
 from helpers import STACK_WORKER as WORKER
-from helpers import start_stack
+from helpers import request, start_stack
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.http.app import make_app
 from llm_lab_router.router.http.dashboard import STATIC_DIR
@@ -333,6 +333,43 @@ async def drive_waiting(url: str, devtools_port: int, a: str, b: str, c: str) ->
             assert page.errors == [], page.errors
         except BaseException:
             await page.screenshot(SCREENSHOT.with_name("dashboard-waiting-failure.png"))
+            raise
+        finally:
+            await page.close()
+
+
+# --------------------------------------------------------------------------- prefetch and plan
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_dashboard_shows_a_prefetch_and_the_plan(procs, redis_url: str, tmp_path: Path) -> None:
+    """``b`` waits behind ``a`` (issue 29): its instance line shows its weights prefetched on
+    the host, and the host card shows the plan: starting ``b`` would evict ``a``; the two fit
+    the GPU one at a time."""
+    from test_prefetch import prefetch_stack
+
+    wid, a, b, _, router, thread, results = prefetch_stack(procs, redis_url, tmp_path, 8, prefetch_reserve_mb=0)
+    try:
+        devtools_port = launch_chromium(procs, tmp_path)
+        asyncio.run(drive_plan(router.url, devtools_port, wid, a, b))
+    finally:
+        request("POST", f"{router.url}/api/models/{a}/stop", timeout=30)
+        thread.join(60)
+    assert results["b"].status == 200
+
+
+async def drive_plan(url: str, devtools_port: int, wid: str, a: str, b: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/")
+            await page.wait(f"{text_of(f'prefetch-{b}@{wid}')} === 'prefetched 8 / 8 MiB'", message="b's prefetch")
+            line = await page.wait(f"{text_of(f'plan-{wid}-{b}')}", message="the plan of b")
+            assert line == f"{b} 11.7 GiB declared · would evict {a}", line
+            together = await page.js(text_of(f"together-{wid}"))
+            assert together in (f"fit together: {{{a}}} · {{{b}}}", f"fit together: {{{b}}} · {{{a}}}"), together
+            assert page.errors == [], page.errors
+        except BaseException:
+            await page.screenshot(SCREENSHOT.with_name("dashboard-plan-failure.png"))
             raise
         finally:
             await page.close()

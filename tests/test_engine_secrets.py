@@ -96,7 +96,7 @@ def secret_model(model_id: str, *extra: str) -> str:
 
 
 def test_engine_environment_has_no_worker_secrets(procs, redis_url, rds, tmp_path: Path) -> None:
-    worker_url = role_url(redis_url, "worker")
+    worker_url = role_url(redis_url, "worker", "w-env")
     password = worker_url.split("@")[0].rsplit(":", 1)[1]
     config = write_config(tmp_path / "env.toml", model_block("envy", auto_start=True)
                           + 'env = { MY_SETTING = "on-purpose" }\n')
@@ -117,7 +117,7 @@ def test_engine_environment_has_no_worker_secrets(procs, redis_url, rds, tmp_pat
     assert environ["MY_SETTING"] == "on-purpose" and environ["PATH"]
     assert environ["LLM_ROUTER_WORKER"] == "w-env" and environ["LLM_ROUTER_MODEL"] == "envy"
     assert {k for k in environ if k.startswith("LLM_ROUTER_")} <= {
-        "LLM_ROUTER_WORKER", "LLM_ROUTER_WORKER_PID", "LLM_ROUTER_MODEL", "LLM_ROUTER_TEST_SESSION",
+        "LLM_ROUTER_WORKER", "LLM_ROUTER_NONCE", "LLM_ROUTER_MODEL", "LLM_ROUTER_TEST_SESSION",
         "LLM_ROUTER_SPEC_HASH", "LLM_ROUTER_PORT", "LLM_ROUTER_PROFILE"}  # the markers adoption reads back
 
 

@@ -106,14 +106,17 @@ BAD_REQUESTS = [
     ("POST", "/v1/chat/completions", b'{"model": 5}', {}, 400, True),
     ("POST", "/v1/chat/completions", b"[1, 2]", {}, 400, True),
     ("POST", "/v1/chat/completions", b"", {}, 400, True),
-    ("POST", "/v1/chat/completions", b'{"model": "chat"}', {"Content-Type": "multipart/form-data"}, 400, True),
+    ("POST", "/v1/chat/completions", b'{"model": "chat"}', {"Content-Type": "multipart/form-data"}, 415, True),
     ("POST", "/v1/chat/completions", b'{"model": "nope"}', {}, 404, True),
     ("POST", "/v1/chat/completions", '{"model": "ch\\u0000at\\u202e\U0001f600"}'.encode(), {}, 404, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": ' + b"[" * 100 + b"]" * 100 + b"}", {}, 400, True),
     ("POST", "/v1/chat/completions", b'{"model": "chat", "x": "' + b"a" * 200_000 + b'"}', {}, 413, True),
-    # Too deep under any label but a form: the body is read as JSON, so it is checked as JSON.
-    *[("POST", "/v1/chat/completions", DEEP_200, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
-    *[("POST", "/v1/chat/completions", DEEP_20000, {"Content-Type": ct}, 400, True) for ct in BODY_LABELS],
+    # Too deep: refused as JSON (400); under any other label refused unread (415: JSON routes
+    # take JSON only, so no form a web page can send carries a JSON body in).
+    *[("POST", "/v1/chat/completions", DEEP_200, {"Content-Type": ct}, 400 if ct == "application/json" else 415, True)
+      for ct in BODY_LABELS],
+    *[("POST", "/v1/chat/completions", DEEP_20000, {"Content-Type": ct}, 400 if ct == "application/json" else 415,
+       True) for ct in BODY_LABELS],
     ("POST", "/api/models/chat/start", b"x" * 100_000, {}, 413, False),
     ("POST", "/v1/../api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
     ("POST", "/v1/%2e%2e/api/models/stop-all", b'{"model": "chat"}', {}, 400, True),
@@ -139,21 +142,23 @@ def test_malformed_requests_are_refused_in_shape_and_never_reach_the_engine(rout
         if openai:
             assert set(resp.json()["error"]) >= {"message", "type", "code"}, (path, resp.body)
             if body in (DEEP_200, DEEP_20000):
-                assert resp.json()["error"]["code"] == "json_too_deep", (headers, resp.body)
+                assert resp.json()["error"]["code"] == ("json_too_deep" if status == 400 else "unsupported_media_type"), (
+                    headers, resp.body)
         else:
             assert resp.json()["success"] is False and resp.json()["message"], (path, resp.body)
     assert "'foo'" in request("GET", f"{router.url}/api/logs/stats?foo=1").json()["message"]
     # Raw request targets no HTTP client library would send.
-    assert status_of(raw(router, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n")) == 404
-    assert status_of(raw(router, b"GET /v1/models/\x01\x7f HTTP/1.1\r\nHost: x\r\n\r\n")) in (0, 400, 404)
+    # a loopback router answers no other host name (DNS rebinding)
+    assert status_of(raw(router, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n")) == 403
+    assert status_of(raw(router, b"GET /v1/models/\x01\x7f HTTP/1.1\r\nHost: localhost\r\n\r\n")) in (0, 400, 404)
     assert status_of(raw(router, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")) in (0, 400, 431)
     assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) in (0, 400)
+                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) in (0, 400, 415)  # 415: unlabelled
     chat = json.dumps(chat_body("chat")).encode()
     for evil in (b"X-Evil: a\rInjected: 1", b"X-Evil: a\x00b", b"X Evil: 1", b"X-Evil: a\x1bb"):
-        assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + evil + b"\r\n"
+        assert status_of(raw(router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + evil + b"\r\n"
                                      b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400), evil
-    assert status_of(raw(router, b"POST /v1/chat/completions?a=\x01 HTTP/1.1\r\nHost: x\r\n"
+    assert status_of(raw(router, b"POST /v1/chat/completions?a=\x01 HTTP/1.1\r\nHost: localhost\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))) in (0, 400)
     assert request("POST", f"{router.url}/api/logs/chat/clear?keep_minutes=99999999999").status == 200  # keeps all
     assert engine.heads == []  # none of it was forwarded
@@ -167,7 +172,7 @@ def test_slow_clients_neither_block_others_nor_stay_forever(router) -> None:
     port = int(router.url.rsplit(":", 1)[1])
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     started = time.monotonic()
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
     for i in range(len(head) - 1):  # trickle the heads byte by byte ...
         for s in slow:
             try:
@@ -286,7 +291,7 @@ def test_a_client_that_stops_reading_loses_its_slot_and_the_engine_request(procs
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", port))
     body = json.dumps(chat_body("chat", stream=True)).encode()
-    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # ... and never reads
     try:
         wait_for(lambda: engine_stats(engine_url)["requests"] == 1, message="the stalled stream to reach the engine")

@@ -128,7 +128,8 @@ def test_router_enforces_body_timeout(procs, redis_url) -> None:
     port = int(router.url.rsplit(":", 1)[1])
     s = socket.create_connection(("127.0.0.1", port))
     started = time.monotonic()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mo")
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"mo")
     s.settimeout(15)
     try:
         cut = s.recv(1024) == b""

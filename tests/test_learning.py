@@ -138,6 +138,22 @@ def test_a_model_using_more_vram_than_declared_is_placed_by_the_measurement(proc
     assert get_json(f"{router.url}/api/models/{model}/info")["success"]
 
 
+def test_a_model_measured_above_its_declaration_starts_again_on_the_same_profile(procs, redis_url, rds, tmp_path):
+    """Placed by the measurement (7000 MiB, declared 4000) on the profile it ran with: its spawn
+    names that profile by index (the placed profile carries the measured VRAM, so it is no longer
+    equal to the declared one; a lookup by value failed and the start died)."""
+    wid, model, other = uid("w"), uid("m"), uid("o")
+    router, _, _ = start_two_gpu_host(procs, redis_url, tmp_path, "process", wid, model, other, ["--vram-mb", "7000"])
+    assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+    wait_for(lambda: from_json(rds.hget(Keys().catalog(wid), model), CatalogEntry).measured_vram_mb == [7000],
+             timeout=10, message="the measurement in the catalog")
+    assert request("POST", f"{router.url}/api/models/{model}/stop", timeout=30).status == 200
+    assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+    again = instances(router, model)[wid]
+    assert (again["state"], again["gpus"]) == ("running", "0")
+    assert rds.hget(Keys().instance(model, wid), "vram_mb") == "7000"
+
+
 @pytest.mark.parametrize("how", ["process", "delta"])
 def test_an_engine_that_grows_while_running_is_placed_by_its_peak(procs, redis_url, rds, tmp_path, how):
     wid, model, other = uid("w"), uid("m"), uid("o")

@@ -10,6 +10,7 @@ import json
 import pytest
 from llm_lab_router.protocol import Keys
 from llm_lab_router.router.http.auth import KeyFileError, KeyRing, Role, parse_structured_keys, read_key_file
+from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.limits.concurrency import Limits
 from llm_lab_router.router.limits.profile import LimitSpec
 from llm_lab_router.router.limits.quotas import Lease, refusal, subjects_of, tokens_used
@@ -104,6 +105,58 @@ def test_queue_limit_counts_every_lane():
     asyncio.run(scenario())
 
 
+def full_queue_outcome(queued: list[tuple[str, int, float]], newcomer: tuple[str, int, float],
+                       limit: int) -> tuple[list[str], str]:
+    """Hold the only slot, queue ``queued`` (lane, priority, weight) up to ``limit``, then send
+    ``newcomer``: the queued requests refused (429), as ``lane#index``, and what the newcomer got
+    ("429" or "served")."""
+    async def scenario() -> tuple[list[str], str]:
+        limits = Limits(queue_limit=limit, queue_timeout=5)
+
+        async def call(lane: str, priority: int, weight: float) -> str:
+            try:
+                async with limits.admit("m", 1, lane, priority, weight):
+                    return "served"
+            except ApiError as exc:
+                assert exc.status == 429 and exc.headers == {"Retry-After": "1"}
+                return "429"
+
+        async with limits.admit("m", 1):
+            tasks = []
+            for item in queued:
+                tasks.append(asyncio.create_task(call(*item)))
+                await asyncio.sleep(0)
+            last = asyncio.create_task(call(*newcomer))
+            await asyncio.sleep(0)
+            assert limits.queued("m") == limit  # the slot is still held: nobody was served
+        outcomes = await asyncio.gather(*tasks)
+        return [f"{item[0]}#{i}" for i, (item, got) in enumerate(zip(queued, outcomes)) if got == "429"], await last
+
+    return asyncio.run(scenario())
+
+
+def test_a_full_queue_gives_a_higher_priority_request_the_newest_low_priority_place():
+    displaced, outcome = full_queue_outcome([("low", -5, 1.0)] * 3, ("vip", 10, 1.0), limit=3)
+    assert (displaced, outcome) == (["low#2"], "served")  # the newest waiter
+    # the lowest priority loses first, whatever its lane's size
+    displaced, outcome = full_queue_outcome([("mid", 0, 1.0)] * 2 + [("low", -5, 1.0)], ("vip", 10, 1.0), limit=3)
+    assert (displaced, outcome) == (["low#2"], "served")
+
+
+def test_at_equal_priority_only_a_lane_over_its_share_gives_up_a_place():
+    displaced, outcome = full_queue_outcome([("a", 0, 1.0)] * 3, ("b", 0, 1.0), limit=3)
+    assert (displaced, outcome) == (["a#2"], "served")
+    # a and b hold one place each: neither is over b's share once b holds two
+    displaced, outcome = full_queue_outcome([("a", 0, 1.0), ("b", 0, 1.0)], ("b", 0, 1.0), limit=2)
+    assert (displaced, outcome) == ([], "429")
+    # weight 2 entitles a to twice b's places
+    displaced, outcome = full_queue_outcome([("a", 0, 2.0)] * 2 + [("b", 0, 1.0)], ("b", 0, 1.0), limit=3)
+    assert (displaced, outcome) == ([], "429")
+    # a lower priority is never given a higher one's place
+    displaced, outcome = full_queue_outcome([("vip", 10, 1.0)] * 2, ("low", -5, 1.0), limit=2)
+    assert (displaced, outcome) == ([], "429")
+
+
 # --- the keys file --------------------------------------------------------------------------
 
 
@@ -153,6 +206,7 @@ def test_a_plain_key_file_still_works_without_profiles(tmp_path):
     ({"name": "a", "key": A_KEY, "rpm": "x"}, "keys[0] ('a'): field 'rpm': Expected `int`"),
     ({"name": "a", "key": A_KEY, "tpmm": 1}, "keys[0] ('a'): Object contains unknown field `tpmm`"),
     ({"name": "a b", "key": A_KEY}, "keys[0] ('a b'): field 'name'"),
+    ({"name": "a\n", "key": A_KEY}, "keys[0] ('a\\n'): field 'name'"),  # `$` would take the newline
     ({"key": A_KEY}, "keys[0]: Object missing required field `name`"),
     ({"name": "a", "key": "short"}, "keys[0] ('a'): field 'key': a key must be"),
     ({"name": "a", "key": A_KEY, "group": "g"}, "keys[0] ('a'): field 'group': no group 'g'"),
@@ -175,6 +229,8 @@ def test_duplicate_names_and_keys_are_refused():
         parse_structured_keys("[[keys]\n", "k.toml", json_form=False)
     with pytest.raises(KeyFileError, match="group 'lab': field 'rpm'"):
         parse_structured_keys(json.dumps({"groups": {"lab": {"rpm": -1}}}), "k.json", json_form=True)
+    with pytest.raises(KeyFileError, match=r"group 'lab\\n': bad name"):
+        parse_structured_keys(json.dumps({"groups": {"lab\n": {"rpm": 1}}}), "k.json", json_form=True)
 
 
 # --- what a quota charges and says ------------------------------------------------------------

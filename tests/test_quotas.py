@@ -16,7 +16,7 @@ from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
 from llm_lab_router.protocol import CatalogEntry, Keys
 
-NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio", "ivy")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio", "ivy", "tina")
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
 KEYS_TOML = f"""
 [groups.lab]
@@ -65,6 +65,11 @@ max_concurrent = 3
 name = "ivy"
 key = "{KEYS['ivy']}"
 max_concurrent = 1
+
+[[keys]]
+name = "tina"
+key = "{KEYS['tina']}"
+tpm = 100
 
 [[keys]]
 name = "prio"
@@ -250,6 +255,35 @@ def test_tpm_counts_reported_and_estimated_tokens(procs, redis_url, engine, rds,
     wait_for(lambda: tokens_charged(rds, "key", "carol") - before == estimate, message="estimate charged")
     assert tokens_charged(rds, "key", "carol") >= 40  # over carol's 40 tpm now
     assert_429(chat(r2, "carol", max_tokens=1), "tokens per minute", "key 'carol'")
+
+
+def test_a_tpm_burst_is_bounded_by_reservations_then_settled_to_the_use(procs, redis_url, engine, rds,
+                                                                        keys_file) -> None:
+    """20 requests at once on a ``tpm = 100`` key, half through each router: each reserves
+    body bytes / 4 + ``max_tokens`` at admission, so only as many as fit under 100 (plus the
+    one that crosses it) run, not all 20; once over, the window holds the tokens used."""
+    r1, r2 = routers(procs, redis_url, keys_file)
+    results: list[object] = []
+    barrier = threading.Barrier(20)
+
+    def call(router) -> None:
+        barrier.wait()
+        results.append(chat(router, "tina", max_tokens=30))  # ~0.6 s each: they overlap
+
+    threads = [threading.Thread(target=call, args=(r,)) for r in (r1, r2) * 10]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    body_bytes = len(json.dumps(chat_body("chat", max_tokens=30)).encode())
+    reservation = body_bytes // 4 + 30
+    admitted = [r for r in results if r.status == 200]
+    assert len(results) == 20 and 1 <= len(admitted) <= 100 // reservation + 1, [r.status for r in results]
+    for r in results:
+        if r.status != 200:
+            assert_429(r, "tokens per minute", "key 'tina'")
+    used = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+    wait_for(lambda: tokens_charged(rds, "key", "tina") == used, message="reservations replaced by the use")
 
 
 def test_keys_without_limits_cost_redis_nothing_and_plain_files_work(procs, redis_url, engine, rds,

@@ -104,7 +104,7 @@ def test_sighup_applies_the_new_file_and_leaves_unchanged_models_alone(worker, r
     assert set(catalog(rds, worker.wid)) == {"keep", "changed", "gone", "live"}
 
     pubsub = rds.pubsub()
-    pubsub.subscribe(KEYS.events())
+    pubsub.subscribe(KEYS.events(worker.wid))
     wait_for(lambda: pubsub.get_message(timeout=0.1), message="the subscription")
     worker.write_config([keep, {**changed, "command": [*changed["command"], "--max-tokens", "5"]},
                          {**live, "aliases": ["new-name"], "idle_ttl": 600.0}, model("added")])

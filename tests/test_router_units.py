@@ -20,9 +20,10 @@ from llm_lab_router.router.control.client import (
 )
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.core.options import RouterOptions
+from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView, Snapshot, follows, model_status
 from llm_lab_router.router.forward.balancer import Balancer, least_outstanding
-from llm_lab_router.router.forward.proxy import mode_error, sniff, stream_error_event
+from llm_lab_router.router.forward.proxy import mode_error, serving_order, sniff, stream_error_event
 from llm_lab_router.router.http.app import redact
 from llm_lab_router.router.logs.stream import LogEvent, sse
 
@@ -367,6 +368,23 @@ def test_cluster_metrics_follow_changes_after_being_cached() -> None:
     second = metrics.render().decode()
     assert 'llm_router_instances{model="chat",worker="w1",state="running"} 1.0' in second
     assert 'state="stopped"' not in second and 'worker="w2"' not in second
+
+
+def test_a_fallback_chain_tries_running_members_first_and_a_failed_start_backs_off() -> None:
+    assert serving_order(["a", "b", "c", "d"], lambda m: m in {"c", "b"}) == ["b", "c", "a", "d"]
+    assert serving_order(["a", "b"], lambda m: False) == ["a", "b"]
+    backoff = StartBackoff(30)
+    backoff.failed("a", "exited with code 1\nlast log lines: ...", now=1000)
+    why = backoff.reason("a", now=1010)
+    assert why is not None and (why.kind, why.eta) == ("backoff", 1030)
+    assert why.message == "model 'a' failed to start 10s ago (exited with code 1); not started again for 20s"
+    assert backoff.reason("a", now=1030) is None and backoff.reason("b", now=1010) is None
+    backoff.failed("a", "again", now=2000)
+    backoff.succeeded("a")
+    assert backoff.reason("a", now=2001) is None
+    off = StartBackoff(0)
+    off.failed("a", "x", now=1000)
+    assert off.reason("a", now=1000) is None
 
 
 def test_a_background_start_that_fails_unexpectedly_leaves_a_log_line(caplog):

@@ -253,7 +253,7 @@ def start_on(rds, wid: str, model: str) -> Reply:
     start of a model that runs elsewhere already is a no-op."""
     cmd = Command(op="start", model=model, timeout=30)
     rds.xadd(Keys().commands(wid), command_fields(cmd))
-    got = rds.blpop([Keys().reply(cmd.id)], 30)
+    got = rds.blpop([Keys().reply(wid, cmd.id)], 30)
     assert got is not None, f"no reply from {wid}"
     return from_json(got[1], Reply)
 

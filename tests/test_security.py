@@ -175,7 +175,8 @@ def test_every_route_and_method_answers_as_its_access_says(procs, redis_url) -> 
         for method in route.ops:
             anonymous = request(method.upper(), url).status
             client = request(method.upper(), url, headers=bearer(CLIENT_KEY)).status
-            opened = route.access == "public" or (route.access == "read" and method in ("get", "head"))
+            # "logs": a read route unless --logs-read admin (tests/test_local_access.py)
+            opened = route.access == "public" or (route.access in ("read", "logs") and method in ("get", "head"))
             assert (anonymous == 401) is not opened, (method, route.path, anonymous)
             assert client == 403 if route.access == "admin" else client not in (401, 403), (method, route.path, client)
 
@@ -202,7 +203,8 @@ def test_non_loopback_without_keys_refuses_to_start(command, tmp_path) -> None:
 def test_insecure_flag_lets_it_start(procs, redis_url) -> None:
     port = free_port()
     proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis", role_url(redis_url, "router"),
-                        "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure")
+                        "--host", "0.0.0.0", "--port", str(port), "--insecure"], name="router-insecure",
+                       env={"LLM_ROUTER_REDIS_READ_URL": role_url(redis_url, "reader")})
 
     def up() -> bool:
         assert proc.poll() is None, procs.log(proc)

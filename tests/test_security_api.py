@@ -19,7 +19,7 @@ from tornado.httputil import HTTPServerRequest
 DOCUMENT = document(RouterOptions())
 METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
 SECURITY = {"public": [], "read": [{"bearer": []}, {"cookie": []}, {}], "client": [{"bearer": []}, {"cookie": []}, {}],
-            "admin": [{"bearer": []}, {}]}
+            "logs": [{"bearer": []}, {"cookie": []}, {}], "admin": [{"bearer": []}, {}]}
 
 
 def concrete(path: str) -> str:
@@ -60,7 +60,7 @@ def test_the_app_and_the_document_are_the_table() -> None:
         for method, op in paths[route.path].items():
             assert {p["name"] for p in op["parameters"] if p["in"] == "query"} == set(route.query), route.path
             assert op["security"] == SECURITY[route.access], route.path
-            assert ("403" in op["responses"]) is (route.access == "admin"), route.path
+            assert ("403" in op["responses"]) is (route.access in ("admin", "logs")), route.path  # logs: --logs-read
     assert [p.pattern for p in own_v1_patterns()] == [r"/v1/models$", r"/v1/models/([^/]+)$"]
 
 

@@ -92,15 +92,15 @@ def test_sentinel_url_parts() -> None:
 
 
 def test_clients_reach_the_master_the_sentinels_name(clean: SentinelBed) -> None:
-    client = sync_client(clean.url("worker"))
+    client = sync_client(clean.url("worker", wid="probe"))
     try:
-        client.set("llm:probe", "1")
+        client.set("llm:w:probe:x", "1")
     finally:
         client.close()
     direct = clean.admin(clean.master_node())
-    assert direct.get("llm:probe") == "1"
+    assert direct.get("llm:w:probe:x") == "1"
     direct.close()
-    wrong = clean.url("worker").replace("sentinel_password=", "sentinel_password=wrong")
+    wrong = clean.url("worker", wid="probe").replace("sentinel_password=", "sentinel_password=wrong")
     refused = sync_client(wrong)
     try:
         with pytest.raises(redis_sync.ConnectionError, match="(?i)no master found"):
@@ -177,8 +177,9 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
         model_block("talker", engine_args=["--chatty", "100"], auto_start=True),
         model_block("spare"),
         id=wid, heartbeat_interval=0.5, lease_ttl=5.0)  # the defaults' ratio; lease_ttl as shipped
-    worker = start_worker(procs, bed.url("worker"), config, wid)
-    routers = [start_router(procs, bed.url("router")) for _ in range(2)]
+    worker = start_worker(procs, bed.url("worker", wid=wid), config, wid)
+    routers = [start_router(procs, bed.url("router"), env={"LLM_ROUTER_REDIS_READ_URL": bed.url("reader")})
+               for _ in range(2)]
     for router in routers:
         wait_routable(router, "talker", timeout=30)
     old = bed.master_node()
@@ -195,7 +196,7 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
         promoted_at = time.time()
         assert new is survivor
         admin = bed.admin(new)
-        lease = f"llm:worker:{wid}"
+        lease = Keys().worker(wid)
         connected: set[int] = set()
 
         def everyone_switched() -> bool:
@@ -268,7 +269,7 @@ def test_master_killed_under_load(clean: SentinelBed, procs: Processes, tmp_path
     wait_for(demoted, timeout=30, interval=0.05, message="the old master to become a replica")
     back = bed.admin(old)
     assert back.info("replication")["master_port"] == new.port
-    wait_for(lambda: back.exists(f"llm:worker:{wid}"), timeout=15, message="the old master to replicate the new one")
+    wait_for(lambda: back.exists(Keys().worker(wid)), timeout=15, message="the old master to replicate the new one")
     back.close()
     assert not [c for c in bed.clients(old) if c.get("user") in ("worker", "router")]
 
@@ -307,7 +308,7 @@ def test_log_lines_a_new_master_lacks_are_shipped_again(redis_url: str, rds, tmp
     position = keys.log_position(wid, "m", "event")
 
     async def scenario() -> None:
-        client = async_client(role_url(redis_url, "worker"))
+        client = async_client(role_url(redis_url, "worker", wid))
         pipe = LogPipe(client, keys, host=wid, maxlen=10000, buffer_lines=1000, spool_dir=tmp_path)
         pipe.start()
         for i in range(7):

@@ -26,7 +26,7 @@ MODELS = model_ids(10)
 
 def truth(rds: redis_sync.Redis, keys: Keys) -> dict[tuple[str, str], str]:
     """(model, worker) -> state, as the simulated workers wrote it."""
-    wids = rds.hkeys(keys.versions())
+    wids = rds.smembers(keys.workers())
     pipe = rds.pipeline(transaction=False)
     for wid in wids:
         for model in MODELS:
@@ -55,7 +55,8 @@ def converged(rds, keys, routers) -> bool:
 def subscriptions_of(rds: redis_sync.Redis, pid: int) -> list[dict]:
     """The Redis connections of process ``pid`` that hold a subscription."""
     ports = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr}
-    return [c for c in rds.client_list() if int(c.get("sub", 0)) and int(c["addr"].rsplit(":", 1)[1]) in ports]
+    return [c for c in rds.client_list()
+            if int(c.get("sub", 0)) + int(c.get("psub", 0)) and int(c["addr"].rsplit(":", 1)[1]) in ports]
 
 
 def scans(rds: redis_sync.Redis) -> int:

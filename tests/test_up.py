@@ -143,7 +143,8 @@ def test_wheel_up_serves_the_demo_with_its_redis_locked_down(procs, wheel_venv: 
     data = workdir / ".llm-router"
     rdir = data / "redis"
     assert mode(data) == mode(rdir) == 0o700
-    for name in ("passwords.json", "users.acl", "admin.url", "worker.url", "router.url"):
+    worker_user = f"worker.{socket.gethostname()}"  # the demo config names no worker id: the host's
+    for name in ("passwords.json", "users.acl", "admin.url", f"{worker_user}.url", "router.url", "reader.url"):
         assert mode(rdir / name) == 0o600, name
     passwords = json.loads((rdir / "passwords.json").read_text())
     assert not any(pw in (rdir / "users.acl").read_text() for pw in passwords.values())
@@ -153,12 +154,12 @@ def test_wheel_up_serves_the_demo_with_its_redis_locked_down(procs, wheel_venv: 
         assert admin.config_get("maxmemory")["maxmemory"] == str(512 * 1024 * 1024)  # the shipped redis.conf
         assert admin.config_get("appendonly")["appendonly"] == "yes"
         users = {entry["user"] for entry in admin.client_list()}
-        assert {"worker", "router"} <= users and "default" not in users
+        assert {worker_user, "router", "reader"} <= users and "default" not in users
         rport = admin.connection_pool.connection_kwargs["port"]
     finally:
         admin.close()
     with socket.create_connection(("127.0.0.1", rport), timeout=5) as s:  # anyone else: no way in
-        s.sendall(b"SET llm:worker:forged 1\r\n")
+        s.sendall(b"SET llm:w:forged:lease 1\r\n")
         assert s.recv(100).startswith(b"-NOAUTH")
 
     assert procs.stop(proc) == 0
@@ -199,9 +200,30 @@ def test_acl_users_hold_hashes_only_and_follow_the_prefix() -> None:
     from llm_lab_router.redis_users import ROLES, acl_text
 
     passwords = {role: f"pw-{role}-0123456789" for role in ROLES}
-    text = acl_text(passwords, prefix="lab:")
-    assert "user default off" in text and not [pw for pw in passwords.values() if pw in text]
-    assert "~lab:*" in text and "&lab:events" in text and "llm:" not in text
+    text = acl_text(passwords, prefix="lab:", workers={"gpu1": "pw-gpu1-0123456789"})
+    assert "user default off" in text and not [pw for pw in [*passwords.values(), "pw-gpu1"] if pw in text]
+    assert "~lab:cmd:*" in text and "&lab:events:*" in text and "llm:" not in text and "WORKER-ID" not in text
+    assert "user worker.gpu1 on #" in text and " ~lab:w:gpu1:* ~lab:cmd:gpu1 " in text and " &lab:events:gpu1 " in text
+
+
+def test_up_users_one_per_worker_and_the_old_shared_worker_user_gone(tmp_path: Path) -> None:
+    """A data directory of an older release (one shared ``worker`` user) gets the worker's own
+    user at the next ``up``; the old user's password and URL file go."""
+    from llm_lab_router.redis_users import PrivateUsers
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir(mode=0o700)
+    (rdir / "passwords.json").write_text(json.dumps({"admin": "a" * 48, "worker": "w" * 48, "router": "r" * 48}))
+    (rdir / "worker.url").write_text("redis://worker:" + "w" * 48 + "@127.0.0.1:1/0\n")
+    users = PrivateUsers(rdir, workers=["gpu1"])
+    assert users.passwords["admin"] == "a" * 48 and users.passwords["router"] == "r" * 48  # kept
+    assert set(users.passwords) == {"admin", "router", "reader", "worker.gpu1"}
+    text = users.acl_file().read_text()
+    assert "user worker.gpu1 on #" in text and "user worker " not in text and "w" * 48 not in text
+    urls = users.urls("redis://127.0.0.1:7000/0")
+    assert urls["worker.gpu1"].startswith("redis://worker.gpu1:") and not (rdir / "worker.url").exists()
+    assert sorted(p.name for p in rdir.glob("*.url")) == ["admin.url", "reader.url", "router.url", "worker.gpu1.url"]
+    assert all(mode(p) == 0o600 for p in rdir.iterdir())
 
 
 def up_argv(*args: str) -> list[str]:

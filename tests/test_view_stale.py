@@ -25,7 +25,7 @@ def test_deleted_instance_stops_receiving_requests_even_if_stamped_in_the_future
     router = start_router(procs, redis_url)  # resyncs every 0.5 s (helpers.ROUTER_ENV)
     forged = Instance(model="chat", worker=fake.wid, state="running", url=engine, updated_at=time.time() + 3600)
     rds.hset(fake.keys.instance("chat", fake.wid), mapping=to_hash(forged))
-    rds.publish(fake.keys.events(), to_json(Event(kind="instance", worker=fake.wid, instance=forged)))
+    rds.publish(fake.keys.events(fake.wid), to_json(Event(kind="instance", worker=fake.wid, instance=forged)))
     wait_routable(router, "chat")
     assert request("POST", f"{router.url}/v1/chat/completions", chat_body("chat")).status == 200
 

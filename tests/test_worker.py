@@ -32,7 +32,7 @@ from worker_helpers import (  # noqa: F401  (worker: the fixture)
 
 def test_publishes_lease_catalog_instances_and_devices(worker, rds):
     pubsub = rds.pubsub()
-    pubsub.subscribe(KEYS.events())
+    pubsub.subscribe(KEYS.events(worker.wid))
     worker.start([model("m-chat", aliases=["chatty-alias"], created=1700000000),
                   model("m-embed", mode="embedding")])
 
@@ -256,7 +256,7 @@ def test_sigint_stops_models_and_withdraws_the_lease(worker, rds, procs):
     pids = processes_of(worker.wid)
     assert len(pids) == 2
     pubsub = rds.pubsub()
-    pubsub.subscribe(KEYS.events())
+    pubsub.subscribe(KEYS.events(worker.wid))
     assert procs.stop(worker.proc, signal.SIGINT) == 0
     assert not rds.exists(KEYS.worker(worker.wid))
     assert worker.instance("m1").state == worker.instance("m2").state == "stopped"

@@ -19,7 +19,7 @@ from llm_lab_router.worker.agent import WorkerAgent
 def test_the_publisher_ends_on_every_cancel(redis_url):
     async def main() -> None:
         cfg = parse_config(f'[worker]\nid = "w-{uuid.uuid4().hex[:8]}"\n[[models]]\nid = "m"\ncommand = ["x"]\n')
-        agent = WorkerAgent(cfg, role_url(redis_url, "worker"))
+        agent = WorkerAgent(cfg, role_url(redis_url, "worker", cfg.worker_id))
         instance = agent.models["m"].instance
 
         async def busy() -> None:  # a change to publish at every turn: the publisher is always in Redis

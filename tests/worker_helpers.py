@@ -80,7 +80,7 @@ class Worker:
         if models is not None or self.config is None:
             self.write_config(models or [], **settings)
         self.proc = self.procs.start([sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(self.config),
-                                      "--redis", role_url(self.redis_url, "worker"), "--worker-id", self.wid],
+                                      "--redis", role_url(self.redis_url, "worker", self.wid), "--worker-id", self.wid],
                                      name="worker", stop_signal=signal.SIGINT, env=env)
         if wait:
             wait_for(lambda: self.rds.hget(KEYS.worker(self.wid), "pid") == str(self.proc.pid)
@@ -95,7 +95,7 @@ class Worker:
         return cmd
 
     def reply(self, cmd: Command, timeout: float = 15) -> Reply:
-        got = self.rds.blpop([KEYS.reply(cmd.id)], timeout)
+        got = self.rds.blpop([KEYS.reply(self.wid, cmd.id)], timeout)
         assert got is not None, f"no reply to {cmd.op} within {timeout}s\n{self.log()}"
         return from_json(got[1], Reply)
 
@@ -148,7 +148,7 @@ def processes_of(wid: str) -> list[int]:
 
 
 def events(pubsub, until, timeout: float = 10) -> list[Event]:
-    """Events from ``llm:events`` until one satisfies ``until`` (which is the last returned)."""
+    """Events from ``llm:events:{wid}`` until one satisfies ``until`` (which is the last returned)."""
     got: list[Event] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,14 +1,14 @@
 """Engines that outlive their worker, and the worker that takes them over.
 
-A model process carries in its environment who started it and what it is:
-``LLM_ROUTER_WORKER`` (the worker id), ``LLM_ROUTER_MODEL``, ``LLM_ROUTER_SPEC_HASH`` (a hash of
-what makes up the process: argv, the config's env, cwd, GPUs) and the placement needed to
-recompute that hash (``LLM_ROUTER_PORT``, ``LLM_ROUTER_PROFILE``; the GPUs are its
-``CUDA_VISIBLE_DEVICES``). A worker that starts finds the engines of its id (``find_engines``)
-and adopts each one whose hash still matches its config (``spec_hash`` of ``engine_spec``) and
-that answers its health check: same pid, same URL. It is not their parent, so it watches them
-through a pidfd (``wait_exit``; psutil polling where there is none) and still sees a crash at
-once.
+When a worker spawns an engine it writes a spawn record into its state directory
+(``ownership``: pid and start time, euid, spool files, argv, port, a secret nonce, and the
+placement: device profile, GPUs, the spec hash of argv, env, cwd). A worker that starts reads
+the records of its id and state directory (``find_engines``), holds each process that is still
+that very engine by a pidfd, and adopts it if its spec hash still matches the config
+(``spec_hash`` of ``engine_spec``) and it answers its health check: same pid, same URL. It is
+not their parent, so it watches them through the pidfd (``wait_exit``) and still sees a crash
+at once. A process that merely says in its environment that it is an engine of this worker
+is never adopted, probed or stopped: it is logged once.
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ from pathlib import Path
 import msgspec
 import psutil
 from llm_lab_router.config import DeviceProfile, ModelConfig, WorkerSettings, expand_command
-from llm_lab_router.lifeline import processes_with_env
-from llm_lab_router.worker.orphans import MODEL_ENV, WORKER_ENV, is_gone
-
-SPEC_HASH_ENV = "LLM_ROUTER_SPEC_HASH"
-PORT_ENV = "LLM_ROUTER_PORT"
-PROFILE_ENV = "LLM_ROUTER_PROFILE"
-POLL_EXIT = 0.1  # seconds between two looks at a process without a pidfd
+from llm_lab_router.worker.orphans import WORKER_ENV, find_engine_handles
+from llm_lab_router.worker.ownership import EngineRecord, ProcHandle, pgid_of
 
 
 @dataclass(frozen=True)
@@ -55,46 +50,39 @@ def engine_spec(model: ModelConfig, profile: DeviceProfile, *, port: int, gpus: 
 
 @dataclass
 class FoundEngine:
-    """A model process of this worker id, as its environment describes it."""
+    """An engine a previous worker of this id and state directory spawned, as its spawn
+    record describes it, held by a pidfd (``handle``) since it was found."""
 
-    pid: int
-    model: str
-    spec_hash: str
-    port: int
-    profile: int
-    gpus: list[int]
-    created: float  # unix time the process started
-    cmdline: str
+    handle: ProcHandle
+    record: EngineRecord
 
 
-def find_engines(worker_id: str) -> list[FoundEngine]:
-    """Engines (process-group leaders) carrying ``worker_id``; blocking: run it in a thread.
-    Children of an engine carry the id too; they go with their group."""
-    found = []
-    for proc in processes_with_env(WORKER_ENV, worker_id):
-        try:
-            if is_gone(proc) or os.getpgid(proc.pid) != proc.pid:
-                continue
-            env = proc.environ()
-            gpus = [int(g) for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip().isdigit()]
-            found.append(FoundEngine(pid=proc.pid, model=env.get(MODEL_ENV, ""), spec_hash=env.get(SPEC_HASH_ENV, ""),
-                                     port=_int(env.get(PORT_ENV)), profile=_int(env.get(PROFILE_ENV)), gpus=gpus,
-                                     created=proc.create_time(), cmdline=" ".join(proc.cmdline())))
-        except (psutil.Error, OSError):
-            continue
-    return found
+def find_engines(worker_id: str, state_dir: Path) -> list[FoundEngine]:
+    """The engines this worker's spawn records name and that are still those processes
+    (``ownership.verify``); records of the others are dropped, and processes that merely claim
+    ``worker_id`` are logged once and left alone. Blocking: run it in a thread."""
+    return [FoundEngine(handle, record) for handle, record in find_engine_handles(worker_id, state_dir)]
 
 
 def matches(found: FoundEngine, model: ModelConfig, settings: WorkerSettings, config_dir: str) -> str:
     """"" when ``found`` is what ``model`` would run now, else why not."""
+    rec = found.record
     profiles = model.device_profiles()
-    if not 0 <= found.profile < len(profiles):
-        return f"device profile {found.profile + 1} is no longer in the config"
-    if found.port <= 0:
-        return "it does not say its port"
-    spec = engine_spec(model, profiles[found.profile], port=found.port, gpus=found.gpus, settings=settings,
+    if not 0 <= rec.profile < len(profiles):
+        return f"device profile {rec.profile + 1} is no longer in the config"
+    spec = engine_spec(model, profiles[rec.profile], port=rec.port, gpus=rec.gpus, settings=settings,
                        config_dir=config_dir)
-    return "" if spec.hash == found.spec_hash else "its command, env, cwd or devices differ from the config"
+    same = spec.hash == rec.spec_hash and spec.argv == rec.argv
+    return "" if same else "its command, env, cwd or devices differ from the config"
+
+
+def listeners(port: int) -> list[int]:
+    """The pids of the processes listening on TCP ``port`` (any address). Blocking."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return []
+    return [c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid]
 
 
 def foreign_engine_on(port: int, pgid: int) -> int:
@@ -102,50 +90,32 @@ def foreign_engine_on(port: int, pgid: int) -> int:
     listens on ``port`` and is not in process group ``pgid``, else 0. Two workers on one host
     may pick the same free port at once; the loser's health check is then answered by the
     winner's engine. Blocking: run it in a thread."""
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return 0
-    for conn in conns:
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            try:
-                if os.getpgid(conn.pid) != pgid and WORKER_ENV in psutil.Process(conn.pid).environ():
-                    return conn.pid
-            except (psutil.Error, OSError):
-                continue
+    for pid in listeners(port):
+        try:
+            if os.getpgid(pid) != pgid and WORKER_ENV in psutil.Process(pid).environ():
+                return pid
+        except (psutil.Error, OSError):
+            continue
     return 0
 
 
-async def wait_exit(pid: int) -> None:
-    """Return when ``pid`` (not our child) has exited: a pidfd wakes us at once on Linux;
-    elsewhere psutil is asked every ``POLL_EXIT`` s."""
-    try:
-        fd = os.pidfd_open(pid)  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        fd = -1
-    if fd < 0:
-        while _alive(pid):
-            await asyncio.sleep(POLL_EXIT)
+def serves_its_port(found: FoundEngine) -> bool:
+    """Whether every listener on the recorded port is in the engine's process group: the
+    health check an adoption relies on is then answered by the engine, not by a process of
+    another user that took the port. Blocking: run it in a thread."""
+    pids = listeners(found.record.port)
+    return bool(pids) and all(pgid_of(pid) == found.record.pid for pid in pids)
+
+
+async def wait_exit(handle: ProcHandle) -> None:
+    """Return when the process ``handle`` holds has exited (its pidfd becomes readable)."""
+    if not handle.alive():
         return
     loop = asyncio.get_running_loop()
     exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    loop.add_reader(handle.fd, lambda: exited.done() or exited.set_result(None))
     try:
         await exited
     finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return not is_gone(psutil.Process(pid))
-    except psutil.Error:
-        return False
-
-
-def _int(value: str | None) -> int:
-    try:
-        return int(value or "")
-    except ValueError:
-        return -1
+        loop.remove_reader(handle.fd)
+    handle.alive()  # notes when it exited

@@ -4,10 +4,10 @@ The logic lives elsewhere (``ModelProcess``: the state machine; ``LogPipe``: log
 ``placement``: where a model runs; ``commands``: the command stream; ``orphans``: leftovers of
 a previous run). This module only connects them and owns the worker's own keys:
 
-- the lease ``llm:worker:{wid}`` (heartbeat, with a TTL), the catalog, the instance hashes and
-  the events on ``llm:events``, all written by one publisher task in order, so an old state can
-  never overwrite a newer one;
-- the device snapshot ``llm:devices:{wid}``.
+- the lease ``llm:w:{wid}:lease`` (heartbeat, with a TTL), the catalog, the instance hashes and
+  the events on ``llm:events:{wid}``, all written by one publisher task in order, so an old state
+  can never overwrite a newer one;
+- the device snapshot ``llm:w:{wid}:devices``.
 
 Redis may vanish at any time: every loop logs one line, backs off, and the whole state is
 published again when Redis answers (it may have restarted empty). Model processes keep running
@@ -31,7 +31,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import psutil
 import redis.asyncio as aredis
 from llm_lab_router import __version__
 from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
@@ -39,18 +38,23 @@ from llm_lab_router.ledger import retention_days as ledger_retention_days
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
-from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, WorkerInfo, WorkerVersion, from_hash
+from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys, LegacyKeys, WorkerInfo, WorkerVersion, from_hash
 from llm_lab_router.loops import supervised
 from llm_lab_router.redis_url import async_client
-from llm_lab_router.worker.adoption import find_engines, matches
+from llm_lab_router.worker.adoption import FoundEngine, find_engines, matches
 from llm_lab_router.worker.commands import CommandIntake, Operations
 from llm_lab_router.worker.devices import DeviceProbe
+from llm_lab_router.worker.estimates import FileEstimates
 from llm_lab_router.worker.handover import acquire_worker_lock, start_linger, take_stopped_mark
 from llm_lab_router.worker.idle import IdleReaper
 from llm_lab_router.worker.learning import Learner
+from llm_lab_router.worker.legacy import LegacyMirror
 from llm_lab_router.worker.logpipe import LogPipe
 from llm_lab_router.worker.orphans import WorkerIdInUse, stop_processes
+from llm_lab_router.worker.ownership import Records
 from llm_lab_router.worker.placement import Placement, Placer
+from llm_lab_router.worker.private import private_dir
+from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.gpu_time import GpuClock
@@ -72,6 +76,7 @@ class WorkerAgent:
         self.settings = cfg.worker
         self.wid = cfg.worker_id
         self.keys = Keys(prefix)
+        self.legacy = LegacyKeys(prefix) if self.settings.legacy_keys else None  # worker.legacy
         self.hostname = socket.gethostname()
         # No retries inside redis-py: our loops retry with their own back-off and log once.
         self.redis = async_client(redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -79,7 +84,7 @@ class WorkerAgent:
         self.probe = probe or DeviceProbe()
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
-        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:versions``)
+        self.version = WorkerVersion()  # bumped with every change it publishes (``llm:w:{wid}:version``)
         self.audit = AuditTrail(self.redis, self.keys, f"worker:{self.wid}", audit_maxlen())  # reloads, adoption
         self.gpu_clock = GpuClock(self.redis, self.keys, self.wid, ledger_retention_days(), log)  # the usage ledger
         self.state_dir = cfg.state_dir
@@ -87,19 +92,26 @@ class WorkerAgent:
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
                             spool_bytes=int(self.settings.log_spool_mb * (1 << 20)))
         config_dir = str(Path(cfg.path).resolve().parent) if cfg.path and Path(cfg.path).exists() else os.getcwd()
+        self.estimates = FileEstimates(config_dir)  # VRAM from the model files, before a first run
         self.learner = Learner(self.redis, self.keys, self.wid, self.probe, self.logs, self.snapshot,
                                on_learned=self._request_resync)  # a new measurement: publish the catalog
         self.host = HostContext(worker_id=self.wid, settings=self.settings, config_dir=config_dir, logs=self.logs,
-                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured),
-                                learner=self.learner)
+                                placer=Placer(self.settings, self.snapshot, measured=self.learner.measured,
+                                              estimated=self.estimates.mb),
+                                learner=self.learner, records=Records(self.state_dir))
         self.models = {m.id: self._supervise(m) for m in cfg.models}
+        self.prefetcher = Prefetcher(self.redis, self.keys, self.wid, config_dir, self.settings,
+                                     lambda: {i: mp.model for i, mp in self.models.items()},
+                                     lambda m: (mp := self.models.get(m)) is not None and mp.idle,
+                                     self._prefetched)
         self.reload_trigger = ReloadTrigger(cfg.path, self.settings.watch_config)  # SIGHUP calls request()
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
         self.idle = IdleReaper(self.redis, self.keys, self.models)
-        self.intake = CommandIntake(self.redis, self.keys, self.wid, self.operations.execute,
-                                    before_reply=self.changes_published)
+        self.intakes = [CommandIntake(self.redis, keys, self.wid, self.operations.execute,
+                                      before_reply=self.changes_published)
+                        for keys in (self.keys, self.legacy) if keys is not None]
         self._changes: deque[tuple[int, Instance]] = deque()  # (number, change) not yet published, in order
         self._queued = 0  # instance changes so far
         self._done = 0  # the last change known to be in Redis
@@ -128,13 +140,17 @@ class WorkerAgent:
             self.probe.close()
             raise
         await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
+        private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
+        host_lock = self.lock.host.sock if self.lock.host is not None else None
+        if host_lock is not None:  # answer "who holds this id?" probes (``HostIdLock.holder``)
+            asyncio.get_running_loop().add_reader(host_lock, self.lock.host.drop_probes)
         await self._adopt()
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)),
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run),
             ("gpu time", self._gpu_time)]]
-        intake = supervised("commands", self.intake.run, log)
+        intakes = [supervised("commands", i.run, log) for i in self.intakes]
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
                      for mp in self.models.values() if mp.model.auto_start]
@@ -143,19 +159,20 @@ class WorkerAgent:
         finally:
             await _cancel([reloads])  # from here on, no reload adds or starts a model
             if self.leave_models_running:
-                await self._leave(intake, loops, [*autostart, *self._starts])
+                await self._leave(intakes, loops, [*autostart, *self._starts])
             else:
-                await self._shutdown(intake, loops, [*autostart, *self._starts])
-            self.lock.release()
+                await self._shutdown(intakes, loops, [*autostart, *self._starts])
+            self._release_lock()
 
-    async def _leave(self, intake: asyncio.Task, loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
+    async def _leave(self, intakes: list[asyncio.Task], loops: list[asyncio.Task], starts: list[asyncio.Task]) -> None:
         """Exit for an upgrade: the models keep running and the lease is left to expire, so
         routers keep routing to them; commands in flight stay pending for the next worker.
         A linger stops the models if no worker adopts them within ``adopt_timeout``."""
         log.info("worker %s exiting; its models keep running for the next worker (adopt_timeout %gs)",
                  self.wid, self.settings.adopt_timeout)
-        await _cancel([intake])
-        await self.intake.drain(timeout=0)  # not answered: re-run by the next worker
+        await _cancel(intakes)
+        for intake in self.intakes:
+            await intake.drain(timeout=0)  # not answered: re-run by the next worker
         for mp in self.models.values():
             mp.detach()
         await _cancel(starts)
@@ -166,17 +183,24 @@ class WorkerAgent:
         self.probe.close()
         if any(mp.instance.pid for mp in self.models.values()):
             grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-            self.lock.release()  # before the linger looks at it
+            self._release_lock()  # before the linger looks at it
             start_linger(self.state_dir, self.wid, self.settings.adopt_timeout, grace)
         log.info("worker %s exited, models left running", self.wid)
 
-    async def _shutdown(self, intake: asyncio.Task, loops: list[asyncio.Task], autostart: list[asyncio.Task]) -> None:
+    def _release_lock(self) -> None:
+        if self.lock.host is not None and self.lock.host.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.lock.host.sock)
+        self.lock.release()
+
+    async def _shutdown(self, intakes: list[asyncio.Task], loops: list[asyncio.Task],
+                        autostart: list[asyncio.Task]) -> None:
         """Stop taking commands, stop every model, say goodbye. Every step is bounded in time."""
         log.info("worker %s shutting down", self.wid)
-        await _cancel([intake])
+        await _cancel(intakes)
         await self._stop_models()
         await _wait(autostart, SHUTDOWN_TIMEOUT)
-        await self.intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
+        for intake in self.intakes:
+            await intake.drain(timeout=SHUTDOWN_TIMEOUT)  # in-flight commands answer
         await _cancel(loops)
         await self._publish_goodbye()
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
@@ -197,35 +221,36 @@ class WorkerAgent:
     async def _adopt(self) -> None:
         """Adopt the engines a previous run of this worker id left running, if they match the
         config and answer their health check; stop the others (see ``adoption``)."""
-        found = await asyncio.to_thread(find_engines, self.wid)
-        rejected: list[tuple[int, str, str]] = []  # pid, model, why
+        found = await asyncio.to_thread(find_engines, self.wid, self.state_dir)
+        rejected: list[tuple[FoundEngine, str]] = []  # engine, why
         claims = {}
         for engine in found:
-            mp = self.models.get(engine.model)
+            mp = self.models.get(engine.record.model)
             why = ("its model is no longer in the config" if mp is None
                    else "another engine of this model was adopted" if mp in claims
                    else matches(engine, mp.model, self.settings, self.host.config_dir))
             if why:
-                rejected.append((engine.pid, engine.model, why))
+                rejected.append((engine, why))
             else:
                 claims[mp] = engine
         results = await asyncio.gather(*(mp.adopt(engine, Placement(
-            profile=mp.model.device_profiles()[engine.profile], gpus=engine.gpus, port=engine.port,
-            index=engine.profile))
+            profile=mp.model.device_profiles()[engine.record.profile], gpus=engine.record.gpus, port=engine.record.port,
+            index=engine.record.profile))
             for mp, engine in claims.items()))
-        rejected += [(engine.pid, engine.model, "it did not answer its health check")
-                     for (mp, engine), ok in zip(claims.items(), results) if not ok]
+        rejected += [(engine, why) for (mp, engine), why in zip(claims.items(), results) if why]
         if found:
             await self.audit.record(f"worker:{self.wid}", "adopt", host=self.wid,
-                                    models=[mp.model.id for mp, ok in zip(claims, results) if ok],
-                                    detail="; ".join(f"not adopted: pid {pid} ({model or '?'}): {why}"
-                                                     for pid, model, why in rejected))
+                                    models=[mp.model.id for mp, why in zip(claims, results) if not why],
+                                    detail="; ".join(f"not adopted: pid {engine.record.pid} ({engine.record.model or '?'}): {why}"
+                                                     for engine, why in rejected))
         if not rejected:
             return
-        procs = [p for p in (_process(pid) for pid, _, _ in rejected) if p is not None]
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
-        killed = await asyncio.to_thread(stop_processes, procs, grace)
-        for pid, model_id, why in rejected:
+        killed = await asyncio.to_thread(stop_processes, [engine.handle for engine, _ in rejected], grace)
+        for engine, why in rejected:
+            engine.handle.close()
+            pid, model_id = engine.record.pid, engine.record.model
+            self.host.records.remove(pid)
             how = "killed (SIGKILL)" if pid in killed else "stopped"
             log.warning("%s pid %d (model %s) left by a previous run: %s", how, pid, model_id or "?", why)
             if model_id in self.models:
@@ -239,7 +264,11 @@ class WorkerAgent:
         async with self.redis.pipeline(transaction=False) as pipe:
             for model_id in self.models:
                 pipe.hgetall(self.keys.instance(model_id, self.wid))
+                if self.legacy:  # the previous run may be of an older release
+                    pipe.hgetall(self.legacy.instance(model_id, self.wid))
             rows = await pipe.execute()
+        if self.legacy:
+            rows = [new or old for new, old in zip(rows[::2], rows[1::2])]
         stopped_on_purpose = take_stopped_mark(self.state_dir)
         await self.learner.load(list(self.models))
         for mp, row in zip(list(self.models.values()), rows):
@@ -257,6 +286,10 @@ class WorkerAgent:
         self._restored = True
 
     # --- config reload (see worker.reload) ---
+
+    def _prefetched(self, model_id: str, done: int, total: int) -> None:
+        if (mp := self.models.get(model_id)) is not None:
+            mp.prefetched(done, total)
 
     def _supervise(self, model: ModelConfig) -> ModelProcess:
         return ModelProcess(model, self.host, self._instance_changed)
@@ -354,8 +387,9 @@ class WorkerAgent:
         withdrawn = self._withdrawn - self.models.keys()
         self._sync_log_counts()
         async with self.redis.pipeline(transaction=True) as pipe:
-            publish_all_ops(pipe, self.keys, self.info, self.settings.lease_ttl,
-                            [self.learner.annotate(m.catalog_entry()) for m in self.cfg.models],
+            publish_all_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl,
+                            [self.estimates.annotate(self.learner.annotate(m.catalog_entry()), m)
+                             for m in self.cfg.models],
                             [mp.instance for mp in self.models.values()], self.version, withdrawn)
             await pipe.execute()
         self._withdrawn -= withdrawn
@@ -363,21 +397,27 @@ class WorkerAgent:
 
     async def _publish_instance(self, inst: Instance) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            change_ops(pipe, self.keys, self.wid, inst, self.version)
+            change_ops(self._mirrored(pipe), self.keys, self.wid, inst, self.version)
             await pipe.execute()
+
+    def _mirrored(self, pipe):
+        """The pipeline the publish steps write to: in the upgrade window (``legacy_keys``), one
+        that also writes the old key names (``worker.legacy``)."""
+        return LegacyMirror(pipe, self.keys, self.legacy) if self.legacy else pipe
 
     def _sync_log_counts(self) -> None:
         self.info.log_lines_shipped, self.info.log_lines_dropped = self.logs.shipped, self.logs.dropped
 
     def _lease_ops(self, pipe) -> None:
         self._sync_log_counts()
-        lease_ops(pipe, self.keys, self.info, self.settings.lease_ttl)
+        lease_ops(self._mirrored(pipe), self.keys, self.info, self.settings.lease_ttl)
 
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                goodbye_ops(pipe, self.keys, self.wid, [mp.instance for mp in self.models.values()], self.version)
+                goodbye_ops(self._mirrored(pipe), self.keys, self.wid, [mp.instance for mp in self.models.values()],
+                            self.version)
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -398,7 +438,7 @@ class WorkerAgent:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     self._lease_ops(pipe)
-                    added, _ = await pipe.execute()
+                    added, *_ = await pipe.execute()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 await link.pause()
@@ -424,12 +464,14 @@ class WorkerAgent:
             snap = await self.snapshot()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    devices_ops(pipe, self.keys, snap, interval)
+                    devices_ops(self._mirrored(pipe), self.keys, snap, interval)
                     await pipe.execute()
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
             await self._sample_peaks(snap)
+            if self.estimates.observe(snap):
+                self._request_resync()  # estimates that take a share of the GPU changed with it
             await asyncio.sleep(interval)
 
     async def _sample_peaks(self, snap: DeviceSnapshot) -> None:
@@ -440,13 +482,6 @@ class WorkerAgent:
         for model_id, vram in grown.items():
             if (mp := self.models.get(model_id)) is not None:
                 mp.grew(vram)
-
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
 
 
 async def _wait(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:

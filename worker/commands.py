@@ -1,8 +1,8 @@
 """Commands from routers: read from the worker's stream, run, answered on a reply list.
 
-``CommandIntake`` is the Redis side: it reads ``llm:commands:{wid}`` as consumer ``wid`` of
+``CommandIntake`` is the Redis side: it reads ``llm:cmd:{wid}`` as consumer ``wid`` of
 the group ``COMMAND_GROUP``, runs each command in its own task, pushes the ``Reply`` to
-``llm:reply:{id}`` and acknowledges the entry in the same transaction. An entry is only
+``llm:reply:{wid}:{id}`` and acknowledges the entry in the same transaction. An entry is only
 acknowledged once answered, so commands delivered to a worker that died before answering
 are still pending for it, and run when it comes back (it reads its pending entries first).
 
@@ -228,7 +228,7 @@ class CommandIntake:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     if reply is not None:
-                        key = self.keys.reply(reply.id)
+                        key = self.keys.reply(self.worker_id, reply.id)
                         pipe.lpush(key, to_json(reply))
                         pipe.expire(key, REPLY_TTL)
                     pipe.xack(self.stream, COMMAND_GROUP, entry_id)

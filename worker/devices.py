@@ -1,7 +1,7 @@
 """Device metrics of one host (NVML for GPUs, psutil for CPU/RAM).
 
 The worker calls ``DeviceProbe.snapshot()`` every few seconds (through ``asyncio.to_thread``,
-NVML calls block) and stores the result in ``llm:devices:{wid}``. Routers summarise the
+NVML calls block) and stores the result in ``llm:w:{wid}:devices``. Routers summarise the
 snapshots of all live hosts in ``router.control.device_report``.
 
 A host without the NVIDIA driver is normal (CPU-only hosts, CI): the probe must then report

@@ -24,7 +24,7 @@ worker and the routers hold for the instance (``Instance.vram_mb``), and, when i
 declaration, writes one warning naming the model into its log stream (once per recorded peak,
 never per sample).
 
-The last ``KEEP`` measurements go to ``llm:learned:{wid}:{model}`` (newest first, with a TTL) and
+The last ``KEEP`` measurements go to ``llm:w:{wid}:learned:{model}`` (newest first, with a TTL) and
 are read back when the worker starts. The catalog (``CatalogEntry``) publishes, per device
 profile, the newest VRAM (``measured_vram_mb``: the last instance's peak, so a config change that
 shrinks a model counts from its next start), and the typical cold start of the newest start's

@@ -1,31 +1,42 @@
 """Finding and ending model processes that outlived the worker that started them.
 
 Engines outlive their worker on purpose (see ``worker.adoption``: the next worker adopts
-them). Every model process is started with ``LLM_ROUTER_WORKER=<worker id>``,
-``LLM_ROUTER_WORKER_PID=<worker pid>`` and ``LLM_ROUTER_MODEL=<model id>`` in its environment,
-which its own children inherit, forks and wrappers included. Those that are not adopted (the
-config changed, they do not answer), or that no worker came back for (``worker.handover``),
-are ended here.
+them). Those that are not adopted (the config changed, they do not answer), or that no worker
+came back for (``worker.handover``), are ended here.
 
-If that worker is still alive, the id is simply taken: a second worker with the same id on the
-same host would kill the first one's models and fight over its command stream, so it refuses
-to start (``WorkerIdInUse``) instead.
+Only processes that match a spawn record of this worker's state directory (``ownership``:
+pid, start time, euid, spool files, command, port and a secret nonce) are ever stopped, and
+only through a pidfd. What a process says about itself (``LLM_ROUTER_WORKER``,
+``LLM_ROUTER_WORKER_PID`` ... in its environment) decides nothing: any local user can set it.
+Whether the worker of an id still runs is the worker lock's to say (``handover``): a second
+worker with the same id on the same host is refused (``WorkerIdInUse``).
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
-from llm_lab_router.lifeline import processes_with_env
 from llm_lab_router.redact import redact_argv
+from llm_lab_router.worker.ownership import (
+    MODEL_ENV,
+    WORKER_ENV,
+    EngineRecord,
+    ProcHandle,
+    Records,
+    log_claimants,
+    verify,
+)
 
-WORKER_ENV = "LLM_ROUTER_WORKER"
-WORKER_PID_ENV = "LLM_ROUTER_WORKER_PID"
-MODEL_ENV = "LLM_ROUTER_MODEL"
+__all__ = ["MODEL_ENV", "WORKER_ENV", "Orphan", "WorkerIdInUse", "find_engine_handles", "is_gone", "reap_orphans",
+           "stop_processes"]
+
+
+log = logging.getLogger("llm_router.worker")
 
 
 class WorkerIdInUse(Exception):
@@ -35,65 +46,56 @@ class WorkerIdInUse(Exception):
 @dataclass
 class Orphan:
     pid: int
-    model: str  # "" when the process does not say
+    model: str
     cmdline: str
     killed: bool = False  # needed SIGKILL: SIGTERM was ignored for the whole grace period
 
 
-def find_orphans(worker_id: str) -> list[psutil.Process]:
-    """Processes (other than this one) whose environment names ``worker_id``."""
-    return processes_with_env(WORKER_ENV, worker_id)
-
-
-def reap_orphans(worker_id: str, grace: float) -> list[Orphan]:
-    """SIGTERM every orphan of ``worker_id`` (and its process group), SIGKILL what is still
-    there after ``grace`` seconds; return what was found. Blocking: run it in a thread.
-    Raises ``WorkerIdInUse`` (and touches nothing) if their worker is still running."""
-    procs = find_orphans(worker_id)
-    orphans: dict[int, Orphan] = {}
-    for proc in procs:
-        try:
-            env = proc.environ()
-            owner = _live_owner(proc, env)
-            if owner:
-                raise WorkerIdInUse(f"worker id {worker_id!r} is in use by a running worker on this host "
-                                    f"(pid {owner}); give this one another id (--worker-id)")
-            orphans[proc.pid] = Orphan(pid=proc.pid, model=env.get(MODEL_ENV, ""),
-                                       cmdline=" ".join(redact_argv(proc.cmdline())))  # it is logged
-        except (psutil.Error, OSError):
+def find_engine_handles(worker_id: str, state_dir: Path) -> list[tuple[ProcHandle, EngineRecord]]:
+    """The engines the records of ``state_dir`` describe, each held by a pidfd; records of
+    engines that are gone (or whose pid now names another process) are removed, processes
+    that only claim ``worker_id`` are logged. Blocking: run it in a thread."""
+    records = Records(state_dir)
+    found = []
+    for record in records.load():
+        handle, why = verify(record, state_dir / "spool")
+        if why == "gone":
+            records.remove(record.pid)
+        elif handle is None:  # the process we spawned, changed: neither adopted nor stopped; said each time
+            log.warning("pid %d, spawned for model %s, is left alone: %s", record.pid, record.model, why)
+        if handle is None:
             continue
-    for pid in stop_processes(procs, grace):
-        if pid in orphans:
-            orphans[pid].killed = True
-    return list(orphans.values())
+        found.append((handle, record))
+    log_claimants(worker_id, {h.pid for h, _ in found})
+    return found
 
 
-def stop_processes(procs: list[psutil.Process], grace: float) -> list[int]:
-    """SIGTERM ``procs`` (and the process groups they lead), SIGKILL what is still there after
-    ``grace`` seconds; return the pids that needed SIGKILL. Blocking: run it in a thread."""
-    _signal_all(procs, signal.SIGTERM)
-    alive = _wait_gone(procs, grace)
-    if alive:
-        _signal_all(alive, signal.SIGKILL)
-        _wait_gone(alive, 5.0)
-    return [proc.pid for proc in alive]
+def reap_orphans(worker_id: str, state_dir: Path, grace: float) -> list[Orphan]:
+    """SIGTERM every engine a previous worker of ``worker_id`` and ``state_dir`` left (and its
+    process group), SIGKILL what is still there after ``grace`` seconds; return what was
+    found. The caller holds the state directory's lock. Blocking: run it in a thread."""
+    found = find_engine_handles(worker_id, state_dir)
+    killed = set(stop_processes([h for h, _ in found], grace))
+    records = Records(state_dir)
+    for handle, record in found:
+        records.remove(record.pid)
+        handle.close()
+    return [Orphan(pid=r.pid, model=r.model, cmdline=" ".join(redact_argv(r.cmdline)), killed=r.pid in killed)
+            for _, r in found]
 
 
-def _live_owner(proc: psutil.Process, env: dict[str, str]) -> int:
-    """The pid of the worker that started ``proc`` if it still runs, else 0."""
-    try:
-        pid = int(env.get(WORKER_PID_ENV, "0"))
-    except ValueError:
-        return 0
-    if pid <= 0 or pid == os.getpid():
-        return 0
-    try:
-        owner = psutil.Process(pid)
-        if is_gone(owner) or owner.create_time() > proc.create_time():  # dead, or its pid reused since
-            return 0
-    except psutil.Error:
-        return 0
-    return pid
+def stop_processes(handles: list[ProcHandle], grace: float) -> list[int]:
+    """SIGTERM ``handles`` (and the process groups they lead), SIGKILL what is still there
+    after ``grace`` seconds; return the pids that needed SIGKILL. Blocking: run it in a thread."""
+    for handle in handles:
+        handle.signal_group(signal.SIGTERM)
+    alive = _wait_gone(handles, grace)
+    for handle in alive:
+        handle.signal_group(signal.SIGKILL)
+    _wait_gone(alive, 5.0)
+    for handle in handles:
+        handle.signal_group(signal.SIGKILL)  # what the group leader left behind
+    return [h.pid for h in alive]
 
 
 def is_gone(proc: psutil.Process) -> bool:
@@ -104,24 +106,11 @@ def is_gone(proc: psutil.Process) -> bool:
         return True
 
 
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait up to ``timeout`` s for ``procs`` to go; return those still there."""
+def _wait_gone(handles: list[ProcHandle], timeout: float) -> list[ProcHandle]:
+    """Wait up to ``timeout`` s for the processes to exit; return those still there."""
     deadline = time.monotonic() + timeout
-    alive = [p for p in procs if not is_gone(p)]
+    alive = [h for h in handles if h.alive()]
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = [p for p in alive if not is_gone(p)]
+        alive = [h for h in alive if h.alive()]
     return alive
-
-
-def _signal_all(procs: list[psutil.Process], sig: int) -> None:
-    """Signal each process and each process group they lead, ignoring the ones already gone."""
-    for proc in procs:
-        try:
-            pgid = os.getpgid(proc.pid)
-            if pgid == proc.pid:  # a group leader (how models are started): take its group too
-                os.killpg(pgid, sig)
-            else:
-                proc.send_signal(sig)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue

@@ -22,7 +22,8 @@ from llm_lab_router.vram import Held, NoFit, NoRoom, effective_profiles, fit_pro
 
 def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
                    reserved: Mapping[int, int] | None = None,
-                   held: Iterable[Held] = (), measured: Sequence[int] = ()) -> tuple[DeviceProfile, list[int]]:
+                   held: Iterable[Held] = (), measured: Sequence[int] = (),
+                   estimated: Sequence[int] = ()) -> tuple[DeviceProfile, list[int]]:
     """The first of ``model``'s device profiles that fits, and the GPU indices it gets.
 
     A GPU fits when its free memory (``free_vram``: the snapshot minus ``reserved`` MiB per GPU
@@ -30,10 +31,11 @@ def choose_profile(model: ModelConfig, snapshot: DeviceSnapshot | None,
     needs that GPU; ``cuda`` takes the fitting GPU with the most free memory not already taken
     by the profile; ``cpu`` always fits. Without GPU information (no snapshot, NVML offline)
     only CPU profiles fit. Raises ``NoRoom`` naming each profile and why it did not fit.
-    ``measured``: MiB seen per profile (``worker.learning``), used where above the declaration.
+    ``measured``: MiB seen per profile (``worker.learning``), used where above the declaration;
+    ``estimated``: MiB from the model's files (``worker.estimates``), where neither is known.
     """
     free, no_gpu_reason = free_vram(snapshot, held, reserved or {})
-    return fit_profiles(effective_profiles(model.device_profiles(), measured), free, no_gpu_reason)
+    return fit_profiles(effective_profiles(model.device_profiles(), measured, estimated), free, no_gpu_reason)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -92,11 +94,13 @@ class Placer:
 
     def __init__(self, settings: WorkerSettings, snapshot: Callable[[], Awaitable[DeviceSnapshot | None]],
                  is_free: Callable[[str, int], bool] = port_is_free,
-                 measured: Callable[[str], Sequence[int]] = lambda model_id: ()) -> None:
+                 measured: Callable[[str], Sequence[int]] = lambda model_id: (),
+                 estimated: Callable[[ModelConfig, DeviceSnapshot | None], Sequence[int]] = lambda m, s: ()) -> None:
         self.settings = settings
         self.snapshot = snapshot
         self.is_free = is_free
         self.measured = measured  # MiB seen per device profile of a model (worker.learning)
+        self.estimated = estimated  # MiB per profile from the model's files (worker.estimates)
         self._held: dict[str, Placement] = {}
         self._loading: set[str] = set()
         self._no_room: set[str] = set()
@@ -107,13 +111,15 @@ class Placer:
         self.release(model.id)
         self._no_room.discard(model.id)
         try:
-            profile, gpus = choose_profile(model, snapshot, held=self.held(), measured=self.measured(model.id))
+            estimated = self.estimated(model, snapshot) if needs_gpu else ()
+            profile, gpus = choose_profile(model, snapshot, held=self.held(), measured=self.measured(model.id),
+                                           estimated=estimated)
         except NoRoom:
             self._no_room.add(model.id)
             raise
         port = choose_port(model.port, self.settings.port_range, {p.port for p in self._held.values()},
                            lambda port: self.is_free(self.settings.bind_host, port))
-        index = effective_profiles(model.device_profiles(), self.measured(model.id)).index(profile)
+        index = effective_profiles(model.device_profiles(), self.measured(model.id), estimated).index(profile)
         placement = self._held[model.id] = Placement(profile=profile, gpus=gpus, port=port, index=index)
         self._loading.add(model.id)
         return placement

@@ -27,19 +27,22 @@ from llm_lab_router.config import ModelConfig, WorkerSettings
 from llm_lab_router.hostcheck import find_program, missing_program
 from llm_lab_router.protocol import Instance, LogSource
 from llm_lab_router.redact import Redactor, redact_argv
-from llm_lab_router.worker.adoption import (
-    PORT_ENV,
-    PROFILE_ENV,
-    SPEC_HASH_ENV,
-    FoundEngine,
-    engine_spec,
-    foreign_engine_on,
-    wait_exit,
-)
+from llm_lab_router.worker.adoption import FoundEngine, engine_spec, foreign_engine_on, serves_its_port, wait_exit
 from llm_lab_router.worker.engine_env import engine_env
 from llm_lab_router.worker.learning import Learner, RunningEngine
 from llm_lab_router.worker.logpipe import LogPipe
-from llm_lab_router.worker.orphans import MODEL_ENV, WORKER_ENV, WORKER_PID_ENV
+from llm_lab_router.worker.ownership import (
+    MODEL_ENV,
+    NONCE_ENV,
+    PORT_ENV,
+    WORKER_ENV,
+    EngineRecord,
+    ProcHandle,
+    Records,
+    file_id,
+    new_nonce,
+    proc_cmdline,
+)
 from llm_lab_router.worker.placement import NoFit, Placement, Placer, port_is_free
 from llm_lab_router.worker.states import check_transition
 
@@ -65,14 +68,18 @@ class HostContext:
     logs: LogPipe
     placer: Placer
     learner: Learner | None = None  # measures cold starts and VRAM (worker.learning)
+    records: Records | None = None  # spawn records: which processes are our engines (worker.ownership)
 
 
 class _Run:
     """One engine process: spawned by this worker (``proc``) or adopted from a previous one
-    (``proc`` None: not our child, watched through a pidfd), where it listens, its watcher."""
+    (``proc`` None: not our child), held by a pidfd either way (``handle``: it is watched and
+    signalled through it), where it listens, its watcher."""
 
-    def __init__(self, pid: int, placement: Placement, url: str, proc: subprocess.Popen | None = None) -> None:
-        self.pid = pid
+    def __init__(self, handle: ProcHandle, placement: Placement, url: str,
+                 proc: subprocess.Popen | None = None) -> None:
+        self.handle = handle
+        self.pid = handle.pid
         self.proc = proc
         self.placement = placement
         self.url = url
@@ -81,7 +88,7 @@ class _Run:
 
     async def wait(self) -> int:
         """The exit code (-N: killed by signal N); an adopted engine's is unknown: ``UNKNOWN_EXIT``."""
-        await wait_exit(self.pid)
+        await wait_exit(self.handle)
         if self.proc is not None:
             return self.proc.wait()  # it has exited: this only reaps it
         return UNKNOWN_EXIT
@@ -220,7 +227,7 @@ class ModelProcess:
     def kill(self) -> None:
         """Last resort at shutdown: SIGKILL the process group now, without waiting."""
         if self._run is not None:
-            _killpg(self._run.pid, signal.SIGKILL)
+            self._run.handle.signal_group(signal.SIGKILL)
 
     def detach(self) -> None:
         """Let go of the engine without stopping it (the worker exits for an upgrade: the next
@@ -231,26 +238,33 @@ class ModelProcess:
             if task is not None:
                 task.cancel()
 
-    async def adopt(self, found: FoundEngine, placement: Placement) -> bool:
-        """Take over ``found``, an engine a previous worker started for this model, if it
-        answers its health check within ``ADOPT_PROBE`` s: state running, same pid and URL."""
+    async def adopt(self, found: FoundEngine, placement: Placement) -> str:
+        """Take over ``found``, an engine a previous worker started for this model, if it alone
+        listens on its port and answers its health check within ``ADOPT_PROBE`` s: state
+        running, same pid and URL. Returns "" or why not."""
         host = _local_address(self.host.settings.bind_host)
+        rec = found.record
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADOPT_PROBE
         self.host.placer.hold(self.model.id, placement)  # its port and VRAM are taken meanwhile
-        while await http_status(host, found.port, self.model.health, min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
+        why = "" if await asyncio.to_thread(serves_its_port, found) else f"port {rec.port} is not its own"
+        while not why and await http_status(host, rec.port, self.model.health,
+                                            min(HEALTH_TIMEOUT, ADOPT_PROBE)) != 200:
             if loop.time() >= deadline:
-                self.host.placer.release(self.model.id)
-                return False
-            await asyncio.sleep(HEALTH_POLL)
-        run = _Run(found.pid, placement, f"http://{self.host.settings.advertise_host}:{found.port}")
+                why = "it did not answer its health check"
+            else:
+                await asyncio.sleep(HEALTH_POLL)
+        if why:
+            self.host.placer.release(self.model.id)
+            return why
+        run = _Run(found.handle, placement, f"http://{self.host.settings.advertise_host}:{rec.port}")
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
-        self._set(state="running", pid=found.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
-                  vram_mb=placement.vram_mb, started_at=CLOCK.now() - max(0.0, time.time() - found.created),
+        self._set(state="running", pid=rec.pid, url=run.url, gpus=",".join(map(str, placement.gpus)),
+                  vram_mb=placement.vram_mb, started_at=CLOCK.now() - max(0.0, time.time() - rec.created),
                   last_error="")  # its age, by this host's clock, on the shared one
-        self._event(f"adopted pid {found.pid} on {run.url}, left running by a previous worker")
-        return True
+        self._event(f"adopted pid {rec.pid} on {run.url}, left running by a previous worker")
+        return ""
 
     @property
     def engine(self) -> RunningEngine | None:
@@ -265,6 +279,17 @@ class ModelProcess:
         if self._run is not None and self._run.placement.gpus and vram_mb > self._instance.vram_mb:
             self.host.placer.raise_vram(self.model.id, vram_mb)
             self._set(vram_mb=vram_mb)
+
+    def prefetched(self, done: int, total: int) -> None:
+        """Its weight files are being read into the page cache (worker.prefetch): publish how
+        far (0, 0: no prefetch, or it ended because the model starts or stopped waiting)."""
+        if (done, total) != (self._instance.prefetch_done, self._instance.prefetch_total):
+            self._set(prefetch_done=done, prefetch_total=total)
+
+    @property
+    def idle(self) -> bool:
+        """Not loaded here: nothing runs, starts or stops (a prefetch would be worth it)."""
+        return self._instance.state in ("stopped", "failed")
 
     def keep_counters(self, restarts: int, started_at: float) -> None:
         """Carry over what the previous worker published for the adopted engine."""
@@ -322,6 +347,7 @@ class ModelProcess:
                                                     before, alone))
                 self._set(state="running", url=run.url, started_at=CLOCK.now())
                 self._event(f"running on {run.url} (pid {run.pid})")
+                self._record_cmdline(run)
                 return
             if why == STOP_CANCELLED:
                 await self._stop(run, reason=why)
@@ -345,11 +371,12 @@ class ModelProcess:
         argv = spec.argv
         gpus = ",".join(map(str, placement.gpus))
         # Only an allow-listed part of the worker's environment (never its secrets), then the
-        # model's own env, then the markers adoption and orphan handling read back.
+        # model's own env, then the markers: who started it (for operators and leak sweeps;
+        # never trusted) and the spawn's secret nonce that adoption checks (``ownership``).
+        nonce = new_nonce()
         env = engine_env(os.environ, spec.env,
-                         markers={WORKER_ENV: self.host.worker_id, WORKER_PID_ENV: str(os.getpid()),
-                                  MODEL_ENV: self.model.id, SPEC_HASH_ENV: spec.hash, PORT_ENV: str(placement.port),
-                                  PROFILE_ENV: str(self.model.device_profiles().index(placement.profile))})
+                         markers={WORKER_ENV: self.host.worker_id, MODEL_ENV: self.model.id,
+                                  PORT_ENV: str(placement.port), NONCE_ENV: nonce})
         if placement.gpus:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's = ours
         self._redact = Redactor.for_model(self.model)
@@ -366,12 +393,28 @@ class ModelProcess:
         # closed or collected, and this engine must survive the worker; its exit is watched
         # through a pidfd like an adopted engine's.
         try:
+            outputs = file_id(os.fstat(out)), file_id(os.fstat(err))
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=spec.cwd,
                                     start_new_session=True)
         finally:
             os.close(out)
             os.close(err)
-        run = _Run(proc.pid, placement, f"http://{settings.advertise_host}:{placement.port}", proc)
+        handle = ProcHandle.open(proc.pid)  # our unreaped child: the pid is still that process
+        try:
+            if handle is None:
+                raise OSError(errno.ESRCH, "the engine vanished at once")
+            self._record(EngineRecord(
+                pid=proc.pid, starttime=handle.starttime, euid=os.geteuid(), model=self.model.id, argv=argv,
+                cmdline=argv, port=placement.port, profile=placement.index,
+                gpus=placement.gpus, spec_hash=spec.hash, nonce=nonce, stdout=outputs[0], stderr=outputs[1],
+                created=time.time()))
+        except OSError as exc:  # an engine no later worker could tell from an impostor is not left running
+            os.killpg(proc.pid, signal.SIGKILL)  # our unreaped child leads its group: the group is ours
+            proc.wait()
+            if handle is not None:
+                handle.close()
+            raise OSError(exc.errno, f"cannot record the engine: {exc.strerror or exc}") from exc
+        run = _Run(handle, placement, f"http://{settings.advertise_host}:{placement.port}", proc)
         run.watcher = asyncio.create_task(self._watch(run), name=f"watch {self.model.id}")
         self._run = run
         self._set(pid=proc.pid)  # its GPUs and VRAM are published from its placement on (``_start_once``)
@@ -411,7 +454,8 @@ class ModelProcess:
                 run.exited.set_result(code)
         if self._run is run and self.state == "running":
             self._run = None
-            _killpg(run.pid, signal.SIGKILL)  # whatever the crashed server left behind
+            run.handle.signal_group(signal.SIGKILL)  # whatever the crashed server left behind (rare: inline)
+            run.handle.close()
             self.host.placer.release(self.model.id)
             self._fail(exit_reason(code))
             self._schedule_restart()  # even after code 0: vLLM exits 0 when its engine core dies
@@ -431,15 +475,19 @@ class ModelProcess:
     async def _terminate(self, run: _Run) -> None:
         """SIGTERM the process group, SIGKILL it after ``stop_grace``; wait for the exit."""
         grace = self.model.stop_grace
+        # signal_group reads /proc for the group's members: off the event loop
         if not run.exited.done():
-            _killpg(run.pid, signal.SIGTERM)
+            await asyncio.to_thread(run.handle.signal_group, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(run.exited), grace)
             except asyncio.TimeoutError:
                 self._event(f"still running {grace:g}s after SIGTERM: sending SIGKILL")
-                _killpg(run.pid, signal.SIGKILL)
+                await asyncio.to_thread(run.handle.signal_group, signal.SIGKILL)
                 await asyncio.shield(run.exited)
-        _killpg(run.pid, signal.SIGKILL)  # children that outlived their parent
+        await asyncio.to_thread(run.handle.signal_group, signal.SIGKILL)  # children that outlived their parent
+        run.handle.close()
+        if self.host.records is not None:
+            self.host.records.remove(run.pid)
         if self._run is run:
             self._run = None
         self.host.placer.release(self.model.id)
@@ -482,6 +530,32 @@ class ModelProcess:
 
     # --- bookkeeping ---
 
+    def _record(self, record: EngineRecord) -> None:
+        """Write the spawn record of a new engine, then drop this model's older ones (engines
+        that crashed: a record is not removed at a crash, so that a full disk does not get
+        room back in the middle of the crash handling; ``ownership.verify`` drops any that
+        outlived its process anyway)."""
+        records = self.host.records
+        if records is None:
+            return
+        records.write(record)
+        for old in records.load():
+            if old.model == record.model and old.pid != record.pid:
+                records.remove(old.pid)
+
+    def _record_cmdline(self, run: _Run) -> None:
+        """Record the command line the engine shows once running: an ``exec`` wrapper (``sh -c
+        '... exec vllm ...'``) replaced the one it was spawned with, and adoption compares it."""
+        records = self.host.records
+        if records is None or not run.handle.alive():
+            return
+        try:
+            cmdline = proc_cmdline(run.pid)
+        except OSError:
+            return
+        if (record := records.get(run.pid)) is not None and record.cmdline != cmdline:
+            records.write(msgspec.structs.replace(record, cmdline=cmdline))
+
     def _set(self, **changes) -> None:
         check_transition(self._instance.state, changes.get("state"))
         self._instance = msgspec.structs.replace(self._instance, **changes, updated_at=CLOCK.now(),
@@ -518,13 +592,6 @@ def exit_reason(code: int) -> str:
         return f"killed by {signal.Signals(-code).name}"
     except ValueError:
         return f"killed by signal {-code}"
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone
 
 
 def _local_address(bind_host: str) -> str:

@@ -24,24 +24,27 @@ from llm_lab_router.protocol import (
 
 
 def lease_ops(pipe, keys: Keys, info: WorkerInfo, ttl: float) -> None:
-    """Renew the lease (``HSET`` + ``PEXPIRE``; the first result says whether it was new)."""
+    """Renew the lease (``HSET`` + ``PEXPIRE``; the first result says whether it was new) and
+    the worker's place in the index of workers (``SADD``: routers find it there without a SCAN,
+    and another worker that removed it cannot keep it out for longer than a heartbeat)."""
     key = keys.worker(info.id)
     pipe.hset(key, mapping=to_hash(info))
     pipe.pexpire(key, int(ttl * 1000))
+    pipe.sadd(keys.workers(), info.id)
 
 
 def version_ops(pipe, keys: Keys, wid: str, version: WorkerVersion) -> str:
-    """Bump the worker's entry in ``llm:versions`` (part of every transaction that changes its
-    catalog or instances); return the new version, for the events of the same transaction."""
+    """Bump the worker's version (``llm:w:{wid}:version``; part of every transaction that changes
+    its catalog or instances); return the new version, for the events of the same transaction."""
     new = version.next()
-    pipe.hset(keys.versions(), wid, new)
+    pipe.set(keys.version(wid), new)
     return new
 
 
 def instance_ops(pipe, keys: Keys, wid: str, inst: Instance, version: str = "") -> None:
     """Write one instance and announce it with the whole record (routers apply it as carried)."""
     pipe.hset(keys.instance(inst.model, wid), mapping=to_hash(inst))
-    pipe.publish(keys.events(), to_json(Event(kind="instance", worker=wid, instance=inst, version=version)))
+    pipe.publish(keys.events(wid), to_json(Event(kind="instance", worker=wid, instance=inst, version=version)))
 
 
 def change_ops(pipe, keys: Keys, wid: str, inst: Instance, version: WorkerVersion) -> None:
@@ -65,8 +68,8 @@ def publish_all_ops(pipe, keys: Keys, info: WorkerInfo, ttl: float, catalog: Ite
         pipe.hset(key, mapping=entries)
     for inst in instances:
         instance_ops(pipe, keys, wid, inst)
-    pipe.publish(keys.events(), to_json(Event(kind="worker", worker=wid)))
-    pipe.publish(keys.events(), to_json(Event(kind="catalog", worker=wid)))
+    pipe.publish(keys.events(wid), to_json(Event(kind="worker", worker=wid)))
+    pipe.publish(keys.events(wid), to_json(Event(kind="catalog", worker=wid)))
 
 
 def goodbye_ops(pipe, keys: Keys, wid: str, instances: Iterable[Instance], version: WorkerVersion) -> None:
@@ -75,7 +78,7 @@ def goodbye_ops(pipe, keys: Keys, wid: str, instances: Iterable[Instance], versi
     for inst in instances:
         instance_ops(pipe, keys, wid, inst)
     pipe.delete(keys.worker(wid), keys.devices(wid))
-    pipe.publish(keys.events(), to_json(Event(kind="worker", worker=wid, alive=False)))
+    pipe.publish(keys.events(wid), to_json(Event(kind="worker", worker=wid, alive=False)))
 
 
 def devices_ops(pipe, keys: Keys, snap: DeviceSnapshot, interval: float) -> None:

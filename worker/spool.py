@@ -11,7 +11,8 @@ that lost its data, in a small ``.pos`` file next to the log (rewritten at most 
 
 Layout: ``{state_dir}/spool/{model}/{stream}.log`` and ``{stream}.pos`` (``"<file id> <offset>"``),
 stream = stdout, stderr, event. The file id is new for every file created, and is part of
-the position recorded in Redis, so an offset is never applied to another file.
+the position recorded in Redis, so an offset is never applied to another file. Directories
+are 0700 and files 0600 (``worker.private``): unshipped output is the engine user's alone.
 
 Bounded: shipped bytes are freed at once with ``fallocate(PUNCH_HOLE)`` (offsets stay valid,
 the disk blocks go); when what is not shipped yet (Redis away for long) exceeds the model's
@@ -30,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Literal
+
+from llm_lab_router.worker.private import open_private, private_dir, write_private
 
 log = logging.getLogger("llm_router.worker")
 
@@ -72,7 +75,7 @@ class SpoolFile:
         self.path = directory / f"{stream}.log"
         self.pos_path = directory / f"{stream}.pos"
         self.fid, self.shipped = self._load_position()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)  # RDWR: fallocate needs it
+        self.fd = open_private(self.path, os.O_RDWR)  # RDWR: fallocate needs it
         size = os.fstat(self.fd).st_size
         if self.shipped > size:  # the file was replaced behind our back: start it over
             self.fid, self.shipped = _new_id(), 0
@@ -113,14 +116,14 @@ class SpoolFile:
         if size > 0 and self.shipped >= size:
             self._restart_file()
         self.partial_ok = False
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return open_private(self.path, os.O_WRONLY | os.O_APPEND)
 
     def _restart_file(self) -> None:
         os.close(self.fd)
         os.unlink(self.path)
         self.fid, self.shipped, self.read, self.freed = _new_id(), 0, 0, 0
         self.save_position()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)  # RDWR: fallocate needs it
+        self.fd = open_private(self.path, os.O_RDWR)  # RDWR: fallocate needs it
 
     def read_chunk(self, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` new bytes ending at a line end (or the whole unterminated rest when
@@ -180,7 +183,7 @@ class ModelSpool:
     def __init__(self, root: Path, model: str, limit_bytes: int) -> None:
         self.model = model
         self.dir = root / model
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         self.limit = limit_bytes
         self.files: dict[Stream, SpoolFile] = {s: SpoolFile(self.dir, model, s) for s in STREAMS}
         self._event_fd = -1
@@ -216,6 +219,4 @@ def _new_id() -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_private(path, text.encode())

@@ -22,7 +22,8 @@ from llm_lab_router.router.control.client import (
     start_failed,
 )
 from llm_lab_router.router.control.device_report import cpu_summary, cuda_summary, host_detail
-from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.control.plan import build_plan
+from llm_lab_router.router.core.errors import ApiError, Prefetching
 from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.core.responses import (
     DevicesResult,
@@ -37,12 +38,14 @@ from llm_lab_router.router.core.responses import (
     ModelDetail,
     ModelInfo,
     ModelList,
+    PlanResult,
     Restarted,
     ServerInfo,
     Started,
     Stopped,
 )
 from llm_lab_router.router.core.view import ClusterView
+from llm_lab_router.router.observe.vram_figures import vram_figures
 from redis.asyncio import Redis
 
 
@@ -81,14 +84,18 @@ class Manager:
             raise ApiError(404, f"model '{alias}' is not in the catalog of any live worker", "model_not_found")
         return model
 
+    def live_worker(self, worker: str) -> None:
+        """A 404 unless ``worker`` is live, naming the live ones."""
+        if worker not in self.view.workers():
+            live = ", ".join(sorted(self.view.workers())) or "none"
+            raise ApiError(404, f"worker '{worker}' is not live (live workers: {live})", "worker_not_found")
+
     def host_for(self, alias: str, model: str, worker: str | None) -> str | None:
         """``worker`` checked for an action on one host: live, with ``model`` in its catalog
         (``None``: every host). A 404 otherwise, naming the hosts that would do."""
         if worker is None:
             return None
-        if worker not in self.view.workers():
-            live = ", ".join(sorted(self.view.workers())) or "none"
-            raise ApiError(404, f"worker '{worker}' is not live (live workers: {live})", "worker_not_found")
+        self.live_worker(worker)
         if worker not in (hosts := self.view.catalog_workers(model)):
             raise ApiError(404, f"model '{alias}' is not in the catalog of worker '{worker}' (it is in the catalog "
                                 f"of: {', '.join(hosts)})", "model_not_on_worker")
@@ -147,10 +154,14 @@ class Manager:
         model = self.model_for(alias)
         e = self._entry(model)
         instances = [InstanceDetail(i.worker, i.state, i.url, i.pid, i.started_at, i.updated_at, i.last_error,
-                                    i.restarts, i.gpus, i.last_error_at) for i in self.view.instances(model)]
+                                    i.restarts, i.gpus, i.last_error_at,
+                                    Prefetching(i.prefetch_done, i.prefetch_total) if i.prefetch_total else None)
+                     for i in self.view.instances(model)]
         return ModelInfo(model=ModelDetail(e.id, e.aliases, e.mode, self.view.status(model), e.owned_by, e.created,
                                      e.auto_start, e.on_demand, e.idle_ttl, e.max_concurrency,
-                                     self.view.catalog_workers(model), instances, self.control.reason(model)))
+                                     self.view.catalog_workers(model), instances, self.control.reason(model),
+                                     [row for w, entry in self.view.catalog_entries(model).items()
+                                      for row in vram_figures(w, entry)]))
 
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()
@@ -159,6 +170,18 @@ class Manager:
         ordered = [snaps[w] for w in sorted(snaps)]
         return msgspec.convert({"devices": {"cuda": cuda_summary(ordered), "cpu": cpu_summary(ordered)},
                                 "hosts": {w: host_detail(snaps[w]) for w in sorted(snaps)}}, DevicesResult)
+
+    async def plan(self, worker: str | None = None) -> PlanResult:
+        """What fits where (router.control.plan), from the view and the models' use now."""
+        if worker is not None:
+            self.live_worker(worker)
+        view = self.view
+        catalogs = {w: {} for w in view.workers()}
+        for entry in view.models():
+            for w, e in view.catalog_entries(entry.id).items():
+                catalogs[w][entry.id] = e
+        usage = await self.control.usage_of([e.id for e in view.models()])
+        return build_plan(catalogs, view.devices(), view.all_instances(), usage, worker)
 
     # --- actions ---
 

@@ -1,8 +1,8 @@
 """``ControlClient``: the router's side of worker commands.
 
-A command is one ``XADD`` to ``llm:commands:{wid}`` (the worker reads it through a consumer
+A command is one ``XADD`` to ``llm:cmd:{wid}`` (the worker reads it through a consumer
 group, so it is not lost if the worker restarts); its outcome is one ``Reply`` the worker
-pushes to ``llm:reply:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
+pushes to ``llm:reply:{wid}:{id}``, which the sender ``BLPOP``s with a timeout. BLPOP holds a
 connection for its duration, so it runs on the blocking client (redis.asyncio pools give each
 caller its own connection and nothing else waits behind it).
 
@@ -32,7 +32,13 @@ from llm_lab_router.protocol import (
     from_json, read_usage,
 )
 from llm_lab_router.router.core.errors import WaitReason
-from llm_lab_router.router.control.explain import no_room_reason, retry_after, starting_reason, swap_reason
+from llm_lab_router.router.control.explain import (
+    no_room_reason,
+    retry_after,
+    starting_reason,
+    swap_reason,
+    with_prefetch,
+)
 from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
@@ -41,6 +47,7 @@ from llm_lab_router.router.core.errors import ApiError
 from llm_lab_router.router.control.scheduler import (Decision, Policy, Waiter, after_turn, ahead_of, claims, closing, decide_swap, free_room_for,
                               merge_waiters, where)
 from llm_lab_router.router.control.in_use import UsageReporter
+from llm_lab_router.router.control.start_backoff import StartBackoff
 from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.control.waitboard import WaitBoard
 
@@ -128,6 +135,12 @@ class NoRoom(ControlError):
     """The worker re-checked its GPUs and the model does not fit there (now)."""
 
 
+class StartFailed(ControlError):
+    """The model itself failed to start (its instance is ``failed``: it exited or failed its
+    health check), as opposed to a start that was cancelled, timed out or found no room: the
+    one failure that puts the model in back-off (router/control/start_backoff.py)."""
+
+
 def start_outcome(instances: Iterable[Instance], wid: str, live: Iterable[str], since: float,
                   anywhere: bool = True) -> str:
     """How a start on ``wid`` stands: ``running`` (some instance serves the model; with
@@ -160,8 +173,8 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None, audit: AuditTrail | None = None,
-                 ledger: Ledger | None = None) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0,
+                 audit: AuditTrail | None = None, ledger: Ledger | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -172,6 +185,7 @@ class ControlClient:
         self.audit = audit  # on-demand starts and evictions, with the key they were for
         self.ledger = ledger  # who started each model: its unused GPU time is theirs
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
+        self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
         self._priorities: dict[str, list[int]] = {}  # their key priorities, per model (a swap's priority)
@@ -208,10 +222,11 @@ class ControlClient:
             return None
         if any(i.state == "starting" for i in view.instances(model)):
             return starting_reason(model, view.instances(model), view.catalog_entries(model), CLOCK.now())
-        if (got := self.pending.get(model)) is not None:
-            return got
-        return line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
-                           USAGE_STALE)
+        got = self.pending.get(model) or self.backoff.reason(model)
+        if got is None:
+            got = line_reason(model, self.line, view.all_instances(), self._max_waits(self.line), CLOCK.now(),
+                              USAGE_STALE)
+        return with_prefetch(got, view.instances(model)) if got is not None else None
 
     async def send(self, wid: str, cmd: Command, timeout: float) -> Reply:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
@@ -221,7 +236,7 @@ class ControlClient:
         try:
             # The asyncio bound is a backstop should Redis stall without closing the socket.
             async with asyncio.timeout(timeout + 5):
-                got = await self.blocking.blpop([self.keys.reply(cmd.id)], timeout=max(timeout, 0.01))
+                got = await self.blocking.blpop([self.keys.reply(wid, cmd.id)], timeout=max(timeout, 0.01))
         except TimeoutError:
             got = None
         if got is None:
@@ -256,8 +271,17 @@ class ControlClient:
     async def ensure_running(self, model: str, timeout: float, host: str | None = None,
                              priority: int | None = None, origin: Origin | None = None) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
-        needed (shared start)."""
+        needed (shared start).
+
+        ``origin``: who the start is for. An operator's (``origin.on_demand`` false, or no
+        ``origin``: the API's start) gives a failed model a fresh restart budget on its worker; a
+        start for a request is a restart of a failed model, counted, backed off and bounded there
+        (``Command.on_demand``), and this router does not start on demand a model whose start
+        failed a moment ago (``StartBackoff``): it raises."""
         if not self.running_on(model, host):
+            by_operator = origin is None or not origin.on_demand
+            if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
+                raise ControlError(why.message, reason=why)  # its last start failed a moment ago
             await self.start(model, timeout, host, priority, origin)
 
     async def start(self, model: str, timeout: float, host: str | None = None, priority: int | None = None,
@@ -315,8 +339,12 @@ class ControlClient:
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, ControlError):
+        if exc is None:
+            self.backoff.succeeded(model)
+        elif isinstance(exc, ControlError):
             log.warning("start of %s failed: %s", model, exc)
+            if isinstance(exc, StartFailed):  # not cancelled, timed out, waited or without room
+                self.backoff.failed(model, exc.message)
         elif exc is not None:  # not an expected failure: no caller may be waiting to report it
             log.error("start of %s failed", model, exc_info=exc)
 
@@ -395,7 +423,7 @@ class ControlClient:
                     raise ControlError(f"model '{model}' waited {CLOCK.now() - began:.0f}s for a swap: "
                                        f"{reason.message}", reason=reason)
                 me = next((w for w in waiters if w.model == model), None)
-                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason)
+                await self._publish_wait(model, began, claims(decision, me, CLOCK.now()), reason, decision.worker)
                 seen = self._states()
                 await view.wait_until(lambda: self._states() != seen, min(SWAP_POLL, left))
                 entries = self._candidates(model, host) or entries
@@ -413,9 +441,11 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.waited(model, "swap", CLOCK.now() - began)
 
-    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason) -> None:
+    async def _publish_wait(self, model: str, began: float, claimed: list[str], reason: WaitReason,
+                            worker: str = "") -> None:
         try:
-            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta)
+            await self.board.put(model, began, self._waiting.get(model, 1), claimed, reason.blocked, reason.eta,
+                                 worker)
         except RedisError as exc:
             log.warning("could not publish the waiting entry of %s: %s", model, exc)
 
@@ -427,7 +457,7 @@ class ControlClient:
         view = self.view
         instances = view.all_instances()
         loaded = [i for i in instances if i.worker in entries and i.state == "running"]
-        usage = await self._usage({i.model for i in loaded})
+        usage = await self.usage_of({i.model for i in loaded})
         waiters = await self._waiters(model, began)
         now = CLOCK.now()
         # each instance by its own host's config: two hosts may give a model different residencies
@@ -464,7 +494,7 @@ class ControlClient:
         if self.metrics is not None:
             self.metrics.swapped(model)
 
-    async def _usage(self, models: Iterable[str]) -> dict[str, ModelUsage]:
+    async def usage_of(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
         if self.usage is None:
             return await read_usage(self.redis, self.keys, models, CLOCK.now())
@@ -489,7 +519,7 @@ class ControlClient:
         sent = time.monotonic()
         reply = await self.send(wid, Command(op="start", model=model, on_demand=not by_operator), timeout)
         if not reply.ok:
-            error = NoRoom if reply.no_room else ControlError
+            error = NoRoom if reply.no_room else StartFailed if reply.state == "failed" else ControlError
             raise error(reply.message or f"worker '{wid}' could not start '{model}'", reply.log_tail)
         # The reply and this router's view of the instance travel separately; wait for both.
         outcome = await view.wait_until(
@@ -501,8 +531,8 @@ class ControlClient:
             return reply
         if outcome == "failed":
             inst = next((i for i in view.instances(model) if i.worker == wid), None)
-            raise ControlError(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
-                               reply.log_tail)
+            raise StartFailed(f"model '{model}' failed on worker '{wid}': {inst.last_error if inst else ''}",
+                              reply.log_tail)
         if outcome == "gone":
             raise ControlError(f"worker '{wid}' left while starting '{model}'")
         if outcome == "lost":  # the scheduler's callers start it again

@@ -1,5 +1,5 @@
 """The ``GET /api/devices/info`` body: the device snapshots of all live hosts
-(``llm:devices:{wid}``, written by each worker's ``DeviceProbe``) summed for the cluster and
+(``llm:w:{wid}:devices``, written by each worker's ``DeviceProbe``) summed for the cluster and
 broken down per host. Pure functions: only routers use them.
 """
 

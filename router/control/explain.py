@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping
 
+import msgspec
+
 from llm_lab_router.protocol import CatalogEntry, DeviceSnapshot, Instance
 from llm_lab_router.router.control.host_rank import host_free, profiles_of
 from llm_lab_router.router.control.scheduler import Blocked, Decision, Waiter
-from llm_lab_router.router.core.errors import HostRoom, WaitReason
+from llm_lab_router.router.core.errors import HostRoom, Prefetching, WaitReason
 
 DEFAULT_RETRY = 5  # s: Retry-After when no ETA is known
 
@@ -104,3 +106,14 @@ def slot_reason(model: str, position: int, limit: int) -> WaitReason:
     """A request over the model's concurrency limit (the router's own queue)."""
     return WaitReason(kind="queued", message=f"model '{model}' is at its concurrency limit; queue position "
                       f"{position} of {limit}", position=position, waiting=position)
+
+
+def with_prefetch(reason: WaitReason, instances: Iterable[Instance]) -> WaitReason:
+    """A queued model's reason with the prefetch of its weights on the host it will start on
+    (worker.prefetch), in ``prefetching`` and in words."""
+    got = {i.worker: Prefetching(i.prefetch_done, i.prefetch_total) for i in instances if i.prefetch_total}
+    if reason.kind != "queued" or not got:
+        return reason
+    words = "; ".join(f"{'prefetched' if p.done >= p.total else 'prefetching'} its weights on '{w}' "
+                      f"({p.done >> 20} of {p.total >> 20} MiB)" for w, p in sorted(got.items()))
+    return msgspec.structs.replace(reason, prefetching=got, message=f"{reason.message}; {words}")

@@ -3,7 +3,7 @@
 Pure decisions over the cluster view (state in, decision out), tested without I/O:
 
 - ``host_free``: a host's free VRAM per GPU as the router sees it: its published device
-  snapshot (``llm:devices:{wid}``) minus what the instances on it hold (``Instance.gpus`` and
+  snapshot (``llm:w:{wid}:devices``) minus what the instances on it hold (``Instance.gpus`` and
   ``Instance.vram_mb``, written by the worker from the moment it places a model), with the same
   rule the worker uses (``llm_router.vram.free_vram``);
 - ``rank_hosts``: the hosts where some device profile of the model fits, best first;
@@ -48,7 +48,8 @@ def profiles_of(entry: CatalogEntry) -> list[DeviceProfile]:
         return [DeviceProfile(devices=["cpu"])]
     vram = list(entry.vram_mb) + [0] * (len(entry.devices) - len(entry.vram_mb))
     declared = [DeviceProfile(devices=list(d), vram_mb=v) for d, v in zip(entry.devices, vram)]
-    return effective_profiles(declared, entry.measured_vram_mb)  # the worker's measurement, where above
+    # the worker's measurement where above; its estimate where neither is known
+    return effective_profiles(declared, entry.measured_vram_mb, entry.estimated_vram_mb)
 
 
 def held_by(instances: Iterable[Instance]) -> list[Held]:
@@ -61,8 +62,9 @@ def host_free(snapshot: DeviceSnapshot | None, instances: Iterable[Instance]) ->
     return free_vram(snapshot, held_by(instances))
 
 
-def _fit(wid: str, entry: CatalogEntry, snapshot: DeviceSnapshot | None,
-         instances: Iterable[Instance]) -> Fit | str:
+def fit_on(wid: str, entry: CatalogEntry, snapshot: DeviceSnapshot | None,
+           instances: Iterable[Instance]) -> Fit | str:
+    """Where ``entry`` fits on host ``wid`` now (``instances``: those on it), or why it does not."""
     profiles = profiles_of(entry)
     try:
         profile, gpus = fit_profiles(profiles, *host_free(snapshot, instances))
@@ -81,7 +83,7 @@ def rank_hosts(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mappi
     fits: list[Fit] = []
     reasons: dict[str, str] = {}
     for wid, entry in entries.items():
-        got = _fit(wid, entry, snapshots.get(wid), [i for i in instances if i.worker == wid])
+        got = fit_on(wid, entry, snapshots.get(wid), [i for i in instances if i.worker == wid])
         if isinstance(got, Fit):
             fits.append(got)
         else:
@@ -117,7 +119,7 @@ def plan_eviction(model: str, entries: Mapping[str, CatalogEntry], snapshots: Ma
         idle.sort(key=lambda i: (max(usage.get(i.model, ModelUsage()).last_used, i.started_at), i.model))
         for n in range(1, len(idle) + 1):
             gone = {i.model for i in idle[:n]}
-            got = _fit(wid, entry, _give_back(snapshots.get(wid), idle[:n]), [i for i in mine if i.model not in gone])
+            got = fit_on(wid, entry, _give_back(snapshots.get(wid), idle[:n]), [i for i in mine if i.model not in gone])
             if isinstance(got, Fit):
                 key = (n, got.profile, wid)
                 if best is None or key < best[0]:

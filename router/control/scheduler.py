@@ -72,6 +72,9 @@ class Decision(msgspec.Struct, kw_only=True, frozen=True):
     blocked: list[Blocked] = []
     eta: float = 0.0
     position: int = 0  # 1 = next in line; 0 = not queued
+    # wait, next in line: the host it will start on once what blocks it is gone (the eviction
+    # it waits for); its worker reads its weights into the page cache meanwhile (worker.prefetch)
+    worker: str = ""
 
 
 def merge_waiters(entries: Iterable[WaitEntry], now: float, stale: float,
@@ -252,4 +255,4 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
                                                       may_evict=lambda i: True)
     blocked = [g for m in (plan.victims if plan else []) if (g := guards.get((m, plan.worker))) is not None]
     eta = max((b.until for b in blocked), default=0.0) if all(b.kind == "residency" for b in blocked) else 0.0
-    return Decision(action="wait", blocked=blocked, eta=eta, position=position)
+    return Decision(action="wait", blocked=blocked, eta=eta, position=position, worker=plan.worker if plan else "")

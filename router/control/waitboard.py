@@ -31,25 +31,25 @@ class WaitBoard:
         self.redis = redis
         self.keys = keys
         self.router_id = router_id
-        # model -> (when, (count, claims, blocked)) last written
-        self._written: dict[str, tuple[float, tuple[int, list[str], list[Blocked]]]] = {}
+        # model -> (when, (count, claims, blocked, worker)) last written
+        self._written: dict[str, tuple[float, tuple[int, list[str], list[Blocked], str]]] = {}
 
     def _field(self, model: str) -> str:
         return f"{model}@{self.router_id}"
 
     async def put(self, model: str, since: float, count: int, claims: list[str] | None = None,
-                  blocked: list[Blocked] | None = None, eta: float = 0.0) -> None:
+                  blocked: list[Blocked] | None = None, eta: float = 0.0, worker: str = "") -> None:
         """Say that ``count`` requests of this router wait for ``model`` since ``since``, held
-        by ``blocked`` until ``eta`` (written when the count, the claims or what blocks it
-        changed, else every ``WAIT_REFRESH`` s: an ETA alone moves with the clock once the
+        by ``blocked`` until ``eta``, to start on ``worker`` (written when the count, the claims,
+        what blocks it or the host changed, else every ``WAIT_REFRESH`` s: an ETA alone moves with the clock once the
         model is overdue, and is not worth a write per decision)."""
         now = CLOCK.now()
         last = self._written.get(model)
-        what = (count, claims or [], blocked or [])
+        what = (count, claims or [], blocked or [], worker)
         if last is not None and last[1] == what and now - last[0] < WAIT_REFRESH:
             return
         entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=what[1],
-                          blocked=what[2], eta=eta)
+                          blocked=what[2], eta=eta, worker=worker)
         await self.redis.hset(self.keys.waiting(), self._field(model), to_json(entry))
         self._written[model] = (now, what)
 

@@ -23,8 +23,15 @@ class HostRoom(msgspec.Struct, kw_only=True, omit_defaults=True):
     why: str = ""
 
 
+class Prefetching(msgspec.Struct):
+    """A model's weight files read into the host's page cache before its start (worker.prefetch)."""
+
+    done: int  # bytes read
+    total: int  # bytes to read (its files, within the host's prefetch budget)
+
+
 class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
-    kind: Literal["no_room", "starting", "queued"]
+    kind: Literal["no_room", "starting", "queued", "backoff"]
     message: str
     eta: float = 0.0  # unix time it should be served / scheduled; 0 = unknown
     position: int = 0  # 1 = next
@@ -32,6 +39,7 @@ class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float = 0.0  # unix time the earliest of them began waiting (all routers); 0 = unknown
     blocked: list[Blocked] = []
     hosts: dict[str, HostRoom] = {}
+    prefetching: dict[str, Prefetching] = {}  # queued: per host, its weights read ahead of the start
 
 
 OPENAI_ERROR_TYPES = {

@@ -33,12 +33,20 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # clients, proxies and load balancers do not cut the idle connection (router/forward/loading_stream.py).
     loading_keepalive: Seconds = 5.0
     stop_timeout: Seconds = 120.0  # stop, stop-all, restart-autostart replies
+    # A model whose on-demand start failed is not started on demand again for this long (its
+    # requests get a 503 at once, or a fallback): router/control/start_backoff.py. 0: off.
+    start_backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Who may evict whom when a model fits nowhere (router/control/scheduler.py): "swap" honours each
     # model's min_residency, drains busy models and serves the longest-waiting model first
     # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
     scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
     pubsub_check: Seconds = 1.0  # a silent events subscription is PINGed this often; dead after 3 silent checks
+    # The Redis URL the cluster view reads the workers' records with (LLM_ROUTER_REDIS_READ_URL):
+    # a read-only user (``reader`` in examples/redis-users.acl), because on Redis 6.2 a user that
+    # may read a key may write it with any command it has, and the router's own user must not
+    # be able to write a worker's records. "" = the ``--redis`` URL (one user for both).
+    redis_read_url: str = ""
     # Every lease gone at once looks like Redis restarted empty: keep the view this long.
     empty_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Limits: requests beyond a model's max_concurrency wait in a queue of at most queue_limit
@@ -93,8 +101,16 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # send_timeout, 60 s). Counted in llm_router_requests_aborted_total{reason="write_timeout"}.
     write_timeout: Seconds = 60.0
     max_header_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024
+    # Client connections (router/http/fdguard.py): at most max_connections open (0: half of what
+    # NOFILE leaves after the Redis pools and 64), at most max_connections_per_address of them
+    # from one address (0: all but a tenth of max_connections); more are closed as accepted.
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_connections_per_address: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_api_body_size: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # /api routes take no real body
     max_json_depth: Annotated[int, msgspec.Meta(ge=1)] = 128  # of forwarded JSON bodies
+    # Web pages (router/http/origin.py): origins (comma-separated scheme://host[:port]) whose
+    # pages may make state-changing requests and read answers (CORS); none by default.
+    allow_origins: str = ""
     # /debug/stats (tasks, fds, RSS: for leak tests and operators); admin key when keys are on.
     debug_endpoints: bool = False
     # One JSON line per forwarded request on stderr (router/observe/accesslog.py), written in batches.

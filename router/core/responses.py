@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 from llm_lab_router.audit import AuditEntry
 from llm_lab_router.protocol import CpuInfo, CudaInfo
-from llm_lab_router.router.core.errors import WaitReason
+from llm_lab_router.router.core.errors import Prefetching, WaitReason
 
 # --- success shapes (the manual's fields first; multi-host detail beside them) ---
 
@@ -65,6 +65,21 @@ class InstanceDetail(msgspec.Struct):
     restarts: int
     gpus: str
     last_error_at: float = 0.0  # unix time of last_error (0: none yet)
+    prefetching: Prefetching | None = None  # while it waits to start on this host (done = total: all read)
+
+
+class VramFigures(msgspec.Struct, kw_only=True):
+    """One GPU profile of a model on one host: its VRAM per GPU (MiB) as declared, estimated
+    from the files (llm_router.estimate) and measured (worker.learning); 0 = unknown.
+    ``estimate_error``: (estimated - measured) / measured, once both are known."""
+
+    worker: str
+    profile: int  # index into the model's device profiles
+    devices: list[str]
+    declared_mb: int
+    estimated_mb: int
+    measured_mb: int
+    estimate_error: float | None = None
 
 
 class ModelDetail(msgspec.Struct):
@@ -81,6 +96,7 @@ class ModelDetail(msgspec.Struct):
     workers: list[str]  # live workers whose catalog has it
     instances: list[InstanceDetail]
     pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
+    vram: list[VramFigures] = []  # per host and GPU profile: declared, estimated, measured
 
 
 class Ok(msgspec.Struct, kw_only=True):
@@ -91,6 +107,58 @@ class Ok(msgspec.Struct, kw_only=True):
 
 class ModelInfo(Ok, kw_only=True):
     model: ModelDetail
+
+
+class PlanGpu(msgspec.Struct, kw_only=True):
+    index: int
+    name: str
+    total_mb: int
+    free_mb: int  # as placement counts it: NVML's free minus what placed models hold
+    resident: list[str]  # models holding VRAM on it now
+
+
+class PlanProfile(msgspec.Struct, kw_only=True):
+    devices: list[str]
+    vram_mb: int  # per GPU, as placement uses it
+    source: str  # measured, declared, estimated, unknown (a GPU profile with no figure) or cpu
+
+
+class PlanModel(msgspec.Struct, kw_only=True):
+    """One model of a host's catalog: what starting it there now would do."""
+
+    model: str
+    state: str  # its instance's state on this host
+    profiles: list[PlanProfile]
+    fits_alone: bool  # some profile fits this host's GPUs with nothing else loaded
+    now: str  # running (or starting, stopping), fits, evicts or no_room
+    profile: int | None = None  # the profile it runs with (by its GPUs) or would get now
+    evicts: list[str] = []  # now = evicts: the idle models stopped first, least recently used first
+    why: str = ""  # now = no_room: each profile and why it does not fit
+
+
+class HostPlan(msgspec.Struct, kw_only=True):
+    worker: str
+    gpus: list[PlanGpu]
+    models: list[PlanModel]
+    together: list[list[str]]  # the largest sets of its GPU models that fit its GPUs at once
+    together_complete: bool = True  # false: too many models to try every set (the first found)
+    gpu_error: str = ""  # why no GPU is known (NVML offline, no snapshot yet)
+
+
+class Nowhere(msgspec.Struct, kw_only=True):
+    model: str
+    reasons: dict[str, str]  # host -> why no profile fits even an empty host
+
+
+class Disagreement(msgspec.Struct, kw_only=True):
+    model: str
+    figures: VramFigures
+
+
+class PlanResult(Ok, kw_only=True):
+    hosts: list[HostPlan]
+    nowhere: list[Nowhere]  # models that fit no live host even with nothing else loaded
+    disagree: list[Disagreement]  # estimates off the measurement by more than the plan's tolerance
 
 
 class Done(Ok, kw_only=True):

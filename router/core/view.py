@@ -1,8 +1,8 @@
 """``ClusterView``: what this router knows about the cluster, in memory, for the hot path.
 
-Routers are stateless: the view is built from Redis and kept current by the ``llm:events``
-channel. Instance events carry the whole ``Instance`` and the worker's new version
-(``llm:versions``) and are applied with no Redis read; catalog and worker events, and an event
+Routers are stateless: the view is built from Redis and kept current by the workers' event
+channels (``llm:events:{wid}``). Instance events carry the whole ``Instance`` and the worker's new
+version (``llm:w:{wid}:version``) and are applied with no Redis read; catalog and worker events, and an event
 whose version skips one (an event was missed), make the view re-read that one worker. A
 resync (at start, every ``resync_interval`` and after every pub/sub reconnect) checks the
 leases and re-reads only the workers whose version moved, so its cost grows with the changes
@@ -15,6 +15,12 @@ same reason, when every lease vanishes at once (Redis restarted empty or was flu
 likelier than every host dying together) the view is kept for ``empty_grace`` seconds while
 the workers publish themselves again.
 Lookups are plain dict reads; ``wait_until`` lets callers await a condition instead of polling.
+
+Whose a record is comes from where it was found, never from what it says: an event counts only
+for the worker whose channel carried it, a record only for the worker whose keys hold it
+(only that worker's Redis user may write there: docs/security.md). One that claims another
+worker is dropped with a warning, so one compromised host cannot redirect another's traffic.
+The view reads with the router's read-only Redis user (``RouterOptions.redis_read_url``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ from typing import Callable, Iterable, TypeVar
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from llm_lab_router.backoff import Backoff
 from llm_lab_router.protocol import (
-    CatalogEntry, DeviceSnapshot, Event, Instance, Keys, State, WorkerInfo, from_hash, from_json,
+    CatalogEntry, DeviceSnapshot, Event, Instance, Keys, State, WorkerInfo, from_hash, from_json, valid_worker_id,
 )
 
 PUBSUB_DEAD = 3  # silent checks (``pubsub_check`` s each, a PING sent) before a subscription is dead
@@ -56,7 +62,7 @@ class Snapshot(msgspec.Struct, kw_only=True):
     devices: dict[str, DeviceSnapshot] = {}
     instances: list[Instance] = []
     began: int = 0  # how many instance events the view had applied when the read began
-    versions: dict[str, str] = {}  # worker -> its ``llm:versions`` entry read (absent: an older worker)
+    versions: dict[str, str] = {}  # worker -> its version read (``llm:w:{wid}:version``; absent: an older worker)
 
 
 class ClusterView:
@@ -100,6 +106,7 @@ class ClusterView:
         self._resyncs = 0
         self._details_at = float("-inf")  # when devices and leases were last read (``refresh_details``)
         self._dead: dict[str, str] = {}  # worker -> its version when its lease was found gone
+        self._forgers: set[str] = set()  # workers that sent a record claiming another (logged once each)
         self._gen = 0  # bumped on every change: the key of the per-model caches below
         self._sorted: dict[str, tuple[int, list[Instance]]] = {}
 
@@ -182,7 +189,8 @@ class ClusterView:
     # --- applying updates (no I/O: unit-testable) ---
 
     def apply_event(self, event: Event) -> str | None:
-        """Apply one ``llm:events`` message; return a worker id the caller should re-read.
+        """Apply one ``llm:events:{wid}`` message (its channel already checked); return a worker
+        id the caller should re-read.
 
         Instance events are applied as carried. A worker that announces its end leaves at
         once; any other worker or catalog event (or an instance of a worker not yet known)
@@ -307,11 +315,12 @@ class ClusterView:
 
     # --- reading Redis ---
     #
-    # What a resync costs grows with changes, not with the cluster: one HGETALL of
-    # ``llm:versions`` (the index of workers, and what each last changed), one EXISTS of every
-    # lease (liveness), and a full read only of the workers whose version moved (events
-    # were missed) or that write no version (older releases). No keyspace SCAN but a rare one
-    # for those older workers; device snapshots are read when asked for (``refresh_details``).
+    # What a resync costs grows with changes, not with the cluster: one SMEMBERS of
+    # ``llm:workers`` (the index of workers) with one MGET of their versions (what each last
+    # changed, each in the worker's own key), one EXISTS of every lease (liveness), and a full
+    # read only of the workers whose version moved (events were missed) or that write no version.
+    # No keyspace SCAN but a rare one for workers missing from the index (another worker may have
+    # removed them: the index is shared); device snapshots are read when asked for (``refresh_details``).
 
     LEGACY_SCAN_EVERY = 15  # resyncs between SCANs for workers of older releases (no version)
     CHUNK = 64  # workers per pipeline; the loop serves requests between chunks
@@ -320,7 +329,18 @@ class ClusterView:
         return await self._read([wid], self._events)
 
     async def _read_versions(self) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in (await self.redis.hgetall(self.keys.versions())).items()}
+        """Worker id -> version of every worker in the index or in the view that has one: one
+        round trip, a second only for workers new to the index."""
+        known = sorted(self._workers.keys() | self._dead.keys())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(self.keys.workers())
+        if known:
+            pipe.mget([self.keys.version(w) for w in known])
+        index, *found = await pipe.execute()
+        versions = dict(zip(known, found[0])) if known else {}
+        if new := sorted(w for w in map(_text, index) if w not in versions and valid_worker_id(w)):
+            versions.update(zip(new, await self.redis.mget([self.keys.version(w) for w in new])))
+        return {w: _text(v) for w, v in versions.items() if v is not None}
 
     async def _read(self, wids: list[str], began: int) -> Snapshot:
         """Read these workers: version, lease and catalog, then the instance of each catalog
@@ -328,36 +348,51 @@ class ClusterView:
         rest: what follows is at least as new as it, so nothing can be missed, at most read twice."""
         snap = Snapshot(workers={}, catalogs={}, devices={}, instances=[], began=began, versions={})
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.versions())
+        for wid in wids:
+            pipe.get(self.keys.version(wid))
         for wid in wids:
             pipe.hgetall(self.keys.worker(wid))
             pipe.hgetall(self.keys.catalog(wid))
         results = await pipe.execute()
-        versions = {_text(k): _text(v) for k, v in results[0].items()}
+        versions, results = results[:len(wids)], results[len(wids):]
         for n, wid in enumerate(wids):
-            lease, catalog = results[1 + 2 * n: 3 + 2 * n]
+            lease, catalog = results[2 * n: 2 + 2 * n]
             info = self._lease(wid, lease)
             if info is None:
                 continue  # expired (or never was)
             snap.workers[wid] = info
-            if wid in versions:
-                snap.versions[wid] = versions[wid]
+            if versions[n] is not None:
+                snap.versions[wid] = _text(versions[n])
             snap.catalogs[wid] = {}
             for model_id, spec in catalog.items():
                 entry = _decode(lambda: from_json(spec, CatalogEntry), f"catalog entry {_text(model_id)} of {wid}")
                 if entry is not None:
                     snap.catalogs[wid][entry.id] = entry
-        inst_keys = [self.keys.instance(model, wid) for wid in snap.workers for model in snap.catalogs[wid]]
-        if inst_keys:
+        owners = [(wid, model) for wid in snap.workers for model in snap.catalogs[wid]]
+        if owners:
             pipe = self.redis.pipeline(transaction=False)
-            for key in inst_keys:
-                pipe.hgetall(key)
-            for key, data in zip(inst_keys, await pipe.execute()):
+            for wid, model in owners:
+                pipe.hgetall(self.keys.instance(model, wid))
+            for (wid, model), data in zip(owners, await pipe.execute()):
                 if data:
-                    inst = _decode(lambda: from_hash(data, Instance), f"instance {key}")
-                    if inst is not None and inst.worker in snap.workers:
+                    inst = _decode(lambda: from_hash(data, Instance), f"instance {self.keys.instance(model, wid)}")
+                    if inst is not None and self._owned(wid, inst, model):
                         snap.instances.append(inst)
         return snap
+
+    def _owned(self, wid: str, inst: Instance, model: str | None = None) -> bool:
+        """Whether a record found in worker ``wid``'s keys (or on its channel) is about its own
+        instance: another worker's would be a forgery (logged once per worker that sent one)."""
+        if inst.worker == wid and (model is None or inst.model == model):
+            return True
+        self._forged(wid, f"an instance of {inst.model!r} on worker {inst.worker!r}")
+        return False
+
+    def _forged(self, wid: str, what: str) -> None:
+        if wid not in self._forgers:
+            self._forgers.add(wid)
+            log.warning("ignoring %s written by worker %r: a worker speaks only for itself "
+                        "(a compromised host? docs/security.md); further ones are dropped silently", what, wid)
 
     def _lease(self, wid: str, data: dict) -> WorkerInfo | None:
         return _decode(lambda: from_hash(data, WorkerInfo), f"lease of worker {wid}") if data else None
@@ -419,15 +454,16 @@ class ClusterView:
         """Catch up with Redis: drop the workers whose lease is gone, re-read the workers whose
         version moved since the view read them (or that are new, or write no version), in
         chunks so requests are served in between. Every ``LEGACY_SCAN_EVERY`` resyncs (and the
-        first), a SCAN finds workers of older releases that are not in the index."""
+        first), a SCAN finds workers that are not in the index."""
         began, reads = self._events, self._reads
         scan = self._resyncs % self.LEGACY_SCAN_EVERY == 0
         self._resyncs += 1
         versions = await self._read_versions()
         legacy = {w for w, v in self._versions.items() if not v}
         if scan:
-            legacy |= {self.keys.worker_id_of(_text(k))
-                       async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
+            found = {self.keys.worker_id_of(_text(k))
+                     async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
+            legacy |= {w for w in found if valid_worker_id(w)}
             for wid in legacy:
                 self._dead.pop(wid, None)  # its lease exists again
         # An index entry whose lease was gone at an earlier resync is checked again only once
@@ -482,8 +518,11 @@ class ClusterView:
             log.info("redis reachable: cluster view synced (%d workers, %d models)",
                      len(self._workers), len(self._models))
         elif not ok and (self.redis_ok or not self._tasks):
-            log.warning("redis unreachable (%s: %s): keeping the last cluster view, retrying",
-                        type(exc).__name__, exc)
+            hint = (" (the view's Redis user may not read the workers' records: give the router the "
+                    "reader user's URL in LLM_ROUTER_REDIS_READ_URL, docs/security.md)"
+                    if isinstance(exc, NoPermissionError) else "")
+            log.warning("redis unreachable (%s: %s)%s: keeping the last cluster view, retrying",
+                        type(exc).__name__, exc, hint)
         self.redis_ok = ok
 
     async def _resync_loop(self) -> None:
@@ -501,12 +540,13 @@ class ClusterView:
                 log.exception("cluster view resync failed")
 
     async def _event_loop(self) -> None:
-        """Follow ``llm:events``; after each (re)subscribe, resync so nothing between is missed."""
+        """Follow every worker's events (``llm:events:*``); after each (re)subscribe, resync so
+        nothing between is missed."""
         backoff = Backoff(self.resync_interval)
         while True:
             pubsub = self.pubsub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.keys.events())
+                await pubsub.psubscribe(self.keys.events_pattern())
                 await self.resync()
                 self._mark(True)
                 backoff.reset()
@@ -529,18 +569,26 @@ class ClusterView:
             now = loop.time()
             if message is not None:
                 heard = now
-                if message["type"] == "message":
-                    await self._on_message(message["data"])
+                if message["type"] == "pmessage":
+                    await self._on_message(_text(message["channel"]), message["data"])
             elif now - heard >= PUBSUB_DEAD * self.pubsub_check:
                 raise RedisConnectionError(f"the events subscription answered nothing for {now - heard:.1f}s")
             else:
                 await pubsub.ping()  # its pong is a message: proof of life
 
-    async def _on_message(self, data: bytes) -> None:
+    async def _on_message(self, channel: str, data: bytes) -> None:
         try:
             event = from_json(data, Event)
         except msgspec.DecodeError as exc:
             log.warning("ignoring malformed event %r: %s", data[:200], exc)
+            return
+        sender = self.keys.worker_of_channel(channel)
+        if not valid_worker_id(sender):
+            return
+        if event.worker != sender:
+            self._forged(sender, f"an event of worker {event.worker!r}")
+            return
+        if event.instance is not None and not self._owned(sender, event.instance):
             return
         wid = self.apply_event(event)
         if wid is not None:
@@ -548,7 +596,7 @@ class ClusterView:
 
 
 def follows(version: str, known: str) -> bool:
-    """Whether ``version`` (``<epoch>:<n>``, ``llm:versions``) is ``known`` or the one right
+    """Whether ``version`` (``<epoch>:<n>``, ``llm:w:{wid}:version``) is ``known`` or the one right
     after it: then no change of that worker was missed in between."""
     if version == known:
         return True

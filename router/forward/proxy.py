@@ -21,7 +21,7 @@ import asyncio
 import re
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Instance, Mode
@@ -67,6 +67,17 @@ class Sniff(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    # The answer's token bound, reserved against a key's tpm at admission (router/limits/quotas.py);
+    # any JSON value: what it means is the engine's to judge.
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+
+    def token_bound(self) -> int:
+        """``max_completion_tokens`` (else ``max_tokens``) when it is a whole number, else 0."""
+        for value in (self.max_completion_tokens, self.max_tokens):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
 
 
 _sniff_decoder = msgspec.json.Decoder(Sniff)
@@ -105,6 +116,19 @@ def sniff(body: bytes, content_type: str = "", max_depth: int = 0) -> Sniff:
         raise ApiError(400, f"invalid request body: {exc}", "invalid_request") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def serving_order(chain: list[str], running: Callable[[str], bool]) -> list[str]:
+    """A fallback chain in the order a request tries it: the members that run now, then the
+    others, each part in chain order."""
+    up = [m for m in chain if running(m)]
+    return up + [m for m in chain if m not in up]
+
+
+def started_nothing(exc: ApiError) -> bool:
+    """A start refused at once: the model fits nowhere, or its last start failed a moment ago
+    (back-off). Nothing was started."""
+    return exc.reason is not None and exc.reason.kind in ("no_room", "backoff")
 
 
 def mode_error(path: str, mode: Mode, name: str) -> str | None:
@@ -218,7 +242,7 @@ class Proxy:
         if rec.caller is not None and rec.caller.access is not None:  # keys with permissions only
             rec.caller.access.check_use(name, names_of(name, model, entry.aliases))
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
-            rec.lease = await self.quotas.admit(rec.caller, len(req.body))
+            rec.lease = await self.quotas.admit(rec.caller, len(req.body), sniffed.token_bound())
             if rec.lease is not None and rec.lease.member:
                 sink = Releasing(sink, self.quotas, rec.lease)
         if not entry.fallbacks:
@@ -230,26 +254,39 @@ class Proxy:
                                     rec: RequestRecord, stream: bool) -> None:
         """Serve with ``model``, else with the next model of its fallback chain that can
         (router/forward/fallbacks.py), as long as nothing reached the client. A fallback gets the body
-        with its own id as ``model``; the answer says who served in ``X-Router-Model``."""
-        chain = fallback_chain(model, self.view.catalog_entry, self.view.resolve)
-        first: Unservable | None = None
-        for n, served in enumerate(chain):
+        with its own id as ``model``; the answer says who served in ``X-Router-Model``.
+
+        Members that run already go first (``serving_order``), so a request never cold-starts
+        (or evicts for) a model while another of its chain serves; at most one member is
+        started per request (a refusal for lack of room, or a member whose start failed recently and
+        is skipped at once, router/control/start_backoff.py, starts nothing and does not count)."""
+        chain = [m for n, m in enumerate(fallback_chain(model, self.view.catalog_entry, self.view.resolve))
+                 if (e := self.view.catalog_entry(m)) is not None and not (n and mode_error(req.path, e.mode, m))]
+        order = serving_order(chain, lambda m: bool(self.view.running_instances(m)))
+        reasons: dict[str, Unservable] = {}
+        started = False
+        for n, served in enumerate(order):
             entry = self.view.catalog_entry(served)
-            if entry is None or (n and (mode_error(req.path, entry.mode, served) or not self._may_use(rec, entry))):
+            if entry is None or (n and not self._may_use(rec, entry)):
                 continue
-            if n:
-                req = msgspec.structs.replace(req, body=with_model(req.body, served)) if not is_form(
-                    req.content_type) else req
-                rec.served = served
+            starts = entry.on_demand and not self.view.running_instances(served)
+            if starts and started:
+                continue  # one start per request: the chain's others serve only once running
+            fallback = served != model
+            body = req
+            if fallback and not is_form(req.content_type):
+                body = msgspec.structs.replace(req, body=with_model(req.body, served))
+            rec.served = served if fallback else ""
             try:
-                await self._serve_model(served, name if not n else served, entry, req, sink, rec, stream,
-                                        fallback=n < len(chain) - 1)
+                await self._serve_model(served, served if fallback else name, entry, body, sink, rec, stream,
+                                        fallback=n < len(order) - 1)
                 return
             except Unservable as exc:
-                first = first or exc
+                reasons.setdefault(served, exc)
+                started = started or (starts and not started_nothing(exc))
         rec.served = ""
-        assert first is not None  # the chain starts with ``model``, whose entry exists
-        raise first  # the requested model's own reason
+        raise reasons.get(model) or next(iter(reasons.values()), None) or Unservable(
+            503, f"model '{name}' is not running", "model_not_running")  # the requested model's own reason
 
     async def _serve_model(self, model: str, name: str, entry: CatalogEntry, req: ProxyRequest, sink: Sink,
                            rec: RequestRecord, stream: bool, fallback: bool = False) -> None:

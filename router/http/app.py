@@ -19,9 +19,10 @@ from llm_lab_router.router.core.options import RouterOptions
 from llm_lab_router.router.http import handlers as h
 from llm_lab_router.router.http.auth import AccessPolicy, startup_refusal
 from llm_lab_router.router.http.exchange import Dispatcher
+from llm_lab_router.router.http.fdguard import ConnectionCaps, GuardedServer, default_caps
 from llm_lab_router.router.http.openapi import document_bytes
+from llm_lab_router.router.http.origin import SitePolicy, parse_origins
 from llm_lab_router.router.http.routes import ROUTES, Route, own_v1_patterns
-from llm_lab_router.router.http.slowbody import BodyTimeoutServer
 from llm_lab_router.router.services import Services
 from tornado.routing import URLSpec
 
@@ -61,14 +62,16 @@ def make_app(services: Services, access: AccessPolicy | None = None,
         openapi=document_bytes(services.options, routes))
 
 
-def make_server(services: Services, access: AccessPolicy | None = None) -> BodyTimeoutServer:
-    """Forwarded ``/v1`` requests take the lean path (router/http/exchange.py), the rest the app."""
+def make_server(services: Services, access: AccessPolicy | None = None,
+                site: SitePolicy | None = None) -> GuardedServer:
+    """Forwarded ``/v1`` requests take the lean path (router/http/exchange.py), the rest the app;
+    ``site`` checks every request a browser may have made first (router/http/origin.py)."""
     access = access or AccessPolicy()
     options = services.options
-    dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_patterns())
-    return BodyTimeoutServer(dispatcher, max_body_size=options.max_body_size,
-                             max_header_size=options.max_header_size,
-                             head_timeout=options.header_timeout, body_timeout=options.body_timeout)
+    dispatcher = Dispatcher(make_app(services, access), services, access, own_v1_patterns(), site)
+    caps = ConnectionCaps(*default_caps(options), services.metrics)  # within NOFILE (router/http/fdguard.py)
+    return GuardedServer(dispatcher, max_body_size=options.max_body_size, max_header_size=options.max_header_size,
+                         head_timeout=options.header_timeout, body_timeout=options.body_timeout, caps=caps)
 
 
 def raise_fd_limit() -> None:
@@ -83,11 +86,16 @@ def raise_fd_limit() -> None:
 async def serve(redis_url: str, prefix: str, host: str, port: int, options: RouterOptions,
                 access: AccessPolicy | None = None) -> int:
     raise_fd_limit()
+    try:
+        site = SitePolicy(host, parse_origins(options.allow_origins))
+    except ValueError as exc:
+        log.error("LLM_ROUTER_ALLOW_ORIGINS: %s", exc)
+        return 2
     services = Services(redis_url, prefix, options)
     await services.start()
     # header_timeout bounds both a slow request head (slowloris) and an idle keep-alive connection;
     # body_timeout a slow body; each on one shared timer instead of Tornado's per request (router/http/slowbody.py).
-    server = make_server(services, access)
+    server = make_server(services, access, site)
     try:
         # A deep accept queue: a burst of new connections (a client pool filling up) must not
         # overflow it, or dropped SYNs cost the clients a 1 s retransmit.

@@ -45,17 +45,20 @@ COOKIE = "llm_router_key"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 ENV_CLIENT_KEYS = "LLM_ROUTER_API_KEYS"
 ENV_ADMIN_KEYS = "LLM_ROUTER_ADMIN_KEYS"
-DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+DIGEST = re.compile(r"sha256:([0-9a-fA-F]{64})")
 # Token characters only (base64, URL-safe base64, hex): a key must fit in a header, a cookie
 # and a comma-separated environment variable unchanged.
-KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")
+KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
 T = TypeVar("T")
+LogsRead = Literal["client", "admin"]
 # Who may call a route (each route declares one: router/http/routes.py). ``read``: the
-# read-only routes, which ``read_access = "public"`` opens to callers without a key.
-Access = Literal["public", "read", "client", "admin"]
+# read-only routes, which ``read_access = "public"`` opens to callers without a key. ``logs``:
+# a model's log stream, a read route unless ``logs_read = "admin"`` (engine logs may hold other
+# users' prompts: ``--logs-read``).
+Access = Literal["public", "read", "logs", "client", "admin"]
 
 
 class Role(IntEnum):
@@ -83,9 +86,9 @@ def parse_keys(text: str, source: str) -> list[bytes]:
         item = raw.split("#", 1)[0].strip()
         if not item:
             continue
-        if m := DIGEST.match(item):
+        if m := DIGEST.fullmatch(item):
             found.append(bytes.fromhex(m.group(1)))
-        elif not KEY.match(item):
+        elif not KEY.fullmatch(item):
             raise KeyFileError(f"{source}: a key must be 16 to 512 of the characters A-Z a-z 0-9 - . _ ~ + / = "
                                "(e.g. `openssl rand -hex 32`)")
         else:
@@ -264,9 +267,12 @@ def startup_refusal(host: str, ring: KeyRing, insecure: bool) -> str | None:
             "--api-keys-file/--admin-keys-file, bind to 127.0.0.1, or pass --insecure to run open on purpose")
 
 
-def required_role(access: Access, method: str, read_access: ReadAccess) -> Role:
+def required_role(access: Access, method: str, read_access: ReadAccess, logs_read: LogsRead = "client") -> Role:
     """The role a request needs, from its route's ``access`` (``router/http/routes.py``): a
-    ``read`` route is public for GET/HEAD when ``read_access = "public"``, else a client route."""
+    ``read`` route is public for GET/HEAD when ``read_access = "public"``, else a client route;
+    a ``logs`` route is an admin route when ``logs_read = "admin"``, else a ``read`` route."""
+    if access == "logs":
+        access = "admin" if logs_read == "admin" else "read"
     if access == "read":
         return Role.PUBLIC if method in SAFE_METHODS and read_access == "public" else Role.CLIENT
     return ROLES[access]
@@ -284,9 +290,11 @@ def presented_key(method: str, authorization: str | None, cookie: str | None) ->
 class AccessPolicy:
     """The router's access rule: keys (possibly none) and how open the read-only routes are."""
 
-    def __init__(self, ring: KeyRing | None = None, read_access: ReadAccess = "client") -> None:
+    def __init__(self, ring: KeyRing | None = None, read_access: ReadAccess = "client",
+                 logs_read: LogsRead = "client") -> None:
         self.ring = ring or KeyRing()
         self.read_access = read_access
+        self.logs_read = logs_read  # "admin": log streams need an admin key (``--logs-read``)
 
     @property
     def enabled(self) -> bool:
@@ -310,7 +318,7 @@ class AccessPolicy:
         gave it one."""
         if not self.ring.enabled:
             return None
-        need = required_role(access, method, self.read_access)
+        need = required_role(access, method, self.read_access, self.logs_read)
         if need is Role.PUBLIC:
             return None
         key = presented_key(method, authorization, cookie)
@@ -320,5 +328,7 @@ class AccessPolicy:
         if role is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
         if role < need:
-            raise ApiError(403, "this route needs an admin key", "admin_key_required")
+            raise ApiError(403, "this route needs an admin key" + (" (--logs-read admin: engine logs may hold "
+                                                                   "other users' prompts)" if access == "logs" else ""),
+                           "admin_key_required")
         return profile

@@ -38,6 +38,7 @@ from tornado.iostream import StreamClosedError
 from llm_lab_router.router.observe.accesslog import CLIENT_GONE, RequestRecord
 from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, AccessPolicy
 from llm_lab_router.router.http.handlers import JSON, await_write, cut_short, log
+from llm_lab_router.router.http.origin import Answer, CorsConnection, SitePolicy
 from llm_lab_router.router.http.routes import FORWARDED_ACCESS
 from llm_lab_router.router.http.validate import check_forward_path
 from llm_lab_router.router.forward.proxy import ProxyRequest
@@ -83,11 +84,12 @@ class Dispatcher(httputil.HTTPServerConnectionDelegate):
     ``/v1`` routes the router answers itself (``/v1/models``...), as compiled patterns."""
 
     def __init__(self, app: tornado.web.Application, services: Services, access: AccessPolicy,
-                 own_v1: list[re.Pattern[str]]) -> None:
+                 own_v1: list[re.Pattern[str]], site: SitePolicy | None = None) -> None:
         self.app = app
         self.services = services
         self.access = access
         self.own_v1 = own_v1
+        self.site = site  # what a browser page may ask (router/http/origin.py)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         return _Dispatch(self, server_conn, request_conn)
@@ -115,10 +117,20 @@ class _Dispatch(httputil.HTTPMessageDelegate):
         assert isinstance(start_line, httputil.RequestStartLine)
         d = self.dispatcher
         path, _, query = start_line.path.partition("?")
+        conn = self.conn
+        if d.site is not None:
+            if (err := d.site.refusal(start_line.method, path, headers)) is not None:
+                self.inner = Answer.refusal(conn, err, start_line.method, path)
+                return self.inner.headers_received(start_line, headers)
+            if (origin := d.site.cors_origin(headers)) is not None:
+                if start_line.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+                    self.inner = Answer.preflight(conn, origin)
+                    return self.inner.headers_received(start_line, headers)
+                conn = CorsConnection(conn, origin)  # type: ignore[assignment]
         if d.forwards(start_line.method, path):
-            self.inner = Exchange(d.services, d.access, self.conn, start_line.method, path, query)
+            self.inner = Exchange(d.services, d.access, conn, start_line.method, path, query)
         else:
-            self.inner = d.app.start_request(self.server_conn, self.conn)
+            self.inner = d.app.start_request(self.server_conn, conn)
         return self.inner.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:

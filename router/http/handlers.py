@@ -366,6 +366,12 @@ class DevicesHandler(BaseHandler):
         self.reply(self.services.manager.devices())
 
 
+class PlanHandler(BaseHandler):
+    async def get(self) -> None:
+        await self.services.view.refresh_details()
+        self.reply(await self.services.manager.plan(self.params.worker.parse(self.query_args)))
+
+
 class LogStreamHandler(BaseHandler):
     async def get(self, alias: str) -> None:
         params = self.params

@@ -79,8 +79,10 @@ def _ref(cls: type) -> Json:
 
 
 CAUSES = {400: "bad request or parameter (unknown, repeated, empty or invalid query parameter, ...)",
-          401: "missing or invalid API key (keys on)", 403: "admin key needed (keys on)",
-          404: "unknown model, route or worker", 413: "body too large", 429: "model at its concurrency limit (Retry-After)",
+          401: "missing or invalid API key (keys on)",
+          403: "admin key needed (keys on; log streams too with --logs-read admin)",
+          404: "unknown model, route or worker", 413: "body too large",
+          415: "body not labelled JSON (router/http/origin.py)", 429: "model at its concurrency limit (Retry-After)",
           502: "engine unreachable", 503: "model not running / start failed / Redis unreachable", 504: "engine timeout"}
 
 
@@ -99,7 +101,8 @@ def _operation(route: Route, op: Op, options: RouterOptions) -> Json:
     openai = route.path.startswith("/v1/")
     public, admin = route.access == "public", route.access == "admin"
     failure = _ref(OpenAIError if openai else Failure)
-    codes = sorted({400, *(() if public else (401,)), *((403,) if admin else ()), *op.errors})
+    forbidden = admin or route.access == "logs"  # logs: with --logs-read admin
+    codes = sorted({400, *(() if public else (401,)), *((403,) if forbidden else ()), *op.errors})
     responses: Json = {"200": _ok(op)}
     if op.accepted:
         responses["202"] = _json(_schema(op.ok), op.accepted)

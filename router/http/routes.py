@@ -32,6 +32,7 @@ from llm_lab_router.router.core.responses import (
     ModelCard,
     ModelInfo,
     ModelList,
+    PlanResult,
     Restarted,
     ServerInfo,
     Started,
@@ -50,7 +51,7 @@ from llm_lab_router.router.logs.stream import LogEvent
 
 Json = dict[str, Any]
 PARAM = re.compile(r"\{([^}]+)\}")
-FORWARDED_ERRORS = (400, 404, 413, 429, 502, 503, 504)
+FORWARDED_ERRORS = (400, 404, 413, 415, 429, 502, 503, 504)  # 415: router/http/origin.py
 FORWARDED_ACCESS: Access = "client"  # every forwarded /v1 path, documented here or not (router/http/exchange.py)
 
 
@@ -167,7 +168,7 @@ ROUTES: tuple[Route, ...] = (
                           errors=(404, 503))}),
     Route(path="/api/models/{alias}/info", access="read", handler=h.ModelInfoHandler,
           ops={"get": Op(summary="one model in detail, with each instance", ok=ModelInfo, errors=(404,))}),
-    Route(path="/api/models/{alias}/logs/stream", access="read", handler=h.LogStreamHandler,
+    Route(path="/api/models/{alias}/logs/stream", access="logs", handler=h.LogStreamHandler,
           query=("tail", "last_event_id"),
           ops={"get": Op(summary="the model's log as server-sent events: historical entries, historical_complete, "
                                  "then realtime entries; each data: is a LogEvent, each entry event carries its "
@@ -180,6 +181,10 @@ ROUTES: tuple[Route, ...] = (
     Route(path="/api/devices/info", access="read", handler=h.DevicesHandler,
           ops={"get": Op(summary="devices of every host: the cluster total, then per host", ok=DevicesResult,
                          errors=(503,))}),
+    Route(path="/api/plan", access="read", handler=h.PlanHandler, query=("worker",),
+          ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
+                                 "would evict, models that fit nowhere, estimates far from measurements",
+                         ok=PlanResult, errors=(404,))}),
     # A lab's governance (issue 26): the usage ledger (an admin sees every key, a client key its
     # own: the handler asks which) and the audit trail.
     Route(path="/api/usage", access="client", handler=h.UsageHandler, query=("since", "by"),

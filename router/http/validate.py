@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 
 from llm_lab_router.router.core.errors import ApiError
 
-SEGMENT = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+$")
+SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+")
 FORBIDDEN_ESCAPES = re.compile(r"%(?:2[eEfF]|5[cC]|00)")  # '.', '/', '\', NUL
 # The common case of ``check_forward_path`` in one match: ``/v1/`` then SEGMENTs that are not
 # '.' or '..', one trailing slash at most. A path it does not match gets the full check.
@@ -39,7 +39,7 @@ def check_forward_path(path: str) -> None:
     if path.endswith("/"):
         segments.pop()  # one trailing slash is harmless (and some clients add it)
     for seg in segments:
-        if seg in ("", ".", "..") or not SEGMENT.match(seg) or FORBIDDEN_ESCAPES.search(seg):
+        if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg) or FORBIDDEN_ESCAPES.search(seg):
             raise ApiError(400, f"invalid path segment {seg!r}: no empty, '.' or '..' segments, "
                                 "no encoded '.', '/' or '\\', printable ASCII only", "invalid_path")
 

@@ -19,6 +19,13 @@ waits. A busy high-priority key can therefore starve a lower one, whose requests
 with the queue timeout's 429; give such keys the same priority and different weights for a
 share instead.
 
+The ``queue_limit`` places are shared by all lanes, but a full queue does not refuse a request
+while a lower-priority lane, or at equal priority a lane holding more places for its weight
+than the newcomer's would, holds places: the newest waiter of such a lane (the lowest
+priority first, then the most over its share) gets the 429 instead and the newcomer takes
+its place. A low-priority key that filled the queue thus cannot lock out a higher one, nor
+one key its equals.
+
 The limit is per router (each router counts its own requests, no Redis on the hot path): with
 R routers an instance sees at most R × N concurrent requests. An engine's own queue is the
 backstop; a cluster-wide semaphore would cost a Redis round trip per request (per-key limits
@@ -71,6 +78,27 @@ class _Gate:
         if turn in entry.waiters:
             entry.waiters.remove(turn)
             self.queued -= 1
+
+    def displace(self, lane: str, priority: int, weight: float) -> asyncio.Future[None] | None:
+        """Take out and return the newest waiter that a request of ``lane`` (``priority``,
+        ``weight``) may push out of a full queue: of a lower-priority lane, or of an
+        equal-priority lane with more places for its weight than ``lane`` would have; the
+        lowest priority first, then the most places for its weight. ``None``: none may be."""
+        own = self.lanes.get(lane)
+        own_share = ((len(own.waiters) if own else 0) + 1) / weight
+        victim: _Lane | None = None
+        for name, entry in self.lanes.items():
+            if name == lane or not entry.waiters or entry.priority > priority:
+                continue
+            share = len(entry.waiters) / entry.weight
+            if entry.priority == priority and share <= own_share:
+                continue
+            if victim is None or (entry.priority, -share) < (victim.priority, -len(victim.waiters) / victim.weight):
+                victim = entry
+        if victim is None:
+            return None
+        self.queued -= 1
+        return victim.waiters.pop()
 
     def next_turn(self) -> asyncio.Future[None] | None:
         """Take the next waiter: highest priority, then least virtual time, then lane order."""
@@ -143,13 +171,18 @@ class Limits:
     async def _wait(self, model: str, gate: _Gate, lane: str, priority: int, weight: float) -> None:
         """Queue for a slot; ``_release`` hands it over by resolving our future."""
         if gate.queued >= self.queue_limit:
-            raise too_many(model, f"{gate.queued} requests already queued (queue limit {self.queue_limit})")
+            full = f"{gate.queued} requests already queued (queue limit {self.queue_limit})"
+            pushed = gate.displace(lane, priority, weight) if self.queue_limit else None
+            if pushed is None:
+                raise too_many(model, full)
+            pushed.set_exception(too_many(model, f"{full}: its place was taken by a request of higher "
+                                                 "priority or a smaller share"))
         turn = asyncio.get_running_loop().create_future()
         entry = gate.enqueue(lane, priority, weight, turn)
         try:
             done, _ = await asyncio.wait([turn], timeout=self.queue_timeout)
         except asyncio.CancelledError:  # the client went away
-            if turn.done() and not turn.cancelled():
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self._release(model, gate)  # a slot was handed to us: pass it on
             raise
         finally:
@@ -158,6 +191,7 @@ class Limits:
             gate.remove(entry, turn)
         if not done:
             raise too_many(model, f"no slot within the queue timeout of {self.queue_timeout:g}s")
+        turn.result()  # raises the 429 of a waiter whose place was taken (``displace``)
 
     def _release(self, model: str, gate: _Gate) -> None:
         gate.active -= 1

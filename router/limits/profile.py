@@ -16,7 +16,7 @@ from llm_lab_router.router.limits.budgets import Budget
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a model id, alias or glob
 Patterns = Annotated[list[Pattern], msgspec.Meta(min_length=1)]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # a Redis key part and a metric label
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]  # a Redis key part and a metric label; \Z, not $ (a trailing newline)
 
 
 class LimitSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

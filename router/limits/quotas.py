@@ -25,8 +25,15 @@ without limits costs nothing: the proxy does not call in here at all.
 Tokens: the usage the answer reported (non-streamed JSON; a stream's usage chunk when the
 client asked ``stream_options.include_usage``). A stream without a usage chunk (or an
 answer the client left) is charged an estimate: request body bytes / 4 for the prompt plus
-one token per SSE event relayed. Tokens are charged when the answer ends, so requests
-already in flight can take a key past its ``tpm``; the next request is then refused.
+one token per SSE event relayed. A request of a key (or group) with a ``tpm`` reserves an
+estimate at admission, in the same script: body bytes / 4 + its ``max_tokens`` (or
+``max_completion_tokens``), charged to the window's current second at once, so a burst of
+concurrent requests sees each other's tokens (20 requests on a ``tpm = 100`` key were all
+admitted when tokens were charged only at the end). When the answer is over, ``SETTLE_SCRIPT``
+replaces the reservation by the tokens used, in the second it was made (or, if that second
+has left the window, charges the tokens used to the current one). A request is admitted
+while the window holds fewer than ``tpm`` tokens, so a burst passes the limit by at most one
+request's reservation; the next request is then refused.
 
 Redis unreachable: ``quota_redis_down = "open"`` (default) admits the request unchecked,
 with one log line per outage and ``llm_router_quota_redis_errors_total``; ``"closed"``
@@ -58,14 +65,15 @@ Scope = Literal["key", "group"]
 WINDOW = 60  # seconds
 
 # KEYS: per subject, its window hash and its lease set. ARGV: lease member, lease ttl (ms),
-# then per subject rpm, tpm, max_concurrent (0 = none). Returns {1} when admitted, else
-# {0, reason, subject index (1-based), retry after (ms), count}.
+# tokens to reserve, then per subject rpm, tpm, max_concurrent (0 = none). Returns {1, unix
+# second of the reservation} when admitted, else {0, reason, subject index (1-based), retry
+# after (ms), count}.
 ADMIT_SCRIPT = """
 redis.replicate_commands()
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member, ttl = ARGV[1], tonumber(ARGV[2])
+local member, ttl, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = #KEYS / 2
 local function window(key)
   local h = redis.call('HGETALL', key)
@@ -97,7 +105,7 @@ local function wait(b, col, over)
   return 60000
 end
 for i = 1, n do
-  local rpm, tpm, maxc = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local rpm, tpm, maxc = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
   if rpm > 0 or tpm > 0 then
     local reqs, toks, b = window(KEYS[2 * i - 1])
     if rpm > 0 and reqs >= rpm then return {0, 'rpm', i, wait(b, 1, reqs - rpm + 1), reqs} end
@@ -110,9 +118,10 @@ for i = 1, n do
   end
 end
 for i = 1, n do
-  local rpm, tpm, maxc = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local rpm, tpm, maxc = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
   if rpm > 0 or tpm > 0 then
     redis.call('HINCRBY', KEYS[2 * i - 1], sec, 1)
+    if tpm > 0 and reserve > 0 then redis.call('HINCRBY', KEYS[2 * i - 1], sec .. 't', reserve) end
     redis.call('EXPIRE', KEYS[2 * i - 1], 120)
   end
   if maxc > 0 then
@@ -120,18 +129,23 @@ for i = 1, n do
     redis.call('EXPIRE', KEYS[2 * i], math.ceil(2 * ttl / 1000))
   end
 end
-return {1}
+return {1, sec}
 """
 
-# KEYS: as ADMIT_SCRIPT's. ARGV: lease member ('' = none), tokens, then per subject '1' when
-# its tokens are counted (it has a tpm).
+# KEYS: as ADMIT_SCRIPT's. ARGV: lease member ('' = none), tokens used, tokens reserved, the
+# unix second of the reservation, then per subject '1' when its tokens are counted (it has a
+# tpm). The reservation's bucket, still in the window, is corrected to the tokens used; one
+# that left it was counted its minute, and the tokens used go to the current second.
 SETTLE_SCRIPT = """
 redis.replicate_commands()
 local sec = tonumber(redis.call('TIME')[1])
 local member, tokens = ARGV[1], tonumber(ARGV[2])
+local reserved, at = tonumber(ARGV[3]), tonumber(ARGV[4])
+local field, delta = sec .. 't', tokens
+if reserved > 0 and at > sec - 60 then field, delta = at .. 't', tokens - reserved end
 for i = 1, #KEYS / 2 do
-  if tokens > 0 and ARGV[2 + i] == '1' then
-    redis.call('HINCRBY', KEYS[2 * i - 1], sec .. 't', tokens)
+  if delta ~= 0 and ARGV[4 + i] == '1' then
+    redis.call('HINCRBY', KEYS[2 * i - 1], field, delta)
     redis.call('EXPIRE', KEYS[2 * i - 1], 120)
   end
   if member ~= '' then redis.call('ZREM', KEYS[2 * i], member) end
@@ -171,12 +185,15 @@ class Lease:
     """An admitted request's hold on its subjects: its concurrency lease dropped before its
     answer's last bytes (``Quotas.release``), its tokens charged once the answer is over."""
 
-    __slots__ = ("member", "subjects", "prompt_estimate")
+    __slots__ = ("member", "subjects", "prompt_estimate", "reserved", "reserved_at")
 
-    def __init__(self, member: str, subjects: list[Subject], prompt_estimate: int) -> None:
+    def __init__(self, member: str, subjects: list[Subject], prompt_estimate: int, reserved: int = 0,
+                 reserved_at: int = 0) -> None:
         self.member = member  # '' when no subject limits concurrency
         self.subjects = subjects
         self.prompt_estimate = prompt_estimate
+        self.reserved = reserved  # tokens charged at admission (tpm), replaced by the use at settlement
+        self.reserved_at = reserved_at  # the unix second (Redis clock) they were charged to
 
     @property
     def counts_tokens(self) -> bool:
@@ -243,16 +260,18 @@ class Quotas:
             subjects = self._subjects[profile] = subjects_of(profile, self.keys)
         return subjects
 
-    async def admit(self, profile: KeyProfile, body_bytes: int) -> Lease | None:
-        """Count one request of ``profile`` in every subject, or raise the 429. One round
-        trip. ``None``: nothing to settle (no limits, or Redis down and failing open)."""
+    async def admit(self, profile: KeyProfile, body_bytes: int, max_tokens: int = 0) -> Lease | None:
+        """Count one request of ``profile`` in every subject, or raise the 429; with a ``tpm``,
+        reserve its estimate (``body_bytes / 4 + max_tokens``). One round trip. ``None``:
+        nothing to settle (no limits, or Redis down and failing open)."""
         subjects = self._subjects_of(profile)
         if not subjects:
             return None
         concurrent = any(s.limits.max_concurrent for s in subjects)
         member = f"{self.router_id}:{next(self._seq)}" if concurrent else ""
+        reserve = body_bytes // 4 + max(0, max_tokens) if any(s.limits.tpm for s in subjects) else 0
         keys: list[str] = []
-        args: list[str | int] = [member, self.ttl_ms]
+        args: list[str | int] = [member, self.ttl_ms, reserve]
         for s in subjects:
             keys += (s.window, s.leases)
             args += (s.limits.rpm, s.limits.tpm, s.limits.max_concurrent)
@@ -266,7 +285,7 @@ class Quotas:
             subject = subjects[int(result[2]) - 1]
             self.metrics.quota_rejected(subject.name, subject.scope, reason)
             raise refusal(subject, reason, int(result[3]), int(result[4]))
-        lease = Lease(member, subjects, body_bytes // 4)
+        lease = Lease(member, subjects, body_bytes // 4, reserve, int(result[1]))
         if member:
             self._held[member] = lease
         return lease
@@ -289,7 +308,7 @@ class Quotas:
         member, lease.member = lease.member, ""
         self._held.pop(member, None)
         keys = [k for s in lease.subjects for k in (s.window, s.leases)]
-        task = self._background(self._settle_now(keys, [member, 0, *("0" for _ in lease.subjects)]))
+        task = self._background(self._settle_now(keys, [member, 0, 0, 0, *("0" for _ in lease.subjects)]))
         # Bounded: a stalled Redis (socket timeout and a retry: ~20 s) must not hold the answer's
         # last bytes. Past the bound the release goes on in the background, as settle does.
         await asyncio.wait([task], timeout=RELEASE_WAIT)
@@ -298,10 +317,10 @@ class Quotas:
         """The request is over: charge its tokens and drop its lease, in the background."""
         self._held.pop(lease.member, None)
         tokens = tokens_used(lease, usage, streamed, events) if lease.counts_tokens else 0
-        if not lease.member and not tokens:
+        if not lease.member and tokens == lease.reserved:
             return
         keys: list[str] = []
-        args: list[str | int] = [lease.member, tokens]
+        args: list[str | int] = [lease.member, tokens, lease.reserved, lease.reserved_at]
         for s in lease.subjects:
             keys += (s.window, s.leases)
             args.append("1" if s.limits.tpm else "0")

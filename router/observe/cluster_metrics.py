@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from llm_lab_router.protocol import DeviceSnapshot, Instance, WorkerInfo
 from llm_lab_router.router.core.view import ClusterView
+from llm_lab_router.router.observe.vram_figures import vram_figures
 
 MIB = 1024 * 1024
 
@@ -31,6 +32,11 @@ DEVICE_FAMILIES = [
     ("llm_router_gpu_memory_used_bytes", "GPU memory in use"),
     ("llm_router_gpu_utilization_ratio", "GPU utilisation (0-1)"),
     ("llm_router_host_memory_used_bytes", "Host RAM in use"),
+]
+
+ESTIMATE_FAMILIES = [
+    ("llm_router_vram_estimate_error_ratio", "VRAM estimated from a model's files minus what its engine was "
+                                             "measured to hold, over the measurement (per host and profile)"),
 ]
 
 
@@ -67,6 +73,14 @@ def device_lines(wid: str, snap: DeviceSnapshot) -> list[bytes]:
         util.append(_sample(DEVICE_FAMILIES[2][0], lv, gpu.utilization / 100))
     host = _sample(DEVICE_FAMILIES[3][0], {"worker": wid, "host": snap.host}, snap.cpu.memory_used * MIB)
     return ["".join(total).encode(), "".join(used).encode(), "".join(util).encode(), host.encode()]
+
+
+def estimate_lines(view: ClusterView) -> list[bytes]:
+    """The estimate's error of every model that ran where an estimate was made."""
+    rows = [(entry.id, row) for entry in view.models() for w, e in view.catalog_entries(entry.id).items()
+            for row in vram_figures(w, e) if row.estimate_error is not None]
+    return ["".join(_sample(ESTIMATE_FAMILIES[0][0], {"model": m, "worker": r.worker, "profile": str(r.profile)},
+                            r.estimate_error) for m, r in rows).encode()]
 
 
 def _same(a: list, b: list) -> bool:
@@ -108,7 +122,9 @@ class ClusterMetrics:
             for wid in [w for w in cache if w not in workers]:
                 del cache[wid]
         out: list[bytes] = []
-        for families, parts in ((WORKER_FAMILIES, w_parts), (INSTANCE_FAMILIES, i_parts), (DEVICE_FAMILIES, d_parts)):
+        families_parts = ((WORKER_FAMILIES, w_parts), (INSTANCE_FAMILIES, i_parts), (DEVICE_FAMILIES, d_parts),
+                          (ESTIMATE_FAMILIES, [estimate_lines(view)]))
+        for families, parts in families_parts:
             for n, (name, help_text) in enumerate(families):
                 out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode())
                 out.extend(p[n] for p in parts)

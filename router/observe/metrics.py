@@ -93,6 +93,13 @@ class RouterMetrics:
                                     "by cause (swap: for the scheduler to allow an eviction; start: for a cold "
                                     "start; slot: for a concurrency slot)", ["model", "cause"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.connections = Gauge("llm_router_client_connections", "Client connections open now "
+                                 "(router/http/fdguard.py)", registry=r, multiprocess_mode="livesum")
+        self.refused_connections = Counter("llm_router_connections_refused", "Client connections closed as "
+                                           "accepted, over a cap (limit: max_connections; per_address: "
+                                           "max_connections_per_address)", ["reason"], registry=r)
+        self.accept_pauses = Counter("llm_router_accept_paused", "accept() failures for lack of descriptors "
+                                     "(EMFILE...), each followed by a 100 ms pause of accepting", registry=r)
         self.loop_restarts = Counter("llm_router_loop_restarts", "Background loops (usage, quotas, claims, "
                                      "capacity) restarted after an unexpected exception", ["loop"], registry=r)
         self._children: dict[tuple, object] = {}
@@ -122,6 +129,15 @@ class RouterMetrics:
 
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
+
+    def client_connections(self, count: int) -> None:
+        self.connections.set(count)
+
+    def connection_refused(self, reason: str) -> None:
+        self._child(self.refused_connections, reason).inc()
+
+    def accept_paused(self) -> None:
+        self.accept_pauses.inc()
 
     def loop_restarted(self, loop: str) -> None:
         self._child(self.loop_restarts, loop).inc()

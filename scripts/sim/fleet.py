@@ -180,7 +180,7 @@ class Fleet:
         host.info.heartbeat_at = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             lease_ops(pipe, self.keys, host.info, self.lease_ttl)
-            added, _ = await pipe.execute()
+            added, *_ = await pipe.execute()
         if added:  # the lease had vanished (Redis restarted empty, or flushed): publish it all again
             self.republished += 1
             await self.publish_all(host)

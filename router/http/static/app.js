@@ -8,6 +8,7 @@ const LOG_CAP = 2000;          // lines kept in the log view
 const MAX_WATCHERS = 3;        // SSE connections for "latest line while starting" (browsers allow ~6 per host)
 const LOG_HISTORY = 500;       // past lines asked for when a log view opens
 const ACTIVE = new Set(["starting", "running", "stopping", "failed"]);
+const MIB = 1024 * 1024;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const byTestId = (id) => $(`[data-testid="${CSS.escape(id)}"]`);
@@ -17,6 +18,7 @@ const state = {
   pending: new Map(),          // model id -> {action, since}: a click the router has not reflected yet
   watchers: new Map(),         // model id -> {es, line}: latest log line of a starting model
   selected: null,              // model id whose log is shown
+  plan: null,                  // /api/plan: what fits where (host cards)
   refreshing: false,
 };
 const drawn = new WeakMap();   // element -> the HTML last drawn into it, to skip unchanged redraws
@@ -117,11 +119,13 @@ async function refresh() {
   if (state.refreshing) return;
   state.refreshing = true;
   try {
-    const [health, models, devices] = await Promise.allSettled([
+    const [health, models, devices, plan] = await Promise.allSettled([
       fetch("/health", {cache: "no-store"}).then(async (r) => ({status: r.status, body: await r.json().catch(() => ({}))})),
       api("GET", "/v1/models"),
       api("GET", "/api/devices/info"),
+      api("GET", "/api/plan"),
     ]);
+    state.plan = plan.status === "fulfilled" ? plan.value : null;
     renderHealth(health);
     if (models.status === "fulfilled") {
       state.models = await enrich(models.value.data || []);
@@ -140,11 +144,12 @@ async function refresh() {
   }
 }
 
-// /v1/models has worker/state/url per instance; pid, restarts and errors come from /info,
-// fetched only for models that are not stopped (few, and the ones an operator looks at).
+// /v1/models has worker/state/url per instance; pid, restarts, errors and prefetch progress
+// come from /info, fetched only for models that are not stopped or that wait (few, and the ones
+// an operator looks at).
 async function enrich(models) {
   await Promise.all(models.map(async (m) => {
-    if (!ACTIVE.has(m.status) && !(m.instances || []).some((i) => ACTIVE.has(i.state))) return;
+    if (!m.pending && !ACTIVE.has(m.status) && !(m.instances || []).some((i) => ACTIVE.has(i.state))) return;
     try {
       const info = await api("GET", `/api/models/${encodeURIComponent(m.id)}/info`);
       const detail = new Map((info.model?.instances || []).map((i) => [i.worker, i]));
@@ -234,6 +239,11 @@ function instanceHtml(id, i) {
   if (i.pid) bits.push(`pid ${esc(i.pid)}`);
   if (i.restarts) bits.push(`<span class="warn" title="restarts">↻ ${esc(i.restarts)}</span>`);
   if (i.state === "running" && i.started_at) bits.push(`up ${fmtDuration(Date.now() / 1000 - i.started_at)}`);
+  if (i.prefetching) {
+    const {done, total} = i.prefetching;
+    bits.push(`<span data-testid="prefetch-${esc(id)}@${esc(i.worker)}" title="its weight files read into this host's page cache before its start">`
+      + `${done >= total ? "prefetched" : "prefetching"} ${esc(fmtPair(done / MIB, total / MIB))}</span>`);
+  }
   const err = i.last_error && i.state !== "running"
     ? `<div class="inst-error" title="${esc(i.last_error)}">${esc(i.last_error)}</div>` : "";
   const key = `${esc(id)}@${esc(i.worker)}`;
@@ -373,6 +383,28 @@ function meter(label, sub, used, total, extra = "") {
     + `<div class="bar"><i class="${level}" style="width:${pct.toFixed(1)}%"></i></div></div>`;
 }
 
+// What /api/plan says of one host: what a start now would do for the models that are not
+// loaded, the sets of models that fit its GPUs at once, estimates far from their measurement.
+function planHtml(wid) {
+  const host = (state.plan?.hosts || []).find((h) => h.worker === wid);
+  if (!host) return "";
+  const vram = (m) => (m.profiles || []).filter((p) => p.source !== "cpu")
+    .map((p) => `${fmtMiB(p.vram_mb)} ${p.source}`).join(", ");
+  const now = (m) => m.now === "evicts" ? `would evict ${m.evicts.join(", ")}`
+    : m.now === "no_room" ? (m.fits_alone ? "no room now" : "fits nowhere here") : m.now === "fits" ? "fits now" : m.now;
+  const rows = (host.models || []).filter((m) => vram(m) && !["running", "starting", "stopping"].includes(m.now))
+    .map((m) => `<div class="plan-row" data-testid="plan-${esc(wid)}-${esc(m.model)}"><b>${esc(m.model)}</b> `
+      + `<span class="muted">${esc(vram(m))}</span> · ${esc(now(m))}</div>`).join("");
+  const sets = (host.together || []).map((s) => `{${s.join(", ")}}`).join(" · ");
+  const off = (state.plan.disagree || []).filter((d) => d.figures.worker === wid)
+    .map((d) => `<div class="plan-row warn">${esc(d.model)}: estimated ${esc(fmtMiB(d.figures.estimated_mb))}, `
+      + `measured ${esc(fmtMiB(d.figures.measured_mb))}</div>`).join("");
+  if (!rows && !sets && !off) return "";
+  return `<div class="plan" data-testid="plan-${esc(wid)}"><div class="plan-head">Plan</div>${rows}`
+    + (sets ? `<div class="plan-row muted" data-testid="together-${esc(wid)}">fit together: ${esc(sets)}</div>` : "")
+    + off + `</div>`;
+}
+
 function renderHosts(body, emptyText = "No live hosts.") {
   const hosts = body.hosts || {};
   const ids = Object.keys(hosts).sort();
@@ -392,7 +424,7 @@ function renderHosts(body, emptyText = "No live hosts.") {
       + (h.host && h.host !== wid ? `<span class="muted">${esc(h.host)}</span>` : "")
       + (cuda.driver ? `<span class="muted small">driver ${esc(cuda.driver)}</span>` : "")
       + `<span class="age ${age > 15 ? "stale-age" : ""}" title="age of this snapshot">${h.ts ? fmtDuration(age) + " ago" : ""}</span></div>`
-      + gpus + meter("RAM", cpuLabel, cpu.memory_used, cpu.memory_total) + `</div>`;
+      + gpus + meter("RAM", cpuLabel, cpu.memory_used, cpu.memory_total) + planHtml(wid) + `</div>`;
   }).join("");
   draw(byTestId("hosts"), html || `<div class="empty">${esc(emptyText)}</div>`);
   const c = body.devices?.cuda?.info;

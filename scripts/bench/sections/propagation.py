@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+from llm_lab_router.protocol import Keys
 from llm_lab_router.redis_url import async_client
 
 from ..client import Response, now
@@ -24,14 +25,14 @@ async def run(bench: Bench) -> None:
     a, b = bench.cluster.routers
     rds = async_client(bench.cluster.redis.url)  # type: ignore[union-attr]
     pubsub = rds.pubsub()
-    await pubsub.subscribe("llm:events")
+    await pubsub.psubscribe(Keys().events_pattern())
     events: list[tuple[float, dict]] = []  # (wall time received, instance)
     seen_b: list[tuple[float, str]] = []  # (wall time, status) on every change seen on B
     stop = asyncio.Event()
 
     async def listen() -> None:
         async for msg in pubsub.listen():
-            if msg.get("type") == "message":
+            if msg.get("type") == "pmessage":
                 ev = json.loads(msg["data"])
                 inst = ev.get("instance") or {}
                 if inst.get("model") == PROP:
