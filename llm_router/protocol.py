@@ -156,6 +156,12 @@ class Keys:
         """Models waiting for a swap: one field per (model, router), see ``WaitEntry``."""
         return f"{self.prefix}waiting"
 
+    def hint(self, wid: str) -> str:
+        """The ``waiting`` entries that name worker ``wid`` as the host a swap will start on,
+        copied there by the routers: its prefetcher reads them (the worker's Redis user may read
+        this key, never the routers' line itself, which it could then also write)."""
+        return f"{self.prefix}hint:{wid}"
+
     def ledger(self, hour: int) -> str:
         """The usage ledger of the hour starting at unix time ``hour``, see ``llm_router.ledger``."""
         return f"{self.prefix}ledger:{hour}"
@@ -163,6 +169,7 @@ class Keys:
     def audit(self) -> str:
         """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
         return f"{self.prefix}audit"
+
 
 class LegacyKeys(Keys):
     """The layout of releases before per-worker Redis users (one shared ``worker`` user), which

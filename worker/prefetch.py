@@ -2,8 +2,8 @@
 
 A swap is mostly reading weights: a 1 GiB file reads in about 1 s from disk and 0.15 s from the
 page cache here, and over a network file system the gap is larger. A model that waits in line
-for this host (routers write ``llm:waiting`` entries naming the host a swap will start it on:
-``WaitEntry.worker``, behind another model's residency or drain, or an operator's start waiting
+for this host (routers write ``llm:waiting`` entries naming the host a swap will start it on,
+``WaitEntry.worker``, and copy them to that host's ``llm:hint:{wid}``, which its prefetcher reads: behind another model's residency or drain, or an operator's start waiting
 the same way) loads nothing until its victims are gone; the worker reads its files meanwhile,
 so that the engine's own read hits memory.
 
@@ -39,7 +39,7 @@ log = logging.getLogger("llm_router.worker")
 
 MIB = 1 << 20
 CHUNK = 4 * MIB  # bytes per read: a cancellation or a memory check waits at most one chunk
-POLL = 1.0  # s between reads of llm:waiting
+POLL = 1.0  # s between reads of llm:hint:{wid}
 PROGRESS_EVERY = 0.5  # s between progress publications (each is an instance change)
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ggml")
 
@@ -112,7 +112,7 @@ def next_target(entries: Iterable[WaitEntry], wid: str, models: Mapping[str, Mod
 
 @dataclass(eq=False)
 class Prefetcher:
-    """Follows ``llm:waiting`` and prefetches the model next in line for this host.
+    """Follows this host's copy of the waiting line (``llm:hint:{wid}``) and prefetches the model next in line for this host.
 
     ``settings``: the ``[worker]`` table (a reload applies it at the next worker start);
     ``models()``: this worker's model configs now (a reload changes them); ``idle(model)``:
@@ -142,7 +142,7 @@ class Prefetcher:
         if not self.settings.prefetch:
             return await self.cancel()
         try:
-            rows = await self.redis.hgetall(self.keys.waiting())
+            rows = await self.redis.hgetall(self.keys.hint(self.wid))  # the line's entries naming this host
         except REDIS_ERRORS as exc:
             log.debug("prefetch: cannot read the waiting line: %s", exc)
             return  # keep what runs: the line is unknown, not changed

@@ -50,12 +50,25 @@ class WaitBoard:
             return
         entry = WaitEntry(model=model, router=self.router_id, since=since, count=count, at=now, claims=what[1],
                           blocked=what[2], eta=eta, worker=worker)
-        await self.redis.hset(self.keys.waiting(), self._field(model), to_json(entry))
+        data = to_json(entry)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.waiting(), self._field(model), data)
+            if last is not None and last[1][3] and last[1][3] != worker:
+                pipe.hdel(self.keys.hint(last[1][3]), self._field(model))  # no longer to start there
+            if worker:  # that host's prefetcher reads its copy (``Keys.hint``)
+                pipe.hset(self.keys.hint(worker), self._field(model), data)
+                pipe.expire(self.keys.hint(worker), int(FORGET_AFTER))
+            await pipe.execute()
         self._written[model] = (now, what)
 
     async def remove(self, model: str) -> None:
-        if self._written.pop(model, None) is not None:
-            await self.redis.hdel(self.keys.waiting(), self._field(model))
+        last = self._written.pop(model, None)
+        if last is not None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(self.keys.waiting(), self._field(model))
+                if last[1][3]:
+                    pipe.hdel(self.keys.hint(last[1][3]), self._field(model))
+                await pipe.execute()
 
     async def read(self) -> list[WaitEntry]:
         """Every router's entries (stale ones included: ``merge_waiters`` drops them); very
