@@ -86,6 +86,10 @@ def lab(procs, redis_url, tmp_path):
     start_worker(procs, redis_url, config, "wacc")
     keys = tmp_path / "keys.toml"
     keys.write_text(KEYS_TOML)
+    return keyed_router(procs, redis_url, keys)
+
+
+def keyed_router(procs, redis_url, keys):
     router = start_router(procs, redis_url, env={"LLM_ROUTER_API_KEYS_FILE": str(keys), "LLM_ROUTER_ADMIN_KEYS": ADMIN})
     wait_for(lambda: len(listed(router, "admin")) == 3, timeout=20, message="3 models listed")
     return router
@@ -97,10 +101,13 @@ def listed(router, name: str) -> list[str]:
     return [m["id"] for m in resp.json()["data"]]
 
 
-def test_models_lists_and_serves_only_what_a_key_may_use(lab) -> None:
-    assert listed(lab, "vera") == ["vis-1"]
-    assert listed(lab, "tom") == ["chat", "small-a"]
-    assert listed(lab, "olga") == ["chat", "small-a", "vis-1"]
+def test_models_lists_and_serves_only_what_a_key_may_use(lab, procs, redis_url, tmp_path) -> None:
+    other = keyed_router(procs, redis_url, tmp_path / "keys.toml")  # permissions hold on every router
+    for router in (lab, other):
+        assert listed(router, "vera") == ["vis-1"]
+        assert listed(router, "tom") == ["chat", "small-a"]
+        assert listed(router, "olga") == ["chat", "small-a", "vis-1"]
+    assert chat(other, "vera", "chat").json()["error"]["code"] == "model_not_allowed"
 
     resp = chat(lab, "vera", "chat")
     assert resp.status == 403, resp.body
