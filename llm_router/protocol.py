@@ -217,6 +217,13 @@ class Keys:
     def timeline(self) -> str:
         """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""
         return f"{self.prefix}timeline"
+    def ledger(self, hour: int) -> str:
+        """The usage ledger of the hour starting at unix time ``hour``, see ``llm_router.ledger``."""
+        return f"{self.prefix}ledger:{hour}"
+
+    def audit(self) -> str:
+        """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
+        return f"{self.prefix}audit"
 
 
 class LegacyKeys(Keys):
@@ -442,6 +449,10 @@ class RouterUsage(msgspec.Struct, kw_only=True):
     # Of ``inflight``, those being served now, per worker id (the instance they were sent to);
     # the rest are queued, not yet sent to any instance.
     serving: dict[str, int] = {}
+    # key priority -> unix time (Redis's clock) of this router's last use of the model at that
+    # priority (``at`` while such a request is in flight): a swap for a lower priority may not
+    # evict it (router/control/scheduler.py, ``held_by_priority``)
+    priorities: dict[int, float] = {}
 
 
 USAGE_STALE = 10.0  # seconds after which a router's usage entry no longer counts
@@ -455,6 +466,7 @@ class ModelUsage(msgspec.Struct, kw_only=True):
 
     last_used: float = 0.0
     inflight: int = 0
+    priorities: dict[int, float] = {}  # key priority -> last use at it, any router
     serving: dict[str, int] = {}
 
     def requests_on(self, worker: str) -> int:
@@ -480,6 +492,8 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             out.last_used = max(out.last_used, entry.last_used)
+            for prio, at in entry.priorities.items():
+                out.priorities[prio] = max(at, out.priorities.get(prio, 0.0))
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
                 for wid, n in entry.serving.items():
@@ -490,12 +504,15 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
 class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
     min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
-    queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
+    queued or in flight), ``turn`` (``model`` has waited longer and swaps first), ``priority``
+    (a key of a higher ``priority`` than the waiting requests' used ``model`` since it was
+    loaded)."""
 
-    kind: Literal["residency", "draining", "turn"]
+    kind: Literal["residency", "draining", "turn", "priority"]
     model: str
     until: float = 0.0  # unix time; 0 = unknown (draining, turn)
     requests: int = 0
+    priority: int = 0  # the higher priority that holds it (kind ``priority``)
 
 
 class WaitEntry(msgspec.Struct, kw_only=True):

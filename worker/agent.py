@@ -33,6 +33,8 @@ from pathlib import Path
 
 import redis.asyncio as aredis
 from llm_lab_router import __version__
+from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
+from llm_lab_router.ledger import retention_days as ledger_retention_days
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
@@ -55,6 +57,7 @@ from llm_lab_router.worker.private import private_dir
 from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from llm_lab_router.worker.gpu_time import GpuClock
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
 from llm_lab_router.worker.timeline import GaugeRecorder, InstanceEvents
 from llm_lab_router.timeline import event_ops, resolutions
@@ -84,6 +87,8 @@ class WorkerAgent:
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
         self.version = WorkerVersion()  # bumped with every change it publishes (``llm:w:{wid}:version``)
+        self.audit = AuditTrail(self.redis, self.keys, f"worker:{self.wid}", audit_maxlen())  # reloads, adoption
+        self.gpu_clock = GpuClock(self.redis, self.keys, self.wid, ledger_retention_days(), log)  # the usage ledger
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -148,7 +153,8 @@ class WorkerAgent:
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run)]]
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run),
+            ("gpu time", self._gpu_time)]]
         intakes = [supervised("commands", i.run, log) for i in self.intakes]
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -242,6 +248,11 @@ class WorkerAgent:
             index=engine.record.profile))
             for mp, engine in claims.items()))
         rejected += [(engine, why) for (mp, engine), why in zip(claims.items(), results) if why]
+        if found:
+            await self.audit.record(f"worker:{self.wid}", "adopt", host=self.wid,
+                                    models=[mp.model.id for mp, why in zip(claims, results) if not why],
+                                    detail="; ".join(f"not adopted: pid {engine.record.pid} ({engine.record.model or '?'}): {why}"
+                                                     for engine, why in rejected))
         if not rejected:
             return
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
@@ -306,6 +317,7 @@ class WorkerAgent:
         except ConfigError as exc:
             log.error("config reload failed, keeping the config in force: %s", exc)
             self.timeline.note("reload_failed", detail=str(exc))
+            await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, result=f"config error: {exc}")
             self._wake.set()
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
@@ -316,6 +328,7 @@ class WorkerAgent:
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
         self.timeline.note("reload", detail=plan.summary())
+        await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, detail=plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
         self.cfg = new
         self._withdrawn.update(plan.removed)
@@ -462,6 +475,14 @@ class WorkerAgent:
             if link.ok() or added:
                 self._request_resync()
                 self.logs.check_tail()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _gpu_time(self) -> None:
+        """Add the running models' GPU-seconds to the usage ledger, every heartbeat interval."""
+        while True:
+            stop_if_cancelled()
+            self.gpu_clock.tick(mp.instance for mp in self.models.values())
+            await self.gpu_clock.flush()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _devices(self) -> None:

@@ -8,6 +8,7 @@ the caller expects: the OpenAI error shape on ``/v1/*`` so SDKs raise the right 
 from __future__ import annotations
 
 import msgspec
+from llm_lab_router.audit import AuditEntry
 from llm_lab_router.protocol import CpuInfo, CudaInfo
 from llm_lab_router.timeline import TimelineEvent
 from llm_lab_router.router.core.errors import Prefetching, WaitReason
@@ -196,6 +197,65 @@ class Cleared(Done, kw_only=True):
 class Restarted(Ok, kw_only=True):
     message: str
     started_models: list[str]
+
+
+class AuditList(Ok, kw_only=True):
+    """``GET /api/audit``: entries of ``llm:audit``, oldest first."""
+
+    entries: list[AuditEntry]
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """One line of the report: a key, group or model over the period."""
+
+    name: str
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_estimated: int = 0  # the part of tokens_in + tokens_out estimated (no usage reported)
+    gpu_hours: float = 0.0
+
+
+class BudgetState(msgspec.Struct, kw_only=True):
+    """A group's GPU-time budget as the usage report shows it (router/limits/budgets.py)."""
+
+    group: str
+    gpu_hours: float  # the budget
+    period: str  # day, week or month (UTC)
+    used_gpu_hours: float  # this period, so far
+    resets_at: float  # unix time the period ends
+
+
+class UsageReport(Ok, kw_only=True):
+    """``GET /api/usage``: the ledger over ``[since, until]`` (unix times, whole hours), one row
+    per ``by`` (key, group or model), and their total."""
+
+    since: float
+    until: float
+    by: str
+    rows: list[UsageRow]
+    total: UsageRow
+    budgets: list[BudgetState] = []  # the groups' GPU-time budgets this period (an admin's report)
+
+
+class Outcome:
+    """An admin action's answer, once it has one (``BaseHandler.audited`` records it)."""
+
+    body: Done | Restarted | None = None
+
+
+def audit_fields(body: Done | Restarted | None, model: str) -> dict:
+    """What an action's answer tells the audit trail: the model (as resolved), the models it
+    stopped or started, the hosts, and a start's state (``starting``: begun, ``wait=false``)."""
+    fields: dict = {"model": getattr(body, "model", "") or model}
+    if models := getattr(body, "models", None) or getattr(body, "started_models", None):
+        fields["models"] = list(models)
+    if workers := getattr(body, "workers", None):
+        fields["host"] = ",".join(workers)
+    if (state := getattr(body, "state", "")) and state != "running":
+        fields["detail"] = f"state {state}"
+    return fields
 
 
 class LogStats(msgspec.Struct):

@@ -24,6 +24,7 @@ import msgspec
 import tornado.web
 from llm_lab_router.router.core.responses import (
     AllStopped,
+    AuditList,
     Cleared,
     DevicesResult,
     EventsResult,
@@ -38,6 +39,7 @@ from llm_lab_router.router.core.responses import (
     ServerInfo,
     Started,
     Stopped,
+    UsageReport,
 )
 from llm_lab_router.router.http import handlers as h
 from llm_lab_router.router.http.auth import Access
@@ -196,6 +198,15 @@ ROUTES: tuple[Route, ...] = (
           ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
                                  "would evict, models that fit nowhere, estimates far from measurements",
                          ok=PlanResult, errors=(404,))}),
+    # A lab's governance (issue 26): the usage ledger (an admin sees every key, a client key its
+    # own: the handler asks which) and the audit trail.
+    Route(path="/api/usage", access="client", handler=h.UsageHandler, query=("since", "by"),
+          ops={"get": Op(summary="the usage ledger: requests, errors, tokens and GPU hours per key, group or model, "
+                                 "with the groups' GPU-time budgets (an admin key: every key; a client key: its own)",
+                         ok=UsageReport, errors=(503,))}),
+    Route(path="/api/audit", access="admin", handler=h.AuditHandler, query=("since", "limit"),
+          ops={"get": Op(summary="the audit trail: who started, stopped, evicted, cleared what, when, from where, "
+                                 "with what result (oldest first)", ok=AuditList, errors=(503,))}),
     # The operator dashboard (router/http/dashboard.py): static files, no API of its own.
     Route(path="/ui", access="public", handler=tornado.web.RedirectHandler, args={"url": "/ui/"},
           ops={"get": Op(summary="to /ui/", ok=PAGE)}, documented=False),
