@@ -254,8 +254,10 @@ TIMELINE = TimelineParams(
                absent="the resolution read: 10 s within the last 24 h, 5 min beyond (by default)"),
     kind=Name(name="kind", description="only events of this kind (ready, evicted, crashed, ...)",
               absent="every kind"),
-    limit=Count(name="limit", default=1000, maximum=10000, description="at most this many events",
-                absent="1000"),
+    # one ``limit`` for /api/events and /api/audit (PARAMS.by_name: a name is one parameter)
+    limit=Count(name="limit", default=1000, minimum=1, maximum=100_000,
+                description="at most this many entries (events, audit entries), the latest ones",
+                absent="1000, the latest 1000 entries"),
 )
 
 
@@ -299,9 +301,7 @@ def route_params(options: RouterOptions) -> RouteParams:
                     absent="every host: a start goes where the scheduler places it, a stop reaches every host"),
         since=Duration(name="since", default="1d", description="how far back, e.g. 90s, 15m, 12h, 1d, 30d, 2w",
                        absent="1d, the last day"),
-        limit=Count(name="limit", default=1000, minimum=1, maximum=100_000,
-                    description="at most this many entries, the latest ones",
-                    absent="1000, the latest 1000 entries"),
+        limit=TIMELINE.limit,
         by=Choice(name="by", choices=("key", "group", "model"), default="key",
                   description="one row per key, group or model", absent="key"),
     )
