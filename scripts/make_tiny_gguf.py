@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from gguf import GGUFWriter, PoolingType, TokenType
@@ -56,6 +56,15 @@ class Shape:
     vocab: int = 0  # 0: the hand-made vocabulary alone (about 400 tokens)
     f16: bool = False  # the matrices in f16 (norms stay f32, as llama.cpp's converters write them)
 
+
+
+def shape_of_size(mib: int) -> Shape:
+    """A 2048-wide f16 model of about ``mib`` MiB (at least one block): for benchmarks that need
+    a file of a given size that a real llama-server loads and answers with."""
+    base = Shape(dim=2048, heads=16, ff=5632, vocab=32000, f16=True)
+    edges = 2 * base.vocab * base.dim * 2  # token_embd and output, f16
+    per_block = (4 * base.dim * base.dim + 3 * base.ff * base.dim) * 2
+    return replace(base, blocks=max(1, -(-(mib * 2**20 - edges) // per_block)))
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
