@@ -135,6 +135,7 @@ def main() -> int:
     p.add_argument("--dir", default=None, help="where the weight files go (a real disk, not tmpfs)")
     p.add_argument("--engine", choices=("mock", "llama-server"), default="mock")
     p.add_argument("--llama-server", default="", metavar="PATH", help="the binary (--engine llama-server)")
+    p.add_argument("--json", metavar="FILE", help="also write every round's figures as JSON")
     opts = p.parse_args()
     if opts.engine == "llama-server" and not opts.llama_server:
         p.error("--engine llama-server needs --llama-server PATH (scripts/build_llama_server.sh prints it)")
@@ -182,6 +183,10 @@ def main() -> int:
         cold = statistics.median(x for _, x in results["cold"])
         warm = statistics.median(x for _, x in results["prefetch"])
         print(f"prefetch removes {100 * (1 - warm / cold):.0f}% of the cold start (goal: at least 50%)")
+        if opts.json:
+            Path(opts.json).write_text(json.dumps({
+                "engine": opts.engine, "mib": round(size), "residency": opts.residency,
+                "rounds": {n: [{"first_token": t, "cold_start": x} for t, x in rs] for n, rs in results.items()}}))
         return 0
     finally:
         procs.stop_all()
