@@ -47,11 +47,11 @@ async def run(bench: Bench) -> None:
     first = {name: 1000 * median([r["first_token"] for r in rs]) for name, rs in rounds.items()}
     start = {name: 1000 * median([r["cold_start"] for r in rs]) for name, rs in rounds.items()}
     saved = 1 - start["prefetch"] / start["cold"] if start["cold"] else 0.0
-    section = f"swap ({result['engine']}, {result['mib']} MiB)"
+    what = f"{result['engine']}, {result['mib']} MiB"
     bench.rows += [
-        Row(section, "first token of the swapped-in model", first, "ms",
+        Row("swap", f"first token of the swapped-in model ({what})", first, "ms",
             f"{first['prefetch'] - first['cold']:+.0f} ms"),
-        Row(section, "its cold start (starting to running)", start, "ms", f"{-100 * saved:+.0f}%",
+        Row("swap", f"its cold start, starting to running ({what})", start, "ms", f"{-100 * saved:+.0f}%",
             ">= 50% less with prefetch", saved >= 0.5),
     ]
     bench.raw["swap"] = result
