@@ -150,8 +150,9 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
 
 
 def test_the_gguf_reader_agrees_with_the_gguf_package_on_the_project_s_own_model(tmp_path):
-    """Where the ``real`` extra is installed: the block sizes are ggml's, and the tiny model of
-    scripts/make_tiny_gguf.py (written by the ``gguf`` package) reads the same as its reader."""
+    """Where the ``real`` extra is installed: the block sizes are ggml's, and the models of
+    scripts/make_tiny_gguf.py (written by the ``gguf`` package; the tiny one and a sized one)
+    read the same as its reader."""
     gguf = pytest.importorskip("gguf")
     from gguf.constants import GGML_QUANT_SIZES
     from llm_lab_router.estimate import GGML_TYPES
@@ -159,12 +160,20 @@ def test_the_gguf_reader_agrees_with_the_gguf_package_on_the_project_s_own_model
     known = {int(k): tuple(v) for k, v in GGML_QUANT_SIZES.items()}
     assert {k: v for k, v in known.items() if k in GGML_TYPES} == GGML_TYPES  # a newer type: counted as f32
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from make_tiny_gguf import write
+    from make_tiny_gguf import Shape, write
 
-    write(str(tmp_path / "tiny.gguf"))
-    ref = {t.name: (int(t.n_bytes), tuple(int(d) for d in t.shape), int(t.tensor_type))
-           for t in gguf.GGUFReader(tmp_path / "tiny.gguf").tensors}
-    assert {t.name: (t.nbytes, t.dims, t.type) for t in read_gguf(tmp_path / "tiny.gguf").tensors} == ref
+    # the tiny test model, and one of its sized kin: grouped-query attention, f16 matrices, a padded vocabulary
+    gqa = Shape(dim=128, heads=8, kv_heads=2, ff=256, blocks=3, vocab=1000, f16=True)
+    for name, shape in (("tiny", Shape()), ("gqa", gqa)):
+        path = tmp_path / f"{name}.gguf"
+        write(str(path), shape=shape)
+        ref = {t.name: (int(t.n_bytes), tuple(int(d) for d in t.shape), int(t.tensor_type))
+               for t in gguf.GGUFReader(path).tensors}
+        assert {t.name: (t.nbytes, t.dims, t.type) for t in read_gguf(path).tensors} == ref
+    # the sized model's cache: 3 layers x K and V x 2 KV heads of 16 x f16 x 2**16 tokens = 24 MiB
+    est = estimate_gguf(tmp_path / "gqa.gguf", ["-c", str(2**16)])
+    assert est.kv_mb == 3 * 2 * 2 * 16 * 2 * 2**16 // MIB == 24
+    assert est.weights_mb == -(-sum(t.nbytes for t in read_gguf(tmp_path / "gqa.gguf").tensors) // MIB) == 2
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
