@@ -97,7 +97,8 @@ def measure(server: str, model: Path, ctx: int, log_path: Path) -> dict:
     port = free_port()
     args = ["-m", str(model), "-c", str(ctx), "-ngl", "0", "-t", "1", "--parallel", "1"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([server, *args, "--host", "127.0.0.1", "--port", str(port)],
+        # -lv 4: llama.cpp's info lines, among them its buffer sizes
+        proc = subprocess.Popen([server, *args, "-lv", "4", "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

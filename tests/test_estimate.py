@@ -133,8 +133,10 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
     assert full.source == "gguf" and full.context == 1024
     assert full.weights_mb == -(-data // MIB)
     assert full.kv_mb == -(-(2 * 1024 * 2 * head * 2 * 2) // MIB)  # K+V, f16, 2 KV heads, 2 layers
-    # -c 0: the model's training context; the cache doubles with it
+    # -c 0: the model's training context; the cache doubles with it. No -c is the same, as in
+    # llama-server since 2025 (it was 4096 before: a 32k model's cache was understated 8x)
     assert estimate_gguf(path, ["-c", "0"]).context == 2048
+    assert estimate_gguf(path, []).context == 2048 and estimate_gguf(path, []).kv_mb == 1
     big = estimate_gguf(path, ["--ctx-size", "262144"])
     assert big.kv_mb == 262144 * 2 * head * 2 * 2 * 2 // MIB == 128
     # q8_0 K and V: 34 bytes per 32 values instead of 64
