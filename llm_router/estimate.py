@@ -251,7 +251,10 @@ def estimate_gguf(path: str | os.PathLike, args: Sequence[str] = ()) -> Estimate
                  + _cache_bytes(_option(args, "-ctv", "--cache-type-v"), ctx * kv_heads * head_v))
     vocab = g.number("vocab_size") or len(g.metadata.get("tokenizer.ggml.tokens", []) or [])  # type: ignore[arg-type]
     ubatch = _int_option(args, 512, "-ub", "--ubatch-size")
-    compute = ubatch * (vocab + 4 * g.number("embedding_length")) * 4  # logits and activations, f32
+    # the logits and activations of one -ub batch, f32, and its attention mask over the whole
+    # context: llama.cpp's compute buffer grows by ubatch x 2 bytes per token of -c (measured, with
+    # flash attention); 4 bytes here, to stay above it
+    compute = ubatch * (vocab + 4 * g.number("embedding_length")) * 4 + ubatch * ctx * 4
     return Estimate(source="gguf", weights_mb=_mib(weights), kv_mb=_mib(per_layer * offloaded),
                     overhead_mb=CUDA_CONTEXT_MB + _mib(compute), context=ctx)
 

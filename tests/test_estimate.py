@@ -133,6 +133,8 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
     assert full.source == "gguf" and full.context == 1024
     assert full.weights_mb == -(-data // MIB)
     assert full.kv_mb == -(-(2 * 1024 * 2 * head * 2 * 2) // MIB)  # K+V, f16, 2 KV heads, 2 layers
+    # the compute reserve grows with the context too (the attention mask of one -ub batch)
+    assert estimate_gguf(path, ["-c", "262144"]).overhead_mb - full.overhead_mb == 512 * (262144 - 1024) * 4 // MIB
     # -c 0: the model's training context; the cache doubles with it. No -c is the same, as in
     # llama-server since 2025 (it was 4096 before: a 32k model's cache was understated 8x)
     assert estimate_gguf(path, ["-c", "0"]).context == 2048
