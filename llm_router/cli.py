@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import click
-from llm_lab_router import __version__, client, presets
+from llm_lab_router import __version__, client, client_timeline, presets
 from llm_lab_router.config import ConfigError, check_worker_id, default_config_path, load_config
 from llm_lab_router.redact import redact_argv
 from llm_lab_router.redis_url import read_url_file
@@ -377,6 +377,8 @@ def _load(config_path: str | None):
 
 
 client.register(main)
+for _command in client_timeline.COMMANDS:  # history, events (llm_router/client_timeline.py)
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ this host recorded (``llm_router.up_url``), else ``http://127.0.0.1:8000``.
 
 from __future__ import annotations
 
+import csv
 import functools
 import http.client
 import json
@@ -560,7 +561,50 @@ def plan(api: Api, as_json: bool, host: str | None) -> None:
     click.echo(plan_text(body))
 
 
-COMMANDS = [models, start, stop, stop_all, logs, devices, status, plan]
+@click.command()
+@api_command
+@click.option("--since", default="1d", show_default=True, help="How far back: 90s, 15m, 12h, 1d, 2w.")
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=1000, show_default=True,
+              help="At most this many entries, the latest ones.")
+def audit(api: Api, as_json: bool, since: str, limit: int) -> None:
+    """Who started, stopped, evicted or cleared what, when and from where (an admin key)."""
+    body = api.get("/api/audit", since=since, limit=limit)
+    if as_json:
+        return _echo_json(body)
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("at", 0))), e.get("who", "-"),
+             e.get("action", "-"), e.get("model") or ",".join(e.get("models", [])) or "-", e.get("host") or "-",
+             e.get("client") or "-", e.get("result", "ok"),
+             "; ".join(x for x in (", ".join(e.get("models", [])) if e.get("model") else "", e.get("detail", ""))
+                       if x)]
+            for e in body.get("entries", [])]
+    click.echo(table(["WHEN", "WHO", "ACTION", "MODEL", "HOST", "CLIENT", "RESULT", "DETAIL"], rows)
+               if rows else f"no action recorded in the last {since}")
+
+
+USAGE_COLUMNS = ("requests", "errors", "tokens_in", "tokens_out", "tokens_estimated", "gpu_hours")
+
+
+@click.command()
+@api_command
+@click.option("--since", default="30d", show_default=True, help="How far back: 12h, 7d, 30d, 2w.")
+@click.option("--by", type=click.Choice(["group", "key", "model"]), default="key", show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="Comma-separated values, a header line first.")
+def usage(api: Api, as_json: bool, since: str, by: str, as_csv: bool) -> None:
+    """Requests, errors, tokens and GPU hours per key, group or model (a client key: its own)."""
+    body = api.get("/api/usage", since=since, by=by)
+    if as_json:
+        return _echo_json(body)
+    rows = [[r.get("name", ""), *(r.get(c, 0) for c in USAGE_COLUMNS)] for r in [*body.get("rows", []), body["total"]]]
+    if as_csv:
+        out = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+        out.writerow((by, *USAGE_COLUMNS))
+        out.writerows(rows)
+        return
+    click.echo(table([by.upper(), "REQUESTS", "ERRORS", "TOKENS IN", "TOKENS OUT", "ESTIMATED", "GPU HOURS"],
+                     [[str(v) if not isinstance(v, float) else f"{v:.3f}" for v in row] for row in rows]))
+
+
+COMMANDS = [models, start, stop, stop_all, logs, devices, status, plan, audit, usage]
 
 
 def register(group: click.Group) -> None:

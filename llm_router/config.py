@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Mapping
 
 import msgspec
 from llm_lab_router.model_config import DeviceProfile, ModelConfig
@@ -300,3 +300,16 @@ def default_config_path() -> Path:
     from llm_lab_router.shipped import DEMO_CONFIG, shipped
 
     return shipped(DEMO_CONFIG)
+
+
+def env_int(name: str, default: int, minimum: int, env: Mapping[str, str] = os.environ) -> int:
+    """A whole-number setting a worker reads from the environment (a router reads the same
+    variable through ``RouterOptions``): ``default`` when unset; a bad value is the default,
+    with a warning on stderr (a worker must not fail to start over a retention setting)."""
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    if raw.isdigit() and int(raw) >= minimum:
+        return int(raw)
+    print(f"warning: {name}={raw!r} is not a whole number >= {minimum}: using {default}", file=sys.stderr)
+    return default

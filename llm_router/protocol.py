@@ -6,6 +6,31 @@ This is the one module that knows how keys are spelled and how messages are enco
 
 Layout (prefix ``llm:`` by default; docs/redis-keys.md documents each key for ``redis-cli``).
 
+key                             type        writer  content
+==============================  ==========  ======  ==================================================
+llm:worker:{wid}                hash, TTL   worker  ``WorkerInfo``: the worker's lease
+llm:catalog:{wid}               hash        worker  model id -> JSON ``CatalogEntry``
+llm:instance:{model}:{wid}      hash        worker  ``Instance``: state, url, pid, last error
+llm:devices:{wid}               string,TTL  worker  JSON ``DeviceSnapshot``
+llm:logs:{model}                stream      worker  fields ts, host, stream, msg (``MAXLEN ~``)
+llm:logpos:{wid}:{model}:{s}    string,TTL  worker  ``<spool file id>:<offset>`` shipped (``LOG_SHIP_SCRIPT``)
+llm:commands:{wid}              stream      router  ``Command`` fields; consumer group ``workers``
+llm:reply:{command id}          list, TTL   worker  one JSON ``Reply`` (the sender BLPOPs it)
+llm:events                      pub/sub     worker  JSON ``Event`` on every change
+llm:versions                    hash        worker  worker id -> ``<epoch>:<n>``, bumped with every change
+llm:used:{model}                hash        router  ``last_used`` + one JSON ``RouterUsage`` per router
+llm:quota:{scope}:{name}        hash, TTL   router  per-second requests/tokens of a key or group (router/limits/quotas.py)
+llm:quota:{scope}:{name}:inflight zset,TTL  router  leases of requests in flight, score = deadline (ms)
+llm:waiting                     hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (models waiting for a swap)
+llm:learned:{wid}:{model}       list, TTL   worker  JSON ``Learned``: measured cold starts and VRAM, newest first
+llm:hist:{step}:{series}:{slot} hash, TTL   both    one time slot of a series: counters, histogram buckets, gauges (``timeline``)
+llm:hist:{step}:gauges:{wid}:{chunk} string,TTL worker  a host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:hist:gauges:{wid}           hash, TTL   worker  that host's totals (MiB) and GPU count
+llm:hist:series                 hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}          hash        router  slot -> routers that tried to roll it up (the one that got 1 did)
+llm:timeline                    stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
+==============================  ==========  ======  ==================================================
+=======
 Who may write what is part of the wire format (docs/security.md, examples/redis-users.acl):
 everything a worker owns is under ``llm:w:{wid}:`` (its id in a fixed place, which Redis 6.2 ACL
 key patterns can express: worker ``wid``'s user gets ``~llm:w:{wid}:*``), as are its command
@@ -33,6 +58,12 @@ llm:used:{model}                    hash        router  ``last_used`` + one JSON
 llm:quota:{scope}:{name}            hash, TTL   router  per-second requests/tokens of a key or group (limits/quotas)
 llm:quota:{scope}:{name}:inflight   zset,TTL    router  leases of requests in flight, score = deadline (ms)
 llm:waiting                         hash        router  ``{model}@{rid}`` -> JSON ``WaitEntry`` (waiting for a swap)
+llm:hist:{step}:{series}:{slot}     hash, TTL   router  one time slot of a request series: counters, histogram buckets (``timeline``)
+llm:hist:series                     hash        both    series name -> unix time it was last written
+llm:hist:rolled:{step}              hash        router  slot -> routers that claimed its roll-up (the one that got 1 did it)
+llm:timeline                        stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
+llm:w:{wid}:hist:{step}:{chunk}     string,TTL  worker  the host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
+llm:w:{wid}:hist:gauges             hash, TTL   worker  the host's totals (MiB) and GPU count
 ==================================  ==========  ======  ==================================================
 """
 
@@ -162,6 +193,38 @@ class Keys:
         this key, never the routers' line itself, which it could then also write)."""
         return f"{self.prefix}hint:{wid}"
 
+    def history(self, step: int, series: str, slot: int) -> str:
+        """One ``step``-second slot of a history series (``llm_router.timeline``)."""
+        return f"{self.prefix}hist:{step}:{series}:{slot}"
+
+    def history_series(self) -> str:
+        """Every history series -> when it was last written (readers list series here, no SCAN)."""
+        return f"{self.prefix}hist:series"
+
+    def history_gauges(self, wid: str) -> str:
+        """Host ``wid``'s gauge totals (RAM and each GPU's memory, MiB) and GPU count (``timeline``):
+        its worker's own key, as are its records (``gauge_chunk``)."""
+        return f"{self.prefix}w:{wid}:hist:gauges"
+
+    def gauge_chunk(self, wid: str, step: int, chunk: int) -> str:
+        """Host ``wid``'s gauge records of ``CHUNK`` ``step``-second slots (``timeline.RECORD``)."""
+        return f"{self.prefix}w:{wid}:hist:{step}:{chunk}"
+
+    def history_rolled(self, step: int) -> str:
+        """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""
+        return f"{self.prefix}hist:rolled:{step}"
+
+    def timeline(self) -> str:
+        """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""
+        return f"{self.prefix}timeline"
+    def ledger(self, hour: int) -> str:
+        """The usage ledger of the hour starting at unix time ``hour``, see ``llm_router.ledger``."""
+        return f"{self.prefix}ledger:{hour}"
+
+    def audit(self) -> str:
+        """The audit trail: a bounded stream of actions, see ``llm_router.audit``."""
+        return f"{self.prefix}audit"
+
 
 class LegacyKeys(Keys):
     """The layout of releases before per-worker Redis users (one shared ``worker`` user), which
@@ -211,7 +274,6 @@ class LegacyKeys(Keys):
             return "key", self.instance(what[len("instance:"):], wid)
         named = {"lease": self.worker, "catalog": self.catalog, "devices": self.devices}.get(what)
         return ("key", named(wid)) if named else None
-
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """The worker's lease hash; it exists only while the worker heartbeats."""
@@ -387,6 +449,10 @@ class RouterUsage(msgspec.Struct, kw_only=True):
     # Of ``inflight``, those being served now, per worker id (the instance they were sent to);
     # the rest are queued, not yet sent to any instance.
     serving: dict[str, int] = {}
+    # key priority -> unix time (Redis's clock) of this router's last use of the model at that
+    # priority (``at`` while such a request is in flight): a swap for a lower priority may not
+    # evict it (router/control/scheduler.py, ``held_by_priority``)
+    priorities: dict[int, float] = {}
 
 
 USAGE_STALE = 10.0  # seconds after which a router's usage entry no longer counts
@@ -400,6 +466,7 @@ class ModelUsage(msgspec.Struct, kw_only=True):
 
     last_used: float = 0.0
     inflight: int = 0
+    priorities: dict[int, float] = {}  # key priority -> last use at it, any router
     serving: dict[str, int] = {}
 
     def requests_on(self, worker: str) -> int:
@@ -425,6 +492,8 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             out.last_used = max(out.last_used, entry.last_used)
+            for prio, at in entry.priorities.items():
+                out.priorities[prio] = max(at, out.priorities.get(prio, 0.0))
             if now - entry.at <= USAGE_STALE and k != USED_ROUTER + exclude:
                 out.inflight += entry.inflight
                 for wid, n in entry.serving.items():
@@ -435,12 +504,15 @@ def usage_of(fields: dict, now: float, exclude: str = "") -> ModelUsage:
 class Blocked(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Why a swap may not happen now. ``kind``: ``residency`` (``model`` loaded less than its
     min_residency ago; ``until`` when that ends), ``draining`` (``model`` has ``requests``
-    queued or in flight), ``turn`` (``model`` has waited longer and swaps first)."""
+    queued or in flight), ``turn`` (``model`` has waited longer and swaps first), ``priority``
+    (a key of a higher ``priority`` than the waiting requests' used ``model`` since it was
+    loaded)."""
 
-    kind: Literal["residency", "draining", "turn"]
+    kind: Literal["residency", "draining", "turn", "priority"]
     model: str
     until: float = 0.0  # unix time; 0 = unknown (draining, turn)
     requests: int = 0
+    priority: int = 0  # the higher priority that holds it (kind ``priority``)
 
 
 class WaitEntry(msgspec.Struct, kw_only=True):

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 
+from llm_lab_router.audit import AuditTrail
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.loops import supervised
 from llm_lab_router.protocol import Keys
@@ -31,10 +32,15 @@ from llm_lab_router.router.core.view import ClusterView
 from llm_lab_router.router.forward.balancer import Balancer
 from llm_lab_router.router.forward.proxy import Proxy
 from llm_lab_router.router.forward.upstream import Upstream
+from llm_lab_router.router.limits.budgets import Budgets
 from llm_lab_router.router.limits.quotas import Quotas
 from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
+from llm_lab_router.router.observe.history import History
+from llm_lab_router.router.observe.history_query import TimelineReader
+from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
+from llm_lab_router.timeline import resolutions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -73,16 +79,24 @@ class Services:
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval, serving=self._serving)
-        self.metrics = RouterMetrics(self.view)
+        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions(), clock=CLOCK.now)
+        # gauges are the workers' own keys: read as the read-only user when there is one
+        self.timeline = TimelineReader(self.redis, self.view_redis, self.keys, self.history.resolutions)
+        self.metrics = RouterMetrics(self.view, self.history)
+        self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
+        self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
                                      scheduler=self.options.scheduler, metrics=self.metrics,
-                                     start_backoff=self.options.start_backoff)
+                                     start_backoff=self.options.start_backoff, history=self.history,
+                                     audit=self.audit, ledger=self.ledger)
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
                              self.options.quota_redis_down, self.metrics)
+        self.history.inflight, self.history.queued = self.usage.all_inflight, self.control.waiting_now
+        self.budgets = Budgets(self.redis, self.keys, self.options.quota_redis_down, self.options.budget_refresh)
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,
-                           usage=self.usage, quotas=self.quotas)
+                           usage=self.usage, quotas=self.quotas, budgets=self.budgets)
         self.manager = Manager(self.view, self.control, self.redis, self.keys, self.options)
         self.log_pages = pooled(redis_url, self.options.log_connections, wait=30.0)
         self.log_readers = pooled(redis_url, self.options.log_readers, wait=30.0)
@@ -100,6 +114,7 @@ class Services:
         usage = usage_of(rec, status)
         self.metrics.observe(rec, status, ended_at, usage)
         self.access_log.add(rec, status, ended_at, usage)
+        self.ledger.add(rec, status, usage)
         if rec.lease is not None:
             self.quotas.settle(rec.lease, usage, rec.streamed, rec.events)
 
@@ -107,7 +122,7 @@ class Services:
         await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
         loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
-                 ("clock", lambda: CLOCK.keep(self.redis))]
+                 ("clock", lambda: CLOCK.keep(self.redis)), ("history", self.history.run), ("ledger", self.ledger.run)]
         if self.options.scheduler == "swap":
             loops.append(("claims", self.control.watch_claims))
         self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]
@@ -126,7 +141,9 @@ class Services:
         for task in getattr(self, "_loops", []):
             task.cancel()
         await asyncio.gather(*getattr(self, "_loops", []), return_exceptions=True)
+        await self.history.flush(final=True)  # the current slot too: a restart leaves no hole
         await self.quotas.close()
+        await self.ledger.flush()  # the last second's requests
         await self.view.close()
         await self.upstream.close()
         self.access_log.flush()

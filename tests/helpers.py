@@ -319,3 +319,13 @@ def start_stack(procs: Processes, redis_url: str, tmp_path: Path, toml: str) -> 
     router = start_router(procs, redis_url)
     wait_models(router, 2, timeout=30)
     return router.url
+
+
+def assert_bad_keys_file(path: Path, text: str, message: str) -> None:
+    """``serve`` with the keys file ``text`` at ``path`` stops with exit code 2 and one line
+    naming the file and ``message`` (the entry and the field)."""
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "llm_lab_router.cli", "serve", "--api-keys-file", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and str(path) in done.stderr and message in done.stderr, done.stderr

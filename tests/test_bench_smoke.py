@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
-            "quotas c=1", "affinity", "affinity x2", "scaling c=64",
+            "quotas c=1", "governance c=1", "affinity", "affinity x2", "scaling c=64",
             "scheduling", "scheduling arrivals", "swap"]
 
 
@@ -40,7 +40,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # every router-side figure was measured (a number, not NaN), not just printed
     for key in [("chat c=1", "latency p50"), ("stream", "TTFT p50 (c=1)"), ("50 streams", "router RSS peak"),
                 ("logs", "lines/s into Redis"), ("logs", "print -> SSE p50"), ("propagation", "worker write -> B p50"),
-                ("quotas c=1", "latency p50, key with rpm+tpm+concurrency")]:
+                ("quotas c=1", "latency p50, key with rpm+tpm+concurrency"),
+                ("governance c=1", "latency p50, key with models+start+budget")]:
         value = rows[key]["values"]["router"]
         assert value == value and value > 0, (key, rows[key])
     for key in [("affinity x2", "TTFT p50 (least | affinity)"), ("affinity x2", "requests/s (least | affinity)")]:
@@ -65,5 +66,5 @@ def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
     proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
-    assert "chat,stream,streams,logs,propagation,viewers,quotas,affinity,scaling,scheduling,swap" in "".join(proc.stdout.split())  # wrapped
+    assert "chat,stream,streams,logs,propagation,viewers,quotas,governance,affinity,scaling,scheduling,swap" in "".join(proc.stdout.split())  # wrapped
 

@@ -373,3 +373,39 @@ async def drive_plan(url: str, devtools_port: int, wid: str, a: str, b: str) -> 
             raise
         finally:
             await page.close()
+
+
+# --------------------------------------------------------------------------- the lab panel
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_dashboard_shows_usage_and_the_audit_trail(procs, redis_url: str, tmp_path: Path) -> None:
+    url = start_dashboard_stack(procs, redis_url, tmp_path)
+    post = urllib.request.Request(f"{url}/api/models/embedder/start", method="POST")
+    urllib.request.urlopen(post, timeout=30).close()
+    embed = urllib.request.Request(f"{url}/v1/embeddings", method="POST", headers={"Content-Type": "application/json"},
+                                   data=json.dumps({"model": "embedder", "input": "hello"}).encode())
+    urllib.request.urlopen(embed, timeout=30).close()
+
+    def used() -> bool:
+        with urllib.request.urlopen(f"{url}/api/usage?by=group", timeout=5) as resp:
+            return any(r["name"] == "-" and r["requests"] >= 1 for r in json.load(resp)["rows"])
+    wait_for(used, timeout=10, message="the request in the usage ledger")
+    devtools_port = launch_chromium(procs, tmp_path)
+    asyncio.run(drive_lab(url, devtools_port))
+
+
+async def drive_lab(url: str, devtools_port: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/")
+            audit = await page.wait(f"(() => {{ const t = {text_of('audit-body')}; "
+                                    "return t.includes('embedder') && t.includes('start') && t; })()",
+                                    message="the operator's start in the audit list")
+            assert "ok" in audit, audit
+            row = await page.wait(f"{text_of('usage--')}", message="the usage of keys without a group")
+            assert row.startswith("-") and "/" in row, row
+            assert page.errors == [], page.errors
+        finally:
+            await page.close()

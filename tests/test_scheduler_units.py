@@ -30,12 +30,12 @@ def loaded(started_at: float = NOW - 100, model: str = "a") -> list:
 
 
 def decide(instances=None, usage=None, waiters=(), residency=None, policy="swap", now=NOW, model="b",
-           entries=BIG, idle_release=None, snaps=SNAPS):
+           entries=BIG, idle_release=None, snaps=SNAPS, priority=0):
     """``residency`` and ``idle_release``: per model id (every instance of it alike), or per
     (model, worker) instance."""
     instances = instances if instances is not None else loaded()
     return decide_swap(model, entries, snaps, instances, usage or {}, list(waiters),
-                       per_instance(residency, instances), now, policy, per_instance(idle_release, instances))
+                       per_instance(residency, instances), now, policy, per_instance(idle_release, instances), priority)
 
 
 def per_instance(settings: dict | None, instances) -> dict:
@@ -130,6 +130,18 @@ def test_draining_a_busy_model_waits_and_is_never_overridden_by_starvation():
     starved = Waiter(model="b", since=NOW - 500, max_wait=60)
     assert decide(usage=busy, waiters=[starved]).action == "wait"  # never abort
     assert decide(usage={"a": ModelUsage(inflight=0)}, waiters=[starved]).action == "evict"
+
+
+def test_a_higher_priority_use_since_loading_holds_the_model_even_for_a_starving_waiter():
+    used = {"a": ModelUsage(last_used=NOW - 1, priorities={10: NOW - 20, -5: NOW - 1})}
+    starved = Waiter(model="b", since=NOW - 500, max_wait=60)
+    d = decide(usage=used, priority=-5, waiters=[starved])
+    assert (d.action, d.blocked, d.eta) == ("wait", [Blocked(kind="priority", model="a", priority=10)], 0.0)
+    assert decide(usage=used, priority=10).action == "evict"  # equal priorities: today's rules
+    assert decide(usage=used, priority=11).action == "evict"
+    # used at priority 10 before this residency only (it was evicted and loaded again since)
+    assert decide(instances=loaded(started_at=NOW - 10), usage=used, priority=-5).action == "evict"
+    assert decide(usage=used, priority=-5, residency={"a": 600}, waiters=[starved]).blocked[0].kind == "priority"
 
 
 def test_starving_waiter_overrides_residency():

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import redis.asyncio as aredis
 from llm_lab_router import __version__
+from llm_lab_router.audit import AuditTrail, maxlen_from as audit_maxlen
+from llm_lab_router.ledger import retention_days as ledger_retention_days
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.config import ConfigError, HostConfig, ModelConfig, load_config
@@ -55,7 +57,10 @@ from llm_lab_router.worker.private import private_dir
 from llm_lab_router.worker.prefetch import Prefetcher
 from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
+from llm_lab_router.worker.gpu_time import GpuClock
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
+from llm_lab_router.worker.timeline import GaugeRecorder, InstanceEvents
+from llm_lab_router.timeline import event_ops, resolutions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -82,6 +87,8 @@ class WorkerAgent:
         self.info = WorkerInfo(id=self.wid, host=self.hostname, pid=os.getpid(), version=__version__,
                                started_at=time.time(), heartbeat_at=time.time())
         self.version = WorkerVersion()  # bumped with every change it publishes (``llm:w:{wid}:version``)
+        self.audit = AuditTrail(self.redis, self.keys, f"worker:{self.wid}", audit_maxlen())  # reloads, adoption
+        self.gpu_clock = GpuClock(self.redis, self.keys, self.wid, ledger_retention_days(), log)  # the usage ledger
         self.state_dir = cfg.state_dir
         self.logs = LogPipe(self.redis, self.keys, host=self.wid, maxlen=self.settings.log_maxlen,
                             buffer_lines=self.settings.log_buffer, spool_dir=self.state_dir / "spool",
@@ -94,6 +101,8 @@ class WorkerAgent:
                                 placer=Placer(self.settings, self.snapshot, measured=self.learner.measured,
                                               estimated=self.estimates.mb),
                                 learner=self.learner, records=Records(self.state_dir))
+        self.timeline = InstanceEvents(self.wid, self.hostname, clock=CLOCK.now)  # for llm:timeline (worker.timeline)
+        self.gauges = GaugeRecorder(self.keys, self.wid, resolutions())  # its GPU and host series
         self.models = {m.id: self._supervise(m) for m in cfg.models}
         self.prefetcher = Prefetcher(self.redis, self.keys, self.wid, config_dir, self.settings,
                                      lambda: {i: mp.model for i, mp in self.models.items()},
@@ -103,7 +112,7 @@ class WorkerAgent:
         self._withdrawn: set[str] = set()  # models removed by a reload whose instance hash must go
         self._starts: set[asyncio.Task] = set()  # starts of models a reload added or replaced
         self.operations = Operations(self.wid, self.models, self.redis, self.keys)
-        self.idle = IdleReaper(self.redis, self.keys, self.models)
+        self.idle = IdleReaper(self.redis, self.keys, self.models, on_idle=self.timeline.cause)
         self.intakes = [CommandIntake(self.redis, keys, self.wid, self.operations.execute,
                                       before_reply=self.changes_published)
                         for keys in (self.keys, self.legacy) if keys is not None]
@@ -134,6 +143,7 @@ class WorkerAgent:
             await self.redis.aclose()
             self.probe.close()
             raise
+        self.timeline.note("worker_started", detail=f"pid {os.getpid()}, version {__version__}")
         await CLOCK.first(self.redis)  # before the first stamp it publishes (llm_lab_router.clock)
         private_dir(self.state_dir / "spool")  # one a previous version left 0755 is narrowed
         host_lock = self.lock.host.sock if self.lock.host is not None else None
@@ -143,7 +153,8 @@ class WorkerAgent:
         self.logs.start()
         loops = [supervised(name, fn, log) for name, fn in [
             ("publisher", self._publisher), ("heartbeat", self._heartbeat), ("devices", self._devices),
-            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run)]]
+            ("idle", self.idle.run), ("clock", lambda: CLOCK.keep(self.redis)), ("prefetch", self.prefetcher.run),
+            ("gpu time", self._gpu_time)]]
         intakes = [supervised("commands", i.run, log) for i in self.intakes]
         reloads = supervised("reload", self._reloads, log)
         autostart = [asyncio.create_task(mp.ensure_running(persistent=True))
@@ -171,6 +182,11 @@ class WorkerAgent:
             mp.detach()
         await _cancel(starts)
         await self.changes_published(SHUTDOWN_TIMEOUT)
+        self.timeline.note("worker_stopped", detail="exiting: its models keep running for the next worker")
+        try:
+            await asyncio.wait_for(self._publish_events(), SHUTDOWN_TIMEOUT)
+        except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("could not record the worker's exit in the timeline (redis: %s)", exc)
         await _cancel(loops)
         await self.logs.close(timeout=SHUTDOWN_TIMEOUT)
         await self.redis.aclose()
@@ -232,6 +248,11 @@ class WorkerAgent:
             index=engine.record.profile))
             for mp, engine in claims.items()))
         rejected += [(engine, why) for (mp, engine), why in zip(claims.items(), results) if why]
+        if found:
+            await self.audit.record(f"worker:{self.wid}", "adopt", host=self.wid,
+                                    models=[mp.model.id for mp, why in zip(claims, results) if not why],
+                                    detail="; ".join(f"not adopted: pid {engine.record.pid} ({engine.record.model or '?'}): {why}"
+                                                     for engine, why in rejected))
         if not rejected:
             return
         grace = max((m.stop_grace for m in self.cfg.models), default=5.0)
@@ -295,6 +316,9 @@ class WorkerAgent:
             new = await asyncio.to_thread(load_config, self.cfg.path)
         except ConfigError as exc:
             log.error("config reload failed, keeping the config in force: %s", exc)
+            self.timeline.note("reload_failed", detail=str(exc))
+            await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, result=f"config error: {exc}")
+            self._wake.set()
             return
         new.worker.id = self.settings.id  # a --worker-id override stays
         new.worker.state_dir = self.settings.state_dir  # and a --state-dir one
@@ -303,6 +327,8 @@ class WorkerAgent:
         new.worker = self.settings
         plan = plan_reload(self.cfg.models, new.models)
         log.info("config reloaded from %s: %s", new.path, plan.summary())
+        self.timeline.note("reload", detail=plan.summary())
+        await self.audit.record(f"worker:{self.wid}", "reload", host=self.wid, detail=plan.summary())
         to_start = await apply_plan(plan, self.models, self._supervise)
         self.cfg = new
         self._withdrawn.update(plan.removed)
@@ -315,6 +341,7 @@ class WorkerAgent:
     # --- publishing: one task writes the worker's keys, in order ---
 
     def _instance_changed(self, inst: Instance) -> None:
+        self.timeline.changed(inst)
         self._queued += 1
         self._changes.append((self._queued, inst))
         self._wake.set()
@@ -342,7 +369,7 @@ class WorkerAgent:
         link = RedisLink("publish")
         while True:
             stop_if_cancelled()
-            if not (self._resync or self._changes):
+            if not (self._resync or self._changes or self.timeline.pending):
                 await self._wake.wait()
             self._wake.clear()
             try:
@@ -361,6 +388,7 @@ class WorkerAgent:
                     await self._publish_instance(inst)
                     self._changes.popleft()
                     await self._advance(number)
+                await self._publish_events()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
                 self._request_resync()  # whatever was lost is re-sent in full
@@ -387,6 +415,18 @@ class WorkerAgent:
             change_ops(self._mirrored(pipe), self.keys, self.wid, inst, self.version)
             await pipe.execute()
 
+    async def _publish_events(self) -> None:
+        """The timeline events of the changes just published (kept for the next try on failure)."""
+        if not (events := self.timeline.take()):
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                event_ops(pipe, self.keys, events)
+                await pipe.execute()
+        except REDIS_ERRORS:
+            self.timeline.put_back(events)
+            raise
+
     def _mirrored(self, pipe):
         """The pipeline the publish steps write to: in the upgrade window (``legacy_keys``), one
         that also writes the old key names (``worker.legacy``)."""
@@ -402,9 +442,11 @@ class WorkerAgent:
     async def _publish_goodbye(self) -> None:
         """Last words: every instance (stopped now), no lease, and an event saying we are gone."""
         try:
+            self.timeline.note("worker_stopped", detail="its models stopped")
             async with self.redis.pipeline(transaction=True) as pipe:
                 goodbye_ops(self._mirrored(pipe), self.keys, self.wid, [mp.instance for mp in self.models.values()],
                             self.version)
+                event_ops(pipe, self.keys, self.timeline.take())
                 await asyncio.wait_for(pipe.execute(), SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("could not withdraw the lease (redis unreachable: %s); it expires in %gs",
@@ -435,6 +477,14 @@ class WorkerAgent:
                 self.logs.check_tail()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
+    async def _gpu_time(self) -> None:
+        """Add the running models' GPU-seconds to the usage ledger, every heartbeat interval."""
+        while True:
+            stop_if_cancelled()
+            self.gpu_clock.tick(mp.instance for mp in self.models.values())
+            await self.gpu_clock.flush()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
     async def _devices(self) -> None:
         link = RedisLink("devices")
         interval = self.settings.devices_interval
@@ -444,7 +494,10 @@ class WorkerAgent:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     devices_ops(self._mirrored(pipe), self.keys, snap, interval)
+                    recorded = self.gauges.ops(pipe, snap)  # at most one record per fine slot
                     await pipe.execute()
+                if recorded:
+                    await self.gauges.roll_up(self.redis, snap.ts)
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
@@ -488,6 +541,11 @@ def main(cfg: HostConfig, redis_url: str, prefix: str = "llm:") -> int:
     """Run the worker agent until SIGTERM or SIGINT; 0 after a clean shutdown."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
+    try:
+        resolutions()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         import uvloop
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import redis.asyncio as aredis
 from llm_lab_router.backoff import REDIS_ERRORS, RedisLink, stop_if_cancelled
@@ -56,8 +56,9 @@ class IdleReaper:
     A round without any ``idle_ttl`` set costs nothing (no Redis call)."""
 
     def __init__(self, redis: aredis.Redis, keys: Keys, models: Mapping[str, ModelProcess],
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, on_idle: Callable[[str, str], None] | None = None) -> None:
         self.redis = redis
+        self.on_idle = on_idle  # told (model, why) before an idle model is stopped: the timeline's cause
         self.keys = keys
         self.models = models
         self.max_interval = interval
@@ -89,5 +90,7 @@ class IdleReaper:
             why = f"unused for {self.models[model].model.idle_ttl:g}s (idle_ttl): stopping"
             log.info("%s: %s", model, why)
             self.models[model].host.logs.write(model, "event", why)
+            if self.on_idle is not None:
+                self.on_idle(model, f"idle: unused for {self.models[model].model.idle_ttl:g}s")
         await asyncio.gather(*(self.models[m].ensure_stopped() for m in idle))
         return idle

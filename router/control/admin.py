@@ -7,12 +7,16 @@ for word, with the alias as the caller gave it.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Callable, Iterable
+
 import msgspec
 from llm_lab_router import __version__
 from llm_lab_router.protocol import CatalogEntry, Keys, Reply, trim_logs
 from llm_lab_router.router.control.client import (
     ControlClient,
     ControlError,
+    Origin,
     describe_failure,
     merged_models,
     start_failed,
@@ -49,6 +53,9 @@ def clear_message(alias: str, keep_minutes: int, deleted: int) -> str:
     if keep_minutes:
         return f"模型 '{alias}' 已清理 {keep_minutes} 分钟前的日志，删除 {deleted} 条"
     return f"模型 '{alias}' 已清空全部日志，删除 {deleted} 条"
+
+
+InScope = Callable[[Iterable[str]], bool]  # whether a model (its id and aliases) is in an admin key's scope
 
 
 def failures(replies: list[Reply]) -> dict[str, str]:
@@ -126,8 +133,17 @@ class Manager:
     def model(self, alias: str) -> ModelCard:
         return self.model_card(self._entry(self.model_for(alias)))
 
-    def model_list(self) -> ModelList:
-        return ModelList(data=[self.model_card(e) for e in sorted(self.view.models(), key=lambda e: e.id)])
+    def model_list(self, visible: InScope | None = None) -> ModelList:
+        """Every catalog model; with ``visible`` (a key limited to some models), those only."""
+        models = self.view.models() if visible is None else [e for e in self.view.models() if visible((e.id, *e.aliases))]
+        return ModelList(data=[self.model_card(e) for e in sorted(models, key=lambda e: e.id)])
+
+    def names(self, alias: str) -> tuple[str, ...]:
+        """The names the model ``alias`` goes by (as asked, id, aliases), for permission checks;
+        ``alias`` alone when no live catalog has it (a model whose logs outlived its worker)."""
+        model = self.view.resolve(alias)
+        entry = self.view.catalog_entry(model) if model else None
+        return (alias,) if model is None or entry is None else (alias, model, *entry.aliases)
 
     def _entry(self, model: str) -> CatalogEntry:
         entry = self.view.catalog_entry(model)
@@ -146,6 +162,12 @@ class Manager:
                                      self.view.catalog_workers(model), instances, self.control.reason(model),
                                      [row for w, entry in self.view.catalog_entries(model).items()
                                       for row in vram_figures(w, entry)]))
+
+    async def model_info_now(self, alias: str) -> ModelInfo:
+        """``model_info`` with the requests in flight and queued now, over every router."""
+        info = self.model_info(alias)
+        info.model.inflight, info.model.queued = await self.control.load(info.model.id)
+        return info
 
     def devices(self) -> DevicesResult:
         snaps = self.view.devices()
@@ -169,18 +191,20 @@ class Manager:
 
     # --- actions ---
 
-    async def start(self, alias: str, wait: bool, worker: str | None = None) -> tuple[int, Started]:
+    async def start(self, alias: str, wait: bool, worker: str | None = None,
+                    origin: Origin | None = None) -> tuple[int, Started]:
         """Start and wait until it serves (200), or only begin (202, ``wait=false``); on
-        ``worker`` only, when given (``on``: the manual's message, naming that host)."""
+        ``worker`` only, when given (``on``: the manual's message, naming that host).
+        ``origin``: the caller, named in the audit trail of an eviction the start makes."""
         model = self.model_for(alias)
         host = self.host_for(alias, model, worker)
         on = f" (worker '{host}')" if host else ""
         if not wait and not self.control.running_on(model, host):
-            self.control.start_in_background(model, self.options.start_timeout, host, by_operator=True)
+            self.control.start_in_background(model, self.options.start_timeout, host, origin)
             return 202, Started(message=f"模型 '{alias}' 正在启动{on}", model=model, state="starting",
                                 workers=[host] if host else [])
         try:
-            await self.control.ensure_running(model, self.options.start_timeout, host, by_operator=True)
+            await self.control.ensure_running(model, self.options.start_timeout, host, origin=origin)
         except ControlError as exc:
             raise start_failed(f"模型 '{alias}' 启动失败{on}: {describe_failure(exc)}", exc) from None
         return 200, Started(message=f"模型 '{alias}' 启动成功{on}", model=model, state="running",
@@ -195,19 +219,52 @@ class Manager:
             raise ApiError(503, f"模型 '{alias}' 停止失败{on}: {failures_text(bad)}", "model_stop_failed", failed=bad)
         return Stopped(message=f"模型 '{alias}' 停止成功{on}", model=model, workers=[r.worker for r in replies])
 
-    async def stop_all(self) -> AllStopped:
-        replies = await self.control.stop_all(self.options.stop_timeout)
+    def scoped(self, in_scope: InScope) -> list[CatalogEntry]:
+        """The catalog models within an admin scope."""
+        return sorted((e for e in self.view.models() if in_scope((e.id, *e.aliases))), key=lambda e: e.id)
+
+    async def stop_all(self, in_scope: InScope | None = None) -> AllStopped:
+        """Every model on every host; with ``in_scope`` (a scoped admin key), those of its scope
+        only, one stop per model (a worker's ``stop_all`` would stop the others too)."""
+        if in_scope is None:
+            replies = await self.control.stop_all(self.options.stop_timeout)
+        else:
+            active = [e.id for e in self.scoped(in_scope)
+                      if any(i.state != "stopped" for i in self.view.instances(e.id))]
+            per_model = await asyncio.gather(*(self.control.stop(m, self.options.stop_timeout) for m in active))
+            replies = [msgspec.structs.replace(r, models=[m] if r.ok else []) for m, rs in zip(active, per_model)
+                       for r in rs]
         if bad := failures(replies):
             raise ApiError(503, f"部分模型未能关闭: {failures_text(bad)}", "stop_all_failed", failed=bad)
-        return AllStopped(message="所有模型已关闭", models=merged_models(replies), workers=[r.worker for r in replies])
+        return AllStopped(message="所有模型已关闭", models=merged_models(replies),
+                          workers=sorted({r.worker for r in replies}))
 
-    async def restart_autostart(self) -> Restarted:
-        replies = await self.control.restart_autostart(self.options.start_timeout)
+    async def restart_autostart(self, in_scope: InScope | None = None) -> Restarted:
+        """Stop every model and start the ``auto_start`` ones again; with ``in_scope``, only the
+        models of that scope (each ``auto_start`` one started on the hosts where it is so)."""
+        if in_scope is None:
+            replies = await self.control.restart_autostart(self.options.start_timeout)
+        else:
+            await self.stop_all(in_scope)
+            replies = await self._start_autostart(self.scoped(in_scope))
         started = merged_models(replies)
         if bad := failures(replies):
             raise ApiError(503, f"已重启 {len(started)} 个autostart模型 ({', '.join(started)}), 但: "
                                 f"{failures_text(bad)}", "restart_autostart_failed", failed=bad)
         return Restarted(message=f"已重启 {len(started)} 个autostart模型", started_models=started)
+
+    async def _start_autostart(self, entries: list[CatalogEntry]) -> list[Reply]:
+        """Start each of ``entries`` on every host whose catalog marks it ``auto_start``."""
+        targets = [(e.id, w) for e in entries for w, c in self.view.catalog_entries(e.id).items() if c.auto_start]
+
+        async def one(model: str, host: str) -> Reply:
+            try:
+                await self.control.ensure_running(model, self.options.start_timeout, host)
+            except ControlError as exc:
+                return Reply(id="", worker=host, ok=False, message=f"{model}: {exc.message}")
+            return Reply(id="", worker=host, ok=True, models=[model])
+
+        return list(await asyncio.gather(*(one(m, w) for m, w in targets)))
 
     async def log_stats(self) -> LogStatsResult:
         models = sorted(m.id for m in self.view.models())

@@ -18,12 +18,14 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from redis.asyncio import Redis
 
 from redis.exceptions import RedisError
 
+import msgspec
+from llm_lab_router.audit import NO_NAME, AuditTrail
 from llm_lab_router.clock import CLOCK
 from llm_lab_router.protocol import (
     USAGE_STALE, CatalogEntry, Command, DeviceSnapshot, Instance, Keys, ModelUsage, Reply, WaitEntry, command_fields,
@@ -37,6 +39,8 @@ from llm_lab_router.router.control.explain import (
     swap_reason,
     with_prefetch,
 )
+from llm_lab_router.router.observe.history import History
+from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.control.pending import line_reason
 from llm_lab_router.router.control.host_rank import Eviction, no_room_message, rank_hosts
@@ -55,6 +59,31 @@ ACTIVE_STATES = ("starting", "running")
 START_MARGIN = 30.0  # s beyond a model's own startup_timeout: placement, eviction, Redis round trips
 SWAP_POLL = 0.5  # s between re-decisions of a start that waits for a swap (usage changes send no event)
 CLAIM_POLL = 0.5  # s between reads of llm:waiting for models claimed by starving waiters
+PRIORITY_ANY = 2 ** 31  # an operator's start (admin API): above every key priority, so no priority holds it back
+
+
+class Caller(Protocol):
+    """What a start needs of a key (``router.limits.profile.KeyProfile`` has it)."""
+
+    name: str
+    group: str | None
+
+
+class Origin(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a start is for (the audit trail): the key's name and the client's address;
+    ``on_demand``: a request's start (recorded here), else an admin's (its handler records it)."""
+
+    who: str = NO_NAME
+    group: str = NO_NAME  # the key's group: the usage ledger charges it the load's idle GPU time
+    client: str = ""
+    on_demand: bool = True
+
+    @classmethod
+    def of(cls, caller: Caller | None, client: str, on_demand: bool = True) -> "Origin":
+        """The origin of a request or action of ``caller`` (``None``: a key without a name)."""
+        if caller is None:
+            return cls(client=client, on_demand=on_demand)
+        return cls(who=caller.name, group=caller.group or NO_NAME, client=client, on_demand=on_demand)
 
 
 class ControlError(Exception):
@@ -145,7 +174,8 @@ def merged_models(replies: Iterable[Reply]) -> list[str]:
 class ControlClient:
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, view: ClusterView,
                  usage: UsageReporter | None = None, scheduler: Policy = "swap",
-                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0) -> None:
+                 metrics: RouterMetrics | None = None, start_backoff: float = 0.0,
+                 history: History | None = None, audit: AuditTrail | None = None, ledger: Ledger | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -153,10 +183,14 @@ class ControlClient:
         self.usage = usage  # this router's own requests in flight (for eviction)
         self.scheduler = scheduler
         self.metrics = metrics
+        self.history = history  # the timeline: starts requested, evictions (router.observe.history)
+        self.audit = audit  # on-demand starts and evictions, with the key they were for
+        self.ledger = ledger  # who started each model: its unused GPU time is theirs
         self.board = WaitBoard(redis, keys, usage.router_id if usage else uuid.uuid4().hex[:12])
         self.backoff = StartBackoff(start_backoff)  # models whose start failed: no on-demand start for a while
         self._starts: dict[tuple[str, str | None], asyncio.Task[Reply]] = {}  # (model, host or None: any)
         self._waiting: dict[str, int] = {}  # requests (callers of ``start``) waiting per model
+        self._priorities: dict[str, list[int]] = {}  # their key priorities, per model (a swap's priority)
         self.pending: dict[str, WaitReason] = {}  # why each model this router waits for is not served yet
         self.closing: set[str] = set()  # models claimed by a starving waiter: no new requests (scheduler.claims)
         self.line: list[WaitEntry] = []  # llm:waiting as last read (watch_claims): every router's waiters
@@ -229,44 +263,72 @@ class ControlClient:
         """The running instances of ``model`` (on ``host`` only, when given)."""
         return [i for i in self.view.running_instances(model) if host is None or i.worker == host]
 
+    def start_underway(self, model: str) -> bool:
+        """Whether ``model`` is being started for someone already: an instance is starting, a
+        start of this router is in flight, or some router's requests wait for its swap."""
+        return (any(i.state == "starting" for i in self.view.instances(model))
+                or any(m == model for m, _ in self._starts)
+                or any(e.model == model for e in self.line))
+
     async def ensure_running(self, model: str, timeout: float, host: str | None = None,
-                             by_operator: bool = False) -> None:
+                             priority: int | None = None, origin: Origin | None = None) -> None:
         """Return once some instance of ``model`` runs (on ``host``, when given), starting it if
         needed (shared start).
 
-        ``by_operator``: an explicit start (the API's start), which gives a failed model a fresh
-        restart budget on its worker; a start for a request is a restart of a failed model,
-        counted, backed off and bounded there (``Command.on_demand``), and this router does not
-        start on demand a model whose start failed a moment ago (``StartBackoff``): it raises."""
+        ``origin``: who the start is for. An operator's (``origin.on_demand`` false, or no
+        ``origin``: the API's start) gives a failed model a fresh restart budget on its worker; a
+        start for a request is a restart of a failed model, counted, backed off and bounded there
+        (``Command.on_demand``), and this router does not start on demand a model whose start
+        failed a moment ago (``StartBackoff``): it raises."""
         if not self.running_on(model, host):
+            by_operator = origin is None or not origin.on_demand
             if not by_operator and (model, host) not in self._starts and (why := self.backoff.reason(model)):
                 raise ControlError(why.message, reason=why)  # its last start failed a moment ago
-            await self.start(model, timeout, host, by_operator)
+            await self.start(model, timeout, host, priority, origin)
 
-    async def start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
+    async def start(self, model: str, timeout: float, host: str | None = None, priority: int | None = None,
+                    origin: Origin | None = None) -> Reply:
         """Start ``model`` and wait until it serves; concurrent callers share one start.
         ``host``: on that worker only (the operator's choice), else wherever it fits best.
+        ``priority``: the key priority of a request's start (``None``: an admin's start, which
+        no priority holds back); the start evicts with the highest priority of its callers.
+        ``origin``: who it is for, in the audit trail (the caller that began it).
 
         A caller that goes away (its request was cancelled) does not cancel the shared start."""
         self._waiting[model] = self._waiting.get(model, 0) + 1
+        prios = self._priorities.setdefault(model, [])
+        prios.append(PRIORITY_ANY if priority is None else priority)
         try:
             # Counted as in flight (llm:used): once loaded, the model drains its waiting
             # requests before anything may evict it.
             track = self.usage is not None and self.scheduler == "swap"  # "lru": as before the scheduler
-            with self.usage.track(model) if track else contextlib.nullcontext():
-                return await asyncio.shield(self.start_in_background(model, timeout, host, by_operator))
+            with self.usage.track(model, priority or 0) if track else contextlib.nullcontext():
+                return await asyncio.shield(self.start_in_background(model, timeout, host, origin))
         finally:
             self._waiting[model] -= 1
+            prios.remove(PRIORITY_ANY if priority is None else priority)
             if not self._waiting[model]:
                 del self._waiting[model]
+            if not prios:
+                self._priorities.pop(model, None)
+
+    def priority(self, model: str) -> int:
+        """The priority a swap for ``model`` evicts with: the highest of its waiting callers'
+        (a start with no caller waiting, ``?wait=false``, is an admin's: no priority holds it)."""
+        return max(self._priorities.get(model, ()), default=PRIORITY_ANY)
 
     def start_in_background(self, model: str, timeout: float, host: str | None = None,
-                            by_operator: bool = False) -> asyncio.Task[Reply]:
-        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``)."""
+                            origin: Origin | None = None) -> asyncio.Task[Reply]:
+        """Begin a start, or join the one in flight, without waiting for it (``?wait=false``);
+        the first caller's ``origin`` is the one the timeline names."""
         key = (model, host)
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(model, timeout, host, by_operator), name=f"start-{model}")
+            if self.history is not None:
+                self.history.event("start_requested", model=model, host=host or "",
+                                   key=origin.who if origin is not None else "")
+            task = asyncio.create_task(self._start_for(model, timeout, host, origin or Origin(on_demand=False)),
+                                       name=f"start-{model}")
             self._starts[key] = task
             task.add_done_callback(lambda t: self._start_done(key, t))
         return task
@@ -292,7 +354,28 @@ class ControlClient:
         elif exc is not None:  # not an expected failure: no caller may be waiting to report it
             log.error("start of %s failed", model, exc_info=exc)
 
-    async def _start(self, model: str, timeout: float, host: str | None = None, by_operator: bool = False) -> Reply:
+    async def _start_for(self, model: str, timeout: float, host: str | None, origin: Origin) -> Reply:
+        """``_start``, recorded in the audit trail when it is a request's (on demand) and, once
+        it runs, in the usage ledger as loaded by ``origin``. An operator's start (``origin``
+        not on demand) gives a failed model a fresh restart budget on its worker; a start for
+        a request is a restart of a failed model, counted, backed off and bounded there
+        (``Command.on_demand``)."""
+        audit = self.audit if origin.on_demand else None
+        try:
+            reply = await self._start(model, timeout, host, origin)
+        except ControlError as exc:
+            if audit is not None:
+                await audit.record(origin.who, "on_demand_start", model=model, client=origin.client,
+                                   result=exc.message)
+            raise
+        if self.ledger is not None:
+            self.ledger.loaded(origin.who, origin.group, model)
+        if audit is not None:
+            await audit.record(origin.who, "on_demand_start", model=model, client=origin.client, host=reply.worker)
+        return reply
+
+    async def _start(self, model: str, timeout: float, host: str | None = None,
+                     origin: Origin = Origin(on_demand=False)) -> Reply:
         """Try the hosts where the model fits in order (a host whose worker finds no room after
         all, because another router placed something there first, passes to the next); when it
         fits nowhere, stop loaded models on one host to make room once the scheduler allows it
@@ -317,7 +400,7 @@ class ControlClient:
                 for wid in order:
                     try:
                         return await self._start_on(wid, model, deadline, anywhere=host is None,
-                                                    by_operator=by_operator)
+                                                    by_operator=not origin.on_demand)
                     except NoRoom as exc:
                         reasons[wid] = exc.message
                 if fits and not order:  # it fits, but only in the room a model ahead waits for
@@ -331,7 +414,7 @@ class ControlClient:
                     raise ControlError(message, reason=no_room_reason(
                         model, entries, view.devices(), view.all_instances(), reasons, message))
                 if decision.action == "evict" and decision.plan is not None:
-                    await self._evict(decision.plan, model, deadline)
+                    await self._evict(decision.plan, model, deadline, origin)
                     try:
                         return await self._start_on(decision.plan.worker, model, deadline, anywhere=host is None)
                     except NoRoom:
@@ -339,7 +422,10 @@ class ControlClient:
                     finally:
                         self._waited(model, began)
                 cold = max((e.cold_start_s for e in entries.values()), default=0.0)
+                first_wait = model not in self.pending
                 reason = self.pending[model] = swap_reason(model, decision, waiters, CLOCK.now(), cold)
+                if first_wait and self.history is not None:
+                    self.history.event("swap_wait", model=model, key=origin.who, detail=reason.message)
                 left = deadline - loop.time()
                 if left <= 0:
                     self._waited(model, began)
@@ -387,7 +473,7 @@ class ControlClient:
         specs = {where(i): view.catalog_entries(i.model).get(i.worker, CatalogEntry(id=i.model)) for i in loaded}
         decision = decide_swap(model, entries, view.devices(), instances, usage, waiters,
                                {w: s.min_residency for w, s in specs.items()}, now, self.scheduler,
-                               {w: s.idle_release for w, s in specs.items()})
+                               {w: s.idle_release for w, s in specs.items()}, self.priority(model))
         return decision, waiters
 
     async def _waiters(self, model: str, began: float) -> list[Waiter]:
@@ -403,15 +489,38 @@ class ControlClient:
         """The ``max_wait`` of each waiting model, from its catalog entry."""
         return {e.model: c.max_wait for e in board if (c := self.view.catalog_entry(e.model)) is not None}
 
-    async def _evict(self, plan: Eviction, model: str, deadline: float) -> None:
-        log.info("evicting %s on %s to make room for %s", plan.victims, plan.worker, model)
+    async def _evict(self, plan: Eviction, model: str, deadline: float, origin: Origin) -> None:
+        log.info("evicting %s on %s to make room for %s (key %s)", plan.victims, plan.worker, model, origin.who)
+        if self.history is not None:
+            self.history.event("evicted", model=model, models=list(plan.victims), host=plan.worker, key=origin.who,
+                               detail=f"stopped {', '.join(plan.victims)} to make room for {model}")
         replies = await asyncio.gather(*(self.send(plan.worker, Command(op="stop", model=m), self._left(deadline))
                                          for m in plan.victims))
-        if not all(r.ok for r in replies):
-            raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': "
-                               + "; ".join(r.message for r in replies if not r.ok))
+        failed = "; ".join(r.message for r in replies if not r.ok)
+        if self.audit is not None:
+            await self.audit.record(origin.who, "evict", model=model, models=list(plan.victims), host=plan.worker,
+                                    client=origin.client, result=failed or "ok",
+                                    detail=f"to make room for '{model}' (key '{origin.who}')")
+        if failed:
+            raise ControlError(f"could not stop idle models on '{plan.worker}' to make room for '{model}': {failed}")
         if self.metrics is not None:
             self.metrics.swapped(model)
+
+    def waiting_now(self) -> dict[str, int]:
+        """Requests of this router waiting for a start or a swap, per model."""
+        return dict(self._waiting)
+
+    async def load(self, model: str) -> tuple[int, int]:
+        """``model``'s requests in flight on every live router, and of those the ones waiting for
+        a swap (the line as last read: ``watch_claims``); this router's own counts alone when
+        Redis cannot be read."""
+        now = CLOCK.now()
+        queued = sum(e.count for e in self.line if e.model == model and now - e.at <= USAGE_STALE)
+        try:
+            inflight = (await self.usage_of([model]))[model].inflight
+        except RedisError:
+            inflight = self.usage.inflight(model) if self.usage is not None else 0
+        return inflight, max(queued, self._waiting.get(model, 0))
 
     async def usage_of(self, models: Iterable[str]) -> dict[str, ModelUsage]:
         """Use of ``models`` across routers, with this router's own requests counted exactly."""
@@ -464,6 +573,8 @@ class ControlClient:
         worker only."""
         wids = [host] if host is not None else sorted(
             set(self.view.catalog_workers(model)) | {i.worker for i in self.view.instances(model) if i.state != "stopped"})
+        if self.history is not None:
+            self.history.event("stop_requested", model=model, host=host or "", detail="stop asked through the API")
         return await self.fan_out(wids, lambda: Command(op="stop", model=model), timeout)
 
     async def stop_all(self, timeout: float) -> list[Reply]:

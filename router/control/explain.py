@@ -71,6 +71,9 @@ def describe_blocked(b: Blocked, now: float) -> str:
         return f"'{b.model}' stays loaded {max(0, b.until - now):.0f}s more (min_residency)"
     if b.kind == "draining":
         return f"'{b.model}' is serving {b.requests} request(s) first"
+    if b.kind == "priority":
+        return (f"'{b.model}' is used by a key of higher priority ({b.priority}) since it was loaded; "
+                "a lower priority does not evict it")
     return f"'{b.model}' has waited longer and swaps first"
 
 

@@ -48,6 +48,9 @@ class UsageReporter:
         self.serving = serving
         self._inflight: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
+        # per (model, key priority): requests in flight, and the last use (start or end)
+        self._prio_inflight: dict[tuple[str, int], int] = {}
+        self._prio_used: dict[tuple[str, int], float] = {}
         self._reported: dict[str, int] = {}  # in-flight count last written, per model
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
@@ -56,26 +59,43 @@ class UsageReporter:
     def inflight(self, model: str) -> int:
         return self._inflight.get(model, 0)
 
+    def all_inflight(self) -> dict[str, int]:
+        """Every model with requests of this router in flight now (queued or served)."""
+        return {m: n for m, n in self._inflight.items() if n}
+
     @contextmanager
-    def track(self, model: str) -> Iterator[None]:
-        """Count one request of ``model`` (queued or served) for the duration of the block."""
+    def track(self, model: str, priority: int = 0) -> Iterator[None]:
+        """Count one request of ``model`` (queued or served), by a key of ``priority``, for the
+        duration of the block."""
+        key = (model, priority)
         self._inflight[model] = self._inflight.get(model, 0) + 1
-        self._touch(model)
+        self._prio_inflight[key] = self._prio_inflight.get(key, 0) + 1
+        self._touch(model, key)
         if not self._reported.get(model):
             self._wake.set()  # idle -> busy: say so now, not within a second
         try:
             yield
         finally:
             self._inflight[model] -= 1
-            self._touch(model)
+            self._prio_inflight[key] -= 1
+            self._touch(model, key)
 
     def serving_on(self, model: str) -> dict[str, int]:
         """This router's requests of ``model`` being served now, per worker (``serving``)."""
         return dict(self.serving(model)) if self.serving is not None else {}
 
-    def _touch(self, model: str) -> None:
-        self._last_used[model] = self.clock()
+    def _touch(self, model: str, key: tuple[str, int]) -> None:
+        self._last_used[model] = self._prio_used[key] = self.clock()
         self._dirty.add(model)
+
+    def priorities(self, models: set[str], now: float) -> dict[str, dict[int, float]]:
+        """Per model of ``models``: each key priority it was used at, and when last (``now``
+        while a request of that priority is in flight)."""
+        found: dict[str, dict[int, float]] = {}
+        for (model, prio), at in self._prio_used.items():
+            if model in models:
+                found.setdefault(model, {})[prio] = now if self._prio_inflight.get((model, prio)) else at
+        return found
 
     async def run(self) -> None:
         """Write what changed every ``interval`` (or at once when a model became busy)."""
@@ -100,11 +120,12 @@ class UsageReporter:
         self._dirty = set()
         now = self.clock()
         counts = {m: self._inflight.get(m, 0) for m in models}
+        priorities = self.priorities(models, now)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for m in models:
                     entry = RouterUsage(inflight=counts[m], last_used=self._last_used.get(m, 0.0), at=now,
-                                        serving=self.serving_on(m))
+                                        serving=self.serving_on(m), priorities=priorities.get(m, {}))
                     pipe.hset(self.keys.used(m), mapping={USED_LAST: f"{entry.last_used:.3f}",
                                                           USED_ROUTER + self.router_id: to_json(entry)})
                     pipe.expire(self.keys.used(m), USED_TTL)

@@ -16,6 +16,11 @@ state every router reads alike from Redis (instances, ``llm:used:{model}``,
   model, on another host, serves a stream;
 - **batching**: every request waiting for one model shares one swap (one start per router,
   and routers share the waiting entry per model, so all of them wait for the same start);
+- **priority**: a model that a key of a higher ``priority`` than the waiting requests' is
+  using, or used during its current residency (since it became running), is not evicted for
+  them, starving or not
+  (``ModelUsage.priorities``: each router reports the priorities its requests used a model at);
+  equal priorities keep the rules here;
 - **turn**: the waiting model that has waited longest (its earliest request across routers)
   wins the next swap; younger waiters wait behind it. No starvation: once a waiter has waited
   its ``max_wait`` it is *starving*, and residency no longer protects the models it would
@@ -99,16 +104,32 @@ def in_line(waiters: Iterable[Waiter], now: float) -> list[Waiter]:
 
 
 def protection(victim: Instance, usage: ModelUsage, min_residency: float, now: float,
-               waiter_starving: bool, idle_release: float = 0.0) -> Blocked | None:
-    """What keeps ``victim`` loaded now, if anything: its requests (drain, always), then its
-    residency (unless the waiter is starving, or, with ``idle_release`` > 0, the victim has had
-    no request for that long: see ``idle``)."""
+               waiter_starving: bool, idle_release: float = 0.0, priority: int = 0) -> Blocked | None:
+    """What keeps ``victim`` loaded now, if anything: its requests (drain, always), a key of a
+    higher priority than the waiter's (``priority``) that used it since it was loaded (always:
+    see ``held_by_priority``), then its residency (unless the waiter is starving, or, with
+    ``idle_release`` > 0, the victim has had no request for that long: see ``idle``)."""
     if (requests := usage.requests_on(victim.worker)) > 0:
         return Blocked(kind="draining", model=victim.model, requests=requests)
+    if usage.priorities and (held := held_by_priority(victim, usage, priority)):
+        return held
     if (not waiter_starving and min_residency > 0 and now < victim.started_at + min_residency
             and not idle(victim, usage, idle_release, now)):
         return Blocked(kind="residency", model=victim.model, until=victim.started_at + min_residency)
     return None
+
+
+def held_by_priority(victim: Instance, usage: ModelUsage, priority: int) -> Blocked | None:
+    """Whether a key of a priority above ``priority`` has used ``victim`` during its current
+    residency (since it became running). A lab's high-priority user must not pay a cold start on
+    its next request because a lower-priority job wanted the GPU (issue 26: every request of a
+    priority -5 key evicted the priority 10 key's model). Nothing overrides this, starvation
+    included; the model goes when its own users leave it (``idle_ttl``) or an equal or higher
+    priority needs the room."""
+    higher = [(at, prio) for prio, at in usage.priorities.items() if prio > priority and at >= victim.started_at]
+    if not higher:
+        return None
+    return Blocked(kind="priority", model=victim.model, priority=max(higher)[1])
 
 
 def idle(victim: Instance, usage: ModelUsage, idle_release: float, now: float) -> bool:
@@ -191,13 +212,14 @@ def after_turn(ahead: Sequence[str]) -> Decision:
 def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapping[str, DeviceSnapshot],
                 instances: Sequence[Instance], usage: Mapping[str, ModelUsage], waiters: Sequence[Waiter],
                 min_residency: Mapping[Where, float], now: float, policy: Policy = "swap",
-                idle_release: Mapping[Where, float] | None = None) -> Decision:
+                idle_release: Mapping[Where, float] | None = None, priority: int = 0) -> Decision:
     """Whether ``model`` (which fits nowhere now) may evict, which models, or why it waits.
 
     ``waiters``: the merged waiting models (``merge_waiters``), ``model`` among them or not (it
     is then treated as waiting since ``now``); ``min_residency`` and ``idle_release`` (``idle``):
     per loaded instance (``where``: each host's own config), and so is every protection: a model
     running on two hosts has two residencies (one copy's being over says nothing of the other's).
+    ``priority``: the highest key priority among its waiting requests.
     Models that run or start somewhere are not waiting (their entry may lag) and are skipped."""
     unused = ModelUsage()
     if policy == "lru":
@@ -219,7 +241,7 @@ def decide_swap(model: str, entries: Mapping[str, CatalogEntry], snapshots: Mapp
         return Decision(action="wait", blocked=[Blocked(kind="turn", model=line[0].model)], position=position)
     hungry = starving(me, now)
     guards = {where(i): protection(i, usage.get(i.model, unused), min_residency.get(where(i), 0.0), now, hungry,
-                                   (idle_release or {}).get(where(i), 0.0))
+                                   (idle_release or {}).get(where(i), 0.0), priority)
               for i in instances if i.state == "running" and i.model != model}
     plan = plan_eviction(model, entries, snapshots, instances, usage, may_evict=lambda i: guards.get(where(i)) is None)
     if plan is not None:

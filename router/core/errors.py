@@ -44,6 +44,7 @@ class WaitReason(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 OPENAI_ERROR_TYPES = {
     400: "invalid_request_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

@@ -12,6 +12,8 @@ import os
 from typing import Annotated, Literal, Mapping
 
 import msgspec
+from llm_lab_router.audit import DEFAULT_MAXLEN as DEFAULT_AUDIT_MAXLEN
+from llm_lab_router.ledger import DEFAULT_RETENTION_DAYS
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 ENV_PREFIX = "LLM_ROUTER_"
@@ -56,11 +58,20 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # unreachable, "open" admits unchecked, "closed" refuses (503).
     quota_lease_ttl: Annotated[float, msgspec.Meta(ge=0.3)] = 10.0
     quota_redis_down: Literal["open", "closed"] = "open"
+    # GPU-time budgets (router/limits/budgets.py): a group's use is re-read at most this often,
+    # when one of its requests would start a model; quota_redis_down applies to them too.
+    budget_refresh: Seconds = 10.0
     # Prefix-affinity routing (router/forward/affinity.py): no instance gets more than this factor × the
     # mean outstanding requests (this router's counts); a full preferred instance spills over.
     affinity_load_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.25
     # Model use (llm:used:{model}) is reported at most once per usage_interval per model.
     usage_interval: Seconds = 1.0
+    # The audit trail (llm:audit, llm_router/audit.py) keeps about this many entries (workers:
+    # the same LLM_ROUTER_AUDIT_MAXLEN).
+    audit_maxlen: Annotated[int, msgspec.Meta(ge=100)] = DEFAULT_AUDIT_MAXLEN
+    # The usage ledger (llm:ledger:{hour}, llm_router/ledger.py) keeps each hour this many days
+    # (workers: the same LLM_ROUTER_LEDGER_RETENTION_DAYS); routers write it once a second.
+    ledger_retention_days: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_RETENTION_DAYS
     # Log streaming (SSE).
     keepalive_interval: Seconds = 15.0
     log_block_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 1000  # XREAD BLOCK; short so cancels are prompt

@@ -8,7 +8,9 @@ the caller expects: the OpenAI error shape on ``/v1/*`` so SDKs raise the right 
 from __future__ import annotations
 
 import msgspec
+from llm_lab_router.audit import AuditEntry
 from llm_lab_router.protocol import CpuInfo, CudaInfo
+from llm_lab_router.timeline import TimelineEvent
 from llm_lab_router.router.core.errors import Prefetching, WaitReason
 
 # --- success shapes (the manual's fields first; multi-host detail beside them) ---
@@ -96,6 +98,10 @@ class ModelDetail(msgspec.Struct):
     instances: list[InstanceDetail]
     pending: WaitReason | None = None  # why it is not served yet (a swap wait, a start), alike on every router
     vram: list[VramFigures] = []  # per host and GPU profile: declared, estimated, measured
+    # Now, over every live router: its requests in flight (being served, or waiting for a start,
+    # a swap or a slot), and of those, the ones waiting for a swap (llm:used, llm:waiting).
+    inflight: int = 0
+    queued: int = 0
 
 
 class Ok(msgspec.Struct, kw_only=True):
@@ -193,6 +199,65 @@ class Restarted(Ok, kw_only=True):
     started_models: list[str]
 
 
+class AuditList(Ok, kw_only=True):
+    """``GET /api/audit``: entries of ``llm:audit``, oldest first."""
+
+    entries: list[AuditEntry]
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """One line of the report: a key, group or model over the period."""
+
+    name: str
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_estimated: int = 0  # the part of tokens_in + tokens_out estimated (no usage reported)
+    gpu_hours: float = 0.0
+
+
+class BudgetState(msgspec.Struct, kw_only=True):
+    """A group's GPU-time budget as the usage report shows it (router/limits/budgets.py)."""
+
+    group: str
+    gpu_hours: float  # the budget
+    period: str  # day, week or month (UTC)
+    used_gpu_hours: float  # this period, so far
+    resets_at: float  # unix time the period ends
+
+
+class UsageReport(Ok, kw_only=True):
+    """``GET /api/usage``: the ledger over ``[since, until]`` (unix times, whole hours), one row
+    per ``by`` (key, group or model), and their total."""
+
+    since: float
+    until: float
+    by: str
+    rows: list[UsageRow]
+    total: UsageRow
+    budgets: list[BudgetState] = []  # the groups' GPU-time budgets this period (an admin's report)
+
+
+class Outcome:
+    """An admin action's answer, once it has one (``BaseHandler.audited`` records it)."""
+
+    body: Done | Restarted | None = None
+
+
+def audit_fields(body: Done | Restarted | None, model: str) -> dict:
+    """What an action's answer tells the audit trail: the model (as resolved), the models it
+    stopped or started, the hosts, and a start's state (``starting``: begun, ``wait=false``)."""
+    fields: dict = {"model": getattr(body, "model", "") or model}
+    if models := getattr(body, "models", None) or getattr(body, "started_models", None):
+        fields["models"] = list(models)
+    if workers := getattr(body, "workers", None):
+        fields["host"] = ",".join(workers)
+    if (state := getattr(body, "state", "")) and state != "running":
+        fields["detail"] = f"state {state}"
+    return fields
+
+
 class LogStats(msgspec.Struct):
     total_models: int
     total_log_entries: int
@@ -247,3 +312,27 @@ class HostDevices(msgspec.Struct):
 class DevicesResult(Ok, kw_only=True):
     devices: DeviceSummary
     hosts: dict[str, HostDevices]  # by worker id
+
+
+class HistoryResult(Ok, kw_only=True):
+    """``GET /api/history``: one series over ``[from, to)`` in points of ``step`` seconds, read
+    from the finest resolution kept that long (``resolution``). A point's values are null where
+    nothing was recorded (Redis or the writer was away): a gap, never a zero. ``available``
+    (without ``series`` only, else empty): every series recorded (``model:{id}``,
+    ``gpu:{host}:{index}``, ``host:{host}``)."""
+
+    series: str
+    start: float = msgspec.field(name="from")
+    end: float = msgspec.field(name="to")
+    step: int
+    resolution: int
+    fields: list[str]
+    points: list[dict[str, float | None]]
+    available: list[str]
+
+
+class EventsResult(Ok, kw_only=True):
+    """``GET /api/events``: timeline events, oldest first (at most ``limit``; ``more`` when cut)."""
+
+    events: list[TimelineEvent]
+    more: bool = False

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 import msgspec
 from llm_lab_router.protocol import CatalogEntry, Instance, Mode
-from llm_lab_router.router.control.client import ControlClient, ControlError, describe_failure, start_failed
+from llm_lab_router.router.control.client import ControlClient, ControlError, Origin, describe_failure, start_failed
 from llm_lab_router.router.control.explain import slot_reason
 from llm_lab_router.router.control.in_use import UsageReporter
 from llm_lab_router.router.core.errors import ApiError
@@ -46,6 +46,8 @@ from llm_lab_router.router.forward.upstream import (
     UpstreamTimeout,
     forward_headers,
 )
+from llm_lab_router.router.limits.access import names_of
+from llm_lab_router.router.limits.budgets import Budgets
 from llm_lab_router.router.limits.concurrency import Limits, process_share
 from llm_lab_router.router.limits.quotas import Lease, Quotas
 from llm_lab_router.router.observe.accesslog import RequestRecord
@@ -207,8 +209,10 @@ class ProxyRequest(msgspec.Struct, kw_only=True):
 class Proxy:
     def __init__(self, view: ClusterView, control: ControlClient, balancer: Balancer, upstream: Upstream,
                  options: RouterOptions, metrics: RouterMetrics | None = None,
-                 usage: UsageReporter | None = None, quotas: Quotas | None = None) -> None:
+                 usage: UsageReporter | None = None, quotas: Quotas | None = None,
+                 budgets: Budgets | None = None) -> None:
         self.metrics = metrics or RouterMetrics()
+        self.budgets = budgets  # GPU-time budgets of groups that have one (router/limits/budgets.py)
         self.quotas = quotas  # cluster-wide limits of keys that have some (router/limits/quotas.py)
         self.usage = usage  # reports use of each model (idle unload, eviction)
         self.limits = Limits(options.queue_limit, options.queue_timeout)
@@ -230,12 +234,15 @@ class Proxy:
         if model is None or entry is None:
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found")
         rec.model = model
+        # the tokens' estimate when no usage comes back (the ledger, a key's tpm): body bytes / 4
+        # for the prompt, one token per SSE event relayed
+        rec.prompt_estimate, rec.events = len(req.body) // 4, 0
         if reason := mode_error(req.path, entry.mode, name):
             raise ApiError(400, reason, "model_mode_mismatch")
+        if rec.caller is not None and rec.caller.access is not None:  # keys with permissions only
+            rec.caller.access.check_use(name, names_of(name, model, entry.aliases))
         if rec.caller is not None and self.quotas is not None:  # one Redis round trip, keys with limits only
             rec.lease = await self.quotas.admit(rec.caller, len(req.body), sniffed.token_bound())
-            if rec.lease is not None and rec.lease.counts_tokens:
-                rec.events = 0  # count SSE events: the tokens' estimate when no usage comes back
             if rec.lease is not None and rec.lease.member:
                 sink = Releasing(sink, self.quotas, rec.lease)
         if not entry.fallbacks:
@@ -260,7 +267,7 @@ class Proxy:
         started = False
         for n, served in enumerate(order):
             entry = self.view.catalog_entry(served)
-            if entry is None:
+            if entry is None or (n and not self._may_use(rec, entry)):
                 continue
             starts = entry.on_demand and not self.view.running_instances(served)
             if starts and started:
@@ -290,20 +297,55 @@ class Proxy:
         if not self.view.running_instances(model):
             if not entry.on_demand:
                 raise Unservable(503, f"model '{name}' is not running", "model_not_running")
+            self._check_start(model, name, entry, rec)
+            await self._check_budget(model, rec)
             if stream:
                 await self._load_streamed(model, name, entry.max_concurrency, req, LoadingStream(sink), rec,
                                           fallback)
                 return
-            await self._ensure_running(model, name)
+            await self._ensure_running(model, name, rec)
         await self._serve(model, name, entry.max_concurrency, req, sink, rec)
 
-    async def _ensure_running(self, model: str, name: str) -> None:
-        """Start ``model`` on demand (shared with other requests) and wait until it runs.
+    @staticmethod
+    def _may_use(rec: RequestRecord, entry: CatalogEntry) -> bool:
+        """Whether the caller may use ``entry`` (a fallback it may not use is skipped)."""
+        access = rec.caller.access if rec.caller is not None else None
+        return access is None or access.may_use((entry.id, *entry.aliases))
+
+    def _check_start(self, model: str, name: str, entry: CatalogEntry, rec: RequestRecord) -> None:
+        """A 403 when this request would start ``model`` and its key may not (``start``); none
+        when a start is already under way for someone else: the request waits for it."""
+        access = rec.caller.access if rec.caller is not None else None
+        if access is None or access.may_start(names_of(name, model, entry.aliases)):
+            return
+        if not self.control.start_underway(model):
+            try:
+                access.check_start(name, names_of(name, model, entry.aliases))
+            except ApiError as exc:
+                raise Unservable.of(exc) from None  # a fallback that runs may serve
+
+    async def _check_budget(self, model: str, rec: RequestRecord) -> None:
+        """A 429 when this request would start ``model`` and its group has used its GPU-time
+        budget; none when a start is already under way for someone else."""
+        budget = rec.caller.budget if rec.caller is not None else None
+        if budget is None or self.budgets is None or self.control.start_underway(model):
+            return
+        try:
+            await self.budgets.check(budget)
+        except ApiError as exc:
+            raise Unservable.of(exc) from None  # a fallback that runs may serve
+
+    async def _ensure_running(self, model: str, name: str, rec: RequestRecord) -> None:
+        """Start ``model`` on demand (shared with other requests) and wait until it runs; a
+        swap it needs evicts with the key's priority (router/control/scheduler.py).
         The wait counts in the in-flight gauge (docs/metrics.md): the client is connected
         and waiting on this router, minutes long for a cold vLLM."""
         self.metrics.started(model)
         try:
-            await self.control.ensure_running(model, self.options.start_timeout)
+            caller = rec.caller
+            await self.control.ensure_running(
+                model, self.options.start_timeout, priority=caller.priority if caller is not None else 0,
+                origin=Origin.of(caller, rec.client()))
         except ControlError as exc:
             raise Unservable.of(start_failed(f"model '{name}' could not be started: {describe_failure(exc)}",
                                              exc)) from None
@@ -320,7 +362,7 @@ class Proxy:
         With a ``fallback`` to go to, the head waits for the first ``loading_keepalive``: a start
         refused at once (no room) or failed within it raises ``Unservable`` and the fallback
         serves; once the head is out, no fallback is taken (it would follow the first bytes)."""
-        start = asyncio.ensure_future(self._ensure_running(model, name))
+        start = asyncio.ensure_future(self._ensure_running(model, name, rec))
         if fallback:
             try:
                 await asyncio.wait({start}, timeout=self.options.loading_keepalive)
@@ -348,7 +390,8 @@ class Proxy:
         admitted = False
         try:
             # Counted as use of the model (idle unload, eviction) while queued or served.
-            with self.usage.track(model) if self.usage else _NOOP:
+            with self.usage.track(model, rec.caller.priority if rec.caller is not None else 0) \
+                    if self.usage else _NOOP:
                 async with self._slot(model, max_concurrency, rec):
                     admitted = True
                     await self._relay(model, name, req, sink, rec)

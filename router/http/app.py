@@ -24,6 +24,7 @@ from llm_lab_router.router.http.openapi import document_bytes
 from llm_lab_router.router.http.origin import SitePolicy, parse_origins
 from llm_lab_router.router.http.routes import ROUTES, Route, own_v1_patterns
 from llm_lab_router.router.services import Services
+from llm_lab_router.timeline import resolutions
 from tornado.routing import URLSpec
 
 log = logging.getLogger("router")
@@ -127,6 +128,7 @@ def main(redis_url: str, prefix: str = "llm:", host: str = "127.0.0.1", port: in
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         options = options or RouterOptions.from_env()
+        resolutions()  # the timeline's (LLM_ROUTER_HISTORY_RESOLUTIONS): refused here, in one line
     except ValueError as exc:
         log.error("%s", exc)
         return 2

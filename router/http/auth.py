@@ -33,11 +33,13 @@ import re
 import tomllib
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, TypeVar
 
 import msgspec
 from llm_lab_router.router.core.errors import ApiError
-from llm_lab_router.router.limits.profile import KeyProfile, KeySpec, LimitSpec, Name
+from llm_lab_router.router.limits.access import access_of
+from llm_lab_router.router.limits.budgets import Budget
+from llm_lab_router.router.limits.profile import GroupSpec, KeyProfile, KeySpec, LimitSpec, Name
 
 COOKIE = "llm_router_key"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
@@ -50,6 +52,7 @@ KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 ReadAccess = Literal["public", "client"]
+T = TypeVar("T")
 LogsRead = Literal["client", "admin"]
 # Who may call a route (each route declares one: router/http/routes.py). ``read``: the
 # read-only routes, which ``read_access = "public"`` opens to callers without a key. ``logs``:
@@ -126,10 +129,10 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
     groups_raw = data.get("groups", {})
     if not isinstance(groups_raw, dict):
         raise KeyFileError(f"{source}: 'groups' must be a table of group name -> limits")
-    groups: dict[str, LimitSpec] = {}
+    groups: dict[str, GroupSpec] = {}
     for gname, raw in groups_raw.items():
         _entry(gname, Name, f"{source}: group {gname!r}: bad name")
-        groups[gname] = _entry(raw, LimitSpec, f"{source}: group {gname!r}")  # type: ignore[assignment]
+        groups[gname] = _entry(raw, GroupSpec, f"{source}: group {gname!r}")  # type: ignore[assignment]
     entries = data.get("keys", [])
     if not isinstance(entries, list):
         raise KeyFileError(f"{source}: 'keys' must be a list of key entries ([[keys]] in TOML)")
@@ -143,17 +146,33 @@ def parse_structured_keys(text: str, source: str, json_form: bool) -> dict[bytes
             raise KeyFileError(f"{where}: the name {spec.name!r} is given twice (names label metrics and quotas)")
         if spec.group is not None and spec.group not in groups:
             raise KeyFileError(f"{where}: field 'group': no group {spec.group!r} in 'groups'")
+        if spec.gpu_hours is not None:
+            raise KeyFileError(f"{where}: field 'gpu_hours': a GPU-time budget belongs to a group ([groups.*])")
         digests = parse_keys(spec.key, f"{where}: field 'key'")
         if len(digests) != 1:
             raise KeyFileError(f"{where}: field 'key': exactly one key (plain or sha256:<hex>)")
         if digests[0] in found:
             raise KeyFileError(f"{where}: field 'key': the same key as another entry")
         names.add(spec.name)
+        group = groups[spec.group] if spec.group else GroupSpec()
         found[digests[0]] = KeyProfile(
             name=spec.name, group=spec.group, priority=spec.priority, weight=spec.weight,
-            key_limits=LimitSpec(rpm=spec.rpm, tpm=spec.tpm, max_concurrent=spec.max_concurrent),
-            group_limits=groups[spec.group] if spec.group else LimitSpec())
+            key_limits=limits_of(spec), group_limits=limits_of(group), access=access_of(
+                spec.name, own_or_group(spec.models, group.models), own_or_group(spec.start, group.start),
+                own_or_group(spec.admin, group.admin)),
+            budget=Budget(group=spec.group, gpu_hours=group.gpu_hours, period=group.budget_period)
+            if spec.group and group.gpu_hours is not None else None)
     return found
+
+
+def limits_of(spec: LimitSpec) -> LimitSpec:
+    """Only the limits of an entry (what ``router.limits.quotas`` counts)."""
+    return LimitSpec(rpm=spec.rpm, tpm=spec.tpm, max_concurrent=spec.max_concurrent)
+
+
+def own_or_group(own: T | None, group: T | None) -> T | None:
+    """A key's own permission field wins over its group's."""
+    return own if own is not None else group
 
 
 def key_file_form(path: str | os.PathLike) -> Literal["plain", "toml", "json"]:
@@ -199,11 +218,19 @@ class KeyRing:
                 found = read_key_file(path)
                 into += found
                 profiles.update({d: p for d, p in found.items() if p is not None})
+        # a key with an admin scope is an admin key, for the models of its scope only
+        admin += [d for d, p in profiles.items() if p.access is not None and p.access.admin is not None
+                  and d not in admin]
         return cls(client, admin, profiles)
 
     @property
     def enabled(self) -> bool:
         return bool(self.client or self.admin)
+
+    def budgets(self) -> list[Budget]:
+        """The groups' GPU-time budgets, once each, by group."""
+        found = {p.budget.group: p.budget for p in self.profiles.values() if p.budget is not None}
+        return [found[g] for g in sorted(found)]
 
     def identify(self, key: str) -> tuple[Role | None, KeyProfile | None]:
         """The role ``key`` grants (``None``: no key of ours; every digest is compared) and its
@@ -273,6 +300,16 @@ class AccessPolicy:
     def enabled(self) -> bool:
         """Keys are on. Without keys the handler skips the check, cookie parsing included."""
         return self.ring.enabled
+
+    def role(self, method: str, authorization: str | None, cookie: str | None) -> tuple[Role, KeyProfile | None]:
+        """The role the presented key grants and its profile, for a route that answers each
+        role differently (``/api/usage``): ``ADMIN`` with keys off (everyone may do
+        everything), ``PUBLIC`` for no key or an unknown one."""
+        if not self.ring.enabled:
+            return Role.ADMIN, None
+        key = presented_key(method, authorization, cookie)
+        role, profile = self.ring.identify(key) if key else (None, None)
+        return role or Role.PUBLIC, profile
 
     def check(self, method: str, access: Access, authorization: str | None,
               cookie: str | None) -> KeyProfile | None:

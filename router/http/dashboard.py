@@ -23,7 +23,7 @@ from pathlib import Path
 import tornado.web
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-VERSIONED = ("app.js", "style.css")
+VERSIONED = ("app.js", "timeline.js", "style.css")
 SECURITY_HEADERS = {
     # inline styles: the page sets bar widths with style attributes; scripts: its own file only
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "

@@ -160,6 +160,7 @@ class Exchange(httputil.HTTPMessageDelegate):
         self.query = query
         self.received_at = time.monotonic()
         self.record = RequestRecord(method, path, self.received_at)
+        self.record.conn = conn
         self.headers: httputil.HTTPHeaders | None = None
         self.chunks: list[bytes] = []
         self.status = 200

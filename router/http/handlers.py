@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import msgspec
 import tornado.web
 from redis.exceptions import RedisError
 from tornado.iostream import StreamClosedError
 
-from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy
+from llm_lab_router.audit import NO_NAME, Action
+from llm_lab_router.clock import CLOCK
+from llm_lab_router.ledger import hour_of
+from llm_lab_router.router.control.admin import InScope
+from llm_lab_router.router.control.client import Origin
+from llm_lab_router.router.core.responses import AuditList, Outcome, UsageReport, audit_fields
+from llm_lab_router.router.http.auth import COOKIE, SAFE_METHODS, Access, AccessPolicy, Role
+from llm_lab_router.router.limits.access import Access as Permissions
+from llm_lab_router.router.observe.ledger import read_hours, report, totals
 from llm_lab_router.router.limits.profile import KeyProfile
 from llm_lab_router.router.http.debug import debug_stats
 from llm_lab_router.router.http.validate import check_query
 from llm_lab_router.router.observe.metrics import CONTENT_TYPE
-from llm_lab_router.router.http.query import RouteParams, route_params
+from llm_lab_router.router.http.query import TIMELINE, RouteParams, route_params
 from llm_lab_router.router.core.errors import ApiError, as_api_error, encode, error_body
 from llm_lab_router.router.services import Services
 
@@ -83,6 +92,61 @@ class BaseHandler(tornado.web.RequestHandler):
             cookie = self.get_cookie(COOKIE) if not authorization and method in SAFE_METHODS else None
             self.caller = policy.check(method, self.access, authorization, cookie)
         self.check_request()
+
+    @property
+    def permissions(self) -> Permissions | None:
+        """The caller's permissions (``None``: none set, everything its role allows)."""
+        return self.caller.access if self.caller is not None else None
+
+    def visible(self) -> InScope | None:
+        """The models the caller may use, as a test (``None``: all)."""
+        perms = self.permissions
+        return perms.may_use if perms is not None and perms.models is not None else None
+
+    def admin_scope(self) -> InScope | None:
+        """The caller's admin scope, as a test (``None``: the whole lab)."""
+        perms = self.permissions
+        return perms.may_administer if perms is not None and perms.admin is not None else None
+
+    def check_scope(self, alias: str) -> None:
+        """403 unless the model ``alias`` is within the caller's admin scope."""
+        if (perms := self.permissions) is not None and perms.admin is not None:
+            perms.check_admin(alias, self.services.manager.names(alias))
+
+    def role(self) -> tuple[Role, KeyProfile | None]:
+        """The caller's role and profile (a route that answers each role differently); 401
+        without a key."""
+        access: AccessPolicy | None = self.settings.get("access")
+        if access is None:
+            return Role.ADMIN, None
+        req = self.request
+        authorization = req.headers.get("Authorization")
+        cookie = self.get_cookie(COOKIE) if not authorization and req.method in SAFE_METHODS else None
+        role, profile = access.role(req.method or "GET", authorization, cookie)
+        if role is Role.PUBLIC:
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        return role, profile
+
+    @property
+    def origin(self) -> Origin:
+        """The caller as the audit trail names it: its key's name and its address."""
+        return Origin.of(self.caller, self.request.remote_ip or "", on_demand=False)
+
+    @asynccontextmanager
+    async def audited(self, action: Action, model: str = "") -> AsyncIterator[Outcome]:
+        """Record the admin action run in the block in the audit trail, however it ends: the
+        caller, the model(s) and hosts its answer (``Outcome.body``) names, or the error."""
+        out = Outcome()
+        origin = self.origin
+        try:
+            yield out
+        except Exception as exc:
+            err = as_api_error(500, exc)
+            await self.services.audit.record(origin.who, action, model=model, client=origin.client,
+                                             result=f"{err.status} {err.message}")
+            raise
+        await self.services.audit.record(origin.who, action, client=origin.client,
+                                         **audit_fields(out.body, model))
 
     def check_request(self) -> None:
         check_query(self.request.query_arguments, self.query)
@@ -203,13 +267,15 @@ class HealthHandler(BaseHandler):
 
 class ModelsHandler(BaseHandler):
     def get(self) -> None:
-        self.reply(self.services.manager.model_list())
+        self.reply(self.services.manager.model_list(self.visible()))
 
 
 class ModelHandler(BaseHandler):
     """``GET /v1/models/{id}`` (OpenAI's retrieve)."""
 
     def get(self, name: str) -> None:
+        if (perms := self.permissions) is not None:
+            perms.check_use(name, self.services.manager.names(name))
         self.reply(self.services.manager.model(name))
 
 
@@ -217,28 +283,38 @@ class StartHandler(BaseHandler):
     async def post(self, alias: str) -> None:
         wait = self.params.wait.parse(self.query_args)
         worker = self.params.worker.parse(self.query_args)
-        status, body = await self.services.manager.start(alias, wait, worker)
-        self.reply(body, status)
+        async with self.audited("start", alias) as out:
+            self.check_scope(alias)
+            status, out.body = await self.services.manager.start(alias, wait, worker, self.origin)
+        self.reply(out.body, status)
 
 
 class StopHandler(BaseHandler):
     async def post(self, alias: str) -> None:
-        self.reply(await self.services.manager.stop(alias, self.params.worker.parse(self.query_args)))
+        worker = self.params.worker.parse(self.query_args)
+        async with self.audited("stop", alias) as out:
+            self.check_scope(alias)
+            out.body = await self.services.manager.stop(alias, worker)
+        self.reply(out.body)
 
 
 class StopAllHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.stop_all())
+        async with self.audited("stop_all") as out:
+            out.body = await self.services.manager.stop_all(self.admin_scope())
+        self.reply(out.body)
 
 
 class RestartAutostartHandler(BaseHandler):
     async def post(self) -> None:
-        self.reply(await self.services.manager.restart_autostart())
+        async with self.audited("restart_autostart") as out:
+            out.body = await self.services.manager.restart_autostart(self.admin_scope())
+        self.reply(out.body)
 
 
 class ModelInfoHandler(BaseHandler):
-    def get(self, alias: str) -> None:
-        self.reply(self.services.manager.model_info(alias))
+    async def get(self, alias: str) -> None:
+        self.reply(await self.services.manager.model_info_now(alias))
 
 
 class LogStatsHandler(BaseHandler):
@@ -249,13 +325,65 @@ class LogStatsHandler(BaseHandler):
 class LogClearHandler(BaseHandler):
     async def post(self, alias: str) -> None:
         keep_minutes = self.params.keep_minutes.parse(self.query_args)
-        self.reply(await self.services.manager.clear_logs(alias, keep_minutes))
+        async with self.audited("clear_logs", alias) as out:
+            self.check_scope(alias)
+            out.body = await self.services.manager.clear_logs(alias, keep_minutes)
+        self.reply(out.body)
+
+
+class UsageHandler(BaseHandler):
+    """``GET /api/usage``: the usage ledger (router/observe/ledger.py); an admin key sees every
+    key, a client key its own rows only."""
+
+    async def get(self) -> None:
+        since = self.params.since.parse(self.query_args)
+        by = self.params.by.parse(self.query_args)
+        role, caller = self.role()
+        only = None if role is Role.ADMIN else caller.name if caller is not None else NO_NAME
+        until = CLOCK.now()  # the ledger's hours are on Redis's clock
+        rows = report(await read_hours(self.services.redis, self.services.keys, until - since, until), by, only)
+        access: AccessPolicy | None = self.settings.get("access")
+        if role is Role.ADMIN:  # every group's budget; a client: its own group's
+            budgets = access.ring.budgets() if access is not None else []
+        else:
+            budgets = [caller.budget] if caller is not None and caller.budget is not None else []
+        self.reply(UsageReport(since=hour_of(until - since), until=until, by=by, rows=rows, total=totals(rows),
+                               budgets=await self.services.budgets.states(budgets)))
+
+
+class AuditHandler(BaseHandler):
+    """``GET /api/audit``: the audit trail (admin), oldest first (llm_router/audit.py)."""
+
+    async def get(self) -> None:
+        since = self.params.since.parse(self.query_args)
+        limit = self.params.limit.parse(self.query_args)
+        self.reply(AuditList(entries=await self.services.audit.read(CLOCK.now() - since, limit)))
 
 
 class DevicesHandler(BaseHandler):
     async def get(self) -> None:
         await self.services.view.refresh_details()
         self.reply(self.services.manager.devices())
+
+
+class HistoryHandler(BaseHandler):
+    """``GET /api/history``: one series of the timeline (router/observe/history_query.py)."""
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
+        self.reply(await self.services.timeline.history(
+            q.series.parse(args), q.model.parse(args), q.host.parse(args), q.gpu.parse(args),
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.step.parse(args), now))
+
+
+class EventsHandler(BaseHandler):
+    """``GET /api/events``: what happened, oldest first (router/observe/history_query.py)."""
+
+    async def get(self) -> None:
+        q, args, now = TIMELINE, self.query_args, CLOCK.now()
+        self.reply(await self.services.timeline.events(
+            q.start.parse(args, now, now - 3600), q.end.parse(args, now, now), q.limit.parse(args),
+            q.model.parse(args), q.host.parse(args), q.kind.parse(args)))
 
 
 class PlanHandler(BaseHandler):

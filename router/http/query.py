@@ -69,21 +69,23 @@ class Param:
 
 @dataclass(frozen=True, kw_only=True)
 class Count(Param):
-    """A non-negative integer in ASCII digits, at most ``maximum``."""
+    """A non-negative integer in ASCII digits, from ``minimum`` to ``maximum``."""
 
     default: int
     maximum: int = MAX_COUNT
+    minimum: int = 0
 
     def parse(self, args: Args) -> int:
         text = self.raw(args)
         if text is None:
             return self.default
-        if not DIGITS.fullmatch(text) or int(text) > self.maximum:
-            raise invalid(f"{self.name} must be an integer from 0 to {self.maximum} in ASCII digits, got {text!r}")
+        if not DIGITS.fullmatch(text) or not self.minimum <= int(text) <= self.maximum:
+            raise invalid(f"{self.name} must be an integer from {self.minimum} to {self.maximum} in ASCII digits, "
+                          f"got {text!r}")
         return int(text)
 
     def schema(self) -> Json:
-        return {"type": "integer", "minimum": 0, "maximum": self.maximum, "default": self.default}
+        return {"type": "integer", "minimum": self.minimum, "maximum": self.maximum, "default": self.default}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +141,124 @@ class Name(Param):
         return {"type": "string", "minLength": 1}
 
 
+TIME = re.compile(r"(?:[0-9]{1,12}(?:\.[0-9]{1,6})?|-[0-9]{1,9}[smhd]|now)")
+TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Time(Param):
+    """A moment: unix seconds (``1700000000``, ``1700000000.5``), ``now``, or a time ago
+    (``-15m``, ``-1h``, ``-7d``, ``-30s``)."""
+
+    def parse(self, args: Args, now: float, default: float) -> float:
+        text = self.raw(args)
+        if text is None:
+            return default
+        if not TIME.fullmatch(text):
+            raise invalid(f"{self.name} must be unix seconds, 'now', or a time ago like -15m, -1h, -7d, got {text!r}")
+        if text == "now":
+            return now
+        if text.startswith("-"):
+            return now - int(text[1:-1]) * TIME_UNITS[text[-1]]
+        return float(text)
+
+    def schema(self) -> Json:
+        return {"type": "string", "pattern": TIME.pattern.join("^$")}
+
+
+DURATION = re.compile(r"([0-9]{1,9})([smhdw]?)")
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``1d``, ``2w`` in seconds; ``ValueError`` otherwise."""
+    match = DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"a duration must be digits with an optional unit s, m, h, d or w (e.g. 1d), got {text!r}")
+    return int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Duration(Param):
+    """A span back from now: digits and an optional unit (``s`` ``m`` ``h`` ``d`` ``w``)."""
+
+    default: str
+
+    def parse(self, args: Args) -> float:
+        text = self.raw(args)
+        try:
+            return parse_duration(self.default if text is None else text)
+        except ValueError as exc:
+            raise invalid(f"{self.name}: {exc}") from None
+
+    def schema(self) -> Json:
+        return {"type": "string", "pattern": DURATION.pattern.join("^$"), "default": self.default}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice(Param):
+    """One of a few words."""
+
+    choices: tuple[str, ...]
+    default: str | None = None  # what an absent parameter reads as (None: absent)
+
+    def parse(self, args: Args) -> str | None:
+        text = self.raw(args)
+        if text is None:
+            return self.default
+        if text not in self.choices:
+            raise invalid(f"{self.name} must be one of {', '.join(self.choices)}, got {text!r}")
+        return text
+
+    def schema(self) -> Json:
+        schema: Json = {"type": "string", "enum": list(self.choices)}
+        if self.default is not None:
+            schema["default"] = self.default
+        return schema
+
+
+@dataclass(frozen=True)
+class TimelineParams:
+    """The query parameters of ``/api/history`` and ``/api/events``."""
+
+    series: Choice
+    model: Name
+    host: Name
+    gpu: Count
+    start: Time
+    end: Time
+    step: Count
+    kind: Name
+    limit: Count
+
+    def all(self) -> tuple[Param, ...]:
+        return (self.series, self.model, self.host, self.gpu, self.start, self.end, self.step, self.kind, self.limit)
+
+
+TIMELINE = TimelineParams(
+    series=Choice(name="series", choices=("model", "gpu", "host"),
+                  description="which series: model (requests, errors, tokens, TTFT, latency and wait of model), "
+                              "gpu (memory and utilisation of GPU gpu of host), host (CPU and RAM of host)",
+                  absent="no points: only the list of recorded series (available)"),
+    model=Name(name="model", description="a model id (series=model), or events concerning it",
+               absent="series=model: 400; events: every model"),
+    host=Name(name="host", description="a worker id (series=gpu or host), or events on it",
+              absent="series=gpu or host: 400; events: every host"),
+    gpu=Count(name="gpu", default=0, maximum=1023, description="the GPU index on host (series=gpu)",
+              absent="GPU 0"),
+    start=Time(name="from", description="the start: unix seconds, 'now', or a time ago (-15m, -1h, -24h, -7d)",
+               absent="one hour ago"),
+    end=Time(name="to", description="the end: unix seconds, 'now', or a time ago", absent="now"),
+    step=Count(name="step", default=0, maximum=30 * 86400,
+               description="seconds per point (rounded up to a multiple of the resolution read)",
+               absent="the resolution read: 10 s within the last 24 h, 5 min beyond (by default)"),
+    kind=Name(name="kind", description="only events of this kind (ready, evicted, crashed, ...)",
+              absent="every kind"),
+    limit=Count(name="limit", default=1000, maximum=10000, description="at most this many events",
+                absent="1000"),
+)
+
+
 @dataclass(frozen=True)
 class RouteParams:
     """Every query parameter of the API, with the defaults and limits of this router's options."""
@@ -148,9 +268,13 @@ class RouteParams:
     last_event_id: StreamId
     keep_minutes: Count
     worker: Name
+    since: Duration
+    limit: Count
+    by: Choice
 
     def by_name(self) -> dict[str, Param]:
-        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker)}
+        return {p.name: p for p in (self.wait, self.tail, self.last_event_id, self.keep_minutes, self.worker,
+                                    *TIMELINE.all(), self.since, self.by)}
 
 
 @functools.cache
@@ -173,4 +297,11 @@ def route_params(options: RouterOptions) -> RouteParams:
                                                "lists them); unknown, not live, or without the model in its "
                                                "catalog: 404",
                     absent="every host: a start goes where the scheduler places it, a stop reaches every host"),
+        since=Duration(name="since", default="1d", description="how far back, e.g. 90s, 15m, 12h, 1d, 30d, 2w",
+                       absent="1d, the last day"),
+        limit=Count(name="limit", default=1000, minimum=1, maximum=100_000,
+                    description="at most this many entries, the latest ones",
+                    absent="1000, the latest 1000 entries"),
+        by=Choice(name="by", choices=("key", "group", "model"), default="key",
+                  description="one row per key, group or model", absent="key"),
     )

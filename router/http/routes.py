@@ -24,9 +24,12 @@ import msgspec
 import tornado.web
 from llm_lab_router.router.core.responses import (
     AllStopped,
+    AuditList,
     Cleared,
     DevicesResult,
+    EventsResult,
     Health,
+    HistoryResult,
     LogStatsResult,
     ModelCard,
     ModelInfo,
@@ -36,6 +39,7 @@ from llm_lab_router.router.core.responses import (
     ServerInfo,
     Started,
     Stopped,
+    UsageReport,
 )
 from llm_lab_router.router.http import handlers as h
 from llm_lab_router.router.http.auth import Access
@@ -179,10 +183,30 @@ ROUTES: tuple[Route, ...] = (
     Route(path="/api/devices/info", access="read", handler=h.DevicesHandler,
           ops={"get": Op(summary="devices of every host: the cluster total, then per host", ok=DevicesResult,
                          errors=(503,))}),
+    # The lab's timeline (router/observe/history_query.py, docs/api.md#timeline).
+    Route(path="/api/history", access="read", handler=h.HistoryHandler,
+          query=("series", "model", "host", "gpu", "from", "to", "step"),
+          ops={"get": Op(summary="one series of the timeline (requests, errors, tokens, in flight, TTFT/latency/wait "
+                                 "percentiles of a model; memory and utilisation of a GPU; CPU and RAM of a host) in "
+                                 "points of step seconds; null values: a gap", ok=HistoryResult, errors=(503,))}),
+    Route(path="/api/events", access="read", handler=h.EventsHandler,
+          query=("from", "to", "model", "host", "kind", "limit"),
+          ops={"get": Op(summary="timeline events (starts requested and by which key, swap waits, ready with the "
+                                 "cold start, stops and why, evictions, crashes, restarts, adoptions, reloads, Redis "
+                                 "outages), oldest first", ok=EventsResult, errors=(503,))}),
     Route(path="/api/plan", access="read", handler=h.PlanHandler, query=("worker",),
           ops={"get": Op(summary="what fits where: per host and GPU, models that fit together, what a start now "
                                  "would evict, models that fit nowhere, estimates far from measurements",
                          ok=PlanResult, errors=(404,))}),
+    # A lab's governance (issue 26): the usage ledger (an admin sees every key, a client key its
+    # own: the handler asks which) and the audit trail.
+    Route(path="/api/usage", access="client", handler=h.UsageHandler, query=("since", "by"),
+          ops={"get": Op(summary="the usage ledger: requests, errors, tokens and GPU hours per key, group or model, "
+                                 "with the groups' GPU-time budgets (an admin key: every key; a client key: its own)",
+                         ok=UsageReport, errors=(503,))}),
+    Route(path="/api/audit", access="admin", handler=h.AuditHandler, query=("since", "limit"),
+          ops={"get": Op(summary="the audit trail: who started, stopped, evicted, cleared what, when, from where, "
+                                 "with what result (oldest first)", ok=AuditList, errors=(503,))}),
     # The operator dashboard (router/http/dashboard.py): static files, no API of its own.
     Route(path="/ui", access="public", handler=tornado.web.RedirectHandler, args={"url": "/ui/"},
           ops={"get": Op(summary="to /ui/", ok=PAGE)}, documented=False),

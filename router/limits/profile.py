@@ -7,11 +7,15 @@ Parsed by ``router.http.auth`` (which matches a presented key to its profile) an
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
+from llm_lab_router.router.limits.access import Access
+from llm_lab_router.router.limits.budgets import Budget
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
+Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a model id, alias or glob
+Patterns = Annotated[list[Pattern], msgspec.Meta(min_length=1)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]  # a Redis key part and a metric label; \Z, not $ (a trailing newline)
 
 
@@ -23,7 +27,19 @@ class LimitSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     max_concurrent: Count = 0  # requests in flight at once
 
 
-class KeySpec(LimitSpec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class GroupSpec(LimitSpec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A ``[groups.*]`` entry: its limits (shared by its keys) and the permissions its keys get
+    unless they set their own (router/limits/access.py). ``None``: not set here."""
+
+    models: Patterns | None = None  # what its keys may use (absent: everything)
+    start: Literal["any", "listed", "none"] | None = None  # which models their requests may start
+    admin: Patterns | None = None  # an admin scope: the models its keys may start, stop, clear
+    # a GPU-time budget (groups only): over it, the group's requests may not start models
+    gpu_hours: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    budget_period: Literal["day", "week", "month"] = "month"
+
+
+class KeySpec(GroupSpec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """One ``[[keys]]`` entry of a TOML/JSON keys file."""
 
     name: Name
@@ -42,3 +58,5 @@ class KeyProfile(msgspec.Struct, frozen=True, kw_only=True):
     group_limits: LimitSpec = LimitSpec()
     priority: int = 0
     weight: float = 1.0
+    access: Access | None = None  # its permissions; None: everything its role allows (no cost)
+    budget: Budget | None = None  # its group's GPU-time budget (router/limits/budgets.py)

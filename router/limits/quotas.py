@@ -53,7 +53,7 @@ from redis.exceptions import RedisError
 
 from llm_lab_router.backoff import RedisLink
 from llm_lab_router.protocol import Keys
-from llm_lab_router.router.observe.accesslog import Usage
+from llm_lab_router.router.observe.accesslog import Usage, token_counts
 from llm_lab_router.router.limits.profile import KeyProfile, LimitSpec
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.core.errors import ApiError
@@ -215,12 +215,10 @@ def _any(limits: LimitSpec) -> bool:
 
 def tokens_used(lease: Lease, usage: Usage | None, streamed: bool, events: int) -> int:
     """The tokens to charge: as reported, else the estimate (see the module docstring)."""
-    if usage is not None:
-        if usage.total_tokens:
-            return usage.total_tokens
-        if usage.prompt_tokens or usage.completion_tokens:
-            return (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
-    return lease.prompt_estimate + (max(0, events - 1) if streamed else 0)  # less the [DONE] event
+    if usage is not None and usage.total_tokens:
+        return usage.total_tokens
+    prompt, completion, _ = token_counts(usage, lease.prompt_estimate, streamed, events)
+    return prompt + completion
 
 
 REASONS = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent requests"}

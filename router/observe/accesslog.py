@@ -32,7 +32,7 @@ class RequestRecord:
     """What one forwarded request did; filled in by the handler and the proxy."""
 
     __slots__ = ("method", "path", "received_at", "model", "worker", "first_byte_at", "streamed", "tail",
-                 "prev_tail", "retries", "error", "caller", "lease", "events", "route", "served")
+                 "prev_tail", "retries", "error", "caller", "lease", "events", "route", "served", "conn", "prompt_estimate")
 
     def __init__(self, method: str, path: str, received_at: float) -> None:
         self.method = method
@@ -51,6 +51,8 @@ class RequestRecord:
         self.events = -1  # SSE events relayed, counted (from 0) only to estimate tokens for a quota
         self.route = ""  # how the instance was chosen: affinity, spill, least (router/forward/balancer.py)
         self.served = ""  # the fallback model that served, when ``model`` could not
+        self.prompt_estimate = 0  # request body bytes / 4: the prompt's tokens when no usage comes back
+        self.conn = None  # the client's connection (its address is read only when needed: ``client``)
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte_at == 0.0:
@@ -58,6 +60,10 @@ class RequestRecord:
         self.prev_tail, self.tail = self.tail, data
         if self.events >= 0:
             self.events += data.count(b"\ndata:") + data.startswith(b"data:")
+
+    def client(self) -> str:
+        """The client's address (for the audit trail of an on-demand start: not per request)."""
+        return getattr(getattr(self.conn, "context", None), "remote_ip", "") or ""
 
     def recent(self, n: int = TAIL_BYTES) -> bytes:
         """The last ``n`` bytes relayed (as far as the last two chunks reach)."""
@@ -77,6 +83,17 @@ _FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\
 def usage_of(rec: RequestRecord, status: int) -> Usage | None:
     """The usage a finished request's answer reported, if it ended normally."""
     return usage_from_tail(rec.recent()) if rec.tail and status != CLIENT_GONE else None
+
+
+def token_counts(usage: Usage | None, prompt_estimate: int, streamed: bool, events: int) -> tuple[int, int, bool]:
+    """(prompt, completion, estimated) tokens of a finished request: as its answer reported them,
+    else an estimate: ``prompt_estimate`` (body bytes / 4) and, for a stream, one token per SSE
+    event relayed (less the ``[DONE]`` event). A usage with only ``total_tokens`` counts as prompt."""
+    if usage is not None and (usage.prompt_tokens or usage.completion_tokens or usage.total_tokens):
+        if usage.prompt_tokens or usage.completion_tokens:
+            return usage.prompt_tokens or 0, usage.completion_tokens or 0, False
+        return usage.total_tokens or 0, 0, False
+    return prompt_estimate, max(0, events - 1) if streamed else 0, True
 
 
 def usage_from_tail(tail: bytes) -> Usage | None:

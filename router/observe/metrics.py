@@ -32,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llm_lab_router.router.observe.accesslog import RequestRecord, Usage
 from llm_lab_router.router.observe.cluster_metrics import ClusterMetrics
+from llm_lab_router.router.observe.history import History
 from llm_lab_router.router.core.view import ClusterView
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -55,7 +56,8 @@ def route_label(path: str) -> str:
 class RouterMetrics:
     """The router's registry and its request metrics."""
 
-    def __init__(self, view: ClusterView | None = None) -> None:
+    def __init__(self, view: ClusterView | None = None, history: History | None = None) -> None:
+        self.history = history  # the timeline's request series (router.observe.history), fed from here
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_router_requests", "Forwarded /v1 requests, by final status "
@@ -152,6 +154,8 @@ class RouterMetrics:
     def waited(self, model: str, cause: WaitCause, seconds: float) -> None:
         """A wait of ``cause`` ended after ``seconds``."""
         self._child(self.queue_wait, model, cause).observe(seconds)
+        if self.history is not None:
+            self.history.waited(model, seconds)
 
     def abort(self, model: str, reason: str) -> None:
         """The router ended a request early (``reason``: ``write_timeout``)."""
@@ -163,9 +167,14 @@ class RouterMetrics:
         self._child(self.requests, model, route_label(rec.path), str(status)).inc()
         if not model:
             return  # refused before a model was known: counted, nothing to time
-        self._child(self.latency, model).observe(ended_at - rec.received_at)
-        if rec.streamed and rec.first_byte_at:
-            self._child(self.ttft, model).observe(rec.first_byte_at - rec.received_at)
+        latency = ended_at - rec.received_at
+        self._child(self.latency, model).observe(latency)
+        ttft = rec.first_byte_at - rec.received_at if rec.streamed and rec.first_byte_at else None
+        if ttft is not None:
+            self._child(self.ttft, model).observe(ttft)
+        if self.history is not None:
+            self.history.request(model, status, latency, ttft, usage.prompt_tokens if usage else None,
+                                 usage.completion_tokens if usage else None)
         if rec.retries:
             self._child(self.retries, model).inc(rec.retries)
         if rec.route:

@@ -3,6 +3,7 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+const LAB_REFRESH_MS = 10000; // usage and audit: reports, not live state
 const LOG_CAP = 2000;          // lines kept in the log view
 const MAX_WATCHERS = 3;        // SSE connections for "latest line while starting" (browsers allow ~6 per host)
 const LOG_HISTORY = 500;       // past lines asked for when a log view opens
@@ -143,9 +144,9 @@ async function refresh() {
   }
 }
 
-// /v1/models has worker/state/url per instance; pid, restarts, errors and prefetch progress
-// come from /info, fetched only for models that are not stopped or that wait (few, and the ones
-// an operator looks at).
+// /v1/models has worker/state/url per instance; pid, restarts, errors, prefetch progress and the
+// requests in flight and queued on every router come from /info, fetched only for models that
+// are not stopped or that wait (few, and the ones an operator looks at).
 async function enrich(models) {
   await Promise.all(models.map(async (m) => {
     if (!m.pending && !ACTIVE.has(m.status) && !(m.instances || []).some((i) => ACTIVE.has(i.state))) return;
@@ -153,6 +154,8 @@ async function enrich(models) {
       const info = await api("GET", `/api/models/${encodeURIComponent(m.id)}/info`);
       const detail = new Map((info.model?.instances || []).map((i) => [i.worker, i]));
       m.instances = (m.instances || []).map((i) => ({...detail.get(i.worker), ...i}));
+      m.inflight = info.model?.inflight || 0;
+      m.queued = info.model?.queued || 0;
     } catch { /* keep the summary we have */ }
   }));
   return models;
@@ -288,9 +291,16 @@ function rowHtml(m) {
     + `${latest}${waitWhy}</td>`
     + `<td><span class="mode">${esc(m.mode || "-")}</span></td>`
     + `<td class="status-cell"><span class="badge b-${esc(status)}" data-testid="status-${esc(m.id)}">${esc(status)}</span>`
-    + `<span class="muted small">${elapsed}</span></td>`
+    + `<span class="muted small">${elapsed}</span>${loadHtml(m)}</td>`
     + `<td class="inst-cell">${instances}</td>`
     + `<td class="actions">${buttons}</td>`;
+}
+
+// Requests of the model in flight now on every router, and of those the ones waiting for a swap.
+function loadHtml(m) {
+  if (!m.inflight && !m.queued) return "";
+  const queued = m.queued ? ` · ${m.queued} queued` : "";
+  return `<div class="load small" data-testid="load-${esc(m.id)}">${m.inflight || 0} in flight${queued}</div>`;
 }
 
 function renderModels() {
@@ -524,6 +534,54 @@ function compareIds(a, b) {
   return (Number(pa[1]) - Number(pb[1])) || (Number(pa[2]) - Number(pb[2]));
 }
 
+// ---------- lab: usage by group with budgets, recent actions (admin; a client key: its own usage) ----------
+
+async function refreshLab() {
+  const [usage, audit] = await Promise.allSettled([
+    api("GET", "/api/usage?since=30d&by=group"),
+    api("GET", "/api/audit?since=7d&limit=20"),
+  ]);
+  renderUsage(usage);
+  renderAudit(audit);
+}
+
+function labNote(result, cols) {
+  const why = result.reason?.status === 403 ? "an admin key shows this" : result.reason?.message || "unavailable";
+  return `<tr><td colspan="${cols}" class="muted">${esc(why)}</td></tr>`;
+}
+
+function renderUsage(result) {
+  const el = byTestId("usage-body");
+  if (result.status !== "fulfilled") { draw(el, labNote(result, 5)); return; }
+  const budgets = new Map((result.value.budgets || []).map((b) => [b.group, b]));
+  const rows = (result.value.rows || []).map((r) => {
+    const b = budgets.get(r.name);
+    const budget = b ? `<span class="${b.used_gpu_hours >= b.gpu_hours ? "over" : ""}">${b.used_gpu_hours.toFixed(2)} / `
+      + `${b.gpu_hours} per ${esc(b.period)}</span>` : "";
+    return `<tr data-testid="usage-${esc(r.name)}"><td>${esc(r.name)}</td><td>${r.requests}</td>`
+      + `<td>${r.tokens_in} / ${r.tokens_out}${r.tokens_estimated ? " (est.)" : ""}</td>`
+      + `<td>${r.gpu_hours.toFixed(3)}</td><td>${budget}</td></tr>`;
+  });
+  draw(el, rows.join("") || `<tr><td colspan="5" class="muted">no use recorded</td></tr>`);
+}
+
+function renderAudit(result) {
+  const el = byTestId("audit-body");
+  if (result.status !== "fulfilled") { draw(el, labNote(result, 5)); return; }
+  const rows = (result.value.entries || []).slice().reverse().map((e) => {
+    const models = (e.models || []).join(", ");
+    const what = e.action === "evict" ? `${models} for ${e.model}` : e.model || models;  // victims, for what
+    return `<tr data-testid="audit-row"><td>${fmtTime(e.at)}</td><td>${esc(e.who)}</td><td>${esc(e.action)}</td>`
+      + `<td>${esc(what)}</td>`
+      + `<td class="${e.result === "ok" ? "" : "over"}">${esc(e.result)}</td></tr>`;
+  });
+  draw(el, rows.join("") || `<tr><td colspan="5" class="muted">no action recorded</td></tr>`);
+}
+
+function labLoop() {
+  refreshLab().catch((e) => console.error(e)).finally(() => setTimeout(labLoop, LAB_REFRESH_MS));
+}
+
 // ---------- wiring ----------
 
 function init() {
@@ -555,6 +613,7 @@ function init() {
     byTestId("log-autoscroll").checked = atBottom;
   });
   loop();
+  labLoop();
 }
 
 init();

@@ -36,22 +36,23 @@ max_concurrent = 100000
 """
 
 
-async def start_quota_router(bench: Bench) -> tuple[str, int]:
+async def start_quota_router(bench: Bench, keys_toml: str = KEYS_TOML, name: str = "router-quotas") -> tuple[str, int]:
+    """A router of its own with the keys file ``keys_toml``; its URL and pid, once it routes."""
     cluster = bench.cluster
     assert cluster.redis is not None
-    keys_file = cluster.work / "keys.toml"
-    keys_file.write_text(KEYS_TOML)
+    keys_file = cluster.work / f"{name}-keys.toml"
+    keys_file.write_text(keys_toml)
     port = free_port()
-    proc = cluster.procs.start("router-quotas", [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis",
-                                          cluster.redis.url, "--port", str(port), "--api-keys-file", str(keys_file)],
+    proc = cluster.procs.start(name, [sys.executable, "-m", "llm_lab_router.cli", "serve", "--redis",
+                                      cluster.redis.url, "--port", str(port), "--api-keys-file", str(keys_file)],
                                env={"LLM_ROUTER_READ_ACCESS": "public"})
     base = f"http://127.0.0.1:{port}"
-    probe = Target("router-quotas", base, FAST)
+    probe = Target(name, base, FAST)
     await wait_http(probe, "/health", 30, cluster.procs)
     deadline = time.monotonic() + 30
     while (await list_models(probe)).get(FAST, {}).get("status") != "running":
         if time.monotonic() > deadline:
-            raise RuntimeError("the quota router does not see the fast model running")
+            raise RuntimeError(f"{name} does not see the fast model running")
         await asyncio.sleep(0.05)
     return base, proc.pid
 

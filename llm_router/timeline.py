@@ -1,0 +1,289 @@
+"""The lab's timeline in Redis: what its history keys hold and how they are read back.
+
+Shared by routers (request series, router events, roll-ups), workers (GPU and host series,
+instance events) and the API that reads them (``router.observe.history_query``); key names
+are spelled by ``protocol.Keys`` (``history``, ``history_series``, ``history_rolled``,
+``timeline``). docs/redis-keys.md shows them with ``redis-cli``.
+
+**Series.** One hash per series per time slot, ``llm:hist:{step}:{series}:{slot}`` (slot =
+unix time // step), with a TTL of the resolution's retention, so history is bounded by
+construction. Series: ``model:{id}`` (counters and histograms, added to by every router with
+``HINCRBY``) and ``routers`` (``flushes``: one per router per slot flushed, so a slot no router
+could write, Redis being away, reads as a gap, not as zero). A host's gauges (its GPUs' memory
+and utilisation, its CPU and RAM: series ``gpu:{host}:{index}`` and ``host:{host}``) are
+binary records (``RECORD``) in strings of ``CHUNK`` slots, ``llm:w:{host}:hist:{step}:{chunk}``,
+written by the host's worker alone (its own keys; its own roll-up included), with its totals in
+``llm:w:{host}:hist:gauges``; routers read them as the read-only user that reads workers' keys.
+
+**Mergeable histograms.** TTFT, total latency and wait are counted per bucket of fixed
+boundaries (``BOUNDS``): field ``ttft:3`` = requests whose TTFT fell in bucket 3. Buckets of
+several routers and slots add up exactly, so a percentile over any routers and any interval is
+computed from summed buckets, never averaged from per-router percentiles.
+
+**Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
+for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
+(``HINCRBY llm:hist:rolled:{step} {slot} 1`` answers 1 to one router only; ``ROLLUP_SCRIPT``): it adds up the fine slots and counts
+them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
+``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
+
+**Events** (``TimelineEvent``) go to one stream, ``llm:timeline`` (``MAXLEN ~``, and trimmed to
+the coarsest retention by the roll-up's winner).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from bisect import bisect_left
+from typing import Iterable, Literal, Mapping, Sequence
+
+import msgspec
+
+from llm_lab_router.protocol import Keys
+
+# Upper bounds (s) of the histogram buckets; the last bucket (index len(BOUNDS)) is "more".
+BOUNDS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+                             120.0, 300.0)
+NBUCKETS = len(BOUNDS) + 1
+HISTOGRAMS = ("ttft", "latency", "wait")
+COUNTERS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out")
+GPU_FIELDS = ("memory_used", "memory_total", "utilization")  # MiB, MiB, percent
+HOST_FIELDS = ("cpu_percent", "memory_used", "memory_total")  # percent, MiB, MiB
+SLOTS = "slots"  # field of a rolled-up hash: how many fine slots it sums
+COVERAGE = "routers"  # the series whose slots say that routers could write then
+FLUSHES = "flushes"
+EVENTS_MAXLEN = 100_000
+RESOLUTIONS_ENV = "LLM_ROUTER_HISTORY_RESOLUTIONS"
+DEFAULT_RESOLUTIONS = "10s:24h,5m:30d"
+
+EventKind = Literal["start_requested", "swap_wait", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
+                    "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",
+                    "reload_failed", "redis_lost", "redis_back"]
+
+
+class Resolution(msgspec.Struct, frozen=True):
+    step: int  # seconds per slot
+    keep: int  # seconds kept
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 10s, 5m, 24h, 30d)")
+    return int(match[1]) * _UNITS[match[2] or "s"]
+
+
+def parse_resolutions(text: str) -> tuple[Resolution, ...]:
+    """``"10s:24h,5m:30d"`` → resolutions, finest first. Each coarser step must be a multiple of
+    the finest (its slots are sums of whole fine slots)."""
+    out = []
+    for part in text.split(","):
+        step, _, keep = part.partition(":")
+        out.append(Resolution(_seconds(step), _seconds(keep or "0")))
+    out.sort(key=lambda r: r.step)
+    fine = out[0]
+    if fine.step <= 0 or any(r.keep < r.step or r.step % fine.step for r in out):
+        raise ValueError(f"{RESOLUTIONS_ENV}={text!r}: steps > 0, each a multiple of the finest, kept ≥ one step")
+    return tuple(out)
+
+
+def resolutions(env: Mapping[str, str] = os.environ) -> tuple[Resolution, ...]:
+    """The resolutions in force (``LLM_ROUTER_HISTORY_RESOLUTIONS``); a bad value raises
+    ``ValueError`` naming the variable."""
+    text = env.get(RESOLUTIONS_ENV) or DEFAULT_RESOLUTIONS
+    try:
+        return parse_resolutions(text)
+    except ValueError as exc:
+        raise ValueError(str(exc) if RESOLUTIONS_ENV in str(exc) else f"{RESOLUTIONS_ENV}={text!r}: {exc}") from None
+
+
+def model_series(model: str) -> str:
+    return f"model:{model}"
+
+
+def gpu_series(host: str, index: int) -> str:
+    return f"gpu:{host}:{index}"
+
+
+def host_series(host: str) -> str:
+    return f"host:{host}"
+
+
+def bucket_of(seconds: float) -> int:
+    """The histogram bucket of a duration: the first whose upper bound is ≥ it."""
+    return bisect_left(BOUNDS, seconds)
+
+
+def bucket_fields(name: str) -> list[str]:
+    return [f"{name}:{i}" for i in range(NBUCKETS)]
+
+
+def percentile(counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram of ``NBUCKETS`` counts, interpolated linearly in
+    its bucket (as Prometheus's ``histogram_quantile``); the last bucket answers its lower
+    bound. None without samples."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            low = BOUNDS[i - 1] if i > 0 else 0.0
+            if i >= len(BOUNDS):
+                return low
+            return low + (BOUNDS[i] - low) * max(0.0, rank - seen) / n
+        seen += n
+    return BOUNDS[-1]
+
+
+def bucket_range(value: float) -> tuple[float, float]:
+    """The bounds of the bucket ``value`` falls in (tests compare raw percentiles with it)."""
+    i = bucket_of(value)
+    return (BOUNDS[i - 1] if i > 0 else 0.0, BOUNDS[i] if i < len(BOUNDS) else float("inf"))
+
+
+class TimelineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One entry of ``llm:timeline``: what happened to which model on which host, and who asked.
+
+    ``kind``: ``EventKind``; ``key``: the API key's name that caused it (a start requested, an
+    eviction); ``models``: the other models concerned (those evicted for ``model``);
+    ``seconds``: a cold start's duration (``ready``); ``detail``: why, in words."""
+
+    ts: float
+    kind: str
+    model: str = ""
+    host: str = ""
+    key: str = ""
+    models: list[str] = []
+    seconds: float = 0.0
+    detail: str = ""
+    by: str = ""  # "router:{rid}" or "worker:{wid}": who wrote it
+
+
+_STR_FIELDS = ("kind", "model", "host", "key", "detail", "by")
+
+
+def event_fields(ev: TimelineEvent) -> dict[str, str]:
+    """Flat stream fields, readable in ``XRANGE`` (``models`` comma-separated)."""
+    out = {"ts": f"{ev.ts:.3f}", "kind": ev.kind}
+    for name in _STR_FIELDS[1:]:
+        if value := getattr(ev, name):
+            out[name] = value
+    if ev.models:
+        out["models"] = ",".join(ev.models)
+    if ev.seconds:
+        out["seconds"] = f"{ev.seconds:.3f}"
+    return out
+
+
+def event_of(fields: Mapping) -> TimelineEvent:
+    get = {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+           for k, v in fields.items()}
+    return TimelineEvent(ts=float(get.get("ts") or 0), kind=get.get("kind", ""),
+                         models=[m for m in get.get("models", "").split(",") if m],
+                         seconds=float(get.get("seconds") or 0), **{n: get.get(n, "") for n in _STR_FIELDS[1:]})
+
+
+def event_ops(pipe, keys: Keys, events: Iterable[TimelineEvent]) -> None:
+    """Append events to ``llm:timeline`` (for a pipeline)."""
+    for ev in events:
+        pipe.xadd(keys.timeline(), event_fields(ev), maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+# --- gauges: one fixed-size binary record per host per slot, in strings of CHUNK slots ---
+# A hash per GPU per 10 s slot costs ~210 bytes of Redis memory (key, TTL, hash): 500 hosts × 4
+# GPUs for 24 h + 30 d would be ~9 GB. One 46-byte record per host per slot, written with
+# SETRANGE at its place in a string of CHUNK slots, holds the same for ~0.4 GB.
+GPU_SLOTS = 8  # GPUs recorded per host (the first 8 by index)
+RECORD = struct.Struct("<BBI" + "IB" * GPU_SLOTS)  # samples (0: none), CPU %, RAM MiB used, per GPU: MiB used, %
+CHUNK = 360  # slots per string: 1 h of 10 s slots, 30 h of 5 min ones
+MAX_SAMPLES = 255
+
+
+class Gauges(msgspec.Struct, kw_only=True):
+    """One host's gauges in one slot: ``samples`` readings (0: none) averaged."""
+
+    samples: int = 0
+    cpu_percent: int = 0
+    memory_used: int = 0  # MiB
+    gpus: list[tuple[int, int]] = []  # per GPU index: (MiB used, utilisation %)
+
+    def pack(self) -> bytes:
+        gpus = (list(self.gpus) + [(0, 0)] * GPU_SLOTS)[:GPU_SLOTS]
+        return RECORD.pack(min(self.samples, MAX_SAMPLES), max(0, min(255, self.cpu_percent)),
+                           max(0, self.memory_used), *(max(0, v) for g in gpus for v in (g[0], min(255, g[1]))))
+
+
+def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
+    """The record of slot ``index`` of a chunk (missing bytes: no sample)."""
+    raw = chunk[index * RECORD.size:(index + 1) * RECORD.size]
+    if len(raw) < RECORD.size or raw[0] == 0:
+        return Gauges()
+    v = RECORD.unpack(raw)
+    return Gauges(samples=v[0], cpu_percent=v[1], memory_used=v[2],
+                  gpus=[(v[3 + 2 * i], v[4 + 2 * i]) for i in range(min(gpus, GPU_SLOTS))])
+
+
+def average(records: Sequence[Gauges]) -> Gauges:
+    """Several slots' records as one, weighted by their samples (a coarser slot)."""
+    have = [r for r in records if r.samples]
+    n = sum(r.samples for r in have)
+    if not n:
+        return Gauges()
+    width = max(len(r.gpus) for r in have)
+    mean = lambda get: round(sum(get(r) * r.samples for r in have) / n)  # noqa: E731
+    return Gauges(samples=n, cpu_percent=mean(lambda r: r.cpu_percent), memory_used=mean(lambda r: r.memory_used),
+                  gpus=[(mean(lambda r, i=i: r.gpus[i][0] if i < len(r.gpus) else 0),
+                         mean(lambda r, i=i: r.gpus[i][1] if i < len(r.gpus) else 0)) for i in range(width)])
+
+
+def gauge_chunk(keys: Keys, step: int, wid: str, slot: int) -> tuple[str, int]:
+    """The string holding ``slot`` of host ``wid``'s gauges, and the record's offset in it."""
+    return keys.gauge_chunk(wid, step, slot // CHUNK), (slot % CHUNK) * RECORD.size
+
+
+def gauge_ops(pipe, keys: Keys, res: Resolution, wid: str, slot: int, record: Gauges) -> None:
+    """Write one host's record of one slot (for a pipeline): ``SETRANGE`` (a later sample of the
+    same slot replaces it) and the string's TTL."""
+    key, offset = gauge_chunk(keys, res.step, wid, slot)
+    pipe.setrange(key, offset, record.pack())
+    pipe.expire(key, res.keep)
+
+
+def gauge_meta_ops(pipe, keys: Keys, wid: str, keep: int, memory_total: int, gpu_totals: Sequence[int],
+                   now: float) -> None:
+    """What does not change slot to slot (totals, in MiB) and the series the host has."""
+    meta = keys.history_gauges(wid)
+    pipe.hset(meta, mapping={"memory_total": memory_total, "gpus": len(gpu_totals),
+                             **{f"gpu{i}_memory_total": t for i, t in enumerate(gpu_totals)}})
+    pipe.expire(meta, keep)
+    pipe.hset(keys.history_series(), mapping={host_series(wid): int(now),
+                                              **{gpu_series(wid, i): int(now) for i in range(len(gpu_totals))}})
+
+
+# Rolls one series' fine slots up into one coarse slot, once (the caller won the slot's lock):
+# KEYS[1] = the coarse hash, KEYS[2..] = the fine hashes it covers; ARGV[1] = the coarse TTL.
+# Every field is added up (integers), and ``slots`` counts the fine hashes that existed; a
+# coarse slot without any is not written (a gap stays a gap). Returns the fine slots found.
+ROLLUP_SCRIPT = """
+local sums, found = {}, 0
+for i = 2, #KEYS do
+  local row = redis.call('HGETALL', KEYS[i])
+  if #row > 0 then
+    found = found + 1
+    for j = 1, #row, 2 do sums[row[j]] = (sums[row[j]] or 0) + tonumber(row[j + 1]) end
+  end
+end
+if found == 0 then return 0 end
+for f, v in pairs(sums) do
+  if f ~= 'slots' then redis.call('HINCRBY', KEYS[1], f, string.format('%d', v)) end
+end
+redis.call('HINCRBY', KEYS[1], 'slots', found)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return found
+"""

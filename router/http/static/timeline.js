@@ -1,0 +1,197 @@
+// llm-router dashboard: the timeline (GET /api/history, GET /api/events) drawn with uPlot
+// (vendored under vendor/uplot/, pinned; nothing is fetched from outside the router).
+// Per model: request rate, TTFT and latency p50/p95, tokens/s, queue wait p95, requests in flight
+// and queued; per GPU: memory
+// and utilisation; the events of the cluster as vertical marks on every chart, on one time axis.
+// Uses api(), esc(), byTestId() and fmtTime() of app.js (loaded first).
+"use strict";
+
+const TL_RANGES = {          // range -> [seconds shown, seconds per point]
+  "15m": [900, 10], "1h": [3600, 10], "24h": [86400, 300], "7d": [7 * 86400, 1800], "30d": [30 * 86400, 7200],
+};
+const TL_REFRESH_MS = 10000;
+const TL_MAX_GPUS = 32;      // GPU series fetched (the first ones by name): more would be a request each
+const TL_COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777",
+                   "#4b5563", "#65a30d"];
+const TL_EVENT_COLORS = {ready: "#16a34a", evicted: "#ea580c", crashed: "#dc2626", start_failed: "#dc2626",
+                         reload_failed: "#dc2626", start_requested: "#2563eb", stopped: "#6b7280"};
+const TL_CHARTS = [          // testid, title, series kind, value of a point, unit scale
+  {id: "rate", title: "Requests / s", kind: "model", fields: [["rate", ""]], scale: 1},
+  {id: "ttft", title: "TTFT p50 / p95 (ms)", kind: "model", fields: [["ttft_p50", " p50"], ["ttft_p95", " p95"]], scale: 1000},
+  {id: "latency", title: "Latency p50 / p95 (ms)", kind: "model", fields: [["latency_p50", " p50"], ["latency_p95", " p95"]], scale: 1000},
+  {id: "tokens", title: "Tokens / s (out)", kind: "model", fields: [["tokens_per_s", ""]], scale: 1},
+  {id: "wait", title: "Queue wait p95 (ms)", kind: "model", fields: [["wait_p95", ""]], scale: 1000},
+  {id: "inflight", title: "In flight / queued (all routers)", kind: "model", fields: [["inflight", ""], ["queued", " queued"]], scale: 1},
+  {id: "gpu-mem", title: "GPU memory used (GiB)", kind: "gpu", fields: [["memory_used", ""]], scale: 1 / 1024},
+  {id: "gpu-util", title: "GPU utilisation (%)", kind: "gpu", fields: [["utilization", ""]], scale: 1},
+];
+
+const timeline = {range: "1h", window: null, again: false, charts: new Map(), events: [], busy: false, drawnAt: 0};
+
+function tlWindow() {
+  const [span, step] = TL_RANGES[timeline.range];
+  const to = Math.floor(Date.now() / 1000);
+  return {from: to - span, to, step};
+}
+
+async function tlLoad() {
+  const w = tlWindow();
+  const listing = await api("GET", "/api/history");
+  const names = listing.available || [];
+  const models = names.filter((s) => s.startsWith("model:")).map((s) => s.slice(6));
+  const gpus = names.filter((s) => s.startsWith("gpu:")).slice(0, TL_MAX_GPUS).map((s) => {
+    const i = s.lastIndexOf(":");
+    return {name: s.slice(4), host: s.slice(4, i), gpu: s.slice(i + 1)};
+  });
+  const q = (extra) => `/api/history?${new URLSearchParams({from: w.from, to: w.to, step: w.step, ...extra})}`;
+  const [modelDocs, gpuDocs, events] = await Promise.all([
+    Promise.all(models.map((m) => api("GET", q({series: "model", model: m})))),
+    Promise.all(gpus.map((g) => api("GET", q({series: "gpu", host: g.host, gpu: g.gpu})))),
+    api("GET", `/api/events?${new URLSearchParams({from: w.from, to: w.to, limit: 2000})}`),
+  ]);
+  return {window: w, model: models.map((m, i) => ({label: m, doc: modelDocs[i]})),
+          gpu: gpus.map((g, i) => ({label: g.name, doc: gpuDocs[i]})), events: events.events || []};
+}
+
+// uPlot's columns: one x (seconds) shared by every series of a kind, values scaled, null = a gap.
+function tlColumns(series, chart) {
+  const xs = [...new Set(series.flatMap((s) => s.doc.points.map((p) => p.t)))].sort((a, b) => a - b);
+  const cols = [xs];
+  const labels = [];
+  for (const s of series) {
+    const byT = new Map(s.doc.points.map((p) => [p.t, p]));
+    for (const [field, suffix] of chart.fields) {
+      labels.push(`${s.label}${suffix}`);
+      cols.push(xs.map((t) => { const v = byT.get(t)?.[field]; return v == null ? null : v * chart.scale; }));
+    }
+  }
+  return {cols, labels};
+}
+
+// Events as vertical lines on the plot; the one nearest the cursor is described below the charts.
+function tlEventsPlugin() {
+  return {hooks: {
+    draw: [(u) => {
+      const {ctx} = u;
+      const {top, height} = u.bbox;
+      ctx.save();
+      for (const ev of timeline.events) {
+        const x = Math.round(u.valToPos(ev.ts, "x", true));
+        if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+        ctx.strokeStyle = TL_EVENT_COLORS[ev.kind] || "#9ca3af";
+        ctx.lineWidth = ev.kind === "evicted" || ev.kind === "crashed" ? 2 : 1;
+        ctx.setLineDash(ev.kind === "ready" || ev.kind === "evicted" || ev.kind === "crashed" ? [] : [4, 3]);
+        ctx.beginPath();
+        ctx.moveTo(x, top);
+        ctx.lineTo(x, top + height);
+        ctx.stroke();
+      }
+      ctx.restore();
+    }],
+    setCursor: [(u) => {
+      if (u.cursor.left == null || u.cursor.left < 0) return;
+      const t = u.posToVal(u.cursor.left, "x");
+      const px = (u.bbox.width / devicePixelRatio) / Math.max(1, u.scales.x.max - u.scales.x.min);
+      let best = null;
+      for (const ev of timeline.events) {
+        const d = Math.abs(ev.ts - t) * px;
+        if (d < 6 && (!best || d < best.d)) best = {d, ev};
+      }
+      byTestId("tl-hover").textContent = best ? tlEventText(best.ev) : "";
+    }],
+  }};
+}
+
+function tlEventText(ev) {
+  const bits = [fmtTime(ev.ts), ev.kind, ev.model, ev.host && `on ${ev.host}`, ev.key && `key ${ev.key}`,
+                ev.models?.length && `evicted ${ev.models.join(", ")}`, ev.seconds && `${ev.seconds.toFixed(1)} s`,
+                ev.detail];
+  return bits.filter(Boolean).join(" · ");
+}
+
+function tlDraw(data) {
+  timeline.events = data.events;
+  timeline.window = data.window;
+  byTestId("tl-charts").dataset.span = String(data.window.to - data.window.from);
+  const host = byTestId("tl-charts");
+  const width = Math.max(320, Math.floor((host.clientWidth - 24) / 2));
+  for (const chart of TL_CHARTS) {
+    const series = data[chart.kind];
+    const {cols, labels} = tlColumns(series, chart);
+    let box = byTestId(`tl-${chart.id}`);
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "tl-chart";
+      box.dataset.testid = `tl-${chart.id}`;
+      host.appendChild(box);
+    }
+    box.dataset.series = String(labels.length);
+    box.dataset.points = String(cols.slice(1).reduce((n, c) => n + c.filter((v) => v != null).length, 0));
+    const sig = `${labels.join("|")}@${width}`;
+    const old = timeline.charts.get(chart.id);
+    if (old && old.sig === sig) {
+      old.plot.setData(cols);
+      continue;
+    }
+    if (old) old.plot.destroy();
+    box.replaceChildren();
+    const sparse = cols.slice(1).map((c) => c.filter((v) => v != null).length < 40);  // dots only where few
+    const opts = {
+      title: chart.title, width, height: 180, plugins: [tlEventsPlugin()],
+      scales: {x: {time: true, range: () => [timeline.window.from, timeline.window.to]}},
+      series: [{}, ...labels.map((label, i) => ({
+        label, stroke: TL_COLORS[Math.floor(i / chart.fields.length) % TL_COLORS.length], width: 1.5,
+        points: {show: sparse[i], size: 4},  // a lone point between gaps shows too
+        dash: chart.fields.length > 1 && i % chart.fields.length ? [5, 4] : undefined,
+      }))],
+      axes: [{}, {size: 64}],
+      legend: {live: true},
+    };
+    timeline.charts.set(chart.id, {sig, plot: new uPlot(opts, cols, box)});
+  }
+  const list = byTestId("tl-events");
+  const recent = data.events.slice(-50).reverse();
+  draw(list, recent.map((ev) => `<li class="ev ev-${esc(ev.kind)}" title="${esc(JSON.stringify(ev))}">`
+    + `${esc(tlEventText(ev))}</li>`).join("") || `<li class="muted">no events in this range</li>`);
+  byTestId("tl-status").textContent = `${data.model.length} models · ${data.gpu.length} GPUs · `
+    + `${data.events.length} events · step ${data.window.step} s`;
+  timeline.drawnAt = Date.now();
+}
+
+async function tlRefresh() {
+  if (typeof uPlot === "undefined") return;
+  if (timeline.busy) { timeline.again = true; return; }  // a range clicked mid-load: load again after
+  timeline.busy = true;
+  const started = performance.now();
+  try {
+    tlDraw(await tlLoad());
+    byTestId("tl-charts").dataset.renderMs = String(Math.round(performance.now() - started));
+  } catch (e) {
+    byTestId("tl-status").textContent = `timeline: ${e.message}`;
+  } finally {
+    timeline.busy = false;
+    if (timeline.again) { timeline.again = false; tlRefresh(); }
+  }
+}
+
+function tlInit() {
+  const ranges = byTestId("tl-ranges");
+  ranges.innerHTML = Object.keys(TL_RANGES).map((r) =>
+    `<button class="btn tiny${r === timeline.range ? " on" : ""}" data-range="${r}" data-testid="tl-range-${r}">${r}</button>`).join("");
+  ranges.addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-range]");
+    if (!b) return;
+    timeline.range = b.dataset.range;
+    for (const x of ranges.querySelectorAll("button")) x.classList.toggle("on", x === b);
+    tlRefresh();
+  });
+  window.addEventListener("resize", () => { for (const c of timeline.charts.values()) c.sig = ""; tlRefresh(); });
+  // /ui/#timeline: the timeline alone, full width (a wall display, a link in a report)
+  const only = () => document.body.classList.toggle("timeline-only", location.hash === "#timeline");
+  window.addEventListener("hashchange", () => { only(); for (const c of timeline.charts.values()) c.sig = ""; tlRefresh(); });
+  only();
+  const live = () => tlRefresh().finally(() => setTimeout(live, TL_REFRESH_MS));
+  live();
+}
+
+tlInit();

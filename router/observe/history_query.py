@@ -1,0 +1,258 @@
+"""Reading the timeline back (``GET /api/history``, ``GET /api/events``; ``llm_router.timeline``
+says what is stored).
+
+A point sums the slots it spans: counters add up, histogram buckets add up and percentiles
+come from the summed buckets, gauges are averaged over the slots that have a sample. A point is
+only as good as its coverage: request series count the fine slots some router flushed
+(``routers`` series), gauges the slots with a sample (a host's records, ``timeline.RECORD``); a point without any is a gap (values
+null), and rates divide by the seconds covered, so a Redis outage never reads as a quiet spell.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from llm_lab_router.protocol import Keys
+from llm_lab_router.router.core.errors import ApiError
+from llm_lab_router.router.core.responses import EventsResult, HistoryResult
+from llm_lab_router.timeline import (
+    COUNTERS,
+    COVERAGE,
+    GPU_FIELDS,
+    HISTOGRAMS,
+    HOST_FIELDS,
+    CHUNK,
+    GPU_SLOTS,
+    RECORD,
+    Resolution,
+    bucket_fields,
+    gauge_chunk,
+    event_of,
+    gpu_series,
+    host_series,
+    model_series,
+    percentile,
+)
+from redis.asyncio import Redis
+
+# Sums a request series' slots in groups, in Redis: 30 days are 8,640 slot hashes (and as many
+# coverage ones), which cost the router ~0.8 s to decode one by one and Redis ~20 ms to add up
+# here. The slot keys are built here from their prefixes (one key string per slot sent from the
+# router cost more than the sums): ARGV = the series' key prefix, the coverage's, the first and
+# last slot, the slots per group, 1 for the finest resolution (a coverage slot counts 1 if
+# written) else 0 (its ``slots`` field counts). Returns, per group: the fine slots covered, then
+# [field, sum, ...] of the series.
+SUM_SCRIPT = """
+local series, cover = ARGV[1], ARGV[2]
+local first, last, per, fine = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local out = {}
+for g = first, last, per do
+  local sums, order, covered = {}, {}, 0
+  for slot = g, math.min(g + per - 1, last) do
+    local row = redis.call('HGETALL', series .. slot)
+    for j = 1, #row, 2 do
+      local f = row[j]
+      if not sums[f] then sums[f] = 0; order[#order + 1] = f end
+      sums[f] = sums[f] + tonumber(row[j + 1])
+    end
+    local c = redis.call('HGETALL', cover .. slot)
+    if #c > 0 then
+      if fine then covered = covered + 1 else
+        for j = 1, #c, 2 do if c[j] == 'slots' then covered = covered + tonumber(c[j + 1]) end end
+      end
+    end
+  end
+  local flat = {}
+  for _, f in ipairs(order) do flat[#flat + 1] = f; flat[#flat + 1] = string.format('%d', sums[f]) end
+  out[#out + 1] = covered
+  out[#out + 1] = flat
+end
+return out
+"""
+MAX_POINTS = 10_000  # a step finer than (to - from) / MAX_POINTS is made coarser
+EVENTS_PAGE = 1000
+EVENTS_SCAN = 100_000  # entries looked at, at most, for one filtered read
+MODEL_FIELDS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out", "rate", "tokens_per_s",
+                "inflight", "queued",
+                *(f"{h}_{p}" for h in HISTOGRAMS for p in ("p50", "p95")), "covered_s")
+QUANTILES = (("p50", 0.5), ("p95", 0.95))
+
+
+def series_fields(series: str) -> tuple[str, ...]:
+    """The values a point of ``series`` carries."""
+    kind = series.split(":", 1)[0]
+    return {"model": MODEL_FIELDS, "gpu": GPU_FIELDS, "host": HOST_FIELDS}.get(kind, ())
+
+
+def choose(resolutions: Sequence[Resolution], start: float, end: float, step: int,
+           now: float) -> tuple[Resolution, float, int]:
+    """The finest resolution still holding ``start`` (else the coarsest), ``start`` clamped to
+    what it holds, and the step: a multiple of its slot, at least ``step``, coarse enough for
+    ``MAX_POINTS``."""
+    res = next((r for r in resolutions if now - r.keep <= start), resolutions[-1])
+    start = min(max(start, now - res.keep), now)
+    want = max(step, res.step, math.ceil((end - start) / MAX_POINTS))
+    return res, start, math.ceil(want / res.step) * res.step
+
+
+def _ints(row: dict) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in row.items()}
+
+
+async def read_history(redis: Redis, reader: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str,
+                       start: float, end: float, step: int, now: float, sum_slots) -> HistoryResult:
+    """``sum_slots``: ``SUM_SCRIPT`` registered on ``redis``; ``reader`` reads the hosts' gauges."""
+    fields = list(series_fields(series))
+    available: list[str] = []
+    if not series:
+        index = await redis.hgetall(keys.history_series())
+        available = sorted(k.decode() if isinstance(k, bytes) else k for k in index)
+        return HistoryResult(series="", start=start, end=end, step=step, resolution=resolutions[0].step,
+                             fields=[], points=[], available=available)
+    end = min(end, now + resolutions[0].step)  # nothing is recorded ahead: the slots read stay bounded
+    res, start, step = choose(resolutions, start, end, step, now)
+    per = step // res.step
+    first = int(start // step) * step // res.step
+    last = max(first, math.ceil(end / res.step) - 1)  # the slot holding ``end``
+    slots = range(first, last + 1)
+    if not series.startswith("model:"):
+        points = await _gauge_points(reader, keys, res, series, slots, per)
+        return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
+                             points=points, available=available)
+    fine_res = res is resolutions[0]
+    summed = await sum_slots(keys=[], args=[keys.history(res.step, series, 0)[:-1],
+                                            keys.history(res.step, COVERAGE, 0)[:-1], first, last, per, int(fine_res)])
+    points = []
+    for g, (covered, flat) in enumerate(zip(summed[::2], summed[1::2])):
+        t = float((first + g * per) * res.step)
+        if not covered:
+            points.append({"t": t, **dict.fromkeys(fields)})
+            continue
+        total = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in zip(flat[::2], flat[1::2])}
+        points.append({"t": t, **_model_point(total, int(covered), resolutions[0].step)})
+    return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
+                         points=points, available=available)
+
+
+async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, slots: range,
+                        per: int) -> list[dict[str, float | None]]:
+    """Points of ``gpu:{host}:{index}`` or ``host:{host}`` from the host's records (``timeline.RECORD``):
+    averages weighted by samples; the totals are the host's current ones."""
+    kind, rest = series.split(":", 1)
+    host, _, index = rest.rpartition(":") if kind == "gpu" else (rest, "", "")
+    gpu = int(index) if index.isdigit() else -1
+    chunks = sorted({s // CHUNK for s in slots})
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.history_gauges(host))
+        for chunk in chunks:
+            pipe.get(gauge_chunk(keys, res.step, host, chunk * CHUNK)[0])
+        meta, *data = await pipe.execute()
+    meta = _ints(meta)
+    # the records as tuples (``RECORD.iter_unpack``: 30 days of a host in milliseconds), and the
+    # places in them of the values wanted: (name, tuple index or None for a total from ``meta``)
+    records: dict[int, list[tuple]] = {}
+    for chunk, blob in zip(chunks, data):
+        blob = blob or b""
+        records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
+    if kind == "gpu":
+        wanted = [("memory_used", 3 + 2 * gpu), ("memory_total", None), ("utilization", 4 + 2 * gpu)]
+        total = float(meta.get(f"gpu{gpu}_memory_total", 0))
+        known = 0 <= gpu < min(meta.get("gpus", 0), GPU_SLOTS)
+    else:
+        wanted = [("cpu_percent", 1), ("memory_used", 2), ("memory_total", None)]
+        total = float(meta.get("memory_total", 0))
+        known = True
+    points: list[dict[str, float | None]] = []
+    for g in range(0, len(slots), per):
+        group = slots[g:g + per]
+        n, sums = 0, [0] * len(wanted)
+        for s in group:
+            rows = records[s // CHUNK]
+            row = rows[s % CHUNK] if s % CHUNK < len(rows) else None
+            if row is None or not row[0] or not known:
+                continue
+            n += row[0]
+            for i, (_, at) in enumerate(wanted):
+                if at is not None:
+                    sums[i] += row[at] * row[0]
+        points.append({"t": float(group[0] * res.step),
+                       **{name: (None if not n else total if at is None else round(sums[i] / n))
+                          for i, (name, at) in enumerate(wanted)}})
+    return points
+
+
+def _model_point(total: dict[str, int], covered: int, fine: int) -> dict[str, float | None]:
+    """``covered`` fine slots of ``fine`` seconds summed in ``total``; the load gauges are sums of
+    one sample per router per fine slot, so their mean over the slots is the cluster's."""
+    seconds = covered * fine
+    out: dict[str, float | None] = {c: float(total.get(c, 0)) for c in COUNTERS}
+    out["rate"] = total.get("requests", 0) / seconds
+    out["tokens_per_s"] = total.get("tokens_out", 0) / seconds
+    out["inflight"] = total.get("inflight", 0) / covered
+    out["queued"] = total.get("queued", 0) / covered
+    for h in HISTOGRAMS:
+        counts = [total.get(f, 0) for f in bucket_fields(h)]
+        for name, q in QUANTILES:
+            out[f"{h}_{name}"] = percentile(counts, q)
+    out["covered_s"] = seconds
+    return out
+
+
+async def read_events(redis: Redis, keys: Keys, start: float, end: float, limit: int, model: str | None = None,
+                      host: str | None = None, kind: str | None = None) -> EventsResult:
+    """Events in ``[start, end]``, oldest first, filtered; at most ``limit``."""
+    low, high = f"{int(start * 1000)}-0", f"{int(end * 1000)}-18446744073709551615"
+    found = []
+    scanned = 0
+    while scanned < EVENTS_SCAN:
+        page = await redis.xrange(keys.timeline(), low, high, count=EVENTS_PAGE)
+        scanned += len(page)
+        for entry_id, fields in page:
+            ev = event_of(fields)
+            if (model and model != ev.model and model not in ev.models) or (host and host != ev.host) or (
+                    kind and kind != ev.kind):
+                continue
+            if len(found) == limit:
+                return EventsResult(events=found, more=True)
+            found.append(ev)
+        if len(page) < EVENTS_PAGE:
+            break
+        last = page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0]
+        low = "(" + last
+    return EventsResult(events=found, more=scanned >= EVENTS_SCAN)
+
+
+
+class TimelineReader:
+    """What ``/api/history`` and ``/api/events`` call: the series named by the query, read back."""
+
+    def __init__(self, redis: Redis, reader: Redis, keys: Keys, resolutions: Sequence[Resolution]) -> None:
+        """``reader``: the client that may read the workers' own keys (a host's gauge records)."""
+        self.redis = redis
+        self.reader = reader
+        self.keys = keys
+        self.resolutions = resolutions
+        self.sum_slots = redis.register_script(SUM_SCRIPT)
+
+    async def history(self, kind: str | None, model: str | None, host: str | None, gpu: int, start: float,
+                      end: float, step: int, now: float) -> HistoryResult:
+        if end <= start:
+            raise ApiError(400, f"'to' ({end:.0f}) must be after 'from' ({start:.0f})", "invalid_parameter")
+        series = ""
+        if kind == "model":
+            if not model:
+                raise ApiError(400, "series=model needs model=<id>", "invalid_parameter")
+            series = model_series(model)
+        elif kind in ("gpu", "host"):
+            if not host:
+                raise ApiError(400, f"series={kind} needs host=<worker id>", "invalid_parameter")
+            series = gpu_series(host, gpu) if kind == "gpu" else host_series(host)
+        return await read_history(self.redis, self.reader, self.keys, self.resolutions, series, start, end, step,
+                                  now, self.sum_slots)
+
+    async def events(self, start: float, end: float, limit: int, model: str | None, host: str | None,
+                     kind: str | None) -> EventsResult:
+        if end < start:
+            raise ApiError(400, f"'to' ({end:.0f}) must not be before 'from' ({start:.0f})", "invalid_parameter")
+        return await read_events(self.redis, self.keys, start, end, limit, model, host, kind)

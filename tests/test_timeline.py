@@ -1,0 +1,440 @@
+"""The lab's timeline (issue 27): request series recorded by real routers in a real Redis,
+merged across routers and resolutions, read back through ``/api/history`` and ``/api/events``.
+
+The routers run with 1 s / 3 s resolutions (``LLM_ROUTER_HISTORY_RESOLUTIONS``), so a slot
+closes, is flushed and rolled up within seconds; everything else is as deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+import uuid
+
+import pytest
+from conftest import wait_for
+from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
+from llm_lab_router.protocol import CatalogEntry, Keys
+from llm_lab_router.redis_server import free_port
+from llm_lab_router.timeline import (
+    BOUNDS,
+    NBUCKETS,
+    RECORD,
+    Gauges,
+    average,
+    unpack,
+    TimelineEvent,
+    bucket_of,
+    bucket_range,
+    event_fields,
+    event_of,
+    parse_resolutions,
+    percentile,
+    resolutions,
+)
+
+CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
+DEAD = CatalogEntry(id="dead", mode="chat", on_demand=False)  # its instance's port answers nothing: 502
+FAST = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "1s:2h,3s:1d"}
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_resolutions_parse_and_refuse_what_cannot_be_rolled_up() -> None:
+    assert [(r.step, r.keep) for r in parse_resolutions("5m:30d,10s:24h")] == [(10, 86400), (300, 30 * 86400)]
+    for bad in ("10s:24h,15s:1d", "0s:1h", "10x:1h", "10s:5s,1m:1h"):
+        with pytest.raises(ValueError):
+            parse_resolutions(bad)
+
+
+def test_a_router_and_a_worker_refuse_bad_resolutions_in_one_line(procs, tmp_path) -> None:
+    import sys
+
+    from helpers import model_block, write_config
+    bad = {"LLM_ROUTER_HISTORY_RESOLUTIONS": "10s:24h,7s:1d"}
+    with pytest.raises(ValueError, match="LLM_ROUTER_HISTORY_RESOLUTIONS"):
+        resolutions(bad)
+    config = write_config(tmp_path / "host.toml", model_block("one"))
+    for argv in (["serve", "--port", str(free_port())], ["worker", "--config", str(config)]):
+        proc = procs.start([sys.executable, "-m", "llm_lab_router.cli", *argv, "--redis", "redis://127.0.0.1:1"],
+                           name="refused", env=bad)
+        assert proc.wait(20) == 2
+        assert "LLM_ROUTER_HISTORY_RESOLUTIONS" in procs.log(proc) and "Traceback" not in procs.log(proc)
+
+
+def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile() -> None:
+    samples = [0.003 * i for i in range(1, 400)]  # 3 ms .. 1.2 s
+    a, b = [0] * NBUCKETS, [0] * NBUCKETS
+    for i, s in enumerate(samples):  # two "routers"
+        (a if i % 3 else b)[bucket_of(s)] += 1
+    merged = [x + y for x, y in zip(a, b)]
+    for q in (0.5, 0.95, 0.99):
+        raw = sorted(samples)[math.ceil(q * len(samples)) - 1]
+        low, high = bucket_range(raw)
+        assert low <= percentile(merged, q) <= high, q
+    assert percentile([0] * NBUCKETS, 0.5) is None
+    assert percentile([0] * (NBUCKETS - 1) + [3], 0.5) == BOUNDS[-1]  # "more than the last bound"
+
+
+def test_a_hosts_gauges_pack_into_one_small_record_and_average_by_samples() -> None:
+    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50), (100, 0)])
+    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90), (100, 10)])
+    chunk = bytearray(RECORD.size * 3)
+    chunk[RECORD.size * 2:] = b.pack()
+    assert RECORD.size == 46
+    assert unpack(bytes(chunk), 0, 2) == Gauges()  # never written: no sample, a gap
+    assert unpack(bytes(chunk), 2, 2) == b
+    assert unpack(b"", 5, 2) == Gauges()
+    assert average([a, Gauges(), b]) == Gauges(samples=4, cpu_percent=25, memory_used=1750,
+                                                gpus=[(14000, 80), (100, 8)])
+
+
+def test_an_event_reads_back_as_written() -> None:
+    ev = TimelineEvent(ts=1700000000.5, kind="evicted", model="big", models=["a", "b"], key="alice", host="w1",
+                       detail="to make room")
+    assert event_of({k.encode(): v.encode() for k, v in event_fields(ev).items()}) == ev
+
+
+# --------------------------------------------------------------------------- real routers
+
+
+@pytest.fixture
+def two_routers(procs, redis_url, rds, mock_engine):
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    fake = FakeWorker(rds, wid)
+    fake.publish(CHAT, DEAD)
+    fake.instance("dead", "running", f"http://127.0.0.1:{free_port()}")
+    # TTFT = 2 ms per prompt word: prompts of 1..60 words spread over several buckets
+    _, url = mock_engine("--quiet", "--ttft-per-token", "0.002", model="chat")
+    wait_engine(url)
+    fake.instance("chat", "running", url)
+    routers = [start_router(procs, redis_url, env=FAST) for _ in range(2)]
+    for r in routers:
+        wait_routable(r, "chat")
+    return routers
+
+
+def history(router, **query) -> dict:
+    qs = "&".join(f"{k}={v}" for k, v in {"series": "model", "model": "chat", "from": "-5m", **query}.items())
+    return get_json(f"{router.url}/api/history?{qs}")
+
+
+def total(doc: dict, field: str = "requests") -> float:
+    return sum(p[field] or 0 for p in doc["points"])
+
+
+def access_ttfts(procs, routers) -> list[float]:
+    out = []
+    for r in routers:
+        for raw in procs.log(r.proc).splitlines():
+            if raw.startswith("router.access "):
+                entry = json.loads(raw.split(" ", 1)[1])
+                if entry.get("stream"):
+                    out.append(entry["ttfb_ms"] / 1000)
+    return out
+
+
+def test_requests_through_two_routers_sum_to_n_and_merged_ttft_percentiles_match_raw(procs, two_routers) -> None:
+    n = 30
+    for i in range(n):
+        router = two_routers[i % 2]
+        words = " ".join(["w"] * (1 + 2 * i))
+        stream = SseStream(f"{router.url}/v1/chat/completions", method="POST",
+                           body=chat_body("chat", stream=True, max_tokens=2,
+                                          messages=[{"role": "user", "content": words}]))
+        assert stream.status == 200
+        stream.events_until(lambda ev: False)  # to its end: a client leaving first counts as 499
+        stream.close()
+    bad = request("POST", f"{two_routers[0].url}/v1/chat/completions", chat_body("dead"))
+    assert bad.status == 502
+
+    doc = wait_for(lambda: (d := history(two_routers[1])) and total(d) == n and d, timeout=15,
+                   message=f"{n} requests recorded")
+    assert doc["resolution"] == 1 and doc["fields"][0] == "requests"
+    assert total(doc, "errors_4xx") + total(doc, "errors_5xx") == 0
+    dead = wait_for(lambda: (d := history(two_routers[1], model="dead")) and total(d) == 1 and d, timeout=15,
+                    message="the failed request recorded")
+    assert (total(dead, "errors_5xx"), total(dead, "errors_4xx")) == (1, 0)
+    raw = wait_for(lambda: len(r := access_ttfts(procs, two_routers)) == n and r, timeout=5,
+                   message="every access-log line (written in batches)")
+    # one point over the whole window: the buckets of both routers and every slot, summed
+    whole = history(two_routers[0], step=300)
+    point = next(p for p in whole["points"] if p["requests"])
+    assert point["requests"] == n
+    for name, q in (("ttft_p50", 0.5), ("ttft_p95", 0.95)):
+        exact = sorted(raw)[math.ceil(q * n) - 1]
+        low, high = bucket_range(exact)
+        assert low <= point[name] <= high, (name, exact, point[name])
+    # the coarse resolution (a roll-up made by one router) holds the same count
+    coarse = wait_for(lambda: (d := history(two_routers[0], **{"from": "-3h"})) and total(d) == n and d,
+                      timeout=15, message="the roll-up")
+    assert coarse["resolution"] == 3
+
+
+def test_history_survives_a_router_restart_and_a_redis_outage_is_a_gap(procs, redis_url, rds, two_routers) -> None:
+    first, second = two_routers
+    for _ in range(5):
+        assert request("POST", f"{first.url}/v1/chat/completions", chat_body("chat", max_tokens=2)).status == 200
+    procs.stop(first.proc)  # SIGTERM: the current slot is flushed on the way out
+    assert total(history(second)) == 5
+    # Redis away for a few slots: the routers cannot write them, and they read as gaps, not zeros
+    keys = Keys()
+    wait_for(lambda: rds.exists(keys.history(1, "routers", int(time.time()) - 2)), timeout=5,
+             message="covered slots")
+    saved = rds.execute_command("ACL", "GETUSER", "router")
+    rds.execute_command("ACL", "SETUSER", "router", "off")
+    rds.execute_command("CLIENT", "KILL", "USER", "router")
+    try:
+        gone = time.time()
+        time.sleep(3.5)  # the outage itself: nothing to await
+    finally:
+        rds.execute_command("ACL", "SETUSER", "router", "on")
+        rds.execute_command("ACL", "LOG", "RESET")
+    assert saved
+    back = start_router(procs, redis_url, env=FAST)
+    doc = wait_for(lambda: (d := history(back, **{"from": str(int(gone) - 3)})) and
+                   any(p["requests"] is not None and p["t"] > gone + 4 for p in d["points"]) and d,
+                   timeout=15, message="slots after the outage")
+    during = [p for p in doc["points"] if gone + 0.5 < p["t"] < gone + 2.5]
+    assert during and all(p["requests"] is None and p["ttft_p50"] is None for p in during)
+    assert total(history(back)) == 5  # nothing lost, nothing counted twice
+    outage = wait_for(lambda: (e := get_json(f"{back.url}/api/events?from=-5m&kind=redis_back")["events"]) and e,
+                      timeout=10, message="the router's redis_back event")
+    assert outage[0]["by"].startswith("router:") and 2 <= outage[0]["seconds"] < 15
+    lost = get_json(f"{back.url}/api/events?from=-5m&kind=redis_lost")["events"]
+    assert lost and abs(lost[0]["ts"] - gone) < 3
+
+
+def test_events_api_and_bad_parameters(two_routers, rds) -> None:
+    router = two_routers[0]
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="ready", model="chat",
+                                                          host="w1", seconds=12.5)))
+    events = get_json(f"{router.url}/api/events?from=-1m&model=chat")["events"]
+    assert [(e["kind"], e["seconds"]) for e in events] == [("ready", 12.5)]
+    assert get_json(f"{router.url}/api/events?kind=evicted")["events"] == []
+    for query, word in (("series=model", "model="), ("series=gpu", "host="), ("series=disk", "series"),
+                        ("series=model&model=chat&from=yesterday", "from"), ("from=-1h&to=-2h&series=host&host=x", "to")):
+        resp = request("GET", f"{router.url}/api/history?{query}")
+        assert resp.status == 400 and resp.json()["success"] is False and word in resp.json()["message"], query
+    far = request("GET", f"{router.url}/api/history?series=model&model=chat&from=0&to=999999999999")
+    assert far.status == 200 and len(far.json()["points"]) <= 10_000 and far.seconds < 5  # bounded by what is kept
+    listing = get_json(f"{router.url}/api/history")
+    assert listing["points"] == [] and isinstance(listing["available"], list)
+
+
+# --------------------------------------------------------------------------- a real worker
+
+
+def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_a_worker_restart(
+        procs, redis_url, tmp_path) -> None:
+    from fake_nvml import fake_gpu_env
+    from helpers import model_block, start_worker, write_config
+
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    key = f"sk-{uuid.uuid4().hex}"
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(f'[[keys]]\nname = "alice"\nkey = "{key}"\n')
+    config = write_config(tmp_path / "host.toml", *(model_block(m, devices=["cuda"], vram_mb=8000,
+                                                                engine_args=["--startup-delay", "0.3"])
+                                                    for m in ("first", "second")))
+    worker = start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one
+    router = start_router(procs, redis_url, env={**FAST, "LLM_ROUTER_API_KEYS_FILE": str(keys_file)})
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def api(path: str) -> dict:
+        resp = request("GET", f"{router.url}{path}", headers=auth)
+        assert resp.status == 200, resp.body
+        return resp.json()
+
+    wait_for(lambda: api("/api/devices/info")["hosts"].get(wid), timeout=20, message="the worker's devices")
+    for model in ("first", "second"):
+        resp = request("POST", f"{router.url}/v1/chat/completions", chat_body(model, max_tokens=1), headers=auth,
+                       timeout=30)
+        assert resp.status == 200, resp.body
+
+    def kinds() -> list[tuple[str, str]]:
+        return [(e["kind"], e.get("model", "")) for e in api("/api/events?from=-5m")["events"]]
+
+    wanted = [("start_requested", "first"), ("starting", "first"), ("ready", "first"), ("start_requested", "second"),
+              ("evicted", "second"), ("stopping", "first"), ("stopped", "first"), ("starting", "second"),
+              ("ready", "second")]
+    wait_for(lambda: all(w in kinds() for w in wanted), timeout=15, message=f"the events {wanted}")
+    events = api("/api/events?from=-5m")["events"]
+    evicted = next(e for e in events if e["kind"] == "evicted")
+    assert (evicted["model"], evicted["models"], evicted["key"], evicted["host"]) == ("second", ["first"], "alice", wid)
+    ready = [e for e in events if e["kind"] == "ready"]
+    assert all(0.3 <= e["seconds"] < 20 and e["host"] == wid for e in ready)
+    assert [e["kind"] for e in api("/api/events?from=-5m&kind=ready&model=first")["events"]] == ["ready"]
+    assert api("/api/events?from=-5m&kind=worker_started")["events"][0]["host"] == wid
+    gpu = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")) and
+                   any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
+    assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
+    listed = api("/api/history")["available"]
+    assert f"gpu:{wid}:0" in listed and f"host:{wid}" in listed
+    # the worker averages its own coarse slots (3 s here): read from the coarse resolution
+    coarse = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-3h")) and
+                      any(p["memory_total"] for p in d["points"]) and d, timeout=15, message="a rolled-up GPU record")
+    assert coarse["resolution"] == 3
+    host = api(f"/api/history?series=host&host={wid}&from=-1m")
+    assert any(p["memory_total"] and p["memory_used"] for p in host["points"])
+
+    # a worker restart (SIGTERM: its engine stays, the next worker adopts it): the history stays,
+    # and the new worker's samples continue it
+    before = time.time()
+    procs.stop(worker, signal.SIGTERM)
+    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})
+    wait_for(lambda: len(api("/api/events?from=-5m&kind=worker_started")["events"]) == 2, timeout=20,
+             message="the second worker started")
+    kinds_now = [e["kind"] for e in api(f"/api/events?from=-5m&host={wid}")["events"]]
+    assert "worker_stopped" in kinds_now and "adopted" in kinds_now, kinds_now
+    wait_for(lambda: any(p["memory_total"] and p["t"] > before + 1 for p in
+                         api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")["points"]),
+             timeout=15, message="samples after the restart")
+    points = api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-5m")["points"]
+    assert any(p["memory_total"] == 10000 and p["t"] < before - 2 for p in points), "history before the restart"
+
+
+def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) -> None:
+    from click.testing import CliRunner
+    from llm_lab_router.cli import main
+
+    router = two_routers[0]
+    for _ in range(3):
+        assert request("POST", f"{router.url}/v1/chat/completions", chat_body("chat", max_tokens=2)).status == 200
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat", models=["old"],
+                                                          host="w1", key="alice")))
+    wait_for(lambda: total(history(router)) == 3, timeout=10, message="3 requests recorded")
+
+    def cli(*args: str):
+        result = CliRunner().invoke(main, [*args, "--url", router.url], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    text = cli("history", "chat", "--from", "-5m", "--step", "300")
+    assert text.splitlines()[0].split()[:4] == ["TIME", "REQUESTS", "REQ/S", "ERRORS"]
+    assert any(line.split()[2] == "3" for line in text.splitlines()[1:-1]), text
+    assert json.loads(cli("history", "chat", "--from", "-5m", "--json"))["series"] == "model:chat"
+    assert "model:chat" in cli("history").split()
+    events = cli("events", "--from", "-5m", "--kind", "evicted")
+    assert "evicted old" in events and "alice" in events
+    assert json.loads(cli("events", "--json"))["events"][0]["models"] == ["old"]
+    bad = CliRunner().invoke(main, ["history", "chat", "--from", "yesterday", "--url", router.url])
+    assert bad.exit_code != 0 and "from" in bad.output
+
+
+def test_requests_in_flight_show_in_model_info_and_the_timeline_before_they_end(two_routers) -> None:
+    first, second = two_routers
+    slow = " ".join(["w"] * 6000)  # 2 ms per prompt word: 12 s before the first token
+    stream = SseStream(f"{first.url}/v1/chat/completions", method="POST",
+                       body=chat_body("chat", stream=True, max_tokens=1, messages=[{"role": "user", "content": slow}]))
+    try:
+        info = wait_for(lambda: (m := get_json(f"{second.url}/api/models/chat/info")["model"]) and m["inflight"] == 1
+                        and m, timeout=10, message="the other router's request in flight")
+        assert info["queued"] == 0
+        # and the timeline records it, though no request has ended yet
+        wait_for(lambda: any((p["inflight"] or 0) >= 1 for p in history(second, **{"from": "-1m"})["points"]),
+                 timeout=10, message="the request in flight in the timeline")
+    finally:
+        stream.close()
+    wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
+             message="nothing in flight")
+
+
+# --------------------------------------------------------------------------- the dashboard, in Chromium
+
+
+def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_routers, rds, tmp_path) -> None:
+    import asyncio
+
+    from test_dashboard import CHROMIUM, launch_chromium
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from llm_lab_router.timeline import Gauges, gauge_meta_ops, gauge_ops, parse_resolutions
+
+    router = two_routers[0]
+    for i in range(6):
+        stream = SseStream(f"{router.url}/v1/chat/completions", method="POST",
+                           body=chat_body("chat", stream=True, max_tokens=2,
+                                          messages=[{"role": "user", "content": " ".join(["w"] * (5 + 10 * i))}]))
+        stream.events_until(lambda ev: False)
+        stream.close()
+    fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
+    with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
+        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70)]))
+        gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time())
+        pipe.execute()
+    rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",
+                                                          models=["old-model"], host="gpuhost", key="alice")))
+    wait_for(lambda: total(history(router)) == 6, timeout=10, message="6 requests recorded")
+    devtools_port = launch_chromium(procs, tmp_path)
+    asyncio.run(drive_timeline(router.url, devtools_port))
+
+
+async def drive_timeline(url: str, devtools_port: int) -> None:
+    import aiohttp
+    from test_dashboard import SCREENSHOT, open_page, text_of
+
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/")
+            points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
+            await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
+                            message="the rate, TTFT and GPU charts with points")
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 8
+            assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
+            events = await page.wait(f"{text_of('tl-events')}.includes('evicted') && {text_of('tl-events')}",
+                                     message="the eviction in the event list")
+            assert "old-model" in events and "alice" in events
+            await page.click("tl-range-15m")
+            await page.wait("document.querySelector('[data-testid=tl-range-15m]').classList.contains('on')",
+                            message="the 15 min range chosen")
+            await page.wait("document.querySelector('[data-testid=tl-charts]').dataset.span === '900' && "
+                            f"({points})('rate') > 0", message="the charts redrawn for 15 min")
+            await page.js("document.querySelector('[data-testid=timeline]').scrollIntoView(); true")
+            await page.screenshot(SCREENSHOT.with_name("timeline.png"))
+            assert page.errors == [], page.errors
+        except BaseException:
+            await page.screenshot(SCREENSHOT.with_name("timeline-failure.png"))
+            raise
+        finally:
+            await page.close()
+
+
+def test_a_config_reload_and_a_failed_one_are_events(procs, redis_url, rds, tmp_path) -> None:
+    import os
+
+    from helpers import model_block, start_worker, write_config
+
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "host.toml", model_block("one"))
+    worker = start_worker(procs, redis_url, config, wid)
+    keys = Keys()
+
+    def kinds() -> list[str]:
+        return [event_of(f).kind for _, f in rds.xrange(keys.timeline()) if event_of(f).host == wid]
+
+    wait_for(lambda: "worker_started" in kinds(), timeout=15, message="the worker's start")
+    config.write_text(config.read_text() + model_block("two"))
+    os.kill(worker.pid, signal.SIGHUP)
+    wait_for(lambda: "reload" in kinds(), timeout=10, message="the reload event")
+    config.write_text("[[models]]\nid = 'broken'\n")  # no command: refused, the config in force stays
+    os.kill(worker.pid, signal.SIGHUP)
+    wait_for(lambda: "reload_failed" in kinds(), timeout=10, message="the failed reload")
+    failed = next(event_of(f) for _, f in rds.xrange(keys.timeline()) if event_of(f).kind == "reload_failed")
+    assert "broken" in failed.detail or "command" in failed.detail, failed
+    ok = next(event_of(f) for _, f in rds.xrange(keys.timeline()) if event_of(f).kind == "reload")
+    assert "two" in ok.detail, ok
+
+
+def test_a_swap_wait_is_an_event_with_its_reason(procs, redis_url, rds, tmp_path) -> None:
+    from test_scheduling import b_waits_for_a
+
+    with b_waits_for_a(procs, redis_url, tmp_path) as (a, b, (router,)):
+        waits = get_json(f"{router.url}/api/events?from=-5m&kind=swap_wait")["events"]
+        assert [e["model"] for e in waits] == [b] and "min_residency" in waits[0]["detail"], waits
+    stopped = get_json(f"{router.url}/api/events?from=-5m&kind=stop_requested&model={a}")["events"]
+    assert stopped, "the stop that ended the wait"
