@@ -10,7 +10,9 @@ must not need numpy or the ``gguf`` package to place a model).
   tensor infos) gives each tensor's type and dimensions, so its bytes (ggml block sizes), and
   the context length, layers, KV heads and head size. The KV cache is ``n_ctx`` tokens ×
   offloaded layers × (K + V) per token, in the cache type of ``-ctk``/``-ctv`` (default f16).
-  ``-c`` (default ``LLAMA_DEFAULT_CTX``; ``0`` = the model's training context) is the *total*
+  ``-c`` (default ``0`` = the model's training context, as llama-server has had it since 2025;
+  measured against a real one in docs/BENCHMARKS.md: an older 4096 default would have
+  understated the cache eightfold for a 32k model) is the *total*
   context: llama-server splits it among its ``--parallel`` slots (or shares it, unified), so
   ``--parallel`` does not multiply the cache. ``-ngl N`` offloads the last N layers (all by
   default, ``0``: none, and then the model needs no VRAM but the CUDA context).
@@ -41,7 +43,8 @@ import msgspec
 from llm_lab_router.config import DeviceProfile, ModelConfig, expand_command
 
 MIB = 1024 * 1024
-LLAMA_DEFAULT_CTX = 4096  # llama-server's -c when not given
+LLAMA_DEFAULT_CTX = 0  # llama-server's -c when not given: the model's training context
+UNKNOWN_TRAINED_CTX = 4096  # a GGUF that does not say its training context
 CUDA_CONTEXT_MB = 300  # the CUDA context and cuBLAS workspace every GPU process holds
 VLLM_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 SGLANG_FRACTION = 0.88  # SGLang's default --mem-fraction-static (for a large GPU)
@@ -238,7 +241,7 @@ def estimate_gguf(path: str | os.PathLike, args: Sequence[str] = ()) -> Estimate
         if block is not None and int(block.group(1)) >= first or block is None and offloaded == layers:
             weights += t.nbytes
     ctx = _int_option(args, LLAMA_DEFAULT_CTX, "-c", "--ctx-size")
-    trained = g.number("context_length", LLAMA_DEFAULT_CTX)
+    trained = g.number("context_length", UNKNOWN_TRAINED_CTX) or UNKNOWN_TRAINED_CTX
     ctx = trained if ctx <= 0 else ctx
     heads = g.number("attention.head_count", 1) or 1
     kv_heads = g.number("attention.head_count_kv", heads) or heads
@@ -248,7 +251,10 @@ def estimate_gguf(path: str | os.PathLike, args: Sequence[str] = ()) -> Estimate
                  + _cache_bytes(_option(args, "-ctv", "--cache-type-v"), ctx * kv_heads * head_v))
     vocab = g.number("vocab_size") or len(g.metadata.get("tokenizer.ggml.tokens", []) or [])  # type: ignore[arg-type]
     ubatch = _int_option(args, 512, "-ub", "--ubatch-size")
-    compute = ubatch * (vocab + 4 * g.number("embedding_length")) * 4  # logits and activations, f32
+    # the logits and activations of one -ub batch, f32, and its attention mask over the whole
+    # context: llama.cpp's compute buffer grows by ubatch x 2 bytes per token of -c (measured, with
+    # flash attention); 4 bytes here, to stay above it
+    compute = ubatch * (vocab + 4 * g.number("embedding_length")) * 4 + ubatch * ctx * 4
     return Estimate(source="gguf", weights_mb=_mib(weights), kv_mb=_mib(per_layer * offloaded),
                     overhead_mb=CUDA_CONTEXT_MB + _mib(compute), context=ctx)
 

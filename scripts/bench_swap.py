@@ -2,19 +2,25 @@
 """What prefetch (worker/prefetch.py) saves on a swap: a model that must wait for another's
 residency, then load its weights, with its file evicted from the page cache versus prefetched.
 
-No real engine is built here: the engines are the mock engine with ``--load-file``, which reads
-its weight file whole before it listens (what loading weights costs llama-server from a cold
-page cache; it does not allocate VRAM). Two workers on one Redis and one router, each with one
-stand-in GPU (tests/fake_nvml.py) that holds one of its two models at a time: ``prefetch = true``
-on one, ``false`` on the other, otherwise the same. Per round and worker (alternating which goes
-first): ``X-a`` loaded with ``min_residency`` R s, ``X-b``'s file (``--mib`` MiB, on the disk of
-``--dir``) evicted with ``posix_fadvise(DONTNEED)`` (as ``vmtouch -e`` does, no root needed),
-then a streamed chat for ``X-b``: it waits R s, ``X-a`` is stopped, ``X-b`` starts and answers.
+Two engines (``--engine``): the mock engine with ``--load-file`` (the default: it reads its weight
+file whole before it listens, what loading weights costs llama-server from a cold page cache, and
+allocates no VRAM), or a real ``llama-server`` (``--engine llama-server --llama-server PATH``,
+scripts/build_llama_server.sh builds one) serving GGUFs of ``--mib`` MiB with random weights
+(scripts/make_tiny_gguf.py's ``shape_of_size``) on the CPU (``-ngl 0 -t 1``: no GPU is needed;
+llama.cpp maps the file with ``MAP_POPULATE``, so it reads it whole at load). Two workers on one
+Redis and one router, each with one stand-in GPU (tests/fake_nvml.py) that holds one of its two
+models at a time: ``prefetch = true`` on one, ``false`` on the other, otherwise the same. Per
+round and worker (alternating which goes first): ``X-a`` loaded with ``min_residency`` R s,
+``X-b``'s file (on the disk of ``--dir``) evicted with ``posix_fadvise(DONTNEED)`` (as ``vmtouch
+-e`` does, no root needed), then a streamed chat for ``X-b``: it waits R s, ``X-a`` is stopped,
+``X-b`` starts and answers.
 
-Prints per configuration the median request to first token and the engine's own load time (its
-log line ``loaded N MiB in S s``): the cold start that prefetch is to halve. Usage::
+Prints per configuration the median request to first token and the cold start as the worker saw
+it (its events ``starting`` to ``running on``: process start, weights, warm-up, first health
+answer): the cold start that prefetch is to halve. Usage::
 
     python scripts/bench_swap.py [--mib 1024] [--residency 4] [--rounds 2] [--dir /var/tmp]
+    python scripts/bench_swap.py --engine llama-server --llama-server PATH [--mib 1024] ...
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -42,10 +47,19 @@ from scripts.bench.procs import Procs
 
 MOCK = ROOT / "scripts" / "mock_engine.py"
 CONFIGS = ("cold", "prefetch")
-LOADED = re.compile(r"loaded (\d+) MiB of \S+ in ([\d.]+)s")
+LLAMA_ARGS = ["-c", "256", "-t", "1", "--parallel", "1", "-ngl", "0"]  # on one core of the CPU
 
 
-def write_weights(path: Path, mib: int) -> None:
+def write_weights(path: Path, mib: int, engine: str) -> None:
+    """``mib`` MiB of random bytes (the mock engine reads them), or a GGUF of about that size."""
+    if engine == "llama-server":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from make_tiny_gguf import shape_of_size, write  # the `real` extra: numpy, gguf
+
+        write(str(path), shape=shape_of_size(mib))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        return
     block = os.urandom(1 << 20)
     with open(path, "wb") as f:
         f.writelines(block for _ in range(mib))
@@ -61,14 +75,21 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def config(name: str, prefetch: bool, weights: dict[str, Path], residency: float) -> str:
+def config(name: str, prefetch: bool, weights: dict[str, Path], residency: float, llama_server: str = "") -> str:
+    """The worker's config: its two models, served by the mock engine or by ``llama_server``."""
     low = free_port()
     lines = ["[worker]", f'id = "{name}"', "devices_interval = 0.5", "heartbeat_interval = 0.5",
              f"port_range = [{low}, {low + 20}]", f"prefetch = {json.dumps(prefetch)}", "prefetch_reserve_mb = 1024", ""]
     for model, path in weights.items():
-        argv = ["{python}", str(MOCK), "--port", "{port}", "--host", "{host}", "--model", "{id}", "--quiet",
-                "--load-file", str(path), "--max-tokens", "4"]
-        lines += ["[[models]]", f'id = "{model}"', f"command = {json.dumps(argv)}", f'model_path = "{path}"',
+        if llama_server:
+            env_path = f"{Path(llama_server).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
+            engine = ['engine = "llama.cpp"', f"engine_args = {json.dumps(LLAMA_ARGS)}",
+                      f"env = {{ PATH = {json.dumps(env_path)} }}"]
+        else:
+            argv = ["{python}", str(MOCK), "--port", "{port}", "--host", "{host}", "--model", "{id}", "--quiet",
+                    "--load-file", str(path), "--max-tokens", "4"]
+            engine = [f"command = {json.dumps(argv)}"]
+        lines += ["[[models]]", f'id = "{model}"', *engine, f'model_path = "{path}"',
                   'devices = ["cuda"]', "vram_mb = 12000", f"min_residency = {residency}", "startup_timeout = 120",
                   "stop_grace = 3", ""]
     return "\n".join(lines)
@@ -90,7 +111,8 @@ def first_token(router: str, model: str) -> float:
     began = time.monotonic()
     with urllib.request.urlopen(req, timeout=300) as resp:
         for line in resp:
-            if line.startswith(b"data: {") and b'"content"' in line:
+            if line.startswith(b"data: {") and any(c.get("delta", {}).get("content")
+                                                   for c in json.loads(line[6:]).get("choices", [])):
                 took = time.monotonic() - began
                 resp.read()
                 return took
@@ -111,7 +133,12 @@ def main() -> int:
     p.add_argument("--residency", type=float, default=4.0, help="s the loaded model stays before the swap")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dir", default=None, help="where the weight files go (a real disk, not tmpfs)")
+    p.add_argument("--engine", choices=("mock", "llama-server"), default="mock")
+    p.add_argument("--llama-server", default="", metavar="PATH", help="the binary (--engine llama-server)")
+    p.add_argument("--json", metavar="FILE", help="also write every round's figures as JSON")
     opts = p.parse_args()
+    if opts.engine == "llama-server" and not opts.llama_server:
+        p.error("--engine llama-server needs --llama-server PATH (scripts/build_llama_server.sh prints it)")
     work = Path(tempfile.mkdtemp(prefix="llm-router-swap-", dir=opts.dir))
     procs = Procs(work)
     try:
@@ -121,9 +148,9 @@ def main() -> int:
         for name in CONFIGS:
             weights[name] = {f"{name}-a": work / f"{name}-a.bin", f"{name}-b": work / f"{name}-b.bin"}
             for path in weights[name].values():
-                write_weights(path, opts.mib)
+                write_weights(path, opts.mib, opts.engine)
             cfg = work / f"{name}.toml"
-            cfg.write_text(config(name, name == "prefetch", weights[name], opts.residency))
+            cfg.write_text(config(name, name == "prefetch", weights[name], opts.residency, opts.llama_server))
             gpus = json.dumps([{"name": "stand-in", "memory_total": 20000, "memory_used": 0}])
             procs.start(f"worker-{name}", [sys.executable, "-m", "llm_lab_router.cli", "worker", "--config", str(cfg),
                                            "--redis", redis.url, "--worker-id", name],
@@ -146,15 +173,20 @@ def main() -> int:
                 ttft = first_token(router, b)
                 load = _load_time(client, b)
                 results[name].append((ttft, load))
-                print(f"round {r + 1} {name:8}: first token {ttft:6.2f}s, engine load {load:6.3f}s", file=sys.stderr)
-        print(f"{opts.mib} MiB weights, residency {opts.residency:g}s, {opts.rounds} rounds (medians)")
-        print(f"{'':10} {'first token':>12} {'engine load':>12}")
+                print(f"round {r + 1} {name:8}: first token {ttft:6.2f}s, cold start {load:6.3f}s", file=sys.stderr)
+        size = sum(p.stat().st_size for p in weights["cold"].values()) / len(weights["cold"]) / 2**20
+        print(f"{opts.engine}, {size:.0f} MiB weights, residency {opts.residency:g}s, {opts.rounds} rounds (medians)")
+        print(f"{'':10} {'first token':>12} {'cold start':>12}")
         for name in CONFIGS:
             print(f"{name:10} {statistics.median(t for t, _ in results[name]):11.2f}s "
                   f"{statistics.median(x for _, x in results[name]):11.3f}s")
         cold = statistics.median(x for _, x in results["cold"])
         warm = statistics.median(x for _, x in results["prefetch"])
-        print(f"prefetch removes {100 * (1 - warm / cold):.0f}% of the load time (goal: at least 50%)")
+        print(f"prefetch removes {100 * (1 - warm / cold):.0f}% of the cold start (goal: at least 50%)")
+        if opts.json:
+            Path(opts.json).write_text(json.dumps({
+                "engine": opts.engine, "mib": round(size), "residency": opts.residency,
+                "rounds": {n: [{"first_token": t, "cold_start": x} for t, x in rs] for n, rs in results.items()}}))
         return 0
     finally:
         procs.stop_all()
@@ -169,15 +201,19 @@ def _models(router: str) -> set[str]:
 
 
 def _load_time(client, model: str) -> float:
-    """The engine's own load time: the newest ``loaded … in S s`` line in the model's log
-    stream (the worker ships the engine's output there)."""
+    """The cold start as the worker saw it: from its newest ``starting`` event to the
+    ``running on`` after it, in the model's log stream."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for _, fields in client.xrevrange(Keys().logs(model), count=50):
-            if m := LOADED.search(log_entry(fields).message):
-                return float(m.group(2))
+        ready = None
+        for _, fields in client.xrevrange(Keys().logs(model), count=200):
+            entry = log_entry(fields)
+            if entry.stream == "event" and entry.message.startswith("running on"):
+                ready = ready or entry.timestamp
+            elif entry.stream == "event" and entry.message.startswith("starting") and ready:
+                return ready - entry.timestamp
         time.sleep(0.2)
-    raise RuntimeError(f"no 'loaded' line in the log of {model}")
+    raise RuntimeError(f"no 'starting' and 'running on' events in the log of {model}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["chat c=1", "chat c=32", "chat c=256", "stream", "50 streams", "logs", "propagation", "50 viewers",
             "quotas c=1", "governance c=1", "affinity", "affinity x2", "scaling c=64",
-            "scheduling", "scheduling arrivals"]
+            "scheduling", "scheduling arrivals", "swap"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -52,6 +52,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for policy in ("lru", "swap"):  # both scheduling workloads served requests under both policies
         assert rows[("scheduling", "requests served")]["values"][policy] > 0
         assert rows[("scheduling arrivals", "requests served")]["values"][policy] > 0
+    swap = [r for r in result["rows"] if r["section"] == "swap"]  # prefetch on and off, both measured
+    assert len(swap) == 2 and all(r["values"][c] > 0 for r in swap for c in ("cold", "prefetch")), swap
     for metric in ("/health p99, 50 viewers", "start (running) p99, 50 viewers", "log line -> viewer p99"):
         value = rows[("50 viewers", metric)]["values"]["router"]
         assert value == value and value > 0, (metric, rows[("50 viewers", metric)])
@@ -64,5 +66,5 @@ def test_bench_runs_as_a_module_and_lists_its_sections() -> None:
     proc = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
-    assert "chat,stream,streams,logs,propagation,viewers,quotas,governance,affinity,scaling,scheduling" in "".join(proc.stdout.split())  # wrapped
+    assert "chat,stream,streams,logs,propagation,viewers,quotas,governance,affinity,scaling,scheduling,swap" in "".join(proc.stdout.split())  # wrapped
 

@@ -133,8 +133,12 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
     assert full.source == "gguf" and full.context == 1024
     assert full.weights_mb == -(-data // MIB)
     assert full.kv_mb == -(-(2 * 1024 * 2 * head * 2 * 2) // MIB)  # K+V, f16, 2 KV heads, 2 layers
-    # -c 0: the model's training context; the cache doubles with it
+    # the compute reserve grows with the context too (the attention mask of one -ub batch)
+    assert estimate_gguf(path, ["-c", "262144"]).overhead_mb - full.overhead_mb == 512 * (262144 - 1024) * 4 // MIB
+    # -c 0: the model's training context; the cache doubles with it. No -c is the same, as in
+    # llama-server since 2025 (it was 4096 before: a 32k model's cache was understated 8x)
     assert estimate_gguf(path, ["-c", "0"]).context == 2048
+    assert estimate_gguf(path, []).context == 2048 and estimate_gguf(path, []).kv_mb == 1
     big = estimate_gguf(path, ["--ctx-size", "262144"])
     assert big.kv_mb == 262144 * 2 * head * 2 * 2 * 2 // MIB == 128
     # q8_0 K and V: 34 bytes per 32 values instead of 64
@@ -150,8 +154,9 @@ def test_gguf_estimate_follows_context_cache_type_and_offload(tmp_path):
 
 
 def test_the_gguf_reader_agrees_with_the_gguf_package_on_the_project_s_own_model(tmp_path):
-    """Where the ``real`` extra is installed: the block sizes are ggml's, and the tiny model of
-    scripts/make_tiny_gguf.py (written by the ``gguf`` package) reads the same as its reader."""
+    """Where the ``real`` extra is installed: the block sizes are ggml's, and the models of
+    scripts/make_tiny_gguf.py (written by the ``gguf`` package; the tiny one and a sized one)
+    read the same as its reader."""
     gguf = pytest.importorskip("gguf")
     from gguf.constants import GGML_QUANT_SIZES
     from llm_lab_router.estimate import GGML_TYPES
@@ -159,12 +164,20 @@ def test_the_gguf_reader_agrees_with_the_gguf_package_on_the_project_s_own_model
     known = {int(k): tuple(v) for k, v in GGML_QUANT_SIZES.items()}
     assert {k: v for k, v in known.items() if k in GGML_TYPES} == GGML_TYPES  # a newer type: counted as f32
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from make_tiny_gguf import write
+    from make_tiny_gguf import Shape, write
 
-    write(str(tmp_path / "tiny.gguf"))
-    ref = {t.name: (int(t.n_bytes), tuple(int(d) for d in t.shape), int(t.tensor_type))
-           for t in gguf.GGUFReader(tmp_path / "tiny.gguf").tensors}
-    assert {t.name: (t.nbytes, t.dims, t.type) for t in read_gguf(tmp_path / "tiny.gguf").tensors} == ref
+    # the tiny test model, and one of its sized kin: grouped-query attention, f16 matrices, a padded vocabulary
+    gqa = Shape(dim=128, heads=8, kv_heads=2, ff=256, blocks=3, vocab=1000, f16=True)
+    for name, shape in (("tiny", Shape()), ("gqa", gqa)):
+        path = tmp_path / f"{name}.gguf"
+        write(str(path), shape=shape)
+        ref = {t.name: (int(t.n_bytes), tuple(int(d) for d in t.shape), int(t.tensor_type))
+               for t in gguf.GGUFReader(path).tensors}
+        assert {t.name: (t.nbytes, t.dims, t.type) for t in read_gguf(path).tensors} == ref
+    # the sized model's cache: 3 layers x K and V x 2 KV heads of 16 x f16 x 2**16 tokens = 24 MiB
+    est = estimate_gguf(tmp_path / "gqa.gguf", ["-c", str(2**16)])
+    assert est.kv_mb == 3 * 2 * 2 * 16 * 2 * 2**16 // MIB == 24
+    assert est.weights_mb == -(-sum(t.nbytes for t in read_gguf(tmp_path / "gqa.gguf").tensors) // MIB) == 2
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:

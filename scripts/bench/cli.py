@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sched-idle-release", type=float, default=0.0, metavar="S",
                    help="scheduling: idle_release (default 0: off, residency is never cut short)")
     p.add_argument("--sched-max-wait", type=float, metavar="S", help="scheduling: max_wait (default 18)")
+    p.add_argument("--swap-mib", type=int, metavar="MIB", help="swap: size of each weight file (default 1024)")
+    p.add_argument("--swap-residency", type=float, metavar="S", help="swap: min_residency of the loaded model (default 4)")
+    p.add_argument("--swap-rounds", type=int, metavar="N", help="swap: rounds (default 2)")
+    p.add_argument("--swap-dir", default="/var/tmp", metavar="DIR", help="swap: where the weight files go (a real disk)")
+    p.add_argument("--llama-server", metavar="PATH",
+                   help="swap: a real llama-server serves GGUFs of --swap-mib (else the mock engine reads its file)")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     opts = p.parse_args(argv)
     opts.concurrency = [int(c) for c in opts.concurrency.split(",") if c]
@@ -69,19 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       gap_duration=0.3, ramp=0.2, prop_cycles=1, log_window=0.5, log_probes=5,
                       viewers=50, viewer_samples=20, viewer_starts=1,
                       sched_duration=5.0, sched_delay=0.5, sched_residency=1.5, sched_max_wait=3.0, sched_clients=3,
-                      sched_think=0.3, sched_gap=1.0, sched_arrivals_duration=5.0)
+                      sched_think=0.3, sched_gap=1.0, sched_arrivals_duration=5.0,
+                      swap_mib=64, swap_residency=1.0, swap_rounds=1)
     elif opts.quick:
         preset = dict(rounds=2, duration=1.0, warmup=0.2, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=1.0, ramp=1.0, prop_cycles=4, log_window=2.0, log_probes=30,
                       viewers=5000, viewer_samples=200, viewer_starts=2,
                       sched_duration=30.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
-                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=120.0)
+                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=120.0,
+                      swap_mib=512, swap_residency=3.0, swap_rounds=1)
     else:
         preset = dict(rounds=4, duration=2.0, warmup=0.3, prime=0.5, streams=1000, stream_tokens=15, gap_tokens=25,
                       gap_duration=2.0, ramp=1.0, prop_cycles=10, log_window=3.0, log_probes=100,
                       viewers=5000, viewer_samples=300, viewer_starts=3,
                       sched_duration=90.0, sched_delay=3.0, sched_residency=10.0, sched_max_wait=18.0, sched_clients=6,
-                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=360.0)
+                      sched_think=0.5, sched_gap=6.0, sched_arrivals_duration=360.0,
+                      swap_mib=1024, swap_residency=4.0, swap_rounds=2)
     for k, v in preset.items():
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)
@@ -110,7 +119,8 @@ async def amain(opts: argparse.Namespace, procs: Procs, work: Path) -> dict[str,
         await profile(bench, opts.profile, opts.profile_seconds)
     procs.check_alive()
     columns = ["direct", *(["router"] if cluster.routers else []), *(["compare"] if opts.compare else []),
-               *(["lru", "swap"] if "scheduling" in opts.only and cluster.routers else [])]
+               *(["lru", "swap"] if "scheduling" in opts.only and cluster.routers else []),
+               *(["cold", "prefetch"] if "swap" in opts.only else [])]
     return {"rows": bench.rows, "raw": bench.raw, "columns": columns, "seconds": now() - t0}
 
 
