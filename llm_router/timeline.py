@@ -21,10 +21,12 @@ several routers and slots add up exactly, so a percentile over any routers and a
 computed from summed buckets, never averaged from per-router percentiles.
 
 **Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
-for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
+and 1 h for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
 (``HINCRBY llm:hist:rolled:{step} {slot} 1`` answers 1 to one router only; ``ROLLUP_SCRIPT``): it adds up the fine slots and counts
 them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
-``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
+A read spanning more than ``SLOTS_READ`` slots of one resolution reads a coarser one
+(the 1 h slots for 30 days: 720 slots, not 8,640; ``history_query.choose``).
+``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d,1h:30d") changes them, for routers and workers alike.
 
 **Events** (``TimelineEvent``) go to one stream, ``llm:timeline`` (``MAXLEN ~``, and trimmed to
 the coarsest retention by the roll-up's winner).
@@ -55,7 +57,7 @@ COVERAGE = "routers"  # the series whose slots say that routers could write then
 FLUSHES = "flushes"
 EVENTS_MAXLEN = 100_000
 RESOLUTIONS_ENV = "LLM_ROUTER_HISTORY_RESOLUTIONS"
-DEFAULT_RESOLUTIONS = "10s:24h,5m:30d"
+DEFAULT_RESOLUTIONS = "10s:24h,5m:30d,1h:30d"
 
 EventKind = Literal["start_requested", "swap_wait", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
                     "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",

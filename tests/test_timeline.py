@@ -438,3 +438,99 @@ def test_a_swap_wait_is_an_event_with_its_reason(procs, redis_url, rds, tmp_path
         assert [e["model"] for e in waits] == [b] and "min_residency" in waits[0]["detail"], waits
     stopped = get_json(f"{router.url}/api/events?from=-5m&kind=stop_requested&model={a}")["events"]
     assert stopped, "the stop that ended the wait"
+
+
+# 30 days of a simulated lab, written as its workers and routers' roll-ups would (5 min and 1 h slots)
+SIM_HOSTS, SIM_GPUS, SIM_MODELS, SIM_DAYS = 500, 4, 10, 30
+PERIOD = 100  # distinct gauge records cycled through
+
+
+def write_simulated_month(rds, now: float) -> None:
+    """``SIM_HOSTS`` hosts × ``SIM_GPUS`` GPUs and ``SIM_MODELS`` models, every coarse slot of
+    ``SIM_DAYS`` days: the hosts' gauge records (whole chunks of ``Gauges.pack`` records, as
+    ``gauge_ops`` leaves them) and the models' rolled-up request hashes (as ``ROLLUP_SCRIPT``
+    leaves them), pipelined."""
+    from llm_lab_router.timeline import CHUNK, COVERAGE, SLOTS, gauge_chunk, gauge_meta_ops, model_series, resolutions
+
+    keys, keep = Keys(), SIM_DAYS * 86400
+    with rds.pipeline(transaction=False) as pipe:
+        for res in resolutions({})[1:]:
+            last = int(now // res.step)
+            slots = range(last - keep // res.step, last + 1)
+            per = res.step // 10  # fine slots summed in a coarse one
+            # slot s of host h holds record (s + h) % PERIOD: varied data without packing millions of records
+            records = [Gauges(samples=min(per, 255), cpu_percent=20 + i % 50, memory_used=100_000,
+                              gpus=[(20_000 + 1000 * ((i + g) % 40), (i + g) % 100) for g in range(SIM_GPUS)]).pack()
+                       for i in range(PERIOD)]
+            cycle = b"".join(records * (CHUNK // PERIOD + 2))
+            for h in range(SIM_HOSTS):
+                for chunk in range(slots[0] // CHUNK, slots[-1] // CHUNK + 1):
+                    at = (chunk * CHUNK + h) % PERIOD * RECORD.size
+                    pipe.set(gauge_chunk(keys, res.step, f"sim{h:03d}", chunk * CHUNK)[0],
+                             cycle[at:at + CHUNK * RECORD.size], ex=keep)
+                if h % 50 == 49:
+                    pipe.execute()
+            for s in slots:
+                pipe.hset(keys.history(res.step, COVERAGE, s), mapping={SLOTS: per, "flushes": 2 * per})
+                for m in range(SIM_MODELS):
+                    n = per // 10
+                    pipe.hset(keys.history(res.step, model_series(f"sim-model-{m}"), s),
+                              mapping={"requests": 30 * n + m, "errors_4xx": n, "tokens_in": 3000 * n,
+                                       "tokens_out": 900 * n, "ttft:3": 5 * n, "ttft:4": 15 * n, "ttft:6": 10 * n + m,
+                                       "latency:7": 10 * n, "latency:8": 20 * n + m, "latency:9": n,
+                                       "wait:0": 29 * n + m, "wait:9": n, "inflight": 40 * n, "queued": 3 * n,
+                                       SLOTS: per})
+                if s % 500 == 0:
+                    pipe.execute()
+        for h in range(SIM_HOSTS):
+            gauge_meta_ops(pipe, keys, f"sim{h:03d}", keep, 512_000, [81_920] * SIM_GPUS, now)
+        pipe.hset(keys.history_series(), mapping={model_series(f"sim-model-{m}"): int(now) for m in range(SIM_MODELS)})
+        pipe.execute()
+
+
+def test_the_dashboard_draws_30_days_of_500_hosts_in_under_2_s(procs, redis_url, rds, tmp_path) -> None:
+    """The 30 d range of a 500-host lab: every chart drawn with data within 2 s of the request
+    (measured in the page: ``tl-charts``' ``data-render-ms``, from the first fetch to the last draw)."""
+    import asyncio
+
+    from test_dashboard import CHROMIUM, launch_chromium
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    started = time.monotonic()
+    write_simulated_month(rds, time.time())
+    written = time.monotonic() - started
+    router = start_router(procs, redis_url)
+    listing = get_json(f"{router.url}/api/history")["available"]
+    assert sum(s.startswith("gpu:") for s in listing) == SIM_HOSTS * SIM_GPUS
+    devtools_port = launch_chromium(procs, tmp_path)
+    render_ms = asyncio.run(drive_month(router.url, devtools_port))
+    print(f"30 d of {SIM_HOSTS} hosts × {SIM_GPUS} GPUs × {SIM_MODELS} models: written in {written:.1f} s, "
+          f"drawn in {render_ms} ms")
+    assert render_ms < 2000
+
+
+async def drive_month(url: str, devtools_port: int) -> int:
+    """Open the timeline, choose 30 d, wait for its draw; return the page's render time (ms)."""
+    import aiohttp
+    from test_dashboard import SCREENSHOT, open_page
+
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/#timeline")
+            charts = "document.querySelector('[data-testid=tl-charts]')"
+            await page.wait(f"{charts}?.dataset.renderMs", message="the first draw")
+            await page.js(f"delete {charts}.dataset.renderMs; true")
+            await page.click("tl-range-30d")
+            span = str(SIM_DAYS * 86400)
+            await page.wait(f"{charts}.dataset.span === '{span}' && {charts}.dataset.renderMs", timeout=30,
+                            message="the 30 d range drawn")
+            points = "(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`).dataset.points)"
+            for chart in ("rate", "ttft", "latency", "gpu-mem", "gpu-util"):
+                assert await page.js(f"({points})('{chart}')") > 300, chart  # 360 points of 2 h per series
+            assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == str(SIM_MODELS)
+            await page.screenshot(SCREENSHOT.with_name("timeline-30d.png"))
+            assert page.errors == [], page.errors
+            return int(await page.js(f"{charts}.dataset.renderMs"))
+        finally:
+            await page.close()
