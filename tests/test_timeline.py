@@ -80,16 +80,18 @@ def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile(
 
 
 def test_a_hosts_gauges_pack_into_one_small_record_and_average_by_samples() -> None:
-    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50), (100, 0)])
-    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90), (100, 10)])
+    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50, 300, 60), (100, 0, 80, 40)])
+    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90, 700, 80), (100, 10, 100, 44)])
     chunk = bytearray(RECORD.size * 3)
     chunk[RECORD.size * 2:] = b.pack()
-    assert RECORD.size == 46
+    assert RECORD.size == 70
     assert unpack(bytes(chunk), 0, 2) == Gauges()  # never written: no sample, a gap
     assert unpack(bytes(chunk), 2, 2) == b
     assert unpack(b"", 5, 2) == Gauges()
     assert average([a, Gauges(), b]) == Gauges(samples=4, cpu_percent=25, memory_used=1750,
-                                                gpus=[(14000, 80), (100, 8)])
+                                                gpus=[(14000, 80, 600, 75), (100, 8, 95, 43)])
+    # a GPU that reports no power or temperature packs 0s; values past a field's range are capped
+    assert unpack(Gauges(samples=1, gpus=[(5, 300)]).pack(), 0, 1).gpus == [(5, 255, 0, 0)]
 
 
 def test_an_event_reads_back_as_written() -> None:
@@ -240,7 +242,8 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     config = write_config(tmp_path / "host.toml", *(model_block(m, devices=["cuda"], vram_mb=8000,
                                                                 engine_args=["--startup-delay", "0.3"])
                                                     for m in ("first", "second")))
-    worker = start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one
+    gpus = fake_gpu_env(10000, power=350, temperature=66)
+    worker = start_worker(procs, redis_url, config, wid, env={**gpus, **FAST})  # room for one
     router = start_router(procs, redis_url, env={**FAST, "LLM_ROUTER_API_KEYS_FILE": str(keys_file)})
     auth = {"Authorization": f"Bearer {key}"}
 
@@ -272,12 +275,15 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     gpu = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")) and
                    any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
     assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
+    sampled = [p for p in gpu["points"] if p["memory_total"] is not None]
+    assert {(p["power"], p["temperature"]) for p in sampled} == {(350, 66)}  # NVML's W and °C
     listed = api("/api/history")["available"]
     assert f"gpu:{wid}:0" in listed and f"host:{wid}" in listed
     # the worker averages its own coarse slots (3 s here): read from the coarse resolution
     coarse = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-3h")) and
                       any(p["memory_total"] for p in d["points"]) and d, timeout=15, message="a rolled-up GPU record")
     assert coarse["resolution"] == 3
+    assert {(p["power"], p["temperature"]) for p in coarse["points"] if p["memory_total"]} == {(350, 66)}
     host = api(f"/api/history?series=host&host={wid}&from=-1m")
     assert any(p["memory_total"] and p["memory_used"] for p in host["points"])
 
@@ -285,7 +291,7 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     # and the new worker's samples continue it
     before = time.time()
     procs.stop(worker, signal.SIGTERM)
-    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})
+    start_worker(procs, redis_url, config, wid, env={**gpus, **FAST})
     wait_for(lambda: len(api("/api/events?from=-5m&kind=worker_started")["events"]) == 2, timeout=20,
              message="the second worker started")
     kinds_now = [e["kind"] for e in api(f"/api/events?from=-5m&host={wid}")["events"]]
@@ -363,7 +369,7 @@ def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_
         stream.close()
     fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
     with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
-        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70)]))
+        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70, 450, 71)]))
         gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time())
         pipe.execute()
     rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",

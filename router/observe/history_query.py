@@ -28,6 +28,7 @@ from llm_lab_router.timeline import (
     Resolution,
     bucket_fields,
     gauge_chunk,
+    gpu_at,
     event_of,
     gpu_series,
     host_series,
@@ -162,7 +163,8 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
         blob = blob or b""
         records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
     if kind == "gpu":
-        wanted = [("memory_used", 3 + 2 * gpu), ("memory_total", None), ("utilization", 4 + 2 * gpu)]
+        wanted = [("memory_used", gpu_at(gpu, 0)), ("memory_total", None), ("utilization", gpu_at(gpu, 1)),
+                  ("power", gpu_at(gpu, 2)), ("temperature", gpu_at(gpu, 3))]
         total = float(meta.get(f"gpu{gpu}_memory_total", 0))
         known = 0 <= gpu < min(meta.get("gpus", 0), GPU_SLOTS)
     else:
