@@ -390,7 +390,9 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
             points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
             await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
                             message="the rate, TTFT and GPU charts with points")
-            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 8
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 10
+            for chart in ("gpu-power", "gpu-temp"):  # the sample's 450 W and 71 °C
+                assert await page.js(f"({points})('{chart}')") > 0, chart
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
             events = await page.wait(f"{text_of('tl-events')}.includes('evicted') && {text_of('tl-events')}",
                                      message="the eviction in the event list")
@@ -466,7 +468,8 @@ def write_simulated_month(rds, now: float) -> None:
             per = res.step // 10  # fine slots summed in a coarse one
             # slot s of host h holds record (s + h) % PERIOD: varied data without packing millions of records
             records = [Gauges(samples=min(per, 255), cpu_percent=20 + i % 50, memory_used=100_000,
-                              gpus=[(20_000 + 1000 * ((i + g) % 40), (i + g) % 100) for g in range(SIM_GPUS)]).pack()
+                              gpus=[(20_000 + 1000 * ((i + g) % 40), (i + g) % 100, 200 + (i + g) % 400, 40 + (i + g) % 40)
+                                    for g in range(SIM_GPUS)]).pack()
                        for i in range(PERIOD)]
             cycle = b"".join(records * (CHUNK // PERIOD + 2))
             for h in range(SIM_HOSTS):
@@ -532,7 +535,7 @@ async def drive_month(url: str, devtools_port: int) -> int:
             await page.wait(f"{charts}.dataset.span === '{span}' && {charts}.dataset.renderMs", timeout=30,
                             message="the 30 d range drawn")
             points = "(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`).dataset.points)"
-            for chart in ("rate", "ttft", "latency", "gpu-mem", "gpu-util"):
+            for chart in ("rate", "ttft", "latency", "gpu-mem", "gpu-util", "gpu-power", "gpu-temp"):
                 assert await page.js(f"({points})('{chart}')") > 300, chart  # 360 points of 2 h per series
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == str(SIM_MODELS)
             await page.screenshot(SCREENSHOT.with_name("timeline-30d.png"))
