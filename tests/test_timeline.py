@@ -458,7 +458,15 @@ def write_simulated_month(rds, now: float) -> None:
     ``SIM_DAYS`` days: the hosts' gauge records (whole chunks of ``Gauges.pack`` records, as
     ``gauge_ops`` leaves them) and the models' rolled-up request hashes (as ``ROLLUP_SCRIPT``
     leaves them), pipelined."""
-    from llm_lab_router.timeline import CHUNK, COVERAGE, SLOTS, gauge_chunk, gauge_meta_ops, model_series, resolutions
+    from llm_lab_router.timeline import (
+        CHUNK,
+        COVERAGE,
+        SLOTS,
+        gauge_chunk,
+        gauge_meta_ops,
+        model_series,
+        resolutions,
+    )
 
     keys, keep = Keys(), SIM_DAYS * 86400
     with rds.pipeline(transaction=False) as pipe:
