@@ -410,6 +410,8 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     memory_used: int = 0
     memory_free: int = 0
     utilization: int = 0  # percent
+    power: int = 0  # W (NVML reports mW); 0 where the GPU does not say
+    temperature: int = 0  # °C of the GPU die; 0 where the GPU does not say
 
 
 class CudaInfo(msgspec.Struct, kw_only=True):

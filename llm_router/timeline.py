@@ -21,10 +21,12 @@ several routers and slots add up exactly, so a percentile over any routers and a
 computed from summed buckets, never averaged from per-router percentiles.
 
 **Resolutions.** The first (finest, 10 s for 24 h by default) is written; each coarser one (5 min
-for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
+and 1 h for 30 days) is a roll-up of it (a host's gauges: averaged by its own worker, idempotently), made once per slot by whichever router first claims it
 (``HINCRBY llm:hist:rolled:{step} {slot} 1`` answers 1 to one router only; ``ROLLUP_SCRIPT``): it adds up the fine slots and counts
 them in ``slots``, so a gauge's coarse value is its sum / ``slots`` and a gap stays visible.
-``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d") changes them, for routers and workers alike.
+A read spanning more than ``SLOTS_READ`` slots of one resolution reads a coarser one
+(the 1 h slots for 30 days: 720 slots, not 8,640; ``history_query.choose``).
+``LLM_ROUTER_HISTORY_RESOLUTIONS`` ("10s:24h,5m:30d,1h:30d") changes them, for routers and workers alike.
 
 **Events** (``TimelineEvent``) go to one stream, ``llm:timeline`` (``MAXLEN ~``, and trimmed to
 the coarsest retention by the roll-up's winner).
@@ -48,14 +50,14 @@ BOUNDS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 NBUCKETS = len(BOUNDS) + 1
 HISTOGRAMS = ("ttft", "latency", "wait")
 COUNTERS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out")
-GPU_FIELDS = ("memory_used", "memory_total", "utilization")  # MiB, MiB, percent
+GPU_FIELDS = ("memory_used", "memory_total", "utilization", "power", "temperature")  # MiB, MiB, %, W, °C
 HOST_FIELDS = ("cpu_percent", "memory_used", "memory_total")  # percent, MiB, MiB
 SLOTS = "slots"  # field of a rolled-up hash: how many fine slots it sums
 COVERAGE = "routers"  # the series whose slots say that routers could write then
 FLUSHES = "flushes"
 EVENTS_MAXLEN = 100_000
 RESOLUTIONS_ENV = "LLM_ROUTER_HISTORY_RESOLUTIONS"
-DEFAULT_RESOLUTIONS = "10s:24h,5m:30d"
+DEFAULT_RESOLUTIONS = "10s:24h,5m:30d,1h:30d"
 
 EventKind = Literal["start_requested", "swap_wait", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
                     "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",
@@ -197,10 +199,13 @@ def event_ops(pipe, keys: Keys, events: Iterable[TimelineEvent]) -> None:
 
 # --- gauges: one fixed-size binary record per host per slot, in strings of CHUNK slots ---
 # A hash per GPU per 10 s slot costs ~210 bytes of Redis memory (key, TTL, hash): 500 hosts × 4
-# GPUs for 24 h + 30 d would be ~9 GB. One 46-byte record per host per slot, written with
-# SETRANGE at its place in a string of CHUNK slots, holds the same for ~0.4 GB.
+# GPUs for 24 h + 30 d would be ~9 GB. One 70-byte record per host per slot, written with
+# SETRANGE at its place in a string of CHUNK slots, holds the same for ~0.6 GB.
 GPU_SLOTS = 8  # GPUs recorded per host (the first 8 by index)
-RECORD = struct.Struct("<BBI" + "IB" * GPU_SLOTS)  # samples (0: none), CPU %, RAM MiB used, per GPU: MiB used, %
+GPU_VALUES = 4  # per GPU: MiB used, utilisation %, power W, temperature °C
+# samples (0: none), CPU %, RAM MiB used, then per GPU the GPU_VALUES
+RECORD = struct.Struct("<BBI" + "IBHB" * GPU_SLOTS)
+_GPU_MAX = (2**32 - 1, 255, 65535, 255)  # what each GPU value's field holds
 CHUNK = 360  # slots per string: 1 h of 10 s slots, 30 h of 5 min ones
 MAX_SAMPLES = 255
 
@@ -211,12 +216,15 @@ class Gauges(msgspec.Struct, kw_only=True):
     samples: int = 0
     cpu_percent: int = 0
     memory_used: int = 0  # MiB
-    gpus: list[tuple[int, int]] = []  # per GPU index: (MiB used, utilisation %)
+    # per GPU index: (MiB used, utilisation %, power W, temperature °C); shorter tuples: the rest 0
+    gpus: list[tuple[int, ...]] = []
 
     def pack(self) -> bytes:
-        gpus = (list(self.gpus) + [(0, 0)] * GPU_SLOTS)[:GPU_SLOTS]
+        gpus = [(*g, 0, 0, 0)[:GPU_VALUES] for g in self.gpus[:GPU_SLOTS]]
+        gpus += [(0,) * GPU_VALUES] * (GPU_SLOTS - len(gpus))
         return RECORD.pack(min(self.samples, MAX_SAMPLES), max(0, min(255, self.cpu_percent)),
-                           max(0, self.memory_used), *(max(0, v) for g in gpus for v in (g[0], min(255, g[1]))))
+                           max(0, self.memory_used),
+                           *(max(0, min(top, v)) for g in gpus for v, top in zip(g, _GPU_MAX)))
 
 
 def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
@@ -226,7 +234,12 @@ def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
         return Gauges()
     v = RECORD.unpack(raw)
     return Gauges(samples=v[0], cpu_percent=v[1], memory_used=v[2],
-                  gpus=[(v[3 + 2 * i], v[4 + 2 * i]) for i in range(min(gpus, GPU_SLOTS))])
+                  gpus=[tuple(v[gpu_at(i):gpu_at(i) + GPU_VALUES]) for i in range(min(gpus, GPU_SLOTS))])
+
+
+def gpu_at(index: int, value: int = 0) -> int:
+    """Where GPU ``index``'s ``value`` (0: MiB used … 3: °C) sits in an unpacked ``RECORD``."""
+    return 3 + GPU_VALUES * index + value
 
 
 def average(records: Sequence[Gauges]) -> Gauges:
@@ -238,8 +251,8 @@ def average(records: Sequence[Gauges]) -> Gauges:
     width = max(len(r.gpus) for r in have)
     mean = lambda get: round(sum(get(r) * r.samples for r in have) / n)  # noqa: E731
     return Gauges(samples=n, cpu_percent=mean(lambda r: r.cpu_percent), memory_used=mean(lambda r: r.memory_used),
-                  gpus=[(mean(lambda r, i=i: r.gpus[i][0] if i < len(r.gpus) else 0),
-                         mean(lambda r, i=i: r.gpus[i][1] if i < len(r.gpus) else 0)) for i in range(width)])
+                  gpus=[tuple(mean(lambda r, i=i, j=j: r.gpus[i][j] if i < len(r.gpus) and j < len(r.gpus[i]) else 0)
+                              for j in range(GPU_VALUES)) for i in range(width)])
 
 
 def gauge_chunk(keys: Keys, step: int, wid: str, slot: int) -> tuple[str, int]:

@@ -2,7 +2,7 @@
 """Redis memory of the timeline at full retention (issue 27), measured in a private redis-server.
 
 Writes, with the writers' own functions, everything the timeline keeps at the default
-resolutions (10 s for 24 h, 5 min for 30 days) for ``--hosts`` hosts of ``--gpus`` GPUs
+resolutions (10 s for 24 h, 5 min and 1 h for 30 days) for ``--hosts`` hosts of ``--gpus`` GPUs
 (each host's gauge records and totals, ``worker.timeline``'s layout) and ``--models`` models
 busy in every slot (counters, tokens and 8 TTFT, 10 latency and 4 wait buckets set, as under
 steady mixed load; ``routers`` coverage marks), plus ``--events`` timeline events; then reads
@@ -29,6 +29,7 @@ from llm_lab_router.protocol import Keys  # noqa: E402
 from llm_lab_router.redis_server import RedisServer  # noqa: E402
 from llm_lab_router.timeline import (  # noqa: E402
     COVERAGE,
+    DEFAULT_RESOLUTIONS,
     FLUSHES,
     Gauges,
     TimelineEvent,
@@ -95,7 +96,7 @@ def main() -> int:
     ap.add_argument("--read", action="store_true", help="then time what the dashboard reads for 30 days, through a "
                                                          "router, with --scale-to hosts listed")
     args = ap.parse_args()
-    resolutions = parse_resolutions("10s:24h,5m:30d")
+    resolutions = parse_resolutions(DEFAULT_RESOLUTIONS)
     keys = Keys()
     rng = random.Random(1)
     now = time.time()
@@ -113,9 +114,10 @@ def main() -> int:
                         last = int(now // res.step)
                         for slot in range(last - res.keep // res.step + 1, last + 1):
                             gauge_ops(pipe, keys, res, wid, slot, Gauges(
-                                samples=1 if res is resolutions[0] else 30, cpu_percent=rng.randrange(100),
+                                samples=min(255, res.step // resolutions[0].step), cpu_percent=rng.randrange(100),
                                 memory_used=rng.randrange(515000),
-                                gpus=[(rng.randrange(81920), rng.randrange(100)) for _ in range(args.gpus)]))
+                                gpus=[(rng.randrange(81920), rng.randrange(100), rng.randrange(700), rng.randrange(30, 90))
+                                      for _ in range(args.gpus)]))
                     pipe.execute()
             hosts = used(r) - base
             for m in range(args.models + 1):  # models busy in every slot, and the coverage series
@@ -127,7 +129,7 @@ def main() -> int:
                             key = keys.history(res.step, series, slot)
                             fields = {f: rng.randrange(1, 10_000) for f in BUSY} if m < args.models else {FLUSHES: 2}
                             if res is not resolutions[0]:
-                                fields["slots"] = 30
+                                fields["slots"] = res.step // resolutions[0].step
                             pipe.hset(key, mapping=fields)
                             pipe.expire(key, res.keep)
                         pipe.hset(keys.history_series(), series, int(now))

@@ -2,7 +2,8 @@
 
 A worker started with ``LLM_ROUTER_NVML_MODULE=tests.fake_nvml`` (the testing hook of
 ``worker.devices``) reads its GPUs from ``LLM_ROUTER_FAKE_GPUS``, a JSON list such as
-``[{"name": "NVIDIA H100", "memory_total": 81920, "memory_used": 0}]`` (MiB). By default the
+``[{"name": "NVIDIA H100", "memory_total": 81920, "memory_used": 0}]`` (MiB; ``"power"`` in W
+and ``"temperature"`` in °C where a test wants them, else NVML's "not supported"). By default the
 readings are fixed: memory of the models started on them never shows, as with a model still
 loading. With ``LLM_ROUTER_FAKE_NVML_DIR`` set, engines "use" memory: a mock engine started with
 ``--vram-mb N --fake-nvml-dir {dir}`` writes ``{dir}/{pid}.json`` (``{"gpus": [...], "mb": N}``) once loaded, and while
@@ -122,10 +123,29 @@ def nvmlDeviceGetUtilizationRates(handle: dict) -> SimpleNamespace:
     return SimpleNamespace(gpu=0, memory=0)
 
 
-def fake_gpu_env(*free_mib: int) -> dict[str, str]:
-    """The environment of a worker whose GPUs have ``free_mib`` MiB each, all free.
+NVML_TEMPERATURE_GPU = 0
+
+
+def nvmlDeviceGetPowerUsage(handle: dict) -> int:
+    """mW, as NVML: ``power`` (W) of the GPU's description, else "not supported"."""
+    if "power" not in handle:
+        raise NVMLError("Not Supported")
+    return int(handle["power"]) * 1000
+
+
+def nvmlDeviceGetTemperature(handle: dict, sensor: int) -> int:
+    """°C: ``temperature`` of the GPU's description, else "not supported"."""
+    if sensor != NVML_TEMPERATURE_GPU or "temperature" not in handle:
+        raise NVMLError("Not Supported")
+    return int(handle["temperature"])
+
+
+def fake_gpu_env(*free_mib: int, power: int | None = None, temperature: int | None = None) -> dict[str, str]:
+    """The environment of a worker whose GPUs have ``free_mib`` MiB each, all free (and draw
+    ``power`` W at ``temperature`` °C where given; else NVML answers "not supported").
 
     Nothing else uses them: as the readings never show what placed models use, only their
     declared VRAM counts (``llm_router.vram.free_vram``: ``total - promised``)."""
-    gpus = [{"name": "NVIDIA H100", "memory_total": f, "memory_used": 0} for f in free_mib]
+    sensors = {k: v for k, v in (("power", power), ("temperature", temperature)) if v is not None}
+    gpus = [{"name": "NVIDIA H100", "memory_total": f, "memory_used": 0, **sensors} for f in free_mib]
     return {"LLM_ROUTER_NVML_MODULE": "tests.fake_nvml", FAKE_GPUS_ENV: json.dumps(gpus)}

@@ -71,10 +71,23 @@ class FakeNVML:
             raise self.NVMLError("Not Supported")
         return types.SimpleNamespace(gpu=self.gpus[handle]["util"], memory=0)
 
+    NVML_TEMPERATURE_GPU = 0
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        if "mw" not in self.gpus[handle]:
+            raise self.NVMLError("Not Supported")
+        return self.gpus[handle]["mw"]
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        if sensor != self.NVML_TEMPERATURE_GPU or "celsius" not in self.gpus[handle]:
+            raise self.NVMLError("Not Supported")
+        return self.gpus[handle]["celsius"]
+
 
 TWO_H100 = [
-    {"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "used": 10 * GIB + 5 * MIB, "util": 37},
-    {"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "used": 512 * MIB, "util": 0},
+    {"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "used": 10 * GIB + 5 * MIB, "util": 37, "mw": 312_456,
+     "celsius": 61},
+    {"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "used": 512 * MIB, "util": 0},  # no power, no temperature
 ]
 
 
@@ -115,7 +128,7 @@ def test_real_host_without_driver_is_offline_with_reason_and_plausible_cpu():
 # --- a stand-in NVML ---
 
 
-def test_two_gpus_reported_in_mib_with_decoded_names_and_utilization():
+def test_two_gpus_reported_in_mib_with_decoded_names_utilization_power_and_temperature():
     nvml = FakeNVML(TWO_H100)
     probe = DeviceProbe(nvml)
     cuda = probe.snapshot("w1", "gpu1").cuda
@@ -124,8 +137,8 @@ def test_two_gpus_reported_in_mib_with_decoded_names_and_utilization():
     assert cuda.driver == "550.54.15"
     assert cuda.gpus == [
         GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-0000",
-                memory_total=81920, memory_used=10245, memory_free=71675, utilization=37),
-        GpuInfo(index=1, name="NVIDIA H100 80GB HBM3", uuid="GPU-0001",
+                memory_total=81920, memory_used=10245, memory_free=71675, utilization=37, power=312, temperature=61),
+        GpuInfo(index=1, name="NVIDIA H100 80GB HBM3", uuid="GPU-0001",  # "not supported": 0, still reported
                 memory_total=81920, memory_used=512, memory_free=81408, utilization=0),
     ]
     probe.snapshot("w1", "gpu1")

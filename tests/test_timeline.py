@@ -80,16 +80,18 @@ def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile(
 
 
 def test_a_hosts_gauges_pack_into_one_small_record_and_average_by_samples() -> None:
-    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50), (100, 0)])
-    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90), (100, 10)])
+    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50, 300, 60), (100, 0, 80, 40)])
+    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90, 700, 80), (100, 10, 100, 44)])
     chunk = bytearray(RECORD.size * 3)
     chunk[RECORD.size * 2:] = b.pack()
-    assert RECORD.size == 46
+    assert RECORD.size == 70
     assert unpack(bytes(chunk), 0, 2) == Gauges()  # never written: no sample, a gap
     assert unpack(bytes(chunk), 2, 2) == b
     assert unpack(b"", 5, 2) == Gauges()
     assert average([a, Gauges(), b]) == Gauges(samples=4, cpu_percent=25, memory_used=1750,
-                                                gpus=[(14000, 80), (100, 8)])
+                                                gpus=[(14000, 80, 600, 75), (100, 8, 95, 43)])
+    # a GPU that reports no power or temperature packs 0s; values past a field's range are capped
+    assert unpack(Gauges(samples=1, gpus=[(5, 300)]).pack(), 0, 1).gpus == [(5, 255, 0, 0)]
 
 
 def test_an_event_reads_back_as_written() -> None:
@@ -240,7 +242,8 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     config = write_config(tmp_path / "host.toml", *(model_block(m, devices=["cuda"], vram_mb=8000,
                                                                 engine_args=["--startup-delay", "0.3"])
                                                     for m in ("first", "second")))
-    worker = start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})  # room for one
+    gpus = fake_gpu_env(10000, power=350, temperature=66)
+    worker = start_worker(procs, redis_url, config, wid, env={**gpus, **FAST})  # room for one
     router = start_router(procs, redis_url, env={**FAST, "LLM_ROUTER_API_KEYS_FILE": str(keys_file)})
     auth = {"Authorization": f"Bearer {key}"}
 
@@ -272,12 +275,15 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     gpu = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-1m")) and
                    any(p["memory_total"] for p in d["points"]) and d, timeout=10, message="a GPU sample")
     assert {p["memory_total"] for p in gpu["points"] if p["memory_total"] is not None} == {10000}
+    sampled = [p for p in gpu["points"] if p["memory_total"] is not None]
+    assert {(p["power"], p["temperature"]) for p in sampled} == {(350, 66)}  # NVML's W and °C
     listed = api("/api/history")["available"]
     assert f"gpu:{wid}:0" in listed and f"host:{wid}" in listed
     # the worker averages its own coarse slots (3 s here): read from the coarse resolution
     coarse = wait_for(lambda: (d := api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-3h")) and
                       any(p["memory_total"] for p in d["points"]) and d, timeout=15, message="a rolled-up GPU record")
     assert coarse["resolution"] == 3
+    assert {(p["power"], p["temperature"]) for p in coarse["points"] if p["memory_total"]} == {(350, 66)}
     host = api(f"/api/history?series=host&host={wid}&from=-1m")
     assert any(p["memory_total"] and p["memory_used"] for p in host["points"])
 
@@ -285,7 +291,7 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
     # and the new worker's samples continue it
     before = time.time()
     procs.stop(worker, signal.SIGTERM)
-    start_worker(procs, redis_url, config, wid, env={**fake_gpu_env(10000), **FAST})
+    start_worker(procs, redis_url, config, wid, env={**gpus, **FAST})
     wait_for(lambda: len(api("/api/events?from=-5m&kind=worker_started")["events"]) == 2, timeout=20,
              message="the second worker started")
     kinds_now = [e["kind"] for e in api(f"/api/events?from=-5m&host={wid}")["events"]]
@@ -363,7 +369,7 @@ def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_
         stream.close()
     fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
     with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
-        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70)]))
+        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70, 450, 71)]))
         gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time())
         pipe.execute()
     rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",
@@ -384,7 +390,9 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
             points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
             await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
                             message="the rate, TTFT and GPU charts with points")
-            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 8
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 10
+            for chart in ("gpu-power", "gpu-temp"):  # the sample's 450 W and 71 °C
+                assert await page.js(f"({points})('{chart}')") > 0, chart
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
             events = await page.wait(f"{text_of('tl-events')}.includes('evicted') && {text_of('tl-events')}",
                                      message="the eviction in the event list")
@@ -438,3 +446,108 @@ def test_a_swap_wait_is_an_event_with_its_reason(procs, redis_url, rds, tmp_path
         assert [e["model"] for e in waits] == [b] and "min_residency" in waits[0]["detail"], waits
     stopped = get_json(f"{router.url}/api/events?from=-5m&kind=stop_requested&model={a}")["events"]
     assert stopped, "the stop that ended the wait"
+
+
+# 30 days of a simulated lab, written as its workers and routers' roll-ups would (5 min and 1 h slots)
+SIM_HOSTS, SIM_GPUS, SIM_MODELS, SIM_DAYS = 500, 4, 10, 30
+PERIOD = 100  # distinct gauge records cycled through
+
+
+def write_simulated_month(rds, now: float) -> None:
+    """``SIM_HOSTS`` hosts × ``SIM_GPUS`` GPUs and ``SIM_MODELS`` models, every coarse slot of
+    ``SIM_DAYS`` days: the hosts' gauge records (whole chunks of ``Gauges.pack`` records, as
+    ``gauge_ops`` leaves them) and the models' rolled-up request hashes (as ``ROLLUP_SCRIPT``
+    leaves them), pipelined."""
+    from llm_lab_router.timeline import (
+        CHUNK,
+        COVERAGE,
+        SLOTS,
+        gauge_chunk,
+        gauge_meta_ops,
+        model_series,
+        resolutions,
+    )
+
+    keys, keep = Keys(), SIM_DAYS * 86400
+    with rds.pipeline(transaction=False) as pipe:
+        for res in resolutions({})[1:]:
+            last = int(now // res.step)
+            slots = range(last - keep // res.step, last + 1)
+            per = res.step // 10  # fine slots summed in a coarse one
+            # slot s of host h holds record (s + h) % PERIOD: varied data without packing millions of records
+            records = [Gauges(samples=min(per, 255), cpu_percent=20 + i % 50, memory_used=100_000,
+                              gpus=[(20_000 + 1000 * ((i + g) % 40), (i + g) % 100, 200 + (i + g) % 400, 40 + (i + g) % 40)
+                                    for g in range(SIM_GPUS)]).pack()
+                       for i in range(PERIOD)]
+            cycle = b"".join(records * (CHUNK // PERIOD + 2))
+            for h in range(SIM_HOSTS):
+                for chunk in range(slots[0] // CHUNK, slots[-1] // CHUNK + 1):
+                    at = (chunk * CHUNK + h) % PERIOD * RECORD.size
+                    pipe.set(gauge_chunk(keys, res.step, f"sim{h:03d}", chunk * CHUNK)[0],
+                             cycle[at:at + CHUNK * RECORD.size], ex=keep)
+                if h % 50 == 49:
+                    pipe.execute()
+            for s in slots:
+                pipe.hset(keys.history(res.step, COVERAGE, s), mapping={SLOTS: per, "flushes": 2 * per})
+                for m in range(SIM_MODELS):
+                    n = per // 10
+                    pipe.hset(keys.history(res.step, model_series(f"sim-model-{m}"), s),
+                              mapping={"requests": 30 * n + m, "errors_4xx": n, "tokens_in": 3000 * n,
+                                       "tokens_out": 900 * n, "ttft:3": 5 * n, "ttft:4": 15 * n, "ttft:6": 10 * n + m,
+                                       "latency:7": 10 * n, "latency:8": 20 * n + m, "latency:9": n,
+                                       "wait:0": 29 * n + m, "wait:9": n, "inflight": 40 * n, "queued": 3 * n,
+                                       SLOTS: per})
+                if s % 500 == 0:
+                    pipe.execute()
+        for h in range(SIM_HOSTS):
+            gauge_meta_ops(pipe, keys, f"sim{h:03d}", keep, 512_000, [81_920] * SIM_GPUS, now)
+        pipe.hset(keys.history_series(), mapping={model_series(f"sim-model-{m}"): int(now) for m in range(SIM_MODELS)})
+        pipe.execute()
+
+
+def test_the_dashboard_draws_30_days_of_500_hosts_in_under_2_s(procs, redis_url, rds, tmp_path) -> None:
+    """The 30 d range of a 500-host lab: every chart drawn with data within 2 s of the request
+    (measured in the page: ``tl-charts``' ``data-render-ms``, from the first fetch to the last draw)."""
+    import asyncio
+
+    from test_dashboard import CHROMIUM, launch_chromium
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    started = time.monotonic()
+    write_simulated_month(rds, time.time())
+    written = time.monotonic() - started
+    router = start_router(procs, redis_url)
+    listing = get_json(f"{router.url}/api/history")["available"]
+    assert sum(s.startswith("gpu:") for s in listing) == SIM_HOSTS * SIM_GPUS
+    devtools_port = launch_chromium(procs, tmp_path)
+    render_ms = asyncio.run(drive_month(router.url, devtools_port))
+    print(f"30 d of {SIM_HOSTS} hosts × {SIM_GPUS} GPUs × {SIM_MODELS} models: written in {written:.1f} s, "
+          f"drawn in {render_ms} ms")
+    assert render_ms < 2000
+
+
+async def drive_month(url: str, devtools_port: int) -> int:
+    """Open the timeline, choose 30 d, wait for its draw; return the page's render time (ms)."""
+    import aiohttp
+    from test_dashboard import SCREENSHOT, open_page
+
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(devtools_port, session)
+        try:
+            await page.send("Page.navigate", url=f"{url}/ui/#timeline")
+            charts = "document.querySelector('[data-testid=tl-charts]')"
+            await page.wait(f"{charts}?.dataset.renderMs", message="the first draw")
+            await page.js(f"delete {charts}.dataset.renderMs; true")
+            await page.click("tl-range-30d")
+            span = str(SIM_DAYS * 86400)
+            await page.wait(f"{charts}.dataset.span === '{span}' && {charts}.dataset.renderMs", timeout=30,
+                            message="the 30 d range drawn")
+            points = "(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`).dataset.points)"
+            for chart in ("rate", "ttft", "latency", "gpu-mem", "gpu-util", "gpu-power", "gpu-temp"):
+                assert await page.js(f"({points})('{chart}')") > 300, chart  # 360 points of 2 h per series
+            assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == str(SIM_MODELS)
+            await page.screenshot(SCREENSHOT.with_name("timeline-30d.png"))
+            assert page.errors == [], page.errors
+            return int(await page.js(f"{charts}.dataset.renderMs"))
+        finally:
+            await page.close()

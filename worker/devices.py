@@ -193,6 +193,7 @@ class DeviceProbe:
             utilization = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception:
             utilization = 0  # not supported on some GPUs (e.g. MIG); memory matters more
+        power, temperature = _sensors(nvml, handle)
         return GpuInfo(
             index=index,
             name=name,
@@ -201,4 +202,20 @@ class DeviceProbe:
             memory_used=int(mem.used) // MIB,
             memory_free=int(mem.free) // MIB,
             utilization=utilization,
+            power=power,
+            temperature=temperature,
         ), ""
+
+
+def _sensors(nvml: Any, handle: Any) -> tuple[int, int]:
+    """The GPU's power draw (W) and die temperature (°C); each 0 where NVML does not support it
+    (MIG instances, some boards), as the timeline draws them but nothing decides on them."""
+    try:
+        power = int(nvml.nvmlDeviceGetPowerUsage(handle)) // 1000  # mW
+    except Exception:
+        power = 0
+    try:
+        temperature = int(nvml.nvmlDeviceGetTemperature(handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)))
+    except Exception:
+        temperature = 0
+    return power, temperature

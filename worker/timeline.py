@@ -108,7 +108,7 @@ class GaugeRecorder:
         self.slot = slot
         gpus = sorted(snap.cuda.gpus, key=lambda g: g.index)
         record = Gauges(samples=1, cpu_percent=round(snap.cpu.cpu_percent), memory_used=snap.cpu.memory_used,
-                        gpus=[(g.memory_used, g.utilization) for g in gpus])
+                        gpus=[(g.memory_used, g.utilization, g.power, g.temperature) for g in gpus])
         gauge_ops(pipe, self.keys, self.fine, self.wid, slot, record)
         gauge_meta_ops(pipe, self.keys, self.wid, self.keep, snap.cpu.memory_total,
                        [g.memory_total for g in gpus][:GPU_SLOTS], snap.ts)

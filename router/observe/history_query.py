@@ -28,6 +28,7 @@ from llm_lab_router.timeline import (
     Resolution,
     bucket_fields,
     gauge_chunk,
+    gpu_at,
     event_of,
     gpu_series,
     host_series,
@@ -71,6 +72,7 @@ end
 return out
 """
 MAX_POINTS = 10_000  # a step finer than (to - from) / MAX_POINTS is made coarser
+SLOTS_READ = 5_000  # slots one read may cost before a coarser resolution is read (``choose``): ~50 ms
 EVENTS_PAGE = 1000
 EVENTS_SCAN = 100_000  # entries looked at, at most, for one filtered read
 MODEL_FIELDS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out", "rate", "tokens_per_s",
@@ -89,10 +91,15 @@ def choose(resolutions: Sequence[Resolution], start: float, end: float, step: in
            now: float) -> tuple[Resolution, float, int]:
     """The finest resolution still holding ``start`` (else the coarsest), ``start`` clamped to
     what it holds, and the step: a multiple of its slot, at least ``step``, coarse enough for
-    ``MAX_POINTS``."""
-    res = next((r for r in resolutions if now - r.keep <= start), resolutions[-1])
+    ``MAX_POINTS``. Where that resolution would read more than ``SLOTS_READ`` slots, a coarser
+    one that holds ``start`` and whose slot fits in the step is read instead (30 days at a 2 h
+    step: 720 slots of 1 h, not 8,640 of 5 min — what keeps the dashboard's 30 d view fast)."""
+    holding = [r for r in resolutions if now - r.keep <= start] or [resolutions[-1]]
+    res = holding[0]
     start = min(max(start, now - res.keep), now)
     want = max(step, res.step, math.ceil((end - start) / MAX_POINTS))
+    if (end - start) / res.step > SLOTS_READ:
+        res = max((r for r in holding if r.step <= want), key=lambda r: r.step)
     return res, start, math.ceil(want / res.step) * res.step
 
 
@@ -156,7 +163,8 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
         blob = blob or b""
         records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
     if kind == "gpu":
-        wanted = [("memory_used", 3 + 2 * gpu), ("memory_total", None), ("utilization", 4 + 2 * gpu)]
+        wanted = [("memory_used", gpu_at(gpu, 0)), ("memory_total", None), ("utilization", gpu_at(gpu, 1)),
+                  ("power", gpu_at(gpu, 2)), ("temperature", gpu_at(gpu, 3))]
         total = float(meta.get(f"gpu{gpu}_memory_total", 0))
         known = 0 <= gpu < min(meta.get("gpus", 0), GPU_SLOTS)
     else:

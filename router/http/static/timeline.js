@@ -1,8 +1,7 @@
 // llm-router dashboard: the timeline (GET /api/history, GET /api/events) drawn with uPlot
 // (vendored under vendor/uplot/, pinned; nothing is fetched from outside the router).
 // Per model: request rate, TTFT and latency p50/p95, tokens/s, queue wait p95, requests in flight
-// and queued; per GPU: memory
-// and utilisation; the events of the cluster as vertical marks on every chart, on one time axis.
+// and queued; per GPU: memory, utilisation, power and temperature; the events of the cluster as vertical marks on every chart, on one time axis.
 // Uses api(), esc(), byTestId() and fmtTime() of app.js (loaded first).
 "use strict";
 
@@ -24,6 +23,8 @@ const TL_CHARTS = [          // testid, title, series kind, value of a point, un
   {id: "inflight", title: "In flight / queued (all routers)", kind: "model", fields: [["inflight", ""], ["queued", " queued"]], scale: 1},
   {id: "gpu-mem", title: "GPU memory used (GiB)", kind: "gpu", fields: [["memory_used", ""]], scale: 1 / 1024},
   {id: "gpu-util", title: "GPU utilisation (%)", kind: "gpu", fields: [["utilization", ""]], scale: 1},
+  {id: "gpu-power", title: "GPU power (W)", kind: "gpu", fields: [["power", ""]], scale: 1},
+  {id: "gpu-temp", title: "GPU temperature (°C)", kind: "gpu", fields: [["temperature", ""]], scale: 1},
 ];
 
 const timeline = {range: "1h", window: null, again: false, charts: new Map(), events: [], busy: false, drawnAt: 0};
