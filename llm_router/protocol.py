@@ -62,8 +62,9 @@ llm:hist:{step}:{series}:{slot}     hash, TTL   router  one time slot of a reque
 llm:hist:series                     hash        both    series name -> unix time it was last written
 llm:hist:rolled:{step}              hash        router  slot -> routers that claimed its roll-up (the one that got 1 did it)
 llm:timeline                        stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
-llm:w:{wid}:hist:{step}:{chunk}     string,TTL  worker  the host's GPU/CPU/RAM records of 360 slots (``timeline.RECORD``)
-llm:w:{wid}:hist:gauges             hash, TTL   worker  the host's totals (MiB) and GPU count
+llm:hist:{step}:gpus:{slot}         hash, TTL   router  every host's GPUs summed in one slot, VRAM per model (``timeline``)
+llm:w:{wid}:hist:v3:{step}:{chunk}  string,TTL  worker  the host's GPU/CPU/RAM/engine records of 360 slots (``timeline.RECORD``)
+llm:w:{wid}:hist:gauges             hash, TTL   worker  the host's totals (MiB), GPU count, model numbers
 ==================================  ==========  ======  ==================================================
 """
 
@@ -206,9 +207,10 @@ class Keys:
         its worker's own key, as are its records (``gauge_chunk``)."""
         return f"{self.prefix}w:{wid}:hist:gauges"
 
-    def gauge_chunk(self, wid: str, step: int, chunk: int) -> str:
-        """Host ``wid``'s gauge records of ``CHUNK`` ``step``-second slots (``timeline.RECORD``)."""
-        return f"{self.prefix}w:{wid}:hist:{step}:{chunk}"
+    def gauge_chunk(self, wid: str, step: int, chunk: int, version: int) -> str:
+        """Host ``wid``'s gauge records of ``CHUNK`` ``step``-second slots (``timeline.RECORD``, of
+        layout ``version``)."""
+        return f"{self.prefix}w:{wid}:hist:v{version}:{step}:{chunk}"
 
     def history_rolled(self, step: int) -> str:
         """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""

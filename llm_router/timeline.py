@@ -52,6 +52,8 @@ HISTOGRAMS = ("ttft", "latency", "wait")
 COUNTERS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out")
 GPU_FIELDS = ("memory_used", "memory_total", "utilization", "power", "temperature")  # MiB, MiB, %, W, °C
 HOST_FIELDS = ("cpu_percent", "memory_used", "memory_total")  # percent, MiB, MiB
+MODEL_FIELD = "model"  # field ``model{n}`` of a host's meta hash: the model numbered n in its records
+GPUS_SERIES = "gpus"  # every host's GPUs summed, per fine slot (``router.observe.history``)
 SLOTS = "slots"  # field of a rolled-up hash: how many fine slots it sums
 COVERAGE = "routers"  # the series whose slots say that routers could write then
 FLUSHES = "flushes"
@@ -199,15 +201,30 @@ def event_ops(pipe, keys: Keys, events: Iterable[TimelineEvent]) -> None:
 
 # --- gauges: one fixed-size binary record per host per slot, in strings of CHUNK slots ---
 # A hash per GPU per 10 s slot costs ~210 bytes of Redis memory (key, TTL, hash): 500 hosts × 4
-# GPUs for 24 h + 30 d would be ~9 GB. One 70-byte record per host per slot, written with
-# SETRANGE at its place in a string of CHUNK slots, holds the same for ~0.6 GB.
+# GPUs for 24 h + 30 d would be ~9 GB. One 118-byte record per host per slot, written with
+# SETRANGE at its place in a string of CHUNK slots, holds the same and each engine's VRAM.
+# The record's layout is versioned in its key (``RECORD_VERSION``): records of another layout
+# are never read as this one (they expire with their TTL).
+RECORD_VERSION = 3  # 1: 46 bytes (no power, temperature); 2: 70 bytes (no engines); 3: this
 GPU_SLOTS = 8  # GPUs recorded per host (the first 8 by index)
 GPU_VALUES = 4  # per GPU: MiB used, utilisation %, power W, temperature °C
-# samples (0: none), CPU %, RAM MiB used, then per GPU the GPU_VALUES
-RECORD = struct.Struct("<BBI" + "IBHB" * GPU_SLOTS)
+ENGINE_SLOTS = 8  # engines recorded per host (the 8 holding most VRAM; the rest counts as "other")
+ENGINE_VALUES = 3  # per engine: its model's number on this host (0: none), GPU mask, MiB per GPU
+MAX_MODELS = 255  # model numbers a host can give (``GaugeRecorder``); a model beyond is not recorded
+# samples (0: none), CPU %, RAM MiB used, then per GPU the GPU_VALUES, then per engine the ENGINE_VALUES
+RECORD = struct.Struct("<BBI" + "IBHB" * GPU_SLOTS + "BBI" * ENGINE_SLOTS)
 _GPU_MAX = (2**32 - 1, 255, 65535, 255)  # what each GPU value's field holds
 CHUNK = 360  # slots per string: 1 h of 10 s slots, 30 h of 5 min ones
 MAX_SAMPLES = 255
+_ENGINES_AT = 3 + GPU_VALUES * GPU_SLOTS  # where the engines start in an unpacked RECORD
+
+
+class EngineUse(msgspec.Struct, frozen=True):
+    """What one engine holds now: ``mib`` on each GPU of ``gpus`` (its placement)."""
+
+    model: str
+    gpus: tuple[int, ...]
+    mib: int
 
 
 class Gauges(msgspec.Struct, kw_only=True):
@@ -218,13 +235,19 @@ class Gauges(msgspec.Struct, kw_only=True):
     memory_used: int = 0  # MiB
     # per GPU index: (MiB used, utilisation %, power W, temperature °C); shorter tuples: the rest 0
     gpus: list[tuple[int, ...]] = []
+    # per engine: (model number, GPU mask, MiB per GPU); the model's name is in the host's meta
+    engines: list[tuple[int, int, int]] = []
 
     def pack(self) -> bytes:
         gpus = [(*g, 0, 0, 0)[:GPU_VALUES] for g in self.gpus[:GPU_SLOTS]]
         gpus += [(0,) * GPU_VALUES] * (GPU_SLOTS - len(gpus))
+        engines = sorted((e for e in self.engines if 0 < e[0] <= MAX_MODELS and e[1] & 0xFF),
+                         key=lambda e: -e[2])[:ENGINE_SLOTS]
+        engines += [(0, 0, 0)] * (ENGINE_SLOTS - len(engines))
         return RECORD.pack(min(self.samples, MAX_SAMPLES), max(0, min(255, self.cpu_percent)),
                            max(0, self.memory_used),
-                           *(max(0, min(top, v)) for g in gpus for v, top in zip(g, _GPU_MAX)))
+                           *(max(0, min(top, v)) for g in gpus for v, top in zip(g, _GPU_MAX)),
+                           *(v for n, mask, mib in engines for v in (n, mask & 0xFF, max(0, min(2**32 - 1, mib)))))
 
 
 def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
@@ -234,7 +257,28 @@ def unpack(chunk: bytes, index: int, gpus: int) -> Gauges:
         return Gauges()
     v = RECORD.unpack(raw)
     return Gauges(samples=v[0], cpu_percent=v[1], memory_used=v[2],
-                  gpus=[tuple(v[gpu_at(i):gpu_at(i) + GPU_VALUES]) for i in range(min(gpus, GPU_SLOTS))])
+                  gpus=[tuple(v[gpu_at(i):gpu_at(i) + GPU_VALUES]) for i in range(min(gpus, GPU_SLOTS))],
+                  engines=engines_of(v))
+
+
+def engines_of(row: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The engines of an unpacked ``RECORD``: (model number, GPU mask, MiB per GPU)."""
+    return [(row[at], row[at + 1], row[at + 2]) for at in range(_ENGINES_AT, len(row), ENGINE_VALUES) if row[at]]
+
+
+def engine_mask(gpus: Iterable[int]) -> int:
+    """The GPU mask of a placement (GPUs beyond ``GPU_SLOTS`` are not recorded)."""
+    return sum(1 << g for g in gpus if 0 <= g < GPU_SLOTS)
+
+
+def vram_by_model(engines: Iterable[tuple[int, int, int]], gpu: int | None = None) -> dict[int, int]:
+    """MiB per model number on GPU ``gpu`` (None: on all the host's GPUs together)."""
+    out: dict[int, int] = {}
+    for n, mask, mib in engines:
+        held = mib * (bin(mask).count("1") if gpu is None else (mask >> gpu) & 1)
+        if held:
+            out[n] = out.get(n, 0) + held
+    return out
 
 
 def gpu_at(index: int, value: int = 0) -> int:
@@ -243,21 +287,37 @@ def gpu_at(index: int, value: int = 0) -> int:
 
 
 def average(records: Sequence[Gauges]) -> Gauges:
-    """Several slots' records as one, weighted by their samples (a coarser slot)."""
+    """Several slots' records as one, weighted by their samples (a coarser slot); an engine
+    absent from a slot counts as holding nothing then."""
     have = [r for r in records if r.samples]
     n = sum(r.samples for r in have)
     if not n:
         return Gauges()
     width = max(len(r.gpus) for r in have)
     mean = lambda get: round(sum(get(r) * r.samples for r in have) / n)  # noqa: E731
+    held: dict[tuple[int, int], int] = {}
+    for r in have:
+        for num, mask, mib in r.engines:
+            held[num, mask] = held.get((num, mask), 0) + mib * r.samples
     return Gauges(samples=n, cpu_percent=mean(lambda r: r.cpu_percent), memory_used=mean(lambda r: r.memory_used),
                   gpus=[tuple(mean(lambda r, i=i, j=j: r.gpus[i][j] if i < len(r.gpus) and j < len(r.gpus[i]) else 0)
-                              for j in range(GPU_VALUES)) for i in range(width)])
+                              for j in range(GPU_VALUES)) for i in range(width)],
+                  engines=[(num, mask, round(total / n)) for (num, mask), total in held.items()])
 
 
 def gauge_chunk(keys: Keys, step: int, wid: str, slot: int) -> tuple[str, int]:
     """The string holding ``slot`` of host ``wid``'s gauges, and the record's offset in it."""
-    return keys.gauge_chunk(wid, step, slot // CHUNK), (slot % CHUNK) * RECORD.size
+    return keys.gauge_chunk(wid, step, slot // CHUNK, RECORD_VERSION), (slot % CHUNK) * RECORD.size
+
+
+def model_numbers(meta: Mapping) -> dict[int, str]:
+    """A host's model numbers from its meta hash (``gauge_meta_ops``): number -> model id."""
+    out = {}
+    for k, v in meta.items():
+        k = k.decode() if isinstance(k, bytes) else k
+        if k.startswith(MODEL_FIELD) and k[len(MODEL_FIELD):].isdigit():
+            out[int(k[len(MODEL_FIELD):])] = v.decode() if isinstance(v, bytes) else v
+    return out
 
 
 def gauge_ops(pipe, keys: Keys, res: Resolution, wid: str, slot: int, record: Gauges) -> None:
@@ -269,11 +329,13 @@ def gauge_ops(pipe, keys: Keys, res: Resolution, wid: str, slot: int, record: Ga
 
 
 def gauge_meta_ops(pipe, keys: Keys, wid: str, keep: int, memory_total: int, gpu_totals: Sequence[int],
-                   now: float) -> None:
-    """What does not change slot to slot (totals, in MiB) and the series the host has."""
+                   now: float, models: Mapping[int, str] | None = None) -> None:
+    """What does not change slot to slot (totals, in MiB; ``models``: the host's model numbers,
+    field ``model{n}``) and the series the host has."""
     meta = keys.history_gauges(wid)
     pipe.hset(meta, mapping={"memory_total": memory_total, "gpus": len(gpu_totals),
-                             **{f"gpu{i}_memory_total": t for i, t in enumerate(gpu_totals)}})
+                             **{f"gpu{i}_memory_total": t for i, t in enumerate(gpu_totals)},
+                             **{f"{MODEL_FIELD}{n}": m for n, m in (models or {}).items()}})
     pipe.expire(meta, keep)
     pipe.hset(keys.history_series(), mapping={host_series(wid): int(now),
                                               **{gpu_series(wid, i): int(now) for i in range(len(gpu_totals))}})

@@ -79,7 +79,8 @@ class Services:
         self.balancer = Balancer(self.options.affinity_load_factor)
         self.usage = UsageReporter(self.redis, self.keys, router_id=uuid.uuid4().hex[:12],
                                    interval=self.options.usage_interval, serving=self._serving)
-        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions(), clock=CLOCK.now)
+        self.history = History(self.redis, self.keys, self.usage.router_id, resolutions(), clock=CLOCK.now,
+                               reader=self.view_redis)
         # gauges are the workers' own keys: read as the read-only user when there is one
         self.timeline = TimelineReader(self.redis, self.view_redis, self.keys, self.history.resolutions)
         self.metrics = RouterMetrics(self.view, self.history)

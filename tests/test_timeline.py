@@ -25,6 +25,7 @@ from llm_lab_router.timeline import (
     Gauges,
     average,
     unpack,
+    vram_by_model,
     TimelineEvent,
     bucket_of,
     bucket_range,
@@ -80,16 +81,27 @@ def test_percentiles_of_summed_buckets_fall_in_the_bucket_of_the_raw_percentile(
 
 
 def test_a_hosts_gauges_pack_into_one_small_record_and_average_by_samples() -> None:
-    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50, 300, 60), (100, 0, 80, 40)])
-    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90, 700, 80), (100, 10, 100, 44)])
+    # engines: (model number, GPU mask, MiB per GPU); model 1 on GPUs 0 and 1, model 2 on GPU 1
+    a = Gauges(samples=1, cpu_percent=10, memory_used=1000, gpus=[(8000, 50, 300, 60), (100, 0, 80, 40)],
+               engines=[(1, 0b11, 4000)])
+    b = Gauges(samples=3, cpu_percent=30, memory_used=2000, gpus=[(16000, 90, 700, 80), (100, 10, 100, 44)],
+               engines=[(1, 0b11, 8000), (2, 0b10, 600)])
     chunk = bytearray(RECORD.size * 3)
     chunk[RECORD.size * 2:] = b.pack()
-    assert RECORD.size == 70
+    assert RECORD.size == 118
     assert unpack(bytes(chunk), 0, 2) == Gauges()  # never written: no sample, a gap
     assert unpack(bytes(chunk), 2, 2) == b
     assert unpack(b"", 5, 2) == Gauges()
+    # weighted by samples; an engine absent from a slot held nothing then (model 2: 600 × 3 / 4)
     assert average([a, Gauges(), b]) == Gauges(samples=4, cpu_percent=25, memory_used=1750,
-                                                gpus=[(14000, 80, 600, 75), (100, 8, 95, 43)])
+                                                gpus=[(14000, 80, 600, 75), (100, 8, 95, 43)],
+                                                engines=[(1, 0b11, 7000), (2, 0b10, 450)])
+    assert vram_by_model(b.engines, 0) == {1: 8000}
+    assert vram_by_model(b.engines, 1) == {1: 8000, 2: 600}
+    assert vram_by_model(b.engines) == {1: 16000, 2: 600}
+    # the 8 engines holding most are kept; model numbers outside 1..255 are not recorded
+    many = Gauges(samples=1, engines=[(n, 1, n * 10) for n in range(1, 11)] + [(0, 1, 99999), (300, 1, 99999)])
+    assert [e[0] for e in unpack(many.pack(), 0, 0).engines] == [10, 9, 8, 7, 6, 5, 4, 3]
     # a GPU that reports no power or temperature packs 0s; values past a field's range are capped
     assert unpack(Gauges(samples=1, gpus=[(5, 300)]).pack(), 0, 1).gpus == [(5, 255, 0, 0)]
 
@@ -301,6 +313,69 @@ def test_an_eviction_names_both_models_and_the_key_and_gpus_are_recorded_across_
              timeout=15, message="samples after the restart")
     points = api(f"/api/history?series=gpu&host={wid}&gpu=0&from=-5m")["points"]
     assert any(p["memory_total"] == 10000 and p["t"] < before - 2 for p in points), "history before the restart"
+
+
+def test_each_engines_vram_is_recorded_per_gpu_and_summed_over_the_lab(procs, redis_url, rds, tmp_path) -> None:
+    """Per GPU: the VRAM of each model's engine (NVML per process) and the rest as ``other`` (a
+    foreign process); the ``gpus`` series sums every host; a worker restart keeps the model
+    numbers its records use (the same model reads back under its name, not another's)."""
+    import json as json_
+
+    from fake_nvml import FAKE_DIR_ENV, FAKE_GPUS_ENV, fake_gpu_env, set_claim
+    from helpers import model_block, start_worker, write_config
+
+    wid = f"w-{uuid.uuid4().hex[:8]}"
+    claims = tmp_path / "nvml"
+    claims.mkdir()
+    nvml = {"--fake-nvml-dir": str(claims)}
+    config = write_config(tmp_path / "host.toml",
+                          model_block("big", devices=["cuda:0"], vram_mb=4000,
+                                      engine_args=["--vram-mb", "3000", *[x for kv in nvml.items() for x in kv]]),
+                          model_block("small", devices=["cuda:1"], vram_mb=2000,
+                                      engine_args=["--vram-mb", "1000", *[x for kv in nvml.items() for x in kv]]),
+                          devices_interval=0.2)
+    env = fake_gpu_env(10000, 10000)
+    gpus = json_.loads(env[FAKE_GPUS_ENV])
+    gpus[0]["memory_used"] = 500  # another user's process on GPU 0: no engine of ours
+    env = {**env, FAKE_GPUS_ENV: json_.dumps(gpus), FAKE_DIR_ENV: str(claims), **FAST}
+    worker = start_worker(procs, redis_url, config, wid, env=env)
+    router = start_router(procs, redis_url, env=FAST)
+    for model in ("big", "small"):
+        assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+
+    def last(series: str, **query) -> dict:
+        """The newest point of ``series`` that has a sample."""
+        qs = "&".join(f"{k}={v}" for k, v in {"series": series, "from": "-1m", **query}.items())
+        points = [p for p in get_json(f"{router.url}/api/history?{qs}")["points"] if p.get("memory_used") is not None]
+        return points[-1] if points else {}
+
+    gpu0 = wait_for(lambda: (p := last("gpu", host=wid, gpu=0)).get("vram:big") == 3000 and p, timeout=15,
+                    message="big's 3000 MiB on GPU 0")
+    assert (gpu0["memory_used"], gpu0["other"]) == (3500, 500)
+    assert "vram:small" not in gpu0 or gpu0["vram:small"] == 0  # small runs on GPU 1
+    gpu1 = wait_for(lambda: (p := last("gpu", host=wid, gpu=1)).get("vram:small") == 1000 and p, timeout=15,
+                    message="small's 1000 MiB on GPU 1")
+    assert (gpu1["memory_used"], gpu1["other"]) == (1000, 0)
+    doc = get_json(f"{router.url}/api/history?series=gpu&host={wid}&gpu=1&from=-1m")
+    assert doc["fields"][-2:] == ["vram:small", "other"]  # a field per model seen on this GPU, then the rest
+
+    lab = wait_for(lambda: (p := last("gpus")).get("vram:small") == 1000 and p.get("vram:big") == 3000 and p,
+                   timeout=15, message="the lab's summary")
+    assert (lab["hosts"], lab["gpus"], lab["memory_total"], lab["memory_used"], lab["other"]) == (1, 2, 20000, 4500, 500)
+    assert "gpus" in get_json(f"{router.url}/api/history")["available"]
+
+    numbers = rds.hgetall(Keys().history_gauges(wid))
+    named = {k: v for k, v in numbers.items() if k.startswith("model")}
+    assert sorted(named.values()) == ["big", "small"]
+
+    # a worker restart: the engines are adopted, the numbers read back, the records go on under the same names
+    procs.stop(worker, signal.SIGTERM)
+    start_worker(procs, redis_url, config, wid, env=env)
+    pid = int(rds.hget(Keys().instance("big", wid), "pid"))
+    set_claim(str(claims), pid, 5000)  # and big grows while it runs
+    wait_for(lambda: last("gpu", host=wid, gpu=0).get("vram:big") == 5000, timeout=20,
+             message="big's 5000 MiB recorded by the new worker")
+    assert {k: v for k, v in rds.hgetall(Keys().history_gauges(wid)).items() if k.startswith("model")} == named
 
 
 def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) -> None:

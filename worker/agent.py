@@ -59,6 +59,7 @@ from llm_lab_router.worker.process import HostContext, ModelProcess
 from llm_lab_router.worker.publish import change_ops, devices_ops, goodbye_ops, lease_ops, publish_all_ops
 from llm_lab_router.worker.gpu_time import GpuClock
 from llm_lab_router.worker.reload import ReloadTrigger, apply_plan, plan_reload
+from llm_lab_router.timeline import EngineUse
 from llm_lab_router.worker.timeline import GaugeRecorder, InstanceEvents
 from llm_lab_router.timeline import event_ops, resolutions
 from redis.asyncio.retry import Retry
@@ -491,20 +492,32 @@ class WorkerAgent:
         while True:
             stop_if_cancelled()
             snap = await self.snapshot()
+            await self._sample_peaks(snap)  # first: the timeline's record holds what each engine uses now
             try:
+                await self.gauges.load(self.redis)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     devices_ops(self._mirrored(pipe), self.keys, snap, interval)
-                    recorded = self.gauges.ops(pipe, snap)  # at most one record per fine slot
+                    recorded = self.gauges.ops(pipe, snap, self._engine_use())  # at most one record per fine slot
                     await pipe.execute()
                 if recorded:
                     await self.gauges.roll_up(self.redis, snap.ts)
                 link.ok()
             except REDIS_ERRORS as exc:
                 link.failed(exc)
-            await self._sample_peaks(snap)
             if self.estimates.observe(snap):
                 self._request_resync()  # estimates that take a share of the GPU changed with it
             await asyncio.sleep(interval)
+
+    def _engine_use(self) -> list[EngineUse]:
+        """What each engine on a GPU holds now: as measured (``Learner.using``), else what
+        placement holds for it (``Instance.vram_mb``: the driver shows no process, e.g. in a
+        container without the host's PID namespace)."""
+        out = []
+        for mp in self.models.values():
+            if (e := mp.engine) is not None and e.placement.gpus:
+                mib = self.learner.using(e.model.id, e.pid) or mp.instance.vram_mb
+                out.append(EngineUse(model=e.model.id, gpus=tuple(e.placement.gpus), mib=mib))
+        return out
 
     async def _sample_peaks(self, snap: DeviceSnapshot) -> None:
         """The running peak of every engine on a GPU (``Learner.sample``); an engine that grew

@@ -158,6 +158,7 @@ class Learner:
         self._starts: dict[str, list[tuple[int, float]]] = {}  # model -> (profile, s) of kept starts, newest first
         self._newest: dict[str, Learned] = {}  # model -> the head of its history
         self._peaks: dict[str, _Peak] = {}  # model -> the running peak of its engine
+        self._now: dict[str, tuple[int, int]] = {}  # model -> (pid, MiB per GPU) at the last sample
         self._loaded = False  # the history is read back: an adopted engine's record is known
 
     def measured(self, model_id: str) -> list[int]:
@@ -240,6 +241,7 @@ class Learner:
         live = {r.model.id: r.pid for r in running}
         for m in [m for m, p in self._peaks.items() if live.get(m) != p.pid]:
             del self._peaks[m]  # stopped, or another engine now
+        self._now = {m: now for m, now in self._now.items() if live.get(m) == now[0]}
         if not running:
             return {}  # nothing on a GPU: no NVML call
         gpus = sorted({g for r in running for g in r.placement.gpus})
@@ -251,11 +253,18 @@ class Learner:
             peak = self._peaks.get(r.model.id) or self._adopted(r)
             before = {} if shares_gpus(r.model.id) else peak.before
             vram, how = measured_vram(r.placement.gpus, before, used, tree_memory(table, process_tree(r.pid)))
+            if how:
+                self._now[r.model.id] = (r.pid, vram)
             peak.peak = max(peak.peak, vram)
             if how and grew(peak.peak, peak.recorded):
                 await self._record_peak(r, peak, how, names.get(r.placement.gpus[0], ""))
                 recorded[r.model.id] = peak.peak
         return recorded
+
+    def using(self, model_id: str, pid: int) -> int:
+        """MiB per GPU that ``model_id``'s engine ``pid`` used at the last sample (0: not measured)."""
+        pid_now, mib = self._now.get(model_id, (0, 0))
+        return mib if pid_now == pid else 0
 
     def _adopted(self, r: RunningEngine) -> _Peak:
         """The peak of an engine this worker did not start (adopted): no baseline; its record

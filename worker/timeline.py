@@ -10,6 +10,7 @@ stop) are noted beforehand with ``cause`` and attached to the stop that follows.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Callable, Sequence
@@ -18,15 +19,21 @@ from llm_lab_router.protocol import DeviceSnapshot, Instance, Keys
 from llm_lab_router.timeline import (
     CHUNK,
     GPU_SLOTS,
+    MAX_MODELS,
+    EngineUse,
     Gauges,
     Resolution,
     TimelineEvent,
     average,
     gauge_chunk,
     gauge_meta_ops,
+    engine_mask,
     gauge_ops,
+    model_numbers,
     unpack,
 )
+
+log = logging.getLogger("llm_router.worker")
 
 QUEUE = 1000  # events kept while Redis is away
 ROLLUP_CATCH_UP = 12  # coarse slots a starting worker averages again (what its predecessor may have left)
@@ -89,7 +96,11 @@ class GaugeRecorder:
     """This host's gauges in the timeline (``llm_router.timeline``: one record per slot): the fine
     record at most once per fine slot, and each coarser slot, once closed, averaged from the fine
     records read back from Redis, so a restarted worker finishes what its predecessor began, and
-    writing the same average twice changes nothing (no lock: this worker is the only writer)."""
+    writing the same average twice changes nothing (no lock: this worker is the only writer).
+
+    Each engine's VRAM is recorded under a number its model keeps on this host (``model{n}``
+    in the host's meta hash): numbers are never given to another model while records may name
+    them, so a restarted worker reads them back (``load``) before it records any engine."""
 
     def __init__(self, keys: Keys, wid: str, resolutions: Sequence[Resolution]) -> None:
         self.keys = keys
@@ -99,19 +110,45 @@ class GaugeRecorder:
         self.keep = max(r.keep for r in resolutions)
         self.slot = -1
         self.rolled: dict[int, int] = {}  # coarse step -> the last slot averaged
+        self.numbers: dict[str, int] | None = None  # model -> its number here (None: not read back yet)
+        self._full_said = False
 
-    def ops(self, pipe, snap: DeviceSnapshot) -> bool:
-        """Add the snapshot's record to ``pipe`` unless its fine slot has one already."""
+    async def load(self, redis) -> None:
+        """Read back the model numbers earlier workers of this host gave (once, before recording)."""
+        if self.numbers is None:
+            meta = await redis.hgetall(self.keys.history_gauges(self.wid))
+            self.numbers = {m: n for n, m in model_numbers(meta).items()}
+
+    def number(self, model: str) -> int:
+        """``model``'s number in this host's records; 0 where none can be given (the numbers are
+        not read back yet, or all ``MAX_MODELS`` are taken: that engine counts as "other")."""
+        if self.numbers is None:
+            return 0
+        if (n := self.numbers.get(model)) is None:
+            if len(self.numbers) >= MAX_MODELS:
+                if not self._full_said:
+                    log.warning("timeline: %d models recorded on this host already; the VRAM of %s shows as other",
+                                MAX_MODELS, model)
+                    self._full_said = True
+                return 0
+            n = self.numbers[model] = max(self.numbers.values(), default=0) + 1
+        return n
+
+    def ops(self, pipe, snap: DeviceSnapshot, engines: Sequence[EngineUse] = ()) -> bool:
+        """Add the snapshot's record (and what each engine in ``engines`` holds) to ``pipe``
+        unless its fine slot has one already."""
         slot = int(snap.ts // self.fine.step)
         if slot == self.slot:
             return False
         self.slot = slot
         gpus = sorted(snap.cuda.gpus, key=lambda g: g.index)
+        held = [(n, engine_mask(e.gpus), e.mib) for e in engines if e.mib > 0 and (n := self.number(e.model))]
         record = Gauges(samples=1, cpu_percent=round(snap.cpu.cpu_percent), memory_used=snap.cpu.memory_used,
-                        gpus=[(g.memory_used, g.utilization, g.power, g.temperature) for g in gpus])
+                        gpus=[(g.memory_used, g.utilization, g.power, g.temperature) for g in gpus], engines=held)
         gauge_ops(pipe, self.keys, self.fine, self.wid, slot, record)
+        numbers = {n: m for m, n in (self.numbers or {}).items()}
         gauge_meta_ops(pipe, self.keys, self.wid, self.keep, snap.cpu.memory_total,
-                       [g.memory_total for g in gpus][:GPU_SLOTS], snap.ts)
+                       [g.memory_total for g in gpus][:GPU_SLOTS], snap.ts, numbers)
         return True
 
     async def roll_up(self, redis, now: float) -> int:

@@ -319,7 +319,9 @@ class HistoryResult(Ok, kw_only=True):
     from the finest resolution kept that long (``resolution``). A point's values are null where
     nothing was recorded (Redis or the writer was away): a gap, never a zero. ``available``
     (without ``series`` only, else empty): every series recorded (``model:{id}``,
-    ``gpu:{host}:{index}``, ``host:{host}``)."""
+    ``gpu:{host}:{index}``, ``host:{host}``, ``gpus``). GPU series also carry ``vram:{model}``
+    (MiB that model's engines hold, one field per model seen in the range) and ``other`` (MiB
+    used by no engine of the lab: another user's process, the driver)."""
 
     series: str
     start: float = msgspec.field(name="from")

@@ -236,9 +236,11 @@ class TimelineParams:
 
 
 TIMELINE = TimelineParams(
-    series=Choice(name="series", choices=("model", "gpu", "host"),
+    series=Choice(name="series", choices=("model", "gpu", "gpus", "host"),
                   description="which series: model (requests, errors, tokens, TTFT, latency and wait of model), "
-                              "gpu (memory and utilisation of GPU gpu of host), host (CPU and RAM of host)",
+                              "gpu (memory, utilisation, power, temperature of GPU gpu of host, and the VRAM "
+                              "of each model's engine on it), gpus (every host's GPUs summed, VRAM per model), "
+                              "host (CPU and RAM of host)",
                   absent="no points: only the list of recorded series (available)"),
     model=Name(name="model", description="a model id (series=model), or events concerning it",
                absent="series=model: 400; events: every model"),

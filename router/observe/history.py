@@ -23,10 +23,12 @@ from collections import deque
 from typing import Callable, Sequence
 
 from llm_lab_router.protocol import Keys
+from llm_lab_router.router.observe.gpu_summary import GpuSummary
 from llm_lab_router.timeline import (
     COUNTERS,
     COVERAGE,
     FLUSHES,
+    GPUS_SERIES,
     HISTOGRAMS,
     NBUCKETS,
     ROLLUP_SCRIPT,
@@ -57,7 +59,9 @@ class History:
     """Accumulates this router's requests per model and fine slot; ``run`` flushes and rolls up."""
 
     def __init__(self, redis: Redis, keys: Keys, router_id: str, resolutions: Sequence[Resolution],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, reader: Redis | None = None) -> None:
+        """``reader``: the client that may read the workers' keys (their gauge records, summed
+        into the ``gpus`` series by ``GpuSummary``); ``redis`` where it may."""
         # What this router holds now, sampled once per slot flushed: model -> requests in flight
         # (queued or served) and model -> requests waiting for a start or a swap (set by the wiring).
         self.inflight: Callable[[], dict[str, int]] = dict
@@ -78,6 +82,7 @@ class History:
         self.dropped_slots = 0  # flushes lost to Redis errors (gaps)
         self.lost: tuple[float, str] | None = None  # since when, and why, Redis has been unreachable
         self._rollup = None
+        self.summary = GpuSummary(redis, reader or redis, keys, self.fine)
 
     # --- hot path ---
 
@@ -194,11 +199,12 @@ class History:
                 pass
             self.wake.clear()
             await self.flush()
-            if self.coarse:
-                try:
+            try:
+                await self.summary.run_once(self.clock())  # before the roll-up that may read it
+                if self.coarse:
                     await self.roll_up()
-                except (RedisError, OSError) as exc:
-                    log.warning("history roll-up: redis: %s", exc)
+            except (RedisError, OSError) as exc:
+                log.warning("history roll-up: redis: %s", exc)
 
     async def roll_up(self) -> int:
         """Roll every finished coarse slot of the last ``ROLLUP_LOOKBACK`` that no router rolled
@@ -223,11 +229,12 @@ class History:
         return done
 
     async def _roll_slot(self, res: Resolution, slot: int) -> None:
-        """Sum the request series' fine slots into ``slot`` (hosts' gauges are their workers' to roll)."""
+        """Sum the request series' and the ``gpus`` summary's fine slots into ``slot`` (each
+        host's own gauges are its worker's to roll up)."""
         if self._rollup is None:
             self._rollup = self.redis.register_script(ROLLUP_SCRIPT)
         index = await self.redis.hgetall(self.keys.history_series())
-        series = [name for s in index if (name := s.decode() if isinstance(s, bytes) else s).startswith("model:")]
+        series = [name for s in index if (name := s.decode() if isinstance(s, bytes) else s).startswith("model:") or name == GPUS_SERIES]
         per = res.step // self.fine.step
         first = slot * per
         async with self.redis.pipeline(transaction=False) as pipe:

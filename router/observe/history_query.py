@@ -20,6 +20,7 @@ from llm_lab_router.timeline import (
     COUNTERS,
     COVERAGE,
     GPU_FIELDS,
+    GPUS_SERIES,
     HISTOGRAMS,
     HOST_FIELDS,
     CHUNK,
@@ -27,9 +28,12 @@ from llm_lab_router.timeline import (
     RECORD,
     Resolution,
     bucket_fields,
+    engines_of,
     gauge_chunk,
     gpu_at,
     event_of,
+    model_numbers,
+    vram_by_model,
     gpu_series,
     host_series,
     model_series,
@@ -79,12 +83,14 @@ MODEL_FIELDS = ("requests", "errors_4xx", "errors_5xx", "tokens_in", "tokens_out
                 "inflight", "queued",
                 *(f"{h}_{p}" for h in HISTOGRAMS for p in ("p50", "p95")), "covered_s")
 QUANTILES = (("p50", 0.5), ("p95", 0.95))
+GPUS_FIELDS = ("hosts", "gpus", "memory_used", "memory_total", "utilization", "power")
+OTHER = "other"  # GPU memory used by no engine of the lab (another process, the driver)
 
 
 def series_fields(series: str) -> tuple[str, ...]:
     """The values a point of ``series`` carries."""
     kind = series.split(":", 1)[0]
-    return {"model": MODEL_FIELDS, "gpu": GPU_FIELDS, "host": HOST_FIELDS}.get(kind, ())
+    return {"model": MODEL_FIELDS, "gpu": GPU_FIELDS, "host": HOST_FIELDS, GPUS_SERIES: GPUS_FIELDS}.get(kind, ())
 
 
 def choose(resolutions: Sequence[Resolution], start: float, end: float, step: int,
@@ -123,13 +129,15 @@ async def read_history(redis: Redis, reader: Redis, keys: Keys, resolutions: Seq
     first = int(start // step) * step // res.step
     last = max(first, math.ceil(end / res.step) - 1)  # the slot holding ``end``
     slots = range(first, last + 1)
-    if not series.startswith("model:"):
+    if series.startswith(("gpu:", "host:")):
         points = await _gauge_points(reader, keys, res, series, slots, per)
-        return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
-                             points=points, available=available)
+        return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step,
+                             fields=_with_vram(fields, points), points=points, available=available)
     fine_res = res is resolutions[0]
+    # a request series' coverage is the routers' flushes; the gpus summary covers its own slots
+    cover = GPUS_SERIES if series == GPUS_SERIES else COVERAGE
     summed = await sum_slots(keys=[], args=[keys.history(res.step, series, 0)[:-1],
-                                            keys.history(res.step, COVERAGE, 0)[:-1], first, last, per, int(fine_res)])
+                                            keys.history(res.step, cover, 0)[:-1], first, last, per, int(fine_res)])
     points = []
     for g, (covered, flat) in enumerate(zip(summed[::2], summed[1::2])):
         t = float((first + g * per) * res.step)
@@ -137,9 +145,41 @@ async def read_history(redis: Redis, reader: Redis, keys: Keys, resolutions: Seq
             points.append({"t": t, **dict.fromkeys(fields)})
             continue
         total = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in zip(flat[::2], flat[1::2])}
-        points.append({"t": t, **_model_point(total, int(covered), resolutions[0].step)})
+        point = _gpus_point(total, int(covered)) if series == GPUS_SERIES else _model_point(
+            total, int(covered), resolutions[0].step)
+        points.append({"t": t, **point})
+    if series == GPUS_SERIES:
+        fields = _with_vram(fields, points)
     return HistoryResult(series=series, start=start, end=end, step=step, resolution=res.step, fields=fields,
                          points=points, available=available)
+
+
+def _with_vram(fields: list[str], points: list[dict[str, float | None]]) -> list[str]:
+    """A GPU series' fields and, where its points hold any, ``vram:{model}`` (sorted) and ``other``;
+    every point gets every field (null in a gap, 0 where the model held nothing)."""
+    models = sorted({k for p in points for k in p if k.startswith("vram:")})
+    if not models and not any(OTHER in p for p in points):
+        return fields
+    extra = [*models, OTHER]
+    for p in points:
+        gap = p.get("memory_used") is None
+        for name in extra:
+            p[name] = None if gap else p.get(name, 0.0)
+    return [*fields, *extra]
+
+
+def _gpus_point(total: dict[str, int], covered: int) -> dict[str, float | None]:
+    """A point of the ``gpus`` summary (``router.observe.gpu_summary``): its sums averaged over
+    the ``covered`` fine slots; utilisation is the mean over the GPUs that reported."""
+    out: dict[str, float | None] = {f: total.get(f, 0) / covered for f in GPUS_FIELDS}
+    out["utilization"] = total.get("utilization", 0) / total["gpus"] if total.get("gpus") else None
+    held = 0.0
+    for name, value in total.items():
+        if name.startswith("vram:"):
+            out[name] = value / covered
+            held += value / covered
+    out[OTHER] = max(0.0, (out["memory_used"] or 0.0) - held)
+    return out
 
 
 async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, slots: range,
@@ -154,14 +194,15 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
         pipe.hgetall(keys.history_gauges(host))
         for chunk in chunks:
             pipe.get(gauge_chunk(keys, res.step, host, chunk * CHUNK)[0])
-        meta, *data = await pipe.execute()
-    meta = _ints(meta)
+        meta_raw, *data = await pipe.execute()
+    meta = _ints({k: v for k, v in meta_raw.items() if not (k.decode() if isinstance(k, bytes) else k).startswith("model")})
     # the records as tuples (``RECORD.iter_unpack``: 30 days of a host in milliseconds), and the
     # places in them of the values wanted: (name, tuple index or None for a total from ``meta``)
     records: dict[int, list[tuple]] = {}
     for chunk, blob in zip(chunks, data):
         blob = blob or b""
         records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
+    names = model_numbers(meta_raw)
     if kind == "gpu":
         wanted = [("memory_used", gpu_at(gpu, 0)), ("memory_total", None), ("utilization", gpu_at(gpu, 1)),
                   ("power", gpu_at(gpu, 2)), ("temperature", gpu_at(gpu, 3))]
@@ -175,6 +216,7 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
     for g in range(0, len(slots), per):
         group = slots[g:g + per]
         n, sums = 0, [0] * len(wanted)
+        held: dict[int, int] = {}  # model number -> MiB × samples on this GPU
         for s in group:
             rows = records[s // CHUNK]
             row = rows[s % CHUNK] if s % CHUNK < len(rows) else None
@@ -184,9 +226,20 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
             for i, (_, at) in enumerate(wanted):
                 if at is not None:
                     sums[i] += row[at] * row[0]
-        points.append({"t": float(group[0] * res.step),
-                       **{name: (None if not n else total if at is None else round(sums[i] / n))
-                          for i, (name, at) in enumerate(wanted)}})
+            if kind == "gpu":
+                for number, mib in vram_by_model(engines_of(row), gpu).items():
+                    held[number] = held.get(number, 0) + mib * row[0]
+        point: dict[str, float | None] = {"t": float(group[0] * res.step),
+                                          **{name: (None if not n else total if at is None else round(sums[i] / n))
+                                             for i, (name, at) in enumerate(wanted)}}
+        if kind == "gpu" and n:
+            mine = 0
+            for number, mib in sorted(held.items()):
+                if number in names:  # a number without a name (its meta lost) counts as other
+                    point[f"vram:{names[number]}"] = round(mib / n)
+                    mine += round(mib / n)
+            point[OTHER] = max(0, (point["memory_used"] or 0) - mine)
+        points.append(point)
     return points
 
 
@@ -252,6 +305,8 @@ class TimelineReader:
             if not model:
                 raise ApiError(400, "series=model needs model=<id>", "invalid_parameter")
             series = model_series(model)
+        elif kind == GPUS_SERIES:
+            series = GPUS_SERIES
         elif kind in ("gpu", "host"):
             if not host:
                 raise ApiError(400, f"series={kind} needs host=<worker id>", "invalid_parameter")
