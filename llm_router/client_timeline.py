@@ -37,18 +37,20 @@ def _gauge_row(p: dict, fields: list[str]) -> list[str]:
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--gpu", "gpu", default=None, metavar="HOST[:INDEX]", help="A GPU's memory and utilisation instead.")
+@click.option("--gpu", "gpu", default=None, metavar="HOST[:INDEX]",
+              help="A GPU's memory (and each model's VRAM on it), utilisation, power, temperature instead.")
+@click.option("--gpus", "lab", is_flag=True, help="Every host's GPUs summed (memory, VRAM per model) instead.")
 @click.option("--host", "host", default=None, metavar="HOST", help="A host's CPU and RAM instead.")
 @click.option("--from", "start", default="-1h", show_default=True, help=f"Start: {TIME_HELP}.")
 @click.option("--to", "end", default="now", show_default=True, help=f"End: {TIME_HELP}.")
 @click.option("--step", type=click.IntRange(min=0), default=None, help="Seconds per row (default: the resolution).")
 @api_command
-def history(api: Api, as_json: bool, model: str | None, gpu: str | None, host: str | None, start: str, end: str,
-            step: int | None) -> None:
+def history(api: Api, as_json: bool, model: str | None, gpu: str | None, lab: bool, host: str | None, start: str,
+            end: str, step: int | None) -> None:
     """A model's requests, errors, tokens/s and TTFT/latency/wait (ms, p50/p95) over time; or a
-    GPU's (--gpu) or a host's (--host) gauges. Without any: the series recorded."""
-    if sum(x is not None for x in (model, gpu, host)) > 1:
-        raise CliError("give one of MODEL, --gpu or --host", 2)
+    GPU's (--gpu), all GPUs' (--gpus) or a host's (--host) gauges. Without any: the series recorded."""
+    if sum(x is not None for x in (model, gpu, host)) + lab > 1:
+        raise CliError("give one of MODEL, --gpu, --gpus or --host", 2)
     params: dict[str, Any] = {"from": start, "to": end, "step": step}
     if model:
         params.update(series="model", model=model)
@@ -57,6 +59,8 @@ def history(api: Api, as_json: bool, model: str | None, gpu: str | None, host: s
         params.update(series="gpu", host=name, gpu=index or "0")
     elif host:
         params.update(series="host", host=host)
+    elif lab:
+        params.update(series="gpus")
     body = api.get("/api/history", **params)
     if as_json:
         return _echo_json(body)

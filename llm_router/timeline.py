@@ -9,11 +9,14 @@ are spelled by ``protocol.Keys`` (``history``, ``history_series``, ``history_rol
 unix time // step), with a TTL of the resolution's retention, so history is bounded by
 construction. Series: ``model:{id}`` (counters and histograms, added to by every router with
 ``HINCRBY``) and ``routers`` (``flushes``: one per router per slot flushed, so a slot no router
-could write, Redis being away, reads as a gap, not as zero). A host's gauges (its GPUs' memory
-and utilisation, its CPU and RAM: series ``gpu:{host}:{index}`` and ``host:{host}``) are
-binary records (``RECORD``) in strings of ``CHUNK`` slots, ``llm:w:{host}:hist:{step}:{chunk}``,
-written by the host's worker alone (its own keys; its own roll-up included), with its totals in
-``llm:w:{host}:hist:gauges``; routers read them as the read-only user that reads workers' keys.
+could write, Redis being away, reads as a gap, not as zero). A host's gauges (its GPUs' memory,
+utilisation, power and temperature, each engine's VRAM, its CPU and RAM: series
+``gpu:{host}:{index}`` and ``host:{host}``) are binary records (``RECORD``, layout
+``RECORD_VERSION`` in the key) in strings of ``CHUNK`` slots, ``llm:w:{host}:hist:v3:{step}:{chunk}``,
+written by the host's worker alone (its own keys; its own roll-up included), with its totals and
+model numbers in ``llm:w:{host}:hist:gauges``; routers read them as the read-only user that
+reads workers' keys, and one router per fine slot sums every host's into the series ``gpus``
+(``router.observe.gpu_summary``).
 
 **Mergeable histograms.** TTFT, total latency and wait are counted per bucket of fixed
 boundaries (``BOUNDS``): field ``ttft:3`` = requests whose TTFT fell in bucket 3. Buckets of

@@ -36,7 +36,7 @@ from llm_lab_router.protocol import CpuInfo, CudaInfo, DeviceSnapshot, GpuInfo, 
 from llm_lab_router.redis_server import RedisServer, free_port  # noqa: E402
 from llm_lab_router.redis_url import async_client  # noqa: E402
 from llm_lab_router.router.observe.history import History  # noqa: E402
-from llm_lab_router.timeline import TimelineEvent, event_ops, parse_resolutions  # noqa: E402
+from llm_lab_router.timeline import EngineUse, TimelineEvent, event_ops, parse_resolutions  # noqa: E402
 from llm_lab_router.worker.timeline import GaugeRecorder  # noqa: E402
 
 RESOLUTIONS = parse_resolutions("10s:24h,5m:30d")
@@ -59,6 +59,8 @@ async def fill(url: str, hours: float, models: int, hosts: int, seed: int = 7) -
     history = History(redis, keys, "demo", RESOLUTIONS, clock=clock)
     names = [f"model-{chr(97 + i)}" for i in range(models)]
     recorders = [GaugeRecorder(keys, f"gpu{h + 1}", RESOLUTIONS) for h in range(hosts)]
+    for rec in recorders:
+        await rec.load(redis)
     events: list[TimelineEvent] = []
     for i, m in enumerate(names):
         start = clock.t + 60 * i
@@ -86,15 +88,18 @@ async def fill(url: str, hours: float, models: int, hosts: int, seed: int = 7) -
         if int(clock.t) % 10 < step:
             async with redis.pipeline(transaction=False) as pipe:
                 for h, rec in enumerate(recorders):
+                    engines = running(names, h, hosts, clock.t, mid, phase)
                     rec.ops(pipe, DeviceSnapshot(
                         worker=rec.wid, host=rec.wid, ts=clock.t,
                         cuda=CudaInfo(online=True, gpus=[GpuInfo(
                             index=g, name="NVIDIA H100", memory_total=81920,
-                            memory_used=int(40000 + 30000 * math.sin(phase + g + h)),
-                            utilization=int(50 + 45 * math.sin(phase * 3 + g))) for g in range(4)]),
+                            memory_used=sum(e.mib for e in engines if g in e.gpus) + 600 + 400 * (g == 3),
+                            utilization=(util := int(50 + 45 * math.sin(phase * 3 + g))),
+                            power=120 + 5 * util, temperature=35 + util // 2) for g in range(4)]),
                         cpu=CpuInfo(cpu_count=64, cpu_percent=30 + 20 * math.sin(phase), memory_total=515000,
-                                    memory_used=200000)))
+                                    memory_used=200000)), engines)
                 await pipe.execute()
+            await history.summary.run_once(clock.t)  # the lab's GPUs summed, as one router does
             history.inflight = lambda: {m: round(2 * load) for m, load in loads.items()}
             history.queued = lambda: {m: max(0, round(load - 2.5)) for m, load in loads.items()}
             await history.flush()
@@ -107,6 +112,19 @@ async def fill(url: str, hours: float, models: int, hosts: int, seed: int = 7) -
         event_ops(pipe, keys, events)
         await pipe.execute()
     await redis.aclose()
+
+
+def running(names: list[str], host: int, hosts: int, t: float, mid: float, phase: float) -> list[EngineUse]:
+    """The engines on ``host`` at ``t``: model i on host i % hosts, GPU i % 4 (the first model
+    evicted for the last at ``mid``; the second crashed from mid + 15 min for 10 min), their KV
+    caches growing and shrinking with the load."""
+    out = []
+    for i, m in enumerate(names):
+        if i % hosts != host or (i == 0 and t >= mid) or (i == 1 and mid + 900 <= t < mid + 1500):
+            continue
+        gpu = (0 if i == len(names) - 1 and t >= mid else i % 4)
+        out.append(EngineUse(model=m, gpus=(gpu,), mib=int(14000 + 5000 * i + 3000 * math.sin(phase * 2 + i))))
+    return out
 
 
 @contextmanager
@@ -130,7 +148,7 @@ def router_on(redis_url: str) -> Iterator[str]:
         router.wait(10)
 
 
-def shot(url: str, path: Path, width: int = 1440, height: int = 1300) -> None:
+def shot(url: str, path: Path, width: int = 1440, height: int = 1900) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("no chromium on PATH")

@@ -340,8 +340,11 @@ def test_each_engines_vram_is_recorded_per_gpu_and_summed_over_the_lab(procs, re
     env = {**env, FAKE_GPUS_ENV: json_.dumps(gpus), FAKE_DIR_ENV: str(claims), **FAST}
     worker = start_worker(procs, redis_url, config, wid, env=env)
     router = start_router(procs, redis_url, env=FAST)
+    wait_for(lambda: {"big", "small"} <= {m["id"] for m in get_json(f"{router.url}/v1/models")["data"]},
+             timeout=15, message="the worker's models in the router's view")
     for model in ("big", "small"):
-        assert request("POST", f"{router.url}/api/models/{model}/start", timeout=30).status == 200
+        resp = request("POST", f"{router.url}/api/models/{model}/start", timeout=30)
+        assert resp.status == 200, resp.body
 
     def last(series: str, **query) -> dict:
         """The newest point of ``series`` that has a sample."""
@@ -363,6 +366,12 @@ def test_each_engines_vram_is_recorded_per_gpu_and_summed_over_the_lab(procs, re
                    timeout=15, message="the lab's summary")
     assert (lab["hosts"], lab["gpus"], lab["memory_total"], lab["memory_used"], lab["other"]) == (1, 2, 20000, 4500, 500)
     assert "gpus" in get_json(f"{router.url}/api/history")["available"]
+    from click.testing import CliRunner
+    from llm_lab_router.cli import main as cli_main
+
+    for args, column in ((["--gpu", f"{wid}:0"], "VRAM:BIG"), (["--gpus"], "VRAM:SMALL")):
+        out = CliRunner().invoke(cli_main, ["history", *args, "--from", "-1m", "--url", router.url])
+        assert out.exit_code == 0 and column in out.output.splitlines()[0].split(), out.output
 
     numbers = rds.hgetall(Keys().history_gauges(wid))
     named = {k: v for k, v in numbers.items() if k.startswith("model")}
@@ -444,8 +453,9 @@ def test_the_dashboard_timeline_draws_the_recorded_series_and_events(procs, two_
         stream.close()
     fine = parse_resolutions(FAST["LLM_ROUTER_HISTORY_RESOLUTIONS"])[0]
     with rds.pipeline(transaction=False) as pipe:  # a GPU sample, as the host's worker writes it
-        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70, 450, 71)]))
-        gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time())
+        gauge_ops(pipe, Keys(), fine, "gpuhost", int(time.time()), Gauges(samples=1, gpus=[(30000, 70, 450, 71)],
+                                                                             engines=[(1, 0b1, 20000)]))
+        gauge_meta_ops(pipe, Keys(), "gpuhost", 3600, 64000, [81920], time.time(), {1: "chat"})
         pipe.execute()
     rds.xadd(Keys().timeline(), event_fields(TimelineEvent(ts=time.time(), kind="evicted", model="chat",
                                                           models=["old-model"], host="gpuhost", key="alice")))
@@ -463,9 +473,17 @@ async def drive_timeline(url: str, devtools_port: int) -> None:
         try:
             await page.send("Page.navigate", url=f"{url}/ui/")
             points = ("(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`)?.dataset.points || 0)")
-            await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem') > 0",
+            await page.wait(f"({points})('rate') > 0 && ({points})('ttft') > 0 && ({points})('gpu-mem-0') > 0",
                             message="the rate, TTFT and GPU charts with points")
-            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 10
+            # GPU 0's memory stacked by model: chat's engine, the rest (other), the total
+            labels = "document.querySelector('[data-testid=tl-gpu-mem-0]').dataset.labels"
+            assert await page.js(labels) == "other|chat|total"
+            assert await page.js("document.querySelector('[data-testid=tl-host]').value") == "gpuhost"
+            # the lab's summary, written once per slot by one of the two routers
+            await page.wait(f"({points})('lab-mem') > 0", message="the lab's memory chart")
+            assert await page.js("document.querySelector('[data-testid=tl-lab-mem]').dataset.labels") == \
+                "other|chat|total"
+            assert await page.js("document.querySelectorAll('[data-testid=tl-charts] canvas').length") >= 12
             for chart in ("gpu-power", "gpu-temp"):  # the sample's 450 W and 71 °C
                 assert await page.js(f"({points})('{chart}')") > 0, chart
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == "1"  # chat
@@ -537,6 +555,7 @@ def write_simulated_month(rds, now: float) -> None:
         CHUNK,
         COVERAGE,
         SLOTS,
+        GPUS_SERIES,
         gauge_chunk,
         gauge_meta_ops,
         model_series,
@@ -552,7 +571,9 @@ def write_simulated_month(rds, now: float) -> None:
             # slot s of host h holds record (s + h) % PERIOD: varied data without packing millions of records
             records = [Gauges(samples=min(per, 255), cpu_percent=20 + i % 50, memory_used=100_000,
                               gpus=[(20_000 + 1000 * ((i + g) % 40), (i + g) % 100, 200 + (i + g) % 400, 40 + (i + g) % 40)
-                                    for g in range(SIM_GPUS)]).pack()
+                                    for g in range(SIM_GPUS)],
+                              engines=[(m + 1, 1 << (m % SIM_GPUS), 8000 + 100 * ((i + m) % 50))
+                                       for m in range(SIM_GPUS)]).pack()
                        for i in range(PERIOD)]
             cycle = b"".join(records * (CHUNK // PERIOD + 2))
             for h in range(SIM_HOSTS):
@@ -564,6 +585,12 @@ def write_simulated_month(rds, now: float) -> None:
                     pipe.execute()
             for s in slots:
                 pipe.hset(keys.history(res.step, COVERAGE, s), mapping={SLOTS: per, "flushes": 2 * per})
+                gpus = SIM_HOSTS * SIM_GPUS  # the lab's summary (router.observe.gpu_summary), summed over the slots
+                pipe.hset(keys.history(res.step, GPUS_SERIES, s), mapping={
+                    "hosts": SIM_HOSTS * per, "gpus": gpus * per, "memory_used": gpus * (38_000 + s % 9000) * per,
+                    "memory_total": gpus * 81_920 * per, "utilization": gpus * (s % 100) * per,
+                    "power": gpus * (300 + s % 300) * per, SLOTS: per,
+                    **{f"vram:sim-model-{m}": SIM_HOSTS * (8000 + 100 * (s % 50)) * per for m in range(SIM_GPUS)}})
                 for m in range(SIM_MODELS):
                     n = per // 10
                     pipe.hset(keys.history(res.step, model_series(f"sim-model-{m}"), s),
@@ -575,8 +602,10 @@ def write_simulated_month(rds, now: float) -> None:
                 if s % 500 == 0:
                     pipe.execute()
         for h in range(SIM_HOSTS):
-            gauge_meta_ops(pipe, keys, f"sim{h:03d}", keep, 512_000, [81_920] * SIM_GPUS, now)
-        pipe.hset(keys.history_series(), mapping={model_series(f"sim-model-{m}"): int(now) for m in range(SIM_MODELS)})
+            gauge_meta_ops(pipe, keys, f"sim{h:03d}", keep, 512_000, [81_920] * SIM_GPUS, now,
+                           {m + 1: f"sim-model-{m}" for m in range(SIM_GPUS)})
+        pipe.hset(keys.history_series(), mapping={**{model_series(f"sim-model-{m}"): int(now) for m in range(SIM_MODELS)},
+                                                  GPUS_SERIES: int(now)})
         pipe.execute()
 
 
@@ -618,7 +647,8 @@ async def drive_month(url: str, devtools_port: int) -> int:
             await page.wait(f"{charts}.dataset.span === '{span}' && {charts}.dataset.renderMs", timeout=30,
                             message="the 30 d range drawn")
             points = "(id) => Number(document.querySelector(`[data-testid=\"tl-${id}\"]`).dataset.points)"
-            for chart in ("rate", "ttft", "latency", "gpu-mem", "gpu-util", "gpu-power", "gpu-temp"):
+            for chart in ("rate", "ttft", "latency", "lab-mem", "lab-util", "lab-power", "gpu-mem-0", "gpu-mem-3",
+                          "gpu-util", "gpu-power", "gpu-temp"):
                 assert await page.js(f"({points})('{chart}')") > 300, chart  # 360 points of 2 h per series
             assert await page.js("document.querySelector('[data-testid=tl-rate]').dataset.series") == str(SIM_MODELS)
             await page.screenshot(SCREENSHOT.with_name("timeline-30d.png"))
@@ -626,3 +656,15 @@ async def drive_month(url: str, devtools_port: int) -> int:
             return int(await page.js(f"{charts}.dataset.renderMs"))
         finally:
             await page.close()
+
+
+def test_the_labs_summary_sums_the_hosts_that_recorded_and_names_their_models() -> None:
+    from llm_lab_router.router.observe.gpu_summary import sum_records
+
+    a = Gauges(samples=1, gpus=[(5000, 50, 300, 60), (1000, 10, 100, 40)], engines=[(1, 0b11, 2000)]).pack()
+    b = Gauges(samples=1, gpus=[(9000, 90, 400, 70)], engines=[(1, 0b1, 8000), (2, 0b1, 500)]).pack()
+    summed = sum_records({"a": a, "b": b, "quiet": b""},  # "quiet" recorded nothing in this slot: not counted
+                         {"a": {1: "chat"}, "b": {1: "embed", 2: "chat"}},  # each host numbers its own models
+                         {"a": 2, "b": 1}, {"a": {0: 10000, 1: 10000}, "b": {0: 20000}})
+    assert summed == {"hosts": 2, "gpus": 3, "memory_used": 15000, "memory_total": 40000, "utilization": 150,
+                      "power": 800, "vram:chat": 4500, "vram:embed": 8000}
