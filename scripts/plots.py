@@ -63,18 +63,19 @@ def slug(text: str) -> str:
 
 
 def tag_bars(bars: Any, series: str) -> None:
-    """Give each bar of one series the id ``series-<slug>.<n>`` (SVG ids must be unique)."""
+    """Give each bar of one series (in one panel) the id ``series-<slug>.<n>``: SVG ids are unique."""
     for n, bar in enumerate(bars):
         bar.set_gid(f"series-{slug(series)}.{n}")
 
 
-def bar_pairs(ax: Axes, labels: list[str], before: list[float], after: list[float],
+def bar_pairs(ax: Axes, panel: str, labels: list[str], before: list[float], after: list[float],
               names: tuple[str, str], fmt: str) -> None:
-    """Two bars per category (before grey, after blue), each value written above its bar."""
+    """Two bars per category (before grey, after blue), each value written above its bar; the
+    bars' ids name the series and the panel."""
     width = 0.38
     for offset, values, colour, name in ((-width / 2, before, BEFORE, names[0]), (width / 2, after, AFTER, names[1])):
         bars = ax.bar([n + offset for n in range(len(labels))], values, width, color=colour, label=name)
-        tag_bars(bars, name)
+        tag_bars(bars, f"{name} {panel}")
         ax.bar_label(bars, labels=[format(v, fmt) for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(labels)), labels)
     ax.grid(axis="x", visible=False)
@@ -119,7 +120,7 @@ def draw_scale(data: Data) -> Figure:
             xy = [(p["hosts"], p[key]) for p in pts if _usable(p.get(key), log)]
             ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=3, linewidth=1.5,
                     color=COLOURS[colour % len(COLOURS)], linestyle="--" if dashed else "-", label=label,
-                    gid=f"series-{slug(label)}-{key}")
+                    gid=f"series-{slug(label + ' ' + key)}")
         ax.set_title(title, loc="left", fontsize=9, fontweight="bold")
         ax.set_xlabel("hosts (× 10 models)")
         if log:
@@ -160,7 +161,7 @@ def draw_swap(data: Data) -> Figure:
     fig.suptitle(data["title"], x=0.01, ha="left", fontsize=10, fontweight="bold")
     for ax, key, title in ((axes[0], "cold_start", "cold start: the worker's starting → running"),
                            (axes[1], "first_token", "first token: includes the residency wait")):
-        bar_pairs(ax, labels, [m["cold"][key] for m in medians], [m["prefetch"][key] for m in medians],
+        bar_pairs(ax, key, labels, [m["cold"][key] for m in medians], [m["prefetch"][key] for m in medians],
                   (SWAP_SIDES[0][1], SWAP_SIDES[1][1]), ".2f")
         ax.set_title(title, loc="left", fontsize=9, fontweight="bold")
         ax.set_ylabel("seconds (median of rounds)")
@@ -186,7 +187,7 @@ def draw_router_cost(data: Data) -> Figure:
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), layout="constrained", sharex=True)
     fig.suptitle(data["title"], x=0.01, ha="left", fontsize=10, fontweight="bold")
     for ax, (key, title, target_key, fmt) in zip(axes, ROUTER_PANELS):
-        bar_pairs(ax, labels, [s["before"][key] for s in steps], [s["after"][key] for s in steps],
+        bar_pairs(ax, key, labels, [s["before"][key] for s in steps], [s["after"][key] for s in steps],
                   ("before", "after"), fmt)
         target_line(ax, data[target_key], "target")
         ax.set_title(title.format(data[target_key]), loc="left", fontsize=9, fontweight="bold")
