@@ -83,7 +83,7 @@ def bar_pairs(ax: Axes, panel: str, labels: list[str], before: list[float], afte
 
 def target_line(ax: Axes, value: float, label: str) -> None:
     """The goal a figure is held to, dashed red across the panel."""
-    ax.axhline(value, color=TARGET, linestyle="--", linewidth=1, label=label, gid="target")
+    ax.axhline(value, color=TARGET, linestyle="--", linewidth=1, label=label)
 
 
 # --------------------------------------------------------------------------- scale
@@ -96,7 +96,7 @@ SCALE_PANELS = [("router_cpu_pct", "router CPU at rest, % of a core (median rout
 
 
 def scale_series(data: Data) -> list[tuple[str, int, bool, list[dict]]]:
-    """(label, router count, dashed, points by hosts): a colour per router count, the first run
+    """(label, colour index, dashed, points by hosts): a colour per router count, the first run
     dashed when there are several (the "before" side of ``measure --baseline``)."""
     runs = data["runs"]
     counts = sorted({p["routers"] for run in runs for p in run["points"]})
@@ -213,7 +213,7 @@ def draw_timeline_render(data: Data) -> Figure:
         ax.bar_label(bars, labels=[f"{v:,.0f} ms" for v in run["ms"]], fontsize=7, padding=2)
         ticks.append((sum(ys) / len(ys), run["label"]))
         y += len(run["ms"]) + 0.6
-    ax.axvline(data["limit_ms"], color=TARGET, linestyle="--", linewidth=1, gid="target")
+    ax.axvline(data["limit_ms"], color=TARGET, linestyle="--", linewidth=1)
     ax.text(data["limit_ms"], 1.0, f" limit {data['limit_ms']:,} ms", color=TARGET, fontsize=8,
             transform=ax.get_xaxis_transform(), va="top")
     ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])

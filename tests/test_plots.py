@@ -63,9 +63,9 @@ def texts(root: ET.Element) -> set[str]:
 
 def series_ids(root: ET.Element) -> Counter:
     """How many elements each series id names: 1 for a line, its bar count for bars."""
-    ids = [el.get("id") for el in root.iter() if (el.get("id") or "").startswith("series-")]
-    assert len(ids) == len(set(ids)), "SVG ids must be unique"
-    return Counter(i.split(".")[0] for i in ids)
+    ids = [el.get("id") for el in root.iter() if el.get("id")]
+    assert len(ids) == len(set(ids)), f"SVG ids must be unique: {[i for i, n in Counter(ids).items() if n > 1]}"
+    return Counter(i.split(".")[0] for i in ids if i.startswith("series-"))
 
 
 def lines(*labels: str) -> set[str]:
