@@ -7,6 +7,7 @@
 #                             (scripts/build_llama_server.sh, ~/.cache/llm-router), installs the
 #                             `real` extra (gguf, numpy) into .venv
 #   ./dev.sh bench [options]  the benchmark suite (scripts/bench.py)
+#   ./dev.sh plots [NAME ...] redraw the docs' plots (docs/*.svg) from docs/data/*.json (scripts/plots.py)
 #   ./dev.sh <anything else>  the llm-router CLI (models, start, logs -f, ...)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,6 +42,7 @@ case "$cmd" in
     export LLM_ROUTER_LLAMA_SERVER
     exec .venv/bin/python -m pytest -q tests/real "$@" ;;
   bench) exec .venv/bin/python scripts/bench.py "$@" ;;
+  plots) exec .venv/bin/python -m scripts.plots "$@" ;;
   help) exec .venv/bin/llm-router --help ;;
   *) exec .venv/bin/llm-router "$cmd" "$@" ;;
 esac

@@ -42,7 +42,6 @@ from llm_lab_router.redis_url import async_client
 
 from scripts.bench.procs import ROOT, Procs
 from scripts.sim.fleet import CHAT, Fleet, make_host
-from scripts.sim.plot import write_svg
 
 PROBE = "sim-probe"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "point is measured with its fleet and routers first, then with this checkout's, side by side")
     p.add_argument("--baseline-label", default="before")
     p.add_argument("--out", type=Path, default=Path("scale.json"))
-    p.add_argument("--svg", type=Path, help="also draw cost against hosts")
+    p.add_argument("--svg", type=Path, help="also draw cost against hosts (scripts/plots.py; needs the `plots` extra)")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -316,6 +315,8 @@ class Browser:
 
 
 async def run(opts: argparse.Namespace) -> int:
+    if opts.svg:  # matplotlib only when a plot is asked for; a missing `plots` extra fails now, not after the run
+        from scripts.plots import PLOTS
     work = Path(tempfile.mkdtemp(prefix="llm-sim-"))
     procs = Procs(work)
     sides = ([(opts.baseline_label, opts.baseline.resolve())] if opts.baseline else []) + [(opts.label, ROOT)]
@@ -349,7 +350,7 @@ async def run(opts: argparse.Namespace) -> int:
     for run_ in runs:
         print(f"\n{run_['label']}:\n{table(run_['points'])}")
     if opts.svg:
-        write_svg(opts.svg, runs)
+        PLOTS["scale"].write({"runs": runs}, opts.svg)
     return 0
 
 
