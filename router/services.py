@@ -93,7 +93,8 @@ class Services:
         self.upstream = Upstream(self.options)
         self.access_log = AccessLog(self.options.access_log)
         self.quotas = Quotas(self.redis, self.keys, self.usage.router_id, self.options.quota_lease_ttl,
-                             self.options.quota_redis_down, self.metrics)
+                             self.options.quota_redis_down, self.metrics,
+                             release_wait=self.options.quota_release_wait)
         self.history.inflight, self.history.queued = self.usage.all_inflight, self.control.waiting_now
         self.budgets = Budgets(self.redis, self.keys, self.options.quota_redis_down, self.options.budget_refresh)
         self.proxy = Proxy(self.view, self.control, self.balancer, self.upstream, self.options, self.metrics,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,14 +21,16 @@ ENDLESS = {
                 b"X" * 65536),  # a trailer line without end, after one event
 }
 ENDLESS_CAP = 16 * 1024 * 1024  # enough to show the old quadratic parser stuck, not to hurt the machine
+LATE_END = 2.0  # s between a ``late_end`` stream's [DONE] event and its body's end
 
 
 @dataclass
 class RawEngine:
     """An HTTP "engine" on raw sockets. ``mode``: ``ok`` (a JSON answer), ``garbage`` (bytes
     that are no HTTP, then close), ``hang`` (an SSE head and one event, then silence until the
-    router hangs up), or one of ``ENDLESS`` (a line that never ends, sent until the router
-    hangs up). ``heads`` holds every request head received; ``closed`` counts connections the
+    router hangs up), ``late_end`` (an SSE head, one event and ``[DONE]``, the chunked body's
+    end ``LATE_END`` s later), or one of ``ENDLESS`` (a line that never ends, sent until the
+    router hangs up). ``heads`` holds every request head received; ``closed`` counts connections the
     router closed."""
 
     mode: str = "ok"
@@ -88,6 +91,14 @@ class RawEngine:
                     while conn.recv(65536):
                         pass
                 except OSError:
+                    pass
+            elif self.mode == "late_end":
+                events = (b'data: {"choices": ["tok"]}\n\n', b"data: [DONE]\n\n")
+                conn.sendall(CHUNKED_HEAD + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+                time.sleep(LATE_END)
+                try:
+                    conn.sendall(b"0\r\n\r\n")
+                except OSError:  # the router hung up meanwhile
                     pass
             self.closed += 1
 

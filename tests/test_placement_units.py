@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 from llm_lab_router.protocol import (
     USED_LAST,
@@ -64,6 +65,23 @@ def test_free_vram_counts_loading_models_against_nvml_and_all_models_against_the
 def test_host_free_reads_reservations_from_instances():
     instances = [inst("m1", "a", "starting"), inst("m2", "a", "stopped"), inst("m3", "a", "running", gpus="1")]
     assert host_free(snap("a", 24000, 24000), instances)[0] == {0: 16000, 1: 16000}
+
+
+def test_a_model_stopped_since_the_snapshot_gives_its_vram_back_to_it():
+    """The snapshot (taken at 100, the worker's clock) still shows a model that stopped at 150:
+    its VRAM is free again, else a start right after a stop is refused for the room it made."""
+    s = msgspec.structs.replace(snap("a", 4000, 24000), ts=100.0)
+    stopped = Instance(model="m", worker="a", state="stopped", gpus="0", vram_mb=16000, started_at=50.0,
+                       updated_at=150.0)
+    assert host_free(s, [stopped])[0] == {0: 20000, 1: 24000}
+    assert host_free(s, [msgspec.structs.replace(stopped, state="failed")])[0] == {0: 20000, 1: 24000}
+    assert host_free(s, [msgspec.structs.replace(stopped, vram_mb=30000)])[0] == {0: 24000, 1: 24000}  # the total
+    for not_in_it in (msgspec.structs.replace(stopped, updated_at=90.0),  # stopped before: NVML no longer had it
+                      msgspec.structs.replace(stopped, started_at=120.0),  # started after: NVML never had it
+                      msgspec.structs.replace(stopped, started_at=0.0)):  # never ran (failed while loading)
+        assert host_free(s, [not_in_it])[0] == {0: 4000, 1: 24000}
+    running = msgspec.structs.replace(stopped, state="stopping")  # still holds it
+    assert host_free(s, [running])[0] == {0: 4000, 1: 24000}
 
 
 # --- choosing a host ----------------------------------------------------------------------

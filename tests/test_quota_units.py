@@ -256,3 +256,11 @@ def test_refusal_is_a_429_in_openai_shape_with_whole_seconds():
     assert (err.status, err.code, err.headers) == (429, "rate_limit_exceeded", {"Retry-After": "2"})
     assert "group 'lab'" in err.message and "5 of 5 requests per minute" in err.message
     assert refusal(group, "rpm", 0, 5).headers["Retry-After"] == "1"
+
+
+def test_a_stream_ends_at_its_done_event_not_at_a_token_that_says_done():
+    from llm_lab_router.router.forward.proxy import ends_stream
+    assert ends_stream(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+    assert ends_stream(b"data: [DONE]\r\n\r\n") and ends_stream(b"data: [DONE]")
+    assert not ends_stream(b'data: {"choices": [{"delta": {"content": "data: [DONE]"}}]}\n\n')
+    assert not ends_stream(b"") and not ends_stream(b"{}")

@@ -15,6 +15,7 @@ import pytest
 from conftest import wait_for
 from helpers import FakeWorker, SseStream, chat_body, get_json, request, start_router, wait_engine, wait_routable
 from llm_lab_router.protocol import CatalogEntry, Keys
+from raw_engine import RawEngine
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "prio", "ivy", "tina")
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in NAMES}
@@ -173,16 +174,41 @@ def test_a_burst_through_two_routers_gets_exactly_the_limits(procs, redis_url, e
 
 def test_a_client_that_has_its_answer_has_nothing_in_flight(procs, redis_url, engine, keys_file) -> None:
     """A key with ``max_concurrent`` 1, one request after another, alternating routers: the
-    lease of a finished request is dropped before its answer's last bytes, so the next one,
-    sent the moment the answer is in, is never refused as concurrent (it was, now and then,
-    while the lease was dropped after the answer)."""
-    r1, r2 = routers(procs, redis_url, keys_file)
+    lease of a finished request is dropped before its answer's last bytes (a stream's: before
+    its ``[DONE]``), so the next one, sent the moment the answer is in, is never refused as
+    concurrent (it was, now and then, while the lease was dropped after the answer). What is
+    proven is that order, not the bound on the wait for Redis (``quota_release_wait``, 250 ms,
+    its own test below): a loaded machine may take longer, so here the bound is generous."""
+    r1, r2 = routers(procs, redis_url, keys_file, LLM_ROUTER_QUOTA_RELEASE_WAIT="30")
     statuses = [chat(r, "ivy", max_tokens=1).status for r in (r1, r2) * 25]
     assert statuses == [200] * 50, statuses
     for r in (r1, r2) * 5:  # streamed: the same (``stream`` asserts a 200 and the first event)
         s = stream(r, "ivy", 2)
         assert s.events_until(lambda ev: ev.get("data") == "[DONE]")[-1]["data"] == "[DONE]"
         s.close()
+
+
+def test_a_stream_that_said_done_holds_no_lease(procs, redis_url, rds, keys_file) -> None:
+    """An engine whose event stream says ``[DONE]`` a while (``LATE_END``) before its HTTP body
+    ends (the chunked terminator came in a read of its own): the client has its answer at
+    ``[DONE]``, so the lease is dropped before ``[DONE]`` is relayed and the key's next request,
+    sent while the first body is still open, is admitted (a 429 before: the lease waited for
+    the body's end)."""
+    raw = RawEngine("late_end")
+    opened: list[SseStream] = []
+    try:
+        fake = FakeWorker(rds, "w1")
+        fake.publish(CHAT)
+        fake.instance("chat", "running", raw.url)
+        (router,) = routers(procs, redis_url, keys_file, count=1, LLM_ROUTER_QUOTA_RELEASE_WAIT="30")
+        for _ in range(2):
+            opened.append(s := stream(router, "ivy", 2))  # the second: a 200, not a 429
+            assert s.events_until(lambda ev: ev.get("data") == "[DONE]")[-1]["data"] == "[DONE]"
+        assert len(raw.heads) == 2
+    finally:
+        for s in opened:
+            s.close()
+        raw.close()
 
 
 def test_a_stalled_redis_does_not_hold_an_answers_last_bytes(procs, redis_url, engine, rds, keys_file) -> None:

@@ -12,6 +12,8 @@ import math
 import signal
 import time
 import uuid
+from http.client import HTTPConnection
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import wait_for
@@ -416,21 +418,32 @@ def test_the_cli_prints_history_and_events_as_tables_and_json(two_routers, rds) 
 
 
 def test_requests_in_flight_show_in_model_info_and_the_timeline_before_they_end(two_routers) -> None:
+    """A request still waiting for its first token shows in the other router's model info and
+    in the timeline. The request is sent without waiting for its answer's head: the router
+    relays the head with the engine's first bytes, so waiting for it (as an ``SseStream`` does)
+    checked only after the request had ended, and passed while the other router still read
+    the first's last report of it (``llm:used``, rewritten within a second)."""
     first, second = two_routers
-    slow = " ".join(["w"] * 6000)  # 2 ms per prompt word: 12 s before the first token
-    stream = SseStream(f"{first.url}/v1/chat/completions", method="POST",
-                       body=chat_body("chat", stream=True, max_tokens=1, messages=[{"role": "user", "content": slow}]))
+    slow = " ".join(["w"] * 30000)  # 2 ms per prompt word: 60 s before the first token, far past the checks
+    conn = HTTPConnection("127.0.0.1", urlsplit(first.url).port, timeout=15)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps(chat_body("chat", stream=True, max_tokens=1,
+                                           messages=[{"role": "user", "content": slow}])))
+
+    def inflight(router) -> dict:
+        return get_json(f"{router.url}/api/models/chat/info")["model"]
     try:
-        info = wait_for(lambda: (m := get_json(f"{second.url}/api/models/chat/info")["model"]) and m["inflight"] == 1
-                        and m, timeout=10, message="the other router's request in flight")
+        info = wait_for(lambda: (m := inflight(second)) and m["inflight"] == 1 and m, timeout=10,
+                        message="the other router's request in flight")
         assert info["queued"] == 0
         # and the timeline records it, though no request has ended yet
         wait_for(lambda: any((p["inflight"] or 0) >= 1 for p in history(second, **{"from": "-1m"})["points"]),
                  timeout=10, message="the request in flight in the timeline")
+        assert inflight(first)["inflight"] == 1  # its own count: it is still in flight now
+        assert total(history(second, **{"from": "-1m"})) == 0  # and no request has ended
     finally:
-        stream.close()
-    wait_for(lambda: get_json(f"{first.url}/api/models/chat/info")["model"]["inflight"] == 0, timeout=5,
-             message="nothing in flight")
+        conn.close()  # the client goes away: the router cancels the request
+    wait_for(lambda: inflight(first)["inflight"] == 0, timeout=10, message="nothing in flight")
 
 
 # --------------------------------------------------------------------------- the dashboard, in Chromium

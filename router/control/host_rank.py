@@ -5,7 +5,8 @@ Pure decisions over the cluster view (state in, decision out), tested without I/
 - ``host_free``: a host's free VRAM per GPU as the router sees it: its published device
   snapshot (``llm:w:{wid}:devices``) minus what the instances on it hold (``Instance.gpus`` and
   ``Instance.vram_mb``, written by the worker from the moment it places a model), with the same
-  rule the worker uses (``llm_router.vram.free_vram``);
+  rule the worker uses (``llm_router.vram.free_vram``); a model that stopped after the snapshot
+  was taken gives its VRAM back to it (``freed_since``);
 - ``rank_hosts``: the hosts where some device profile of the model fits, best first;
 - ``plan_eviction``: when it fits nowhere, the fewest least-recently-used idle models to stop
   on one host so that it fits there.
@@ -57,9 +58,22 @@ def held_by(instances: Iterable[Instance]) -> list[Held]:
             for i in instances if i.state in HOLDING and i.gpus and i.vram_mb]
 
 
+def freed_since(snapshot: DeviceSnapshot | None, instances: Iterable[Instance]) -> list[Instance]:
+    """The instances of ``snapshot``'s host that were running when it was taken and have
+    stopped (or failed) since: NVML still showed their memory then. A snapshot is up to
+    ``devices_interval`` (plus this router's ``refresh_details`` age) old, so without this a start
+    right after a stop is refused for want of the very room the stop made. Both times are the
+    worker's clock (``DeviceSnapshot.ts``, ``Instance.started_at``/``updated_at``)."""
+    if snapshot is None:
+        return []
+    return [i for i in instances if i.state not in HOLDING and i.gpus and i.vram_mb
+            and 0 < i.started_at <= snapshot.ts < i.updated_at]
+
+
 def host_free(snapshot: DeviceSnapshot | None, instances: Iterable[Instance]) -> tuple[dict[int, int], str]:
     """Free MiB per GPU of one host (``instances``: those on that host)."""
-    return free_vram(snapshot, held_by(instances))
+    instances = list(instances)
+    return free_vram(_give_back(snapshot, freed_since(snapshot, instances)), held_by(instances))
 
 
 def fit_on(wid: str, entry: CatalogEntry, snapshot: DeviceSnapshot | None,
@@ -129,14 +143,15 @@ def plan_eviction(model: str, entries: Mapping[str, CatalogEntry], snapshots: Ma
 
 
 def _give_back(snapshot: DeviceSnapshot | None, victims: Sequence[Instance]) -> DeviceSnapshot | None:
-    """The snapshot as it will read once ``victims`` are stopped: a loaded model's memory shows
-    in NVML, so stopping it frees its declared VRAM there too (capped at the GPU's total)."""
-    if snapshot is None or not snapshot.cuda.online:
+    """The snapshot as it will read once ``victims`` are stopped (or as it reads now that they
+    are): a loaded model's memory shows in NVML, so stopping it frees its VRAM there too
+    (``Instance.vram_mb``, capped at the GPU's total)."""
+    if snapshot is None or not snapshot.cuda.online or not victims:
         return snapshot
     back: dict[int, int] = {}
-    for h in held_by(victims):
-        for gpu in h.gpus:
-            back[gpu] = back.get(gpu, 0) + h.vram_mb
+    for i in victims:
+        for gpu in (int(g) for g in i.gpus.split(",")):
+            back[gpu] = back.get(gpu, 0) + i.vram_mb
     gpus = [msgspec.structs.replace(g, memory_free=min(g.memory_total, g.memory_free + back.get(g.index, 0)))
             for g in snapshot.cuda.gpus]
     return msgspec.structs.replace(snapshot, cuda=msgspec.structs.replace(snapshot.cuda, gpus=gpus))

@@ -58,6 +58,9 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # unreachable, "open" admits unchecked, "closed" refuses (503).
     quota_lease_ttl: Annotated[float, msgspec.Meta(ge=0.3)] = 10.0
     quota_redis_down: Literal["open", "closed"] = "open"
+    # A request's concurrency lease is dropped before its answer's last bytes go out; a Redis
+    # that answers slowly holds them at most this long (the drop goes on in the background).
+    quota_release_wait: Seconds = 0.25
     # GPU-time budgets (router/limits/budgets.py): a group's use is re-read at most this often,
     # when one of its requests would start a model; quota_redis_down applies to them too.
     budget_refresh: Seconds = 10.0

@@ -170,11 +170,21 @@ class Unservable(ApiError):
         return cls(err.status, err.message, err.code, err.headers, err.reason)
 
 
+STREAM_END = b"data: [DONE]"  # an OpenAI event stream's last event
+
+
+def ends_stream(data: bytes) -> bool:
+    """Whether ``data`` ends with an event stream's ``[DONE]`` event: a client has its answer
+    then, whether or not the HTTP body's end comes in the same read (a chunked body's
+    terminator often comes alone, a moment later)."""
+    return data[-len(STREAM_END) - 4:].rstrip().endswith(STREAM_END)
+
+
 class Releasing:
     """A ``Sink`` that drops a request's concurrency lease (``Quotas.release``) just before the
-    answer's last bytes, so that the client never holds its answer while its key still counts
-    the request as in flight (an answer that ends otherwise, e.g. by an error reply, leaves the
-    lease to ``Quotas.settle``)."""
+    answer's last bytes, or its ``[DONE]`` event, whichever comes first, so that the client
+    never holds its answer while its key still counts the request as in flight (an answer that
+    ends otherwise, e.g. by an error reply, leaves the lease to ``Quotas.settle``)."""
 
     __slots__ = ("sink", "quotas", "lease")
 
@@ -185,8 +195,8 @@ class Releasing:
         self.sink.begin(status, headers)
 
     async def send(self, data: bytes, last: bool = False) -> None:
-        if last:
-            await self.quotas.release(self.lease)
+        if last or ends_stream(data):
+            await self.quotas.release(self.lease)  # a no-op once released
         await self.sink.send(data, last)
 
     def abort(self) -> None:
@@ -496,6 +506,8 @@ class Proxy:
                         if last:
                             break
                         chunk = await resp.read(timeout=self.options.idle_timeout)
+                    else:  # the end came in a read of its own (a chunked body's terminator): say so
+                        await sink.send(b"", True)
                     complete = True
                 except UpstreamError as exc:
                     rec.error = "timeout" if isinstance(exc, UpstreamTimeout) else "broken"

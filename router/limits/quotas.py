@@ -58,7 +58,6 @@ from llm_lab_router.router.limits.profile import KeyProfile, LimitSpec
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.router.core.errors import ApiError
 
-RELEASE_WAIT = 0.25  # s an answer's last bytes wait for its concurrency lease to be dropped
 log = logging.getLogger("router.quotas")
 
 Scope = Literal["key", "group"]
@@ -238,8 +237,12 @@ class Quotas:
     """Admission against the cluster-wide counts, and the leases this router holds."""
 
     def __init__(self, redis: Redis, keys: Keys, router_id: str, lease_ttl: float,
-                 redis_down: Literal["open", "closed"] = "open", metrics: RouterMetrics | None = None) -> None:
+                 redis_down: Literal["open", "closed"] = "open", metrics: RouterMetrics | None = None, *,
+                 release_wait: float) -> None:
+        """``release_wait``: s an answer's last bytes wait at most for its concurrency lease to
+        be dropped (``release``; ``RouterOptions.quota_release_wait``)."""
         self.redis = redis
+        self.release_wait = release_wait
         self.keys = keys
         self.router_id = router_id
         self.ttl_ms = int(lease_ttl * 1000)
@@ -311,7 +314,7 @@ class Quotas:
         task = self._background(self._settle_now(keys, [member, 0, 0, 0, *("0" for _ in lease.subjects)]))
         # Bounded: a stalled Redis (socket timeout and a retry: ~20 s) must not hold the answer's
         # last bytes. Past the bound the release goes on in the background, as settle does.
-        await asyncio.wait([task], timeout=RELEASE_WAIT)
+        await asyncio.wait([task], timeout=self.release_wait)
 
     def settle(self, lease: Lease, usage: Usage | None, streamed: bool, events: int) -> None:
         """The request is over: charge its tokens and drop its lease, in the background."""
