@@ -261,7 +261,8 @@ class SimLab:
                 for k, m in enumerate(self.models) if host.instances[m].state == "running"]
 
     async def fill(self) -> None:
-        await asyncio.gather(*(r.load(self.redis) for r in self.recorders))
+        for n in range(0, len(self.recorders), HOST_BATCH):
+            await asyncio.gather(*(r.load(self.redis) for r in self.recorders[n:n + HOST_BATCH]))
         s, last_day = self.first_slot, None
         t0 = time.monotonic()
         while s < self.end_slot:
