@@ -101,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--change-rate", type=float, default=1.0, help="instance state changes per host per minute")
     p.add_argument("--check-hosts", type=int, default=3, help="hosts whose every record is read back")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--end", type=float, help="unix time the simulated clock stops at (default: now); where the "
+                   "last slots fall in their chunk strings decides their length, so two runs compare at the same one")
     p.add_argument("--out", type=Path, default=Path("history-memory.json"))
 
 
@@ -474,7 +476,7 @@ def table(report: dict) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    end = time.time()
+    end = args.end or time.time()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp), extra=["--appendonly", "no", "--save", "", "--maxmemory", "0"]).start()
         redis = LedgerRedis.from_url(server.url)
@@ -485,11 +487,11 @@ async def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             await lab.fill()
             fill_seconds = time.monotonic() - t0
+            hosts_redis.close()  # its connection is not the timeline's memory
             check = await lab.check()
             report = await measure(lab, base)
             report.update(fill_seconds=fill_seconds, check=check, counts=lab.counts,
                           date=time.strftime("%Y-%m-%d", time.gmtime()), load_average=list(os.getloadavg()))
-            hosts_redis.close()
         finally:
             await redis.aclose()
             hosts_redis.close()
