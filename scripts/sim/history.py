@@ -103,6 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--end", type=float, help="unix time the simulated clock stops at (default: now); where the "
                    "last slots fall in their chunk strings decides their length, so two runs compare at the same one")
+    p.add_argument("--read", action="store_true", help="then time what the dashboard's 30 d view reads, through a "
+                   "router on the filled Redis (before the memory is measured: its few writes are counted)")
     p.add_argument("--out", type=Path, default=Path("history-memory.json"))
 
 
@@ -417,6 +419,40 @@ class SimLab:
         return out
 
 
+def dashboard_reads(url: str, resolutions: str) -> list[tuple[str, float]]:
+    """What the dashboard's 30 d view asks a router for (its series list, each model's series,
+    the first 32 GPUs', the events), six at a time as a browser does."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llm_lab_router.timeline import RESOLUTIONS_ENV
+
+    from scripts.timeline_demo import router_on
+
+    os.environ[RESOLUTIONS_ENV] = resolutions  # the router reads the resolutions filled
+    with router_on(url) as base:
+        get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=60))  # noqa: E731
+        out = []
+        t0 = time.monotonic()
+        names = get("/api/history")["available"]
+        out.append((f"series list ({len(names)} series)", time.monotonic() - t0))
+        window = "from=-30d&step=7200"
+        paths = [f"/api/history?series=model&model={n[6:]}&{window}" for n in names if n.startswith("model:")]
+        paths += [f"/api/history?series=gpu&host={n[4:].rpartition(':')[0]}&gpu={n.rpartition(':')[2]}&{window}"
+                  for n in sorted(n for n in names if n.startswith("gpu:"))[:32]]
+        paths.append("/api/events?from=-30d&limit=2000")
+        for path in (paths[0], paths[-2]):
+            t = time.monotonic()
+            get(path)
+            out.append((f"one: {path.split('&')[0]}", time.monotonic() - t))
+        t1 = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(get, paths))
+        out.append((f"{len(paths)} series and events, 6 at a time", time.monotonic() - t1))
+        out.append(("total", time.monotonic() - t0))
+        return out
+
+
 async def used(redis: Redis) -> int:
     """``used_memory`` with this one connection open (each client costs Redis some KiB: the fill's
     concurrent pipelines' connections are closed first, so they are not counted as timeline)."""
@@ -472,6 +508,7 @@ def table(report: dict) -> str:
     lines += ["", f"bytes ≈ hosts × {b['A_per_host'] / MIB:.3f} MiB + models × {b['B_per_model'] / MIB:.2f} MiB "
               f"+ {b['C'] / MIB:.1f} MiB   (A = {b['A_per_host']:,}, B = {b['B_per_model']:,}, C = {b['C']:,} bytes)",
               f"filled in {report['fill_seconds']:.0f} s; checks: {json.dumps(report['check'])}"]
+    lines += [f"dashboard, 30 d: {what}: {seconds:.2f} s" for what, seconds in report["reads"]]
     return "\n".join(lines)
 
 
@@ -489,8 +526,9 @@ async def run(args: argparse.Namespace) -> int:
             fill_seconds = time.monotonic() - t0
             hosts_redis.close()  # its connection is not the timeline's memory
             check = await lab.check()
+            reads = await asyncio.to_thread(dashboard_reads, server.url, args.resolutions) if args.read else []
             report = await measure(lab, base)
-            report.update(fill_seconds=fill_seconds, check=check, counts=lab.counts,
+            report.update(fill_seconds=fill_seconds, check=check, counts=lab.counts, reads=reads,
                           date=time.strftime("%Y-%m-%d", time.gmtime()), load_average=list(os.getloadavg()))
         finally:
             await redis.aclose()
