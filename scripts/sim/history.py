@@ -27,7 +27,10 @@ running for longer than the retention: every slot of every resolution, nothing o
 **Fast.** Before the last ``fine retention + 1 chunk + 1 coarse step`` the fine slots expire
 anyway and only feed the coarse ones, so there one fine slot per slot of the first coarse
 resolution is written (hosts, requests, the ``gpus`` summary), then rolled up as usual: every
-coarse slot exists, each averaged (gauges) or summed (requests) from that one fine slot. Coarse
+coarse slot exists, each averaged (gauges) or summed (requests) from that one fine slot (the
+``gpus`` summary of that slot is written by ``GpuSummary._sum_slot``, what ``run_once`` calls for
+each slot it claims: ``run_once`` would also read every host for the 11 empty slots it looks back
+at). Coarse
 records are fixed-size and coarse hashes hold the same fields, so memory is the same; their
 counts are those of one fine slot, not 30 (small integers either way in a listpack). The last
 stretch writes every fine slot. Events: the stream keeps ``EVENTS_MAXLEN`` (about), so only the
@@ -55,8 +58,8 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import msgspec
 import redis as redis_sync
@@ -155,7 +158,7 @@ class _NotesExpiry:
 
     ledger: ExpiryLedger
 
-    def expire(self, name, time, *args, **kwargs):  # noqa: A002 (redis-py's name)
+    def expire(self, name, time, *args, **kwargs):
         self.ledger.note(name if isinstance(name, str) else name.decode(), int(time))
         return super().expire(name, time, *args, **kwargs)  # type: ignore[misc]
 
@@ -431,7 +434,7 @@ def dashboard_reads(url: str, resolutions: str) -> list[tuple[str, float]]:
 
     os.environ[RESOLUTIONS_ENV] = resolutions  # the router reads the resolutions filled
     with router_on(url) as base:
-        get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=60))  # noqa: E731
+        get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=60))
         out = []
         t0 = time.monotonic()
         names = get("/api/history")["available"]
@@ -496,8 +499,8 @@ async def measure(lab: SimLab, base: int) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"Timeline at full retention ({report['resolutions']}): {report['hosts']} hosts × {report['gpus']} GPUs "
-             f"× {report['models']} models, {report['routers']} routers", "",
+    lines = [(f"Timeline at full retention ({report['resolutions']}): {report['hosts']} hosts × {report['gpus']} GPUs "
+             f"× {report['models']} models, {report['routers']} routers"), "",
              "| part | keys | MiB | per host / model |", "|---|---|---|---|"]
     for r in report["parts"]:
         per = {"host": f"{r['bytes'] / report['hosts'] / 1024:.1f} KiB per host",
@@ -505,8 +508,8 @@ def table(report: dict) -> str:
         lines.append(f"| {r['part']} | {r['keys']:,} | {r['bytes'] / MIB:.1f} | {per} |")
     lines.append(f"| **used_memory** | | **{report['used_memory'] / MIB:.1f}** | |")
     b = report["bound"]
-    lines += ["", f"bytes ≈ hosts × {b['A_per_host'] / MIB:.3f} MiB + models × {b['B_per_model'] / MIB:.2f} MiB "
-              f"+ {b['C'] / MIB:.1f} MiB   (A = {b['A_per_host']:,}, B = {b['B_per_model']:,}, C = {b['C']:,} bytes)",
+    lines += ["", (f"bytes ≈ hosts × {b['A_per_host'] / MIB:.3f} MiB + models × {b['B_per_model'] / MIB:.2f} MiB "
+              f"+ {b['C'] / MIB:.1f} MiB   (A = {b['A_per_host']:,}, B = {b['B_per_model']:,}, C = {b['C']:,} bytes)"),
               f"filled in {report['fill_seconds']:.0f} s; checks: {json.dumps(report['check'])}"]
     lines += [f"dashboard, 30 d: {what}: {seconds:.2f} s" for what, seconds in report["reads"]]
     return "\n".join(lines)
