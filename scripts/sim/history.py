@@ -531,7 +531,7 @@ async def run(args: argparse.Namespace) -> int:
             check = await lab.check()
             reads = await asyncio.to_thread(dashboard_reads, server.url, args.resolutions) if args.read else []
             report = await measure(lab, base)
-            report.update(fill_seconds=fill_seconds, check=check, counts=lab.counts, reads=reads,
+            report.update(end=end, fill_seconds=fill_seconds, check=check, counts=lab.counts, reads=reads,
                           date=time.strftime("%Y-%m-%d", time.gmtime()), load_average=list(os.getloadavg()))
         finally:
             await redis.aclose()
