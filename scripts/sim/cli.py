@@ -1,5 +1,6 @@
 """Command line of the simulator: ``fleet`` plays hosts until SIGTERM; ``measure`` runs the
-scale benchmark (docs/BENCHMARKS.md, "Scale")."""
+scale benchmark (docs/BENCHMARKS.md, "Scale"); ``history`` measures the timeline's Redis memory
+at full retention (docs/BENCHMARKS.md, "Redis memory at full retention")."""
 
 from __future__ import annotations
 
@@ -35,10 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="the scale benchmark")
     from scripts.sim.measure import add_arguments
     add_arguments(m)
+    h = sub.add_parser("history", help="Redis memory of the timeline at full retention (simulated clock)")
+    from scripts.sim.history import add_arguments as history_arguments
+    history_arguments(h)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "fleet":
         return asyncio.run(_fleet(args))
+    if args.cmd == "history":
+        from scripts.sim.history import run as history
+        return asyncio.run(history(args))
     from scripts.sim.measure import run
     return asyncio.run(run(args))
 
