@@ -61,6 +61,7 @@ llm:waiting                         hash        router  ``{model}@{rid}`` -> JSO
 llm:hist:{step}:{series}:{slot}     hash, TTL   router  one time slot of a request series: counters, histogram buckets (``timeline``)
 llm:hist:series                     hash        both    series name -> unix time it was last written
 llm:hist:rolled:{step}              hash        router  slot -> routers that claimed its roll-up (the one that got 1 did it)
+llm:hist:claims:{what}              hash, TTL   router  period -> routers that claimed a once-per-lab task (``redis-memory``)
 llm:timeline                        stream      both    ``TimelineEvent`` fields: starts, evictions, crashes, reloads (``MAXLEN ~``)
 llm:hist:{step}:gpus:{slot}         hash, TTL   router  every host's GPUs summed in one slot, VRAM per model (``timeline``)
 llm:w:{wid}:hist:v3:{step}:{chunk}  string,TTL  worker  the host's GPU/CPU/RAM/engine records of 360 slots (``timeline.RECORD``)
@@ -215,6 +216,10 @@ class Keys:
     def history_rolled(self, step: int) -> str:
         """Slot -> how many routers claimed its roll-up (``HINCRBY``: the one that got 1 does it)."""
         return f"{self.prefix}hist:rolled:{step}"
+
+    def history_claims(self, what: str) -> str:
+        """Period -> how many routers claimed ``what`` then (the one that got 1 does it)."""
+        return f"{self.prefix}hist:claims:{what}"
 
     def timeline(self) -> str:
         """The stream of ``TimelineEvent``: what happened to models and hosts, and who asked."""

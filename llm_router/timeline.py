@@ -66,7 +66,7 @@ DEFAULT_RESOLUTIONS = "10s:24h,5m:30d,1h:30d"
 
 EventKind = Literal["start_requested", "swap_wait", "starting", "ready", "start_failed", "stop_requested", "stopping", "stopped",
                     "evicted", "crashed", "restart", "adopted", "worker_started", "worker_stopped", "reload",
-                    "reload_failed", "redis_lost", "redis_back"]
+                    "reload_failed", "redis_lost", "redis_back", "redis_evicted", "redis_memory_high"]
 
 
 class Resolution(msgspec.Struct, frozen=True):

@@ -38,6 +38,7 @@ from llm_lab_router.router.logs.stream import LogStreamer
 from llm_lab_router.router.observe.accesslog import AccessLog, RequestRecord, usage_of
 from llm_lab_router.router.observe.history import History
 from llm_lab_router.router.observe.history_query import TimelineReader
+from llm_lab_router.router.observe.redis_memory import RedisMemory
 from llm_lab_router.router.observe.ledger import Ledger
 from llm_lab_router.router.observe.metrics import RouterMetrics
 from llm_lab_router.timeline import resolutions
@@ -84,6 +85,8 @@ class Services:
         # gauges are the workers' own keys: read as the read-only user when there is one
         self.timeline = TimelineReader(self.redis, self.view_redis, self.keys, self.history.resolutions)
         self.metrics = RouterMetrics(self.view, self.history)
+        self.redis_memory = RedisMemory(self.redis, self.keys, self.history, self.options.redis_memory_check,
+                                        self.options.redis_memory_warn, self.metrics.redis_memory)
         self.ledger = Ledger(self.redis, self.keys, self.options.ledger_retention_days)
         self.audit = AuditTrail(self.redis, self.keys, f"router:{self.usage.router_id}", self.options.audit_maxlen)
         self.control = ControlClient(self.redis, self.blocking, self.keys, self.view, usage=self.usage,
@@ -124,7 +127,8 @@ class Services:
         await CLOCK.first(self.redis)  # before the first stamp it writes (llm_lab_router.clock)
         await self.view.start()
         loops = [("usage", self.usage.run), ("quotas", self.quotas.run), ("capacity", self.proxy.follow_capacity),
-                 ("clock", lambda: CLOCK.keep(self.redis)), ("history", self.history.run), ("ledger", self.ledger.run)]
+                 ("clock", lambda: CLOCK.keep(self.redis)), ("history", self.history.run), ("ledger", self.ledger.run),
+                 ("redis-memory", self.redis_memory.run)]
         if self.options.scheduler == "swap":
             loops.append(("claims", self.control.watch_claims))
         self._loops = [supervised(name, fn, log, self.metrics.loop_restarted) for name, fn in loops]

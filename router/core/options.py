@@ -41,6 +41,10 @@ class RouterOptions(msgspec.Struct, kw_only=True, frozen=True):
     # (max_wait bounds it); "lru" evicts the least recently used idle model at once.
     scheduler: Literal["swap", "lru"] = "swap"
     resync_interval: Seconds = 2.0  # full re-read of the cluster view
+    # Redis's memory (router/observe/redis_memory.py): read this often; a timeline event and a
+    # warning when used memory crosses redis_memory_warn of maxmemory, or when Redis evicted keys.
+    redis_memory_check: Seconds = 30.0
+    redis_memory_warn: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
     pubsub_check: Seconds = 1.0  # a silent events subscription is PINGed this often; dead after 3 silent checks
     # The Redis URL the cluster view reads the workers' records with (LLM_ROUTER_REDIS_READ_URL):
     # a read-only user (``reader`` in examples/redis-users.acl), because on Redis 6.2 a user that

@@ -97,6 +97,12 @@ class RouterMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.connections = Gauge("llm_router_client_connections", "Client connections open now "
                                  "(router/http/fdguard.py)", registry=r, multiprocess_mode="livesum")
+        self.redis_used = Gauge("llm_router_redis_used_memory_bytes", "The shared Redis's used_memory "
+                                "(router/observe/redis_memory.py)", registry=r, multiprocess_mode="max")
+        self.redis_max = Gauge("llm_router_redis_maxmemory_bytes", "The shared Redis's maxmemory (0: no limit)",
+                               registry=r, multiprocess_mode="max")
+        self.redis_evicted = Gauge("llm_router_redis_evicted_keys", "Keys the shared Redis evicted since it "
+                                   "started (INFO stats evicted_keys)", registry=r, multiprocess_mode="max")
         self.refused_connections = Counter("llm_router_connections_refused", "Client connections closed as "
                                            "accepted, over a cap (limit: max_connections; per_address: "
                                            "max_connections_per_address)", ["reason"], registry=r)
@@ -131,6 +137,12 @@ class RouterMetrics:
 
     def quota_redis_error(self) -> None:
         self.quota_redis_errors.inc()
+
+    def redis_memory(self, reading) -> None:
+        """A reading of ``router.observe.redis_memory`` (``RedisMemoryReading``)."""
+        self.redis_used.set(reading.used)
+        self.redis_max.set(reading.maxmemory)
+        self.redis_evicted.set(reading.evicted)
 
     def client_connections(self, count: int) -> None:
         self.connections.set(count)
