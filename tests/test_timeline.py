@@ -547,11 +547,14 @@ def test_a_config_reload_and_a_failed_one_are_events(procs, redis_url, rds, tmp_
 def test_a_swap_wait_is_an_event_with_its_reason(procs, redis_url, rds, tmp_path) -> None:
     from test_scheduling import b_waits_for_a
 
+    def events(query: str) -> list[dict]:
+        return get_json(f"{router.url}/api/events?from=-5m&{query}")["events"]
+
     with b_waits_for_a(procs, redis_url, tmp_path) as (a, b, (router,)):
-        waits = get_json(f"{router.url}/api/events?from=-5m&kind=swap_wait")["events"]
+        # the router writes its events as they come, from its history loop: awaited, not assumed
+        waits = wait_for(lambda: events("kind=swap_wait"), timeout=10, message="the swap_wait event")
         assert [e["model"] for e in waits] == [b] and "min_residency" in waits[0]["detail"], waits
-    stopped = get_json(f"{router.url}/api/events?from=-5m&kind=stop_requested&model={a}")["events"]
-    assert stopped, "the stop that ended the wait"
+    wait_for(lambda: events(f"kind=stop_requested&model={a}"), timeout=10, message="the stop that ended the wait")
 
 
 # 30 days of a simulated lab, written as its workers and routers' roll-ups would (5 min and 1 h slots)

@@ -199,12 +199,15 @@ class History:
                 pass
             self.wake.clear()
             await self.flush()
-            try:
-                await self.summary.run_once(self.clock())  # before the roll-up that may read it
-                if self.coarse:
-                    await self.roll_up()
+            try:  # before the roll-up that may read it; apart: a reader without GETRANGE stops only this
+                await self.summary.run_once(self.clock())
             except (RedisError, OSError) as exc:
-                log.warning("history roll-up: redis: %s", exc)
+                log.warning("history: the lab's GPU summary: redis: %s", exc)
+            if self.coarse:
+                try:
+                    await self.roll_up()
+                except (RedisError, OSError) as exc:
+                    log.warning("history roll-up: redis: %s", exc)
 
     async def roll_up(self) -> int:
         """Roll every finished coarse slot of the last ``ROLLUP_LOOKBACK`` that no router rolled
