@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MOCK_ENGINE = ROOT / "scripts" / "mock_engine.py"
 SESSION_TOKEN = uuid.uuid4().hex
 os.environ["LLM_ROUTER_TEST_SESSION"] = SESSION_TOKEN
+TEST_NAME_ENV = "LLM_ROUTER_TEST_NAME"
 # Workers keep their log spool and lock under the session's own directory, not in $HOME.
 os.environ["LLM_ROUTER_STATE_DIR"] = tempfile.mkdtemp(prefix="llm-router-test-state-")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -44,6 +45,23 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 def _leaked_processes() -> list[psutil.Process]:
     return processes_with_env("LLM_ROUTER_TEST_SESSION", SESSION_TOKEN)
+
+
+def _described(p: psutil.Process) -> str:
+    """A leaked process: its pid, command line and the test that was running when it started."""
+    try:
+        return f"{p.pid} {' '.join(p.cmdline()[:10])} (started during {p.environ().get(TEST_NAME_ENV, '?')})"
+    except psutil.Error:
+        return str(p.pid)
+
+
+@pytest.fixture(autouse=True)
+def _name_the_test(request):
+    """Processes started during a test carry its name (``TEST_NAME_ENV``), so a process that
+    outlives the session names the test that started it."""
+    os.environ[TEST_NAME_ENV] = request.node.nodeid
+    yield
+    os.environ.pop(TEST_NAME_ENV, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,7 +74,7 @@ def no_orphans_at_end():
         time.sleep(0.1)
         leaked = _leaked_processes()
     if leaked:
-        desc = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in leaked if p.is_running()]
+        desc = [_described(p) for p in leaked if p.is_running()]
         for p in leaked:
             try:
                 p.kill()
