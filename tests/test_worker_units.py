@@ -376,3 +376,23 @@ def test_every_command_of_the_protocol_has_an_operation() -> None:
 
     ops = Operations("w", {}, None, Keys()).ops  # type: ignore[arg-type]
     assert set(ops) == set(get_args(CommandOp)) and all(callable(op) for op in ops.values())
+
+
+def test_a_linger_that_missed_the_next_worker_still_sees_it_came(tmp_path) -> None:
+    """A linger slow to start may first look after the next worker came and went (stopped at
+    once): the lock file then names that worker, not the one that left, and the linger ends
+    instead of waiting out its timeout (and stopping models that were not its to stop)."""
+    import os
+
+    from llm_lab_router.worker.handover import WorkerLock, linger
+
+    state = tmp_path / "state"
+    came = WorkerLock(state)
+    assert came.try_acquire("worker")  # the next worker (this process) took the lock ...
+    came.release()  # ... and is gone again
+    left = os.getpid() + 1  # the worker that left, whose linger this is
+    assert linger(state, "w1", timeout=30, grace=1, previous=left) == []
+    assert WorkerLock(state).holder() == (os.getpid(), "worker")  # the linger did not take the lock
+    # no worker came since the one that left: the linger waits its timeout, then takes over
+    assert linger(state, "w1", timeout=0.3, grace=1, previous=os.getpid()) == []
+    assert WorkerLock(state).holder() == (os.getpid(), "linger")

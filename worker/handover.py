@@ -184,19 +184,25 @@ def start_linger(state_dir: Path, worker_id: str, timeout: float, grace: float) 
     out = open_private(state_dir / "linger.log", os.O_WRONLY | os.O_APPEND)
     try:
         subprocess.Popen(safe_python_m("llm_lab_router.worker.handover", "--state-dir", str(state_dir),
-                                       "--worker-id", worker_id, "--timeout", str(timeout), "--grace", str(grace)),
+                                       "--worker-id", worker_id, "--timeout", str(timeout), "--grace", str(grace),
+                                       "--previous", str(os.getpid())),
                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                          cwd="/")
     finally:
         os.close(out)
 
 
-def linger(state_dir: Path, worker_id: str, timeout: float, grace: float) -> list[Orphan]:
-    """Wait ``timeout`` s for a worker to take the lock; if none does, stop the models."""
+def linger(state_dir: Path, worker_id: str, timeout: float, grace: float, previous: int = 0) -> list[Orphan]:
+    """Wait ``timeout`` s for a worker to take the lock; if none does, stop the models.
+
+    ``previous``: the pid of the worker that left (it wrote the lock file). A worker that took
+    the lock since has written its own pid there, and that counts even if it is gone again by
+    the time this process looks (a linger slow to start, a worker stopped at once): the models
+    were that worker's to stop or hand over, and this linger has nothing left to wait for."""
     lock = WorkerLock(state_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if lock.held_elsewhere():
+        if lock.held_elsewhere() or _came_since(lock, previous):
             log.info("a worker took over: its models are adopted")
             return []
         time.sleep(LINGER_POLL)
@@ -207,6 +213,12 @@ def linger(state_dir: Path, worker_id: str, timeout: float, grace: float) -> lis
         return stop_models(state_dir, worker_id, grace)
     finally:
         lock.release()
+
+
+def _came_since(lock: WorkerLock, previous: int) -> bool:
+    """Whether a worker other than ``previous`` took the lock since (its pid in the lock file)."""
+    pid, role = lock.holder()
+    return previous > 0 and role == "worker" and pid not in (0, previous)
 
 
 def stop_models(state_dir: Path, worker_id: str, grace: float) -> list[Orphan]:
@@ -252,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-id", required=True)
     p.add_argument("--timeout", type=float, required=True)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--previous", type=int, default=0, help="the pid of the worker that left")
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s linger: %(message)s")
     try:
-        linger(args.state_dir, args.worker_id, args.timeout, args.grace)
+        linger(args.state_dir, args.worker_id, args.timeout, args.grace, args.previous)
     except WorkerIdInUse as exc:
         log.error("%s", exc)
         return 2
