@@ -344,6 +344,22 @@ def gauge_meta_ops(pipe, keys: Keys, wid: str, keep: int, memory_total: int, gpu
                                               **{gpu_series(wid, i): int(now) for i in range(len(gpu_totals))}})
 
 
+class HostMeta(msgspec.Struct, frozen=True):
+    """What a host's records leave out, from its meta hash (``gauge_meta_ops``)."""
+
+    models: dict[int, str] = {}  # model number -> model id
+    gpus: int = 0
+    totals: dict[int, int] = {}  # GPU index -> MiB
+    memory_total: int = 0  # the host's RAM, MiB
+
+    @classmethod
+    def of(cls, meta: Mapping) -> HostMeta:
+        text = {(k.decode() if isinstance(k, bytes) else k): v for k, v in meta.items()}
+        return cls(models=model_numbers(meta), gpus=int(text.get("gpus", 0) or 0),
+                   totals={i: int(text.get(f"gpu{i}_memory_total", 0)) for i in range(GPU_SLOTS)},
+                   memory_total=int(text.get("memory_total", 0) or 0))
+
+
 # Rolls one series' fine slots up into one coarse slot, once (the caller won the slot's lock):
 # KEYS[1] = the coarse hash, KEYS[2..] = the fine hashes it covers; ARGV[1] = the coarse TTL.
 # Every field is added up (integers), and ``slots`` counts the fine hashes that existed; a

@@ -30,12 +30,13 @@ class RawEngine:
     that are no HTTP, then close), ``hang`` (an SSE head and one event, then silence until the
     router hangs up), ``late_end`` (an SSE head, one event and ``[DONE]``, the chunked body's
     end ``LATE_END`` s later), or one of ``ENDLESS`` (a line that never ends, sent until the
-    router hangs up). ``heads`` holds every request head received; ``closed`` counts connections the
-    router closed."""
+    router hangs up). ``connections`` counts the connections made to it (a request or not),
+    ``heads`` holds every request head received; ``closed`` counts connections the router closed."""
 
     mode: str = "ok"
     heads: list[bytes] = field(default_factory=list)
     closed: int = 0
+    connections: int = 0
 
     def __post_init__(self) -> None:
         self.sock = socket.socket()
@@ -50,6 +51,7 @@ class RawEngine:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:

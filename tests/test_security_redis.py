@@ -7,11 +7,9 @@ check catches a denied command."""
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from helpers import (
 from llm_lab_router.protocol import (
     LOG_SHIP_SCRIPT, CatalogEntry, Command, Event, Instance, Keys, WorkerInfo, command_fields, to_hash, to_json,
 )
+from raw_engine import RawEngine
 
 KEYS = Keys()
 
@@ -147,28 +146,6 @@ def test_a_worker_cannot_touch_another_workers_keys_or_commands(procs, redis_url
     assert rds.exists(KEYS.worker(a)) and rds.hgetall(KEYS.catalog(a))
 
 
-class Trap:
-    """A TCP listener standing for an attacker's engine: counts the connections it gets."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_a_forged_record_never_receives_a_prompt(procs, redis_url, redis_urls, rds, tmp_path) -> None:
     """Worker B (a compromised host, with its own Redis user) claims worker A's model on its own
     channel and in its own keys, the only places it can write: routers take neither."""
@@ -178,7 +155,7 @@ def test_a_forged_record_never_receives_a_prompt(procs, redis_url, redis_urls, r
     wait_models(router, 2)
     assert request("POST", f"{router.url}/api/models/demo-chat/start").status == 200
     real = wait_status(router, "demo-chat", "running")["instances"][0]["url"]
-    trap = Trap()
+    trap = RawEngine()  # an attacker's engine: counts the connections it gets
     forged = Instance(model="demo-chat", worker=a, state="running", url=trap.url, seq=10**6)
     wb = redis_sync.Redis.from_url(redis_urls.worker(b))
     wb.publish(KEYS.events(b), to_json(Event(kind="instance", worker=a, instance=forged)))

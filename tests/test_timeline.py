@@ -25,10 +25,8 @@ from llm_lab_router.timeline import (
     NBUCKETS,
     RECORD,
     Gauges,
-    average,
-    unpack,
-    vram_by_model,
     TimelineEvent,
+    average,
     bucket_of,
     bucket_range,
     event_fields,
@@ -36,6 +34,8 @@ from llm_lab_router.timeline import (
     parse_resolutions,
     percentile,
     resolutions,
+    unpack,
+    vram_by_model,
 )
 
 CHAT = CatalogEntry(id="chat", aliases=["chat"], mode="chat", on_demand=False)
@@ -570,8 +570,8 @@ def write_simulated_month(rds, now: float) -> None:
     from llm_lab_router.timeline import (
         CHUNK,
         COVERAGE,
-        SLOTS,
         GPUS_SERIES,
+        SLOTS,
         gauge_chunk,
         gauge_meta_ops,
         model_series,
@@ -675,12 +675,12 @@ async def drive_month(url: str, devtools_port: int) -> int:
 
 
 def test_the_labs_summary_sums_the_hosts_that_recorded_and_names_their_models() -> None:
-    from llm_lab_router.router.observe.gpu_summary import sum_records
+    from llm_lab_router.router.observe.gpu_summary import HostMeta, sum_records
 
     a = Gauges(samples=1, gpus=[(5000, 50, 300, 60), (1000, 10, 100, 40)], engines=[(1, 0b11, 2000)]).pack()
     b = Gauges(samples=1, gpus=[(9000, 90, 400, 70)], engines=[(1, 0b1, 8000), (2, 0b1, 500)]).pack()
     summed = sum_records({"a": a, "b": b, "quiet": b""},  # "quiet" recorded nothing in this slot: not counted
-                         {"a": {1: "chat"}, "b": {1: "embed", 2: "chat"}},  # each host numbers its own models
-                         {"a": 2, "b": 1}, {"a": {0: 10000, 1: 10000}, "b": {0: 20000}})
+                         {"a": HostMeta(models={1: "chat"}, gpus=2, totals={0: 10000, 1: 10000}),
+                          "b": HostMeta(models={1: "embed", 2: "chat"}, gpus=1, totals={0: 20000})})  # own numbers
     assert summed == {"hosts": 2, "gpus": 3, "memory_used": 15000, "memory_total": 40000, "utilization": 150,
                       "power": 800, "vram:chat": 4500, "vram:embed": 8000}

@@ -20,15 +20,16 @@ from __future__ import annotations
 from typing import Mapping
 
 from llm_lab_router.protocol import Keys
+from llm_lab_router.router.observe.claims import claim
 from llm_lab_router.timeline import (
     GPU_SLOTS,
     GPUS_SERIES,
+    HostMeta,
     RECORD,
     Resolution,
     engines_of,
     gauge_chunk,
     gpu_at,
-    model_numbers,
     vram_by_model,
 )
 from redis.asyncio import Redis
@@ -38,11 +39,9 @@ META_EVERY = 30  # fine slots between reads of every host's meta (totals, GPU co
 GRACE = 0.25  # fine steps after a slot ends before it is summed (every host wrote during it)
 
 
-def sum_records(records: Mapping[str, bytes], models: Mapping[str, Mapping[int, str]],
-                gpus: Mapping[str, int], totals: Mapping[str, Mapping[int, int]]) -> dict[str, int]:
+def sum_records(records: Mapping[str, bytes], metas: Mapping[str, HostMeta]) -> dict[str, int]:
     """One slot's summary from each host's record of it (host -> raw ``RECORD`` bytes, or short or
-    empty where none); ``models``: host -> its model numbers; ``gpus``: host -> GPU count;
-    ``totals``: host -> GPU index -> MiB."""
+    empty where none) and what its meta says."""
     out: dict[str, int] = {}
 
     def add(name: str, value: int) -> None:
@@ -53,18 +52,18 @@ def sum_records(records: Mapping[str, bytes], models: Mapping[str, Mapping[int, 
         if len(raw) < RECORD.size or not raw[0]:
             continue
         row = RECORD.unpack(raw[:RECORD.size])
-        n = min(gpus.get(host, 0), GPU_SLOTS)
+        meta = metas.get(host, HostMeta())
+        n = min(meta.gpus, GPU_SLOTS)
         add("hosts", 1)
         add("gpus", n)
         for i in range(n):
             add("memory_used", row[gpu_at(i, 0)])
             add("utilization", row[gpu_at(i, 1)])
             add("power", row[gpu_at(i, 2)])
-            add("memory_total", totals.get(host, {}).get(i, 0))
-        names = models.get(host, {})
+            add("memory_total", meta.totals.get(i, 0))
         for number, mib in vram_by_model(engines_of(row)).items():
-            if number in names:  # a number without a name (its meta lost) counts as other
-                add(f"vram:{names[number]}", mib)
+            if number in meta.models:  # a number without a name (its meta lost) counts as other
+                add(f"vram:{meta.models[number]}", mib)
     return out
 
 
@@ -77,7 +76,7 @@ class GpuSummary:
         self.reader = reader
         self.keys = keys
         self.fine = fine
-        self.meta: dict[str, tuple[dict[int, str], int, dict[int, int]]] = {}  # host -> numbers, GPUs, totals
+        self.meta: dict[str, HostMeta] = {}
 
     async def run_once(self, now: float) -> int:
         """Sum every closed fine slot of the last ``LOOKBACK`` that no router summed yet; return
@@ -85,17 +84,9 @@ class GpuSummary:
         step = self.fine.step
         last = int((now - step * GRACE) // step) - 1
         slots = list(range(last - LOOKBACK + 1, last + 1))
-        claims = self.keys.history_rolled(step)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for s in slots:
-                pipe.hincrby(claims, str(s), 1)
-            pipe.expire(claims, self.fine.keep)
-            won = [s for s, n in zip(slots, await pipe.execute()) if n == 1]
+        won = await claim(self.redis, self.keys.history_rolled(step), slots, self.fine.keep, slots[0])
         if not won:
             return 0
-        old = [f for f in await self.redis.hgetall(claims) if int(f) < slots[0]]
-        if old:
-            await self.redis.hdel(claims, *old)
         index = await self.redis.hgetall(self.keys.history_series())
         hosts = sorted(n[5:] for s in index if (n := s.decode() if isinstance(s, bytes) else s).startswith("host:"))
         written = 0
@@ -112,8 +103,7 @@ class GpuSummary:
                 pipe.getrange(key, offset, offset + RECORD.size - 1)
             raw = dict(zip(hosts, [b or b"" for b in await pipe.execute()]))
         await self._read_meta([h for h, r in raw.items() if len(r) == RECORD.size and r[0]], raw)
-        summed = sum_records(raw, {h: m[0] for h, m in self.meta.items()}, {h: m[1] for h, m in self.meta.items()},
-                             {h: m[2] for h, m in self.meta.items()})
+        summed = sum_records(raw, self.meta)
         if not summed:
             return 0
         key = self.keys.history(self.fine.step, GPUS_SERIES, slot)
@@ -128,14 +118,11 @@ class GpuSummary:
         """A host's model numbers, GPU count and totals, read again where a record names a model
         number not known yet (a model new on that host) or the host is new to this router."""
         stale = [h for h in hosts if h not in self.meta or not set(vram_by_model(engines_of(
-            RECORD.unpack(raw[h][:RECORD.size])))) <= set(self.meta[h][0])]
+            RECORD.unpack(raw[h][:RECORD.size])))) <= set(self.meta[h].models)]
         if not stale:
             return
         async with self.reader.pipeline(transaction=False) as pipe:
             for host in stale:
                 pipe.hgetall(self.keys.history_gauges(host))
             metas = await pipe.execute()
-        for host, meta in zip(stale, metas):
-            ints = {(k.decode() if isinstance(k, bytes) else k): v for k, v in meta.items()}
-            totals = {i: int(ints.get(f"gpu{i}_memory_total", 0)) for i in range(GPU_SLOTS)}
-            self.meta[host] = (model_numbers(meta), int(ints.get("gpus", 0) or 0), totals)
+        self.meta.update((host, HostMeta.of(meta)) for host, meta in zip(stale, metas))

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Callable, Sequence
 
 from llm_lab_router.protocol import Keys
+from llm_lab_router.router.observe.claims import claim
 from llm_lab_router.router.observe.gpu_summary import GpuSummary
 from llm_lab_router.timeline import (
     COUNTERS,
@@ -218,17 +219,12 @@ class History:
             # the last coarse slot surely complete: every router has flushed its last fine slot
             last = int((now - self.fine.step * (1 + ROLLUP_GRACE)) // res.step) - 1
             slots = [s for s in range(last - ROLLUP_LOOKBACK + 1, last + 1) if (s + 1) * res.step > now - self.fine.keep]
-            claims = self.keys.history_rolled(res.step)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for s in slots:
-                    pipe.hincrby(claims, str(s), 1)
-                pipe.expire(claims, res.keep)
-                won = [s for s, n in zip(slots, await pipe.execute()) if n == 1]
+            won = await claim(self.redis, self.keys.history_rolled(res.step), slots, res.keep, min(slots, default=0))
             for s in won:
                 await self._roll_slot(res, s)
                 done += 1
             if won:
-                await self._prune(res, claims, min(slots))
+                await self._prune(res)
         return done
 
     async def _roll_slot(self, res: Resolution, slot: int) -> None:
@@ -247,12 +243,9 @@ class History:
                                    client=pipe)
             await pipe.execute()
 
-    async def _prune(self, res: Resolution, claims: str, oldest: int) -> None:
-        """Drop claims older than the ones still looked at; with the longest retention, also
-        series unwritten for longer than it, and events older than it."""
-        old = [f for f in await self.redis.hgetall(claims) if int(f) < oldest]
-        if old:
-            await self.redis.hdel(claims, *old)
+    async def _prune(self, res: Resolution) -> None:
+        """With the longest retention, drop series unwritten for longer than it, and events older
+        than it."""
         keep = max(r.keep for r in (self.fine, *self.coarse))
         if res.keep != keep:
             return

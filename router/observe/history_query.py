@@ -26,13 +26,13 @@ from llm_lab_router.timeline import (
     CHUNK,
     GPU_SLOTS,
     RECORD,
+    HostMeta,
     Resolution,
     bucket_fields,
     engines_of,
     gauge_chunk,
     gpu_at,
     event_of,
-    model_numbers,
     vram_by_model,
     gpu_series,
     host_series,
@@ -107,10 +107,6 @@ def choose(resolutions: Sequence[Resolution], start: float, end: float, step: in
     if (end - start) / res.step > SLOTS_READ:
         res = max((r for r in holding if r.step <= want), key=lambda r: r.step)
     return res, start, math.ceil(want / res.step) * res.step
-
-
-def _ints(row: dict) -> dict[str, int]:
-    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in row.items()}
 
 
 async def read_history(redis: Redis, reader: Redis, keys: Keys, resolutions: Sequence[Resolution], series: str,
@@ -195,22 +191,22 @@ async def _gauge_points(redis: Redis, keys: Keys, res: Resolution, series: str, 
         for chunk in chunks:
             pipe.get(gauge_chunk(keys, res.step, host, chunk * CHUNK)[0])
         meta_raw, *data = await pipe.execute()
-    meta = _ints({k: v for k, v in meta_raw.items() if not (k.decode() if isinstance(k, bytes) else k).startswith("model")})
+    meta = HostMeta.of(meta_raw)
     # the records as tuples (``RECORD.iter_unpack``: 30 days of a host in milliseconds), and the
     # places in them of the values wanted: (name, tuple index or None for a total from ``meta``)
     records: dict[int, list[tuple]] = {}
     for chunk, blob in zip(chunks, data):
         blob = blob or b""
         records[chunk] = list(RECORD.iter_unpack(blob[:len(blob) - len(blob) % RECORD.size]))
-    names = model_numbers(meta_raw)
+    names = meta.models
     if kind == "gpu":
         wanted = [("memory_used", gpu_at(gpu, 0)), ("memory_total", None), ("utilization", gpu_at(gpu, 1)),
                   ("power", gpu_at(gpu, 2)), ("temperature", gpu_at(gpu, 3))]
-        total = float(meta.get(f"gpu{gpu}_memory_total", 0))
-        known = 0 <= gpu < min(meta.get("gpus", 0), GPU_SLOTS)
+        total = float(meta.totals.get(gpu, 0))
+        known = 0 <= gpu < min(meta.gpus, GPU_SLOTS)
     else:
         wanted = [("cpu_percent", 1), ("memory_used", 2), ("memory_total", None)]
-        total = float(meta.get("memory_total", 0))
+        total = float(meta.memory_total)
         known = True
     points: list[dict[str, float | None]] = []
     for g in range(0, len(slots), per):

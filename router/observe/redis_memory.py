@@ -21,6 +21,7 @@ from typing import Callable
 
 import msgspec
 from llm_lab_router.protocol import Keys
+from llm_lab_router.router.observe.claims import claim
 from llm_lab_router.router.observe.history import History
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -92,16 +93,8 @@ class RedisMemory:
     async def _claim(self) -> bool:
         """Whether this router writes this check's events (the first ``HINCRBY`` of its period)."""
         period = int(self.history.clock() // self.interval)
-        key = self.keys.history_claims("redis-memory")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, str(period), 1)
-            pipe.expire(key, CLAIMS_KEEP)
-            won, _ = await pipe.execute()
-        if won == 1:
-            old = [f for f in await self.redis.hgetall(key) if int(f) < period - 1]
-            if old:
-                await self.redis.hdel(key, *old)
-        return won == 1
+        return bool(await claim(self.redis, self.keys.history_claims("redis-memory"), [period], CLAIMS_KEEP,
+                                period - 1))
 
     async def run(self) -> None:
         while True:
